@@ -1,0 +1,111 @@
+// Definitions of csrc/cpu/simd.h. The per-element arithmetic of the CG updates comes from
+// cg_math.h, the same functions the CUDA kernels call.
+#include "simd.h"
+
+#include "../cg_math.h"
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(IMAML_NO_CLONES)
+#define IMAML_SIMD __attribute__((target_clones("arch=haswell", "default")))
+#else
+#define IMAML_SIMD
+#endif
+// The bodies must be inlined into each clone: a shared out-of-line body would be compiled for the
+// baseline target only.
+#define IMAML_INLINE inline __attribute__((always_inline))
+
+namespace imaml_ext {
+namespace simd {
+namespace {
+
+// 16 lanes: two AVX2 registers of float or four of double, enough independent FMA chains to
+// cover the FMA latency.
+constexpr int kLanes = 16;
+
+template <typename T>
+IMAML_INLINE T reduce_lanes(const T* acc) {
+  T s[kLanes / 2];
+  for (int l = 0; l < kLanes / 2; ++l) s[l] = acc[l] + acc[l + kLanes / 2];
+  for (int w = kLanes / 4; w >= 1; w /= 2)
+    for (int l = 0; l < w; ++l) s[l] += s[l + w];
+  return s[0];
+}
+
+template <typename T>
+IMAML_INLINE T dot_impl(const T* __restrict__ a, const T* __restrict__ b, int64_t n) {
+  T acc[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+#pragma GCC unroll 16
+    for (int l = 0; l < kLanes; ++l) acc[l] += a[i + l] * b[i + l];
+  }
+  T tail = 0;
+  for (; i < n; ++i) tail += a[i] * b[i];
+  return reduce_lanes(acc) + tail;
+}
+
+template <typename T>
+IMAML_INLINE void axpy_impl(T* __restrict__ y, T alpha, const T* __restrict__ x, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) y[i] += alpha * x[i];
+}
+
+template <typename T>
+IMAML_INLINE T update_xr_impl(T* __restrict__ x, T* __restrict__ r, const T* __restrict__ p,
+                        const T* __restrict__ ap, T alpha, int64_t n) {
+  T acc[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+#pragma GCC unroll 16
+    for (int l = 0; l < kLanes; ++l)
+      acc[l] += cg_update_xr<T, T>(x + i + l, r + i + l, p[i + l], ap[i + l], alpha);
+  }
+  T tail = 0;
+  for (; i < n; ++i) tail += cg_update_xr<T, T>(x + i, r + i, p[i], ap[i], alpha);
+  return reduce_lanes(acc) + tail;
+}
+
+template <typename T>
+IMAML_INLINE void update_p_impl(T* __restrict__ p, const T* __restrict__ r, T beta, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) cg_update_p<T, T>(p + i, r[i], beta);
+}
+
+template <typename T>
+IMAML_INLINE void combine_impl(T* __restrict__ out, const T* __restrict__ v, const T* __restrict__ acc,
+                         double shift, double scale, int64_t n) {
+  const T s = static_cast<T>(shift), c = static_cast<T>(scale);
+  for (int64_t i = 0; i < n; ++i) out[i] = s * v[i] + c * acc[i];
+}
+
+template <typename T>
+IMAML_INLINE void xtxv_rows_impl(const T* __restrict__ X, int64_t d, int64_t row_begin, int64_t row_end,
+                           const T* __restrict__ v, T* __restrict__ acc) {
+  for (int64_t i = row_begin; i < row_end; ++i) {
+    const T* row = X + i * d;
+    const T t = dot_impl(row, v, d);
+    axpy_impl(acc, t, row, d);
+  }
+}
+
+}  // namespace
+
+#define IMAML_DEFINE_SIMD(T)                                                                   \
+  IMAML_SIMD T dot(const T* a, const T* b, int64_t n) { return dot_impl(a, b, n); }                       \
+  IMAML_SIMD void axpy(T* y, T alpha, const T* x, int64_t n) { axpy_impl(y, alpha, x, n); }              \
+  IMAML_SIMD T update_xr(T* x, T* r, const T* p, const T* ap, T alpha, int64_t n) {                       \
+    return update_xr_impl(x, r, p, ap, alpha, n);                                              \
+  }                                                                                            \
+  IMAML_SIMD void update_p(T* p, const T* r, T beta, int64_t n) { update_p_impl(p, r, beta, n); }         \
+  IMAML_SIMD void combine(T* out, const T* v, const T* acc, double shift, double scale, int64_t n) {      \
+    combine_impl(out, v, acc, shift, scale, n);                                                \
+  }                                                                                            \
+  IMAML_SIMD void xtxv_rows(const T* X, int64_t d, int64_t row_begin, int64_t row_end, const T* v,        \
+                 T* acc) {                                                                     \
+    xtxv_rows_impl(X, d, row_begin, row_end, v, acc);                                          \
+  }
+
+IMAML_DEFINE_SIMD(float)
+IMAML_DEFINE_SIMD(double)
+
+#undef IMAML_DEFINE_SIMD
+
+}  // namespace simd
+}  // namespace imaml_ext

@@ -1,0 +1,48 @@
+// Vector primitives for the CPU kernels. Each is compiled twice through GCC/Clang function
+// multi-versioning: an AVX2+FMA clone (arch=haswell) and a baseline clone, picked at load time by
+// the processor's cpuid. So the package needs no -march=native and still runs on a CPU without
+// AVX2. Reductions keep kLanes independent partial sums: that lets the compiler vectorise them
+// without -ffast-math (which would also break the isfinite checks of cg_math.h).
+#pragma once
+
+#include <cstdint>
+
+// The clones are declared on the definitions only (simd.cpp): callers in other translation units
+// then call the plain symbol, which is the resolver-backed ifunc.
+
+namespace imaml_ext {
+namespace simd {
+
+// sum_i a_i b_i
+float dot(const float* a, const float* b, int64_t n);
+double dot(const double* a, const double* b, int64_t n);
+
+// y += alpha x
+void axpy(float* y, float alpha, const float* x, int64_t n);
+void axpy(double* y, double alpha, const double* x, int64_t n);
+
+// x += alpha p; r -= alpha ap; returns r.r (after the update)
+float update_xr(float* x, float* r, const float* p, const float* ap, float alpha,
+                           int64_t n);
+double update_xr(double* x, double* r, const double* p, const double* ap, double alpha,
+                            int64_t n);
+
+// p = r + beta p
+void update_p(float* p, const float* r, float beta, int64_t n);
+void update_p(double* p, const double* r, double beta, int64_t n);
+
+// out = shift v + scale acc
+void combine(float* out, const float* v, const float* acc, double shift, double scale,
+                        int64_t n);
+void combine(double* out, const double* v, const double* acc, double shift,
+                        double scale, int64_t n);
+
+// acc += X^T (X v) over the rows [row_begin, row_end) of a row-major (n, d) X, in ONE pass over
+// X: each row's dot product is taken while the row is in L1, then the row is reused for the axpy.
+void xtxv_rows(const float* X, int64_t d, int64_t row_begin, int64_t row_end,
+                          const float* v, float* acc);
+void xtxv_rows(const double* X, int64_t d, int64_t row_begin, int64_t row_end,
+                          const double* v, double* acc);
+
+}  // namespace simd
+}  // namespace imaml_ext

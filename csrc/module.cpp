@@ -1,0 +1,66 @@
+// The extension module: the op schemas (one TORCH_LIBRARY block for the whole package) and a
+// pybind11 module that reports what was built. Kernels register themselves per backend in
+// csrc/cpu/*_cpu.cpp and csrc/cuda/*_cuda.cu; the dispatcher picks the backend.
+#include <torch/extension.h>
+#include <torch/library.h>
+
+#ifndef IMAML_TORCH_VERSION
+#define IMAML_TORCH_VERSION "unknown"
+#endif
+#ifndef IMAML_CUDA_ARCHS
+#define IMAML_CUDA_ARCHS ""
+#endif
+
+TORCH_LIBRARY(imaml_ext, m) {
+  // One fused CG iteration for B independent systems, in place (see csrc/cg_math.h).
+  // x, r, p, Ap: (B, P) float32/float64, Ap = A p for the current p; rs: (B,) r.r, updated;
+  // bnorm2: (B,) ||b||^2 for the relative tolerance; status, iters: (B,) int32, updated.
+  // Systems whose status is not 0 (running) are left untouched. Not differentiable.
+  m.def(
+      "cg_step(Tensor(a!) x, Tensor(b!) r, Tensor(c!) p, Tensor Ap, Tensor(d!) rs, "
+      "Tensor bnorm2, Tensor(e!) status, Tensor(f!) iters, float rtol, float atol) -> ()");
+  // Whole-loop CG on a batch of dense symmetric matrices. A: (B, P, P); b, x0: (B, P).
+  // Returns x (B, P), iters (B,) int32, residual norm (B,) (the recursive ||r||), status (B,)
+  // int32. Not differentiable.
+  m.def(
+      "cg_solve_dense(Tensor A, Tensor b, Tensor x0, int max_iter, float rtol, float atol) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
+  // Whole-loop CG on A v = shift v + scale X^T (X v), X: (B, n, d), never forming X^T X;
+  // b, x0: (B, d). Same returns as cg_solve_dense. Not differentiable.
+  m.def(
+      "cg_solve_lstsq(Tensor X, Tensor b, Tensor x0, float shift, float scale, int max_iter, "
+      "float rtol, float atol) -> (Tensor, Tensor, Tensor, Tensor)");
+  // The operator of cg_solve_lstsq alone: shift v + scale X^T (X v), X: (B, n, d), v: (B, d).
+  // With shift = 0, scale = 1/n it is the least-squares Hessian-vector product. Not
+  // differentiable.
+  m.def("lstsq_apply(Tensor X, Tensor v, float shift, float scale) -> Tensor");
+}
+
+namespace {
+
+pybind11::dict build_info() {
+  pybind11::dict info;
+  info["cpu"] = true;
+#ifdef IMAML_WITH_CUDA
+  info["cuda"] = true;
+#else
+  info["cuda"] = false;
+#endif
+  info["cuda_archs"] = std::string(IMAML_CUDA_ARCHS);
+  info["torch_version"] = std::string(IMAML_TORCH_VERSION);
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+  info["cpu_simd"] = std::string(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")
+                                     ? "avx2+fma"
+                                     : "baseline");
+#else
+  info["cpu_simd"] = std::string("baseline");
+#endif
+  return info;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "imaml_ext C++/CUDA core: batched conjugate gradients and fused HVPs";
+  m.def("build_info", &build_info, "What this extension was built with.");
+}

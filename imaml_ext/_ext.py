@@ -1,0 +1,102 @@
+"""Loads the compiled extension once, or falls back to the pure-PyTorch reference.
+
+- The extension missing (not built, or IMAML_EXT_DISABLE=1): one warning, then every op runs its
+  reference twin from imaml_ext/reference.py.
+- The extension built against another torch: ImportError naming both versions and the command
+  that rebuilds it (a .so belongs to the torch it was compiled with).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("imaml_ext")
+
+REBUILD = "pip install --no-build-isolation -e .  (or: make build)"
+
+_C = None
+_reason = ""
+
+
+def _built_torch_version() -> str | None:
+    meta = Path(__file__).with_name("_build_meta.json")
+    try:
+        return json.loads(meta.read_text())["torch_version"]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def _load():
+    global _C, _reason
+    if os.environ.get("IMAML_EXT_DISABLE", "").strip() not in ("", "0"):
+        _reason = "IMAML_EXT_DISABLE is set"
+        return
+    built = _built_torch_version()
+    if built is not None and built != torch.__version__:
+        raise ImportError(
+            f"imaml_ext's compiled extension was built against torch {built}, but torch "
+            f"{torch.__version__} is installed; rebuild it with: {REBUILD}")
+    try:
+        from imaml_ext import _C as mod  # noqa: PLC0415
+    except ImportError as exc:
+        if "undefined symbol" in str(exc) and built != torch.__version__:
+            raise ImportError(
+                f"imaml_ext's compiled extension does not match torch {torch.__version__} "
+                f"(built against {built or 'an unknown version'}): {exc}; rebuild it with: "
+                f"{REBUILD}") from exc
+        if "undefined symbol" in str(exc):
+            raise ImportError(f"imaml_ext's compiled extension failed to load: {exc}; rebuild it "
+                              f"with: {REBUILD}") from exc
+        _reason = f"the compiled extension is missing ({exc})"
+        log.warning("imaml_ext: %s; using the pure-PyTorch reference ops. Build it with: %s",
+                    _reason, REBUILD)
+        return
+    info = mod.build_info()
+    if info["torch_version"] != torch.__version__:
+        raise ImportError(
+            f"imaml_ext's compiled extension was built against torch {info['torch_version']}, "
+            f"but torch {torch.__version__} is installed; rebuild it with: {REBUILD}")
+    _C = mod
+
+
+_load()
+
+
+def available() -> bool:
+    """True when the compiled ops are loaded (False means the reference fallback is used)."""
+    return _C is not None
+
+
+def build_info() -> dict:
+    """What was built: {'extension', 'cpu', 'cuda', 'cuda_archs', 'torch_version', 'cpu_simd'}.
+
+    With no extension loaded, 'extension' is False and 'reason' says why.
+    """
+    if _C is None:
+        return {"extension": False, "reason": _reason, "cpu": False, "cuda": False,
+                "cuda_archs": "", "torch_version": torch.__version__, "cpu_simd": None}
+    return {"extension": True, **_C.build_info()}
+
+
+def use_ext_for(use_ext: bool | None, *tensors: torch.Tensor) -> bool:
+    """Resolves a public function's `use_ext` argument.
+
+    None picks the compiled kernel when it is loaded and has a kernel for the tensors' device;
+    True insists (an error says why it cannot); False forces the reference.
+    """
+    if use_ext is False:
+        return False
+    device_ok = all(t.device.type == "cpu" or (t.device.type == "cuda" and build_info()["cuda"])
+                    for t in tensors)
+    if use_ext is None:
+        return _C is not None and device_ok
+    if _C is None:
+        raise RuntimeError(f"use_ext=True but the compiled extension is not loaded: {_reason}")
+    if not device_ok:
+        raise RuntimeError("use_ext=True but the extension was built without CUDA kernels; "
+                           f"rebuild on a machine with CUDA: {REBUILD}")
+    return True

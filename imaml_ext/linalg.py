@@ -1,0 +1,282 @@
+"""The public batched conjugate-gradient solver.
+
+    res = imaml_ext.cg(A, b, max_iter=50, rtol=1e-6)
+    res.x, res.iterations, res.residual_norm, res.converged, res.negative_curvature
+
+`A` is a callable (the matrix-vector product, over the same pytree structure as b), a dense
+tensor, or an `LstsqOperator` (v -> shift v + scale X^T X v, never forming X^T X). `b` is a tensor
+or a pytree (tuple/list/dict) of tensors. With `batched=True` the leading dimension of every leaf
+holds independent systems, each with its own step sizes, stopping and flags.
+
+Dense and structured operators run the whole loop inside one compiled op (per-system early
+stop). Callables run one fused iteration op per step after the user's product; on a GPU that
+loop never synchronises with the host (stopped systems are masked), on the CPU it stops as soon as
+every system has stopped. Nothing returns NaN silently: a system that meets NaN/Inf stops and is
+flagged `nonfinite`; one that meets p^T A p <= 0 keeps its last good iterate and is flagged
+`negative_curvature`.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch.utils import _pytree as pytree
+
+from imaml_ext import ops, reference
+from imaml_ext._ext import use_ext_for
+
+
+class CGError(RuntimeError):
+    """Raised by CGResult.check() when systems did not converge."""
+
+
+@dataclass
+class CGResult:
+    """What `cg` returns. With batched=False the per-system fields are 0-d tensors.
+
+    Attributes:
+        x: the solution, with b's structure.
+        iterations: int32, iterations taken per system.
+        residual_norm: ||r|| per system (the CG recursion's residual).
+        status: int32 per system: 0 max_iter reached, 1 converged, 2 negative curvature,
+            3 non-finite values met.
+    """
+
+    x: Any
+    iterations: torch.Tensor
+    residual_norm: torch.Tensor
+    status: torch.Tensor
+
+    @property
+    def converged(self) -> torch.Tensor:
+        return self.status == reference.CONVERGED
+
+    @property
+    def negative_curvature(self) -> torch.Tensor:
+        return self.status == reference.NEGATIVE_CURVATURE
+
+    @property
+    def nonfinite(self) -> torch.Tensor:
+        return self.status == reference.NONFINITE
+
+    def check(self, *, allow_max_iter: bool = False) -> "CGResult":
+        """Raises CGError naming the failed systems (synchronises with the device)."""
+        bad = ~self.converged
+        if allow_max_iter:
+            bad &= self.status != reference.RUNNING
+        if bool(bad.any()):
+            idx = bad.reshape(-1).nonzero().flatten().tolist()[:10]
+            names = {0: "max_iter reached", 2: "negative curvature", 3: "non-finite values"}
+            st = self.status.reshape(-1)
+            detail = ", ".join(f"system {i}: {names[int(st[i])]}" for i in idx)
+            raise CGError(f"cg: {int(bad.sum())} system(s) did not converge ({detail})")
+        return self
+
+
+@dataclass(frozen=True)
+class LstsqOperator:
+    """The operator v -> shift * v + scale * X^T (X v), X of shape (B, n, d) (or (n, d)).
+
+    With shift=1 and scale=1/(n*lam) it is iMAML's (I + H/lam) for a least-squares inner loss;
+    with shift=lam and scale=1/n it is the Hessian of the ridge objective.
+    """
+
+    X: torch.Tensor
+    shift: float = 1.0
+    scale: float = 1.0
+
+    def __call__(self, v: torch.Tensor) -> torch.Tensor:
+        X = self.X if self.X.dim() == 3 else self.X.unsqueeze(0)
+        out = reference.lstsq_apply(X, v.reshape(X.shape[0], -1), self.shift, self.scale)
+        return out.reshape(v.shape)
+
+
+def _fail(msg: str):
+    raise ValueError(f"cg: {msg}")
+
+
+def _flatten(tree, batched: bool, what: str):
+    """Leaves of a pytree -> one (B, P) buffer, with what is needed to undo it."""
+    leaves, spec = pytree.tree_flatten(tree)
+    if not leaves:
+        _fail(f"{what} has no tensors")
+    for i, leaf in enumerate(leaves):
+        if not isinstance(leaf, torch.Tensor):
+            _fail(f"{what} leaf {i} must be a tensor, got {type(leaf).__name__}")
+        if not leaf.is_floating_point() or leaf.dtype not in (torch.float32, torch.float64):
+            _fail(f"{what} leaf {i} must be float32 or float64, got {leaf.dtype}")
+        if leaf.dtype != leaves[0].dtype or leaf.device != leaves[0].device:
+            _fail(f"{what} leaves must share dtype and device: leaf 0 is {leaves[0].dtype} on "
+                  f"{leaves[0].device}, leaf {i} is {leaf.dtype} on {leaf.device}")
+    if batched:
+        if any(leaf.dim() == 0 for leaf in leaves):
+            _fail(f"batched=True needs a leading batch dimension on every leaf of {what}")
+        B = leaves[0].shape[0]
+        for i, leaf in enumerate(leaves):
+            if leaf.shape[0] != B:
+                _fail(f"batched=True: every leaf of {what} must have the batch size {B} of leaf "
+                      f"0, leaf {i} has {leaf.shape[0]}")
+        shapes = [leaf.shape[1:] for leaf in leaves]
+        flat = torch.cat([leaf.reshape(B, -1) for leaf in leaves], dim=1) if len(leaves) > 1 \
+            else leaves[0].reshape(B, -1)
+    else:
+        shapes = [leaf.shape for leaf in leaves]
+        flat = torch.cat([leaf.reshape(1, -1) for leaf in leaves], dim=1) if len(leaves) > 1 \
+            else leaves[0].reshape(1, -1)
+    return flat, spec, shapes
+
+
+def _unflatten(flat: torch.Tensor, spec, shapes, batched: bool):
+    sizes = [math.prod(s) for s in shapes]
+    parts = flat.split(sizes, dim=1) if len(sizes) > 1 else [flat]
+    if batched:
+        leaves = [p.reshape(flat.shape[0], *s) for p, s in zip(parts, shapes)]
+    else:
+        leaves = [p.reshape(s) for p, s in zip(parts, shapes)]
+    return pytree.tree_unflatten(leaves, spec)
+
+
+def _needs_reference(*tensors) -> bool:
+    """torch.func transforms and autograd through the solve need the functional twin."""
+    for t in tensors:
+        if t is None:
+            continue
+        if torch._C._functorch.is_functorch_wrapped_tensor(t):
+            return True
+        if torch.is_grad_enabled() and t.requires_grad:
+            return True
+    return False
+
+
+def cg(A: Callable | torch.Tensor | LstsqOperator, b, x0=None, *, max_iter: int | None = None,
+       rtol: float = 1e-5, atol: float = 0.0, batched: bool = False,
+       use_ext: bool | None = None) -> CGResult:
+    """Solves A x = b by conjugate gradients, for one system or a batch of independent ones.
+
+    Args:
+        A: a callable v -> A v over b's pytree structure (with batched=True it gets and returns
+            leaves with the leading batch dimension); or a dense tensor (P, P), or (B, P, P) with
+            batched=True; or an LstsqOperator. A must be symmetric; CG needs it positive definite
+            and flags each system where it is not.
+        b: right-hand side, a tensor or a pytree of tensors (float32/float64, one device).
+        x0: initial guess with b's structure; zeros by default.
+        max_iter: iterations per system (>= 1); default the number of unknowns P.
+        rtol, atol: a system has converged when ||r|| <= max(rtol * ||b||, atol).
+        batched: the leading dimension of every leaf of b indexes independent systems.
+        use_ext: None picks the compiled kernels when available; False forces the reference.
+            Inside torch.func transforms, or with autograd recording through b or x0, the
+            functional reference is used.
+
+    Returns:
+        CGResult. A zero right-hand side with x0 = 0 returns zeros after 0 iterations.
+
+    Raises:
+        ValueError naming the argument for wrong shapes, dtypes, devices, batch sizes, max_iter,
+        tolerances.
+    """
+    if not (isinstance(rtol, (int, float)) and math.isfinite(rtol) and rtol >= 0):
+        _fail(f"rtol must be a finite number >= 0, got {rtol!r}")
+    if not (isinstance(atol, (int, float)) and math.isfinite(atol) and atol >= 0):
+        _fail(f"atol must be a finite number >= 0, got {atol!r}")
+    bflat, spec, shapes = _flatten(b, batched, "b")
+    B, P = bflat.shape
+    if max_iter is None:
+        max_iter = max(P, 1)
+    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
+        _fail(f"max_iter must be an int >= 1, got {max_iter!r}")
+    if x0 is None:
+        xflat = torch.zeros_like(bflat)
+    else:
+        xflat, xspec, xshapes = _flatten(x0, batched, "x0")
+        if xspec != spec or xshapes != shapes:
+            _fail(f"x0 must have b's structure and shapes {shapes}, got {xshapes}")
+        if xflat.dtype != bflat.dtype or xflat.device != bflat.device:
+            _fail(f"x0 must have b's dtype and device ({bflat.dtype}, {bflat.device}), got "
+                  f"({xflat.dtype}, {xflat.device})")
+    reference_only = _needs_reference(bflat, xflat)
+    ext = False if reference_only else use_ext_for(use_ext, bflat)
+    if B == 0:
+        empty = torch.zeros(0, dtype=torch.int32, device=bflat.device)
+        return CGResult(_unflatten(xflat.clone(), spec, shapes, batched), empty,
+                        bflat.new_zeros(0), empty.clone())
+
+    if isinstance(A, LstsqOperator):
+        X = A.X if A.X.dim() == 3 else A.X.unsqueeze(0)
+        if X.dim() != 3 or X.shape[0] != B or X.shape[2] != P:
+            _fail(f"A.X must be ({B}, n, {P}) for b of {B} system(s) of size {P}, got "
+                  f"{tuple(A.X.shape)}")
+        if X.dtype != bflat.dtype or X.device != bflat.device:
+            _fail(f"A.X must have b's dtype and device ({bflat.dtype}, {bflat.device}), got "
+                  f"({X.dtype}, {X.device})")
+        if reference_only or _needs_reference(X):
+            out = reference.cg_solve_lstsq(X, bflat, xflat, A.shift, A.scale, max_iter, rtol, atol)
+        else:
+            out = ops.cg_solve_lstsq(X, bflat, xflat, float(A.shift), float(A.scale), max_iter,
+                                     rtol, atol, use_ext=ext)
+    elif isinstance(A, torch.Tensor):
+        Ab = A if batched else A.unsqueeze(0)
+        if Ab.shape != (B, P, P):
+            want = f"({B}, {P}, {P})" if batched else f"({P}, {P})"
+            _fail(f"A must be {want} for b with {B} system(s) of {P} unknowns, got "
+                  f"{tuple(A.shape)}")
+        if A.dtype != bflat.dtype or A.device != bflat.device:
+            _fail(f"A must have b's dtype and device ({bflat.dtype}, {bflat.device}), got "
+                  f"({A.dtype}, {A.device})")
+        if reference_only or _needs_reference(A):
+            out = reference.cg_solve_dense(Ab, bflat, xflat, max_iter, rtol, atol)
+        else:
+            out = ops.cg_solve_dense(Ab, bflat, xflat, max_iter, rtol, atol, use_ext=ext)
+    elif callable(A):
+        out = _cg_callable(A, bflat, xflat, spec, shapes, batched, max_iter, rtol, atol,
+                           ext, reference_only)
+    else:
+        _fail(f"A must be a callable, a tensor or an LstsqOperator, got {type(A).__name__}")
+    x, iters, rnorm, status = out
+    xs = _unflatten(x, spec, shapes, batched)
+    if not batched:
+        iters, rnorm, status = iters[0], rnorm[0], status[0]
+    return CGResult(xs, iters, rnorm, status)
+
+
+def _cg_callable(A, bflat, xflat, spec, shapes, batched, max_iter, rtol, atol, ext,
+                 functional):
+    B, P = bflat.shape
+
+    def matvec(v: torch.Tensor) -> torch.Tensor:
+        out = A(_unflatten(v, spec, shapes, batched))
+        oflat, ospec, oshapes = _flatten(out, batched, "A(v)")
+        if ospec != spec or oshapes != shapes:
+            _fail(f"A(v) must return b's structure and shapes {shapes}, got {oshapes}")
+        return oflat
+
+    if functional:
+        return reference._solve(matvec, bflat, xflat, max_iter, rtol, atol)
+    x = xflat.clone()
+    r = (bflat - matvec(x)).contiguous()
+    p = r.clone()
+    rs = (r * r).sum(-1)
+    bnorm2 = (bflat * bflat).sum(-1)
+    status = reference.cg_initial_status(rs, reference.cg_tol2(bnorm2, rtol, atol))
+    iters = torch.zeros_like(status)
+    on_cpu = bflat.device.type == "cpu"
+    for _ in range(max_iter):
+        if on_cpu and not bool((status == reference.RUNNING).any()):
+            break  # free on the CPU; on a GPU stopped systems are masked instead
+        ops.cg_step_(x, r, p, matvec(p), rs, bnorm2, status, iters, rtol, atol, use_ext=ext)
+    return x, iters, rs.sqrt(), status
+
+
+def solve_cg(**kwargs) -> Callable:
+    """torchopt-style factory: `solve_cg(max_iter=...)(matvec, b)` returns x.
+
+    A one-line switch from `torchopt.linear_solve.solve_cg(maxiter=...)`.
+    """
+    if "maxiter" in kwargs:
+        kwargs["max_iter"] = kwargs.pop("maxiter")
+
+    def solve(matvec, b, x0=None):
+        return cg(matvec, b, x0, **kwargs).x
+
+    return solve

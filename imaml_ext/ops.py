@@ -1,0 +1,177 @@
+"""Typed wrappers of the compiled ops, their fake (meta) kernels for torch.compile and opcheck,
+and the switch to the pure-PyTorch twins of imaml_ext.reference.
+
+Every wrapper takes `use_ext`: None picks the compiled kernel when it is loaded for the inputs'
+device, True insists on it, False runs the reference. Both paths raise the same ValueError-style
+messages for bad arguments (the C++ checks raise RuntimeError subclasses with the same text).
+None of these ops is differentiable: the implicit-gradient layer differentiates around them.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from imaml_ext import reference
+from imaml_ext._ext import _C, use_ext_for
+
+_FLOATS = (torch.float32, torch.float64)
+
+
+# ---- argument checks of the reference path (the C++ kernels run csrc/checks.cpp) -------------
+
+def _fail(op: str, msg: str):
+    raise ValueError(f"{op}: {msg}")
+
+
+def _check_float(op, name, t):
+    if not isinstance(t, torch.Tensor):
+        _fail(op, f"{name} must be a tensor, got {type(t).__name__}")
+    if t.dtype not in _FLOATS:
+        _fail(op, f"{name} must be float32 or float64, got {t.dtype}")
+
+
+def _check_like(op, name, t, ref_name, ref):
+    _check_float(op, name, t)
+    if t.device != ref.device:
+        _fail(op, f"{name} must be on {ref.device} like {ref_name}, got {t.device}")
+    if t.dtype != ref.dtype:
+        _fail(op, f"{name} must have dtype {ref.dtype} like {ref_name}, got {t.dtype}")
+
+
+def _check_tols(op, rtol, atol):
+    for name, v in (("rtol", rtol), ("atol", atol)):
+        if not (math.isfinite(v) and v >= 0):
+            _fail(op, f"{name} must be finite and >= 0, got {v}")
+
+
+def check_solve(op, b, x0, max_iter, rtol, atol):
+    _check_float(op, "b", b)
+    if b.dim() != 2:
+        _fail(op, f"b must be (B, P), got {tuple(b.shape)}")
+    _check_like(op, "x0", x0, "b", b)
+    if x0.shape != b.shape:
+        _fail(op, f"x0 must be {tuple(b.shape)} like b, got {tuple(x0.shape)}")
+    if int(max_iter) < 1:
+        _fail(op, f"max_iter must be >= 1, got {max_iter}")
+    _check_tols(op, rtol, atol)
+
+
+def check_lstsq(op, X, v, shift, scale):
+    _check_like(op, "X", X, "b", v)
+    if X.dim() != 3:
+        _fail(op, f"X must be (B, n, d), got {tuple(X.shape)}")
+    if v.dim() != 2 or v.shape[0] != X.shape[0] or v.shape[1] != X.shape[2]:
+        _fail(op, f"the vector must be ({X.shape[0]}, {X.shape[2]}) to match X "
+                  f"{tuple(X.shape)}, got {tuple(v.shape)}")
+    if not (math.isfinite(shift) and math.isfinite(scale)):
+        _fail(op, f"shift and scale must be finite, got {shift} and {scale}")
+
+
+def check_dense(op, A, b):
+    _check_like(op, "A", A, "b", b)
+    B, P = b.shape
+    if A.shape != (B, P, P):
+        _fail(op, f"A must be ({B}, {P}, {P}) to match b {tuple(b.shape)}, got {tuple(A.shape)}")
+
+
+def check_step(op, x, r, p, Ap, rs, bnorm2, status, iters, rtol, atol):
+    _check_float(op, "x", x)
+    if x.dim() != 2:
+        _fail(op, f"x must be (B, P), got {tuple(x.shape)}")
+    for name, t in (("r", r), ("p", p), ("Ap", Ap)):
+        _check_like(op, name, t, "x", x)
+        if t.shape != x.shape:
+            _fail(op, f"{name} must be {tuple(x.shape)} like x, got {tuple(t.shape)}")
+    for name, t in (("rs", rs), ("bnorm2", bnorm2)):
+        _check_like(op, name, t, "x", x)
+        if t.shape != x.shape[:1]:
+            _fail(op, f"{name} must be ({x.shape[0]},), got {tuple(t.shape)}")
+    for name, t in (("status", status), ("iters", iters)):
+        if t.dtype != torch.int32:
+            _fail(op, f"{name} must be int32, got {t.dtype}")
+        if t.shape != x.shape[:1]:
+            _fail(op, f"{name} must be ({x.shape[0]},), got {tuple(t.shape)}")
+    _check_tols(op, rtol, atol)
+
+
+# ---- the ops --------------------------------------------------------------------------------
+
+def cg_step_(x, r, p, Ap, rs, bnorm2, status, iters, rtol: float, atol: float, *,
+             use_ext: bool | None = None) -> None:
+    """One fused CG iteration for B systems, in place. See csrc/cg_math.h for the arithmetic.
+
+    Args:
+        x, r, p: (B, P) float32/float64, contiguous; updated.
+        Ap: (B, P), the operator applied to the current p.
+        rs: (B,) r.r, updated. bnorm2: (B,) ||b||^2.
+        status, iters: (B,) int32, updated (status codes in imaml_ext.reference).
+    Not differentiable.
+    """
+    if use_ext_for(use_ext, x):
+        torch.ops.imaml_ext.cg_step(x, r, p, Ap, rs, bnorm2, status, iters, rtol, atol)
+    else:
+        check_step("cg_step", x, r, p, Ap, rs, bnorm2, status, iters, rtol, atol)
+        reference.cg_step_(x, r, p, Ap, rs, bnorm2, status, iters, rtol, atol)
+
+
+def cg_solve_dense(A, b, x0, max_iter: int, rtol: float, atol: float, *,
+                   use_ext: bool | None = None):
+    """Whole-loop CG on dense symmetric A (B, P, P): returns (x, iters, residual_norm, status).
+
+    Not differentiable.
+    """
+    if use_ext_for(use_ext, b):
+        return torch.ops.imaml_ext.cg_solve_dense(A, b, x0, max_iter, rtol, atol)
+    check_solve("cg_solve_dense", b, x0, max_iter, rtol, atol)
+    check_dense("cg_solve_dense", A, b)
+    return reference.cg_solve_dense(A, b, x0, max_iter, rtol, atol)
+
+
+def cg_solve_lstsq(X, b, x0, shift: float, scale: float, max_iter: int, rtol: float, atol: float,
+                   *, use_ext: bool | None = None):
+    """Whole-loop CG on v -> shift v + scale X^T (X v), X (B, n, d), never forming X^T X.
+
+    Returns (x, iters, residual_norm, status). Not differentiable.
+    """
+    if use_ext_for(use_ext, b):
+        return torch.ops.imaml_ext.cg_solve_lstsq(X, b, x0, shift, scale, max_iter, rtol, atol)
+    check_solve("cg_solve_lstsq", b, x0, max_iter, rtol, atol)
+    check_lstsq("cg_solve_lstsq", X, b, shift, scale)
+    return reference.cg_solve_lstsq(X, b, x0, shift, scale, max_iter, rtol, atol)
+
+
+def lstsq_apply(X, v, shift: float = 0.0, scale: float = 1.0, *, use_ext: bool | None = None):
+    """shift v + scale X^T (X v) for X (B, n, d), v (B, d), in one pass over X.
+
+    With shift=0, scale=1/n this is the least-squares Hessian-vector product. Not differentiable.
+    """
+    if use_ext_for(use_ext, v):
+        return torch.ops.imaml_ext.lstsq_apply(X, v, shift, scale)
+    check_lstsq("lstsq_apply", X, v, shift, scale)
+    return reference.lstsq_apply(X, v, shift, scale)
+
+
+# ---- fake kernels: shapes only, for torch.compile, FakeTensor and opcheck --------------------
+
+if _C is not None:
+    @torch.library.register_fake("imaml_ext::cg_step")
+    def _cg_step_fake(x, r, p, Ap, rs, bnorm2, status, iters, rtol, atol):
+        return None
+
+    def _solve_fake(b):
+        B = b.shape[0]
+        return (torch.empty_like(b), b.new_empty((B,), dtype=torch.int32), b.new_empty((B,)),
+                b.new_empty((B,), dtype=torch.int32))
+
+    @torch.library.register_fake("imaml_ext::cg_solve_dense")
+    def _cg_solve_dense_fake(A, b, x0, max_iter, rtol, atol):
+        return _solve_fake(b)
+
+    @torch.library.register_fake("imaml_ext::cg_solve_lstsq")
+    def _cg_solve_lstsq_fake(X, b, x0, shift, scale, max_iter, rtol, atol):
+        return _solve_fake(b)
+
+    @torch.library.register_fake("imaml_ext::lstsq_apply")
+    def _lstsq_apply_fake(X, v, shift, scale):
+        return torch.empty_like(v)

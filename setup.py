@@ -1,0 +1,146 @@
+"""Build of imaml_ext: the C++ CPU kernels always, the CUDA kernels when they can be built.
+
+Environment:
+  USE_CUDA=0               CPU kernels only.
+  FORCE_CUDA=1             build the CUDA kernels even when no GPU is visible (CI does).
+  CUDA_HOME                the toolkit; by default the one the `nvcc` on PATH really belongs to
+                           (a wrapper script in /usr/local/bin is followed to its target).
+  TORCH_CUDA_ARCH_LIST     defaults to the visible GPUs' archs, or 9.0 (H100/H200) when none.
+  MAX_JOBS                 parallel compile jobs (torch's ninja build honours it).
+  IMAML_DEBUG=1            -O0 -g, for sanitizers and debuggers.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+import shutil
+import sys
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+ROOT = Path(__file__).resolve().parent
+
+
+def _toolkit_of(nvcc: str) -> str | None:
+    """The CUDA toolkit an nvcc executable belongs to, following wrapper scripts and links."""
+    path = Path(nvcc).resolve()
+    try:
+        text = path.read_text(errors="ignore") if path.stat().st_size < 4096 else ""
+    except OSError:
+        text = ""
+    m = re.search(r"exec\s+(\S+/bin/nvcc)", text)  # e.g. `exec /usr/local/cuda-13.0/bin/nvcc "$@"`
+    if m:
+        path = Path(m.group(1)).resolve()
+    home = path.parent.parent
+    return str(home) if (home / "include" / "cuda_runtime.h").exists() else None
+
+
+def _find_cuda_home() -> str | None:
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        home = _toolkit_of(nvcc)
+        if home:
+            return home
+    return "/usr/local/cuda" if Path("/usr/local/cuda/bin/nvcc").exists() else None
+
+
+# torch.utils.cpp_extension reads CUDA_HOME when it is imported: settle it first.
+_cuda_home = _find_cuda_home()
+if _cuda_home:
+    os.environ["CUDA_HOME"] = _cuda_home
+
+import torch  # noqa: E402
+from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def read_sources() -> tuple[list[str], list[str]]:
+    """csrc/sources.txt: the one list of sources (CMakeLists.txt reads it too)."""
+    cpu, cuda = [], []
+    for line in (ROOT / "csrc" / "sources.txt").read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        target = cpu
+        if line.startswith("cuda:"):
+            target, line = cuda, line[len("cuda:"):].strip()
+        matches = sorted(glob.glob(str(ROOT / line)))
+        target += [os.path.relpath(p, ROOT) for p in matches]
+    return cpu, cuda
+
+
+def want_cuda() -> bool:
+    if os.environ.get("USE_CUDA", "").strip() == "0":
+        return False
+    if _cuda_home is None:
+        if _flag("FORCE_CUDA"):
+            sys.exit("FORCE_CUDA=1 but no CUDA toolkit was found: set CUDA_HOME (e.g. /usr/local/cuda)")
+        return False
+    return torch.cuda.is_available() or _flag("FORCE_CUDA")
+
+
+def nvidia_wheel_includes() -> list[str]:
+    """torch's CUDA headers include cuBLAS/cuSPARSE headers that ship in the nvidia-* wheels."""
+    dirs = []
+    for base in {Path(torch.__file__).resolve().parent.parent}:
+        dirs += sorted(str(p) for p in base.glob("nvidia/cu*/include") if p.is_dir())
+        dirs += sorted(str(p) for p in base.glob("nvidia/*/include") if p.is_dir())
+    return dirs
+
+
+def make_extension():
+    cpu_sources, cuda_sources = read_sources()
+    with_cuda = want_cuda()
+    debug = _flag("IMAML_DEBUG")
+    opt = ["-O0", "-g"] if debug else ["-O3"]
+    # No -march=native: the CPU kernels pick AVX2/FMA at run time (csrc/cpu/simd.h).
+    # No -std: torch.utils.cpp_extension adds the standard its headers need (C++17 or C++20).
+    cxx = opt + ["-fno-math-errno"]
+    macros = [("IMAML_TORCH_VERSION", f'"{torch.__version__}"')]
+    if not with_cuda:
+        return CppExtension(
+            "imaml_ext._C", cpu_sources, extra_compile_args={"cxx": cxx}, define_macros=macros,
+            include_dirs=[str(ROOT / "csrc")],
+        ), False, ""
+    if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+        os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0"
+    archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "")
+    if not archs:
+        archs = ";".join(sorted({"%d.%d" % torch.cuda.get_device_capability(i)
+                                 for i in range(torch.cuda.device_count())}))
+    macros += [("IMAML_WITH_CUDA", None), ("IMAML_CUDA_ARCHS", f'"{archs}"')]
+    nvcc = opt + ["-lineinfo", "--expt-relaxed-constexpr"]
+    return CUDAExtension(
+        "imaml_ext._C", cpu_sources + cuda_sources,
+        extra_compile_args={"cxx": cxx, "nvcc": nvcc}, define_macros=macros,
+        include_dirs=[str(ROOT / "csrc")] + nvidia_wheel_includes(),
+    ), True, archs
+
+
+class Build(BuildExtension):
+    """Writes imaml_ext/_build_meta.json so an import against another torch can say which."""
+
+    def run(self):
+        super().run()
+        meta = {"torch_version": torch.__version__, "cuda": WITH_CUDA, "cuda_archs": ARCHS}
+        for target in {ROOT / "imaml_ext", Path(self.build_lib) / "imaml_ext"}:
+            if target.is_dir():
+                (target / "_build_meta.json").write_text(json.dumps(meta) + "\n")
+
+
+EXT, WITH_CUDA, ARCHS = make_extension()
+
+setup(
+    packages=find_packages(include=["imaml_ext", "imaml_ext.*"]),
+    package_data={"imaml_ext": ["_build_meta.json"]},
+    ext_modules=[EXT],
+    cmdclass={"build_ext": Build.with_options(use_ninja=True)},
+)
