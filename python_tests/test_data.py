@@ -627,6 +627,24 @@ def test_sampler_step_errors():
         next(s.iter_batches(-2, 1))
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_sampler_cuda_matches_cpu(num_workers):
+    for ds in (_toy(), _toy(channels=3, side=8, name="miniimagenet", rotate=False)):
+        cpu = TaskSampler(ds, 4, 2, 3, meta_batch=3, seed=5)
+        gpu = TaskSampler(ds, 4, 2, 3, meta_batch=3, seed=5, device="cuda",
+                          num_workers=num_workers)
+        try:
+            got = list(gpu.iter_batches(7, 2))
+        finally:
+            gpu.close()
+        for step, b in zip((7, 8), got):
+            assert b.x_support.is_cuda and b.y_query.is_cuda
+            for x, y in zip(b, cpu.batch(step)):
+                torch.testing.assert_close(x.cpu(), y, rtol=0, atol=1e-6)
+
+
 def test_sampler_on_embedded_omniglot_20_way(tmp_path):
     ds = load_dataset("omniglot", "test", root=tmp_path / "nothing")
     b = TaskSampler(ds, ways=20, shots=5, queries=15, meta_batch=2).batch(0)
