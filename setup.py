@@ -89,11 +89,10 @@ def want_cuda() -> bool:
 
 def nvidia_wheel_includes() -> list[str]:
     """torch's CUDA headers include cuBLAS/cuSPARSE headers that ship in the nvidia-* wheels."""
-    dirs = []
-    for base in {Path(torch.__file__).resolve().parent.parent}:
-        dirs += sorted(str(p) for p in base.glob("nvidia/cu*/include") if p.is_dir())
-        dirs += sorted(str(p) for p in base.glob("nvidia/*/include") if p.is_dir())
-    return dirs
+    site = Path(torch.__file__).resolve().parent.parent
+    dirs = sorted(str(p) for p in site.glob("nvidia/cu*/include") if p.is_dir())  # CUDA 13 wheels
+    dirs += sorted(str(p) for p in site.glob("nvidia/*/include") if p.is_dir())   # older layout
+    return list(dict.fromkeys(dirs))
 
 
 def make_extension():
@@ -140,7 +139,8 @@ EXT, WITH_CUDA, ARCHS = make_extension()
 
 setup(
     packages=find_packages(include=["imaml_ext", "imaml_ext.*"]),
-    package_data={"imaml_ext": ["_build_meta.json"]},
+    package_data={"imaml_ext": ["_build_meta.json"],
+                  "imaml_ext.data": ["embedded/*.npz", "embedded/LICENSE", "embedded/README.md"]},
     ext_modules=[EXT],
     cmdclass={"build_ext": Build.with_options(use_ninja=True)},
 )

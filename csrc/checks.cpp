@@ -8,21 +8,21 @@ namespace imaml_ext {
 namespace {
 
 void check_float(const char* op, const char* name, const at::Tensor& t) {
-  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, op, ": ", name,
+  TORCH_CHECK_VALUE(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, op, ": ", name,
               " must be float32 or float64, got ", t.scalar_type());
 }
 
 void check_same(const char* op, const char* name, const at::Tensor& t, const char* ref_name,
                 const at::Tensor& ref) {
-  TORCH_CHECK(t.device() == ref.device(), op, ": ", name, " must be on ", ref.device(), " like ",
+  TORCH_CHECK_VALUE(t.device() == ref.device(), op, ": ", name, " must be on ", ref.device(), " like ",
               ref_name, ", got ", t.device());
-  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), op, ": ", name, " must have dtype ",
+  TORCH_CHECK_VALUE(t.scalar_type() == ref.scalar_type(), op, ": ", name, " must have dtype ",
               ref.scalar_type(), " like ", ref_name, ", got ", t.scalar_type());
 }
 
 void check_tolerances(const char* op, double rtol, double atol) {
-  TORCH_CHECK(std::isfinite(rtol) && rtol >= 0, op, ": rtol must be finite and >= 0, got ", rtol);
-  TORCH_CHECK(std::isfinite(atol) && atol >= 0, op, ": atol must be finite and >= 0, got ", atol);
+  TORCH_CHECK_VALUE(std::isfinite(rtol) && rtol >= 0, op, ": rtol must be finite and >= 0, got ", rtol);
+  TORCH_CHECK_VALUE(std::isfinite(atol) && atol >= 0, op, ": atol must be finite and >= 0, got ", atol);
 }
 
 }  // namespace
@@ -31,31 +31,31 @@ void check_cg_state(const char* op, const at::Tensor& x, const at::Tensor& r, co
                     const at::Tensor& Ap, const at::Tensor& rs, const at::Tensor& bnorm2,
                     const at::Tensor& status, const at::Tensor& iters, double rtol, double atol) {
   check_float(op, "x", x);
-  TORCH_CHECK(x.dim() == 2, op, ": x must be (B, P), got ", x.sizes());
+  TORCH_CHECK_VALUE(x.dim() == 2, op, ": x must be (B, P), got ", x.sizes());
   const auto B = x.size(0);
   for (auto [name, t] : {std::pair<const char*, const at::Tensor&>{"r", r}, {"p", p}, {"Ap", Ap}}) {
     check_same(op, name, t, "x", x);
-    TORCH_CHECK(t.sizes() == x.sizes(), op, ": ", name, " must be ", x.sizes(), " like x, got ",
+    TORCH_CHECK_VALUE(t.sizes() == x.sizes(), op, ": ", name, " must be ", x.sizes(), " like x, got ",
                 t.sizes());
   }
   for (auto [name, t] : {std::pair<const char*, const at::Tensor&>{"rs", rs}, {"bnorm2", bnorm2}}) {
     check_same(op, name, t, "x", x);
-    TORCH_CHECK(t.dim() == 1 && t.size(0) == B, op, ": ", name, " must be (", B, ",), got ",
+    TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == B, op, ": ", name, " must be (", B, ",), got ",
                 t.sizes());
   }
   for (auto [name, t] :
        {std::pair<const char*, const at::Tensor&>{"status", status}, {"iters", iters}}) {
-    TORCH_CHECK(t.scalar_type() == at::kInt, op, ": ", name, " must be int32, got ",
+    TORCH_CHECK_VALUE(t.scalar_type() == at::kInt, op, ": ", name, " must be int32, got ",
                 t.scalar_type());
-    TORCH_CHECK(t.device() == x.device(), op, ": ", name, " must be on ", x.device(), ", got ",
+    TORCH_CHECK_VALUE(t.device() == x.device(), op, ": ", name, " must be on ", x.device(), ", got ",
                 t.device());
-    TORCH_CHECK(t.dim() == 1 && t.size(0) == B, op, ": ", name, " must be (", B, ",), got ",
+    TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == B, op, ": ", name, " must be (", B, ",), got ",
                 t.sizes());
   }
   // The mutated buffers are written in place, so they cannot be silently copied.
   for (auto [name, t] : {std::pair<const char*, const at::Tensor&>{"x", x}, {"r", r}, {"p", p},
                          {"rs", rs}, {"status", status}, {"iters", iters}}) {
-    TORCH_CHECK(t.is_contiguous(), op, ": ", name, " is written in place and must be contiguous");
+    TORCH_CHECK_VALUE(t.is_contiguous(), op, ": ", name, " is written in place and must be contiguous");
   }
   check_tolerances(op, rtol, atol);
 }
@@ -63,23 +63,23 @@ void check_cg_state(const char* op, const at::Tensor& x, const at::Tensor& r, co
 void check_solve_args(const char* op, const at::Tensor& b, const at::Tensor& x0, int64_t max_iter,
                       double rtol, double atol) {
   check_float(op, "b", b);
-  TORCH_CHECK(b.dim() == 2, op, ": b must be (B, P), got ", b.sizes());
+  TORCH_CHECK_VALUE(b.dim() == 2, op, ": b must be (B, P), got ", b.sizes());
   check_same(op, "x0", x0, "b", b);
-  TORCH_CHECK(x0.sizes() == b.sizes(), op, ": x0 must be ", b.sizes(), " like b, got ",
+  TORCH_CHECK_VALUE(x0.sizes() == b.sizes(), op, ": x0 must be ", b.sizes(), " like b, got ",
               x0.sizes());
-  TORCH_CHECK(max_iter >= 1, op, ": max_iter must be >= 1, got ", max_iter);
+  TORCH_CHECK_VALUE(max_iter >= 1, op, ": max_iter must be >= 1, got ", max_iter);
   check_tolerances(op, rtol, atol);
 }
 
 void check_lstsq_operator(const char* op, const at::Tensor& X, const at::Tensor& v, double shift,
                           double scale) {
   check_float(op, "X", X);
-  TORCH_CHECK(X.dim() == 3, op, ": X must be (B, n, d), got ", X.sizes());
+  TORCH_CHECK_VALUE(X.dim() == 3, op, ": X must be (B, n, d), got ", X.sizes());
   check_same(op, "X", X, "b", v);
-  TORCH_CHECK(v.dim() == 2 && v.size(0) == X.size(0) && v.size(1) == X.size(2), op,
+  TORCH_CHECK_VALUE(v.dim() == 2 && v.size(0) == X.size(0) && v.size(1) == X.size(2), op,
               ": the vector must be (", X.size(0), ", ", X.size(2), ") to match X ", X.sizes(),
               ", got ", v.sizes());
-  TORCH_CHECK(std::isfinite(shift) && std::isfinite(scale), op,
+  TORCH_CHECK_VALUE(std::isfinite(shift) && std::isfinite(scale), op,
               ": shift and scale must be finite, got ", shift, " and ", scale);
 }
 

@@ -119,8 +119,8 @@ def _flatten(tree, batched: bool, what: str):
                 _fail(f"batched=True: every leaf of {what} must have the batch size {B} of leaf "
                       f"0, leaf {i} has {leaf.shape[0]}")
         shapes = [leaf.shape[1:] for leaf in leaves]
-        flat = torch.cat([leaf.reshape(B, -1) for leaf in leaves], dim=1) if len(leaves) > 1 \
-            else leaves[0].reshape(B, -1)
+        flat = torch.cat([leaf.reshape(B, math.prod(s)) for leaf, s in zip(leaves, shapes)],
+                         dim=1)
     else:
         shapes = [leaf.shape for leaf in leaves]
         flat = torch.cat([leaf.reshape(1, -1) for leaf in leaves], dim=1) if len(leaves) > 1 \
@@ -162,7 +162,7 @@ def cg(A: Callable | torch.Tensor | LstsqOperator, b, x0=None, *, max_iter: int 
             and flags each system where it is not.
         b: right-hand side, a tensor or a pytree of tensors (float32/float64, one device).
         x0: initial guess with b's structure; zeros by default.
-        max_iter: iterations per system (>= 1); default the number of unknowns P.
+        max_iter: iterations per system (>= 1); default 10 * P as in scipy.sparse.linalg.cg.
         rtol, atol: a system has converged when ||r|| <= max(rtol * ||b||, atol).
         batched: the leading dimension of every leaf of b indexes independent systems.
         use_ext: None picks the compiled kernels when available; False forces the reference.
@@ -183,7 +183,7 @@ def cg(A: Callable | torch.Tensor | LstsqOperator, b, x0=None, *, max_iter: int 
     bflat, spec, shapes = _flatten(b, batched, "b")
     B, P = bflat.shape
     if max_iter is None:
-        max_iter = max(P, 1)
+        max_iter = max(10 * P, 1)
     if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
         _fail(f"max_iter must be an int >= 1, got {max_iter!r}")
     if x0 is None:

@@ -168,11 +168,11 @@ SolveResult solve_batch(const at::Tensor& b_in, const at::Tensor& x0,
 SolveResult cg_solve_dense_cpu(const at::Tensor& A_in, const at::Tensor& b, const at::Tensor& x0,
                                int64_t max_iter, double rtol, double atol) {
   check_solve_args("cg_solve_dense", b, x0, max_iter, rtol, atol);
-  TORCH_CHECK(A_in.dim() == 3 && A_in.size(0) == b.size(0) && A_in.size(1) == b.size(1) &&
+  TORCH_CHECK_VALUE(A_in.dim() == 3 && A_in.size(0) == b.size(0) && A_in.size(1) == b.size(1) &&
                   A_in.size(2) == b.size(1),
               "cg_solve_dense: A must be (", b.size(0), ", ", b.size(1), ", ", b.size(1),
               ") to match b ", b.sizes(), ", got ", A_in.sizes());
-  TORCH_CHECK(A_in.scalar_type() == b.scalar_type() && A_in.device() == b.device(),
+  TORCH_CHECK_VALUE(A_in.scalar_type() == b.scalar_type() && A_in.device() == b.device(),
               "cg_solve_dense: A must have b's dtype and device (", b.scalar_type(), ", ",
               b.device(), "), got ", A_in.scalar_type(), ", ", A_in.device());
   const auto A = A_in.contiguous();

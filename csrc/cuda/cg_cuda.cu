@@ -1,0 +1,353 @@
+// CUDA kernels of the CG ops (schemas in csrc/module.cpp, arithmetic in csrc/cg_math.h).
+//
+// Thread mapping: system b is split into `chunks` contiguous pieces; block (c, b) owns piece c.
+// One CG iteration is three launches, because each of the two reductions (p.Ap, then r.r) must
+// be complete before its value is used everywhere in the system:
+//   1. cg_dot_kernel:       partial p.Ap per block
+//   2. cg_update_xr_kernel: every block sums the partials, takes alpha, updates x and r of its
+//                           piece, writes a partial r.r; block 0 saves the old r.r
+//   3. cg_update_p_kernel:  every block sums the partials, takes beta, updates p; block 0 stores
+//                           r.r, status and the iteration count
+// Partials are summed in a fixed order (no atomics), so results are deterministic. Stopped
+// systems (status != running) return at once, which is the per-system early stop. Nothing is
+// read back to the host: the whole-loop solvers queue max_iter iterations of launches.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <torch/library.h>
+#include <torch/types.h>
+
+#include "../cg_math.h"
+#include "../ops.h"
+#include "common.cuh"
+
+namespace imaml_ext {
+namespace {
+
+using cuda::block_sum;
+using cuda::kBlockSize;
+using cuda::kWarpSize;
+using cuda::kWarpsPerBlock;
+
+struct Chunking {
+  int64_t P;
+  int64_t chunk_len;
+  int chunks;
+  __device__ int64_t begin() const { return blockIdx.x * chunk_len; }
+  __device__ int64_t end() const {
+    const int64_t e = begin() + chunk_len;
+    return e < P ? e : P;
+  }
+};
+
+inline Chunking make_chunking(int64_t P) {
+  const int chunks = cuda::chunks_for(P);
+  return {P, (P + chunks - 1) / chunks, chunks};
+}
+
+// Sum of the `chunks` partials of system b, in a fixed order; valid in every thread.
+template <typename acc_t>
+__device__ acc_t sum_partials(const acc_t* partial, int64_t b, int chunks) {
+  acc_t v = threadIdx.x < chunks ? partial[b * chunks + threadIdx.x] : acc_t(0);
+  return block_sum(v);
+}
+
+template <typename scalar_t, typename acc_t>
+__global__ void cg_dot_kernel(const scalar_t* __restrict__ p, const scalar_t* __restrict__ ap,
+                              const int32_t* __restrict__ status, acc_t* __restrict__ partial,
+                              Chunking ch) {
+  const int64_t b = blockIdx.y;
+  if (status[b] != kRunning) return;
+  const scalar_t* pb = p + b * ch.P;
+  const scalar_t* ab = ap + b * ch.P;
+  acc_t s = 0;
+  for (int64_t i = ch.begin() + threadIdx.x; i < ch.end(); i += kBlockSize)
+    s += static_cast<acc_t>(pb[i]) * static_cast<acc_t>(ab[i]);
+  s = block_sum(s);
+  if (threadIdx.x == 0) partial[b * ch.chunks + blockIdx.x] = s;
+}
+
+template <typename scalar_t, typename acc_t>
+__global__ void cg_update_xr_kernel(scalar_t* __restrict__ x, scalar_t* __restrict__ r,
+                                    const scalar_t* __restrict__ p,
+                                    const scalar_t* __restrict__ ap, const scalar_t* __restrict__ rs,
+                                    scalar_t* __restrict__ rs_prev, int32_t* __restrict__ status,
+                                    const acc_t* __restrict__ pap_partial,
+                                    acc_t* __restrict__ rs_partial, Chunking ch) {
+  const int64_t b = blockIdx.y;
+  if (status[b] != kRunning) return;
+  const acc_t pAp = sum_partials(pap_partial, b, ch.chunks);
+  int32_t st = kRunning;
+  const acc_t rs_old = static_cast<acc_t>(rs[b]);
+  const acc_t alpha = cg_alpha<acc_t>(rs_old, pAp, &st);
+  if (st != kRunning) {
+    // Every block of the system reaches the same decision; block 0 records it.
+    if (blockIdx.x == 0 && threadIdx.x == 0) status[b] = st;
+    return;
+  }
+  if (blockIdx.x == 0 && threadIdx.x == 0) rs_prev[b] = rs[b];
+  scalar_t* xb = x + b * ch.P;
+  scalar_t* rb = r + b * ch.P;
+  const scalar_t* pb = p + b * ch.P;
+  const scalar_t* ab = ap + b * ch.P;
+  acc_t s = 0;
+  for (int64_t i = ch.begin() + threadIdx.x; i < ch.end(); i += kBlockSize)
+    s += cg_update_xr<scalar_t, acc_t>(xb + i, rb + i, pb[i], ab[i], alpha);
+  s = block_sum(s);
+  if (threadIdx.x == 0) rs_partial[b * ch.chunks + blockIdx.x] = s;
+}
+
+template <typename scalar_t, typename acc_t>
+__global__ void cg_update_p_kernel(scalar_t* __restrict__ p, const scalar_t* __restrict__ r,
+                                   scalar_t* __restrict__ rs, const scalar_t* __restrict__ rs_prev,
+                                   const scalar_t* __restrict__ bnorm2,
+                                   int32_t* __restrict__ status, int32_t* __restrict__ iters,
+                                   const acc_t* __restrict__ rs_partial, double rtol, double atol,
+                                   Chunking ch) {
+  const int64_t b = blockIdx.y;
+  // Block 0 may already have stored this iteration's status: a stopped system needs no new p.
+  if (status[b] != kRunning) return;
+  const acc_t rs_new = sum_partials(rs_partial, b, ch.chunks);
+  const acc_t tol2 = cg_tol2<acc_t>(static_cast<acc_t>(bnorm2[b]), rtol, atol);
+  int32_t st = kRunning;
+  const acc_t beta = cg_beta<acc_t>(rs_new, static_cast<acc_t>(rs_prev[b]), tol2, &st);
+  if (st == kRunning) {
+    scalar_t* pb = p + b * ch.P;
+    const scalar_t* rb = r + b * ch.P;
+    for (int64_t i = ch.begin() + threadIdx.x; i < ch.end(); i += kBlockSize)
+      cg_update_p<scalar_t, acc_t>(pb + i, rb[i], beta);
+  }
+  if (blockIdx.x == 0 && threadIdx.x == 0) {
+    rs[b] = static_cast<scalar_t>(rs_new);
+    iters[b] += 1;
+    status[b] = st;
+  }
+}
+
+// Queues one CG iteration (three launches) on the current stream.
+void launch_cg_step(const at::Tensor& x, const at::Tensor& r, const at::Tensor& p,
+                    const at::Tensor& Ap, const at::Tensor& rs, const at::Tensor& bnorm2,
+                    const at::Tensor& status, const at::Tensor& iters, double rtol, double atol) {
+  const int64_t B = x.size(0), P = x.size(1);
+  if (B == 0 || P == 0) return;
+  TORCH_CHECK_VALUE(B <= 65535, "cg_step: at most 65535 systems per call on CUDA, got ", B);
+  const Chunking ch = make_chunking(P);
+  const dim3 grid(ch.chunks, B);
+  auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "cg_step_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    auto work = at::empty({2 * B * ch.chunks}, x.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+    auto rs_prev = at::empty_like(rs);
+    acc_t* pap_partial = work.data_ptr<acc_t>();
+    acc_t* rs_partial = pap_partial + B * ch.chunks;
+    cg_dot_kernel<scalar_t, acc_t><<<grid, kBlockSize, 0, stream>>>(
+        p.data_ptr<scalar_t>(), Ap.data_ptr<scalar_t>(), status.data_ptr<int32_t>(), pap_partial,
+        ch);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    cg_update_xr_kernel<scalar_t, acc_t><<<grid, kBlockSize, 0, stream>>>(
+        x.data_ptr<scalar_t>(), r.data_ptr<scalar_t>(), p.data_ptr<scalar_t>(),
+        Ap.data_ptr<scalar_t>(), rs.data_ptr<scalar_t>(), rs_prev.data_ptr<scalar_t>(),
+        status.data_ptr<int32_t>(), pap_partial, rs_partial, ch);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    cg_update_p_kernel<scalar_t, acc_t><<<grid, kBlockSize, 0, stream>>>(
+        p.data_ptr<scalar_t>(), r.data_ptr<scalar_t>(), rs.data_ptr<scalar_t>(),
+        rs_prev.data_ptr<scalar_t>(), bnorm2.data_ptr<scalar_t>(), status.data_ptr<int32_t>(),
+        iters.data_ptr<int32_t>(), rs_partial, rtol, atol, ch);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+void cg_step_cuda(at::Tensor x, at::Tensor r, at::Tensor p, const at::Tensor& Ap_in, at::Tensor rs,
+                  const at::Tensor& bnorm2_in, at::Tensor status, at::Tensor iters, double rtol,
+                  double atol) {
+  check_cg_state("cg_step", x, r, p, Ap_in, rs, bnorm2_in, status, iters, rtol, atol);
+  c10::cuda::OptionalCUDAGuard guard(x.device());
+  launch_cg_step(x, r, p, Ap_in.contiguous(), rs, bnorm2_in.contiguous(), status, iters, rtol,
+                 atol);
+}
+
+// ---- operators ------------------------------------------------------------------------------
+
+// out[b] = A[b] v[b] for running systems: one warp per row, lanes stride the columns.
+template <typename scalar_t, typename acc_t>
+__global__ void dense_matvec_kernel(const scalar_t* __restrict__ A, const scalar_t* __restrict__ v,
+                                    scalar_t* __restrict__ out, const int32_t* __restrict__ status,
+                                    int64_t P) {
+  const int64_t b = blockIdx.y;
+  if (status != nullptr && status[b] != kRunning) return;
+  const int lane = threadIdx.x % kWarpSize;
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarpSize;
+  if (row >= P) return;
+  const scalar_t* a = A + (b * P + row) * P;
+  const scalar_t* vb = v + b * P;
+  acc_t s = 0;
+  for (int64_t j = lane; j < P; j += kWarpSize) s += static_cast<acc_t>(a[j]) * static_cast<acc_t>(vb[j]);
+  s = cuda::warp_sum(s);
+  if (lane == 0) out[b * P + row] = static_cast<scalar_t>(s);
+}
+
+// acc[b] += X[b]^T (X[b] v[b]) over a chunk of rows, in one pass over X: a warp takes a row's dot
+// product, then reuses the row (now in L1) for its axpy into a shared-memory accumulator of d
+// entries; the block then adds its accumulator into acc with one atomic per entry.
+template <typename scalar_t, typename acc_t>
+__global__ void xtxv_kernel(const scalar_t* __restrict__ X, const scalar_t* __restrict__ v,
+                            acc_t* __restrict__ acc, const int32_t* __restrict__ status, int64_t n,
+                            int64_t d, int64_t rows_per_block) {
+  extern __shared__ unsigned char smem_raw[];
+  acc_t* sacc = reinterpret_cast<acc_t*>(smem_raw);
+  const int64_t b = blockIdx.y;
+  if (status != nullptr && status[b] != kRunning) return;
+  for (int64_t j = threadIdx.x; j < d; j += kBlockSize) sacc[j] = 0;
+  __syncthreads();
+  const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
+  const scalar_t* vb = v + b * d;
+  const int64_t row0 = static_cast<int64_t>(blockIdx.x) * rows_per_block;
+  const int64_t row1 = row0 + rows_per_block < n ? row0 + rows_per_block : n;
+  for (int64_t i = row0 + warp; i < row1; i += kWarpsPerBlock) {
+    const scalar_t* row = X + (b * n + i) * d;
+    acc_t t = 0;
+    for (int64_t j = lane; j < d; j += kWarpSize) t += static_cast<acc_t>(row[j]) * static_cast<acc_t>(vb[j]);
+    t = __shfl_sync(0xffffffffu, cuda::warp_sum(t), 0);
+    for (int64_t j = lane; j < d; j += kWarpSize) atomicAdd(sacc + j, t * static_cast<acc_t>(row[j]));
+  }
+  __syncthreads();
+  for (int64_t j = threadIdx.x; j < d; j += kBlockSize) atomicAdd(acc + b * d + j, sacc[j]);
+}
+
+// out = shift v + scale acc for running systems.
+template <typename scalar_t, typename acc_t>
+__global__ void lstsq_combine_kernel(const scalar_t* __restrict__ v, const acc_t* __restrict__ acc,
+                                     scalar_t* __restrict__ out, const int32_t* __restrict__ status,
+                                     int64_t d, double shift, double scale) {
+  const int64_t b = blockIdx.y;
+  if (status != nullptr && status[b] != kRunning) return;
+  for (int64_t j = blockIdx.x * static_cast<int64_t>(kBlockSize) + threadIdx.x; j < d;
+       j += static_cast<int64_t>(gridDim.x) * kBlockSize)
+    out[b * d + j] = static_cast<scalar_t>(
+        lstsq_combine<acc_t>(static_cast<acc_t>(v[b * d + j]), acc[b * d + j], shift, scale));
+}
+
+struct DenseApply {
+  at::Tensor A;
+  void operator()(const at::Tensor& v, at::Tensor& out, const int32_t* status) const {
+    const int64_t B = v.size(0), P = v.size(1);
+    if (B == 0 || P == 0) return;
+    const dim3 grid((P + kWarpsPerBlock - 1) / kWarpsPerBlock, B);
+    AT_DISPATCH_FLOATING_TYPES(v.scalar_type(), "dense_matvec_cuda", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      dense_matvec_kernel<scalar_t, acc_t><<<grid, kBlockSize, 0, at::cuda::getCurrentCUDAStream()>>>(
+          A.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), status, P);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  }
+};
+
+struct LstsqApply {
+  at::Tensor X;
+  double shift, scale;
+  void operator()(const at::Tensor& v, at::Tensor& out, const int32_t* status) const {
+    const int64_t B = X.size(0), n = X.size(1), d = X.size(2);
+    if (B == 0 || d == 0) return;
+    auto stream = at::cuda::getCurrentCUDAStream();
+    AT_DISPATCH_FLOATING_TYPES(v.scalar_type(), "lstsq_apply_cuda", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      const size_t smem = static_cast<size_t>(d) * sizeof(acc_t);
+      if (smem > 48 * 1024 || n == 0) {
+        // d too large for one shared accumulator: two batched products (two passes over X).
+        auto xv = at::bmm(X, v.unsqueeze(-1));
+        auto xtxv = at::bmm(X.transpose(1, 2), xv).squeeze(-1);
+        // Stopped systems get a fresh product too; the CG kernels never read it.
+        out.copy_(at::add(at::mul(v, shift), xtxv, scale));
+        return;
+      }
+      auto acc = at::zeros({B, d}, v.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+      // Enough blocks per system to fill the GPU, each with a few dozen rows to amortise its
+      // accumulator's zeroing and flush.
+      const int64_t rows_per_block = std::max<int64_t>(32, (n + 255) / 256);
+      const dim3 grid((n + rows_per_block - 1) / rows_per_block, B);
+      xtxv_kernel<scalar_t, acc_t><<<grid, kBlockSize, smem, stream>>>(
+          X.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), acc.data_ptr<acc_t>(), status, n, d,
+          rows_per_block);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      const dim3 grid2(std::min<int64_t>((d + kBlockSize - 1) / kBlockSize, 64), B);
+      lstsq_combine_kernel<scalar_t, acc_t><<<grid2, kBlockSize, 0, stream>>>(
+          v.data_ptr<scalar_t>(), acc.data_ptr<acc_t>(), out.data_ptr<scalar_t>(), status, d,
+          shift, scale);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  }
+};
+
+// The whole loop as a fixed sequence of launches: init with ATen ops, then max_iter times
+// (operator, three CG launches). No value returns to the host until the caller reads the result.
+template <typename Apply>
+SolveResult solve_cuda(const Apply& apply, const at::Tensor& b_in, const at::Tensor& x0,
+                       int64_t max_iter, double rtol, double atol) {
+  const auto b = b_in.contiguous();
+  const int64_t B = b.size(0);
+  auto x = x0.contiguous().clone();
+  auto Ap = at::empty_like(b);
+  apply(x, Ap, nullptr);
+  auto r = (b - Ap).contiguous();
+  auto p = r.clone();
+  auto rs = (r * r).sum(-1).contiguous();
+  auto bnorm2 = (b * b).sum(-1).contiguous();
+  auto tol2 = at::clamp_min(bnorm2 * (rtol * rtol), atol * atol);
+  auto finite = at::isfinite(rs) & at::isfinite(tol2);
+  auto status = at::where(finite, at::where(rs <= tol2, int64_t(kConverged), int64_t(kRunning)),
+                          int64_t(kNonFinite))
+                    .to(at::kInt)
+                    .contiguous();
+  auto iters = at::zeros({B}, b.options().dtype(at::kInt));
+  const int32_t* status_ptr = static_cast<const int32_t*>(status.data_ptr());
+  for (int64_t k = 0; k < max_iter; ++k) {
+    apply(p, Ap, status_ptr);
+    launch_cg_step(x, r, p, Ap, rs, bnorm2, status, iters, rtol, atol);
+  }
+  return {x, iters, rs.sqrt(), status};
+}
+
+SolveResult cg_solve_dense_cuda(const at::Tensor& A, const at::Tensor& b, const at::Tensor& x0,
+                                int64_t max_iter, double rtol, double atol) {
+  check_solve_args("cg_solve_dense", b, x0, max_iter, rtol, atol);
+  TORCH_CHECK_VALUE(A.dim() == 3 && A.size(0) == b.size(0) && A.size(1) == b.size(1) &&
+                  A.size(2) == b.size(1),
+              "cg_solve_dense: A must be (", b.size(0), ", ", b.size(1), ", ", b.size(1),
+              ") to match b ", b.sizes(), ", got ", A.sizes());
+  TORCH_CHECK_VALUE(A.scalar_type() == b.scalar_type() && A.device() == b.device(),
+              "cg_solve_dense: A must have b's dtype and device (", b.scalar_type(), ", ",
+              b.device(), "), got ", A.scalar_type(), ", ", A.device());
+  TORCH_CHECK_VALUE(b.size(0) <= 65535, "cg_solve_dense: at most 65535 systems on CUDA, got ", b.size(0));
+  c10::cuda::OptionalCUDAGuard guard(b.device());
+  return solve_cuda(DenseApply{A.contiguous()}, b, x0, max_iter, rtol, atol);
+}
+
+SolveResult cg_solve_lstsq_cuda(const at::Tensor& X, const at::Tensor& b, const at::Tensor& x0,
+                                double shift, double scale, int64_t max_iter, double rtol,
+                                double atol) {
+  check_solve_args("cg_solve_lstsq", b, x0, max_iter, rtol, atol);
+  check_lstsq_operator("cg_solve_lstsq", X, b, shift, scale);
+  TORCH_CHECK_VALUE(b.size(0) <= 65535, "cg_solve_lstsq: at most 65535 systems on CUDA, got ", b.size(0));
+  c10::cuda::OptionalCUDAGuard guard(b.device());
+  return solve_cuda(LstsqApply{X.contiguous(), shift, scale}, b, x0, max_iter, rtol, atol);
+}
+
+at::Tensor lstsq_apply_cuda(const at::Tensor& X, const at::Tensor& v, double shift, double scale) {
+  check_lstsq_operator("lstsq_apply", X, v, shift, scale);
+  TORCH_CHECK_VALUE(v.size(0) <= 65535, "lstsq_apply: at most 65535 systems on CUDA, got ", v.size(0));
+  c10::cuda::OptionalCUDAGuard guard(v.device());
+  auto vc = v.contiguous();
+  auto out = at::empty_like(vc);
+  LstsqApply{X.contiguous(), shift, scale}(vc, out, nullptr);
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(imaml_ext, CUDA, m) {
+  m.impl("cg_step", &cg_step_cuda);
+  m.impl("cg_solve_dense", &cg_solve_dense_cuda);
+  m.impl("cg_solve_lstsq", &cg_solve_lstsq_cuda);
+  m.impl("lstsq_apply", &lstsq_apply_cuda);
+}
+
+}  // namespace imaml_ext

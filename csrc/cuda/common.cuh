@@ -1,0 +1,53 @@
+// Block sizes, warp/block reductions and launch helpers shared by the CUDA kernels.
+#pragma once
+
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+
+namespace imaml_ext {
+namespace cuda {
+
+constexpr int kBlockSize = 256;
+constexpr int kWarpSize = 32;
+constexpr int kWarpsPerBlock = kBlockSize / kWarpSize;
+// At most this many blocks share one system in the chunked kernels; their partial sums are then
+// combined by a single block-wide reduction (one partial per thread).
+constexpr int kMaxChunks = kBlockSize;
+
+template <typename T>
+__device__ __forceinline__ T warp_sum(T v) {
+#pragma unroll
+  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) v += __shfl_down_sync(0xffffffffu, v, offset);
+  return v;
+}
+
+// Sum over the block; the result is valid in every thread. Contains two __syncthreads, so every
+// thread of the block must call it.
+template <typename T>
+__device__ __forceinline__ T block_sum(T v) {
+  __shared__ T warp_partials[kWarpsPerBlock];
+  __shared__ T total;
+  const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
+  v = warp_sum(v);
+  if (lane == 0) warp_partials[warp] = v;
+  __syncthreads();
+  if (warp == 0) {
+    T w = lane < kWarpsPerBlock ? warp_partials[lane] : T(0);
+    w = warp_sum(w);
+    if (lane == 0) total = w;
+  }
+  __syncthreads();
+  return total;
+}
+
+inline int chunks_for(int64_t P) {
+  const int64_t per_block = static_cast<int64_t>(kBlockSize) * 8;
+  int64_t c = (P + per_block - 1) / per_block;
+  if (c < 1) c = 1;
+  if (c > kMaxChunks) c = kMaxChunks;
+  return static_cast<int>(c);
+}
+
+}  // namespace cuda
+}  // namespace imaml_ext

@@ -1,0 +1,49 @@
+"""Shared fixtures: devices and dtypes of the op tests, and STYLE.md's tolerance rule."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+CUDA = torch.cuda.is_available()
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not CUDA, reason="no CUDA device"))]
+DTYPES = [torch.float32, torch.float64]
+
+DATA_ROOT = os.environ.get("IMAML_DATA")
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    return request.param
+
+
+@pytest.fixture(params=DTYPES, ids=["f32", "f64"])
+def dtype(request):
+    return request.param
+
+
+def max_err(a: torch.Tensor, truth: torch.Tensor) -> float:
+    return (a.double() - truth.double()).abs().max().item() if a.numel() else 0.0
+
+
+def assert_within_reference_error(kernel: torch.Tensor, reference: torch.Tensor,
+                                  truth: torch.Tensor, factor: float = 2.0) -> None:
+    """STYLE.md's rule: the kernel's error against a float64 truth is at most `factor` times the
+    reference's error in the same dtype (plus a few ulps of the truth's scale, for the case where
+    the reference happens to be exact)."""
+    ek, er = max_err(kernel, truth), max_err(reference, truth)
+    scale = truth.double().abs().max().item() if truth.numel() else 0.0
+    slack = 8 * torch.finfo(kernel.dtype).eps * max(scale, 1.0)
+    assert ek <= factor * er + slack, f"kernel error {ek:.3e} > {factor} x reference error {er:.3e}"
+
+
+def random_spd(B: int, P: int, dtype=torch.float64, device="cpu", cond: float = 100.0,
+               generator=None):
+    """(B, P, P) symmetric positive definite matrices with eigenvalues in [1, cond]."""
+    q, _ = torch.linalg.qr(torch.randn(B, P, P, dtype=torch.float64, generator=generator))
+    ev = torch.logspace(0, float(torch.log10(torch.tensor(cond))), P, dtype=torch.float64)
+    A = q @ torch.diag_embed(ev.expand(B, P)) @ q.transpose(1, 2)
+    A = (A + A.transpose(1, 2)) / 2
+    return A.to(device=device, dtype=dtype)

@@ -1,0 +1,182 @@
+"""The whole-loop solver ops (dense and structured least squares) and lstsq_apply, against the
+reference twins and torch.linalg.solve."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import assert_within_reference_error, random_spd
+from imaml_ext import ops, reference
+
+needs_ext = pytest.mark.skipif(not __import__("imaml_ext").extension_available(),
+                               reason="compiled extension not built")
+BOTH = [pytest.param(True, marks=needs_ext, id="ext"), pytest.param(False, id="ref")]
+
+
+def lstsq_problem(B, n, d, dtype, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(B, n, d, dtype=torch.float64, generator=g)
+    b = torch.randn(B, d, dtype=torch.float64, generator=g)
+    return X.to(device, dtype), b.to(device, dtype)
+
+
+@pytest.mark.parametrize("use_ext", BOTH)
+@pytest.mark.parametrize("B,P", [(1, 1), (1, 8), (3, 31), (5, 64)])
+def test_dense_solves_spd(B, P, device, use_ext):
+    g = torch.Generator().manual_seed(B * 100 + P)
+    A = random_spd(B, P, generator=g, device=device)
+    b = torch.randn(B, P, dtype=torch.float64, generator=g).to(device)
+    x, iters, rnorm, status = ops.cg_solve_dense(A, b, torch.zeros_like(b), 4 * P + 10, 1e-12, 0.0,
+                                                 use_ext=use_ext)
+    torch.testing.assert_close(x, torch.linalg.solve(A, b), rtol=1e-8, atol=1e-10)
+    assert (status == reference.CONVERGED).all()
+    assert (iters <= 4 * P + 10).all() and (iters >= 1).all()
+    assert (rnorm <= 1e-12 * b.norm(dim=-1) + 1e-300).all()
+
+
+@needs_ext
+@pytest.mark.parametrize("B,P", [(1, 3), (4, 47), (2, 300)])
+def test_dense_matches_reference(B, P, device, dtype):
+    g = torch.Generator().manual_seed(P)
+    A64 = random_spd(B, P, generator=g, device=device)
+    b64 = torch.randn(B, P, dtype=torch.float64, generator=g).to(device)
+    A, b = A64.to(dtype), b64.to(dtype)
+    x0 = torch.zeros_like(b)
+    ext = ops.cg_solve_dense(A, b, x0, 6, 0.0, 0.0, use_ext=True)
+    ref = ops.cg_solve_dense(A, b, x0, 6, 0.0, 0.0, use_ext=False)
+    truth = ops.cg_solve_dense(A.double(), b.double(), x0.double(), 6, 0.0, 0.0, use_ext=False)
+    assert torch.equal(ext[1], ref[1]) and torch.equal(ext[3], ref[3])
+    if dtype == torch.float64:
+        torch.testing.assert_close(ext[0], ref[0], rtol=1e-10, atol=1e-12)
+    else:
+        assert_within_reference_error(ext[0], ref[0], truth[0])
+
+
+@pytest.mark.parametrize("use_ext", BOTH)
+@pytest.mark.parametrize("B,n,d", [(1, 1, 1), (1, 20, 7), (3, 50, 33), (2, 9, 130)])
+def test_lstsq_solves(B, n, d, device, use_ext):
+    X, b = lstsq_problem(B, n, d, torch.float64, device)
+    lam = 0.7
+    shift, scale = 1.0, 1.0 / (n * lam)
+    x, iters, rnorm, status = ops.cg_solve_lstsq(X, b, torch.zeros_like(b), shift, scale, 300,
+                                                 1e-12, 0.0, use_ext=use_ext)
+    A = shift * torch.eye(d, dtype=X.dtype, device=device) + scale * X.transpose(1, 2) @ X
+    torch.testing.assert_close(x, torch.linalg.solve(A, b), rtol=1e-8, atol=1e-10)
+    assert (status == reference.CONVERGED).all()
+
+
+@needs_ext
+@pytest.mark.parametrize("B,n,d", [(1, 40, 17), (4, 33, 65), (2, 500, 200)])
+def test_lstsq_matches_reference(B, n, d, device, dtype):
+    X64, b64 = lstsq_problem(B, n, d, torch.float64, device, seed=d)
+    X, b = X64.to(dtype), b64.to(dtype)
+    x0 = torch.zeros_like(b)
+    args = (1.0, 1.0 / n, 5, 0.0, 0.0)
+    ext = ops.cg_solve_lstsq(X, b, x0, *args, use_ext=True)
+    ref = ops.cg_solve_lstsq(X, b, x0, *args, use_ext=False)
+    truth = ops.cg_solve_lstsq(X.double(), b.double(), x0.double(), *args, use_ext=False)
+    assert torch.equal(ext[1], ref[1]) and torch.equal(ext[3], ref[3])
+    if dtype == torch.float64:
+        torch.testing.assert_close(ext[0], ref[0], rtol=1e-10, atol=1e-12)
+    else:
+        assert_within_reference_error(ext[0], ref[0], truth[0])
+
+
+@needs_ext
+@pytest.mark.parametrize("B,n,d", [(1, 1, 1), (3, 17, 29), (2, 64, 1000), (0, 5, 4)])
+def test_lstsq_apply_matches_reference(B, n, d, device, dtype):
+    X64, v64 = lstsq_problem(B, n, d, torch.float64, device)
+    X, v = X64.to(dtype), v64.to(dtype)
+    ext = ops.lstsq_apply(X, v, 0.3, 1.0 / n, use_ext=True)
+    ref = ops.lstsq_apply(X, v, 0.3, 1.0 / n, use_ext=False)
+    truth = ops.lstsq_apply(X64, v64, 0.3, 1.0 / n, use_ext=False)
+    if dtype == torch.float64:
+        torch.testing.assert_close(ext, ref, rtol=1e-10, atol=1e-12)
+    else:
+        assert_within_reference_error(ext, ref, truth)
+
+
+@pytest.mark.parametrize("use_ext", BOTH)
+def test_non_contiguous_inputs(device, use_ext):
+    X, b = lstsq_problem(2, 30, 12, torch.float64, device)
+    Xt = X.transpose(1, 2).contiguous().transpose(1, 2)  # same values, column-major strides
+    bt = torch.stack([b, b], dim=-1)[..., 0]             # strided view
+    assert not Xt.is_contiguous() and not bt.is_contiguous()
+    got = ops.cg_solve_lstsq(Xt, bt, torch.zeros_like(b), 1.0, 0.1, 50, 1e-12, 0.0, use_ext=use_ext)
+    want = ops.cg_solve_lstsq(X, b, torch.zeros_like(b), 1.0, 0.1, 50, 1e-12, 0.0, use_ext=False)
+    torch.testing.assert_close(got[0], want[0])
+
+
+@pytest.mark.parametrize("use_ext", BOTH)
+def test_zero_rhs_returns_zeros_in_zero_iterations(device, use_ext):
+    A = random_spd(3, 6, device=device)
+    b = torch.zeros(3, 6, dtype=torch.float64, device=device)
+    x, iters, rnorm, status = ops.cg_solve_dense(A, b, torch.zeros_like(b), 10, 1e-6, 0.0,
+                                                 use_ext=use_ext)
+    assert torch.equal(x, torch.zeros_like(b))
+    assert iters.tolist() == [0, 0, 0] and (status == reference.CONVERGED).all()
+
+
+@pytest.mark.parametrize("use_ext", BOTH)
+def test_max_iter_reached_is_not_converged(device, use_ext):
+    A = random_spd(2, 40, cond=1e4, device=device)
+    b = torch.randn(2, 40, dtype=torch.float64, device=device)
+    x, iters, rnorm, status = ops.cg_solve_dense(A, b, torch.zeros_like(b), 3, 1e-14, 0.0,
+                                                 use_ext=use_ext)
+    assert iters.tolist() == [3, 3] and (status == reference.RUNNING).all()
+
+
+@pytest.mark.parametrize("use_ext", BOTH)
+def test_indefinite_system_flagged_and_finite(device, use_ext):
+    A = random_spd(2, 10, device=device)
+    A[1] -= 50 * torch.eye(10, dtype=A.dtype, device=device)  # eigenvalues in [-49, 50]
+    b = torch.randn(2, 10, dtype=torch.float64, device=device)
+    x, iters, rnorm, status = ops.cg_solve_dense(A, b, torch.zeros_like(b), 100, 1e-12, 0.0,
+                                                 use_ext=use_ext)
+    assert status.tolist()[0] == reference.CONVERGED
+    assert status.tolist()[1] in (reference.NEGATIVE_CURVATURE, reference.CONVERGED)
+    assert torch.isfinite(x).all()
+
+
+@pytest.mark.parametrize("use_ext", BOTH)
+def test_nonfinite_rhs_flagged(device, use_ext):
+    A = random_spd(2, 5, device=device)
+    b = torch.randn(2, 5, dtype=torch.float64, device=device)
+    b[0, 1] = float("inf")
+    x, iters, rnorm, status = ops.cg_solve_dense(A, b, torch.zeros_like(b), 20, 1e-10, 0.0,
+                                                 use_ext=use_ext)
+    assert status.tolist() == [reference.NONFINITE, reference.CONVERGED]
+    assert torch.isfinite(x).all()
+
+
+@needs_ext
+def test_opcheck_solvers(device):
+    A = random_spd(2, 7, device=device)
+    b = torch.randn(2, 7, dtype=torch.float64, device=device)
+    torch.library.opcheck(torch.ops.imaml_ext.cg_solve_dense.default,
+                          (A, b, torch.zeros_like(b), 5, 1e-8, 0.0))
+    X, v = lstsq_problem(2, 9, 7, torch.float64, device)
+    torch.library.opcheck(torch.ops.imaml_ext.cg_solve_lstsq.default,
+                          (X, v, torch.zeros_like(v), 1.0, 0.5, 5, 1e-8, 0.0))
+    torch.library.opcheck(torch.ops.imaml_ext.lstsq_apply.default, (X, v, 0.0, 1.0 / 9))
+
+
+@pytest.mark.parametrize("use_ext", BOTH)
+@pytest.mark.parametrize("call,match", [
+    (lambda X, b, u: ops.cg_solve_lstsq(X, b, torch.zeros_like(b), 1.0, 1.0, 0, 1e-6, 0.0,
+                                        use_ext=u), "max_iter must be >= 1"),
+    (lambda X, b, u: ops.cg_solve_lstsq(X, b, torch.zeros_like(b), 1.0, 1.0, 5, 1e-6, -1.0,
+                                        use_ext=u), "atol must be finite and >= 0"),
+    (lambda X, b, u: ops.cg_solve_lstsq(X, b[:, :-1], torch.zeros_like(b[:, :-1]), 1.0, 1.0, 5,
+                                        1e-6, 0.0, use_ext=u), "must be \\(2, 6\\) to match X"),
+    (lambda X, b, u: ops.cg_solve_lstsq(X.float(), b, torch.zeros_like(b), 1.0, 1.0, 5, 1e-6, 0.0,
+                                        use_ext=u), "X must have dtype"),
+    (lambda X, b, u: ops.cg_solve_lstsq(X, b, torch.zeros(2, 5, dtype=b.dtype), 1.0, 1.0, 5,
+                                        1e-6, 0.0, use_ext=u), "x0 must be"),
+    (lambda X, b, u: ops.cg_solve_dense(X, b, torch.zeros_like(b), 5, 1e-6, 0.0, use_ext=u),
+     "A must be \\(2, 6, 6\\)"),
+])
+def test_bad_arguments(use_ext, call, match):
+    X, b = lstsq_problem(2, 4, 6, torch.float64, "cpu")
+    with pytest.raises(ValueError, match=match):
+        call(X, b, use_ext)

@@ -1,0 +1,167 @@
+"""The public imaml_ext.cg: operators (callable, dense, structured), pytrees, batching,
+torch.func transforms, drop-in use, and errors."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import imaml_ext
+from conftest import random_spd
+from imaml_ext.linalg import CGError, LstsqOperator, solve_cg
+
+needs_ext = pytest.mark.skipif(not imaml_ext.extension_available(),
+                               reason="compiled extension not built")
+BOTH = [pytest.param(True, marks=needs_ext, id="ext"), pytest.param(False, id="ref")]
+
+
+def bmv(A, v):
+    return torch.bmm(A, v.unsqueeze(-1)).squeeze(-1)
+
+
+@pytest.mark.parametrize("use_ext", BOTH)
+def test_callable_dense_and_solve_agree(device, use_ext):
+    A = random_spd(4, 12, device=device)
+    b = torch.randn(4, 12, dtype=torch.float64, device=device)
+    want = torch.linalg.solve(A, b)
+    r1 = imaml_ext.cg(lambda v: bmv(A, v), b, batched=True, rtol=1e-12, use_ext=use_ext)
+    r2 = imaml_ext.cg(A, b, batched=True, rtol=1e-12, use_ext=use_ext)
+    torch.testing.assert_close(r1.x, want)
+    torch.testing.assert_close(r2.x, want)
+    assert r1.converged.all() and r2.converged.all()
+    assert r1.iterations.dtype == torch.int32 and r1.iterations.shape == (4,)
+
+
+def test_unbatched_returns_scalars():
+    A = random_spd(1, 6)[0]
+    b = torch.randn(6, dtype=torch.float64)
+    res = imaml_ext.cg(A, b, rtol=1e-12)
+    assert res.x.shape == (6,) and res.iterations.dim() == 0 and bool(res.converged)
+    torch.testing.assert_close(res.x, torch.linalg.solve(A, b))
+
+
+@pytest.mark.parametrize("use_ext", BOTH)
+def test_pytree_rhs(use_ext):
+    g = torch.Generator().manual_seed(3)
+    A = random_spd(2, 9, generator=g)
+    b = {"w": torch.randn(2, 2, 3, dtype=torch.float64, generator=g),
+         "b": (torch.randn(2, 3, dtype=torch.float64, generator=g),)}
+
+    def flat(t):
+        return torch.cat([t["w"].reshape(2, -1), t["b"][0]], dim=1)
+
+    def unflat(v):
+        return {"w": v[:, :6].reshape(2, 2, 3), "b": (v[:, 6:],)}
+
+    res = imaml_ext.cg(lambda t: unflat(bmv(A, flat(t))), b, batched=True, rtol=1e-12,
+                       use_ext=use_ext)
+    want = unflat(torch.linalg.solve(A, flat(b)))
+    torch.testing.assert_close(res.x["w"], want["w"])
+    torch.testing.assert_close(res.x["b"][0], want["b"][0])
+
+
+@pytest.mark.parametrize("use_ext", BOTH)
+def test_lstsq_operator_matches_callable(use_ext):
+    X = torch.randn(3, 40, 15, dtype=torch.float64)
+    b = torch.randn(3, 15, dtype=torch.float64)
+    op = LstsqOperator(X, shift=1.0, scale=1 / (40 * 0.5))
+    r1 = imaml_ext.cg(op, b, batched=True, rtol=1e-12, use_ext=use_ext)
+    r2 = imaml_ext.cg(lambda v: op(v), b, batched=True, rtol=1e-12, use_ext=use_ext)
+    torch.testing.assert_close(r1.x, r2.x)
+
+
+def test_x0_is_used():
+    A = random_spd(2, 8)
+    b = torch.randn(2, 8, dtype=torch.float64)
+    exact = torch.linalg.solve(A, b)
+    res = imaml_ext.cg(A, b, exact.clone(), batched=True, rtol=1e-8)
+    assert res.iterations.tolist() == [0, 0]
+
+
+def test_zero_rhs():
+    res = imaml_ext.cg(random_spd(1, 5)[0], torch.zeros(5, dtype=torch.float64))
+    assert int(res.iterations) == 0 and torch.equal(res.x, torch.zeros(5, dtype=torch.float64))
+
+
+def test_empty_batch():
+    res = imaml_ext.cg(lambda v: v, torch.zeros(0, 4), batched=True)
+    assert res.x.shape == (0, 4) and res.iterations.shape == (0,)
+
+
+def test_vmap_over_rhs_matches_batched():
+    A = random_spd(1, 7)[0]
+    bs = torch.randn(5, 7, dtype=torch.float64)
+    xs = torch.func.vmap(lambda b: imaml_ext.cg(lambda v: A @ v, b, rtol=1e-12).x)(bs)
+    torch.testing.assert_close(xs, torch.linalg.solve(A, bs.T).T)
+
+
+def test_grad_through_solve_with_autograd():
+    A = random_spd(1, 6)[0]
+    b = torch.randn(6, dtype=torch.float64, requires_grad=True)
+    x = imaml_ext.cg(lambda v: A @ v, b, rtol=1e-12).x
+    (g,) = torch.autograd.grad(x.sum(), b)
+    torch.testing.assert_close(g, torch.linalg.solve(A, torch.ones(6, dtype=torch.float64)))
+
+
+def test_check_raises_on_failure():
+    A = random_spd(2, 6)
+    A[1] = -A[1]
+    res = imaml_ext.cg(A, torch.randn(2, 6, dtype=torch.float64), batched=True, rtol=1e-10)
+    assert res.negative_curvature.tolist() == [False, True]
+    with pytest.raises(CGError, match="system 1: negative curvature"):
+        res.check()
+
+
+def test_torchopt_style_drop_in():
+    A = random_spd(1, 6)[0]
+    b = torch.randn(6, dtype=torch.float64)
+    x = solve_cg(maxiter=50, rtol=1e-12)(lambda v: A @ v, b)
+    torch.testing.assert_close(x, torch.linalg.solve(A, b))
+
+
+def test_scipy_drop_in():
+    scipy = pytest.importorskip("scipy.sparse.linalg")
+    A = random_spd(1, 10)[0]
+    b = torch.randn(10, dtype=torch.float64)
+    x_scipy, info = scipy.cg(A.numpy(), b.numpy(), rtol=1e-10)
+    x = imaml_ext.cg(A, b, rtol=1e-10).x
+    assert info == 0
+    torch.testing.assert_close(x, torch.from_numpy(x_scipy), rtol=1e-7, atol=1e-8)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(max_iter=0), "max_iter must be an int >= 1"),
+    (dict(max_iter=2.5), "max_iter must be an int >= 1"),
+    (dict(rtol=-1.0), "rtol must be a finite number >= 0"),
+    (dict(atol=float("nan")), "atol must be a finite number >= 0"),
+])
+def test_bad_options(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        imaml_ext.cg(random_spd(1, 3)[0], torch.ones(3, dtype=torch.float64), **kwargs)
+
+
+def test_bad_operands():
+    A = random_spd(2, 4)
+    b = torch.randn(2, 4, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"A must be \(2, 4, 4\)"):
+        imaml_ext.cg(A[:, :3, :3], b, batched=True)
+    with pytest.raises(ValueError, match="A must have b's dtype"):
+        imaml_ext.cg(A.float(), b, batched=True)
+    with pytest.raises(ValueError, match="every leaf of b must have the batch size 2"):
+        imaml_ext.cg(lambda v: v, (b, torch.ones(3, 1, dtype=torch.float64)), batched=True)
+    with pytest.raises(ValueError, match="leaves must share dtype"):
+        imaml_ext.cg(lambda v: v, (b, torch.ones(2, 1)), batched=True)
+    with pytest.raises(ValueError, match="x0 must have b's structure"):
+        imaml_ext.cg(A, b, torch.zeros(2, 5, dtype=torch.float64), batched=True)
+    with pytest.raises(ValueError, match="must be float32 or float64"):
+        imaml_ext.cg(lambda v: v, torch.ones(3, dtype=torch.int64))
+    with pytest.raises(ValueError, match=r"A\(v\) must return b's structure"):
+        imaml_ext.cg(lambda v: v[:, :2], b, batched=True)
+    with pytest.raises(ValueError, match="A must be a callable"):
+        imaml_ext.cg("nope", b)
+
+
+def test_nonfinite_rhs_flagged_not_nan():
+    b = torch.tensor([[1.0, float("nan")], [1.0, 2.0]], dtype=torch.float64)
+    res = imaml_ext.cg(lambda v: 2 * v, b, batched=True)
+    assert res.nonfinite.tolist() == [True, False]
+    assert not torch.isnan(res.x[1]).any()
