@@ -125,7 +125,14 @@ def make_extension():
 
 
 class Build(BuildExtension):
-    """Writes imaml_ext/_build_meta.json so an import against another torch can say which."""
+    """Keeps objects in build/temp-<mode>/ across pip runs (ninja then recompiles only what
+    changed), and writes imaml_ext/_build_meta.json so an import against another torch can say
+    which torch the extension was built for."""
+
+    def finalize_options(self):
+        super().finalize_options()
+        tag = f"{'cuda' if WITH_CUDA else 'cpu'}-torch{torch.__version__}".replace("+", "_")
+        self.build_temp = str(ROOT / "build" / f"temp-{tag}")
 
     def run(self):
         super().run()

@@ -1,8 +1,15 @@
 // The extension module: the op schemas (one TORCH_LIBRARY block for the whole package) and a
 // pybind11 module that reports what was built. Kernels register themselves per backend in
 // csrc/cpu/*_cpu.cpp and csrc/cuda/*_cuda.cu; the dispatcher picks the backend.
-#include <torch/extension.h>
+//
+// The pybind11 part is compiled only inside the Python extension (setup.py defines
+// TORCH_EXTENSION_NAME); CMakeLists.txt builds the same file into a plain C++ library for the
+// ctest executables, which need the schemas but no Python.
 #include <torch/library.h>
+
+#ifdef TORCH_EXTENSION_NAME
+#include <torch/extension.h>
+#endif
 
 #ifndef IMAML_TORCH_VERSION
 #define IMAML_TORCH_VERSION "unknown"
@@ -34,8 +41,22 @@ TORCH_LIBRARY(imaml_ext, m) {
   // With shift = 0, scale = 1/n it is the least-squares Hessian-vector product. Not
   // differentiable.
   m.def("lstsq_apply(Tensor X, Tensor v, float shift, float scale) -> Tensor");
+  // The Hessian of the mean softmax cross-entropy of a linear head (logits W f + bias) with
+  // respect to (W, bias), applied to a direction (V, vb) in one pass over the features; labels
+  // are not needed (csrc/hvp_math.h). F: (B, n, f); W, V: (B, c, f); bias, vb: (B, c). Returns
+  // (shift V + scale HV (B, c, f), shift vb + scale Hvb (B, c)). Not differentiable.
+  m.def(
+      "softmax_head_hvp(Tensor F, Tensor W, Tensor bias, Tensor V, Tensor vb, float shift, "
+      "float scale) -> (Tensor, Tensor)");
+  // Whole-loop CG on v -> shift v + scale H v, H the softmax head's Hessian at (W, bias) over the
+  // features F: (B, n, f); W: (B, c, f); bias: (B, c). b, x0: (B, c*(f+1)), flat layout
+  // [W row-major, then bias]. Same returns as cg_solve_dense. Not differentiable.
+  m.def(
+      "cg_solve_softmax_head(Tensor F, Tensor W, Tensor bias, Tensor b, Tensor x0, float shift, "
+      "float scale, int max_iter, float rtol, float atol) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
+#ifdef TORCH_EXTENSION_NAME
 namespace {
 
 pybind11::dict build_info() {
@@ -64,3 +85,4 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "imaml_ext C++/CUDA core: batched conjugate gradients and fused HVPs";
   m.def("build_info", &build_info, "What this extension was built with.");
 }
+#endif  // TORCH_EXTENSION_NAME

@@ -1,0 +1,211 @@
+"""Batched CG on the least-squares operator A v = v + X^T X v / n, X: (B, n, d), 20 fixed
+iterations, float32: imaml_ext's whole-loop op against, in the same run, a plain PyTorch batched
+CG (in its fastest layout), scipy.sparse.linalg.cg per system, torchopt's solve_cg and
+linear_operator's linear_cg. Correctness is checked against a float64 reference before timing.
+
+    python benchmarks/bench_cg.py [--quick] [--device cpu|cuda] [--out benchmarks/results/cg_cpu.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+import imaml_ext
+from imaml_ext import reference
+from imaml_ext.linalg import LstsqOperator
+
+ITERS = 20
+SIZES = [(32, 50, 200), (32, 500, 2000), (1, 4000, 4000)]
+QUICK_SIZES = [(32, 50, 200), (8, 500, 2000)]
+
+
+def machine() -> dict:
+    cpu = "unknown"
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+        cpu = next(line.split(":", 1)[1].strip() for line in out.splitlines()
+                   if line.startswith("Model name"))
+    except (OSError, StopIteration):
+        pass
+    info = {"platform": platform.platform(), "cpu": cpu, "threads": torch.get_num_threads(),
+            "torch": torch.__version__, "cuda": torch.version.cuda,
+            "imaml_ext": imaml_ext.build_info()}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def median_time(fn, device, min_time=1.0, max_runs=50) -> float:
+    """Median seconds of fn() after one warm-up, repeated until min_time or max_runs."""
+    fn()
+    sync(device)
+    times = []
+    start = time.perf_counter()
+    while len(times) < 3 or (time.perf_counter() - start < min_time and len(times) < max_runs):
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+# ---- the contenders: each returns x (B, d) after exactly ITERS iterations --------------------
+
+def ours(X, b, n):
+    # rtol = atol = 0: no early stop, exactly ITERS iterations.
+    return imaml_ext.cg(LstsqOperator(X, 1.0, 1.0 / n), b, batched=True, max_iter=ITERS,
+                        rtol=0.0, atol=0.0).x
+
+
+def torch_cg(matvec, b):
+    """Plain batched CG in PyTorch: fixed iterations, no host synchronisation."""
+    x = torch.zeros_like(b)
+    r = b.clone()
+    p = r.clone()
+    rs = (r * r).sum(-1, keepdim=True)
+    for _ in range(ITERS):
+        Ap = matvec(p)
+        alpha = rs / (p * Ap).sum(-1, keepdim=True)
+        x = x + alpha * p
+        r = r - alpha * Ap
+        rs_new = (r * r).sum(-1, keepdim=True)
+        p = r + (rs_new / rs) * p
+        rs = rs_new
+    return x
+
+
+def torch_two_bmm(X, b, n):
+    Xt = X.transpose(1, 2)
+    return torch_cg(lambda v: v + torch.bmm(Xt, torch.bmm(X, v.unsqueeze(-1))).squeeze(-1) / n, b)
+
+
+def torch_gram(X, b, n):
+    A = torch.eye(X.shape[2], dtype=X.dtype, device=X.device) + X.transpose(1, 2) @ X / n
+    return torch_cg(lambda v: torch.bmm(A, v.unsqueeze(-1)).squeeze(-1), b)
+
+
+def scipy_cg(Xn, bn, n):
+    from scipy.sparse.linalg import LinearOperator, cg
+    out = []
+    for Xi, bi in zip(Xn, bn):
+        d = Xi.shape[1]
+        op = LinearOperator((d, d), matvec=lambda v, Xi=Xi: v + Xi.T @ (Xi @ v) / n,
+                            dtype=Xi.dtype)
+        x, _ = cg(op, bi, rtol=0.0, atol=0.0, maxiter=ITERS)
+        out.append(x)
+    return out
+
+
+def torchopt_cg(X, b, n):
+    from torchopt.linear_solve import solve_cg
+    solve = solve_cg(maxiter=ITERS, rtol=0.0, atol=0.0)
+    return torch.stack([solve(lambda v, Xi=Xi: v + Xi.T @ (Xi @ v) / n, bi)
+                        for Xi, bi in zip(X, b)])
+
+
+def linear_operator_cg(X, b, n):
+    from linear_operator.utils import linear_cg
+    Xt = X.transpose(1, 2)
+    x = linear_cg(lambda V: V + torch.bmm(Xt, torch.bmm(X, V)) / n, b.unsqueeze(-1),
+                  max_iter=ITERS, tolerance=0.0, eps=0.0, stop_updating_after=0.0,
+                  max_tridiag_iter=0)
+    return x.squeeze(-1)
+
+
+def run(sizes, device, min_time):
+    rows = []
+    for B, n, d in sizes:
+        g = torch.Generator().manual_seed(B * n + d)
+        X = torch.randn(B, n, d, generator=g).to(device)
+        b = torch.randn(B, d, generator=g).to(device)
+        truth = reference.cg_solve_lstsq(X.double(), b.double(), torch.zeros_like(b).double(),
+                                         1.0, 1.0 / n, ITERS, 0.0, 0.0)[0]
+        contenders = {
+            "imaml_ext": lambda: ours(X, b, n),
+            "torch (two bmm)": lambda: torch_two_bmm(X, b, n),
+        }
+        if B * d * d * 4 < 2e9:
+            contenders["torch (Gram matrix)"] = lambda: torch_gram(X, b, n)
+        Xn, bn = X.cpu().numpy(), b.cpu().numpy()
+        peers = {
+            "scipy cg (per system)": lambda: torch.from_numpy(
+                __import__("numpy").stack(scipy_cg(Xn, bn, n))).to(device),
+            "torchopt solve_cg": lambda: torchopt_cg(X, b, n),
+            "linear_operator linear_cg": lambda: linear_operator_cg(X, b, n),
+        }
+        row = {"B": B, "n": n, "d": d, "iterations": ITERS, "dtype": "float32", "times_s": {},
+               "errors": {}, "skipped": {}}
+        for name, fn in {**contenders, **peers}.items():
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    x = fn()
+            except Exception as exc:  # a peer that fails to import or run is recorded, not fatal
+                row["skipped"][name] = f"{type(exc).__name__}: {exc}"[:300]
+                continue
+            err = ((x.double() - truth).norm() / truth.norm()).item()
+            row["errors"][name] = err
+            if not err < 1e-3:
+                row["skipped"][name] = f"wrong answer: relative error {err:.2e} vs float64"
+                continue
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                row["times_s"][name] = median_time(fn, device, min_time=min_time)
+        t_ours = row["times_s"]["imaml_ext"]
+        others = {k: v for k, v in row["times_s"].items() if k != "imaml_ext"}
+        fastest = min(others, key=others.get)
+        row["fastest_other"] = fastest
+        row["speedup_vs_fastest_other"] = others[fastest] / t_ours
+        row["speedups"] = {k: v / t_ours for k, v in others.items()}
+        rows.append(row)
+        print_row(row)
+    return rows
+
+
+def print_row(row):
+    print(f"\nB={row['B']} n={row['n']} d={row['d']} ({row['iterations']} iterations, float32)")
+    t0 = row["times_s"]["imaml_ext"]
+    for name, t in sorted(row["times_s"].items(), key=lambda kv: kv[1]):
+        print(f"  {name:28s} {t * 1e3:10.2f} ms   {t / t0:6.2f}x imaml_ext's time   "
+              f"rel.err {row['errors'][name]:.1e}")
+    for name, why in row["skipped"].items():
+        print(f"  {name:28s} skipped: {why}")
+    print(f"  -> imaml_ext is {row['speedup_vs_fastest_other']:.2f}x faster than the fastest "
+          f"other ({row['fastest_other']})")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--min-time", type=float, default=2.0)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    sizes = QUICK_SIZES if args.quick else SIZES
+    rows = run(sizes, args.device, 0.3 if args.quick else args.min_time)
+    result = {"benchmark": "bench_cg", "machine": machine(), "device": args.device,
+              "command": " ".join([Path(sys.executable).name] + sys.argv), "results": rows}
+    out = Path(args.out or f"benchmarks/results/cg_{args.device}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\nwrote {out}")
+    worst = min(r["speedup_vs_fastest_other"] for r in rows)
+    print(f"smallest speedup over the fastest other: {worst:.2f}x (target >= 2x)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,119 @@
+// C++ tests of the CG core, run by ctest: the shared per-system arithmetic (cg_math.h) and the
+// CPU kernels reached through the dispatcher, against ATen's dense solver.
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/util/Exception.h>
+
+#include <cmath>
+#include <cstdio>
+#include <functional>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "cg_math.h"
+
+namespace {
+
+int g_passed = 0, g_failed = 0;
+
+void expect(bool ok, const std::string& what) {
+  if (ok) {
+    ++g_passed;
+  } else {
+    ++g_failed;
+    std::printf("FAILED: %s\n", what.c_str());
+  }
+}
+
+using Solve = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+Solve solve_dense(const at::Tensor& A, const at::Tensor& b, int64_t max_iter, double rtol) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("imaml_ext::cg_solve_dense", "")
+                       .typed<Solve(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                    int64_t, double, double)>();
+  return op.call(A, b, at::zeros_like(b), max_iter, rtol, 0.0);
+}
+
+Solve solve_lstsq(const at::Tensor& X, const at::Tensor& b, double shift, double scale,
+                  int64_t max_iter, double rtol) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("imaml_ext::cg_solve_lstsq", "")
+                       .typed<Solve(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                    double, double, int64_t, double, double)>();
+  return op.call(X, b, at::zeros_like(b), shift, scale, max_iter, rtol, 0.0);
+}
+
+at::Tensor spd(int64_t B, int64_t P) {
+  auto M = at::randn({B, P, P}, at::kDouble);
+  return at::matmul(M, M.transpose(1, 2)) / P + at::eye(P, at::kDouble);
+}
+
+void test_math() {
+  using namespace imaml_ext;
+  int32_t st = kRunning;
+  expect(cg_alpha<double>(2.0, 4.0, &st) == 0.5 && st == kRunning, "alpha = rs / pAp");
+  st = kRunning;
+  cg_alpha<double>(1.0, -1e-3, &st);
+  expect(st == kNegativeCurvature, "pAp < 0 flags negative curvature");
+  st = kRunning;
+  cg_alpha<double>(1.0, NAN, &st);
+  expect(st == kNonFinite, "NaN pAp flags non-finite");
+  st = kRunning;
+  cg_beta<double>(1e-20, 1.0, 1e-18, &st);
+  expect(st == kConverged, "rs below tol^2 converges");
+  expect(cg_tol2<double>(4.0, 0.5, 0.1) == 1.0, "tol2 = max(rtol^2 ||b||^2, atol^2)");
+  expect(cg_initial_status<double>(0.0, 0.0) == kConverged, "zero residual starts converged");
+}
+
+void test_dense() {
+  at::manual_seed(0);
+  for (int64_t P : {1, 7, 40}) {
+    auto A = spd(3, P);
+    auto b = at::randn({3, P}, at::kDouble);
+    auto [x, iters, rnorm, status] = solve_dense(A, b, 10 * P, 1e-12);
+    auto want = at::linalg_solve(A, b);
+    expect(at::allclose(x, want, 1e-8, 1e-10), "dense CG matches linalg_solve, P=" + std::to_string(P));
+    expect(status.eq(imaml_ext::kConverged).all().item<bool>(), "dense CG converges");
+  }
+}
+
+void test_lstsq() {
+  at::manual_seed(1);
+  const int64_t B = 2, n = 30, d = 17;
+  auto X = at::randn({B, n, d}, at::kDouble);
+  auto b = at::randn({B, d}, at::kDouble);
+  const double lam = 0.5;
+  auto [x, iters, rnorm, status] = solve_lstsq(X, b, 1.0, 1.0 / (n * lam), 200, 1e-12);
+  auto A = at::eye(d, at::kDouble) + at::matmul(X.transpose(1, 2), X) / (n * lam);
+  expect(at::allclose(x, at::linalg_solve(A, b), 1e-8, 1e-10), "lstsq CG matches linalg_solve");
+}
+
+void test_errors() {
+  bool threw = false;
+  try {
+    solve_dense(spd(2, 3), at::randn({2, 4}, at::kDouble), 5, 1e-6);
+  } catch (const c10::ValueError& e) {
+    threw = std::string(e.what()).find("cg_solve_dense: A must be (2, 4, 4)") != std::string::npos;
+  }
+  expect(threw, "shape mismatch raises ValueError naming A");
+  threw = false;
+  try {
+    solve_dense(spd(1, 3), at::randn({1, 3}, at::kDouble), 0, 1e-6);
+  } catch (const c10::ValueError& e) {
+    threw = std::string(e.what()).find("max_iter must be >= 1") != std::string::npos;
+  }
+  expect(threw, "max_iter < 1 raises ValueError");
+}
+
+}  // namespace
+
+int main() {
+  test_math();
+  test_dense();
+  test_lstsq();
+  test_errors();
+  std::printf("%d passed, %d failed\n", g_passed, g_failed);
+  return g_failed == 0 ? 0 : 1;
+}
