@@ -152,7 +152,7 @@ def _needs_reference(*tensors) -> bool:
 
 def cg(A: Callable | torch.Tensor | LstsqOperator, b, x0=None, *, max_iter: int | None = None,
        rtol: float = 1e-5, atol: float = 0.0, batched: bool = False,
-       use_ext: bool | None = None) -> CGResult:
+       use_ext: bool | None = None, cuda_graph: bool = False) -> CGResult:
     """Solves A x = b by conjugate gradients, for one system or a batch of independent ones.
 
     Args:
@@ -168,6 +168,9 @@ def cg(A: Callable | torch.Tensor | LstsqOperator, b, x0=None, *, max_iter: int 
         use_ext: None picks the compiled kernels when available; False forces the reference.
             Inside torch.func transforms, or with autograd recording through b or x0, the
             functional reference is used.
+        cuda_graph: for a callable A on a CUDA device, capture the whole loop (the products and
+            the fused iteration ops) as one CUDA graph and replay it. To reuse one capture
+            across many right-hand sides, use `CapturedCG`.
 
     Returns:
         CGResult. A zero right-hand side with x0 = 0 returns zeros after 0 iterations.
@@ -228,6 +231,13 @@ def cg(A: Callable | torch.Tensor | LstsqOperator, b, x0=None, *, max_iter: int 
             out = reference.cg_solve_dense(Ab, bflat, xflat, max_iter, rtol, atol)
         else:
             out = ops.cg_solve_dense(Ab, bflat, xflat, max_iter, rtol, atol, use_ext=ext)
+    elif callable(A) and cuda_graph:
+        if bflat.device.type != "cuda" or reference_only:
+            _fail("cuda_graph=True needs a CUDA right-hand side outside autograd and torch.func "
+                  f"transforms, got a {bflat.device.type} tensor")
+        solver = CapturedCG(A, b, x0, max_iter=max_iter, rtol=rtol, atol=atol, batched=batched,
+                            use_ext=use_ext)
+        return solver()
     elif callable(A):
         out = _cg_callable(A, bflat, xflat, spec, shapes, batched, max_iter, rtol, atol,
                            ext, reference_only)
@@ -266,6 +276,70 @@ def _cg_callable(A, bflat, xflat, spec, shapes, batched, max_iter, rtol, atol, e
             break  # free on the CPU; on a GPU stopped systems are masked instead
         ops.cg_step_(x, r, p, matvec(p), rs, bnorm2, status, iters, rtol, atol, use_ext=ext)
     return x, iters, rs.sqrt(), status
+
+
+class CapturedCG:
+    """A CG solve over a callable operator, captured once as a CUDA graph and replayed.
+
+    The capture records `max_iter` iterations of (A(p), fused CG step) plus the set-up, on static
+    buffers; `solver(b)` copies b into its buffer and replays the graph: one launch, no host
+    synchronisation. Tensors that A reads must stay at the same addresses between replays (update
+    them in place, e.g. `phi.copy_(new_phi)`), as with any CUDA graph.
+
+        solver = CapturedCG(matvec, b_example, max_iter=5, batched=True)
+        x = solver(b).x
+    """
+
+    def __init__(self, A: Callable, b, x0=None, *, max_iter: int = 10, rtol: float = 1e-5,
+                 atol: float = 0.0, batched: bool = False, use_ext: bool | None = None):
+        bflat, self._spec, self._shapes = _flatten(b, batched, "b")
+        if bflat.device.type != "cuda":
+            _fail(f"CapturedCG needs CUDA tensors, got {bflat.device}")
+        if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
+            _fail(f"max_iter must be an int >= 1, got {max_iter!r}")
+        self._batched = batched
+        self._b = bflat.clone()
+        self._x0 = _flatten(x0, batched, "x0")[0].clone() if x0 is not None \
+            else torch.zeros_like(bflat)
+        ext = use_ext_for(use_ext, bflat)
+        spec, shapes = self._spec, self._shapes
+
+        def matvec(v):
+            return _flatten(A(_unflatten(v, spec, shapes, batched)), batched, "A(v)")[0]
+
+        def run():
+            return _cg_callable(matvec, self._b, self._x0, spec, shapes, batched, max_iter, rtol,
+                                atol, ext, False)
+
+        # Warm up on a side stream (lazy initialisation must not happen during capture).
+        stream = torch.cuda.Stream(device=bflat.device)
+        stream.wait_stream(torch.cuda.current_stream(bflat.device))
+        with torch.cuda.stream(stream):
+            run()
+        torch.cuda.current_stream(bflat.device).wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self._out = run()
+
+    def __call__(self, b=None, x0=None) -> CGResult:
+        """Solves for a new right-hand side (b's structure and shapes as at capture)."""
+        if b is not None:
+            bflat, spec, shapes = _flatten(b, self._batched, "b")
+            if spec != self._spec or shapes != self._shapes:
+                _fail(f"b must have the captured structure and shapes {self._shapes}, got {shapes}")
+            self._b.copy_(bflat)
+        if x0 is not None:
+            self._x0.copy_(_flatten(x0, self._batched, "x0")[0])
+        self.graph.replay()
+        return self.result()
+
+    def result(self) -> CGResult:
+        """The last solve's result (views of the graph's static output buffers: clone to keep)."""
+        x, iters, rnorm, status = self._out
+        xs = _unflatten(x, self._spec, self._shapes, self._batched)
+        if not self._batched:
+            iters, rnorm, status = iters[0], rnorm[0], status[0]
+        return CGResult(xs, iters, rnorm, status)
 
 
 def solve_cg(**kwargs) -> Callable:
