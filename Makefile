@@ -19,7 +19,7 @@ export CUDA_HOME ?= $(shell [ -x /usr/local/cuda/bin/nvcc ] && echo /usr/local/c
 EXT_SOURCES := $(shell find csrc -type f \( -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh' -o -name 'sources.txt' \) -not -path 'csrc/tests/*') setup.py pyproject.toml
 BUILD_MODE := USE_CUDA=$(USE_CUDA) FORCE_CUDA=$(FORCE_CUDA) TORCH_CUDA_ARCH_LIST=$(TORCH_CUDA_ARCH_LIST)
 
-.PHONY: all demo test build pytest cpp-test sanitize bench gpu-suite clean FORCE
+.PHONY: all demo test build pytest cpp-test sanitize bench gpu-data clean FORCE
 all: test
 
 $(STAMPS)/venv:
@@ -68,3 +68,8 @@ bench: build
 
 clean:
 	rm -rf build cmake-build cmake-build-asan $(STAMPS) imaml_ext/_C*.so imaml_ext/_build_meta.json
+
+# An uncommitted copy of Omniglot's zips to carry to a lent GPU machine (benchmarks/gpu_suite.sh).
+gpu-data:
+	mkdir -p .cache/gpu_data/omniglot
+	cp -n $${IMAML_DATA:-../shared/data}/omniglot/*.zip $${IMAML_DATA:-../shared/data}/omniglot/LICENSE .cache/gpu_data/omniglot/

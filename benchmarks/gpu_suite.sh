@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# The GPU suite for a lent H100/H200 (python 3.12 with torch preinstalled, no network).
+#   bash benchmarks/gpu_suite.sh quick   build, CUDA tests, short benchmarks   (~3 min)
+#   bash benchmarks/gpu_suite.sh full    long benchmarks, Fig. 2b, training preset (~5 min)
+# Writes JSON, PNG and logs under $OUT (default ./gpu_out) and prints a summary table last.
+# Omniglot: IMAML_DATA if set, else .cache/gpu_data (an uncommitted copy carried to the machine,
+# made by `make gpu-data`), else the package's embedded subset.
+set -uo pipefail
+stage="${1:-quick}"
+cd "$(dirname "$0")/.."
+OUT="${OUT:-$PWD/gpu_out}"
+mkdir -p "$OUT"
+export OUT
+export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"
+export MAX_JOBS="${MAX_JOBS:-16}"
+if [ -z "${IMAML_DATA:-}" ] && [ -d .cache/gpu_data ]; then export IMAML_DATA="$PWD/.cache/gpu_data"; fi
+export IMAML_CACHE="${IMAML_CACHE:-$PWD/.cache/decoded}"
+PY="${PY:-python3}"
+status_file="$OUT/suite_status_$stage.txt"
+: > "$status_file"
+
+step() {  # step NAME TIMEOUT_S COMMAND... : runs, logs to $OUT/NAME.log, records ok/FAILED
+  local name="$1" limit="$2"; shift 2
+  local t0=$(date +%s)
+  echo "=== $name: $*"
+  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+  local rc=$?
+  local dt=$(( $(date +%s) - t0 ))
+  if [ $rc -eq 0 ]; then echo "$name ok ${dt}s" | tee -a "$status_file"
+  else echo "$name FAILED rc=$rc ${dt}s" | tee -a "$status_file"; tail -25 "$OUT/$name.log"; fi
+  return 0
+}
+
+have() { [ -f "$1" ]; }
+
+if [ "$stage" = quick ]; then
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv > "$OUT/gpu.txt" 2>&1
+  cat "$OUT/gpu.txt"
+  "$PY" -c "import torch,sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())" | tee "$OUT/versions.txt"
+  step build 400 "$PY" -m pip install --no-build-isolation --no-deps -e .
+  "$PY" -c "import imaml_ext, json; print(json.dumps(imaml_ext.build_info()))" | tee "$OUT/build_info.json"
+  # The CUDA cases of every op test, the CUDA-graph/no-sync tests, and the algorithms on GPU.
+  step tests_cuda 300 "$PY" -m pytest python_tests -q -rs -x -k "cuda or graph" \
+       --junitxml="$OUT/tests_cuda.xml" -p no:cacheprovider
+  step bench_cg_quick 120 "$PY" benchmarks/bench_cg.py --device cuda --quick --out "$OUT/cg_cuda_quick.json"
+  have benchmarks/bench_kernels.py && step bench_kernels_quick 150 "$PY" benchmarks/bench_kernels.py --device cuda --quick --out "$OUT/kernels_cuda_quick.json"
+elif [ "$stage" = full ]; then
+  step bench_cg 150 "$PY" benchmarks/bench_cg.py --device cuda --min-time 0.5 --out "$OUT/cg_cuda.json"
+  have benchmarks/bench_kernels.py && step bench_kernels 150 "$PY" benchmarks/bench_kernels.py --device cuda --out "$OUT/kernels_cuda.json"
+  have benchmarks/fig2b_compute_memory.py && step fig2b 150 "$PY" benchmarks/fig2b_compute_memory.py --device cuda --quick --out "$OUT/fig2b_cuda.json"
+  have benchmarks/bench_meta_gradient.py && step bench_meta_gradient 150 "$PY" benchmarks/bench_meta_gradient.py --device cuda --quick --out "$OUT/meta_gradient_cuda.json"
+  have benchmarks/gpu_train_preset.sh && step train_preset 330 bash benchmarks/gpu_train_preset.sh
+else
+  echo "usage: $0 quick|full" >&2; exit 2
+fi
+
+echo
+echo "=== summary ($stage) on $(cat "$OUT/versions.txt" 2>/dev/null | tail -1)"
+"$PY" benchmarks/gpu_summary.py "$OUT" || true
+cat "$status_file"

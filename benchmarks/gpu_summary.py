@@ -1,0 +1,38 @@
+"""Prints the short table that ends benchmarks/gpu_suite.sh: one line per measured figure found
+in the JSON files under the given folder."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def lines_for(name: str, data: dict):
+    if data.get("benchmark") == "bench_cg":
+        for r in data["results"]:
+            yield (f"{name}: lstsq CG B={r['B']} n={r['n']} d={r['d']}: imaml_ext "
+                   f"{r['times_s']['imaml_ext'] * 1e3:.3f} ms, {r['speedup_vs_fastest_other']:.2f}x "
+                   f"vs {r['fastest_other']}")
+    for key in ("summary", "summary_lines"):
+        val = data.get(key)
+        if isinstance(val, list):
+            for s in val:
+                yield f"{name}: {s}"
+        elif isinstance(val, dict):
+            for k, v in val.items():
+                yield f"{name}: {k} = {v}"
+
+
+def main(folder: str) -> None:
+    for path in sorted(Path(folder).glob("*.json")):
+        try:
+            data = json.loads(path.read_text())
+        except ValueError:
+            continue
+        if isinstance(data, dict):
+            for line in lines_for(path.stem, data):
+                print(line)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1] if len(sys.argv) > 1 else "gpu_out")
