@@ -83,4 +83,39 @@ void check_lstsq_operator(const char* op, const at::Tensor& X, const at::Tensor&
               ": shift and scale must be finite, got ", shift, " and ", scale);
 }
 
+void check_softmax_head(const char* op, const at::Tensor& F, const at::Tensor& W,
+                        const at::Tensor& bias, double shift, double scale) {
+  check_float(op, "F", F);
+  TORCH_CHECK_VALUE(F.dim() == 3, op, ": F must be (B, n, f), got ", F.sizes());
+  const auto B = F.size(0), f = F.size(2);
+  check_same(op, "W", W, "F", F);
+  TORCH_CHECK_VALUE(W.dim() == 3 && W.size(0) == B && W.size(2) == f, op, ": W must be (", B,
+                    ", c, ", f, ") to match F ", F.sizes(), ", got ", W.sizes());
+  check_same(op, "bias", bias, "F", F);
+  TORCH_CHECK_VALUE(bias.dim() == 2 && bias.size(0) == B && bias.size(1) == W.size(1), op,
+                    ": bias must be (", B, ", ", W.size(1), ") to match W ", W.sizes(), ", got ",
+                    bias.sizes());
+  TORCH_CHECK_VALUE(std::isfinite(shift) && std::isfinite(scale), op,
+                    ": shift and scale must be finite, got ", shift, " and ", scale);
+}
+
+void check_softmax_head_direction(const char* op, const at::Tensor& W, const at::Tensor& bias,
+                                  const at::Tensor& V, const at::Tensor& vb) {
+  check_same(op, "V", V, "W", W);
+  TORCH_CHECK_VALUE(V.sizes() == W.sizes(), op, ": V must be ", W.sizes(), " like W, got ",
+                    V.sizes());
+  check_same(op, "vb", vb, "bias", bias);
+  TORCH_CHECK_VALUE(vb.sizes() == bias.sizes(), op, ": vb must be ", bias.sizes(),
+                    " like bias, got ", vb.sizes());
+}
+
+void check_softmax_head_flat(const char* op, const char* name, const at::Tensor& W,
+                             const at::Tensor& v) {
+  check_same(op, name, v, "W", W);
+  const auto B = W.size(0), c = W.size(1), f = W.size(2);
+  TORCH_CHECK_VALUE(v.dim() == 2 && v.size(0) == B && v.size(1) == c * (f + 1), op, ": ", name,
+                    " must be (", B, ", ", c * (f + 1), ") = (B, c*(f+1)) for W ", W.sizes(),
+                    " (layout: W row-major, then bias), got ", v.sizes());
+}
+
 }  // namespace imaml_ext

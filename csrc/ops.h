@@ -19,6 +19,19 @@ void check_solve_args(const char* op, const at::Tensor& b, const at::Tensor& x0,
 void check_lstsq_operator(const char* op, const at::Tensor& X, const at::Tensor& v, double shift,
                           double scale);
 
+// The softmax-head operator (csrc/hvp_math.h): F (B, n, f), W (B, c, f), bias (B, c), all of one
+// float dtype and device; shift and scale finite.
+void check_softmax_head(const char* op, const at::Tensor& F, const at::Tensor& W,
+                        const at::Tensor& bias, double shift, double scale);
+
+// A direction of the softmax head as two tensors: V (B, c, f) like W, vb (B, c) like bias.
+void check_softmax_head_direction(const char* op, const at::Tensor& W, const at::Tensor& bias,
+                                  const at::Tensor& V, const at::Tensor& vb);
+
+// A flat vector of the softmax head: `name` (B, c*(f+1)), layout [W row-major, then bias].
+void check_softmax_head_flat(const char* op, const char* name, const at::Tensor& W,
+                             const at::Tensor& v);
+
 using SolveResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
 }  // namespace imaml_ext

@@ -175,3 +175,91 @@ if _C is not None:
     @torch.library.register_fake("imaml_ext::lstsq_apply")
     def _lstsq_apply_fake(X, v, shift, scale):
         return torch.empty_like(v)
+
+
+# ---- the softmax cross-entropy head (csrc/hvp_math.h) ----------------------------------------
+
+def check_softmax_head(op, F, W, bias, shift, scale):
+    _check_float(op, "F", F)
+    if F.dim() != 3:
+        _fail(op, f"F must be (B, n, f), got {tuple(F.shape)}")
+    B, _, f = F.shape
+    _check_like(op, "W", W, "F", F)
+    if W.dim() != 3 or W.shape[0] != B or W.shape[2] != f:
+        _fail(op, f"W must be ({B}, c, {f}) to match F {tuple(F.shape)}, got {tuple(W.shape)}")
+    _check_like(op, "bias", bias, "F", F)
+    if bias.dim() != 2 or bias.shape[0] != B or bias.shape[1] != W.shape[1]:
+        _fail(op, f"bias must be ({B}, {W.shape[1]}) to match W {tuple(W.shape)}, got "
+                  f"{tuple(bias.shape)}")
+    if not (math.isfinite(shift) and math.isfinite(scale)):
+        _fail(op, f"shift and scale must be finite, got {shift} and {scale}")
+
+
+def check_softmax_head_direction(op, W, bias, V, vb):
+    _check_like(op, "V", V, "W", W)
+    if V.shape != W.shape:
+        _fail(op, f"V must be {tuple(W.shape)} like W, got {tuple(V.shape)}")
+    _check_like(op, "vb", vb, "bias", bias)
+    if vb.shape != bias.shape:
+        _fail(op, f"vb must be {tuple(bias.shape)} like bias, got {tuple(vb.shape)}")
+
+
+def check_softmax_head_flat(op, name, W, v):
+    _check_like(op, name, v, "W", W)
+    B, c, f = W.shape
+    if v.dim() != 2 or v.shape[0] != B or v.shape[1] != c * (f + 1):
+        _fail(op, f"{name} must be ({B}, {c * (f + 1)}) = (B, c*(f+1)) for W {tuple(W.shape)} "
+                  f"(layout: W row-major, then bias), got {tuple(v.shape)}")
+
+
+def softmax_head_hvp(F, W, bias, V, vb, shift: float = 0.0, scale: float = 1.0, *,
+                     use_ext: bool | None = None):
+    """shift (V, vb) + scale H (V, vb), H the Hessian of the mean softmax cross-entropy
+    (1/n) sum_i CE(W f_i + bias, y_i) with respect to (W, bias); labels are not needed.
+
+    One pass over the features: per sample, the logits and the direction's logits are taken
+    together, then u = p * (z - p.z) and the outer product u f^T is accumulated.
+
+    Args:
+        F: (B, n, f) features, float32/float64. W: (B, c, f), bias: (B, c): the head.
+        V: (B, c, f), vb: (B, c): the direction.
+        shift, scale: (I + H/lam) is shift=1, scale=1/lam; H alone is shift=0, scale=1.
+
+    Returns:
+        (B, c, f) and (B, c), contiguous. With n = 0 the mean is taken as 0 (H = 0).
+    Not differentiable.
+    """
+    if use_ext_for(use_ext, F):
+        return torch.ops.imaml_ext.softmax_head_hvp(F, W, bias, V, vb, shift, scale)
+    check_softmax_head("softmax_head_hvp", F, W, bias, shift, scale)
+    check_softmax_head_direction("softmax_head_hvp", W, bias, V, vb)
+    return reference.softmax_head_hvp(F, W, bias, V, vb, shift, scale)
+
+
+def cg_solve_softmax_head(F, W, bias, b, x0, shift: float, scale: float, max_iter: int,
+                          rtol: float, atol: float, *, use_ext: bool | None = None):
+    """Whole-loop CG on v -> shift v + scale H v, H the softmax head's Hessian at (W, bias).
+
+    b, x0: (B, c*(f+1)) in the flat layout [W row-major (c*f), then bias (c)]; F (B, n, f),
+    W (B, c, f), bias (B, c). Returns (x, iters, residual_norm, status). Not differentiable.
+    """
+    if use_ext_for(use_ext, b):
+        return torch.ops.imaml_ext.cg_solve_softmax_head(F, W, bias, b, x0, shift, scale,
+                                                         max_iter, rtol, atol)
+    op = "cg_solve_softmax_head"
+    check_solve(op, b, x0, max_iter, rtol, atol)
+    check_softmax_head(op, F, W, bias, shift, scale)
+    check_softmax_head_flat(op, "b", W, b)
+    return reference.cg_solve_softmax_head(F, W, bias, b, x0, shift, scale, max_iter, rtol, atol)
+
+
+if _C is not None:
+    @torch.library.register_fake("imaml_ext::softmax_head_hvp")
+    def _softmax_head_hvp_fake(F, W, bias, V, vb, shift, scale):
+        return V.new_empty(V.shape), vb.new_empty(vb.shape)
+
+    @torch.library.register_fake("imaml_ext::cg_solve_softmax_head")
+    def _cg_solve_softmax_head_fake(F, W, bias, b, x0, shift, scale, max_iter, rtol, atol):
+        B = b.shape[0]
+        return (b.new_empty(b.shape), b.new_empty((B,), dtype=torch.int32), b.new_empty((B,)),
+                b.new_empty((B,), dtype=torch.int32))

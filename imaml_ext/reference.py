@@ -98,3 +98,56 @@ def lstsq_apply(X, v, shift: float, scale: float):
 def cg_solve_lstsq(X, b, x0, shift: float, scale: float, max_iter: int, rtol: float, atol: float):
     """Whole-loop CG on v -> shift v + scale X^T X v; returns (x, iters, residual norm, status)."""
     return _solve(lambda v: lstsq_apply(X, v, shift, scale), b, x0, max_iter, rtol, atol)
+
+
+# ---- the softmax cross-entropy head (csrc/hvp_math.h) ----------------------------------------
+
+def softmax_head_probs(F, W, bias):
+    """p_i = softmax(W f_i + bias) for F (B, n, f), W (B, c, f), bias (B, c): (B, n, c)."""
+    return torch.softmax(torch.baddbmm(bias.unsqueeze(1), F, W.transpose(1, 2)), dim=-1)
+
+
+def softmax_head_factor(scale: float, n: int) -> float:
+    """scale / n, with the mean over no samples taken as 0 (then H = 0)."""
+    return scale / n if n > 0 else 0.0
+
+
+def _softmax_head_sums(F, probs, V, vb):
+    """(sum_i u_i f_i^T (B, c, f), sum_i u_i (B, c)), u_i = p_i * (z_i - p_i . z_i)."""
+    z = torch.baddbmm(vb.unsqueeze(1), F, V.transpose(1, 2))
+    u = probs * (z - (probs * z).sum(-1, keepdim=True))
+    return torch.bmm(u.transpose(1, 2), F), u.sum(1)
+
+
+def softmax_head_hvp(F, W, bias, V, vb, shift: float, scale: float):
+    """shift (V, vb) + scale H (V, vb), H the Hessian of the mean softmax cross-entropy of the
+    head (W, bias) over the features F (B, n, f); V (B, c, f), vb (B, c). Labels drop out."""
+    sW, sb = _softmax_head_sums(F, softmax_head_probs(F, W, bias), V, vb)
+    factor = softmax_head_factor(scale, F.shape[1])
+    return shift * V + factor * sW, shift * vb + factor * sb
+
+
+def softmax_head_split(v, c: int, f: int):
+    """Flat (B, c*(f+1)) [W row-major, then bias] -> (V (B, c, f), vb (B, c)), as views."""
+    return v[:, :c * f].reshape(v.shape[0], c, f), v[:, c * f:]
+
+
+def softmax_head_join(V, vb):
+    """(V (B, c, f), vb (B, c)) -> flat (B, c*(f+1)) [W row-major, then bias]."""
+    return torch.cat([V.reshape(V.shape[0], V.shape[1] * V.shape[2]), vb], dim=1)
+
+
+def cg_solve_softmax_head(F, W, bias, b, x0, shift: float, scale: float, max_iter: int,
+                          rtol: float, atol: float):
+    """Whole-loop CG on v -> shift v + scale H v over the flat layout [W row-major, then bias]
+    (b, x0: (B, c*(f+1))); returns (x, iters, residual norm, status). The probabilities are
+    computed once, as the kernels do."""
+    c, f = W.shape[1], W.shape[2]
+    probs = softmax_head_probs(F, W, bias)
+    factor = softmax_head_factor(scale, F.shape[1])
+
+    def matvec(v):
+        sW, sb = _softmax_head_sums(F, probs, *softmax_head_split(v, c, f))
+        return shift * v + factor * softmax_head_join(sW, sb)
+
+    return _solve(matvec, b, x0, max_iter, rtol, atol)

@@ -44,5 +44,26 @@ void xtxv_rows(const float* X, int64_t d, int64_t row_begin, int64_t row_end,
 void xtxv_rows(const double* X, int64_t d, int64_t row_begin, int64_t row_end,
                           const double* v, double* acc);
 
+// ---- the softmax cross-entropy head (csrc/hvp_math.h), definitions in hvp_simd.cpp ----------
+// Rows [row_begin, row_end) of one system's features F (n, f), row-major; W, V (c, f); bias,
+// vb (c); probs (n, c).
+
+// probs[i] = softmax(W f_i + bias) for each row i.
+void softmax_head_probs(const float* F, int64_t f, int64_t c, int64_t row_begin, int64_t row_end,
+                        const float* W, const float* bias, float* probs);
+void softmax_head_probs(const double* F, int64_t f, int64_t c, int64_t row_begin,
+                        int64_t row_end, const double* W, const double* bias, double* probs);
+
+// accW += sum_i u_i f_i^T and accb += sum_i u_i, u_i = p_i * (z_i - p_i . z_i), z_i = V f_i + vb,
+// in ONE pass over F: each row f_i is read once from memory and reused from L1 for its c dot
+// products and c axpys. p_i is read from probs when it is not null, else computed from W and
+// bias in the same sweep over f_i as z_i. work: 2c scratch.
+void softmax_head_rows(const float* F, int64_t f, int64_t c, int64_t row_begin, int64_t row_end,
+                       const float* W, const float* bias, const float* probs, const float* V,
+                       const float* vb, float* accW, float* accb, float* work);
+void softmax_head_rows(const double* F, int64_t f, int64_t c, int64_t row_begin, int64_t row_end,
+                       const double* W, const double* bias, const double* probs, const double* V,
+                       const double* vb, double* accW, double* accb, double* work);
+
 }  // namespace simd
 }  // namespace imaml_ext

@@ -1,0 +1,142 @@
+// Definitions of the softmax-head primitives declared in simd.h, in simd.cpp's pattern: each
+// exported function is cloned for AVX2+FMA and a baseline target (function multi-versioning),
+// and the always_inline bodies below are compiled into each clone. The per-class arithmetic
+// (softmax, u = p (z - p.z)) comes from hvp_math.h, the functions the CUDA kernels call.
+#include "simd.h"
+
+#include "../hvp_math.h"
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(IMAML_NO_CLONES)
+#define IMAML_SIMD __attribute__((target_clones("arch=haswell", "default")))
+#else
+#define IMAML_SIMD
+#endif
+#define IMAML_INLINE inline __attribute__((always_inline))
+
+namespace imaml_ext {
+namespace simd {
+namespace {
+
+// Two 256-bit registers per partial-sum vector: 16 floats or 8 doubles. With the two sums of
+// dot2 that is four independent FMA chains, enough to cover the FMA latency, and few enough
+// registers to keep the row, W and V loads in registers too (AVX2 has 16).
+template <typename T>
+constexpr int kLanes = 64 / sizeof(T);
+
+template <typename T, int L>
+IMAML_INLINE T reduce_lanes(const T* acc) {
+  T s[L];
+  for (int l = 0; l < L; ++l) s[l] = acc[l];
+  for (int w = L / 2; w >= 1; w /= 2)
+    for (int l = 0; l < w; ++l) s[l] += s[l + w];
+  return s[0];
+}
+
+template <typename T>
+IMAML_INLINE T dot_impl(const T* __restrict__ a, const T* __restrict__ x, int64_t n) {
+  constexpr int L = kLanes<T>;
+  T acc[L] = {};
+  int64_t i = 0;
+  for (; i + L <= n; i += L) {
+#pragma GCC unroll 16
+    for (int l = 0; l < L; ++l) acc[l] += a[i + l] * x[i + l];
+  }
+  T tail = 0;
+  for (; i < n; ++i) tail += a[i] * x[i];
+  return reduce_lanes<T, L>(acc) + tail;
+}
+
+// (a . x, b . x) in one sweep over x: the logits and the direction's logits of one sample share
+// each load of the feature row.
+template <typename T>
+IMAML_INLINE void dot2_impl(const T* __restrict__ a, const T* __restrict__ b,
+                            const T* __restrict__ x, int64_t n, T* out_a, T* out_b) {
+  constexpr int L = kLanes<T>;
+  T acc_a[L] = {}, acc_b[L] = {};
+  int64_t i = 0;
+  for (; i + L <= n; i += L) {
+#pragma GCC unroll 16
+    for (int l = 0; l < L; ++l) {
+      acc_a[l] += a[i + l] * x[i + l];
+      acc_b[l] += b[i + l] * x[i + l];
+    }
+  }
+  T ta = 0, tb = 0;
+  for (; i < n; ++i) {
+    ta += a[i] * x[i];
+    tb += b[i] * x[i];
+  }
+  *out_a = reduce_lanes<T, L>(acc_a) + ta;
+  *out_b = reduce_lanes<T, L>(acc_b) + tb;
+}
+
+template <typename T>
+IMAML_INLINE void axpy_impl(T* __restrict__ y, T alpha, const T* __restrict__ x, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) y[i] += alpha * x[i];
+}
+
+template <typename T>
+IMAML_INLINE void probs_impl(const T* __restrict__ F, int64_t f, int64_t c, int64_t row_begin,
+                             int64_t row_end, const T* __restrict__ W, const T* __restrict__ bias,
+                             T* __restrict__ probs) {
+  for (int64_t i = row_begin; i < row_end; ++i) {
+    const T* fi = F + i * f;
+    T* pi = probs + i * c;
+    for (int64_t k = 0; k < c; ++k) pi[k] = dot_impl(W + k * f, fi, f) + bias[k];
+    softmax_inplace(pi, c);
+  }
+}
+
+template <typename T>
+IMAML_INLINE void rows_impl(const T* __restrict__ F, int64_t f, int64_t c, int64_t row_begin,
+                            int64_t row_end, const T* __restrict__ W, const T* __restrict__ bias,
+                            const T* __restrict__ probs, const T* __restrict__ V,
+                            const T* __restrict__ vb, T* __restrict__ accW, T* __restrict__ accb,
+                            T* __restrict__ work) {
+  T* p = work;      // (c) this sample's probabilities (when not precomputed)
+  T* z = work + c;  // (c) V f_i + vb, then u_i in place
+  for (int64_t i = row_begin; i < row_end; ++i) {
+    const T* fi = F + i * f;
+    const T* pi;
+    if (probs != nullptr) {
+      for (int64_t k = 0; k < c; ++k) z[k] = dot_impl(V + k * f, fi, f) + vb[k];
+      pi = probs + i * c;
+    } else {
+      for (int64_t k = 0; k < c; ++k) {
+        T l, t;
+        dot2_impl(W + k * f, V + k * f, fi, f, &l, &t);
+        p[k] = l + bias[k];
+        z[k] = t + vb[k];
+      }
+      softmax_inplace(p, c);
+      pi = p;
+    }
+    softmax_head_u_inplace(pi, z, c);
+    for (int64_t k = 0; k < c; ++k) {
+      axpy_impl(accW + k * f, z[k], fi, f);
+      accb[k] += z[k];
+    }
+  }
+}
+
+}  // namespace
+
+#define IMAML_DEFINE_HVP_SIMD(T)                                                               \
+  IMAML_SIMD void softmax_head_probs(const T* F, int64_t f, int64_t c, int64_t row_begin,      \
+                                     int64_t row_end, const T* W, const T* bias, T* probs) {   \
+    probs_impl(F, f, c, row_begin, row_end, W, bias, probs);                                   \
+  }                                                                                            \
+  IMAML_SIMD void softmax_head_rows(const T* F, int64_t f, int64_t c, int64_t row_begin,       \
+                                    int64_t row_end, const T* W, const T* bias,                \
+                                    const T* probs, const T* V, const T* vb, T* accW, T* accb, \
+                                    T* work) {                                                 \
+    rows_impl(F, f, c, row_begin, row_end, W, bias, probs, V, vb, accW, accb, work);           \
+  }
+
+IMAML_DEFINE_HVP_SIMD(float)
+IMAML_DEFINE_HVP_SIMD(double)
+
+#undef IMAML_DEFINE_HVP_SIMD
+
+}  // namespace simd
+}  // namespace imaml_ext
