@@ -1,0 +1,217 @@
+"""Training checkpoints: atomic writes, rotation, and validated loading.
+
+Layout of a run directory::
+
+    <run>/checkpoints/ckpt_00001000.pt   one file per saved step (the last ``keep`` are kept)
+    <run>/checkpoints/latest             text: the file name of the newest checkpoint
+
+A checkpoint is one ``torch.save`` dict (:data:`FORMAT` names its layout):
+``params`` (name -> tensor), ``optimizer`` (the meta-optimizer's state), ``step`` (meta-steps
+completed), ``config`` (the run's :class:`~imaml_ext.config.TrainConfig` as a dict), ``model``
+(the model's class and shapes), ``rng`` (torch CPU / CUDA generator states; the task sampler is
+seeded by (seed, step) and needs none), ``log`` (byte offset of the metrics log at this step, so
+a resumed run truncates what an interrupted one wrote after it) and ``counters``.
+
+Writes are atomic: the dict goes to a temp file in the same directory, is flushed and fsync'ed,
+then ``os.replace``d onto its name (and the directory fsync'ed), so a crash mid-write leaves the
+previous checkpoints intact and never a half-written file under a checkpoint name.
+"""
+from __future__ import annotations
+
+import io
+import logging
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from imaml_ext.config import identity_mismatch
+
+log = logging.getLogger("imaml_ext.checkpoint")
+
+FORMAT = "imaml_ext.checkpoint/1"
+CKPT_DIR = "checkpoints"
+LATEST = "latest"
+_NAME = re.compile(r"^ckpt_(\d{8,})\.pt$")
+
+
+class CheckpointError(Exception):
+    """A checkpoint that cannot be used: missing, corrupt, truncated, or of another run."""
+
+
+class ConfigMismatchError(CheckpointError):
+    """A checkpoint whose model or algorithm differs from the one requested."""
+
+
+def ckpt_name(step: int) -> str:
+    return f"ckpt_{step:08d}.pt"
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Writes ``data`` to ``path`` via a temp file in the same directory + fsync + os.replace."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    _fsync_dir(path.parent)
+
+
+def atomic_torch_save(obj: Any, path: str | Path) -> None:
+    """``torch.save`` made atomic (serialised in memory first, then :func:`atomic_write_bytes`)."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
+    """(step, path) of every checkpoint file in ``run_dir/checkpoints``, oldest first."""
+    d = Path(run_dir) / CKPT_DIR
+    if not d.is_dir():
+        return []
+    out = []
+    for p in d.iterdir():
+        m = _NAME.match(p.name)
+        if m:
+            out.append((int(m.group(1)), p))
+    return sorted(out)
+
+
+def save_checkpoint(run_dir: str | Path, state: dict[str, Any], keep: int = 3) -> Path:
+    """Writes ``state`` (which must hold ``step``) as the run's newest checkpoint, atomically,
+    points ``latest`` at it, and deletes all but the ``keep`` newest checkpoint files."""
+    d = Path(run_dir) / CKPT_DIR
+    d.mkdir(parents=True, exist_ok=True)
+    path = d / ckpt_name(int(state["step"]))
+    atomic_torch_save({"format": FORMAT, **state}, path)
+    atomic_write_bytes(d / LATEST, (path.name + "\n").encode())
+    for _, old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
+        try:
+            old.unlink()
+        except OSError as exc:
+            log.warning("imaml_ext: could not delete old checkpoint %s: %s", old, exc)
+    return path
+
+
+def load_checkpoint_file(path: str | Path, map_location="cpu") -> dict[str, Any]:
+    """Loads and validates one checkpoint file; :class:`CheckpointError` names the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure means a corrupt file
+        raise CheckpointError(f"checkpoint {path} is corrupt or truncated ({type(exc).__name__}: "
+                              f"{exc}); delete it or resume from an older one") from exc
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        got = state.get("format") if isinstance(state, dict) else type(state).__name__
+        raise CheckpointError(f"{path} is not an imaml_ext checkpoint (format {got!r}, expected "
+                              f"{FORMAT!r})")
+    missing = [k for k in ("params", "optimizer", "step", "config") if k not in state]
+    if missing:
+        raise CheckpointError(f"checkpoint {path} lacks {missing}; it is corrupt")
+    state["path"] = str(path)
+    return state
+
+
+def find_checkpoint(path: str | Path) -> Path:
+    """The checkpoint file ``path`` names: the file itself, or a run directory's newest one
+    (its ``latest`` pointer, else the highest step)."""
+    p = Path(path)
+    if p.is_file():
+        return p
+    if not p.exists():
+        raise CheckpointError(f"--resume/--checkpoint {p} does not exist")
+    ckdir = p / CKPT_DIR if (p / CKPT_DIR).is_dir() else p
+    latest = ckdir / LATEST
+    if latest.is_file():
+        name = latest.read_text().strip()
+        if name and (ckdir / name).is_file():
+            return ckdir / name
+    found = list_checkpoints(ckdir.parent if ckdir.name == CKPT_DIR else p)
+    if not found:
+        raise CheckpointError(f"no checkpoint found in {p} (expected {CKPT_DIR}/ckpt_*.pt)")
+    return found[-1][1]
+
+
+def load_latest(path: str | Path, map_location="cpu") -> dict[str, Any]:
+    """Loads the checkpoint ``path`` names (a file, or a run directory).
+
+    A file that is corrupt raises :class:`CheckpointError` naming it. In a run directory, a
+    corrupt newest checkpoint is reported (a warning naming it) and the next older valid one is
+    used; if none is valid the error names every file tried.
+    """
+    p = Path(path)
+    first = find_checkpoint(p)
+    if p.is_file():
+        return load_checkpoint_file(first, map_location)
+    run = first.parent.parent if first.parent.name == CKPT_DIR else first.parent
+    candidates = [first] + [q for _, q in reversed(list_checkpoints(run)) if q != first]
+    errors = []
+    for c in candidates:
+        try:
+            state = load_checkpoint_file(c, map_location)
+        except CheckpointError as exc:
+            errors.append(str(exc))
+            log.warning("imaml_ext: %s; trying an older checkpoint", exc)
+            continue
+        return state
+    raise CheckpointError("no valid checkpoint in " + str(p) + ": " + "; ".join(errors))
+
+
+def model_signature(params: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[str, Any]:
+    """The model's identity: class, repr of its hyper-parameters and every parameter's shape."""
+    return {"class": type(model).__name__,
+            "repr": model.extra_repr() if hasattr(model, "extra_repr") else "",
+            "shapes": {k: list(v.shape) for k, v in params.items()}}
+
+
+def check_compatible(state: dict[str, Any], config: dict[str, Any],
+                     model_sig: dict[str, Any] | None = None) -> None:
+    """Raises :class:`ConfigMismatchError` naming every identity field (model or algorithm) on
+    which the checkpoint ``state`` and the requested ``config`` disagree."""
+    diffs = identity_mismatch(state["config"], config)
+    if model_sig is not None and "model" in state:
+        saved = state["model"]
+        if saved.get("class") != model_sig["class"]:
+            diffs.append(f"model class: checkpoint {saved.get('class')!r}, requested "
+                         f"{model_sig['class']!r}")
+        a, b = saved.get("shapes", {}), model_sig["shapes"]
+        for k in sorted(set(a) | set(b)):
+            if a.get(k) != b.get(k):
+                diffs.append(f"parameter {k}: checkpoint shape {a.get(k)}, requested {b.get(k)}")
+    if diffs:
+        raise ConfigMismatchError(f"checkpoint {state.get('path', '?')} was written by another "
+                                  f"model or algorithm: " + "; ".join(diffs))
+
+
+__all__ = ["CheckpointError", "ConfigMismatchError", "FORMAT", "atomic_torch_save",
+           "atomic_write_bytes", "check_compatible", "ckpt_name", "find_checkpoint",
+           "list_checkpoints", "load_checkpoint_file", "load_latest", "model_signature",
+           "save_checkpoint"]
