@@ -1,0 +1,209 @@
+"""The ``imaml`` command line.
+
+    imaml train --dataset omniglot --ways 5 --shots 1 --algo imaml-gd [options]
+    imaml train --resume runs/20250101-120000-imaml-gd          # continue exactly
+    imaml eval --checkpoint runs/20250101-120000-imaml-gd --tasks 600
+    torchrun --nproc_per_node=2 -m imaml_ext.train --algo imaml-gd ...   # multi-process
+
+Every training option defaults to the paper's setting for the (data set, ways) pair (see
+:mod:`imaml_ext.config`); an option given on the command line overrides it. With ``--resume`` the
+checkpoint's settings are the defaults; an option that contradicts one of its identity fields is
+an error naming the fields.
+
+Exit codes: 0 done; 1 training diverged (too many non-finite meta-gradients); 2 bad input (bad
+option, data set not found, bad checkpoint): one line on stderr, no traceback (set
+``IMAML_TRACEBACK=1`` to see one); 128 + signal number after SIGINT / SIGTERM (a checkpoint was
+written first).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from imaml_ext.config import (ALGORITHM_NAMES, DTYPES, HVP_KINDS, LOG_FORMATS, META_OPTS,
+                              PROTOCOLS, PROXIMAL, TrainConfig, UsageError)
+
+
+def _bool_or_none(s: str):
+    v = s.lower()
+    if v in ("auto", "none"):
+        return None
+    if v in ("1", "true", "yes", "on"):
+        return True
+    if v in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false/auto, got {s!r}")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2 (argparse's own convention)
+        self.print_usage(sys.stderr)
+        self.exit(2, f"imaml: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="imaml", description="Implicit MAML (and MAML, FOMAML, Reptile) on "
+                "Omniglot / Mini-ImageNet.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    t = sub.add_parser("train", help="meta-train a model", argument_default=argparse.SUPPRESS,
+                       description="Meta-train. Unset options take the paper's settings for the "
+                       "(data set, ways) pair: lam 2.0 (Omniglot) / 0.5 (Mini-ImageNet), inner GD "
+                       "steps 16 (5-way) / 25 (20-way) / 10 (Mini-ImageNet), inner lr 0.1, 5 CG "
+                       "steps, meta-batch 32, Adam with meta lr 1e-3, 15 queries per class.")
+    g = t.add_argument_group("task")
+    g.add_argument("--dataset", choices=("omniglot", "miniimagenet", "mini-imagenet"))
+    g.add_argument("--ways", type=int)
+    g.add_argument("--shots", type=int)
+    g.add_argument("--queries", type=int, help="query images per class (default 15)")
+    g.add_argument("--protocol", choices=PROTOCOLS,
+                   help="Omniglot split: background (964/659 characters) or paper (1200/423)")
+    g.add_argument("--val-classes", type=int, help="training classes held out for validation "
+                   "(Omniglot: 100)")
+    g.add_argument("--data-root", help="data root (default $IMAML_DATA, else "
+                   "~/.cache/imaml_ext/data)")
+    g = t.add_argument_group("algorithm")
+    g.add_argument("--algo", choices=ALGORITHM_NAMES)
+    g.add_argument("--lam", type=float, help="proximal strength lambda")
+    g.add_argument("--inner-steps", type=int)
+    g.add_argument("--inner-lr", type=float)
+    g.add_argument("--cg-steps", type=int, help="CG steps of the implicit meta-gradient")
+    g.add_argument("--cg-damping", type=float, help="the authors' code: 1.0")
+    g.add_argument("--cg-lam", type=float, help="lambda inside the CG matrix (authors: lam + 10)")
+    g.add_argument("--hf-cg-steps", type=int, help="CG steps per Newton direction (iMAML-HF)")
+    g.add_argument("--hvp", choices=HVP_KINDS)
+    g.add_argument("--proximal", choices=PROXIMAL)
+    g.add_argument("--use-ext", type=_bool_or_none, help="true/false/auto: compiled kernels")
+    g = t.add_argument_group("meta-optimisation")
+    g.add_argument("--steps", type=int, help="meta-steps (default 30000)")
+    g.add_argument("--meta-batch", type=int)
+    g.add_argument("--meta-lr", type=float)
+    g.add_argument("--meta-opt", choices=META_OPTS,
+                   help="adam (default; Reptile's direction fed to Adam) or sgd")
+    g.add_argument("--max-bad-steps", type=int,
+                   help="abort after this many consecutive non-finite meta-gradients (10)")
+    g.add_argument("--seed", type=int)
+    g = t.add_argument_group("run")
+    g.add_argument("--device")
+    g.add_argument("--dtype", choices=DTYPES)
+    g.add_argument("--num-workers", type=int, help="task-prefetching processes")
+    g.add_argument("--out", help="run directory (default runs/<timestamp>-<algo>)")
+    g.add_argument("--resume", help="checkpoint file or run directory to continue")
+    g.add_argument("--ckpt-every", type=int, help="checkpoint every N steps (500; 0: at the end)")
+    g.add_argument("--keep-ckpts", type=int, help="checkpoints kept (3)")
+    g.add_argument("--val-every", type=int, help="validate every N steps (1000; 0: never)")
+    g.add_argument("--val-tasks", type=int, help="validation tasks (200)")
+    g.add_argument("--log-every", type=int, help="log metrics every N steps (10)")
+    g.add_argument("--log-format", choices=LOG_FORMATS)
+    g.add_argument("--quiet", action="store_true")
+
+    e = sub.add_parser("eval", help="evaluate a checkpoint on test tasks")
+    e.add_argument("--checkpoint", required=True, help="checkpoint file or run directory")
+    e.add_argument("--tasks", type=int, default=600)
+    e.add_argument("--split", choices=("train", "val", "test"), default="test")
+    e.add_argument("--meta-batch", type=int, default=None,
+                   help="tasks adapted at once (default: the training meta-batch)")
+    e.add_argument("--seed", type=int, default=None, help="task draw seed (default: the run's)")
+    e.add_argument("--device", default=None)
+    e.add_argument("--data-root", default=None)
+    e.add_argument("--num-workers", type=int, default=0)
+    e.add_argument("--json", default=None, help="also write the result here")
+    return p
+
+
+def _config_from_args(ns: argparse.Namespace) -> tuple[TrainConfig, str | None]:
+    given = {k: v for k, v in vars(ns).items() if k not in ("command", "resume")}
+    resume = getattr(ns, "resume", None)
+    if resume is None:
+        return TrainConfig(**given), None
+    from imaml_ext import checkpoint as ck
+    state = ck.load_latest(resume)
+    saved = dict(state["config"])
+    saved["out"] = None  # the checkpoint's own run directory, unless --out is given
+    return TrainConfig.from_dict({**saved, **given}), state["path"]
+
+
+def _train(ns: argparse.Namespace) -> int:
+    from imaml_ext import train as tr
+    cfg, resume = _config_from_args(ns)
+    trainer = tr.Trainer(cfg, resume=resume)
+    if trainer.info.is_main and not trainer.cfg.quiet:
+        c = trainer.cfg
+        print(f"imaml: {c.algo} on {c.dataset} {c.ways}-way {c.shots}-shot ({c.queries} queries), "
+              f"meta-batch {c.meta_batch}, steps {trainer.step}->{c.steps}, lam {c.lam}, inner "
+              f"{c.inner_steps} x lr {c.inner_lr}, CG {c.cg_steps}; run dir {trainer.run_dir}"
+              + (f"; {trainer.info.world} processes" if trainer.info.active else ""),
+              file=sys.stderr, flush=True)
+    summary = trainer.run()
+    if trainer.info.is_main:
+        if not trainer.cfg.quiet:
+            print(f"imaml: done: {summary['step']} meta-steps in {summary['seconds']:.0f} s; "
+                  f"skipped tasks {summary['skipped_tasks']}, bad steps {summary['bad_steps']}; "
+                  f"checkpoint {summary['checkpoint']}", file=sys.stderr, flush=True)
+        print(json.dumps({"run_dir": summary["run_dir"], "checkpoint": summary["checkpoint"],
+                          "step": summary["step"]}))
+    return 0
+
+
+def _eval(ns: argparse.Namespace) -> int:
+    from imaml_ext.evaluate import evaluate_checkpoint, write_json
+    if ns.tasks <= 0:
+        raise UsageError(f"--tasks must be > 0, got {ns.tasks}")
+    if ns.meta_batch is not None and ns.meta_batch <= 0:
+        raise UsageError(f"--meta-batch must be > 0, got {ns.meta_batch}")
+    res, info = evaluate_checkpoint(ns.checkpoint, tasks=ns.tasks, split=ns.split,
+                                    meta_batch=ns.meta_batch, seed=ns.seed, device=ns.device,
+                                    data_root=ns.data_root, num_workers=ns.num_workers)
+    c = info["config"]
+    what = f"{c['algo']} {c['dataset']} {c['ways']}-way {c['shots']}-shot, step {info['step']}"
+    print(f"{info['checkpoint']}: {res.summary(what)}")
+    if ns.json:
+        write_json(ns.json, res, info)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``imaml`` console script; returns the exit code."""
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    ns = build_parser().parse_args(argv)
+    from imaml_ext.checkpoint import CheckpointError
+    from imaml_ext.data import DatasetError
+    from imaml_ext.train import Interrupted, TrainingDivergedError
+    debug = os.environ.get("IMAML_TRACEBACK", "") not in ("", "0")
+    try:
+        return _train(ns) if ns.command == "train" else _eval(ns)
+    except (UsageError, DatasetError, CheckpointError) as exc:
+        if debug:
+            raise
+        # Data-set messages say what to put where, over several lines; the rest are one line.
+        msg = str(exc) if isinstance(exc, DatasetError) else " ".join(str(exc).split())
+        print(f"imaml: error: {msg}", file=sys.stderr)
+        return 2
+    except TrainingDivergedError as exc:
+        if debug:
+            raise
+        print(f"imaml: error: {exc}", file=sys.stderr)
+        return 1
+    except Interrupted as exc:
+        print(f"imaml: {exc}; continue with: imaml train --resume "
+              f"{Path(exc.path).parent.parent if exc.path else '<run dir>'}", file=sys.stderr)
+        return 128 + exc.signum
+    finally:
+        _shutdown_distributed()
+
+
+def _shutdown_distributed() -> None:
+    try:
+        import torch.distributed as dist  # noqa: PLC0415
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    except Exception:  # noqa: BLE001 - best effort at exit
+        pass
+
+
+if __name__ == "__main__":
+    sys.exit(main())

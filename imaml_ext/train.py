@@ -1,0 +1,692 @@
+"""Meta-training: the trainer behind ``imaml train`` and ``python -m imaml_ext.train``.
+
+One meta-step: draw meta-batch ``step`` (the sampler is seeded by (seed, step), so the task stream
+is the same after a resume or on any number of processes), compute the algorithm's meta-gradient
+for all its tasks at once, average it over the tasks that came out finite, and take one
+meta-optimizer step (Adam by default; see :mod:`imaml_ext.config` for Reptile).
+
+Host synchronisation: none per step on one process. The step's "is the meta-gradient finite"
+test, the skipped-task and bad-step counters and the metric sums all stay on the device; they are
+read to the host once per logged step (``--log-every``), at validation and at checkpoints.
+Under torch.distributed the all-reduced buffer also carries the SIGINT/SIGTERM flag so every rank
+stops at the same step; that one scalar is read every step there.
+
+NaN policy: tasks the algorithm flags (``task_ok`` False) are left out of its meta-gradient and
+counted (``skipped_tasks``); a meta-gradient that is non-finite anyway (or has no finite task)
+skips the meta-optimizer step entirely (``bad_steps``; Adam's moments and step count untouched);
+``--max-bad-steps`` consecutive bad steps abort the run with :class:`TrainingDivergedError`.
+
+Multi-process: ``torchrun --nproc_per_node=N -m imaml_ext.train ...``. Every rank draws the same
+meta-batch and keeps its shard (``TaskBatch.shard(rank, world)``); the per-rank meta-gradients,
+weighted by their numbers of finite tasks, are summed with one all-reduce (gloo on CPU, NCCL on
+CUDA) and divided by the total, which equals the one-process average. Only rank 0 writes logs,
+checkpoints and the config dump; validation runs on rank 0.
+
+Signals: SIGINT / SIGTERM finish the current meta-step, write a checkpoint and leave
+(:class:`Interrupted`, exit code 128 + signal on the command line); an interrupted run loses at
+most the steps since its last checkpoint, and ``--resume RUN_DIR`` continues it exactly.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import json
+import logging
+import math
+import os
+import platform
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+
+from imaml_ext import checkpoint as ck
+from imaml_ext.config import TrainConfig, UsageError, resolve
+from imaml_ext.evaluate import evaluate_tasks
+from imaml_ext.types import TaskBatch
+
+log = logging.getLogger("imaml_ext.train")
+
+METRIC_KEYS = ("query_loss", "query_acc", "inner_loss", "cg_residual", "cg_iterations")
+LOG_FIELDS = ("kind", "step", "meta_loss", "query_acc", "inner_loss", "cg_residual",
+              "cg_iterations", "skipped_tasks", "bad_steps", "val_loss", "val_acc", "val_ci95",
+              "elapsed_s", "tasks_per_s")
+
+
+class TrainingDivergedError(RuntimeError):
+    """Too many consecutive meta-steps had a non-finite meta-gradient."""
+
+
+class Interrupted(Exception):
+    """SIGINT / SIGTERM stopped the run after a checkpoint was written."""
+
+    def __init__(self, signum: int, step: int, path: Path | None):
+        self.signum, self.step, self.path = signum, step, path
+        name = signal.Signals(signum).name
+        where = f"; checkpoint {path}" if path else ""
+        super().__init__(f"{name} received: stopped after meta-step {step}{where}")
+
+
+# --------------------------------------------------------------------------------------------
+# Building blocks
+# --------------------------------------------------------------------------------------------
+
+def build_model(cfg: TrainConfig) -> torch.nn.Module:
+    from imaml_ext.models import make_model
+    return make_model(cfg.dataset, cfg.ways, downsample=cfg.downsample)
+
+
+def build_algorithm(cfg: TrainConfig):
+    from imaml_ext.algorithms import make_algorithm
+    return make_algorithm(cfg.algo, **cfg.algorithm_kwargs())
+
+
+def load_split(cfg: TrainConfig, split: str):
+    from imaml_ext.data import load_dataset
+    kw = {"protocol": cfg.protocol, "seed": cfg.seed} if cfg.dataset == "omniglot" else {}
+    return load_dataset(cfg.dataset, split, root=cfg.data_root, val_classes=cfg.val_classes, **kw)
+
+
+def make_sampler(cfg: TrainConfig, dataset, meta_batch: int, seed: int | None = None,
+                 num_workers: int | None = None, device: str | None = None):
+    from imaml_ext.data import TaskSampler
+    try:
+        return TaskSampler(dataset, cfg.ways, cfg.shots, cfg.queries, meta_batch,
+                           seed=cfg.seed if seed is None else seed,
+                           device=device or cfg.device,
+                           num_workers=cfg.num_workers if num_workers is None else num_workers)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+
+
+class MetaOptimizer:
+    """Adam (or SGD) over a dict of tensors whose step can be skipped by a device-side flag.
+
+    ``step(params, grads, ok)`` with ``ok`` a 0-d bool tensor: when False, nothing changes (not
+    the parameters, not the moments, not the step count), and no host synchronisation is needed
+    to decide it. The Adam update is torch.optim.Adam's (bias-corrected, eps outside the sqrt).
+    """
+
+    def __init__(self, params: dict[str, torch.Tensor], lr: float, kind: str = "adam",
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
+        self.kind, self.lr, self.betas, self.eps = kind, float(lr), betas, float(eps)
+        any_p = next(iter(params.values()))
+        self.t = torch.zeros((), dtype=any_p.dtype, device=any_p.device)
+        self.m = {k: torch.zeros_like(v) for k, v in params.items()} if kind == "adam" else {}
+        self.v = {k: torch.zeros_like(v) for k, v in params.items()} if kind == "adam" else {}
+
+    @torch.no_grad()
+    def step(self, params: dict[str, torch.Tensor], grads: dict[str, torch.Tensor],
+             ok: torch.Tensor) -> None:
+        okf = ok.to(self.t.dtype)
+        self.t.add_(okf)
+        if self.kind == "sgd":
+            for k, p in params.items():
+                g = torch.where(ok, grads[k], torch.zeros_like(grads[k]))
+                p.sub_(g, alpha=self.lr)
+            return
+        b1, b2 = self.betas
+        t = self.t.clamp_min(1.0)
+        bc1 = 1 - b1 ** t
+        bc2_sqrt = (1 - b2 ** t).sqrt()
+        for k, p in params.items():
+            g = torch.where(ok, grads[k], torch.zeros_like(grads[k]))
+            m, v = self.m[k], self.v[k]
+            m.lerp_(g, (1 - b1) * okf)
+            v.add_((g * g - v) * ((1 - b2) * okf))
+            denom = v.sqrt() / bc2_sqrt + self.eps
+            p.sub_((self.lr / bc1) * okf * m / denom)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "lr": self.lr, "betas": self.betas, "eps": self.eps,
+                "t": self.t.clone(), "m": {k: v.clone() for k, v in self.m.items()},
+                "v": {k: v.clone() for k, v in self.v.items()}}
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        if sd["kind"] != self.kind:
+            raise ck.ConfigMismatchError(f"meta-optimizer: checkpoint {sd['kind']!r}, requested "
+                                         f"{self.kind!r}")
+        dev, dt = self.t.device, self.t.dtype
+        self.t = sd["t"].to(dev, dt)
+        self.m = {k: v.to(dev, dt) for k, v in sd["m"].items()}
+        self.v = {k: v.to(dev, dt) for k, v in sd["v"].items()}
+
+
+# --------------------------------------------------------------------------------------------
+# torch.distributed
+# --------------------------------------------------------------------------------------------
+
+class DistInfo:
+    """This process's place in the job (rank 0 of 1 without torch.distributed)."""
+
+    def __init__(self, rank: int = 0, world: int = 1):
+        self.rank, self.world = rank, world
+
+    @property
+    def active(self) -> bool:
+        return self.world > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: str) -> tuple[DistInfo, str]:
+    """Joins the torchrun job if its environment is set (WORLD_SIZE > 1); returns the info and
+    the device this rank uses (``cuda:LOCAL_RANK`` when training on CUDA)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistInfo(), device
+    if not dist.is_initialized():
+        backend = "nccl" if torch.device(device).type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend)
+    rank = dist.get_rank()
+    if torch.device(device).type == "cuda":
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        device = f"cuda:{local}"
+    return DistInfo(rank, dist.get_world_size()), device
+
+
+def reduce_meta_gradient(grads: dict[str, torch.Tensor], task_ok: torch.Tensor,
+                         info: DistInfo, extra: torch.Tensor | None = None
+                         ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor | None]:
+    """The meta-gradient averaged over every finite task of every rank.
+
+    Each rank's ``grads`` is its average over its own ``task_ok`` tasks; the all-reduce sums
+    ``grads * n_ok`` and ``n_ok`` in one flat buffer (plus ``extra``, summed too), and the result
+    is ``sum / total``: exactly the one-process average over the finite tasks of the whole batch.
+
+    Returns:
+        (averaged grads, total number of finite tasks as a 0-d tensor, summed ``extra``).
+    """
+    any_g = next(iter(grads.values()))
+    n_ok = task_ok.to(any_g.device).sum().to(any_g.dtype)
+    if not info.active:
+        return grads, n_ok, extra
+    names = list(grads)
+    has = n_ok > 0
+    parts = [torch.where(has, grads[k] * n_ok, torch.zeros_like(grads[k])).reshape(-1)
+             for k in names]
+    parts.append(n_ok.reshape(1))
+    if extra is not None:
+        parts.append(extra.to(any_g.device, any_g.dtype).reshape(-1))
+    flat = torch.cat(parts)
+    dist.all_reduce(flat)
+    sizes = [grads[k].numel() for k in names]
+    total_params = sum(sizes)
+    total = flat[total_params]
+    avg = flat[:total_params] / total.clamp_min(1)
+    out = {k: chunk.view_as(grads[k]) for k, chunk in zip(names, avg.split(sizes))}
+    red_extra = flat[total_params + 1:] if extra is not None else None
+    return out, total, red_extra
+
+
+# --------------------------------------------------------------------------------------------
+# Metrics log
+# --------------------------------------------------------------------------------------------
+
+class MetricsLog:
+    """Rows of metrics to ``metrics.csv`` or ``metrics.jsonl`` (and TensorBoard if installed).
+
+    ``position()`` is the byte offset after the last flushed row; a resumed run truncates the
+    file there, so the log holds each step once.
+    """
+
+    def __init__(self, run_dir: Path, fmt: str, truncate_at: int | None = None,
+                 tensorboard: bool = True):
+        self.fmt = fmt
+        self.path = run_dir / f"metrics.{fmt}"
+        if truncate_at is not None and self.path.exists():
+            with open(self.path, "r+b") as f:
+                f.truncate(truncate_at)
+        new = not self.path.exists() or self.path.stat().st_size == 0
+        self.f = open(self.path, "a", encoding="utf-8", newline="")
+        if new and fmt == "csv":
+            self.f.write(",".join(LOG_FIELDS) + "\n")
+            self.f.flush()
+        self.tb = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter  # noqa: PLC0415
+                self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+            except Exception:  # noqa: BLE001 - tensorboard is optional
+                self.tb = None
+
+    def write(self, row: dict[str, Any]) -> None:
+        if self.fmt == "csv":
+            vals = []
+            for k in LOG_FIELDS:
+                v = row.get(k, "")
+                vals.append(f"{v:.6g}" if isinstance(v, float) else str(v))
+            self.f.write(",".join(vals) + "\n")
+        else:
+            self.f.write(json.dumps({k: v for k, v in row.items()
+                                     if not (isinstance(v, float) and math.isnan(v))}) + "\n")
+        self.f.flush()
+        if self.tb is not None:
+            for k, v in row.items():
+                if isinstance(v, (int, float)) and k != "step":
+                    self.tb.add_scalar(f"{row['kind']}/{k}", v, row["step"])
+
+    def position(self) -> int:
+        self.f.flush()
+        return self.f.tell()
+
+    def close(self) -> None:
+        self.f.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The rows of a run's metrics log (csv or jsonl), numbers as floats."""
+    run_dir = Path(run_dir)
+    rows: list[dict[str, Any]] = []
+    if (run_dir / "metrics.jsonl").exists():
+        for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+            if line.strip():
+                rows.append(json.loads(line))
+        return rows
+    import csv  # noqa: PLC0415
+    with open(run_dir / "metrics.csv", newline="") as f:
+        for r in csv.DictReader(f):
+            row: dict[str, Any] = {}
+            for k, v in r.items():
+                if v == "":
+                    continue
+                try:
+                    row[k] = float(v) if k != "kind" else v
+                except ValueError:
+                    row[k] = v
+            rows.append(row)
+    return rows
+
+
+class _Progress:
+    """tqdm when installed and not quiet; else one plain line per logged step."""
+
+    def __init__(self, total: int, initial: int, quiet: bool, desc: str):
+        self.quiet, self.bar = quiet, None
+        if quiet or not sys.stderr.isatty():
+            return  # plain lines in logs and pipes
+        try:
+            from tqdm import tqdm  # noqa: PLC0415
+        except ImportError:
+            return
+        self.bar = tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True,
+                        mininterval=1.0, file=sys.stderr)
+
+    def update(self) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def show(self, row: dict[str, Any]) -> None:
+        if self.quiet:
+            return
+        if row["kind"] == "val":
+            text = (f"step {row['step']}: val acc {100 * row['val_acc']:.2f}% +- "
+                    f"{100 * row['val_ci95']:.2f}%")
+            if self.bar is not None:
+                self.bar.write(text)
+            else:
+                print(text, flush=True)
+            return
+        post = {"loss": f"{row['meta_loss']:.3f}", "acc": f"{100 * row['query_acc']:.1f}%"}
+        if not math.isnan(row.get("cg_residual", float("nan"))):
+            post["cg_res"] = f"{row['cg_residual']:.2e}"
+        if row.get("skipped_tasks"):
+            post["skipped"] = str(row["skipped_tasks"])
+        if self.bar is not None:
+            self.bar.set_postfix(post, refresh=False)
+        else:
+            print(f"step {row['step']}: " + " ".join(f"{k} {v}" for k, v in post.items())
+                  + f" ({row['tasks_per_s']:.1f} tasks/s)", flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+@contextlib.contextmanager
+def _signal_flag(enabled: bool):
+    """Installs SIGINT/SIGTERM handlers that record the signal; restores the old ones after."""
+    box = {"signum": 0}
+    if not enabled or not _in_main_thread():
+        yield box
+        return
+
+    def handler(signum, frame):  # noqa: ARG001
+        if box["signum"]:
+            # A second signal while the checkpoint is written: leave now.
+            raise KeyboardInterrupt
+        box["signum"] = signum
+        print(f"\nimaml: {signal.Signals(signum).name} received; finishing this meta-step and "
+              f"writing a checkpoint (send it again to quit at once)", file=sys.stderr, flush=True)
+
+    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield box
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def _in_main_thread() -> bool:
+    import threading  # noqa: PLC0415
+    return threading.current_thread() is threading.main_thread()
+
+
+def _versions() -> dict[str, Any]:
+    import imaml_ext  # noqa: PLC0415
+    try:
+        build = imaml_ext.build_info()
+    except Exception:  # noqa: BLE001
+        build = {}
+    return {"imaml_ext": imaml_ext.__version__, "torch": torch.__version__,
+            "python": platform.python_version(), "platform": platform.platform(),
+            "extension": build}
+
+
+def default_run_dir(algo: str) -> Path:
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return Path("runs") / f"{stamp}-{algo}"
+
+
+# --------------------------------------------------------------------------------------------
+# The trainer
+# --------------------------------------------------------------------------------------------
+
+class Trainer:
+    """Meta-trains one model with one algorithm (see the module docstring).
+
+    Args:
+        cfg: the run's configuration (``None`` fields take the paper defaults).
+        resume: a checkpoint file or run directory to continue from; its identity fields must
+            equal ``cfg``'s (else :class:`~imaml_ext.checkpoint.ConfigMismatchError`).
+        algorithm: an algorithm object to use instead of ``make_algorithm(cfg.algo, ...)``.
+        dist_info: the process's rank and world (default: from the torchrun environment).
+        train_data / val_data: data sets to use instead of loading them (tests).
+        stop_after: leave (as if interrupted, without a signal) once this many steps are done;
+            for tests of resume.
+    """
+
+    def __init__(self, cfg: TrainConfig, resume: str | Path | None = None, algorithm=None,
+                 dist_info: DistInfo | None = None, train_data=None, val_data=None,
+                 stop_after: int | None = None):
+        cfg = resolve(cfg)
+        if dist_info is None:
+            dist_info, device = init_distributed(cfg.device)
+            cfg = cfg.replace(device=device)
+        self.info = dist_info
+        self.state = ck.load_latest(resume) if resume is not None else None
+        if self.state is not None:
+            # Where the run lives: --out if given, else the checkpoint's run directory.
+            if cfg.out is None:
+                p = Path(self.state["path"])
+                cfg = cfg.replace(out=str(p.parent.parent if p.parent.name == ck.CKPT_DIR
+                                          else p.parent))
+        if cfg.out is None:
+            cfg = cfg.replace(out=str(default_run_dir(cfg.algo)))
+        if self.info.active and cfg.meta_batch % self.info.world:
+            raise UsageError(f"--meta-batch {cfg.meta_batch} does not split evenly over "
+                             f"{self.info.world} processes")
+        self.cfg = cfg
+        self.run_dir = Path(cfg.out)
+        self.device = torch.device(cfg.device)
+        self.dtype = getattr(torch, cfg.dtype)
+        self.stop_after = stop_after
+
+        torch.manual_seed(cfg.seed)
+        self.model = build_model(cfg).to(self.device, self.dtype)
+        self.params = {k: p.detach().clone() for k, p in self.model.named_parameters()}
+        self.algorithm = algorithm if algorithm is not None else build_algorithm(cfg)
+        self.opt = MetaOptimizer(self.params, cfg.meta_lr, kind=cfg.meta_opt)
+        self.step = 0
+        self.counters = {"skipped_tasks": 0, "bad_steps": 0, "tasks": 0}
+        log_pos = None
+        if self.state is not None:
+            ck.check_compatible(self.state, cfg.to_dict(),
+                                ck.model_signature(self.params, self.model))
+            with torch.no_grad():
+                for k, v in self.state["params"].items():
+                    self.params[k].copy_(v)
+            self.opt.load_state_dict(self.state["optimizer"])
+            self.step = int(self.state["step"])
+            self.counters.update(self.state.get("counters", {}))
+            log_pos = self.state.get("log", {}).get("position")
+            rng = self.state.get("rng", {})
+            if "torch" in rng:
+                torch.set_rng_state(rng["torch"])
+            if "cuda" in rng and torch.cuda.is_available() and self.device.type == "cuda":
+                torch.cuda.set_rng_state_all(rng["cuda"])
+
+        self.train_data = train_data if train_data is not None else load_split(cfg, "train")
+        self.sampler = make_sampler(cfg, self.train_data, cfg.meta_batch)
+        self.val_sampler = None
+        if cfg.val_every and self.info.is_main:
+            vd = val_data if val_data is not None else self._load_val()
+            if vd is not None:
+                self.val_sampler = make_sampler(cfg, vd, min(cfg.meta_batch, cfg.val_tasks),
+                                                num_workers=0)
+        self.log: MetricsLog | None = None
+        if self.info.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self.log = MetricsLog(self.run_dir, cfg.log_format, truncate_at=log_pos)
+            cfg.save(self.run_dir / "config.json", extra={
+                "versions": _versions(), "argv": sys.argv, "world_size": self.info.world,
+                "resumed_from": self.state["path"] if self.state else None,
+                "start_step": self.step, "train_data": self.train_data.source,
+                "train_classes": self.train_data.num_classes})
+        self.last_checkpoint: Path | None = None
+
+    def _load_val(self):
+        try:
+            return load_split(self.cfg, "val")
+        except (ValueError, OSError) as exc:
+            log.warning("imaml_ext: no validation split (%s); validation disabled", exc)
+            return None
+
+    # ----------------------------------------------------------------------------------------
+
+    def meta_step(self, batch: TaskBatch, stop_flag: float = 0.0):
+        """One meta-step on ``batch`` (the full meta-batch; sharded here under torch.distributed).
+
+        Returns (metrics of this rank's tasks, ok flag (0-d bool), finite-task count, stop flag
+        summed over ranks or None).
+        """
+        local = batch.shard(self.info.rank, self.info.world) if self.info.active else batch
+        local = local.to(self.device, self.dtype)
+        grads, metrics = self.algorithm.meta_gradient(self.model, self.params, local)
+        task_ok = metrics["task_ok"]
+        extra = (torch.tensor([stop_flag], device=self.device, dtype=self.dtype)
+                 if self.info.active else None)
+        grads, n_ok, extra = reduce_meta_gradient(grads, task_ok, self.info, extra)
+        norms = torch._foreach_norm([g.reshape(-1) for g in grads.values()])
+        ok = torch.isfinite(torch.stack(norms).sum()) & (n_ok > 0)
+        self.opt.step(self.params, grads, ok)
+        return metrics, ok, n_ok, extra
+
+    def checkpoint(self) -> Path | None:
+        """Writes a checkpoint of the current step (rank 0 only)."""
+        if not self.info.is_main:
+            return None
+        state = {
+            "params": {k: v.detach().cpu() for k, v in self.params.items()},
+            "optimizer": _to_cpu(self.opt.state_dict()),
+            "step": self.step,
+            "config": self.cfg.to_dict(),
+            "model": ck.model_signature(self.params, self.model),
+            "algorithm": {"name": self.cfg.algo, **self.cfg.algorithm_kwargs()},
+            "rng": _rng_state(self.device),
+            "log": {"file": self.log.path.name, "position": self.log.position()},
+            "counters": dict(self.counters),
+            "versions": _versions(),
+        }
+        self.last_checkpoint = ck.save_checkpoint(self.run_dir, state, keep=self.cfg.keep_ckpts)
+        return self.last_checkpoint
+
+    def validate(self) -> dict[str, Any] | None:
+        if self.val_sampler is None:
+            return None
+        res = evaluate_tasks(self.algorithm, self.model, self.params, self.val_sampler,
+                             self.cfg.val_tasks, dtype=self.dtype, split="val")
+        return {"kind": "val", "step": self.step, "val_loss": res.loss, "val_acc": res.accuracy,
+                "val_ci95": res.ci95}
+
+    def run(self, on_log: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+        """Trains from the current step to ``cfg.steps``; returns a summary dict.
+
+        Raises:
+            Interrupted: after SIGINT/SIGTERM (a checkpoint was written first).
+            TrainingDivergedError: after ``max_bad_steps`` consecutive bad meta-steps.
+        """
+        cfg, dev = self.cfg, self.device
+        nm = len(METRIC_KEYS)
+        # Window sums on the device: per metric (sum over finite tasks, count), then tasks,
+        # skipped tasks. Bad-step counters are the same on every rank and kept apart.
+        window = torch.zeros(2 * nm + 2, dtype=torch.float64, device=dev)
+        bad = torch.zeros(3, dtype=torch.int64, device=dev)  # bad steps, consecutive, max consec
+        self._bad_base = int(self.counters["bad_steps"])
+        t_start = time.perf_counter()
+        t_window, steps_window, last_val = t_start, 0, None
+        progress = _Progress(cfg.steps, self.step, cfg.quiet or not self.info.is_main,
+                             f"{cfg.algo} {cfg.dataset} {cfg.ways}w{cfg.shots}s")
+        try:
+            with _signal_flag(True) as sig:
+                batches = self.sampler.iter_batches(self.step, max(cfg.steps - self.step, 0))
+                for batch in batches:
+                    metrics, ok, _, stop = self.meta_step(batch, float(sig["signum"] != 0))
+                    self.step += 1
+                    steps_window += 1
+                    window += _metric_sums(metrics, dev)
+                    okl = ok.to(torch.int64)
+                    bad[0] += 1 - okl
+                    bad[1] = (bad[1] + 1) * (1 - okl)
+                    bad[2] = torch.maximum(bad[2], bad[1])
+                    progress.update()
+                    last = self.step == cfg.steps
+                    stopping = bool(stop.item() > 0) if stop is not None else sig["signum"] != 0
+                    if self.stop_after is not None and self.step >= self.stop_after:
+                        stopping = True
+                    if self.step % cfg.log_every == 0 or last or stopping:
+                        row = self._log_row(window, bad, steps_window,
+                                            time.perf_counter() - t_window, t_start)
+                        window.zero_()
+                        t_window, steps_window = time.perf_counter(), 0
+                        if row is not None:
+                            progress.show(row)
+                            if on_log:
+                                on_log(row)
+                    if cfg.val_every and (self.step % cfg.val_every == 0 or last) \
+                            and self.val_sampler is not None:
+                        last_val = self.validate()
+                        self.log.write(last_val)
+                        progress.show(last_val)
+                        if on_log:
+                            on_log(last_val)
+                    if (cfg.ckpt_every and self.step % cfg.ckpt_every == 0) or last or stopping:
+                        self.checkpoint()
+                    if stopping:
+                        signum = sig["signum"] or int(signal.SIGINT)
+                        if self.stop_after is not None and not sig["signum"]:
+                            return self._summary(t_start, last_val, interrupted=True)
+                        raise Interrupted(signum, self.step, self.last_checkpoint)
+        finally:
+            progress.close()
+            self.sampler.close()
+        return self._summary(t_start, last_val)
+
+    def _log_row(self, window, bad, steps_window, dt, t_start) -> dict[str, Any] | None:
+        nm = len(METRIC_KEYS)
+        if self.info.active:
+            dist.all_reduce(window)
+        w = window.tolist()  # the one host read of this window
+        b = bad.tolist()
+        bad[2] = bad[1]
+        self.counters["bad_steps"] = self._bad_base + int(b[0])
+        self.counters["skipped_tasks"] += int(w[2 * nm + 1])
+        self.counters["tasks"] += int(w[2 * nm])
+        if b[2] >= self.cfg.max_bad_steps:
+            raise TrainingDivergedError(
+                f"{b[2]} consecutive meta-steps had a non-finite meta-gradient (or no finite "
+                f"task) up to step {self.step}; aborting (--max-bad-steps "
+                f"{self.cfg.max_bad_steps}). Lower --meta-lr / --inner-lr or raise --lam; the "
+                f"last checkpoint is {self.last_checkpoint}")
+        if not self.info.is_main:
+            return None
+
+        def mean(i):
+            return w[2 * i] / w[2 * i + 1] if w[2 * i + 1] else float("nan")
+
+        row = {"kind": "train", "step": self.step, "meta_loss": mean(0), "query_acc": mean(1),
+               "inner_loss": mean(2), "cg_residual": mean(3), "cg_iterations": mean(4),
+               "skipped_tasks": self.counters["skipped_tasks"],
+               "bad_steps": self.counters["bad_steps"],
+               "elapsed_s": time.perf_counter() - t_start,
+               "tasks_per_s": steps_window * self.cfg.meta_batch / max(dt, 1e-9)}
+        self.log.write(row)
+        return row
+
+    def _summary(self, t_start, last_val, interrupted: bool = False) -> dict[str, Any]:
+        if self.log is not None:
+            self.log.close()
+        return {"run_dir": str(self.run_dir), "step": self.step, "interrupted": interrupted,
+                "seconds": time.perf_counter() - t_start, "last_val": last_val,
+                "checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None,
+                **self.counters}
+
+
+def _metric_sums(metrics: dict[str, torch.Tensor], device) -> torch.Tensor:
+    """Per metric: sum over the finite ok tasks and their count; then #tasks and #skipped."""
+    ok = metrics["task_ok"].to(device=device, dtype=torch.bool)
+    parts = []
+    for k in METRIC_KEYS:
+        v = metrics.get(k)
+        if v is None:
+            parts += [torch.zeros((), dtype=torch.float64, device=device)] * 2
+            continue
+        v = v.detach().to(device=device, dtype=torch.float64)
+        use = ok & torch.isfinite(v)
+        parts += [torch.where(use, v, 0.0).sum(), use.sum().to(torch.float64)]
+    parts += [torch.tensor(float(ok.numel()), dtype=torch.float64, device=device),
+              (~ok).sum().to(torch.float64)]
+    return torch.stack(parts)
+
+
+def _to_cpu(obj):
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    return obj
+
+
+def _rng_state(device: torch.device) -> dict[str, Any]:
+    s = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        s["cuda"] = torch.cuda.get_rng_state_all()
+    return s
+
+
+def train(cfg: TrainConfig, resume=None, **kw) -> dict[str, Any]:
+    """Builds a :class:`Trainer` and runs it; returns its summary."""
+    return Trainer(cfg, resume=resume, **kw).run()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m imaml_ext.train ARGS``: the same as ``imaml train ARGS`` (torchrun-ready)."""
+    from imaml_ext.cli import main as cli_main
+    return cli_main(["train", *(sys.argv[1:] if argv is None else argv)])
+
+
+__all__ = ["DistInfo", "Interrupted", "MetaOptimizer", "MetricsLog", "Trainer",
+           "TrainingDivergedError", "build_algorithm", "build_model", "init_distributed",
+           "load_split", "main", "make_sampler", "read_metrics", "reduce_meta_gradient", "train"]
+
+if __name__ == "__main__":
+    sys.exit(main())
