@@ -87,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-bad-steps", type=int,
                    help="abort after this many consecutive non-finite meta-gradients (10)")
     g.add_argument("--seed", type=int)
+    g.add_argument("--max-time", type=float, help="stop (with a checkpoint) after this many "
+                   "seconds of training, whatever --steps says (0: no limit)")
     g = t.add_argument_group("run")
     g.add_argument("--device")
     g.add_argument("--dtype", choices=DTYPES)
@@ -141,11 +143,15 @@ def _train(ns: argparse.Namespace) -> int:
     summary = trainer.run()
     if trainer.info.is_main:
         if not trainer.cfg.quiet:
+            if summary.get("time_limited"):
+                print(f"imaml: --max-time {trainer.cfg.max_time:g} s reached after "
+                      f"{summary['step']} of {trainer.cfg.steps} meta-steps", file=sys.stderr)
             print(f"imaml: done: {summary['step']} meta-steps in {summary['seconds']:.0f} s; "
                   f"skipped tasks {summary['skipped_tasks']}, bad steps {summary['bad_steps']}; "
                   f"checkpoint {summary['checkpoint']}", file=sys.stderr, flush=True)
         print(json.dumps({"run_dir": summary["run_dir"], "checkpoint": summary["checkpoint"],
-                          "step": summary["step"]}))
+                          "step": summary["step"], "seconds": round(summary["seconds"], 1),
+                          "time_limited": summary.get("time_limited", False)}))
     return 0
 
 

@@ -95,6 +95,7 @@ class TrainConfig:
     meta_lr: float | None = None
     meta_opt: str = "adam"
     max_bad_steps: int = 10
+    max_time: float = 0.0  # seconds of training after which to checkpoint and stop; 0: none
     # Data / model
     protocol: str = "background"
     val_classes: int | None = None
@@ -172,7 +173,8 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
     for name in ("lam", "inner_lr", "meta_lr"):
         _positive(name, getattr(out, name))
     _positive("cg_lam", out.cg_lam)
-    for name in ("steps", "ckpt_every", "val_every", "num_workers", "cg_damping", "val_classes"):
+    for name in ("steps", "ckpt_every", "val_every", "num_workers", "cg_damping", "val_classes",
+                 "max_time"):
         _positive(name, getattr(out, name), allow_zero=True)
     for name, allowed in (("hvp", HVP_KINDS), ("protocol", PROTOCOLS), ("dtype", DTYPES),
                           ("log_format", LOG_FORMATS), ("meta_opt", META_OPTS),

@@ -444,7 +444,6 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.model = build_model(cfg).to(self.device, self.dtype)
         self.params = {k: p.detach().clone() for k, p in self.model.named_parameters()}
-        self.algorithm = algorithm if algorithm is not None else build_algorithm(cfg)
         self.opt = MetaOptimizer(self.params, cfg.meta_lr, kind=cfg.meta_opt)
         self.step = 0
         self.counters = {"skipped_tasks": 0, "bad_steps": 0, "tasks": 0}
@@ -473,6 +472,8 @@ class Trainer:
             if vd is not None:
                 self.val_sampler = make_sampler(cfg, vd, min(cfg.meta_batch, cfg.val_tasks),
                                                 num_workers=0)
+        # Built last, so bad data or a bad checkpoint is reported before any heavier set-up.
+        self.algorithm = algorithm if algorithm is not None else build_algorithm(cfg)
         self.log: MetricsLog | None = None
         if self.info.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -560,7 +561,11 @@ class Trainer:
             with _signal_flag(True) as sig:
                 batches = self.sampler.iter_batches(self.step, max(cfg.steps - self.step, 0))
                 for batch in batches:
-                    metrics, ok, _, stop = self.meta_step(batch, float(sig["signum"] != 0))
+                    timed_out = bool(cfg.max_time) and time.perf_counter() - t_start > cfg.max_time
+                    # Checked before the step and acted on after it (all ranks agree through
+                    # the all-reduce): a run overshoots --max-time by at most one step.
+                    want_stop = sig["signum"] != 0 or timed_out
+                    metrics, ok, _, stop = self.meta_step(batch, float(want_stop))
                     self.step += 1
                     steps_window += 1
                     window += _metric_sums(metrics, dev)
@@ -570,7 +575,10 @@ class Trainer:
                     bad[2] = torch.maximum(bad[2], bad[1])
                     progress.update()
                     last = self.step == cfg.steps
-                    stopping = bool(stop.item() > 0) if stop is not None else sig["signum"] != 0
+                    # One process: a signal that came during the step stops after it. Several:
+                    # the flags all-reduced with the meta-gradient, so every rank agrees.
+                    stopping = (bool(stop.item() > 0) if stop is not None
+                                else want_stop or sig["signum"] != 0)
                     if self.stop_after is not None and self.step >= self.stop_after:
                         stopping = True
                     if self.step % cfg.log_every == 0 or last or stopping:
@@ -592,10 +600,13 @@ class Trainer:
                     if (cfg.ckpt_every and self.step % cfg.ckpt_every == 0) or last or stopping:
                         self.checkpoint()
                     if stopping:
-                        signum = sig["signum"] or int(signal.SIGINT)
-                        if self.stop_after is not None and not sig["signum"]:
+                        if sig["signum"]:
+                            raise Interrupted(sig["signum"], self.step, self.last_checkpoint)
+                        if self.stop_after is not None and self.step >= self.stop_after:
                             return self._summary(t_start, last_val, interrupted=True)
-                        raise Interrupted(signum, self.step, self.last_checkpoint)
+                        # Another rank was signalled, or a rank hit --max-time.
+                        return self._summary(t_start, last_val, time_limited=timed_out,
+                                             interrupted=not timed_out)
         finally:
             progress.close()
             self.sampler.close()
@@ -632,10 +643,12 @@ class Trainer:
         self.log.write(row)
         return row
 
-    def _summary(self, t_start, last_val, interrupted: bool = False) -> dict[str, Any]:
+    def _summary(self, t_start, last_val, interrupted: bool = False,
+                 time_limited: bool = False) -> dict[str, Any]:
         if self.log is not None:
             self.log.close()
         return {"run_dir": str(self.run_dir), "step": self.step, "interrupted": interrupted,
+                "time_limited": time_limited,
                 "seconds": time.perf_counter() - t_start, "last_val": last_val,
                 "checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None,
                 **self.counters}

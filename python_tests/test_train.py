@@ -209,3 +209,10 @@ def test_short_real_omniglot_run_beats_chance(tmp_path):
     late = sum(r["query_acc"] for r in rows[-2:]) / 2
     assert late > 0.5, rows
     assert res.accuracy > 0.5, res
+
+
+def test_max_time_stops_with_a_checkpoint(tmp_path):
+    t = make_trainer(tmp_path, steps=100, ckpt_every=0, max_time=1e-9)
+    summary = t.run()
+    assert summary["time_limited"] and summary["step"] == 1
+    assert summary["checkpoint"].endswith("ckpt_00000001.pt")

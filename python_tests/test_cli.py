@@ -1,0 +1,116 @@
+"""The imaml command line: bad input gives one clean line and exit code 2; eval prints the CI."""
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from data_fixtures import make_omniglot_zips
+from imaml_ext import cli
+from imaml_ext import train as tr
+from imaml_ext.evaluate import confidence_interval
+
+from test_train import QueryGradient, make_trainer, one_thread  # noqa: F401  (fixture reused)
+
+
+@pytest.fixture(scope="module")
+def omniglot_root(tmp_path_factory):
+    """Fixture Omniglot in its real zip layout: 7 background characters, 5 drawings each."""
+    root = tmp_path_factory.mktemp("data")
+    make_omniglot_zips(root)
+    return root
+
+
+def run_cli(capsys, *argv):
+    code = cli.main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_clean_error(code, err, *needles):
+    assert code == 2, err
+    assert "Traceback" not in err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("imaml: error: "), err
+    for n in needles:
+        assert n in lines[0], err
+
+
+def test_ways_larger_than_classes(capsys, omniglot_root, tmp_path):
+    code, _, err = run_cli(capsys, "train", "--data-root", str(omniglot_root), "--val-classes",
+                           "2", "--ways", "9", "--out", str(tmp_path / "r"), "--quiet")
+    assert_clean_error(code, err, "ways=9 exceeds the 5 classes")
+
+
+def test_shots_plus_queries_larger_than_images(capsys, omniglot_root, tmp_path):
+    code, _, err = run_cli(capsys, "train", "--data-root", str(omniglot_root), "--val-classes",
+                           "2", "--ways", "3", "--shots", "2", "--queries", "4",
+                           "--out", str(tmp_path / "r"), "--quiet")
+    assert_clean_error(code, err, "shots + queries = 2 + 4 = 6 exceeds the 5 images per class")
+
+
+def test_bad_values_and_unknown_options(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "train", "--lam", "-1", "--out", str(tmp_path / "r"))
+    assert_clean_error(code, err, "--lam must be > 0")
+    with pytest.raises(SystemExit) as info:
+        cli.main(["train", "--algo", "sgd"])
+    assert info.value.code == 2
+    assert "invalid choice" in capsys.readouterr().err
+
+
+def test_missing_data_dir(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "train", "--dataset", "miniimagenet", "--data-root",
+                           str(tmp_path / "nowhere"), "--out", str(tmp_path / "r"))
+    assert code == 2 and "Traceback" not in err
+    assert err.startswith("imaml: error: ") and "nowhere" in err and "Mini-ImageNet" in err
+
+
+def test_resume_mismatch_and_corrupt_checkpoint(capsys, tmp_path):
+    t = make_trainer(tmp_path, steps=2, ckpt_every=2)
+    t.run()
+    run = tmp_path / "run"
+    code, _, err = run_cli(capsys, "train", "--resume", str(run), "--algo", "maml",
+                           "--inner-steps", "3")
+    assert_clean_error(code, err, "algo: checkpoint 'fomaml', requested 'maml'",
+                       "inner_steps: checkpoint 1, requested 3")
+    path = run / "checkpoints" / "ckpt_00000002.pt"
+    path.write_bytes(path.read_bytes()[:100])
+    code, _, err = run_cli(capsys, "eval", "--checkpoint", str(path))
+    assert_clean_error(code, err, "ckpt_00000002.pt is corrupt or truncated")
+    code, _, err = run_cli(capsys, "train", "--resume", str(tmp_path / "absent"))
+    assert_clean_error(code, err, "absent does not exist")
+
+
+def test_confidence_interval_formula():
+    accs = np.array([0.2, 0.6, 1.0, 0.8, 0.4])
+    mean, ci = confidence_interval(accs)
+    assert mean == pytest.approx(0.6)
+    assert ci == pytest.approx(1.96 * np.std(accs) / math.sqrt(5))
+    assert ci == pytest.approx(1.96 * math.sqrt(0.08) / math.sqrt(5))
+
+
+def test_eval_prints_accuracy_and_interval(capsys, tmp_path, monkeypatch):
+    t = make_trainer(tmp_path, steps=2, ckpt_every=2)
+    t.run()
+    monkeypatch.setattr(tr, "build_algorithm", lambda cfg: QueryGradient())
+    from test_train import synthetic_dataset
+    monkeypatch.setattr(tr, "load_split", lambda cfg, split: synthetic_dataset(split=split))
+    code, out, err = run_cli(capsys, "eval", "--checkpoint", str(tmp_path / "run"), "--tasks",
+                             "7", "--meta-batch", "3", "--json", str(tmp_path / "e.json"))
+    assert code == 0, err
+    assert "accuracy" in out and "% +- " in out and "(95% CI, 7 test tasks" in out
+    res = json.loads((tmp_path / "e.json").read_text())["result"]
+    assert res["num_tasks"] == 7 and 0 <= res["accuracy"] <= 1 and res["ci95"] >= 0
+
+
+def test_console_script_error_has_no_traceback(omniglot_root, tmp_path):
+    p = subprocess.run([sys.executable, "-m", "imaml_ext.cli", "train", "--data-root",
+                        str(omniglot_root), "--val-classes", "2", "--ways", "40",
+                        "--out", str(tmp_path / "r")], capture_output=True, text=True,
+                       timeout=120)
+    assert p.returncode == 2, p.stderr
+    assert "Traceback" not in p.stderr and "imaml: error: TaskSampler: ways=40" in p.stderr

@@ -1,0 +1,120 @@
+"""Multi-process training over torch.distributed (gloo on 127.0.0.1, 2 CPU processes).
+
+- The all-reduced meta-gradient of 2 ranks (each holding half the meta-batch) equals the
+  1-process meta-gradient of the whole batch, also when the ranks have different numbers of
+  finite tasks.
+- ``torchrun --nproc_per_node=2 -m imaml_ext.train`` ends with the parameters of the 1-process run.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from data_fixtures import make_omniglot_zips
+from imaml_ext import train as tr
+from imaml_ext.models import make_model
+
+from test_train import QueryGradient, synthetic_dataset
+
+HAVE_ALGORITHMS = importlib.util.find_spec("imaml_ext.algorithms") is not None
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _setup(seed: int = 0):
+    torch.manual_seed(seed)
+    model = make_model("omniglot", 3).to(torch.float64)
+    params = {k: v.detach().clone() for k, v in model.named_parameters()}
+    from imaml_ext.data import TaskSampler
+    batch = TaskSampler(synthetic_dataset(), 3, 1, 2, 4, seed=seed).batch(0).to(
+        dtype=torch.float64)
+    return model, params, batch
+
+
+def _algorithm(kind: str, bad_global: set[int], rank: int, per: int):
+    if kind == "standin":
+        return QueryGradient(bad_tasks={i - rank * per for i in bad_global
+                                        if per == 0 or 0 <= i - rank * per < per})
+    from imaml_ext.algorithms import make_algorithm
+    return make_algorithm(kind, inner_steps=2, cg_steps=2)
+
+
+def _worker(rank: int, world: int, port: int, out: str, kind: str, bad: set[int]):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world)
+    try:
+        model, params, batch = _setup()
+        info = tr.DistInfo(rank, world)
+        shard = batch.shard(rank, world)
+        algo = _algorithm(kind, bad, rank, batch.num_tasks // world)
+        grads, metrics = algo.meta_gradient(model, params, shard)
+        red, total, _ = tr.reduce_meta_gradient(grads, metrics["task_ok"], info)
+        torch.save({"grads": red, "total": total}, f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("kind,bad", [
+    ("standin", set()),
+    ("standin", {0}),  # rank 0 has 1 finite task, rank 1 has 2: weighted, not a plain mean
+    pytest.param("imaml-gd", set(), marks=pytest.mark.skipif(
+        not HAVE_ALGORITHMS, reason="imaml_ext.algorithms not available")),
+])
+def test_two_rank_meta_gradient_equals_one_process(tmp_path, kind, bad):
+    # fork, not spawn: the children need not import torch again (seconds each on 2 cores).
+    mp.start_processes(_worker, args=(2, free_port(), str(tmp_path), kind, bad), nprocs=2,
+                       join=True, start_method="fork")
+    model, params, batch = _setup()
+    algo = _algorithm(kind, bad, 0, 0)
+    ref, metrics = algo.meta_gradient(model, params, batch)
+    assert int(metrics["task_ok"].sum()) == 4 - len(bad)
+    for r in (0, 1):
+        got = torch.load(tmp_path / f"rank{r}.pt")
+        assert float(got["total"]) == 4 - len(bad)
+        for k, v in ref.items():
+            torch.testing.assert_close(got["grads"][k], v, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAVE_ALGORITHMS, reason="imaml_ext.algorithms not available")
+def test_torchrun_two_processes_match_one(tmp_path):
+    data = tmp_path / "data"
+    make_omniglot_zips(data)
+    args = ["--data-root", str(data), "--val-classes", "2", "--ways", "3", "--shots", "1",
+            "--queries", "2", "--algo", "imaml-gd", "--inner-steps", "2", "--cg-steps", "2",
+            "--meta-batch", "4", "--steps", "2", "--dtype", "float64", "--val-every", "0",
+            "--log-every", "1", "--quiet"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1",
+               GLOO_SOCKET_IFNAME="lo", PYTHONPATH=str(ROOT))
+    one = subprocess.run([sys.executable, "-m", "imaml_ext.train", *args, "--out",
+                          str(tmp_path / "one")], env=env, capture_output=True, text=True,
+                         timeout=300, cwd=tmp_path)
+    assert one.returncode == 0, one.stderr
+    torchrun = Path(sys.executable).with_name("torchrun")
+    two = subprocess.run([str(torchrun), "--nnodes=1", "--nproc_per_node=2",
+                          "--master_addr=127.0.0.1", f"--master_port={free_port()}",
+                          "-m", "imaml_ext.train", *args, "--out", str(tmp_path / "two")],
+                         env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert two.returncode == 0, two.stderr
+    a = torch.load(tmp_path / "one" / "checkpoints" / "ckpt_00000002.pt", weights_only=False)
+    b = torch.load(tmp_path / "two" / "checkpoints" / "ckpt_00000002.pt", weights_only=False)
+    for k, v in a["params"].items():
+        torch.testing.assert_close(b["params"][k], v, rtol=1e-9, atol=1e-10)
+    rows = tr.read_metrics(tmp_path / "two")
+    assert [r["step"] for r in rows] == [1, 2]
+    assert not (tmp_path / "two" / "metrics.csv.rank1").exists()
