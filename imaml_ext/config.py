@@ -17,8 +17,9 @@ Choices the paper leaves open, made here (each a flag):
   as many queries as shots; pass ``--queries 1`` (1-shot) to reproduce that.
 - ``steps`` (meta-steps): 30,000. The paper trains "many thousands"; this is a budget, not a
   figure read from the paper.
-- Hessian-free inner solver (iMAML-HF): 5 CG steps per Newton direction (``hf_cg_steps``); its
-  Newton iterations are ``inner_steps`` as interpreted by ``imaml_ext.algorithms``.
+- Hessian-free inner solver (iMAML-HF): ``inner_steps`` counts Newton-CG iterations there, 4
+  by default (``imaml_ext.algorithms``' default; the paper gives no figure), each with 5 CG steps
+  (``hf_cg_steps``) and an Armijo line search.
 - Reptile's outer step: its direction ``theta - mean(phi)`` is fed to the meta-optimizer as if
   it were a gradient (``meta_opt="adam"``, the default, as for the other algorithms, so one meta
   lr serves all five). ``--meta-opt sgd --meta-lr 1.0`` is Nichol et al.'s original
@@ -44,6 +45,9 @@ DTYPES = ("float32", "float64")
 LOG_FORMATS = ("csv", "jsonl")
 META_OPTS = ("adam", "sgd")
 PROXIMAL = ("paper", "authors")
+
+
+HF_NEWTON_STEPS = 4  # iMAML-HF's default inner (Newton-CG) iterations
 
 
 class UsageError(Exception):
@@ -166,6 +170,8 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
     _positive("ways", cfg.ways)
     _positive("shots", cfg.shots)
     d = paper_defaults(ds, cfg.ways)
+    if cfg.algo == "imaml-hf":
+        d["inner_steps"] = HF_NEWTON_STEPS
     out = cfg.replace(dataset=ds, **{k: v for k, v in d.items() if getattr(cfg, k) is None})
     for name in ("queries", "inner_steps", "cg_steps", "meta_batch", "hf_cg_steps", "val_tasks",
                  "log_every", "keep_ckpts", "max_bad_steps"):
