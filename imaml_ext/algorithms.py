@@ -1,0 +1,437 @@
+"""iMAML (GD and Hessian-free inner solvers), MAML, first-order MAML and Reptile behind one
+interface, every task of a meta-batch processed at once.
+
+    algo = make_algorithm("imaml-gd", lam=2.0, inner_steps=16, inner_lr=0.1, cg_steps=5)
+    grads, metrics = algo.meta_gradient(model, params, tasks)   # grads: dict like params
+    adapted = algo.adapt(model, params, x_support, y_support)    # dict of (M, ...) params
+    loss, acc = algo.evaluate(model, params, tasks)              # (M,) each
+
+`model` is only used through functional_call semantics (its own parameters are ignored);
+`params` is a dict name -> Tensor with the names and shapes of model.named_parameters().
+
+Meta-gradients (the average over the ok tasks of the per-task g_i):
+- imaml-gd / imaml-hf: g_i = ((1 + cg_damping) I + H_i / cg_lam)^-1 grad L_test_i(phi_i), phi_i
+  from K GD steps on G_i (imaml-gd) or Newton-CG on G_i (imaml-hf), solved by `cg_steps` CG
+  iterations. Defaults (cg_damping=0, cg_lam=lam): the paper's (I + H/lam). The authors' code:
+  cg_damping=1, cg_lam=lam + 10. cg_steps=0: no solve, g_i = grad L_test_i(phi_i).
+- maml: d L_test_i(phi_K(theta)) / d theta by backpropagation through the K inner steps.
+- fomaml: grad L_test_i(phi_K).
+- reptile: theta - phi_K (plain SGD on L_train), so that an optimizer step with learning rate
+  eps moves theta toward the adapted parameters: theta <- theta + eps * mean(phi_i - theta).
+
+Inner objective: the iMAML variants minimise G_i = L_train_i + lam/2 ||phi - theta||^2. MAML,
+first-order MAML and Reptile run plain GD on L_train unless `regularized=True`, which gives them
+the same G (as in the paper's Fig. 2a, where MAML and iMAML share the exact meta-gradient).
+
+Failure policy: a task whose inner or query loss, parameters or meta-gradient is non-finite, or
+whose CG met NaN/Inf, is excluded from the average (metrics["task_ok"] False) and counted; if no
+task is ok the meta-gradient is zero. A CG system meeting negative curvature keeps its last good
+iterate (flagged in "cg_status" = 2 and "cg_negative_curvature") and stays in the average.
+on_nonfinite="raise" raises FloatingPointError instead, naming the tasks.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Mapping
+
+import torch
+from torch import nn
+
+from imaml_ext import reference
+from imaml_ext.hvp import HVP_KINDS, LOSSES, ParamSpec, Params, TaskLoss
+from imaml_ext.implicit import implicit_meta_gradient, implicit_meta_gradient_lstsq
+from imaml_ext.inner import PROXIMAL, batched_theta, gd, hessian_free
+from imaml_ext.types import TaskBatch
+
+ALGORITHMS = ("imaml-gd", "imaml-hf", "maml", "fomaml", "reptile")
+NO_CG = -1  # "cg_status" of algorithms that run no CG
+
+_DEFAULT_STEPS = {"imaml-hf": 4}
+_GD_DEFAULT_STEPS = 16
+
+
+@dataclass(frozen=True)
+class AlgorithmConfig:
+    """Every setting of a MetaAlgorithm; see make_algorithm for their meaning."""
+
+    name: str
+    loss: str | Callable = "cross_entropy"
+    lam: float = 2.0
+    inner_steps: int = _GD_DEFAULT_STEPS
+    inner_lr: float = 0.1
+    cg_steps: int = 5
+    cg_damping: float = 0.0
+    cg_lam: float | None = None
+    hf_cg_steps: int = 5
+    hvp: str = "exact"
+    proximal: str = "paper"
+    regularized: bool = True
+    use_ext: bool | None = None
+    on_nonfinite: str = "skip"
+    cg_rtol: float = 1e-10
+    backend: str = "auto"
+
+
+def make_algorithm(name: str, *, loss: str | Callable = "cross_entropy", lam: float = 2.0,
+                   inner_steps: int | None = None, inner_lr: float = 0.1, cg_steps: int = 5,
+                   cg_damping: float = 0.0, cg_lam: float | None = None, hf_cg_steps: int = 5,
+                   hvp: str = "exact", proximal: str = "paper", regularized: bool | None = None,
+                   use_ext: bool | None = None, on_nonfinite: str = "skip",
+                   cg_rtol: float = 1e-10, backend: str = "auto") -> "MetaAlgorithm":
+    """Builds one of ALGORITHMS.
+
+    Args:
+        name: "imaml-gd", "imaml-hf", "maml", "fomaml" or "reptile".
+        loss: "cross_entropy" (int64 labels), "mse", "half_mse" or a callable
+            (outputs (M, N, ...), targets) -> per-sample losses (M, N).
+        lam: proximal strength lam > 0 of G = L_train + lam/2 ||phi - theta||^2.
+        inner_steps: GD steps K (default 16), or Newton iterations for imaml-hf (default 4).
+        inner_lr: GD step size alpha (not used by imaml-hf, which line-searches).
+        cg_steps: CG iterations of the meta-gradient solve (iMAML; 0: no solve).
+        cg_damping, cg_lam: solve ((1 + cg_damping) I + H / cg_lam) g = grad L_test; defaults
+            0 and lam (the paper). The iMAML authors' code: cg_damping=1, cg_lam=lam + 10.
+        hf_cg_steps: CG iterations per Newton direction (imaml-hf).
+        hvp: Hessian products, "exact" (forward-over-reverse), "double_backward", "ggn"
+            (Gauss-Newton, PSD), or "lstsq" (imaml-gd with a bias-free nn.Linear(d, 1) and
+            loss "half_mse": the fused least-squares CG op).
+        proximal: "paper" (proximal term in every GD step) or "authors" (plain steps then one
+            proximal step), for the regularized GD inner loops.
+        regularized: whether maml/fomaml/reptile run GD on G (True) or on L_train (False, the
+            default for them; iMAML always uses G).
+        use_ext: compiled CG kernels (None: when available; False: the reference).
+        on_nonfinite: "skip" (exclude and count bad tasks) or "raise".
+        cg_rtol: CG relative tolerance; small so that exactly cg_steps iterations run.
+        backend: batched model execution, "auto", "folded" or "vmap" (see imaml_ext.hvp).
+
+    Raises:
+        ValueError naming the argument.
+    """
+    if name not in ALGORITHMS:
+        raise ValueError(f"name must be one of {ALGORITHMS}, got {name!r}")
+    if not callable(loss) and loss not in LOSSES:
+        raise ValueError(f"loss must be one of {LOSSES} or a callable, got {loss!r}")
+    if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not lam > 0 \
+            or lam == float("inf"):
+        raise ValueError(f"lam must be a finite number > 0, got {lam!r}")
+    if inner_steps is None:
+        inner_steps = _DEFAULT_STEPS.get(name, _GD_DEFAULT_STEPS)
+    if isinstance(inner_steps, bool) or not isinstance(inner_steps, int) or inner_steps < 0:
+        raise ValueError(f"inner_steps must be an int >= 0, got {inner_steps!r}")
+    if not isinstance(inner_lr, (int, float)) or not inner_lr > 0:
+        raise ValueError(f"inner_lr must be a number > 0, got {inner_lr!r}")
+    if isinstance(cg_steps, bool) or not isinstance(cg_steps, int) or cg_steps < 0:
+        raise ValueError(f"cg_steps must be an int >= 0, got {cg_steps!r}")
+    if isinstance(hf_cg_steps, bool) or not isinstance(hf_cg_steps, int) or hf_cg_steps < 1:
+        raise ValueError(f"hf_cg_steps must be an int >= 1, got {hf_cg_steps!r}")
+    if not isinstance(cg_damping, (int, float)) or not cg_damping >= 0:
+        raise ValueError(f"cg_damping must be a number >= 0, got {cg_damping!r}")
+    if cg_lam is not None and (not isinstance(cg_lam, (int, float)) or not cg_lam > 0):
+        raise ValueError(f"cg_lam must be None or a number > 0, got {cg_lam!r}")
+    if hvp not in HVP_KINDS + ("lstsq",):
+        raise ValueError(f"hvp must be one of {HVP_KINDS + ('lstsq',)}, got {hvp!r}")
+    if hvp == "lstsq" and name != "imaml-gd":
+        raise ValueError("hvp='lstsq' is only for imaml-gd (a least-squares inner loss)")
+    if proximal not in PROXIMAL:
+        raise ValueError(f"proximal must be one of {PROXIMAL}, got {proximal!r}")
+    if on_nonfinite not in ("skip", "raise"):
+        raise ValueError(f"on_nonfinite must be 'skip' or 'raise', got {on_nonfinite!r}")
+    if regularized is None:
+        regularized = name.startswith("imaml")
+    elif not regularized and name.startswith("imaml"):
+        raise ValueError("regularized=False is not iMAML: its inner problem is G")
+    cfg = AlgorithmConfig(name=name, loss=loss, lam=float(lam), inner_steps=inner_steps,
+                          inner_lr=float(inner_lr), cg_steps=cg_steps,
+                          cg_damping=float(cg_damping),
+                          cg_lam=None if cg_lam is None else float(cg_lam),
+                          hf_cg_steps=hf_cg_steps, hvp=hvp, proximal=proximal,
+                          regularized=bool(regularized), use_ext=use_ext,
+                          on_nonfinite=on_nonfinite, cg_rtol=float(cg_rtol), backend=backend)
+    return _CLASSES[name](cfg)
+
+
+# ---- input checks --------------------------------------------------------------------------------
+
+def _stack(field, what: str) -> torch.Tensor:
+    if isinstance(field, torch.Tensor):
+        return field
+    if isinstance(field, (list, tuple)) and field and all(isinstance(t, torch.Tensor)
+                                                          for t in field):
+        s0 = field[0].shape
+        for i, t in enumerate(field):
+            if t.shape != s0:
+                raise ValueError(f"{what}: tasks of one batch must have equal shapes; task 0 is "
+                                 f"{tuple(s0)}, task {i} is {tuple(t.shape)}")
+        return torch.stack(list(field))
+    raise ValueError(f"{what} must be a tensor (M, N, ...) or a list of per-task tensors")
+
+
+def check_tasks(tasks, params: Mapping[str, torch.Tensor], loss) -> TaskBatch:
+    """Validates a TaskBatch (or 4 per-task lists) against params; returns a stacked TaskBatch."""
+    if not isinstance(tasks, (TaskBatch, tuple, list)) or len(tasks) != 4:
+        raise ValueError("tasks must be a TaskBatch(x_support, y_support, x_query, y_query)")
+    names = ("x_support", "y_support", "x_query", "y_query")
+    t = TaskBatch(*(_stack(f, f"tasks.{n}") for f, n in zip(tasks, names)))
+    ref = next(iter(params.values()))
+    M = t.x_support.shape[0] if t.x_support.dim() else 0
+    if M == 0:
+        raise ValueError("tasks.x_support must hold at least one task")
+    for f, n in zip(t, names):
+        if f.dim() < 2 or f.shape[0] != M:
+            raise ValueError(f"tasks.{n} must be (M={M}, N, ...), got {tuple(f.shape)}")
+        if f.device != ref.device:
+            raise ValueError(f"tasks.{n} is on {f.device} but params are on {ref.device}")
+    for xn, yn, x, y in (("x_support", "y_support", t.x_support, t.y_support),
+                         ("x_query", "y_query", t.x_query, t.y_query)):
+        if x.shape[1] != y.shape[1]:
+            raise ValueError(f"tasks.{xn} has {x.shape[1]} samples per task but tasks.{yn} has "
+                             f"{y.shape[1]}")
+        if x.dtype != ref.dtype:
+            raise ValueError(f"tasks.{xn} is {x.dtype} but params are {ref.dtype}")
+        if loss == "cross_entropy" and y.dtype != torch.int64:
+            raise ValueError(f"tasks.{yn} must be int64 class labels for cross_entropy, got "
+                             f"{y.dtype}")
+        if loss in ("mse", "half_mse") and not y.is_floating_point():
+            raise ValueError(f"tasks.{yn} must be float targets for {loss}, got {y.dtype}")
+    return t
+
+
+def check_params(model: nn.Module, params: Mapping[str, torch.Tensor]) -> Params:
+    """Validates params against model.named_parameters(); returns them detached."""
+    if not isinstance(params, Mapping):
+        raise ValueError(f"params must be a dict name -> Tensor, got {type(params).__name__}")
+    want = {k: v.shape for k, v in model.named_parameters()}
+    got = set(params)
+    if got != set(want):
+        raise ValueError(f"params does not match model.named_parameters(): missing "
+                         f"{sorted(set(want) - got)[:5]}, unexpected {sorted(got - set(want))[:5]}")
+    ref = None
+    for k, v in params.items():
+        if not isinstance(v, torch.Tensor) or not v.is_floating_point():
+            raise ValueError(f"params[{k!r}] must be a floating-point tensor")
+        if v.shape != want[k]:
+            raise ValueError(f"params[{k!r}] has shape {tuple(v.shape)}, the model's parameter "
+                             f"has {tuple(want[k])}")
+        ref = ref if ref is not None else v
+        if v.dtype != ref.dtype or v.device != ref.device:
+            raise ValueError(f"params must share dtype and device; params[{k!r}] is {v.dtype} on "
+                             f"{v.device}, others {ref.dtype} on {ref.device}")
+    return {k: params[k].detach() for k in want}
+
+
+# ---- the algorithms ------------------------------------------------------------------------------
+
+class MetaAlgorithm:
+    """Base class: meta_gradient, adapt, evaluate (see the module docstring)."""
+
+    def __init__(self, config: AlgorithmConfig):
+        self.config = config
+        self._tl_cache: tuple[nn.Module, TaskLoss] | None = None
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    def with_options(self, **changes) -> "MetaAlgorithm":
+        """A copy with some settings changed (validated by make_algorithm)."""
+        d = {k: getattr(self.config, k) for k in AlgorithmConfig.__dataclass_fields__}
+        d.update(changes)
+        name = d.pop("name")
+        return make_algorithm(name, **d)
+
+    def task_loss(self, model: nn.Module) -> TaskLoss:
+        if self._tl_cache is None or self._tl_cache[0] is not model:
+            self._tl_cache = (model, TaskLoss(model, self.config.loss, self.config.backend))
+        return self._tl_cache[1]
+
+    # -- the inner problem
+    def _inner(self, tl: TaskLoss, theta_b, x, y, create_graph: bool = False):
+        c = self.config
+        lam = c.lam if c.regularized else 0.0
+        return gd(tl, theta_b, x, y, steps=c.inner_steps, lr=c.inner_lr, lam=lam,
+                  proximal=c.proximal, create_graph=create_graph)
+
+    def adapt(self, model: nn.Module, params: Mapping[str, torch.Tensor],
+              x_support: torch.Tensor, y_support: torch.Tensor) -> Params:
+        """Test-time adaptation of every task: dict of (M, ...) adapted params (no graph)."""
+        params = check_params(model, params)
+        t = check_tasks(TaskBatch(x_support, y_support, x_support, y_support), params,
+                        self.config.loss)
+        tl = self.task_loss(model)
+        theta_b = batched_theta(params, t.num_tasks)
+        return {k: v.detach() for k, v in self._inner(tl, theta_b, t.x_support,
+                                                       t.y_support).params.items()}
+
+    def evaluate(self, model: nn.Module, params: Mapping[str, torch.Tensor], tasks):
+        """Adapts on the support sets, then (query loss (M,), query accuracy (M,) or None for
+        regression losses)."""
+        params = check_params(model, params)
+        t = check_tasks(tasks, params, self.config.loss)
+        tl = self.task_loss(model)
+        phi = self._inner(tl, batched_theta(params, t.num_tasks), t.x_support,
+                          t.y_support).params
+        with torch.no_grad():
+            out = tl.outputs(phi, t.x_query)
+            return tl.per_task(out, t.y_query), tl.accuracy(out, t.y_query)
+
+    def meta_gradient(self, model: nn.Module, params: Mapping[str, torch.Tensor], tasks):
+        """(grads dict like params, metrics dict of tensors); see the module docstring."""
+        params = check_params(model, params)
+        t = check_tasks(tasks, params, self.config.loss)
+        tl = self.task_loss(model)
+        spec = ParamSpec.of(params, batched=False)
+        flat, finite, metrics = self._per_task(tl, params, t, spec)
+        return self._reduce(flat, finite, metrics, spec)
+
+    def _per_task(self, tl, params, t, spec):
+        raise NotImplementedError
+
+    # -- shared pieces
+    def _query(self, tl, phi, t, metrics, with_grad: bool):
+        """Query loss/accuracy into metrics; returns the query gradient dict when asked."""
+        if with_grad:
+            g, lq, out = tl.grad(phi, t.x_query, t.y_query)
+        else:
+            with torch.no_grad():
+                out = tl.outputs(phi, t.x_query)
+                lq = tl.per_task(out, t.y_query)
+            g = None
+        metrics["query_loss"] = lq.detach()
+        acc = tl.accuracy(out.detach(), t.y_query)
+        if acc is not None:
+            metrics["query_acc"] = acc
+        return g, lq
+
+    def _reduce(self, flat: torch.Tensor, finite: torch.Tensor, metrics: dict, spec: ParamSpec):
+        M = flat.shape[0]
+        ok = finite & torch.isfinite(flat).all(1)
+        if "cg_status" in metrics:
+            ok &= metrics["cg_status"] != reference.NONFINITE
+        n_ok = ok.sum()
+        metrics["task_ok"] = ok
+        metrics["num_ok"] = n_ok
+        metrics["nonfinite"] = ~ok
+        dev = flat.device
+        metrics.setdefault("cg_residual", flat.new_zeros(M))
+        metrics.setdefault("cg_iterations", torch.zeros(M, dtype=torch.int32, device=dev))
+        metrics.setdefault("cg_status", torch.full((M,), NO_CG, dtype=torch.int32, device=dev))
+        metrics.setdefault("cg_negative_curvature",
+                           metrics["cg_status"] == reference.NEGATIVE_CURVATURE)
+        if self.config.on_nonfinite == "raise" and not bool(ok.all()):
+            bad = (~ok).nonzero().flatten().tolist()
+            raise FloatingPointError(f"{self.name}: {len(bad)} of {M} tasks non-finite "
+                                     f"(tasks {bad[:10]}): inner loss, query loss, parameters or "
+                                     "CG met NaN/Inf")
+        summed = torch.where(ok.unsqueeze(1), flat, torch.zeros_like(flat)).sum(0)
+        mean = summed / n_ok.clamp(min=1).to(flat.dtype)
+        return spec.unflatten_one(mean), metrics
+
+
+class IMAMLGD(MetaAlgorithm):
+    """iMAML with K GD steps on G as inner solver."""
+
+    def _per_task(self, tl, params, t, spec):
+        inner = self._inner(tl, batched_theta(params, t.num_tasks), t.x_support, t.y_support)
+        return self._implicit(tl, inner, t, spec)
+
+    def _implicit(self, tl, inner, t, spec):
+        c = self.config
+        phi = inner.params
+        metrics = {"inner_loss": inner.loss, "inner_loss_before": inner.metrics["loss_first"]}
+        metrics.update({k: v for k, v in inner.metrics.items() if k.startswith("hf_")})
+        gq, lq = self._query(tl, phi, t, metrics, with_grad=True)
+        bspec = ParamSpec.of(phi)
+        b = bspec.flatten(gq)
+        if c.hvp == "lstsq":
+            X = _lstsq_inputs(tl, t.x_support)
+            x, res = implicit_meta_gradient_lstsq(X, b, lam=c.lam, cg_steps=c.cg_steps,
+                                                  damping=c.cg_damping, cg_lam=c.cg_lam,
+                                                  rtol=c.cg_rtol, use_ext=c.use_ext)
+        else:
+            out = implicit_meta_gradient(tl, phi, t.x_support, t.y_support, b, lam=c.lam,
+                                         cg_steps=c.cg_steps, damping=c.cg_damping,
+                                         cg_lam=c.cg_lam, hvp=c.hvp, rtol=c.cg_rtol,
+                                         use_ext=c.use_ext)
+            x, res = out.flat, out.cg
+        metrics["cg_residual"] = res.residual_norm
+        metrics["cg_iterations"] = res.iterations
+        metrics["cg_status"] = res.status
+        metrics["cg_negative_curvature"] = res.status == reference.NEGATIVE_CURVATURE
+        finite = inner.finite & torch.isfinite(lq)
+        return x, finite, metrics
+
+
+def _lstsq_inputs(tl: TaskLoss, x: torch.Tensor) -> torch.Tensor:
+    m = tl.model
+    if not (type(m) is nn.Linear and m.bias is None and m.out_features == 1
+            and tl.loss == "half_mse" and x.dim() == 3):
+        raise ValueError("hvp='lstsq' needs model = nn.Linear(d, 1, bias=False), loss='half_mse' "
+                         "and x_support of shape (M, n, d)")
+    return x
+
+
+class IMAMLHF(IMAMLGD):
+    """iMAML with Newton-CG (Hessian-free) as inner solver."""
+
+    def _inner(self, tl, theta_b, x, y, create_graph: bool = False):
+        c = self.config
+        hvp = "exact" if c.hvp == "lstsq" else c.hvp
+        return hessian_free(tl, theta_b, x, y, lam=c.lam, steps=c.inner_steps,
+                            cg_steps=c.hf_cg_steps, hvp=hvp, cg_rtol=c.cg_rtol,
+                            use_ext=c.use_ext)
+
+    def _per_task(self, tl, params, t, spec):
+        inner = self._inner(tl, batched_theta(params, t.num_tasks), t.x_support, t.y_support)
+        return self._implicit(tl, inner, t, spec)
+
+
+class MAML(MetaAlgorithm):
+    """Backpropagation through the K inner GD steps (create_graph)."""
+
+    def _per_task(self, tl, params, t, spec):
+        M = t.num_tasks
+        with torch.enable_grad():
+            # A real (M, ...) leaf, so that each task's meta-gradient is its own block.
+            theta_b = {k: v.unsqueeze(0).expand(M, *v.shape).clone().requires_grad_(True)
+                       for k, v in params.items()}
+            inner = self._inner(tl, theta_b, t.x_support, t.y_support, create_graph=True)
+            out = tl.outputs(inner.params, t.x_query)
+            lq = tl.per_task(out, t.y_query)
+            gs = torch.autograd.grad(lq.sum(), [theta_b[k] for k in spec.names])
+        metrics = {"inner_loss": inner.loss, "inner_loss_before": inner.metrics["loss_first"],
+                   "query_loss": lq.detach()}
+        acc = tl.accuracy(out.detach(), t.y_query)
+        if acc is not None:
+            metrics["query_acc"] = acc
+        flat = torch.cat([g.reshape(M, -1) for g in gs], dim=1)
+        return flat, inner.finite & torch.isfinite(lq.detach()), metrics
+
+
+class FOMAML(MetaAlgorithm):
+    """First-order MAML: grad L_test at phi_K."""
+
+    def _per_task(self, tl, params, t, spec):
+        inner = self._inner(tl, batched_theta(params, t.num_tasks), t.x_support, t.y_support)
+        metrics = {"inner_loss": inner.loss, "inner_loss_before": inner.metrics["loss_first"]}
+        gq, lq = self._query(tl, inner.params, t, metrics, with_grad=True)
+        flat = ParamSpec.of(inner.params).flatten(gq)
+        return flat, inner.finite & torch.isfinite(lq), metrics
+
+
+class Reptile(MetaAlgorithm):
+    """Reptile: direction theta - phi_K with phi_K from K plain SGD steps on L_train."""
+
+    def _per_task(self, tl, params, t, spec):
+        theta_b = batched_theta(params, t.num_tasks)
+        inner = self._inner(tl, theta_b, t.x_support, t.y_support)
+        metrics = {"inner_loss": inner.loss, "inner_loss_before": inner.metrics["loss_first"]}
+        _, lq = self._query(tl, inner.params, t, metrics, with_grad=False)
+        bspec = ParamSpec.of(theta_b)
+        flat = bspec.flatten(theta_b) - bspec.flatten(inner.params)
+        return flat, inner.finite & torch.isfinite(lq), metrics
+
+
+_CLASSES = {"imaml-gd": IMAMLGD, "imaml-hf": IMAMLHF, "maml": MAML, "fomaml": FOMAML,
+            "reptile": Reptile}
+
+__all__ = ["ALGORITHMS", "AlgorithmConfig", "MetaAlgorithm", "make_algorithm", "check_params",
+           "check_tasks", "NO_CG"]

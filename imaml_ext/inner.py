@@ -1,0 +1,251 @@
+"""Inner-loop solvers, batched over the M tasks of a meta-batch.
+
+The inner problem of task i (paper Eq. 4 / Sec. 3):
+
+    phi_i* = argmin_phi G_i(phi) = L_train_i(phi) + (lam / 2) ||phi - theta||^2
+
+- `gd`: K steps of gradient descent, all tasks at once. proximal="paper" puts the proximal term
+  in every step (the paper's Eq. 4); proximal="authors" takes K plain steps on L_train and then
+  one step on the proximal term alone, phi <- phi - lr * lam * (phi - theta) (the iMAML authors'
+  code, aravindr93/imaml_dev); lam=0 is plain GD on L_train (MAML, Reptile). create_graph=True
+  keeps the graph through the steps (MAML).
+- `hessian_free`: Newton-CG on G. Per iteration and task: CG (hf_cg_steps, default 5) on
+  (H + lam I) d = -grad G with exact or Gauss-Newton products, then a backtracking Armijo line
+  search over t in {1, 1/2, ..., 1/2^7} evaluated for all tasks at once. Default 4 iterations.
+
+Nothing here loops over tasks or reads a device value on the host, except CPU-only early exits
+that cost no synchronisation (as in imaml_ext.cg). Non-finite losses do not raise: each result
+carries a per-task `finite` mask that the algorithms turn into `task_ok`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Mapping
+
+import torch
+
+from imaml_ext import reference
+from imaml_ext.hvp import ParamSpec, Params, TaskLoss, expand_params, make_hvp
+from imaml_ext.linalg import cg
+
+PROXIMAL = ("paper", "authors")
+
+
+@dataclass
+class InnerResult:
+    """What an inner solver returns.
+
+    Attributes:
+        params: dict of (M, ...) adapted parameters phi_i.
+        loss: (M,) L_train at the returned params (detached).
+        finite: (M,) bool, False where a loss, gradient or parameter went NaN/Inf.
+        metrics: solver-specific (M,)-shaped tensors (HF: step sizes, CG flags, ...).
+    """
+
+    params: Params
+    loss: torch.Tensor
+    finite: torch.Tensor
+    metrics: dict = field(default_factory=dict)
+
+
+def _check(steps, lr, lam, name_steps="steps"):
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise ValueError(f"{name_steps} must be an int >= 0, got {steps!r}")
+    if not (isinstance(lr, (int, float)) and lr > 0):
+        raise ValueError(f"inner_lr must be a number > 0, got {lr!r}")
+    if not (isinstance(lam, (int, float)) and lam >= 0 and lam != float("inf")):
+        raise ValueError(f"lam must be a finite number >= 0, got {lam!r}")
+
+
+def batched_theta(theta: Mapping[str, torch.Tensor], M: int) -> Params:
+    """theta as (M, ...) leaves: unbatched leaves are broadcast (no copy)."""
+    return expand_params({k: v.detach() for k, v in theta.items()}, M)
+
+
+def _finite_params(params: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    leaves = list(params.values())
+    M = leaves[0].shape[0]
+    ok = torch.ones(M, dtype=torch.bool, device=leaves[0].device)
+    for t in leaves:
+        ok &= torch.isfinite(t.reshape(M, -1)).all(1)
+    return ok
+
+
+def train_loss(task_loss: TaskLoss, params_b, x, y) -> torch.Tensor:
+    """(M,) L_train at params_b, without a graph."""
+    with torch.no_grad():
+        return task_loss(params_b, x, y)
+
+
+def gd(task_loss: TaskLoss, theta_b: Mapping[str, torch.Tensor], x: torch.Tensor,
+       y: torch.Tensor, *, steps: int, lr: float, lam: float = 0.0, proximal: str = "paper",
+       create_graph: bool = False) -> InnerResult:
+    """K gradient steps on G_i for all tasks.
+
+    Args:
+        task_loss: the TaskLoss of L_train.
+        theta_b: dict of (M, ...) starting points and proximal centres (broadcast views are
+            fine). With create_graph=True these should require grad (MAML's meta-parameters).
+        x, y: support sets (M, N, ...).
+        steps: K >= 0. lr: step size alpha. lam: proximal strength (0: plain GD on L_train).
+        proximal: "paper" or "authors" (see the module docstring).
+        create_graph: keep the graph through the steps (for backpropagation through them).
+
+    Returns:
+        InnerResult with metrics {"loss_first": (M,) L_train at theta}.
+    """
+    _check(steps, lr, lam)
+    if proximal not in PROXIMAL:
+        raise ValueError(f"proximal must be one of {PROXIMAL}, got {proximal!r}")
+    names = list(theta_b)
+    theta = dict(theta_b)
+    phi = dict(theta_b)
+    lam_in_steps = lam if proximal == "paper" else 0.0
+    loss_first = None
+    if create_graph:
+        with torch.enable_grad():
+            for _ in range(steps):
+                losses = task_loss(phi, x, y)
+                if loss_first is None:
+                    loss_first = losses.detach()
+                gs = torch.autograd.grad(losses.sum(), [phi[k] for k in names], create_graph=True)
+                phi = {k: _step(phi[k], g, theta[k], lr, lam_in_steps) for k, g in zip(names, gs)}
+            if proximal == "authors" and lam > 0:
+                phi = {k: phi[k] - (lr * lam) * (phi[k] - theta[k]) for k in names}
+    else:
+        phi = {k: v.detach() for k, v in phi.items()}
+        theta = {k: v.detach() for k, v in theta.items()}
+        for _ in range(steps):
+            gs, losses, _ = task_loss.grad(phi, x, y)
+            if loss_first is None:
+                loss_first = losses.detach()
+            phi = {k: _step(phi[k], gs[k], theta[k], lr, lam_in_steps) for k in names}
+        if proximal == "authors" and lam > 0:
+            phi = {k: phi[k] - (lr * lam) * (phi[k] - theta[k]) for k in names}
+    final = train_loss(task_loss, phi, x, y)
+    if loss_first is None:
+        loss_first = final
+    finite = torch.isfinite(final) & _finite_params(phi)
+    return InnerResult(phi, final, finite, {"loss_first": loss_first})
+
+
+def _step(p, g, t, lr, lam):
+    if lam == 0.0:
+        return p - lr * g
+    return p - lr * (g + lam * (p - t))
+
+
+def objective(task_loss: TaskLoss, phi, theta, x, y, lam: float) -> torch.Tensor:
+    """(M,) G_i(phi_i) = L_train_i(phi_i) + lam/2 ||phi_i - theta_i||^2, without a graph."""
+    with torch.no_grad():
+        return task_loss(phi, x, y) + 0.5 * lam * _sqdist(phi, theta)
+
+
+def _sqdist(a, b) -> torch.Tensor:
+    out = None
+    for k in a:
+        d = (a[k] - b[k]).reshape(a[k].shape[0], -1)
+        s = (d * d).sum(1)
+        out = s if out is None else out + s
+    return out
+
+
+def hessian_free(task_loss: TaskLoss, theta_b: Mapping[str, torch.Tensor], x: torch.Tensor,
+                 y: torch.Tensor, *, lam: float, steps: int = 4, cg_steps: int = 5,
+                 hvp: str = "exact", armijo: float = 1e-4, backtrack: float = 0.5,
+                 ls_steps: int = 8, cg_rtol: float = 1e-10,
+                 use_ext: bool | None = None) -> InnerResult:
+    """Newton-CG on G_i for all tasks (the paper's iMAML-HF inner solver).
+
+    Each iteration, per task: CG with `cg_steps` iterations on (H + lam I) d = -grad G from
+    d0 = 0. Where CG meets negative curvature it keeps its last good iterate (steepest descent
+    -grad G when it has none); a direction that is not a descent direction is replaced by -grad G.
+    Step size: the largest t in {1, backtrack, ..., backtrack^(ls_steps-1)} with
+    G(phi + t d) <= G(phi) + armijo * t * grad G . d; if none qualifies the task does not move
+    (counted in "hf_ls_failures"), so G never increases.
+
+    Args:
+        task_loss, theta_b, x, y: as in `gd`. lam: > 0.
+        steps: Newton iterations (default 4). cg_steps: CG iterations per direction (default 5).
+        hvp: "exact" or "ggn" (Gauss-Newton, PSD) or "double_backward".
+        armijo, backtrack, ls_steps: line-search constants.
+
+    Returns:
+        InnerResult with metrics (per task): "hf_objective" (steps+1, M) G before each iteration
+        and at the end, "hf_step_size" last accepted t, "hf_ls_failures", "hf_negative_curvature"
+        (CG negative-curvature count), "hf_cg_iterations" (total), "hf_cg_residual" (last).
+    """
+    _check(steps, 1.0, lam)
+    if not lam > 0:
+        raise ValueError(f"lam must be > 0 for the Hessian-free solver, got {lam!r}")
+    if isinstance(cg_steps, bool) or not isinstance(cg_steps, int) or cg_steps < 1:
+        raise ValueError(f"hf_cg_steps must be an int >= 1, got {cg_steps!r}")
+    if not (0 < backtrack < 1) or not (0 < armijo < 1) or ls_steps < 1:
+        raise ValueError("line search needs 0 < backtrack < 1, 0 < armijo < 1, ls_steps >= 1")
+    theta = {k: v.detach() for k, v in theta_b.items()}
+    spec = ParamSpec.of(theta)
+    theta_flat = spec.flatten(theta)
+    phi_flat = theta_flat.clone()
+    M = phi_flat.shape[0]
+    dev = phi_flat.device
+    finite = torch.ones(M, dtype=torch.bool, device=dev)
+    ls_fail = torch.zeros(M, dtype=torch.int32, device=dev)
+    negcurv = torch.zeros(M, dtype=torch.int32, device=dev)
+    cg_iters = torch.zeros(M, dtype=torch.int32, device=dev)
+    cg_res = phi_flat.new_zeros(M)
+    t_last = phi_flat.new_zeros(M)
+    history = []
+    ts = [backtrack ** j for j in range(ls_steps)]
+    on_cpu = dev.type == "cpu"
+    for _ in range(steps):
+        phi = spec.unflatten(phi_flat)
+        gl, L0, _ = task_loss.grad(phi, x, y)
+        delta = phi_flat - theta_flat
+        g = spec.flatten(gl).add_(delta, alpha=lam)
+        G0 = L0 + 0.5 * lam * (delta * delta).sum(1)
+        history.append(G0)
+        finite &= torch.isfinite(G0) & torch.isfinite(g).all(1)
+        H = make_hvp(task_loss, phi, x, y, hvp)
+
+        def matvec(v, H=H):
+            return H.flat(v).add_(v, alpha=lam)
+
+        res = cg(matvec, -g, max_iter=cg_steps, rtol=cg_rtol, batched=True, use_ext=use_ext)
+        d = res.x
+        negcurv += (res.status == reference.NEGATIVE_CURVATURE).to(torch.int32)
+        cg_iters += res.iterations
+        cg_res = res.residual_norm
+        slope = (g * d).sum(1)
+        bad = (res.iterations == 0) | ~(slope < 0) | ~torch.isfinite(slope)
+        d = torch.where(bad.unsqueeze(1), -g, d)
+        slope = torch.where(bad, -(g * g).sum(1), slope)
+        # Backtracking over a fixed ladder of step sizes, all tasks at once; a task keeps the
+        # first (largest) t that passes. On the CPU the ladder stops once every task has passed.
+        t_sel = torch.zeros_like(G0)
+        found = torch.zeros(M, dtype=torch.bool, device=dev)
+        for t in ts:
+            trial = phi_flat + t * d
+            Gt = objective(task_loss, spec.unflatten(trial), theta, x, y, lam)
+            ok = ~found & torch.isfinite(Gt) & (Gt <= G0 + armijo * t * slope)
+            t_sel = torch.where(ok, torch.full_like(t_sel, t), t_sel)
+            found |= ok
+            if on_cpu and bool(found.all()):  # CPU values: no device synchronisation
+                break
+        ls_fail += (~found).to(torch.int32)
+        t_last = t_sel
+        phi_flat = phi_flat + t_sel.unsqueeze(1) * torch.where(finite.unsqueeze(1), d,
+                                                                torch.zeros_like(d))
+    phi = spec.unflatten(phi_flat)
+    final = train_loss(task_loss, phi, x, y)
+    delta = phi_flat - theta_flat
+    history.append(final + 0.5 * lam * (delta * delta).sum(1))
+    finite &= torch.isfinite(final) & torch.isfinite(phi_flat).all(1)
+    metrics = {"hf_objective": torch.stack(history), "hf_step_size": t_last,
+               "hf_ls_failures": ls_fail, "hf_negative_curvature": negcurv,
+               "hf_cg_iterations": cg_iters, "hf_cg_residual": cg_res,
+               "loss_first": history[0] if steps else final}
+    return InnerResult(phi, final, finite, metrics)
+
+
+__all__ = ["InnerResult", "gd", "hessian_free", "objective", "batched_theta", "train_loss",
+           "PROXIMAL"]

@@ -1,0 +1,326 @@
+"""imaml_ext.algorithms: every meta-gradient against an independent computation (float64):
+MAML against unrolled autograd per task, first-order MAML and Reptile against their definitions,
+iMAML against an authors'-style per-task loop and against the closed form on linear regression;
+batched equals per-task; use_ext equals the reference; the failure policy and argument errors."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call
+
+import imaml_ext
+from imaml_ext import synthetic as syn
+from imaml_ext.algorithms import ALGORITHMS, NO_CG, make_algorithm
+from imaml_ext.models import ConvNet
+from imaml_ext.types import TaskBatch
+
+DT = torch.float64
+needs_ext = pytest.mark.skipif(not imaml_ext.extension_available(),
+                               reason="compiled extension not built")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny tensors: thread pools only add contention on a shared 2-core machine.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def conv_setup(M=3, ways=3, shots=2, query=2, seed=0):
+    torch.manual_seed(seed)
+    model = ConvNet(1, ways, hidden=4, image_size=16).to(DT)
+    params = {k: v.detach().clone() for k, v in model.named_parameters()}
+    tasks = TaskBatch(torch.randn(M, ways * shots, 1, 16, 16, dtype=DT),
+                      torch.randint(0, ways, (M, ways * shots)),
+                      torch.randn(M, ways * query, 1, 16, 16, dtype=DT),
+                      torch.randint(0, ways, (M, ways * query)))
+    return model, params, tasks
+
+
+def ce(model, p, x, y):
+    return F.cross_entropy(functional_call(model, p, (x,)), y)
+
+
+def task(tasks, i):
+    return TaskBatch(*(t[i:i + 1] for t in tasks))
+
+
+def close(a, b, rtol=1e-9, atol=1e-11):
+    assert set(a) == set(b)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=rtol, atol=atol, msg=k)
+
+
+# ---- independent per-task references ------------------------------------------------------------
+
+def unrolled_maml(model, params, tasks, K, lr, lam=0.0):
+    """Per task, plain torch.autograd with create_graph through K steps."""
+    grads = []
+    for i in range(tasks.num_tasks):
+        theta = {k: v.clone().requires_grad_(True) for k, v in params.items()}
+        phi = dict(theta)
+        for _ in range(K):
+            loss = ce(model, phi, tasks.x_support[i], tasks.y_support[i])
+            gs = torch.autograd.grad(loss, list(phi.values()), create_graph=True)
+            phi = {k: p - lr * (g + lam * (p - theta[k])) for (k, p), g in zip(phi.items(), gs)}
+        q = ce(model, phi, tasks.x_query[i], tasks.y_query[i])
+        grads.append(dict(zip(theta, torch.autograd.grad(q, list(theta.values())))))
+    return {k: torch.stack([g[k] for g in grads]).mean(0) for k in params}
+
+
+def sgd_per_task(model, params, x, y, K, lr, lam=0.0):
+    phi = {k: v.clone().requires_grad_(True) for k, v in params.items()}
+    for _ in range(K):
+        loss = ce(model, phi, x, y)
+        loss = loss + 0.5 * lam * sum(((phi[k] - params[k]) ** 2).sum() for k in phi)
+        gs = torch.autograd.grad(loss, list(phi.values()))
+        phi = {k: (p - lr * g).detach().requires_grad_(True) for (k, p), g in zip(phi.items(), gs)}
+    return {k: v.detach() for k, v in phi.items()}
+
+
+def authors_style_imaml(model, params, tasks, K, lr, lam, cg_steps, damping=0.0, cg_lam=None):
+    """One task at a time: GD on G, query gradient, Python CG with double-backward HVPs."""
+    cg_lam = lam if cg_lam is None else cg_lam
+    names = list(params)
+    total = 0
+    for i in range(tasks.num_tasks):
+        phi = sgd_per_task(model, params, tasks.x_support[i], tasks.y_support[i], K, lr, lam)
+        p = {k: v.clone().requires_grad_(True) for k, v in phi.items()}
+        gq = torch.autograd.grad(ce(model, p, tasks.x_query[i], tasks.y_query[i]),
+                                 [p[k] for k in names])
+        b = torch.cat([g.reshape(-1) for g in gq])
+
+        def Av(v):
+            g = torch.autograd.grad(ce(model, p, tasks.x_support[i], tasks.y_support[i]),
+                                    [p[k] for k in names], create_graph=True)
+            flat = torch.cat([t.reshape(-1) for t in g])
+            hv = torch.autograd.grad(flat @ v, [p[k] for k in names])
+            return (1 + damping) * v + torch.cat([t.reshape(-1) for t in hv]) / cg_lam
+
+        x = torch.zeros_like(b)
+        r = b.clone()
+        d = r.clone()
+        rs = r @ r
+        for _ in range(cg_steps):
+            Ad = Av(d)
+            a = rs / (d @ Ad)
+            x = x + a * d
+            r = r - a * Ad
+            rs_new = r @ r
+            d = r + rs_new / rs * d
+            rs = rs_new
+        total = total + (x if cg_steps else b)
+    mean = total / tasks.num_tasks
+    out, off = {}, 0
+    for k in names:
+        n = params[k].numel()
+        out[k] = mean[off:off + n].view(params[k].shape)
+        off += n
+    return out
+
+
+# ---- correctness --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("regularized", [False, True])
+def test_maml_equals_unrolled_autograd(regularized):
+    model, params, tasks = conv_setup()
+    algo = make_algorithm("maml", inner_steps=3, inner_lr=0.1, lam=0.7, regularized=regularized)
+    g, m = algo.meta_gradient(model, params, tasks)
+    close(g, unrolled_maml(model, params, tasks, 3, 0.1, 0.7 if regularized else 0.0))
+    assert m["task_ok"].all() and (m["cg_status"] == NO_CG).all()
+
+
+def test_fomaml_equals_definition():
+    model, params, tasks = conv_setup()
+    g, _ = make_algorithm("fomaml", inner_steps=3, inner_lr=0.1).meta_gradient(model, params,
+                                                                                tasks)
+    want = []
+    for i in range(3):
+        phi = sgd_per_task(model, params, tasks.x_support[i], tasks.y_support[i], 3, 0.1)
+        p = {k: v.requires_grad_(True) for k, v in phi.items()}
+        want.append(dict(zip(p, torch.autograd.grad(ce(model, p, tasks.x_query[i],
+                                                       tasks.y_query[i]), list(p.values())))))
+    close(g, {k: torch.stack([w[k] for w in want]).mean(0) for k in params})
+
+
+def test_reptile_direction_equals_definition():
+    model, params, tasks = conv_setup()
+    g, m = make_algorithm("reptile", inner_steps=4, inner_lr=0.1).meta_gradient(model, params,
+                                                                                 tasks)
+    phis = [sgd_per_task(model, params, tasks.x_support[i], tasks.y_support[i], 4, 0.1)
+            for i in range(3)]
+    close(g, {k: params[k] - torch.stack([p[k] for p in phis]).mean(0) for k in params})
+    assert "query_acc" in m and m["query_loss"].shape == (3,)
+
+
+@pytest.mark.parametrize("lam,variant", [(20.0, dict()), (2.0, dict(cg_damping=1.0, cg_lam=12.0))])
+def test_imaml_gd_equals_authors_style_loop(lam, variant):
+    # lam large enough that (I + H/lam) is positive definite on this tiny random net
+    model, params, tasks = conv_setup()
+    algo = make_algorithm("imaml-gd", inner_steps=3, inner_lr=0.1, lam=lam, cg_steps=4,
+                          **variant)
+    g, m = algo.meta_gradient(model, params, tasks)
+    assert (m["cg_status"] == 0).all() and (m["cg_iterations"] == 4).all()
+    want = authors_style_imaml(model, params, tasks, 3, 0.1, lam, 4,
+                               damping=variant.get("cg_damping", 0.0),
+                               cg_lam=variant.get("cg_lam"))
+    close(g, want, rtol=1e-8, atol=1e-10)
+
+
+def test_imaml_negative_curvature_keeps_last_good_iterate():
+    # With lam=2 the tiny net's (I + H/lam) is indefinite: CG stops per task at the breakdown
+    # and keeps the iterate before it, which is the authors' CG run for that many steps.
+    model, params, tasks = conv_setup()
+    algo = make_algorithm("imaml-gd", inner_steps=3, inner_lr=0.1, lam=2.0, cg_steps=4)
+    g, m = algo.meta_gradient(model, params, tasks)
+    assert m["cg_negative_curvature"].any() and m["task_ok"].all()
+    assert all(torch.isfinite(v).all() for v in g.values())
+    per_task = [authors_style_imaml(model, params, task(tasks, i), 3, 0.1, 2.0,
+                                    int(m["cg_iterations"][i])) for i in range(3)]
+    close(g, {k: torch.stack([p[k] for p in per_task]).mean(0) for k in params}, rtol=1e-8,
+          atol=1e-10)
+
+
+def test_imaml_zero_cg_steps_equals_first_order():
+    model, params, tasks = conv_setup()
+    kw = dict(inner_steps=3, inner_lr=0.1, lam=2.0)
+    g0, m0 = make_algorithm("imaml-gd", cg_steps=0, **kw).meta_gradient(model, params, tasks)
+    gf, _ = make_algorithm("fomaml", regularized=True, **kw).meta_gradient(model, params, tasks)
+    close(g0, gf, rtol=0, atol=0)
+    assert (m0["cg_iterations"] == 0).all()
+
+
+def test_imaml_closed_form_linear_regression():
+    lt = syn.make_linear_tasks(4, d=10, n_train=20, n_test=30, seed=0)
+    model = syn.linear_model(10)
+    theta = torch.randn(1, 10, dtype=DT, generator=torch.Generator().manual_seed(5))
+    exact = syn.exact_meta_gradient(lt.tasks, theta.expand(4, -1), 1.0).mean(0)
+    lr = syn.safe_lr(lt.spectrum, 1.0)
+    for hvp in ("exact", "lstsq"):
+        algo = make_algorithm("imaml-gd", loss="half_mse", lam=1.0, inner_steps=300, inner_lr=lr,
+                              cg_steps=5, hvp=hvp)
+        g, _ = algo.meta_gradient(model, {"weight": theta}, lt.tasks)
+        assert syn.relative_error(g["weight"].view(-1), exact) < 1e-8
+    hf = make_algorithm("imaml-hf", loss="half_mse", lam=1.0, inner_steps=2, cg_steps=5)
+    g, m = hf.meta_gradient(model, {"weight": theta}, lt.tasks)
+    assert syn.relative_error(g["weight"].view(-1), exact) < 1e-8
+    assert "hf_step_size" in m and "query_acc" not in m
+
+
+@pytest.mark.parametrize("name", ALGORITHMS)
+def test_batched_equals_per_task_and_vmap_backend(name):
+    model, params, tasks = conv_setup()
+    algo = make_algorithm(name, inner_steps=2, inner_lr=0.1, cg_steps=2)
+    g, m = algo.meta_gradient(model, params, tasks)
+    singles = [algo.meta_gradient(model, params, task(tasks, i))[0] for i in range(3)]
+    close(g, {k: torch.stack([s[k] for s in singles]).mean(0) for k in params}, rtol=1e-8,
+          atol=1e-10)
+    gv, _ = algo.with_options(backend="vmap").meta_gradient(model, params, tasks)
+    close(g, gv, rtol=1e-8, atol=1e-10)
+    for key in ("inner_loss", "query_loss", "query_acc", "cg_residual", "cg_iterations",
+                "cg_status", "task_ok", "cg_negative_curvature"):
+        assert m[key].shape == (3,), key
+    assert int(m["num_ok"]) == 3
+
+
+@needs_ext
+@pytest.mark.parametrize("name", ["imaml-gd", "imaml-hf"])
+def test_use_ext_equals_reference(name):
+    model, params, tasks = conv_setup()
+    kw = dict(inner_steps=2, inner_lr=0.1, cg_steps=3)
+    g1, m1 = make_algorithm(name, use_ext=True, **kw).meta_gradient(model, params, tasks)
+    g2, m2 = make_algorithm(name, use_ext=False, **kw).meta_gradient(model, params, tasks)
+    close(g1, g2, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(m1["cg_status"], m2["cg_status"])
+
+
+def test_adapt_and_evaluate():
+    model, params, tasks = conv_setup()
+    algo = make_algorithm("imaml-gd", inner_steps=2, inner_lr=0.1)
+    phi = algo.adapt(model, params, tasks.x_support, tasks.y_support)
+    assert phi["head.weight"].shape == (3, *params["head.weight"].shape)
+    loss, acc = algo.evaluate(model, params, tasks)
+    assert loss.shape == acc.shape == (3,)
+    _, m = algo.meta_gradient(model, params, tasks)
+    torch.testing.assert_close(loss, m["query_loss"])
+    # Reptile adapts with plain SGD on L_train
+    rep = make_algorithm("reptile", inner_steps=2, inner_lr=0.1)
+    phi_r = rep.adapt(model, params, tasks.x_support[:1], tasks.y_support[:1])
+    want = sgd_per_task(model, params, tasks.x_support[0], tasks.y_support[0], 2, 0.1)
+    close({k: v[0] for k, v in phi_r.items()}, want)
+
+
+# ---- failure policy -----------------------------------------------------------------------------
+
+def poisoned(tasks, which):
+    xs = tasks.x_support.clone()
+    xs[which] = float("nan")
+    return TaskBatch(xs, *tasks[1:])
+
+
+@pytest.mark.parametrize("name", ALGORITHMS)
+def test_nonfinite_task_is_skipped_and_counted(name):
+    model, params, tasks = conv_setup()
+    algo = make_algorithm(name, inner_steps=2, inner_lr=0.1, cg_steps=2)
+    g, m = algo.meta_gradient(model, params, poisoned(tasks, 1))
+    assert m["task_ok"].tolist() == [True, False, True] and int(m["num_ok"]) == 2
+    assert all(torch.isfinite(v).all() for v in g.values())
+    g02 = [algo.meta_gradient(model, params, task(tasks, i))[0] for i in (0, 2)]
+    close(g, {k: (g02[0][k] + g02[1][k]) / 2 for k in params}, rtol=1e-8, atol=1e-10)
+
+
+def test_all_tasks_nonfinite_gives_zero_and_raise_policy():
+    model, params, tasks = conv_setup()
+    bad = poisoned(tasks, slice(None))
+    g, m = make_algorithm("imaml-gd", inner_steps=1).meta_gradient(model, params, bad)
+    assert int(m["num_ok"]) == 0 and all((v == 0).all() for v in g.values())
+    with pytest.raises(FloatingPointError, match=r"tasks \[1\]"):
+        make_algorithm("maml", inner_steps=1, on_nonfinite="raise").meta_gradient(
+            model, params, poisoned(tasks, 1))
+
+
+def test_indefinite_curvature_flagged_never_nan():
+    lt = syn.make_linear_tasks(3, d=10, seed=0)
+    model = syn.linear_model(10)
+    concave = lambda out, y: -0.5 * out.squeeze(-1) ** 2  # noqa: E731
+    algo = make_algorithm("imaml-gd", loss=concave, lam=0.01, inner_steps=1, inner_lr=1e-3)
+    g, m = algo.meta_gradient(model, {"weight": torch.randn(1, 10, dtype=DT)}, lt.tasks)
+    assert torch.isfinite(g["weight"]).all()
+    assert m["cg_negative_curvature"].all() and m["task_ok"].all()
+
+
+# ---- argument errors ----------------------------------------------------------------------------
+
+def test_argument_errors():
+    model, params, tasks = conv_setup()
+    with pytest.raises(ValueError, match="name must be one of"):
+        make_algorithm("anil")
+    for lam in (0.0, -1.0, float("inf")):
+        with pytest.raises(ValueError, match="lam must be"):
+            make_algorithm("imaml-gd", lam=lam)
+    with pytest.raises(ValueError, match="cg_steps"):
+        make_algorithm("imaml-gd", cg_steps=-1)
+    with pytest.raises(ValueError, match="hvp"):
+        make_algorithm("imaml-gd", hvp="fisher")
+    with pytest.raises(ValueError, match="on_nonfinite"):
+        make_algorithm("maml", on_nonfinite="ignore")
+    algo = make_algorithm("imaml-gd", inner_steps=1)
+    missing = {k: v for k, v in params.items() if k != "head.bias"}
+    with pytest.raises(ValueError, match=r"params does not match.*missing \['head.bias'\]"):
+        algo.meta_gradient(model, missing, tasks)
+    wrong = dict(params, **{"head.bias": torch.zeros(7, dtype=DT)})
+    with pytest.raises(ValueError, match=r"params\['head.bias'\] has shape \(7,\)"):
+        algo.meta_gradient(model, wrong, tasks)
+    uneven = TaskBatch([tasks.x_support[0], tasks.x_support[1, :4]], *tasks[1:])
+    with pytest.raises(ValueError, match="tasks.x_support: tasks of one batch must have equal"):
+        algo.meta_gradient(model, params, uneven)
+    with pytest.raises(ValueError, match="tasks.y_query must be int64"):
+        algo.meta_gradient(model, params, TaskBatch(*tasks[:3], tasks.y_query.float()))
+    with pytest.raises(ValueError, match="tasks.y_support must be"):
+        algo.meta_gradient(model, params, TaskBatch(tasks.x_support, tasks.y_support[:2],
+                                                    *tasks[2:]))
+    with pytest.raises(ValueError, match="tasks.x_support is torch.float32"):
+        algo.meta_gradient(model, params, TaskBatch(tasks.x_support.float(), *tasks[1:]))

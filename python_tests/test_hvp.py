@@ -1,0 +1,220 @@
+"""imaml_ext.hvp: flat views, the batched task loss (folded and vmap backends) and the HVPs,
+each against an independent per-task computation in float64."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, vmap
+
+from imaml_ext.hvp import (ParamSpec, TaskLoss, expand_params, flatten_params, hvp_single,
+                           make_hvp, unflatten_params)
+from imaml_ext.models import ConvNet
+
+DT = torch.float64
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny tensors: thread pools only add contention on a shared 2-core machine.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def conv_setup(M=3, ways=3, shots=2, downsample="pool", seed=0):
+    torch.manual_seed(seed)
+    model = ConvNet(1, ways, hidden=4, image_size=16, downsample=downsample).to(DT)
+    base = {k: v.detach() for k, v in model.named_parameters()}
+    params_b = {k: v + 0.05 * torch.randn(M, *v.shape, dtype=DT) for k, v in base.items()}
+    x = torch.randn(M, ways * shots, 1, 16, 16, dtype=DT)
+    y = torch.randint(0, ways, (M, ways * shots))
+    return model, params_b, x, y
+
+
+def mlp_setup(M=3, n=7, d=4, seed=0):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(d, 5), nn.Tanh(), nn.Linear(5, 3)).to(DT)
+    params_b = {k: v.detach() + 0.1 * torch.randn(M, *v.shape, dtype=DT)
+                for k, v in model.named_parameters()}
+    x = torch.randn(M, n, d, dtype=DT)
+    y = torch.randint(0, 3, (M, n))
+    return model, params_b, x, y
+
+
+def loop_loss(model, p, x, y, loss="cross_entropy"):
+    out = functional_call(model, p, (x,))
+    return F.cross_entropy(out, y) if loss == "cross_entropy" else F.mse_loss(out.squeeze(-1), y)
+
+
+def loop_hvp(model, params_b, x, y, v):
+    """Per task: double backward with torch.autograd (independent of torch.func)."""
+    outs = {k: [] for k in params_b}
+    for i in range(x.shape[0]):
+        p = {k: t[i].clone().requires_grad_(True) for k, t in params_b.items()}
+        g = torch.autograd.grad(loop_loss(model, p, x[i], y[i]), list(p.values()),
+                                create_graph=True)
+        hv = torch.autograd.grad(g, list(p.values()), grad_outputs=[v[k][i] for k in p])
+        for k, h in zip(p, hv):
+            outs[k].append(h)
+    return {k: torch.stack(t) for k, t in outs.items()}
+
+
+def assert_close_dict(a, b, rtol=1e-9, atol=1e-11):
+    assert set(a) == set(b)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=rtol, atol=atol, msg=k)
+
+
+def test_param_spec_roundtrip_and_views():
+    params = {"a": torch.randn(4, 2, 3), "b": torch.randn(4, 5)}
+    flat, spec = flatten_params(params)
+    assert flat.shape == (4, 11) and spec.numel == 11
+    back = unflatten_params(flat, spec)
+    assert_close_dict(back, params, rtol=0, atol=0)
+    back["b"].zero_()  # views into the buffer
+    assert flat[:, 6:].abs().sum() == 0
+    one = spec.unflatten_one(spec.flatten_one({"a": params["a"][0], "b": params["b"][0]}))
+    torch.testing.assert_close(one["a"], params["a"][0])
+
+
+def test_param_spec_names_mismatch_error():
+    spec = ParamSpec.of({"a": torch.zeros(2, 3)})
+    with pytest.raises(ValueError, match="v does not match.*missing \\['a'\\]"):
+        spec.flatten({"b": torch.zeros(2, 3)}, "v")
+
+
+@pytest.mark.parametrize("downsample", ["pool", "stride"])
+def test_folded_forward_equals_vmap(downsample):
+    model, params_b, x, y = conv_setup(downsample=downsample)
+    folded, vm = TaskLoss(model), TaskLoss(model, backend="vmap")
+    assert folded.backend == "folded" and vm.backend == "vmap"
+    torch.testing.assert_close(folded.outputs(params_b, x), vm.outputs(params_b, x))
+    per_task = torch.stack([loop_loss(model, {k: v[i] for k, v in params_b.items()}, x[i], y[i])
+                            for i in range(x.shape[0])])
+    torch.testing.assert_close(folded(params_b, x, y), per_task)
+
+
+def test_folded_sequential_mlp_and_linear():
+    model, params_b, x, y = mlp_setup()
+    tl = TaskLoss(model)
+    assert tl.backend == "folded"
+    torch.testing.assert_close(tl.outputs(params_b, x), TaskLoss(model, backend="vmap")
+                               .outputs(params_b, x))
+    lin = nn.Linear(4, 1, bias=False).to(DT)
+    tl2 = TaskLoss(lin, "half_mse")
+    w = torch.randn(3, 1, 4, dtype=DT)
+    yr = torch.randn(3, 7, dtype=DT)
+    want = 0.5 * ((x @ w.transpose(1, 2)).squeeze(-1) - yr).pow(2).mean(1)
+    torch.testing.assert_close(tl2({"weight": w}, x, yr), want)
+
+
+def test_unsupported_model_falls_back_to_vmap():
+    class Custom(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.lin(x).sin()
+
+    model = Custom().to(DT)
+    tl = TaskLoss(model)
+    assert tl.backend == "vmap"
+    with pytest.raises(ValueError, match="folded"):
+        TaskLoss(model, backend="folded")
+
+
+def test_batched_grad_equals_per_task_loop():
+    model, params_b, x, y = conv_setup()
+    g, losses, out = TaskLoss(model).grad(params_b, x, y)
+    for i in range(x.shape[0]):
+        p = {k: v[i].clone().requires_grad_(True) for k, v in params_b.items()}
+        gi = torch.autograd.grad(loop_loss(model, p, x[i], y[i]), list(p.values()))
+        for k, gk in zip(p, gi):
+            torch.testing.assert_close(g[k][i], gk)
+    assert out.shape == (3, 6, 3) and losses.shape == (3,)
+
+
+@pytest.mark.parametrize("kind", ["exact", "double_backward"])
+@pytest.mark.parametrize("backend", ["folded", "vmap"])
+def test_hvp_equals_per_task_double_backward(kind, backend):
+    model, params_b, x, y = conv_setup()
+    v = {k: torch.randn_like(t) for k, t in params_b.items()}
+    H = make_hvp(TaskLoss(model, backend=backend), params_b, x, y, kind)
+    assert_close_dict(H(v), loop_hvp(model, params_b, x, y, v))
+    # the flat form used by CG
+    flat_v, spec = flatten_params(v)
+    torch.testing.assert_close(H.flat(flat_v), spec.flatten(H(v)))
+
+
+def test_hvp_single_vmapped_matches_batched():
+    model, params_b, x, y = mlp_setup()
+    v = {k: torch.randn_like(t) for k, t in params_b.items()}
+    tl = TaskLoss(model)
+    fn = lambda p, xx, yy: tl.single(p, xx, yy)  # noqa: E731
+    got = vmap(lambda p, vv, xx, yy: hvp_single(fn, p, vv, xx, yy))(params_b, v, x, y)
+    assert_close_dict(got, make_hvp(tl, params_b, x, y)(v))
+
+
+def _ggn_dense(model, p, x, y):
+    """J^T H_out J for one task of the MLP, from explicit Jacobians."""
+    names = list(p)
+    flat = torch.cat([p[k].reshape(-1) for k in names])
+    sizes = [p[k].numel() for k in names]
+
+    def out_of(f):
+        parts = dict(zip(names, [t.reshape(p[k].shape) for t, k in
+                                 zip(f.split(sizes), names)]))
+        return functional_call(model, parts, (x,)).reshape(-1)
+
+    J = torch.autograd.functional.jacobian(out_of, flat)
+    o = out_of(flat).detach()
+    Hout = torch.autograd.functional.hessian(
+        lambda oo: F.cross_entropy(oo.reshape(x.shape[0], -1), y), o)
+    return J.T @ Hout @ J
+
+
+def test_ggn_equals_explicit_and_is_psd():
+    model, params_b, x, y = mlp_setup(M=2)
+    v = {k: torch.randn_like(t) for k, t in params_b.items()}
+    H = make_hvp(TaskLoss(model), params_b, x, y, "ggn")
+    got = H(v)
+    flat_v, spec = flatten_params(v)
+    got_flat = spec.flatten(got)
+    for i in range(2):
+        G = _ggn_dense(model, {k: t[i] for k, t in params_b.items()}, x[i], y[i])
+        torch.testing.assert_close(got_flat[i], G @ flat_v[i])
+        assert torch.linalg.eigvalsh((G + G.T) / 2).min() > -1e-10
+    assert ((got_flat * flat_v).sum(1) >= 0).all()
+
+
+def test_ggn_equals_hessian_for_linear_least_squares():
+    lin = nn.Linear(4, 1, bias=False).to(DT)
+    tl = TaskLoss(lin, "half_mse")
+    w = {"weight": torch.randn(3, 1, 4, dtype=DT)}
+    x, yr = torch.randn(3, 9, 4, dtype=DT), torch.randn(3, 9, dtype=DT)
+    v = {"weight": torch.randn(3, 1, 4, dtype=DT)}
+    want = (x.transpose(1, 2) @ (x @ v["weight"].transpose(1, 2))).transpose(1, 2) / 9
+    for kind in ("exact", "double_backward", "ggn"):
+        torch.testing.assert_close(make_hvp(tl, w, x, yr, kind)(v)["weight"], want)
+
+
+def test_batch_of_one_and_expand_params():
+    model, params_b, x, y = conv_setup(M=1)
+    base = {k: v[0] for k, v in params_b.items()}
+    pb = expand_params(base, 1)
+    v = {k: torch.randn_like(t) for k, t in pb.items()}
+    assert_close_dict(make_hvp(TaskLoss(model), pb, x, y)(v), loop_hvp(model, pb, x, y, v))
+
+
+def test_bad_arguments():
+    model, params_b, x, y = conv_setup()
+    with pytest.raises(ValueError, match="hvp kind"):
+        make_hvp(TaskLoss(model), params_b, x, y, "bogus")
+    with pytest.raises(ValueError, match="loss must be"):
+        TaskLoss(model, "hinge")
+    with pytest.raises(ValueError, match="model must be an nn.Module"):
+        TaskLoss(lambda x: x)

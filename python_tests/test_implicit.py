@@ -1,0 +1,225 @@
+"""imaml_ext.implicit: the batched iMAML solve against dense solves, the structured least-squares
+path against the generic one, and the implicit-root autograd op against closed forms."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import imaml_ext
+from imaml_ext import synthetic as syn
+from imaml_ext.hvp import TaskLoss
+from imaml_ext.implicit import (custom_root, implicit_meta_gradient, implicit_meta_gradient_lstsq,
+                                implicit_root)
+
+DT = torch.float64
+needs_ext = pytest.mark.skipif(not imaml_ext.extension_available(),
+                               reason="compiled extension not built")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny tensors: thread pools only add contention on a shared 2-core machine.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def linear_setup(M=4, d=10, seed=0):
+    lt = syn.make_linear_tasks(M, d=d, n_train=20, n_test=30, seed=seed)
+    model = syn.linear_model(d)
+    phi = {"weight": torch.randn(M, 1, d, dtype=DT, generator=torch.Generator().manual_seed(1))}
+    b = torch.randn(M, d, dtype=DT, generator=torch.Generator().manual_seed(2))
+    return lt, model, phi, b
+
+
+def dense_solve(X, b, lam, damping=0.0, cg_lam=None):
+    cg_lam = lam if cg_lam is None else cg_lam
+    H = X.transpose(1, 2) @ X / X.shape[1]
+    A = (1 + damping) * torch.eye(X.shape[2], dtype=X.dtype) + H / cg_lam
+    return torch.linalg.solve(A, b)
+
+
+@pytest.mark.parametrize("hvp", ["exact", "double_backward", "ggn"])
+def test_meta_gradient_equals_dense_solve(hvp):
+    lt, model, phi, b = linear_setup()
+    t = lt.tasks
+    out = implicit_meta_gradient(TaskLoss(model, "half_mse"), phi, t.x_support, t.y_support,
+                                 b, lam=1.0, cg_steps=5, hvp=hvp)
+    torch.testing.assert_close(out.flat, dense_solve(t.x_support, b, 1.0), rtol=1e-9, atol=1e-12)
+    assert out.grad["weight"].shape == (4, 1, 10)
+    assert (out.cg.iterations <= 5).all() and out.cg.status.dtype == torch.int32
+
+
+def test_authors_matrix_variant():
+    lt, model, phi, b = linear_setup()
+    t = lt.tasks
+    out = implicit_meta_gradient(TaskLoss(model, "half_mse"), phi, t.x_support, t.y_support,
+                                 b, lam=1.0, cg_steps=10, damping=1.0, cg_lam=11.0)
+    torch.testing.assert_close(out.flat, dense_solve(t.x_support, b, 1.0, 1.0, 11.0))
+
+
+def test_zero_cg_steps_returns_rhs():
+    lt, model, phi, b = linear_setup()
+    t = lt.tasks
+    out = implicit_meta_gradient(TaskLoss(model, "half_mse"), phi, t.x_support, t.y_support,
+                                 {"weight": b.view(4, 1, 10)}, lam=1.0, cg_steps=0)
+    torch.testing.assert_close(out.flat, b, rtol=0, atol=0)
+    assert (out.cg.iterations == 0).all()
+
+
+@pytest.mark.parametrize("use_ext", [False, pytest.param(True, marks=needs_ext)])
+def test_lstsq_path_equals_generic_path(use_ext):
+    lt, model, phi, b = linear_setup()
+    t = lt.tasks
+    for steps in (2, 5):
+        g1, r1 = implicit_meta_gradient_lstsq(t.x_support, b, lam=1.0, cg_steps=steps,
+                                              use_ext=use_ext)
+        g2 = implicit_meta_gradient(TaskLoss(model, "half_mse"), phi, t.x_support, t.y_support,
+                                    b, lam=1.0, cg_steps=steps, use_ext=use_ext)
+        torch.testing.assert_close(g1, g2.flat, rtol=1e-10, atol=1e-13)
+        torch.testing.assert_close(r1.iterations, g2.cg.iterations)
+
+
+@needs_ext
+def test_use_ext_equals_reference():
+    lt, model, phi, b = linear_setup()
+    t = lt.tasks
+    tl = TaskLoss(model, "half_mse")
+    a = implicit_meta_gradient(tl, phi, t.x_support, t.y_support, b, lam=1.0, cg_steps=3,
+                               use_ext=True)
+    r = implicit_meta_gradient(tl, phi, t.x_support, t.y_support, b, lam=1.0, cg_steps=3,
+                               use_ext=False)
+    torch.testing.assert_close(a.flat, r.flat, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(a.cg.status, r.cg.status)
+
+
+def test_negative_curvature_is_flagged_never_nan():
+    # loss = -(x w)^2 / 2: H = -X^T X / n, so I + H/lam is indefinite for small lam.
+    lt, model, phi, b = linear_setup()
+    t = lt.tasks
+    tl = TaskLoss(model, lambda out, y: -0.5 * out.squeeze(-1) ** 2)
+    out = implicit_meta_gradient(tl, phi, t.x_support, t.y_support, b, lam=0.01, cg_steps=5)
+    assert torch.isfinite(out.flat).all()
+    assert (out.cg.negative_curvature).all()
+    fell_back = out.cg.iterations == 0
+    torch.testing.assert_close(out.flat[fell_back], b[fell_back])
+
+
+def test_bad_arguments():
+    lt, model, phi, b = linear_setup()
+    t = lt.tasks
+    tl = TaskLoss(model, "half_mse")
+    for kw, msg in ((dict(lam=0.0), "lam must be"), (dict(lam=-1.0), "lam must be"),
+                    (dict(lam=1.0, cg_steps=-1), "cg_steps"),
+                    (dict(lam=1.0, cg_lam=0.0), "cg_lam"),
+                    (dict(lam=1.0, damping=-1.0), "damping")):
+        with pytest.raises(ValueError, match=msg):
+            implicit_meta_gradient(tl, phi, t.x_support, t.y_support, b, **kw)
+    with pytest.raises(ValueError, match="rhs must be"):
+        implicit_meta_gradient(tl, phi, t.x_support, t.y_support, b[:, :3], lam=1.0)
+    with pytest.raises(ValueError, match="rhs does not match"):
+        implicit_meta_gradient(tl, phi, t.x_support, t.y_support, {"w": b}, lam=1.0)
+
+
+# ---- implicit_root: the README's ridge-regression example -----------------------------------------
+
+def ridge_problem(seed=0, n=30, d=6, m=20):
+    g = torch.Generator().manual_seed(seed)
+    X, Xv = torch.randn(n, d, generator=g, dtype=DT), torch.randn(m, d, generator=g, dtype=DT)
+    w0 = torch.randn(d, generator=g, dtype=DT)
+    y = X @ w0 + 0.5 * torch.randn(n, generator=g, dtype=DT)
+    yv = Xv @ w0 + 0.5 * torch.randn(m, generator=g, dtype=DT)
+    return X, y, Xv, yv
+
+
+def test_ridge_hypergradient_matches_closed_form():
+    X, y, Xv, yv = ridge_problem()
+    n, d = X.shape
+    log_alpha = torch.tensor(-1.0, dtype=DT, requires_grad=True)
+
+    def optimality(w, log_alpha):  # gradient of the ridge objective in w
+        return X.T @ (X @ w - y) / n + log_alpha.exp() * w
+
+    with torch.no_grad():  # any solver; here a dense solve
+        w_star = torch.linalg.solve(X.T @ X / n + log_alpha.exp() * torch.eye(d, dtype=DT),
+                                    X.T @ y / n)
+    diag = {}
+    w = implicit_root(optimality, w_star, log_alpha, rtol=1e-12, diagnostics=diag)
+    val = 0.5 * ((Xv @ w - yv) ** 2).mean()
+    val.backward()
+    # closed form: dw/dalpha = -(X^T X/n + alpha I)^-1 w, chain rule through log alpha
+    alpha = log_alpha.detach().exp()
+    A = X.T @ X / n + alpha * torch.eye(d, dtype=DT)
+    gv = Xv.T @ (Xv @ w_star - yv) / Xv.shape[0]
+    want = -(gv @ torch.linalg.solve(A, w_star)) * alpha
+    torch.testing.assert_close(log_alpha.grad, want, rtol=1e-9, atol=1e-12)
+    assert bool(diag["cg"].converged)
+
+
+def test_custom_root_decorator_and_batched_problems():
+    X, y, Xv, yv = ridge_problem(d=4)
+    n, d = X.shape
+    alphas = torch.tensor([0.1, 1.0, 3.0], dtype=DT, requires_grad=True)
+
+    @custom_root(lambda w, a: (w @ X.T - y) @ X / n + a.unsqueeze(1) * w, batched=True,
+                 rtol=1e-12)
+    def ridge(a):
+        A = X.T @ X / n + a.view(-1, 1, 1) * torch.eye(d, dtype=DT)
+        return torch.linalg.solve(A, (X.T @ y / n).expand(3, d))
+
+    w = ridge(alphas)
+    loss = 0.5 * ((w @ Xv.T - yv) ** 2).mean(1).sum()
+    (g,) = torch.autograd.grad(loss, alphas)
+
+    def direct(a):  # differentiate the dense solve itself
+        A = X.T @ X / n + a.view(-1, 1, 1) * torch.eye(d, dtype=DT)
+        ww = torch.linalg.solve(A, (X.T @ y / n).expand(3, d))
+        return 0.5 * ((ww @ Xv.T - yv) ** 2).mean(1).sum()
+    (want,) = torch.autograd.grad(direct(alphas), alphas)
+    torch.testing.assert_close(g, want, rtol=1e-9, atol=1e-12)
+
+
+def test_normal_cg_handles_a_nonsymmetric_jacobian():
+    g = torch.Generator().manual_seed(3)
+    A = torch.eye(5, dtype=DT) * 3 + 0.5 * torch.randn(5, 5, generator=g, dtype=DT)
+    c = torch.randn(5, dtype=DT, generator=g, requires_grad=True)
+    # root of F(z, c) = A z - c is z = A^-1 c, so dL/dc = A^-T dL/dz
+    z = implicit_root(lambda z, c: A @ z - c, torch.linalg.solve(A, c.detach()), c,
+                      solver="normal_cg", rtol=1e-13, max_iter=50)
+    w = torch.randn(5, dtype=DT, generator=g)
+    (gc,) = torch.autograd.grad((z * w).sum(), c)
+    torch.testing.assert_close(gc, torch.linalg.solve(A.T, w), rtol=1e-8, atol=1e-10)
+
+
+def test_pytree_solution_and_nontensor_args():
+    X, y, Xv, yv = ridge_problem(d=3)
+    n = X.shape[0]
+    alpha = torch.tensor(0.5, dtype=DT, requires_grad=True)
+
+    def F(sol, alpha, cfg):
+        w, b = sol["w"], sol["b"]
+        r = X @ w + b - y
+        return {"w": X.T @ r / n + alpha * w, "b": r.mean() + cfg["b_reg"] * b}
+
+    Xa = torch.cat([X, torch.ones(n, 1, dtype=DT)], 1)
+    R = torch.diag(torch.tensor([0.5, 0.5, 0.5, 0.1], dtype=DT))
+    with torch.no_grad():
+        wb = torch.linalg.solve(Xa.T @ Xa / n + R, Xa.T @ y / n)
+    sol = implicit_root(F, {"w": wb[:3], "b": wb[3]}, alpha, {"b_reg": 0.1}, rtol=1e-12)
+    (ga,) = torch.autograd.grad(sol["w"].sum() + sol["b"], alpha)
+
+    def direct(a):
+        RR = torch.diag(torch.stack([a, a, a, torch.tensor(0.1, dtype=DT)]))
+        s = torch.linalg.solve(Xa.T @ Xa / n + RR, Xa.T @ y / n)
+        return s[:3].sum() + s[3]
+    (want,) = torch.autograd.grad(direct(alpha), alpha)
+    torch.testing.assert_close(ga, want, rtol=1e-8, atol=1e-10)
+
+
+def test_implicit_root_bad_arguments():
+    with pytest.raises(ValueError, match="solver"):
+        implicit_root(lambda z: z, torch.zeros(2), solver="lu")
+    with pytest.raises(ValueError, match="solution must be"):
+        implicit_root(lambda z: z, [1, 2])
+
