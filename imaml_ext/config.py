@@ -39,7 +39,7 @@ from typing import Any
 
 ALGORITHM_NAMES = ("imaml-gd", "imaml-hf", "maml", "fomaml", "reptile")
 DATASET_NAMES = ("omniglot", "miniimagenet")
-HVP_KINDS = ("exact", "ggn")
+HVP_KINDS = ("exact", "ggn", "double_backward")
 PROTOCOLS = ("background", "paper")
 DTYPES = ("float32", "float64")
 LOG_FORMATS = ("csv", "jsonl")

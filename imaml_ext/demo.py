@@ -68,7 +68,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data-root", default=None)
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1,
+                   help="intra-op CPU threads (default 1: this small conv net gains little from "
+                   "more, and OpenMP's spinning threads slow it badly when the cores are shared)")
     args = p.parse_args(argv)
+    import torch
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
 
     from imaml_ext import train as tr
