@@ -344,3 +344,180 @@ def test_underflowing_norm_is_not_reported_converged(use_ext, dtype):
     b = torch.full((3,), tiny, dtype=dtype)
     res = imaml_ext.cg(A, b, use_ext=use_ext, rtol=1e-6)
     assert not (bool(res.converged) and torch.equal(res.x, torch.zeros_like(b)))
+
+
+# ---- algorithms: a task that goes bad is left out and counted, never averaged in --------------
+
+try:
+    from imaml_ext.algorithms import ALGORITHMS, make_algorithm
+except ImportError:  # imaml_ext.algorithms has not landed
+    ALGORITHMS, make_algorithm = (), None
+needs_algorithms = pytest.mark.skipif(make_algorithm is None,
+                                      reason="imaml_ext.algorithms has not landed")
+
+
+def tiny_problem(M: int = 4, ways: int = 3, seed: int = 0, dtype=torch.float64):
+    """A small conv net with batch-statistics BatchNorm (so that a leak between the tasks of a
+    meta-batch would show) and M tasks of 16x16 images."""
+    from imaml_ext.models import ConvNet
+    from imaml_ext.types import TaskBatch
+    torch.manual_seed(seed)
+    model = ConvNet(1, ways, hidden=4, image_size=16).to(dtype)
+    params = {k: v.detach().clone() for k, v in model.named_parameters()}
+    g = torch.Generator().manual_seed(seed)
+    xs = torch.randn(M, ways, 1, 16, 16, generator=g, dtype=dtype)
+    xq = torch.randn(M, 2 * ways, 1, 16, 16, generator=g, dtype=dtype)
+    ys = torch.arange(ways).repeat(M, 1)
+    yq = torch.arange(ways).repeat(M, 2)
+    return model, params, TaskBatch(xs, ys, xq, yq)
+
+
+def subset(tasks, idx):
+    from imaml_ext.types import TaskBatch
+    return TaskBatch(*(t[idx] for t in tasks))
+
+
+def small_algorithm(name: str, **kw):
+    if name == "imaml-hf":  # Newton-CG: one iteration of 2 CG steps is enough to go bad
+        kw = {"inner_steps": 1, "hf_cg_steps": 2, **kw}
+    kw = {"inner_steps": 2, **kw}
+    return make_algorithm(name, inner_lr=0.1, cg_steps=2, lam=2.0, **kw)
+
+
+@needs_algorithms
+@pytest.mark.parametrize("name,where", [(n, "support") for n in ALGORITHMS]
+                         + [("imaml-gd", "query"), ("reptile", "query")])
+def test_task_with_nan_loss_is_excluded_and_counted(name, where):
+    """Task 2 of 4 gets a NaN pixel (a NaN loss): the meta-gradient is finite and equals the
+    meta-gradient of the three good tasks alone, and the metrics say which task was dropped."""
+    model, params, tasks = tiny_problem()
+    x = (tasks.x_support if where == "support" else tasks.x_query).clone()
+    x[2, 0, 0, 3, 3] = NAN
+    bad = tasks._replace(**{f"x_{where}": x})
+    algo = small_algorithm(name)
+    grads, metrics = algo.meta_gradient(model, params, bad)
+    assert all(torch.isfinite(g).all() for g in grads.values())
+    assert metrics["task_ok"].tolist() == [True, True, False, True]
+    assert int(metrics["num_ok"]) == 3 and metrics["nonfinite"].tolist() == [False, False, True, False]
+    good, _ = algo.meta_gradient(model, params, subset(tasks, [0, 1, 3]))
+    for k in grads:
+        torch.testing.assert_close(grads[k], good[k], rtol=1e-9, atol=1e-12, msg=k)
+
+
+@needs_algorithms
+@pytest.mark.parametrize("name", ["imaml-gd", "maml"])
+def test_raise_policy_names_the_task(name):
+    model, params, tasks = tiny_problem()
+    x = tasks.x_support.clone()
+    x[1, 0, 0, 0, 0] = INF
+    with pytest.raises(FloatingPointError, match=r"1 of 4 tasks non-finite \(tasks \[1\]\)"):
+        small_algorithm(name, on_nonfinite="raise").meta_gradient(
+            model, params, tasks._replace(x_support=x))
+
+
+@needs_algorithms
+@pytest.mark.parametrize("name", ["imaml-gd", "fomaml", "reptile"])
+def test_all_tasks_bad_gives_a_zero_finite_meta_gradient(name):
+    model, params, tasks = tiny_problem()
+    grads, metrics = small_algorithm(name).meta_gradient(
+        model, params, tasks._replace(x_support=tasks.x_support * NAN))
+    assert int(metrics["num_ok"]) == 0 and not metrics["task_ok"].any()
+    assert all(torch.equal(g, torch.zeros_like(g)) for g in grads.values())
+
+
+@needs_algorithms
+def test_task_whose_cg_breaks_down_is_skipped(monkeypatch):
+    """iMAML: a task whose meta-gradient CG met NaN/Inf (status 3) is left out even when its x
+    came back finite; one that met negative curvature keeps its last good iterate, stays in the
+    average and is flagged."""
+    from imaml_ext import algorithms
+    real = algorithms.implicit_meta_gradient
+
+    def breaking(*a, **k):
+        out = real(*a, **k)
+        out.cg.status[1] = NONFINITE
+        out.cg.status[3] = NEGATIVE
+        return out
+    model, params, tasks = tiny_problem()
+    algo = small_algorithm("imaml-gd")
+    clean_grads, clean = algo.meta_gradient(model, params, tasks)
+    monkeypatch.setattr(algorithms, "implicit_meta_gradient", breaking)
+    grads, metrics = algo.meta_gradient(model, params, tasks)
+    assert metrics["task_ok"].tolist() == [True, False, True, True]
+    assert metrics["cg_negative_curvature"].tolist() == [False, False, False, True]
+    monkeypatch.setattr(algorithms, "implicit_meta_gradient", real)
+    want, _ = algo.meta_gradient(model, params, subset(tasks, [0, 2, 3]))
+    for k in grads:
+        torch.testing.assert_close(grads[k], want[k], rtol=1e-9, atol=1e-12, msg=k)
+
+
+@needs_algorithms
+def test_genuine_negative_curvature_stays_finite():
+    """A conv net's Hessian is indefinite: with a tiny lam, (I + H/lam) has negative eigenvalues
+    and CG meets p^T A p <= 0 in some tasks. Those tasks keep their last good iterate: the
+    meta-gradient is finite, they stay in the average, and the metrics flag them."""
+    model, params, tasks = tiny_problem(M=4, seed=3)
+    algo = make_algorithm("imaml-gd", inner_steps=2, inner_lr=0.3, cg_steps=6, lam=1e-3)
+    grads, metrics = algo.meta_gradient(model, params, tasks)
+    assert all(torch.isfinite(g).all() for g in grads.values())
+    neg = metrics["cg_status"] == NEGATIVE
+    assert neg.any(), metrics["cg_status"]
+    assert torch.equal(metrics["cg_negative_curvature"], neg)
+    assert metrics["task_ok"][neg].all()
+
+
+# ---- training: bad tasks counted, an all-bad step skipped, the meta-parameters never NaN ------
+
+class PoisonTasks:
+    """Wraps a real algorithm; at the given meta-step (call) numbers, puts NaN into the support
+    images of the given tasks ("all": every task) before the algorithm sees them."""
+
+    def __init__(self, algo, plan):
+        self.algo, self.plan, self.calls = algo, plan, 0
+
+    def meta_gradient(self, model, params, tasks):
+        which = self.plan.get(self.calls)
+        self.calls += 1
+        if which is not None:
+            x = tasks.x_support.clone()
+            x[slice(None) if which == "all" else list(which)] = NAN
+            tasks = tasks._replace(x_support=x)
+        return self.algo.meta_gradient(model, params, tasks)
+
+    def evaluate(self, *a, **k):
+        return self.algo.evaluate(*a, **k)
+
+
+@needs_algorithms
+@pytest.mark.parametrize("name", ["imaml-gd", "fomaml"])
+def test_training_skips_bad_tasks_and_all_bad_steps(tmp_path, name):
+    from imaml_ext import train as tr
+    from imaml_ext.config import TrainConfig
+    from imaml_ext.data import FewShotDataset
+    g = torch.Generator().manual_seed(0)
+    images = (torch.rand(10, 4, 1, 28, 28, generator=g) < 0.3).to(torch.uint8) * 255
+    data = FewShotDataset(images, [f"c{i}" for i in range(10)], "omniglot", "train", (0.0,),
+                          (1.0,), rotate=True, source="synthetic")
+    cfg = TrainConfig(dataset="omniglot", ways=3, shots=1, queries=1, algo=name, steps=4,
+                      meta_batch=2, inner_steps=1, cg_steps=1, meta_lr=1e-2, val_every=0,
+                      ckpt_every=0, log_every=1, quiet=True, out=str(tmp_path / "run"))
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        algo = PoisonTasks(tr.build_algorithm(tr.resolve(cfg)), {1: [0], 2: "all"})
+        t = tr.Trainer(cfg, algorithm=algo, dist_info=tr.DistInfo(), train_data=data)
+        snaps = []
+        t.run(on_log=lambda row: snaps.append({k: v.clone() for k, v in t.params.items()}))
+    finally:
+        torch.set_num_threads(n)
+    assert len(snaps) == 4
+    changed = lambda a, b: any(not torch.equal(a[k], b[k]) for k in a)  # noqa: E731
+    assert changed(snaps[0], snaps[1])        # step 2: one bad task, the other one used
+    assert not changed(snaps[1], snaps[2])    # step 3: every task bad, no update
+    assert changed(snaps[2], snaps[3])
+    assert float(t.opt.t) == 3.0              # Adam's step count skipped the bad step too
+    assert t.counters["skipped_tasks"] == 1 + 2 and t.counters["bad_steps"] == 1
+    assert all(torch.isfinite(v).all() for v in t.params.values())
+    rows = tr.read_metrics(tmp_path / "run")
+    assert [r["skipped_tasks"] for r in rows] == [0, 1, 3, 3]
+    assert [r["bad_steps"] for r in rows] == [0, 0, 1, 1]
