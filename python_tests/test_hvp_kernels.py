@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import imaml_ext
-from conftest import assert_within_reference_error
+from conftest import assert_within_reference_error, random_spd
 from imaml_ext import ops, reference
 from imaml_ext.structured import SoftmaxHeadOperator
 
@@ -327,3 +327,91 @@ def test_bad_arguments(use_ext, call, match):
     b = reference.softmax_head_join(V, vb)
     with pytest.raises(ValueError, match=match):
         call(F, W, bias, V, vb, b, use_ext)
+
+
+# ---- the CUDA paths: single-launch (one block per system) and multi-launch -------------------
+
+def _unaligned(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous copy of t whose data starts 4 bytes past a 16-byte boundary (no 16-byte
+    vector loads possible)."""
+    buf = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)
+    out = buf[1:].view(t.shape)
+    out.copy_(t)
+    return out
+
+
+@needs_ext
+@pytest.mark.parametrize("fused", ["0", "1"])
+def test_solver_paths_match_reference(fused, device, dtype, monkeypatch):
+    # IMAML_CG_FUSED forces the CUDA path (0: a fixed sequence of launches, 1: one launch with a
+    # block per system); the CPU ignores it. Iterations and status must match the reference in
+    # float64, the solution within the tolerance rule in float32. d, P multiples of 4 take the
+    # 16-byte-load kernels; odd ones and an unaligned X the scalar ones.
+    monkeypatch.setenv("IMAML_CG_FUSED", fused)
+    g = torch.Generator().manual_seed(11)
+
+    def rel(a, b):
+        return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+    for B, n, d in ((3, 40, 64), (2, 33, 37)):
+        X64 = torch.randn(B, n, d, dtype=torch.float64, generator=g).to(device)
+        b64 = torch.randn(B, d, dtype=torch.float64, generator=g).to(device)
+        A64 = random_spd(B, d, device=device, cond=50.0, generator=g)
+        for aligned in (True, False):
+            X, A, b = X64.to(dtype), A64.to(dtype), b64.to(dtype)
+            if not aligned:
+                X, A = _unaligned(X), _unaligned(A)
+            x0 = torch.zeros_like(b)
+            for name, run in (
+                ("lstsq", lambda u, X=X, b=b, x0=x0: ops.cg_solve_lstsq(
+                    X, b, x0, 1.0, 1.0 / n, 30, 1e-6, 0.0, use_ext=u)),
+                ("dense", lambda u, A=A, b=b, x0=x0: ops.cg_solve_dense(
+                    A, b, x0, 30, 1e-6, 0.0, use_ext=u)),
+            ):
+                ext, ref = run(True), run(False)
+                if dtype == torch.float64:
+                    assert ext[1].tolist() == ref[1].tolist(), name
+                    assert ext[3].tolist() == ref[3].tolist(), name
+                    # 30 iterations amplify rounding differences: agree to within what the
+                    # solve promises (rtol 1e-6 times the condition number, 50).
+                    assert rel(ext[0], ref[0]) < 1e-5, name
+                else:
+                    assert rel(ext[0], ref[0]) < 1e-3, name
+    for B, n, f, c in ((4, 20, 16, 5), (3, 9, 13, 3), (2, 25, 800, 5)):
+        F, W, bias, V, vb = head_problem(B, n, f, c, dtype=dtype, device=device, seed=12)
+        b = reference.softmax_head_join(V, vb)
+        x0 = torch.zeros_like(b)
+        ext = ops.cg_solve_softmax_head(F, W, bias, b, x0, 1.0, 2.0, 25, 1e-6, 0.0, use_ext=True)
+        ref = ops.cg_solve_softmax_head(F, W, bias, b, x0, 1.0, 2.0, 25, 1e-6, 0.0, use_ext=False)
+        if dtype == torch.float64:
+            assert ext[1].tolist() == ref[1].tolist() and ext[3].tolist() == ref[3].tolist()
+            torch.testing.assert_close(ext[0], ref[0], rtol=1e-8, atol=1e-10)
+        else:
+            truth = ops.cg_solve_softmax_head(F.double(), W.double(), bias.double(), b.double(),
+                                              x0.double(), 1.0, 2.0, 25, 1e-6, 0.0,
+                                              use_ext=False)
+            assert_within_reference_error(ext[0], ref[0], truth[0], factor=4.0)
+
+
+@needs_ext
+@pytest.mark.parametrize("B,n,f,c", [(2, 12, 640, 100), (2, 3, 2, 4000)])
+def test_hvp_large_heads(B, n, f, c, device, dtype):
+    # c*f beyond shared memory (global accumulators on CUDA), and c so large that even the
+    # per-warp class scratch goes to global memory.
+    F64, W64, b64, V64, vb64 = head_problem(B, n, f, c, device=device, seed=13, logit_scale=2.0)
+    args = [t.to(dtype) for t in (F64, W64, b64, V64, vb64)]
+    ext = ops.softmax_head_hvp(*args, 0.5, 3.0, use_ext=True)
+    ref = ops.softmax_head_hvp(*args, 0.5, 3.0, use_ext=False)
+    truth = ops.softmax_head_hvp(*[a.double() for a in args], 0.5, 3.0, use_ext=False)
+    for e, r, t in zip(ext, ref, truth):
+        if dtype == torch.float64:
+            torch.testing.assert_close(e, r, rtol=1e-10, atol=1e-12)
+        else:
+            assert_within_reference_error(e, r, t, factor=4.0)
+    b = reference.softmax_head_join(*args[3:])
+    x0 = torch.zeros_like(b)
+    ext = ops.cg_solve_softmax_head(*args[:3], b, x0, 1.0, 1.0, 3, 0.0, 0.0, use_ext=True)
+    ref = ops.cg_solve_softmax_head(*args[:3], b, x0, 1.0, 1.0, 3, 0.0, 0.0, use_ext=False)
+    assert ext[1].tolist() == ref[1].tolist()
+    rel = (ext[0] - ref[0]).norm() / ref[0].norm()
+    assert rel < (1e-10 if dtype == torch.float64 else 1e-4)

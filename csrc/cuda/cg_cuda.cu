@@ -10,7 +10,8 @@
 //                           r.r, status and the iteration count
 // Partials are summed in a fixed order (no atomics), so results are deterministic. Stopped
 // systems (status != running) return at once, which is the per-system early stop. Nothing is
-// read back to the host: the whole-loop solvers queue max_iter iterations of launches.
+// read back to the host: the whole-loop solvers queue max_iter iterations of launches, or run
+// all of them inside one launch (cg_fused_cuda.cu) when solve.cuh's use_fused() says so.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <torch/library.h>
@@ -19,6 +20,7 @@
 #include "../cg_math.h"
 #include "../ops.h"
 #include "common.cuh"
+#include "solve.cuh"
 
 namespace imaml_ext {
 namespace {
@@ -123,8 +125,10 @@ __global__ void cg_update_p_kernel(scalar_t* __restrict__ p, const scalar_t* __r
   }
 }
 
-// Queues one CG iteration (three launches) on the current stream.
-void launch_cg_step(const at::Tensor& x, const at::Tensor& r, const at::Tensor& p,
+}  // namespace
+
+// Queues one CG iteration (three launches) on the current stream (declared in solve.cuh).
+void cuda::launch_cg_step(const at::Tensor& x, const at::Tensor& r, const at::Tensor& p,
                     const at::Tensor& Ap, const at::Tensor& rs, const at::Tensor& bnorm2,
                     const at::Tensor& status, const at::Tensor& iters, double rtol, double atol) {
   const int64_t B = x.size(0), P = x.size(1);
@@ -156,12 +160,14 @@ void launch_cg_step(const at::Tensor& x, const at::Tensor& r, const at::Tensor& 
   });
 }
 
+namespace {
+
 void cg_step_cuda(at::Tensor x, at::Tensor r, at::Tensor p, const at::Tensor& Ap_in, at::Tensor rs,
                   const at::Tensor& bnorm2_in, at::Tensor status, at::Tensor iters, double rtol,
                   double atol) {
   check_cg_state("cg_step", x, r, p, Ap_in, rs, bnorm2_in, status, iters, rtol, atol);
   c10::cuda::OptionalCUDAGuard guard(x.device());
-  launch_cg_step(x, r, p, Ap_in.contiguous(), rs, bnorm2_in.contiguous(), status, iters, rtol,
+  cuda::launch_cg_step(x, r, p, Ap_in.contiguous(), rs, bnorm2_in.contiguous(), status, iters, rtol,
                  atol);
 }
 
@@ -185,15 +191,23 @@ __global__ void dense_matvec_kernel(const scalar_t* __restrict__ A, const scalar
   if (lane == 0) out[b * P + row] = static_cast<scalar_t>(s);
 }
 
-// acc[b] += X[b]^T (X[b] v[b]) over a chunk of rows, in one pass over X: a warp takes a row's dot
-// product, then reuses the row (now in L1) for its axpy into a shared-memory accumulator of d
-// entries; the block then adds its accumulator into acc with one atomic per entry.
-template <typename scalar_t, typename acc_t>
-__global__ void xtxv_kernel(const scalar_t* __restrict__ X, const scalar_t* __restrict__ v,
-                            acc_t* __restrict__ acc, const int32_t* __restrict__ status, int64_t n,
-                            int64_t d, int64_t rows_per_block) {
-  extern __shared__ unsigned char smem_raw[];
-  acc_t* sacc = reinterpret_cast<acc_t*>(smem_raw);
+// out[b] = shift v[b] + scale X[b]^T (X[b] v[b]) in one launch and one pass over X from memory.
+// Block (k, b) takes a chunk of system b's rows: a warp takes a row's dot product (16-byte loads,
+// four in flight per lane, when kVec), then re-reads the row (from L1, or L2 when many rows are in
+// flight) for its axpy into the block's shared-memory accumulator of d entries; the block adds
+// that into acc[b] with one atomic per entry, and the last block of system b to finish writes
+// out[b] and zeroes acc[b] (last_block_epilogue). The axpy uses 4/8-byte accesses so that the
+// lanes' shared atomics fall in distinct banks.
+// Sync points: after zeroing the shared accumulator, before flushing it, in the epilogue.
+// acc (B, d) and counter (B,) are zero on entry and on exit.
+template <typename scalar_t, typename acc_t, bool kVec>
+__global__ void __launch_bounds__(kBlockSize)
+    xtxv_kernel(const scalar_t* __restrict__ X, const scalar_t* __restrict__ v,
+                scalar_t* __restrict__ out, acc_t* __restrict__ acc,
+                unsigned int* __restrict__ counter, const int32_t* __restrict__ status, int64_t n,
+                int64_t d, int64_t rows_per_block, double shift, double scale) {
+  extern __shared__ __align__(16) unsigned char xtxv_smem[];
+  acc_t* sacc = reinterpret_cast<acc_t*>(xtxv_smem);
   const int64_t b = blockIdx.y;
   if (status != nullptr && status[b] != kRunning) return;
   for (int64_t j = threadIdx.x; j < d; j += kBlockSize) sacc[j] = 0;
@@ -204,26 +218,16 @@ __global__ void xtxv_kernel(const scalar_t* __restrict__ X, const scalar_t* __re
   const int64_t row1 = row0 + rows_per_block < n ? row0 + rows_per_block : n;
   for (int64_t i = row0 + warp; i < row1; i += kWarpsPerBlock) {
     const scalar_t* row = X + (b * n + i) * d;
-    acc_t t = 0;
-    for (int64_t j = lane; j < d; j += kWarpSize) t += static_cast<acc_t>(row[j]) * static_cast<acc_t>(vb[j]);
-    t = __shfl_sync(0xffffffffu, cuda::warp_sum(t), 0);
+    const acc_t t = cuda::warp_row_dot<scalar_t, acc_t, kVec>(row, vb, d);
     for (int64_t j = lane; j < d; j += kWarpSize) atomicAdd(sacc + j, t * static_cast<acc_t>(row[j]));
   }
   __syncthreads();
-  for (int64_t j = threadIdx.x; j < d; j += kBlockSize) atomicAdd(acc + b * d + j, sacc[j]);
-}
-
-// out = shift v + scale acc for running systems.
-template <typename scalar_t, typename acc_t>
-__global__ void lstsq_combine_kernel(const scalar_t* __restrict__ v, const acc_t* __restrict__ acc,
-                                     scalar_t* __restrict__ out, const int32_t* __restrict__ status,
-                                     int64_t d, double shift, double scale) {
-  const int64_t b = blockIdx.y;
-  if (status != nullptr && status[b] != kRunning) return;
-  for (int64_t j = blockIdx.x * static_cast<int64_t>(kBlockSize) + threadIdx.x; j < d;
-       j += static_cast<int64_t>(gridDim.x) * kBlockSize)
-    out[b * d + j] = static_cast<scalar_t>(
-        lstsq_combine<acc_t>(static_cast<acc_t>(v[b * d + j]), acc[b * d + j], shift, scale));
+  acc_t* accb = acc + b * d;
+  for (int64_t j = threadIdx.x; j < d; j += kBlockSize) atomicAdd(accb + j, sacc[j]);
+  scalar_t* ob = out + b * d;
+  cuda::last_block_epilogue(accb, counter + b, gridDim.x, d, [&](int64_t j, acc_t a) {
+    ob[j] = static_cast<scalar_t>(lstsq_combine<acc_t>(static_cast<acc_t>(vb[j]), a, shift, scale));
+  });
 }
 
 struct DenseApply {
@@ -241,9 +245,19 @@ struct DenseApply {
   }
 };
 
+// shift v + scale X^T X v for the multi-launch loop and lstsq_apply: one xtxv_kernel launch per
+// product. acc and counter are made zero once and left zero by every launch.
 struct LstsqApply {
   at::Tensor X;
   double shift, scale;
+  at::Tensor acc, counter;
+  LstsqApply(at::Tensor X_, double shift_, double scale_)
+      : X(std::move(X_)), shift(shift_), scale(scale_) {
+    const int64_t B = X.size(0), d = X.size(2);
+    acc = at::zeros({B, d}, X.options().dtype(X.scalar_type() == at::kDouble ? at::kDouble
+                                                                             : at::kFloat));
+    counter = at::zeros({B}, X.options().dtype(at::kInt));
+  }
   void operator()(const at::Tensor& v, at::Tensor& out, const int32_t* status) const {
     const int64_t B = X.size(0), n = X.size(1), d = X.size(2);
     if (B == 0 || d == 0) return;
@@ -251,7 +265,7 @@ struct LstsqApply {
     AT_DISPATCH_FLOATING_TYPES(v.scalar_type(), "lstsq_apply_cuda", [&] {
       using acc_t = at::opmath_type<scalar_t>;
       const size_t smem = static_cast<size_t>(d) * sizeof(acc_t);
-      if (smem > 48 * 1024 || n == 0) {
+      if (smem > cuda::max_dynamic_smem() || n == 0) {
         // d too large for one shared accumulator: two batched products (two passes over X).
         auto xv = at::bmm(X, v.unsqueeze(-1));
         auto xtxv = at::bmm(X.transpose(1, 2), xv).squeeze(-1);
@@ -259,52 +273,25 @@ struct LstsqApply {
         out.copy_(at::add(at::mul(v, shift), xtxv, scale));
         return;
       }
-      auto acc = at::zeros({B, d}, v.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
-      // Enough blocks per system to fill the GPU, each with a few dozen rows to amortise its
-      // accumulator's zeroing and flush.
-      const int64_t rows_per_block = std::max<int64_t>(32, (n + 255) / 256);
+      // About four blocks per SM over all systems, each with at least 16 rows (two per warp)
+      // to amortise its accumulator's zeroing and flush.
+      const int64_t rows_per_block = cuda::rows_per_block_for(B, n, 2 * kWarpsPerBlock);
       const dim3 grid((n + rows_per_block - 1) / rows_per_block, B);
-      xtxv_kernel<scalar_t, acc_t><<<grid, kBlockSize, smem, stream>>>(
-          X.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), acc.data_ptr<acc_t>(), status, n, d,
-          rows_per_block);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      const dim3 grid2(std::min<int64_t>((d + kBlockSize - 1) / kBlockSize, 64), B);
-      lstsq_combine_kernel<scalar_t, acc_t><<<grid2, kBlockSize, 0, stream>>>(
-          v.data_ptr<scalar_t>(), acc.data_ptr<acc_t>(), out.data_ptr<scalar_t>(), status, d,
-          shift, scale);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      auto launch = [&](auto kernel) {
+        cuda::allow_smem(kernel, smem);
+        kernel<<<grid, kBlockSize, smem, stream>>>(
+            X.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
+            acc.data_ptr<acc_t>(), reinterpret_cast<unsigned int*>(counter.data_ptr<int32_t>()),
+            status, n, d, rows_per_block, shift, scale);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      };
+      if (cuda::can_vec16<scalar_t>(X.data_ptr(), v.data_ptr(), d))
+        launch(xtxv_kernel<scalar_t, acc_t, true>);
+      else
+        launch(xtxv_kernel<scalar_t, acc_t, false>);
     });
   }
 };
-
-// The whole loop as a fixed sequence of launches: init with ATen ops, then max_iter times
-// (operator, three CG launches). No value returns to the host until the caller reads the result.
-template <typename Apply>
-SolveResult solve_cuda(const Apply& apply, const at::Tensor& b_in, const at::Tensor& x0,
-                       int64_t max_iter, double rtol, double atol) {
-  const auto b = b_in.contiguous();
-  const int64_t B = b.size(0);
-  auto x = x0.contiguous().clone();
-  auto Ap = at::empty_like(b);
-  apply(x, Ap, nullptr);
-  auto r = (b - Ap).contiguous();
-  auto p = r.clone();
-  auto rs = (r * r).sum(-1).contiguous();
-  auto bnorm2 = (b * b).sum(-1).contiguous();
-  auto tol2 = at::clamp_min(bnorm2 * (rtol * rtol), atol * atol);
-  auto finite = at::isfinite(rs) & at::isfinite(tol2);
-  auto status = at::where(finite, at::where(rs <= tol2, int64_t(kConverged), int64_t(kRunning)),
-                          int64_t(kNonFinite))
-                    .to(at::kInt)
-                    .contiguous();
-  auto iters = at::zeros({B}, b.options().dtype(at::kInt));
-  const int32_t* status_ptr = static_cast<const int32_t*>(status.data_ptr());
-  for (int64_t k = 0; k < max_iter; ++k) {
-    apply(p, Ap, status_ptr);
-    launch_cg_step(x, r, p, Ap, rs, bnorm2, status, iters, rtol, atol);
-  }
-  return {x, iters, rs.sqrt(), status};
-}
 
 SolveResult cg_solve_dense_cuda(const at::Tensor& A, const at::Tensor& b, const at::Tensor& x0,
                                 int64_t max_iter, double rtol, double atol) {
@@ -318,7 +305,9 @@ SolveResult cg_solve_dense_cuda(const at::Tensor& A, const at::Tensor& b, const 
               b.device(), "), got ", A.scalar_type(), ", ", A.device());
   TORCH_CHECK_VALUE(b.size(0) <= 65535, "cg_solve_dense: at most 65535 systems on CUDA, got ", b.size(0));
   c10::cuda::OptionalCUDAGuard guard(b.device());
-  return solve_cuda(DenseApply{A.contiguous()}, b, x0, max_iter, rtol, atol);
+  SolveResult out;
+  if (cuda::fused_cg_dense(A, b, x0, max_iter, rtol, atol, &out)) return out;
+  return cuda::solve_cuda(DenseApply{A.contiguous()}, b, x0, max_iter, rtol, atol);
 }
 
 SolveResult cg_solve_lstsq_cuda(const at::Tensor& X, const at::Tensor& b, const at::Tensor& x0,
@@ -328,7 +317,9 @@ SolveResult cg_solve_lstsq_cuda(const at::Tensor& X, const at::Tensor& b, const 
   check_lstsq_operator("cg_solve_lstsq", X, b, shift, scale);
   TORCH_CHECK_VALUE(b.size(0) <= 65535, "cg_solve_lstsq: at most 65535 systems on CUDA, got ", b.size(0));
   c10::cuda::OptionalCUDAGuard guard(b.device());
-  return solve_cuda(LstsqApply{X.contiguous(), shift, scale}, b, x0, max_iter, rtol, atol);
+  SolveResult out;
+  if (cuda::fused_cg_lstsq(X, b, x0, shift, scale, max_iter, rtol, atol, &out)) return out;
+  return cuda::solve_cuda(LstsqApply(X.contiguous(), shift, scale), b, x0, max_iter, rtol, atol);
 }
 
 at::Tensor lstsq_apply_cuda(const at::Tensor& X, const at::Tensor& v, double shift, double scale) {
@@ -337,7 +328,7 @@ at::Tensor lstsq_apply_cuda(const at::Tensor& X, const at::Tensor& v, double shi
   c10::cuda::OptionalCUDAGuard guard(v.device());
   auto vc = v.contiguous();
   auto out = at::empty_like(vc);
-  LstsqApply{X.contiguous(), shift, scale}(vc, out, nullptr);
+  LstsqApply(X.contiguous(), shift, scale)(vc, out, nullptr);
   return out;
 }
 

@@ -1,0 +1,461 @@
+// CUDA kernels of the softmax-head ops (schemas in csrc/module.cpp, arithmetic in
+// csrc/hvp_math.h): softmax_head_hvp and the whole-loop cg_solve_softmax_head.
+//
+// Thread mapping: one warp per sample. For sample i the warp
+//   1. takes the c dot products z_k = V_k . f_i + vb_k (and the logits W_k . f_i + bias_k when
+//      the probabilities are not precomputed) with lanes striding the features and a butterfly
+//      sum; lane 0 stores them in the warp's scratch (2c entries of shared memory);
+//   2. spreads the classes over the lanes for the softmax and u = p (z - p.z) (warp max/sum);
+//   3. adds u_k f_i (lanes striding the features) and u into the (c*f + c) accumulator with
+//      atomics: in shared memory when it fits (then flushed once per block), else in global.
+// f_i is read from memory once per pass and re-read from L1 in steps 1 and 3.
+//
+// Launch shapes:
+//   softmax_head_hvp_kernel: blocks over (sample chunks, systems); the last block of each system
+//     to finish writes shift v + scale/n acc (solve.cuh's last_block_epilogue), so a product is
+//     one launch. The standalone op computes the probabilities in step 1; the multi-launch solver
+//     reads them from a buffer made once by head_probs_kernel.
+//   cg_fused_softmax_head_kernel: one block per system, all CG iterations inside (solve.cuh's
+//     block_cg); probabilities computed once at its start into a global buffer.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <torch/library.h>
+#include <torch/types.h>
+
+#include <limits>
+
+#include "../cg_math.h"
+#include "../hvp_math.h"
+#include "../ops.h"
+#include "common.cuh"
+#include "solve.cuh"
+
+namespace imaml_ext {
+namespace {
+
+using cuda::kBlockSize;
+using cuda::kWarpSize;
+using cuda::kWarpsPerBlock;
+
+// ---- one warp, one sample ----------------------------------------------------------------------
+
+// s_z[k] = V_k . f_i + vb_k (kZ) and s_l[k] = W_k . f_i + bias_k (kLogits) for k < c, sharing each
+// load of f_i. V and vb may be written by the calling kernel (the CG direction): plain pointers.
+template <typename scalar_t, typename acc_t, bool kZ, bool kLogits>
+__device__ void warp_sample_dots(const scalar_t* __restrict__ fi, int64_t f, int64_t c,
+                                 const scalar_t* __restrict__ W,
+                                 const scalar_t* __restrict__ bias, const scalar_t* V,
+                                 const scalar_t* vb, acc_t* s_l, acc_t* s_z) {
+  const int lane = threadIdx.x % kWarpSize;
+  for (int64_t k = 0; k < c; ++k) {
+    acc_t tl = 0, tz = 0;
+    for (int64_t j = lane; j < f; j += kWarpSize) {
+      const acc_t x = static_cast<acc_t>(fi[j]);
+      if constexpr (kLogits) tl += static_cast<acc_t>(W[k * f + j]) * x;
+      if constexpr (kZ) tz += static_cast<acc_t>(V[k * f + j]) * x;
+    }
+    if constexpr (kLogits) tl = cuda::warp_allsum(tl);
+    if constexpr (kZ) tz = cuda::warp_allsum(tz);
+    if (lane == 0) {
+      if constexpr (kLogits) s_l[k] = tl + static_cast<acc_t>(bias[k]);
+      if constexpr (kZ) s_z[k] = tz + static_cast<acc_t>(vb[k]);
+    }
+  }
+  __syncwarp();
+}
+
+// Softmax of the warp's s_l[0, c) in place; lane t owns classes t, t + 32, ... (so no barrier
+// between the passes), the max and the sum are warp-wide.
+template <typename acc_t>
+__device__ void warp_softmax(acc_t* s_l, int64_t c) {
+  const int lane = threadIdx.x % kWarpSize;
+  acc_t m = -std::numeric_limits<acc_t>::infinity();
+  for (int64_t k = lane; k < c; k += kWarpSize) m = s_l[k] > m ? s_l[k] : m;
+  m = cuda::warp_allmax(m);
+  acc_t s = 0;
+  for (int64_t k = lane; k < c; k += kWarpSize) {
+    const acc_t e = softmax_term(s_l[k], m);
+    s_l[k] = e;
+    s += e;
+  }
+  const acc_t inv = acc_t(1) / cuda::warp_allsum(s);
+  for (int64_t k = lane; k < c; k += kWarpSize) s_l[k] *= inv;
+  __syncwarp();
+}
+
+// u = p (z - p.z) into s_z, then accW += u f_i^T, accb += u with atomics (shared or global).
+template <typename scalar_t, typename acc_t>
+__device__ void warp_sample_accumulate(const scalar_t* __restrict__ fi, int64_t f, int64_t c,
+                                       const acc_t* p, acc_t* s_z, acc_t* accW, acc_t* accb) {
+  const int lane = threadIdx.x % kWarpSize;
+  acc_t pz = 0;
+  for (int64_t k = lane; k < c; k += kWarpSize) pz += p[k] * s_z[k];
+  pz = cuda::warp_allsum(pz);
+  for (int64_t k = lane; k < c; k += kWarpSize) s_z[k] = softmax_head_u(p[k], s_z[k], pz);
+  __syncwarp();
+  for (int64_t k = 0; k < c; ++k) {
+    const acc_t u = s_z[k];
+    for (int64_t j = lane; j < f; j += kWarpSize)
+      atomicAdd(accW + k * f + j, u * static_cast<acc_t>(fi[j]));
+  }
+  for (int64_t k = lane; k < c; k += kWarpSize) atomicAdd(accb + k, s_z[k]);
+  // The scratch is overwritten by the warp's next sample.
+  __syncwarp();
+}
+
+// probs_i = softmax(W f_i + bias), through the warp's scratch s_l (c entries).
+template <typename scalar_t, typename acc_t>
+__device__ void warp_sample_probs(const scalar_t* __restrict__ fi, int64_t f, int64_t c,
+                                  const scalar_t* __restrict__ W,
+                                  const scalar_t* __restrict__ bias, acc_t* s_l, acc_t* probs_i) {
+  warp_sample_dots<scalar_t, acc_t, false, true>(fi, f, c, W, bias, nullptr, nullptr, s_l,
+                                                 nullptr);
+  warp_softmax(s_l, c);
+  const int lane = threadIdx.x % kWarpSize;
+  for (int64_t k = lane; k < c; k += kWarpSize) probs_i[k] = s_l[k];
+  __syncwarp();
+}
+
+// ---- the multi-block kernels -------------------------------------------------------------------
+
+// Where a block's accumulator and its warps' scratch live: dynamic shared memory holds
+// [accumulator (P) if shared_acc][scratch (8 x 2c) if scratch == nullptr].
+struct HeadLayout {
+  int64_t n, f, c;
+  bool shared_acc;
+};
+
+// out[b] = shift v[b] + factor * sum_i (u_i f_i^T, u_i) for running systems, in one launch:
+// block (k, b) adds its chunk of samples into acc[b] (global, zero on entry and exit), and the
+// last block of system b to finish writes out[b] (last_block_epilogue).
+// kProbs: p_i read from probs (B, n, c); else computed from W, bias on the same pass over f_i.
+// The direction and the output of system b are given as a (c x f) part and a (c) part with their
+// own row strides, so both the op's (V, vb) pairs and the solver's flat [W, bias] vectors fit.
+template <typename scalar_t, typename acc_t, bool kProbs>
+__global__ void __launch_bounds__(kBlockSize)
+    softmax_head_hvp_kernel(const scalar_t* __restrict__ F, const scalar_t* __restrict__ W,
+                            const scalar_t* __restrict__ bias, const acc_t* __restrict__ probs,
+                            const scalar_t* __restrict__ V, int64_t V_stride,
+                            const scalar_t* __restrict__ vb, int64_t vb_stride, scalar_t* outW,
+                            int64_t outW_stride, scalar_t* outb, int64_t outb_stride,
+                            acc_t* __restrict__ acc, unsigned int* __restrict__ counter,
+                            acc_t* __restrict__ scratch, const int32_t* __restrict__ status,
+                            HeadLayout L, int64_t samples_per_block, double shift,
+                            double factor) {
+  extern __shared__ __align__(16) unsigned char hvp_smem[];
+  const int64_t b = blockIdx.y;
+  if (status != nullptr && status[b] != kRunning) return;
+  const int64_t n = L.n, f = L.f, c = L.c, P = c * (f + 1);
+  const int warp = threadIdx.x / kWarpSize;
+  acc_t* smem = reinterpret_cast<acc_t*>(hvp_smem);
+  acc_t* accb = acc + b * P;
+  acc_t* a = L.shared_acc ? smem : accb;
+  acc_t* scr;
+  if (scratch == nullptr) {
+    scr = (L.shared_acc ? smem + P : smem) + warp * 2 * c;
+  } else {
+    const int64_t blk = static_cast<int64_t>(blockIdx.y) * gridDim.x + blockIdx.x;
+    scr = scratch + (blk * kWarpsPerBlock + warp) * 2 * c;
+  }
+  if (L.shared_acc) {
+    for (int64_t j = threadIdx.x; j < P; j += kBlockSize) a[j] = acc_t(0);
+    __syncthreads();
+  }
+  const scalar_t* Fb = F + b * n * f;
+  const scalar_t* Vb = V + b * V_stride;
+  const scalar_t* vbb = vb + b * vb_stride;
+  const int64_t i0 = static_cast<int64_t>(blockIdx.x) * samples_per_block;
+  const int64_t i1 = i0 + samples_per_block < n ? i0 + samples_per_block : n;
+  for (int64_t i = i0 + warp; i < i1; i += kWarpsPerBlock) {
+    const scalar_t* fi = Fb + i * f;
+    if constexpr (kProbs) {
+      warp_sample_dots<scalar_t, acc_t, true, false>(fi, f, c, nullptr, nullptr, Vb, vbb, nullptr,
+                                                     scr + c);
+      warp_sample_accumulate(fi, f, c, probs + (b * n + i) * c, scr + c, a, a + c * f);
+    } else {
+      warp_sample_dots<scalar_t, acc_t, true, true>(fi, f, c, W + b * c * f, bias + b * c, Vb,
+                                                    vbb, scr, scr + c);
+      warp_softmax(scr, c);
+      warp_sample_accumulate(fi, f, c, scr, scr + c, a, a + c * f);
+    }
+  }
+  if (L.shared_acc) {
+    __syncthreads();
+    for (int64_t j = threadIdx.x; j < P; j += kBlockSize) atomicAdd(accb + j, a[j]);
+  }
+  const int64_t cf = c * f;
+  const acc_t sh = static_cast<acc_t>(shift), g = static_cast<acc_t>(factor);
+  scalar_t* oW = outW + b * outW_stride;
+  scalar_t* ob = outb + b * outb_stride;
+  cuda::last_block_epilogue(accb, counter + b, gridDim.x, P, [&](int64_t j, acc_t s) {
+    if (j < cf)
+      oW[j] = static_cast<scalar_t>(sh * static_cast<acc_t>(Vb[j]) + g * s);
+    else
+      ob[j - cf] = static_cast<scalar_t>(sh * static_cast<acc_t>(vbb[j - cf]) + g * s);
+  });
+}
+
+// probs[b, i] = softmax(W[b] f_i + bias[b]); warps over samples, grid (sample chunks, B).
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kBlockSize)
+    head_probs_kernel(const scalar_t* __restrict__ F, const scalar_t* __restrict__ W,
+                      const scalar_t* __restrict__ bias, acc_t* __restrict__ probs,
+                      acc_t* __restrict__ scratch, int64_t n, int64_t f, int64_t c,
+                      int64_t samples_per_block) {
+  extern __shared__ __align__(16) unsigned char probs_smem[];
+  const int64_t b = blockIdx.y;
+  const int warp = threadIdx.x / kWarpSize;
+  acc_t* scr;
+  if (scratch == nullptr) {
+    scr = reinterpret_cast<acc_t*>(probs_smem) + warp * c;
+  } else {
+    const int64_t blk = static_cast<int64_t>(blockIdx.y) * gridDim.x + blockIdx.x;
+    scr = scratch + (blk * kWarpsPerBlock + warp) * c;
+  }
+  const int64_t i0 = static_cast<int64_t>(blockIdx.x) * samples_per_block;
+  const int64_t i1 = i0 + samples_per_block < n ? i0 + samples_per_block : n;
+  for (int64_t i = i0 + warp; i < i1; i += kWarpsPerBlock)
+    warp_sample_probs(F + (b * n + i) * f, f, c, W + b * c * f, bias + b * c, scr,
+                      probs + (b * n + i) * c);
+}
+
+// ---- the single-launch solver -----------------------------------------------------------------
+
+template <typename scalar_t, typename acc_t>
+struct SoftmaxHeadBlockOp {
+  const scalar_t* __restrict__ F;  // (n, f) of this system
+  const acc_t* probs;              // (n, c) of this system, written by this block at its start
+  int64_t n, f, c;
+  double shift, factor;
+  acc_t* scratch;  // the block's 8 x 2c scratch in shared memory
+  __device__ void accumulate(const scalar_t* v, acc_t* acc) const {
+    const int warp = threadIdx.x / kWarpSize;
+    acc_t* s_z = scratch + warp * 2 * c;
+    for (int64_t i = warp; i < n; i += kWarpsPerBlock) {
+      const scalar_t* fi = F + i * f;
+      warp_sample_dots<scalar_t, acc_t, true, false>(fi, f, c, nullptr, nullptr, v, v + c * f,
+                                                     nullptr, s_z);
+      warp_sample_accumulate(fi, f, c, probs + i * c, s_z, acc, acc + c * f);
+    }
+  }
+  __device__ acc_t combine(acc_t v, acc_t a) const {
+    return static_cast<acc_t>(shift) * v + static_cast<acc_t>(factor) * a;
+  }
+};
+
+// One block per system (blockIdx.x). Dynamic shared memory: [accumulator (P)][scratch (8 x 2c)].
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kBlockSize)
+    cg_fused_softmax_head_kernel(const scalar_t* __restrict__ F, const scalar_t* __restrict__ W,
+                                 const scalar_t* __restrict__ bias, acc_t* probs,
+                                 const scalar_t* b, scalar_t* x, scalar_t* r, scalar_t* p,
+                                 int64_t n, int64_t f, int64_t c, double shift, double factor,
+                                 int64_t max_iter, double rtol, double atol, int32_t* iters,
+                                 scalar_t* rnorm, int32_t* status) {
+  extern __shared__ __align__(16) unsigned char fused_head_smem[];
+  const int64_t s = blockIdx.x;
+  const int64_t P = c * (f + 1);
+  acc_t* acc = reinterpret_cast<acc_t*>(fused_head_smem);
+  acc_t* scratch = acc + P;
+  const int warp = threadIdx.x / kWarpSize;
+  const scalar_t* Fs = F + s * n * f;
+  acc_t* ps = probs + s * n * c;
+  for (int64_t i = warp; i < n; i += kWarpsPerBlock)
+    warp_sample_probs(Fs + i * f, f, c, W + s * c * f, bias + s * c, scratch + warp * 2 * c,
+                      ps + i * c);
+  __syncthreads();  // every warp reads every sample's probabilities from here on
+  const SoftmaxHeadBlockOp<scalar_t, acc_t> op{Fs, ps, n, f, c, shift, factor, scratch};
+  cuda::block_cg<scalar_t, acc_t>(op, b + s * P, x + s * P, r + s * P, p + s * P, acc, P,
+                                  max_iter, rtol, atol, iters + s, rnorm + s, status + s);
+}
+
+// ---- host side ------------------------------------------------------------------------------
+
+size_t acc_size_of(const at::Tensor& t) {
+  return t.scalar_type() == at::kDouble ? sizeof(double) : sizeof(float);
+}
+
+at::ScalarType acc_type_of(const at::Tensor& t) {
+  return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// Where a direction or an output of B systems lives: a (c x f) part and a (c) part, each with its
+// own row stride (the op's (V, vb) pairs, or parts of the solver's flat [W, bias] vectors).
+template <typename T>
+struct HeadVec {
+  T* W;
+  int64_t W_stride;
+  T* b;
+  int64_t b_stride;
+};
+
+// Queues out = shift v + factor sum_i (u_i f_i^T, u_i) for every running system, one launch.
+// probs: (B, n, c) acc_t, or undefined to compute them from W and bias on the pass (W and bias
+// are not read when probs is given). acc (B, P) and counter (B,) int32 are zero on entry and
+// are left zero.
+void launch_head_apply(const at::Tensor& F, int64_t c, const at::Tensor& W,
+                       const at::Tensor& bias, const at::Tensor& probs,
+                       HeadVec<const void> v, HeadVec<void> out, const at::Tensor& acc,
+                       const at::Tensor& counter, const int32_t* status, double shift,
+                       double factor) {
+  const int64_t B = F.size(0), n = F.size(1), f = F.size(2);
+  const int64_t P = c * (f + 1);
+  if (B == 0 || P == 0) return;
+  const size_t as = acc_size_of(F);
+  const size_t acc_bytes = static_cast<size_t>(P) * as;
+  const size_t scr_bytes = static_cast<size_t>(kWarpsPerBlock) * 2 * c * as;
+  const size_t limit = cuda::max_dynamic_smem();
+  // Shared accumulator and scratch when both fit, else scratch alone, else neither.
+  const bool shared_acc = acc_bytes + scr_bytes <= limit;
+  const bool shared_scr = shared_acc || scr_bytes <= limit;
+  const size_t smem = (shared_acc ? acc_bytes : 0) + (shared_scr ? scr_bytes : 0);
+  // n == 0 still takes one block per system: it writes out = shift v.
+  const int64_t spb = cuda::rows_per_block_for(B, n, 2 * kWarpsPerBlock);
+  const dim3 grid(n > 0 ? (n + spb - 1) / spb : 1, B);
+  at::Tensor scratch;
+  if (!shared_scr)
+    scratch = at::empty({static_cast<int64_t>(grid.x) * B * kWarpsPerBlock * 2 * c},
+                        F.options().dtype(acc_type_of(F)));
+  const HeadLayout L{n, f, c, shared_acc};
+  auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(F.scalar_type(), "softmax_head_hvp_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    acc_t* scr = shared_scr ? nullptr : scratch.data_ptr<acc_t>();
+    auto launch = [&](auto kernel, const scalar_t* Wp, const scalar_t* bp, const acc_t* pp) {
+      cuda::allow_smem(kernel, smem);
+      kernel<<<grid, kBlockSize, smem, stream>>>(
+          F.data_ptr<scalar_t>(), Wp, bp, pp, static_cast<const scalar_t*>(v.W), v.W_stride,
+          static_cast<const scalar_t*>(v.b), v.b_stride, static_cast<scalar_t*>(out.W),
+          out.W_stride, static_cast<scalar_t*>(out.b), out.b_stride, acc.data_ptr<acc_t>(),
+          reinterpret_cast<unsigned int*>(counter.data_ptr<int32_t>()), scr, status, L, spb,
+          shift, factor);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    };
+    if (probs.defined())
+      launch(softmax_head_hvp_kernel<scalar_t, acc_t, true>, nullptr, nullptr,
+             probs.data_ptr<acc_t>());
+    else
+      launch(softmax_head_hvp_kernel<scalar_t, acc_t, false>, W.data_ptr<scalar_t>(),
+             bias.data_ptr<scalar_t>(), nullptr);
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> softmax_head_hvp_cuda(const at::Tensor& F_in,
+                                                         const at::Tensor& W_in,
+                                                         const at::Tensor& bias_in,
+                                                         const at::Tensor& V_in,
+                                                         const at::Tensor& vb_in, double shift,
+                                                         double scale) {
+  check_softmax_head("softmax_head_hvp", F_in, W_in, bias_in, shift, scale);
+  check_softmax_head_direction("softmax_head_hvp", W_in, bias_in, V_in, vb_in);
+  TORCH_CHECK_VALUE(F_in.size(0) <= 65535, "softmax_head_hvp: at most 65535 systems on CUDA, got ",
+                    F_in.size(0));
+  c10::cuda::OptionalCUDAGuard guard(F_in.device());
+  const auto F = F_in.contiguous(), W = W_in.contiguous(), bias = bias_in.contiguous();
+  const auto V = V_in.contiguous(), vb = vb_in.contiguous();
+  const int64_t B = F.size(0), n = F.size(1), f = F.size(2), c = W.size(1);
+  const int64_t P = c * (f + 1);
+  auto outW = at::empty(V.sizes(), V.options());
+  auto outb = at::empty(vb.sizes(), vb.options());
+  auto acc = at::zeros({B, P}, F.options().dtype(acc_type_of(F)));
+  auto counter = at::zeros({B}, F.options().dtype(at::kInt));
+  launch_head_apply(F, c, W, bias, at::Tensor(), {V.data_ptr(), c * f, vb.data_ptr(), c},
+                    {outW.data_ptr(), c * f, outb.data_ptr(), c}, acc, counter, nullptr, shift,
+                    softmax_head_factor(scale, n));
+  return {outW, outb};
+}
+
+// The solver's operator for the multi-launch loop, over the flat [W, bias] layout: one launch
+// per product.
+struct SoftmaxHeadApply {
+  at::Tensor F, probs;
+  int64_t c;
+  double shift, factor;
+  at::Tensor acc, counter;  // zero between products
+  void operator()(const at::Tensor& v, at::Tensor& out, const int32_t* status) const {
+    const int64_t P = v.size(1), cf = P - c;
+    auto* vp = static_cast<char*>(v.data_ptr());
+    auto* op = static_cast<char*>(out.data_ptr());
+    const int64_t es = v.element_size();
+    launch_head_apply(F, c, at::Tensor(), at::Tensor(), probs, {vp, P, vp + cf * es, P},
+                      {op, P, op + cf * es, P}, acc, counter, status, shift, factor);
+  }
+};
+
+SolveResult cg_solve_softmax_head_cuda(const at::Tensor& F_in, const at::Tensor& W_in,
+                                       const at::Tensor& bias_in, const at::Tensor& b_in,
+                                       const at::Tensor& x0, double shift, double scale,
+                                       int64_t max_iter, double rtol, double atol) {
+  const char* op = "cg_solve_softmax_head";
+  check_solve_args(op, b_in, x0, max_iter, rtol, atol);
+  check_softmax_head(op, F_in, W_in, bias_in, shift, scale);
+  check_softmax_head_flat(op, "b", W_in, b_in);
+  TORCH_CHECK_VALUE(b_in.size(0) <= 65535, op, ": at most 65535 systems on CUDA, got ",
+                    b_in.size(0));
+  c10::cuda::OptionalCUDAGuard guard(b_in.device());
+  const auto F = F_in.contiguous(), W = W_in.contiguous(), bias = bias_in.contiguous();
+  const int64_t B = F.size(0), n = F.size(1), f = F.size(2), c = W.size(1);
+  const int64_t P = c * (f + 1);
+  const double factor = softmax_head_factor(scale, n);
+  auto probs = at::empty({B, n, c}, F.options().dtype(acc_type_of(F)));
+  const size_t as = acc_size_of(F);
+  const size_t smem = static_cast<size_t>(P + kWarpsPerBlock * 2 * c) * as;
+  auto stream = at::cuda::getCurrentCUDAStream();
+  // Work per iteration: a dot product and an axpy of length f per class and sample, plus the
+  // per-class warp reductions (about 64 lanes' worth of work each).
+  if (B > 0 && cuda::use_fused(B, n * c * (f + 64), smem)) {
+    const auto b = b_in.contiguous();
+    auto x = x0.contiguous().clone();
+    auto r = at::empty_like(b), p = at::empty_like(b);
+    auto iters = at::zeros({B}, b.options().dtype(at::kInt));
+    auto status = at::zeros({B}, b.options().dtype(at::kInt));
+    auto rnorm = at::empty({B}, b.options());
+    AT_DISPATCH_FLOATING_TYPES(b.scalar_type(), "cg_fused_softmax_head_cuda", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      auto kernel = cg_fused_softmax_head_kernel<scalar_t, acc_t>;
+      cuda::allow_smem(kernel, smem);
+      kernel<<<static_cast<unsigned>(B), kBlockSize, smem, stream>>>(
+          F.data_ptr<scalar_t>(), W.data_ptr<scalar_t>(), bias.data_ptr<scalar_t>(),
+          probs.data_ptr<acc_t>(), b.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(),
+          r.data_ptr<scalar_t>(), p.data_ptr<scalar_t>(), n, f, c, shift, factor, max_iter, rtol,
+          atol, iters.data_ptr<int32_t>(), rnorm.data_ptr<scalar_t>(),
+          status.data_ptr<int32_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+    return {x, iters, rnorm, status};
+  }
+  if (B > 0 && n > 0 && c > 0) {
+    const size_t scr_bytes = static_cast<size_t>(kWarpsPerBlock) * c * as;
+    const bool shared_scr = scr_bytes <= cuda::max_dynamic_smem();
+    const int64_t spb = cuda::rows_per_block_for(B, n, 2 * kWarpsPerBlock);
+    const dim3 grid((n + spb - 1) / spb, B);
+    at::Tensor scratch;
+    if (!shared_scr)
+      scratch = at::empty({static_cast<int64_t>(grid.x) * B * kWarpsPerBlock * c},
+                          F.options().dtype(acc_type_of(F)));
+    AT_DISPATCH_FLOATING_TYPES(F.scalar_type(), "softmax_head_probs_cuda", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      auto kernel = head_probs_kernel<scalar_t, acc_t>;
+      const size_t smem_p = shared_scr ? scr_bytes : 0;
+      cuda::allow_smem(kernel, smem_p);
+      kernel<<<grid, kBlockSize, smem_p, stream>>>(
+          F.data_ptr<scalar_t>(), W.data_ptr<scalar_t>(), bias.data_ptr<scalar_t>(),
+          probs.data_ptr<acc_t>(), shared_scr ? nullptr : scratch.data_ptr<acc_t>(), n, f, c,
+          spb);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  }
+  auto acc = at::zeros({B, P}, F.options().dtype(acc_type_of(F)));
+  auto counter = at::zeros({B}, F.options().dtype(at::kInt));
+  return cuda::solve_cuda(SoftmaxHeadApply{F, probs, c, shift, factor, acc, counter}, b_in, x0,
+                          max_iter, rtol, atol);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(imaml_ext, CUDA, m) {
+  m.impl("softmax_head_hvp", &softmax_head_hvp_cuda);
+  m.impl("cg_solve_softmax_head", &cg_solve_softmax_head_cuda);
+}
+
+}  // namespace imaml_ext

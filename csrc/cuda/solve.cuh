@@ -1,0 +1,320 @@
+// The whole-loop CG machinery of the CUDA solvers, shared by cg_cuda.cu (dense, least squares),
+// cg_fused_cuda.cu (their single-launch kernels) and hvp_cuda.cu (the softmax head).
+//
+// Two ways to run the whole loop, both with per-system early stop and no host read-back:
+// - solve_cuda: a fixed sequence of launches, max_iter x (operator, three cg_step launches).
+//   Every launch spreads each system over many blocks, so it fills the GPU when B is small and
+//   the per-system data is large.
+// - block_cg inside a single launch, one block per system: all iterations in the block, the
+//   operator's accumulator in shared memory, the reductions with block_sum. No launch gaps and
+//   no partial-sum round trips through global memory, so it wins when there are enough systems
+//   to fill the GPU or when each system is small (then a launch costs more than its work).
+// use_fused() picks between them; IMAML_CG_FUSED=0/1 forces one (tests run both).
+#pragma once
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <torch/types.h>
+
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+
+#include "../cg_math.h"
+#include "../ops.h"
+#include "common.cuh"
+
+namespace imaml_ext {
+namespace cuda {
+
+// ---- the multi-launch loop --------------------------------------------------------------------
+
+// Queues one CG iteration (three launches) on the current stream; defined in cg_cuda.cu.
+void launch_cg_step(const at::Tensor& x, const at::Tensor& r, const at::Tensor& p,
+                    const at::Tensor& Ap, const at::Tensor& rs, const at::Tensor& bnorm2,
+                    const at::Tensor& status, const at::Tensor& iters, double rtol, double atol);
+
+// The whole loop as a fixed sequence of launches: init with ATen ops, then max_iter times
+// (operator, three CG launches). `apply(v, out, status)` queues out = A v, skipping systems whose
+// status is not running when status is not null. No value returns to the host until the caller
+// reads the result.
+template <typename Apply>
+SolveResult solve_cuda(const Apply& apply, const at::Tensor& b_in, const at::Tensor& x0,
+                       int64_t max_iter, double rtol, double atol) {
+  const auto b = b_in.contiguous();
+  const int64_t B = b.size(0);
+  auto x = x0.contiguous().clone();
+  auto Ap = at::empty_like(b);
+  apply(x, Ap, nullptr);
+  auto r = (b - Ap).contiguous();
+  auto p = r.clone();
+  auto rs = (r * r).sum(-1).contiguous();
+  auto bnorm2 = (b * b).sum(-1).contiguous();
+  auto tol2 = at::clamp_min(bnorm2 * (rtol * rtol), atol * atol);
+  auto finite = at::isfinite(rs) & at::isfinite(tol2);
+  auto status = at::where(finite, at::where(rs <= tol2, int64_t(kConverged), int64_t(kRunning)),
+                          int64_t(kNonFinite))
+                    .to(at::kInt)
+                    .contiguous();
+  auto iters = at::zeros({B}, b.options().dtype(at::kInt));
+  const int32_t* status_ptr = static_cast<const int32_t*>(status.data_ptr());
+  for (int64_t k = 0; k < max_iter; ++k) {
+    apply(p, Ap, status_ptr);
+    launch_cg_step(x, r, p, Ap, rs, bnorm2, status, iters, rtol, atol);
+  }
+  return {x, iters, rs.sqrt(), status};
+}
+
+// ---- 16-byte vector loads ---------------------------------------------------------------------
+
+template <typename scalar_t>
+struct Vec16;
+template <>
+struct Vec16<float> {
+  using type = float4;
+  static constexpr int kN = 4;
+  __device__ static float dot(const float4& a, const float4& b) {
+    return a.x * b.x + a.y * b.y + a.z * b.z + a.w * b.w;
+  }
+};
+template <>
+struct Vec16<double> {
+  using type = double2;
+  static constexpr int kN = 2;
+  __device__ static double dot(const double2& a, const double2& b) { return a.x * b.x + a.y * b.y; }
+};
+
+inline bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
+
+// Whether rows of length d starting at `base` (and the vector at `v`) can be read as 16-byte
+// vectors: every row start is then 16-byte aligned too.
+template <typename scalar_t>
+bool can_vec16(const void* base, const void* v, int64_t d) {
+  return d % Vec16<scalar_t>::kN == 0 && aligned16(base) && aligned16(v);
+}
+
+// Sum over the warp, valid in every lane (butterfly).
+template <typename T>
+__device__ __forceinline__ T warp_allsum(T v) {
+#pragma unroll
+  for (int offset = kWarpSize / 2; offset > 0; offset /= 2)
+    v += __shfl_xor_sync(0xffffffffu, v, offset);
+  return v;
+}
+
+template <typename T>
+__device__ __forceinline__ T warp_allmax(T v) {
+#pragma unroll
+  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
+    const T o = __shfl_xor_sync(0xffffffffu, v, offset);
+    v = o > v ? o : v;
+  }
+  return v;
+}
+
+// row . v for one warp, valid in every lane. With kVec the row and v are read as 16-byte vectors
+// (the caller checked can_vec16), four in flight per lane.
+template <typename scalar_t, typename acc_t, bool kVec>
+__device__ __forceinline__ acc_t warp_row_dot(const scalar_t* __restrict__ row,
+                                              const scalar_t* v, int64_t d) {
+  const int lane = threadIdx.x % kWarpSize;
+  acc_t s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+  if constexpr (kVec) {
+    using V = Vec16<scalar_t>;
+    using vec_t = typename V::type;
+    const vec_t* r4 = reinterpret_cast<const vec_t*>(row);
+    const vec_t* v4 = reinterpret_cast<const vec_t*>(v);
+    const int64_t nv = d / V::kN;
+    int64_t q = lane;
+    for (; q + 3 * kWarpSize < nv; q += 4 * kWarpSize) {
+      const vec_t a0 = r4[q], a1 = r4[q + kWarpSize], a2 = r4[q + 2 * kWarpSize],
+                  a3 = r4[q + 3 * kWarpSize];
+      s0 += V::dot(a0, v4[q]);
+      s1 += V::dot(a1, v4[q + kWarpSize]);
+      s2 += V::dot(a2, v4[q + 2 * kWarpSize]);
+      s3 += V::dot(a3, v4[q + 3 * kWarpSize]);
+    }
+    for (; q < nv; q += kWarpSize) s0 += V::dot(r4[q], v4[q]);
+  } else {
+    for (int64_t j = lane; j < d; j += kWarpSize)
+      s0 += static_cast<acc_t>(row[j]) * static_cast<acc_t>(v[j]);
+  }
+  return warp_allsum((s0 + s1) + (s2 + s3));
+}
+
+// Reads *p and leaves 0 there, in one L2 atomic: the accumulators that other blocks add to with
+// atomics are read this way, never through the (incoherent) L1.
+__device__ __forceinline__ float atomic_take(float* p) { return atomicExch(p, 0.0f); }
+__device__ __forceinline__ double atomic_take(double* p) {
+  return __longlong_as_double(
+      static_cast<long long>(atomicExch(reinterpret_cast<unsigned long long*>(p), 0ull)));
+}
+
+// The end of a kernel in which `nblocks` blocks add a system's product into its global
+// accumulator acc (P entries) with atomics: the last of those blocks to finish takes every
+// entry (leaving acc zeroed for the next product) and calls store(j, acc_j). So the product's
+// epilogue needs no second launch and the accumulator no memset. The counter (0 on entry) is
+// reset for the next launch. Every thread of the block must call it, after its atomics.
+template <typename acc_t, typename Store>
+__device__ void last_block_epilogue(acc_t* acc, unsigned int* counter, unsigned int nblocks,
+                                    int64_t P, Store store) {
+  __shared__ bool is_last;
+  __threadfence();  // this thread's atomics are visible device-wide before the block counts
+  __syncthreads();
+  if (threadIdx.x == 0) is_last = atomicAdd(counter, 1u) == nblocks - 1;
+  __syncthreads();
+  if (!is_last) return;
+  __threadfence();
+  for (int64_t j = threadIdx.x; j < P; j += kBlockSize) store(j, atomic_take(acc + j));
+  if (threadIdx.x == 0) *counter = 0u;
+}
+
+// ---- the single-launch loop: one block of kBlockSize threads per system --------------------
+
+// Thread t owns entries j = t, t + kBlockSize, ... of every vector of its system, so the
+// elementwise steps need no barrier; only the operator (which reads all of v) and the
+// reductions (block_sum) synchronise.
+//
+// An operator for block_cg is a struct with
+//   __device__ void accumulate(const scalar_t* v, acc_t* acc) const;  // acc (zeroed) += H v
+//   __device__ acc_t combine(acc_t v_j, acc_t acc_j) const;           // (A v)_j
+// accumulate is called by every thread of the block; it may add to any entry of acc with
+// shared-memory atomics and may not call __syncthreads.
+//
+// Memory: b, x, r, p are this system's slices in global memory, written only by this block
+// (__syncthreads orders them within the block); they are read through plain pointers, never
+// __restrict__ or __ldg, since the read-only cache is not coherent with this kernel's writes.
+
+// acc[j] = (A v)_j - combine's input - for every j; valid for the owner of j on return.
+template <typename scalar_t, typename acc_t, typename Op>
+__device__ __forceinline__ void block_apply(const Op& op, const scalar_t* v, acc_t* acc,
+                                            int64_t P) {
+  for (int64_t j = threadIdx.x; j < P; j += kBlockSize) acc[j] = acc_t(0);
+  // Orders the zeroing, and the owners' last writes of v, before any thread's accumulate.
+  __syncthreads();
+  op.accumulate(v, acc);
+  __syncthreads();
+}
+
+// All iterations of one system, with the decisions of cg_math.h (the CPU kernels' decisions).
+template <typename scalar_t, typename acc_t, typename Op>
+__device__ void block_cg(const Op& op, const scalar_t* b, scalar_t* x, scalar_t* r, scalar_t* p,
+                         acc_t* acc, int64_t P, int64_t max_iter, double rtol, double atol,
+                         int32_t* iters_out, scalar_t* rnorm_out, int32_t* status_out) {
+  // r0 = b - A x0, p0 = r0.
+  block_apply<scalar_t, acc_t>(op, x, acc, P);
+  acc_t rr = 0, bb = 0;
+  for (int64_t j = threadIdx.x; j < P; j += kBlockSize) {
+    const scalar_t bj = b[j];
+    const scalar_t apj = static_cast<scalar_t>(op.combine(static_cast<acc_t>(x[j]), acc[j]));
+    const scalar_t rj = bj - apj;
+    r[j] = rj;
+    p[j] = rj;
+    rr += static_cast<acc_t>(rj) * static_cast<acc_t>(rj);
+    bb += static_cast<acc_t>(bj) * static_cast<acc_t>(bj);
+  }
+  acc_t rs = block_sum(rr);
+  const acc_t tol2 = cg_tol2<acc_t>(block_sum(bb), rtol, atol);
+  int32_t st = cg_initial_status(rs, tol2);
+  int32_t it = 0;
+  // st is computed from block_sum results that every thread holds, so the loop and its breaks
+  // are uniform over the block, as the __syncthreads inside require.
+  for (int64_t k = 0; k < max_iter && st == kRunning; ++k) {
+    block_apply<scalar_t, acc_t>(op, p, acc, P);
+    acc_t pap = 0;
+    for (int64_t j = threadIdx.x; j < P; j += kBlockSize) {
+      const scalar_t pj = p[j];
+      const scalar_t apj = static_cast<scalar_t>(op.combine(static_cast<acc_t>(pj), acc[j]));
+      acc[j] = static_cast<acc_t>(apj);  // owner-only: kept for the x/r update below
+      pap += static_cast<acc_t>(pj) * static_cast<acc_t>(apj);
+    }
+    const acc_t alpha = cg_alpha<acc_t>(rs, block_sum(pap), &st);
+    if (st != kRunning) break;
+    acc_t rr_new = 0;
+    for (int64_t j = threadIdx.x; j < P; j += kBlockSize)
+      rr_new += cg_update_xr<scalar_t, acc_t>(x + j, r + j, p[j], static_cast<scalar_t>(acc[j]),
+                                              alpha);
+    const acc_t rs_new = block_sum(rr_new);
+    ++it;
+    const acc_t beta = cg_beta<acc_t>(rs_new, rs, tol2, &st);
+    if (st == kRunning)
+      for (int64_t j = threadIdx.x; j < P; j += kBlockSize) cg_update_p<scalar_t, acc_t>(p + j, r[j], beta);
+    rs = rs_new;
+  }
+  if (threadIdx.x == 0) {
+    *iters_out = it;
+    *rnorm_out = static_cast<scalar_t>(::sqrt(rs));
+    *status_out = st;
+  }
+}
+
+// ---- choosing the path --------------------------------------------------------------------
+
+// One block per system runs its iterations at the pace of one SM's memory-level parallelism
+// (8 warps), so it wins only where launches dominate: per-system work per iteration up to about
+// this many multiply-adds (measured on an H100: least squares 32 x (50 x 200) and dense
+// 32 x 200^2 ran 4.4x and 2.5x faster in one launch; a softmax head 32 x (100 x 64 x 20) ran
+// 2.4x slower, 32 x (25 x 800 x 5) the same), or when so many systems queue up that every SM
+// holds several blocks.
+constexpr int64_t kFusedSmallWork = int64_t(128) << 10;
+constexpr int64_t kFusedBlocksPerSm = 4;
+
+// Shared memory the fused kernels may ask for beyond their dynamic part (block_sum's arrays).
+constexpr size_t kStaticSmemReserve = 1024;
+
+inline int fused_mode() {
+  const char* e = std::getenv("IMAML_CG_FUSED");
+  if (e == nullptr || *e == '\0' || std::strcmp(e, "auto") == 0) return -1;
+  return std::strcmp(e, "0") == 0 ? 0 : 1;
+}
+
+inline size_t max_dynamic_smem() {
+  const auto* prop = at::cuda::getCurrentDeviceProperties();
+  return prop->sharedMemPerBlockOptin > kStaticSmemReserve
+             ? prop->sharedMemPerBlockOptin - kStaticSmemReserve
+             : 0;
+}
+
+// Whether the single-launch kernel should run B systems whose operator costs `work_per_system`
+// multiply-adds (or the like) per iteration and needs `smem` bytes of dynamic shared memory.
+inline bool use_fused(int64_t B, int64_t work_per_system, size_t smem) {
+  if (smem > max_dynamic_smem()) return false;
+  const int mode = fused_mode();
+  if (mode >= 0) return mode == 1;
+  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  return work_per_system <= kFusedSmallWork || B >= kFusedBlocksPerSm * sms;
+}
+
+// Raises a kernel's dynamic shared-memory limit when it needs more than the default 48 KB.
+template <typename Kernel>
+void allow_smem(Kernel kernel, size_t smem) {
+  if (smem > 48 * 1024)
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        static_cast<int>(smem)));
+}
+
+// Chunks of one system's rows so that all systems together make about kWaves blocks per SM
+// (about 32 warps, enough loads in flight to cover the memory latency), each with at least
+// min_rows rows (its accumulator's zeroing and flush are amortised over them).
+inline int64_t rows_per_block_for(int64_t B, int64_t n, int64_t min_rows) {
+  constexpr int64_t kWaves = 4;
+  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  int64_t chunks = (kWaves * sms + B - 1) / (B > 0 ? B : 1);
+  const int64_t max_chunks = (n + min_rows - 1) / min_rows;
+  if (chunks > max_chunks) chunks = max_chunks;
+  if (chunks < 1) chunks = 1;
+  const int64_t rows = (n + chunks - 1) / chunks;
+  return rows > 0 ? rows : 1;
+}
+
+// ---- the single-launch solvers (cg_fused_cuda.cu) ------------------------------------------
+
+// Each returns false, having done nothing, when use_fused() declines the problem.
+bool fused_cg_dense(const at::Tensor& A, const at::Tensor& b, const at::Tensor& x0,
+                    int64_t max_iter, double rtol, double atol, SolveResult* out);
+bool fused_cg_lstsq(const at::Tensor& X, const at::Tensor& b, const at::Tensor& x0, double shift,
+                    double scale, int64_t max_iter, double rtol, double atol, SolveResult* out);
+
+}  // namespace cuda
+}  // namespace imaml_ext
