@@ -19,7 +19,7 @@ import torch
 
 import imaml_ext
 from conftest import random_spd
-from imaml_ext import ops, reference
+from imaml_ext import reference
 from imaml_ext.linalg import CGError, LstsqOperator
 
 try:
