@@ -337,7 +337,7 @@ class _Progress:
                 print(text, flush=True)
             return
         post = {"loss": f"{row['meta_loss']:.3f}", "acc": f"{100 * row['query_acc']:.1f}%"}
-        if not math.isnan(row.get("cg_residual", float("nan"))):
+        if row.get("cg_iterations", 0) > 0:  # algorithms without CG report 0 iterations
             post["cg_res"] = f"{row['cg_residual']:.2e}"
         if row.get("skipped_tasks"):
             post["skipped"] = str(row["skipped_tasks"])
