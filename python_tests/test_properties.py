@@ -9,6 +9,10 @@ shapes:
 - systems that meet negative curvature or NaN/Inf are flagged the same way by both paths;
 - invalid argument combinations raise ValueError naming the argument, from both paths.
 
+On an H100 (2026-11-26, torch 2.11.0+cu130, the then working tree) the invalid-argument property
+crashed the process with a segfault inside torch.ops.imaml_ext.softmax_head_hvp on CUDA; rerun
+there with IMAML_PROPERTY_TRACE=1 to see which argument and mutation.
+
 The examples are drawn deterministically (derandomize=True) so CI sees the same cases every run;
 set IMAML_HYPOTHESIS_RANDOM=1 to explore new ones, IMAML_HYPOTHESIS_EXAMPLES=N to change how many
 per property (default 60). The number of cases each property ran is printed by the last test
@@ -21,6 +25,7 @@ import dataclasses
 import math
 import os
 import re
+import sys
 
 import pytest
 import torch
@@ -53,6 +58,8 @@ PROFILE = settings.get_profile("imaml-properties")
 
 # How many examples each property ran in this session (printed by test_zz_case_counts).
 CASES: collections.Counter = collections.Counter()
+# IMAML_PROPERTY_TRACE=1 prints each invalid-argument case before the call (for a segfault).
+TRACE = os.environ.get("IMAML_PROPERTY_TRACE", "") not in ("", "0")
 # Error messages that name another argument than the broken one (reported, not failed).
 QUIRKS: collections.Counter = collections.Counter()
 
@@ -711,6 +718,9 @@ def test_invalid_tensor_arguments_raise_value_error(op, data, dtype, device, see
     other = "cpu" if device != "cpu" else "cuda"
     a = _valid(op, dtype, device, gen(seed))
     bad, names = _mutate(op, a, name, how, other)
+    if TRACE:  # a crash (not an exception) loses hypothesis' report: say the case first
+        print(f"\ninvalid-argument case: {op}({name}: {how}) {dtype} {device} use_ext={use_ext}",
+              file=sys.stderr, flush=True)
     if how == "noncontig" and (op != "cg_step" or name not in _INPLACE):
         # Read-only inputs may have any layout: the result is the contiguous inputs' result.
         got = _call(op, bad, use_ext)
