@@ -192,14 +192,17 @@ __global__ void dense_matvec_kernel(const scalar_t* __restrict__ A, const scalar
 }
 
 // out[b] = shift v[b] + scale X[b]^T (X[b] v[b]) in one launch and one pass over X from memory.
-// Block (k, b) takes a chunk of system b's rows: a warp takes a row's dot product (16-byte loads,
-// four in flight per lane, when kVec), then re-reads the row (from L1, or L2 when many rows are in
-// flight) for its axpy into the block's shared-memory accumulator of d entries; the block adds
-// that into acc[b] with one atomic per entry, and the last block of system b to finish writes
-// out[b] and zeroes acc[b] (last_block_epilogue). The axpy uses 4/8-byte accesses so that the
-// lanes' shared atomics fall in distinct banks.
-// Sync points: after zeroing the shared accumulator, before flushing it, in the epilogue.
-// acc (B, d) and counter (B,) are zero on entry and on exit.
+// Block (k, b) takes a chunk of system b's rows in sub-tiles of 8 rows: a warp per row takes
+// t_i = X_i . v (16-byte loads, four in flight per lane, when kVec) into shared memory; then a
+// thread per column adds t_i X_ij over the sub-tile (re-reading its 8 rows, just fetched, from
+// L1/L2: block_tile_xt) into the block's column sums in shared memory, each column owned by one
+// thread (no atomics). Sub-tiles keep the rows in flight across the GPU (blocks x 8 rows) small
+// enough for L2 to hold them until their re-read; whole-chunk tiles did not, and X then crossed
+// DRAM twice. The block adds its column sums into acc[b] with one global atomic per column, and
+// the last block of system b to finish writes out[b] and zeroes acc[b] (last_block_epilogue).
+// Sync points: after zeroing, twice per sub-tile, in the epilogue. acc (B, d) and counter (B,)
+// are zero on entry and on exit. Dynamic shared memory: d + kWarpsPerBlock + 4 acc_t (the 4:
+// ptxas may widen the unrolled reads of t past its end).
 template <typename scalar_t, typename acc_t, bool kVec>
 __global__ void __launch_bounds__(kBlockSize)
     xtxv_kernel(const scalar_t* __restrict__ X, const scalar_t* __restrict__ v,
@@ -208,20 +211,26 @@ __global__ void __launch_bounds__(kBlockSize)
                 int64_t d, int64_t rows_per_block, double shift, double scale) {
   extern __shared__ __align__(16) unsigned char xtxv_smem[];
   acc_t* sacc = reinterpret_cast<acc_t*>(xtxv_smem);
+  acc_t* t = sacc + d;
   const int64_t b = blockIdx.y;
   if (status != nullptr && status[b] != kRunning) return;
   for (int64_t j = threadIdx.x; j < d; j += kBlockSize) sacc[j] = 0;
-  __syncthreads();
   const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
   const scalar_t* vb = v + b * d;
   const int64_t row0 = static_cast<int64_t>(blockIdx.x) * rows_per_block;
-  const int64_t row1 = row0 + rows_per_block < n ? row0 + rows_per_block : n;
-  for (int64_t i = row0 + warp; i < row1; i += kWarpsPerBlock) {
-    const scalar_t* row = X + (b * n + i) * d;
-    const acc_t t = cuda::warp_row_dot<scalar_t, acc_t, kVec>(row, vb, d);
-    for (int64_t j = lane; j < d; j += kWarpSize) atomicAdd(sacc + j, t * static_cast<acc_t>(row[j]));
+  const int64_t R = (row0 + rows_per_block < n ? row0 + rows_per_block : n) - row0;
+  const scalar_t* X0 = X + (b * n + row0) * d;
+  for (int64_t s0 = 0; s0 < R; s0 += kWarpsPerBlock) {
+    const int64_t Rs = s0 + kWarpsPerBlock < R ? kWarpsPerBlock : R - s0;
+    if (warp < Rs) {
+      const acc_t ti = cuda::warp_row_dot<scalar_t, acc_t, kVec>(X0 + (s0 + warp) * d, vb, d);
+      if (lane == 0) t[warp] = ti;
+    }
+    __syncthreads();  // t complete (and, the first time, sacc zeroed)
+    cuda::block_tile_xt<scalar_t, acc_t, kVec>(X0 + s0 * d, t, Rs, d,
+                                               [&](int64_t j, acc_t s) { sacc[j] += s; });
+    __syncthreads();  // t is rewritten by the next sub-tile
   }
-  __syncthreads();
   acc_t* accb = acc + b * d;
   for (int64_t j = threadIdx.x; j < d; j += kBlockSize) atomicAdd(accb + j, sacc[j]);
   scalar_t* ob = out + b * d;
@@ -264,17 +273,18 @@ struct LstsqApply {
     auto stream = at::cuda::getCurrentCUDAStream();
     AT_DISPATCH_FLOATING_TYPES(v.scalar_type(), "lstsq_apply_cuda", [&] {
       using acc_t = at::opmath_type<scalar_t>;
-      const size_t smem = static_cast<size_t>(d) * sizeof(acc_t);
+      const size_t smem = static_cast<size_t>(d + kWarpsPerBlock + 4) * sizeof(acc_t);
       if (smem > cuda::max_dynamic_smem() || n == 0) {
-        // d too large for one shared accumulator: two batched products (two passes over X).
+        // d too large for the column sums in shared memory: two batched products (two passes
+        // over X).
         auto xv = at::bmm(X, v.unsqueeze(-1));
         auto xtxv = at::bmm(X.transpose(1, 2), xv).squeeze(-1);
         // Stopped systems get a fresh product too; the CG kernels never read it.
         out.copy_(at::add(at::mul(v, shift), xtxv, scale));
         return;
       }
-      // About four blocks per SM over all systems, each with at least 16 rows (two per warp)
-      // to amortise its accumulator's zeroing and flush.
+      // About four blocks per SM over all systems, each with 16 to 64 rows (its column sums'
+      // zeroing and global atomics are amortised over them).
       const int64_t rows_per_block = cuda::rows_per_block_for(B, n, 2 * kWarpsPerBlock);
       const dim3 grid((n + rows_per_block - 1) / rows_per_block, B);
       auto launch = [&](auto kernel) {

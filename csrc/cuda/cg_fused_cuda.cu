@@ -6,8 +6,9 @@
 //
 // Operators (thread mapping; the CG steps are block_cg's):
 //   dense:  warp w takes rows w, w + 8, ...: acc[row] = A[row] . v (16-byte loads when aligned).
-//   lstsq:  warp w takes rows w, w + 8, ... of X: t = X[i] . v, then acc += t X[i] with
-//           shared-memory atomics (one pass over X per iteration; the row's re-read hits L1).
+//   lstsq:  warp w takes rows w, w + 8, ... of X: t_i = X[i] . v into shared memory; then thread
+//           j sums t_i X[i, j] over the rows into acc[j] (block_tile_xt: no atomics; X is
+//           re-read from L1/L2).
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <torch/types.h>
@@ -40,18 +41,22 @@ struct LstsqBlockOp {
   const scalar_t* __restrict__ X;  // (n, d) of this system, read-only
   int64_t n, d;
   double shift, scale;
+  acc_t* t;  // (n) shared memory: the rows' dot products
   __device__ void accumulate(const scalar_t* v, acc_t* acc) const {
     const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
     for (int64_t i = warp; i < n; i += kWarpsPerBlock) {
-      const scalar_t* row = X + i * d;
-      const acc_t t = warp_row_dot<scalar_t, acc_t, kVec>(row, v, d);
-      for (int64_t j = lane; j < d; j += kWarpSize) atomicAdd(acc + j, t * static_cast<acc_t>(row[j]));
+      const acc_t ti = warp_row_dot<scalar_t, acc_t, kVec>(X + i * d, v, d);
+      if (lane == 0) t[i] = ti;
     }
+    __syncthreads();
+    // The block owns the system: each column's sum goes straight to its entry, no atomics.
+    block_tile_xt<scalar_t, acc_t, kVec>(X, t, n, d, [&](int64_t j, acc_t s) { acc[j] = s; });
   }
   __device__ acc_t combine(acc_t v, acc_t a) const { return lstsq_combine<acc_t>(v, a, shift, scale); }
 };
 
-// One block per system (blockIdx.x); dynamic shared memory: the accumulator, P acc_t.
+// One block per system (blockIdx.x); dynamic shared memory: the accumulator, P acc_t (and for
+// least squares the rows' dot products, n acc_t).
 template <typename scalar_t, typename acc_t, bool kVec>
 __global__ void __launch_bounds__(kBlockSize)
     cg_fused_dense_kernel(const scalar_t* __restrict__ A, const scalar_t* b, scalar_t* x,
@@ -74,7 +79,7 @@ __global__ void __launch_bounds__(kBlockSize)
   extern __shared__ __align__(16) unsigned char fused_smem[];
   acc_t* acc = reinterpret_cast<acc_t*>(fused_smem);
   const int64_t s = blockIdx.x;
-  const LstsqBlockOp<scalar_t, acc_t, kVec> op{X + s * n * d, n, d, shift, scale};
+  const LstsqBlockOp<scalar_t, acc_t, kVec> op{X + s * n * d, n, d, shift, scale, acc + d};
   block_cg<scalar_t, acc_t>(op, b + s * d, x + s * d, r + s * d, p + s * d, acc, d, max_iter,
                             rtol, atol, iters + s, rnorm + s, status + s);
 }
@@ -133,7 +138,8 @@ bool fused_cg_lstsq(const at::Tensor& X_in, const at::Tensor& b_in, const at::Te
                     SolveResult* out) {
   const int64_t B = X_in.size(0), n = X_in.size(1), d = X_in.size(2);
   const size_t acc_size = b_in.scalar_type() == at::kDouble ? sizeof(double) : sizeof(float);
-  const size_t smem = static_cast<size_t>(d) * acc_size;
+  // + 4: ptxas may widen the unrolled reads of the dot products past their end.
+  const size_t smem = static_cast<size_t>(d + n + 4) * acc_size;
   if (B == 0 || !use_fused(B, 2 * n * d, smem))
     return false;
   const auto X = X_in.contiguous();

@@ -1,14 +1,17 @@
 // CUDA kernels of the softmax-head ops (schemas in csrc/module.cpp, arithmetic in
 // csrc/hvp_math.h): softmax_head_hvp and the whole-loop cg_solve_softmax_head.
 //
-// Thread mapping: one warp per sample. For sample i the warp
-//   1. takes the c dot products z_k = V_k . f_i + vb_k (and the logits W_k . f_i + bias_k when
-//      the probabilities are not precomputed) with lanes striding the features and a butterfly
-//      sum; lane 0 stores them in the warp's scratch (2c entries of shared memory);
-//   2. spreads the classes over the lanes for the softmax and u = p (z - p.z) (warp max/sum);
-//   3. adds u_k f_i (lanes striding the features) and u into the (c*f + c) accumulator with
-//      atomics: in shared memory when it fits (then flushed once per block), else in global.
-// f_i is read from memory once per pass and re-read from L1 in steps 1 and 3.
+// Thread mapping, per tile of T samples of one system (T <= 64):
+//   1. one warp per sample: the c dot products z_k = V_k . f_i + vb_k (and the logits
+//      W_k . f_i + bias_k when the probabilities are not precomputed) with lanes striding the
+//      features and a butterfly sum; then the classes spread over the lanes for the softmax and
+//      u_i = p_i (z_i - p_i . z_i) (warp max/sum), stored in the tile's U (T x c);
+//   2. after a barrier, one thread per entry (k, j) of the (c x f) result sums U[i, k] F[i, j]
+//      over the tile's samples (re-reading the tile of F from L1/L2), and one per class sums
+//      U[i, k]. No atomics inside the block: shared-memory atomics on the same entries from
+//      every sample serialise, which made a per-sample outer-product update 2-3x slower.
+// The tile's sums go to global memory with one atomic per entry (multi-block kernel), or straight
+// into the block's own accumulator (single-launch solver).
 //
 // Launch shapes:
 //   softmax_head_hvp_kernel: blocks over (sample chunks, systems); the last block of each system
@@ -83,24 +86,61 @@ __device__ void warp_softmax(acc_t* s_l, int64_t c) {
   __syncwarp();
 }
 
-// u = p (z - p.z) into s_z, then accW += u f_i^T, accb += u with atomics (shared or global).
-template <typename scalar_t, typename acc_t>
-__device__ void warp_sample_accumulate(const scalar_t* __restrict__ fi, int64_t f, int64_t c,
-                                       const acc_t* p, acc_t* s_z, acc_t* accW, acc_t* accb) {
+// z <- u = p (z - p.z) for one sample's c classes; lane t owns classes t, t + 32, ...
+template <typename acc_t>
+__device__ void warp_sample_u(const acc_t* p, acc_t* z, int64_t c) {
   const int lane = threadIdx.x % kWarpSize;
   acc_t pz = 0;
-  for (int64_t k = lane; k < c; k += kWarpSize) pz += p[k] * s_z[k];
+  for (int64_t k = lane; k < c; k += kWarpSize) pz += p[k] * z[k];
   pz = cuda::warp_allsum(pz);
-  for (int64_t k = lane; k < c; k += kWarpSize) s_z[k] = softmax_head_u(p[k], s_z[k], pz);
+  for (int64_t k = lane; k < c; k += kWarpSize) z[k] = softmax_head_u(p[k], z[k], pz);
+  // Other lanes read u next (the tile's second half), or rewrite this scratch (the next sample).
   __syncwarp();
-  for (int64_t k = 0; k < c; ++k) {
-    const acc_t u = s_z[k];
-    for (int64_t j = lane; j < f; j += kWarpSize)
-      atomicAdd(accW + k * f + j, u * static_cast<acc_t>(fi[j]));
+}
+
+// Phase 1 of a tile: U[i] = u of sample i0 + i for i < T, one warp per sample. Fs: the system's
+// features; kProbs: p from probs (the system's (n, c)), else from W, bias through s_l (this
+// warp's c-entry scratch).
+template <typename scalar_t, typename acc_t, bool kProbs>
+__device__ void tile_u(const scalar_t* __restrict__ Fs, int64_t i0, int64_t T, int64_t f,
+                       int64_t c, const scalar_t* __restrict__ W,
+                       const scalar_t* __restrict__ bias, const acc_t* probs, const scalar_t* V,
+                       const scalar_t* vb, acc_t* U, acc_t* s_l) {
+  const int warp = threadIdx.x / kWarpSize;
+  for (int64_t i = warp; i < T; i += kWarpsPerBlock) {
+    const scalar_t* fi = Fs + (i0 + i) * f;
+    acc_t* u = U + i * c;
+    if constexpr (kProbs) {
+      warp_sample_dots<scalar_t, acc_t, true, false>(fi, f, c, nullptr, nullptr, V, vb, nullptr,
+                                                     u);
+      warp_sample_u(probs + (i0 + i) * c, u, c);
+    } else {
+      warp_sample_dots<scalar_t, acc_t, true, true>(fi, f, c, W, bias, V, vb, s_l, u);
+      warp_softmax(s_l, c);
+      warp_sample_u(s_l, u, c);
+    }
   }
-  for (int64_t k = lane; k < c; k += kWarpSize) atomicAdd(accb + k, s_z[k]);
-  // The scratch is overwritten by the warp's next sample.
-  __syncwarp();
+}
+
+// Phase 2 of a tile (after a barrier): store(e, sum_i U[i, k] F[i0 + i, j]) for e = k f + j < cf,
+// and store(cf + k, sum_i U[i, k]) for k < c. One thread per entry; every thread of the block.
+template <typename scalar_t, typename acc_t, typename Store>
+__device__ void tile_sums(const scalar_t* __restrict__ Fs, int64_t i0, int64_t T, int64_t f,
+                          int64_t c, const acc_t* U, Store store) {
+  const int64_t cf = c * f;
+  const scalar_t* F0 = Fs + i0 * f;
+  for (int64_t e = threadIdx.x; e < cf; e += kBlockSize) {
+    const int64_t k = e / f, j = e - k * f;
+    acc_t s = 0;
+#pragma unroll 4
+    for (int64_t i = 0; i < T; ++i) s += U[i * c + k] * static_cast<acc_t>(F0[i * f + j]);
+    store(e, s);
+  }
+  for (int64_t k = threadIdx.x; k < c; k += kBlockSize) {
+    acc_t s = 0;
+    for (int64_t i = 0; i < T; ++i) s += U[i * c + k];
+    store(cf + k, s);
+  }
 }
 
 // probs_i = softmax(W f_i + bias), through the warp's scratch s_l (c entries).
@@ -118,17 +158,16 @@ __device__ void warp_sample_probs(const scalar_t* __restrict__ fi, int64_t f, in
 
 // ---- the multi-block kernels -------------------------------------------------------------------
 
-// Where a block's accumulator and its warps' scratch live: dynamic shared memory holds
-// [accumulator (P) if shared_acc][scratch (8 x 2c) if scratch == nullptr].
 struct HeadLayout {
   int64_t n, f, c;
-  bool shared_acc;
 };
 
 // out[b] = shift v[b] + factor * sum_i (u_i f_i^T, u_i) for running systems, in one launch:
-// block (k, b) adds its chunk of samples into acc[b] (global, zero on entry and exit), and the
-// last block of system b to finish writes out[b] (last_block_epilogue).
-// kProbs: p_i read from probs (B, n, c); else computed from W, bias on the same pass over f_i.
+// block (k, b) sums its tile of samples (tile_u, tile_sums) into acc[b] (global, zero on entry
+// and exit) with one atomic per entry, and the last block of system b to finish writes out[b]
+// (last_block_epilogue). Block scratch, (samples_per_block + 8) x c acc_t: the tile's U, then
+// each warp's c logits; in dynamic shared memory, or at `scratch` (global, per block) when it
+// does not fit. kProbs: p_i read from probs (B, n, c); else computed from W, bias on the pass.
 // The direction and the output of system b are given as a (c x f) part and a (c) part with their
 // own row strides, so both the op's (V, vb) pairs and the solver's flat [W, bias] vectors fit.
 template <typename scalar_t, typename acc_t, bool kProbs>
@@ -145,45 +184,25 @@ __global__ void __launch_bounds__(kBlockSize)
   extern __shared__ __align__(16) unsigned char hvp_smem[];
   const int64_t b = blockIdx.y;
   if (status != nullptr && status[b] != kRunning) return;
-  const int64_t n = L.n, f = L.f, c = L.c, P = c * (f + 1);
+  const int64_t n = L.n, f = L.f, c = L.c, P = c * (f + 1), cf = c * f;
   const int warp = threadIdx.x / kWarpSize;
-  acc_t* smem = reinterpret_cast<acc_t*>(hvp_smem);
-  acc_t* accb = acc + b * P;
-  acc_t* a = L.shared_acc ? smem : accb;
-  acc_t* scr;
-  if (scratch == nullptr) {
-    scr = (L.shared_acc ? smem + P : smem) + warp * 2 * c;
-  } else {
+  acc_t* U = reinterpret_cast<acc_t*>(hvp_smem);
+  if (scratch != nullptr) {
     const int64_t blk = static_cast<int64_t>(blockIdx.y) * gridDim.x + blockIdx.x;
-    scr = scratch + (blk * kWarpsPerBlock + warp) * 2 * c;
+    U = scratch + blk * (samples_per_block + kWarpsPerBlock) * c;
   }
-  if (L.shared_acc) {
-    for (int64_t j = threadIdx.x; j < P; j += kBlockSize) a[j] = acc_t(0);
-    __syncthreads();
-  }
-  const scalar_t* Fb = F + b * n * f;
+  acc_t* s_l = U + (samples_per_block + warp) * c;
+  const scalar_t* Fs = F + b * n * f;
   const scalar_t* Vb = V + b * V_stride;
   const scalar_t* vbb = vb + b * vb_stride;
   const int64_t i0 = static_cast<int64_t>(blockIdx.x) * samples_per_block;
-  const int64_t i1 = i0 + samples_per_block < n ? i0 + samples_per_block : n;
-  for (int64_t i = i0 + warp; i < i1; i += kWarpsPerBlock) {
-    const scalar_t* fi = Fb + i * f;
-    if constexpr (kProbs) {
-      warp_sample_dots<scalar_t, acc_t, true, false>(fi, f, c, nullptr, nullptr, Vb, vbb, nullptr,
-                                                     scr + c);
-      warp_sample_accumulate(fi, f, c, probs + (b * n + i) * c, scr + c, a, a + c * f);
-    } else {
-      warp_sample_dots<scalar_t, acc_t, true, true>(fi, f, c, W + b * c * f, bias + b * c, Vb,
-                                                    vbb, scr, scr + c);
-      warp_softmax(scr, c);
-      warp_sample_accumulate(fi, f, c, scr, scr + c, a, a + c * f);
-    }
-  }
-  if (L.shared_acc) {
-    __syncthreads();
-    for (int64_t j = threadIdx.x; j < P; j += kBlockSize) atomicAdd(accb + j, a[j]);
-  }
-  const int64_t cf = c * f;
+  const int64_t T = (i0 + samples_per_block < n ? i0 + samples_per_block : n) - i0;
+  tile_u<scalar_t, acc_t, kProbs>(Fs, i0, T, f, c, kProbs ? nullptr : W + b * cf,
+                                  kProbs ? nullptr : bias + b * c,
+                                  kProbs ? probs + b * n * c : nullptr, Vb, vbb, U, s_l);
+  __syncthreads();
+  acc_t* accb = acc + b * P;
+  tile_sums(Fs, i0, T, f, c, U, [&](int64_t e, acc_t s) { atomicAdd(accb + e, s); });
   const acc_t sh = static_cast<acc_t>(shift), g = static_cast<acc_t>(factor);
   scalar_t* oW = outW + b * outW_stride;
   scalar_t* ob = outb + b * outb_stride;
@@ -221,21 +240,25 @@ __global__ void __launch_bounds__(kBlockSize)
 
 // ---- the single-launch solver -----------------------------------------------------------------
 
+// Samples per tile in the single-launch solver.
+constexpr int64_t kFusedTile = 32;
+
 template <typename scalar_t, typename acc_t>
 struct SoftmaxHeadBlockOp {
   const scalar_t* __restrict__ F;  // (n, f) of this system
   const acc_t* probs;              // (n, c) of this system, written by this block at its start
   int64_t n, f, c;
   double shift, factor;
-  acc_t* scratch;  // the block's 8 x 2c scratch in shared memory
+  acc_t* U;  // kFusedTile x c, shared memory
   __device__ void accumulate(const scalar_t* v, acc_t* acc) const {
-    const int warp = threadIdx.x / kWarpSize;
-    acc_t* s_z = scratch + warp * 2 * c;
-    for (int64_t i = warp; i < n; i += kWarpsPerBlock) {
-      const scalar_t* fi = F + i * f;
-      warp_sample_dots<scalar_t, acc_t, true, false>(fi, f, c, nullptr, nullptr, v, v + c * f,
-                                                     nullptr, s_z);
-      warp_sample_accumulate(fi, f, c, probs + i * c, s_z, acc, acc + c * f);
+    for (int64_t i0 = 0; i0 < n; i0 += kFusedTile) {
+      const int64_t T = i0 + kFusedTile < n ? kFusedTile : n - i0;
+      tile_u<scalar_t, acc_t, true>(F, i0, T, f, c, nullptr, nullptr, probs, v, v + c * f, U,
+                                    nullptr);
+      __syncthreads();
+      // The block owns the system: each entry's sum is added by its one thread, no atomics.
+      tile_sums(F, i0, T, f, c, U, [&](int64_t e, acc_t s) { acc[e] += s; });
+      __syncthreads();  // the next tile rewrites U
     }
   }
   __device__ acc_t combine(acc_t v, acc_t a) const {
@@ -243,7 +266,8 @@ struct SoftmaxHeadBlockOp {
   }
 };
 
-// One block per system (blockIdx.x). Dynamic shared memory: [accumulator (P)][scratch (8 x 2c)].
+// One block per system (blockIdx.x). Dynamic shared memory: [accumulator (P)][U (kFusedTile x c)]
+// [each warp's scratch (8 x c)].
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kBlockSize)
     cg_fused_softmax_head_kernel(const scalar_t* __restrict__ F, const scalar_t* __restrict__ W,
@@ -256,15 +280,16 @@ __global__ void __launch_bounds__(kBlockSize)
   const int64_t s = blockIdx.x;
   const int64_t P = c * (f + 1);
   acc_t* acc = reinterpret_cast<acc_t*>(fused_head_smem);
-  acc_t* scratch = acc + P;
+  acc_t* U = acc + P;
+  acc_t* scratch = U + kFusedTile * c;
   const int warp = threadIdx.x / kWarpSize;
   const scalar_t* Fs = F + s * n * f;
   acc_t* ps = probs + s * n * c;
   for (int64_t i = warp; i < n; i += kWarpsPerBlock)
-    warp_sample_probs(Fs + i * f, f, c, W + s * c * f, bias + s * c, scratch + warp * 2 * c,
+    warp_sample_probs(Fs + i * f, f, c, W + s * c * f, bias + s * c, scratch + warp * c,
                       ps + i * c);
   __syncthreads();  // every warp reads every sample's probabilities from here on
-  const SoftmaxHeadBlockOp<scalar_t, acc_t> op{Fs, ps, n, f, c, shift, factor, scratch};
+  const SoftmaxHeadBlockOp<scalar_t, acc_t> op{Fs, ps, n, f, c, shift, factor, U};
   cuda::block_cg<scalar_t, acc_t>(op, b + s * P, x + s * P, r + s * P, p + s * P, acc, P,
                                   max_iter, rtol, atol, iters + s, rnorm + s, status + s);
 }
@@ -302,21 +327,18 @@ void launch_head_apply(const at::Tensor& F, int64_t c, const at::Tensor& W,
   const int64_t P = c * (f + 1);
   if (B == 0 || P == 0) return;
   const size_t as = acc_size_of(F);
-  const size_t acc_bytes = static_cast<size_t>(P) * as;
-  const size_t scr_bytes = static_cast<size_t>(kWarpsPerBlock) * 2 * c * as;
-  const size_t limit = cuda::max_dynamic_smem();
-  // Shared accumulator and scratch when both fit, else scratch alone, else neither.
-  const bool shared_acc = acc_bytes + scr_bytes <= limit;
-  const bool shared_scr = shared_acc || scr_bytes <= limit;
-  const size_t smem = (shared_acc ? acc_bytes : 0) + (shared_scr ? scr_bytes : 0);
   // n == 0 still takes one block per system: it writes out = shift v.
   const int64_t spb = cuda::rows_per_block_for(B, n, 2 * kWarpsPerBlock);
   const dim3 grid(n > 0 ? (n + spb - 1) / spb : 1, B);
+  // + 4: ptxas may widen unrolled reads of U past its end.
+  const size_t scr_bytes = static_cast<size_t>((spb + kWarpsPerBlock) * c + 4) * as;
+  const bool shared_scr = scr_bytes <= cuda::max_dynamic_smem();
+  const size_t smem = shared_scr ? scr_bytes : 0;
   at::Tensor scratch;
   if (!shared_scr)
-    scratch = at::empty({static_cast<int64_t>(grid.x) * B * kWarpsPerBlock * 2 * c},
+    scratch = at::empty({static_cast<int64_t>(grid.x) * B * (spb + kWarpsPerBlock) * c + 4},
                         F.options().dtype(acc_type_of(F)));
-  const HeadLayout L{n, f, c, shared_acc};
+  const HeadLayout L{n, f, c};
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(F.scalar_type(), "softmax_head_hvp_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -399,7 +421,7 @@ SolveResult cg_solve_softmax_head_cuda(const at::Tensor& F_in, const at::Tensor&
   const double factor = softmax_head_factor(scale, n);
   auto probs = at::empty({B, n, c}, F.options().dtype(acc_type_of(F)));
   const size_t as = acc_size_of(F);
-  const size_t smem = static_cast<size_t>(P + kWarpsPerBlock * 2 * c) * as;
+  const size_t smem = static_cast<size_t>(P + (kFusedTile + kWarpsPerBlock) * c + 4) * as;
   auto stream = at::cuda::getCurrentCUDAStream();
   // Work per iteration: a dot product and an axpy of length f per class and sample, plus the
   // per-class warp reductions (about 64 lanes' worth of work each).

@@ -77,12 +77,22 @@ struct Vec16<float> {
   __device__ static float dot(const float4& a, const float4& b) {
     return a.x * b.x + a.y * b.y + a.z * b.z + a.w * b.w;
   }
+  __device__ static void fma(float* s, float t, const float4& x) {
+    s[0] += t * x.x;
+    s[1] += t * x.y;
+    s[2] += t * x.z;
+    s[3] += t * x.w;
+  }
 };
 template <>
 struct Vec16<double> {
   using type = double2;
   static constexpr int kN = 2;
   __device__ static double dot(const double2& a, const double2& b) { return a.x * b.x + a.y * b.y; }
+  __device__ static void fma(double* s, double t, const double2& x) {
+    s[0] += t * x.x;
+    s[1] += t * x.y;
+  }
 };
 
 inline bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
@@ -143,6 +153,36 @@ __device__ __forceinline__ acc_t warp_row_dot(const scalar_t* __restrict__ row,
   return warp_allsum((s0 + s1) + (s2 + s3));
 }
 
+// store(j, sum_{i < R} t[i] X[i, j]) for every column j of the row-major R x d tile X: thread per
+// column (per 16-byte column group with kVec), the rows' loads independent of each other. With
+// the t[i] = X[i] . v of the same tile this is the second half of X^T X v without any atomics
+// inside the block: X is re-read (from L1/L2, just loaded) instead of accumulating the rows' axpys
+// into shared memory, whose atomics serialise. Called by every thread of the block.
+template <typename scalar_t, typename acc_t, bool kVec, typename Store>
+__device__ __forceinline__ void block_tile_xt(const scalar_t* __restrict__ X, const acc_t* t,
+                                              int64_t R, int64_t d, Store store) {
+  if constexpr (kVec) {
+    using V = Vec16<scalar_t>;
+    using vec_t = typename V::type;
+    const vec_t* X4 = reinterpret_cast<const vec_t*>(X);
+    const int64_t nv = d / V::kN;
+    for (int64_t q = threadIdx.x; q < nv; q += kBlockSize) {
+      acc_t s[V::kN] = {};
+#pragma unroll 4
+      for (int64_t i = 0; i < R; ++i) V::fma(s, t[i], X4[i * nv + q]);
+#pragma unroll
+      for (int e = 0; e < V::kN; ++e) store(q * V::kN + e, s[e]);
+    }
+  } else {
+    for (int64_t j = threadIdx.x; j < d; j += kBlockSize) {
+      acc_t s = 0;
+#pragma unroll 4
+      for (int64_t i = 0; i < R; ++i) s += t[i] * static_cast<acc_t>(X[i * d + j]);
+      store(j, s);
+    }
+  }
+}
+
 // Reads *p and leaves 0 there, in one L2 atomic: the accumulators that other blocks add to with
 // atomics are read this way, never through the (incoherent) L1.
 __device__ __forceinline__ float atomic_take(float* p) { return atomicExch(p, 0.0f); }
@@ -179,8 +219,8 @@ __device__ void last_block_epilogue(acc_t* acc, unsigned int* counter, unsigned 
 // An operator for block_cg is a struct with
 //   __device__ void accumulate(const scalar_t* v, acc_t* acc) const;  // acc (zeroed) += H v
 //   __device__ acc_t combine(acc_t v_j, acc_t acc_j) const;           // (A v)_j
-// accumulate is called by every thread of the block; it may add to any entry of acc with
-// shared-memory atomics and may not call __syncthreads.
+// accumulate is called by every thread of the block with the same arguments, so it may
+// synchronise the block (__syncthreads) in control flow that is uniform over the block.
 //
 // Memory: b, x, r, p are this system's slices in global memory, written only by this block
 // (__syncthreads orders them within the block); they are read through plain pointers, never
@@ -297,6 +337,9 @@ void allow_smem(Kernel kernel, size_t smem) {
 // Chunks of one system's rows so that all systems together make about kWaves blocks per SM
 // (about 32 warps, enough loads in flight to cover the memory latency), each with at least
 // min_rows rows (its accumulator's zeroing and flush are amortised over them).
+// Rows (samples) of one block's tile at most: its per-row values stay in shared memory.
+constexpr int64_t kMaxTileRows = 64;
+
 inline int64_t rows_per_block_for(int64_t B, int64_t n, int64_t min_rows) {
   constexpr int64_t kWaves = 4;
   const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
@@ -305,7 +348,7 @@ inline int64_t rows_per_block_for(int64_t B, int64_t n, int64_t min_rows) {
   if (chunks > max_chunks) chunks = max_chunks;
   if (chunks < 1) chunks = 1;
   const int64_t rows = (n + chunks - 1) / chunks;
-  return rows > 0 ? rows : 1;
+  return rows < 1 ? 1 : (rows > kMaxTileRows ? kMaxTileRows : rows);
 }
 
 // ---- the single-launch solvers (cg_fused_cuda.cu) ------------------------------------------
