@@ -440,11 +440,13 @@ def test_task_whose_cg_breaks_down_is_skipped(monkeypatch):
         return out
     model, params, tasks = tiny_problem()
     algo = small_algorithm("imaml-gd")
-    clean_grads, clean = algo.meta_gradient(model, params, tasks)
+    _, clean = algo.meta_gradient(model, params, tasks)
     monkeypatch.setattr(algorithms, "implicit_meta_gradient", breaking)
     grads, metrics = algo.meta_gradient(model, params, tasks)
     assert metrics["task_ok"].tolist() == [True, False, True, True]
-    assert metrics["cg_negative_curvature"].tolist() == [False, False, False, True]
+    want_neg = clean["cg_negative_curvature"].clone()   # the net may have some of its own
+    want_neg[1], want_neg[3] = False, True
+    assert torch.equal(metrics["cg_negative_curvature"], want_neg)
     monkeypatch.setattr(algorithms, "implicit_meta_gradient", real)
     want, _ = algo.meta_gradient(model, params, subset(tasks, [0, 2, 3]))
     for k in grads:
