@@ -17,9 +17,7 @@ namespace imaml_ext {
 namespace simd {
 namespace {
 
-// Two 256-bit registers per partial-sum vector: 16 floats or 8 doubles. With the two sums of
-// dot2 that is four independent FMA chains, enough to cover the FMA latency, and few enough
-// registers to keep the row, W and V loads in registers too (AVX2 has 16).
+// Two 256-bit registers per partial-sum vector: 16 floats or 8 doubles.
 template <typename T>
 constexpr int kLanes = 64 / sizeof(T);
 
@@ -44,30 +42,6 @@ IMAML_INLINE T dot_impl(const T* __restrict__ a, const T* __restrict__ x, int64_
   T tail = 0;
   for (; i < n; ++i) tail += a[i] * x[i];
   return reduce_lanes<T, L>(acc) + tail;
-}
-
-// (a . x, b . x) in one sweep over x: the logits and the direction's logits of one sample share
-// each load of the feature row.
-template <typename T>
-IMAML_INLINE void dot2_impl(const T* __restrict__ a, const T* __restrict__ b,
-                            const T* __restrict__ x, int64_t n, T* out_a, T* out_b) {
-  constexpr int L = kLanes<T>;
-  T acc_a[L] = {}, acc_b[L] = {};
-  int64_t i = 0;
-  for (; i + L <= n; i += L) {
-#pragma GCC unroll 16
-    for (int l = 0; l < L; ++l) {
-      acc_a[l] += a[i + l] * x[i + l];
-      acc_b[l] += b[i + l] * x[i + l];
-    }
-  }
-  T ta = 0, tb = 0;
-  for (; i < n; ++i) {
-    ta += a[i] * x[i];
-    tb += b[i] * x[i];
-  }
-  *out_a = reduce_lanes<T, L>(acc_a) + ta;
-  *out_b = reduce_lanes<T, L>(acc_b) + tb;
 }
 
 template <typename T>
@@ -102,11 +76,11 @@ IMAML_INLINE void rows_impl(const T* __restrict__ F, int64_t f, int64_t c, int64
       for (int64_t k = 0; k < c; ++k) z[k] = dot_impl(V + k * f, fi, f) + vb[k];
       pi = probs + i * c;
     } else {
+      // Two plain dot products per class, the second reading f_i from L1: a fused two-sum
+      // loop (32 partial sums) ran 4x slower with GCC 12 (register pressure).
       for (int64_t k = 0; k < c; ++k) {
-        T l, t;
-        dot2_impl(W + k * f, V + k * f, fi, f, &l, &t);
-        p[k] = l + bias[k];
-        z[k] = t + vb[k];
+        p[k] = dot_impl(W + k * f, fi, f) + bias[k];
+        z[k] = dot_impl(V + k * f, fi, f) + vb[k];
       }
       softmax_inplace(p, c);
       pi = p;

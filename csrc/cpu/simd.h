@@ -55,9 +55,9 @@ void softmax_head_probs(const double* F, int64_t f, int64_t c, int64_t row_begin
                         int64_t row_end, const double* W, const double* bias, double* probs);
 
 // accW += sum_i u_i f_i^T and accb += sum_i u_i, u_i = p_i * (z_i - p_i . z_i), z_i = V f_i + vb,
-// in ONE pass over F: each row f_i is read once from memory and reused from L1 for its c dot
+// in ONE pass over F: each row f_i is read once from memory and reused from L1 for its dot
 // products and c axpys. p_i is read from probs when it is not null, else computed from W and
-// bias in the same sweep over f_i as z_i. work: 2c scratch.
+// bias while f_i is in L1. work: 2c scratch.
 void softmax_head_rows(const float* F, int64_t f, int64_t c, int64_t row_begin, int64_t row_end,
                        const float* W, const float* bias, const float* probs, const float* V,
                        const float* vb, float* accW, float* accb, float* work);

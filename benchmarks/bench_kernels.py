@@ -1,0 +1,523 @@
+"""The fused kernels (lstsq_apply, softmax_head_hvp) and the whole-loop CG ops (dense, least
+squares, softmax head) against, in the same run: their pure-PyTorch reference twins
+(imaml_ext.reference), torch.compile of the reference, the plain torch.func route for the HVPs
+(jvp of grad of the loss, vmapped over systems), and for CG the peers torchopt's solve_cg,
+linear_operator's linear_cg and scipy's cg per system. Every contender's answer is checked
+against a float64 reference before it is timed; times are medians of
+torch.utils.benchmark.Timer.blocked_autorange (which synchronises CUDA). float32 throughout.
+
+Also reported: the achieved bandwidth of the least-squares CG (bytes of X read per iteration x
+iterations / time) against a copy's bandwidth measured in the same run, and each HVP's cost
+relative to one gradient of the same loss (torch.func, vmapped).
+
+    python benchmarks/bench_kernels.py [--device cpu|cuda] [--quick] [--out results.json]
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import torch.utils.benchmark as tbench
+
+import imaml_ext
+from imaml_ext import ops, reference
+
+ITERS = 20  # CG iterations, fixed (rtol = atol = 0) so every contender does the same work
+LAM = 0.5   # (I + H / lam)
+
+LSTSQ = [(32, 50, 200), (32, 500, 2000), (1, 4000, 4000)]
+HEAD = [(32, 100, 64, 20), (32, 25, 800, 5)]   # 20-way 5-shot Omniglot, 5-way 5-shot Mini-ImageNet
+DENSE = [(32, 200), (4, 2000)]
+QUICK_LSTSQ = [(32, 50, 200), (8, 500, 2000)]
+QUICK_DENSE = [(32, 200)]
+
+
+# ---- helpers ------------------------------------------------------------------------------------
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+try:  # the shared machine description of benchmarks/common.py
+    from common import environment as _environment
+except ImportError:  # pragma: no cover - an older checkout without common.py
+    _environment = None
+
+
+def machine(device: str) -> dict:
+    if _environment is not None:
+        info = _environment(device)
+        if device == "cuda":
+            p = torch.cuda.get_device_properties(0)
+            info["gpu"]["l2_MiB"] = round(getattr(p, "L2_cache_size", 0) / 2**20, 1)
+        return info
+    return _machine(device)
+
+
+def _machine(device: str) -> dict:
+    cpu = platform.processor() or "unknown"
+    with contextlib.suppress(OSError, StopIteration, subprocess.SubprocessError):
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+        cpu = next(line.split(":", 1)[1].strip() for line in out.splitlines()
+                   if line.startswith("Model name"))
+    info = {"platform": platform.platform(), "python": platform.python_version(), "cpu": cpu,
+            "cpu_threads": torch.get_num_threads(), "torch": torch.__version__,
+            "cuda_runtime": torch.version.cuda, "imaml_ext": imaml_ext.build_info()}
+    if device == "cuda":
+        p = torch.cuda.get_device_properties(0)
+        info.update(gpu=p.name, gpu_sms=p.multi_processor_count,
+                    gpu_memory_GiB=round(p.total_memory / 2**30, 1),
+                    gpu_l2_MiB=round(getattr(p, "L2_cache_size", 0) / 2**20, 1),
+                    cuda_driver=_driver_version())
+    return info
+
+
+def _driver_version() -> str | None:
+    with contextlib.suppress(OSError, subprocess.SubprocessError, IndexError):
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20).stdout
+        return out.strip().splitlines()[0]
+    return None
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def median_s(fn, device: str, min_run_time: float) -> float:
+    """Median seconds per call after a warm-up call (blocked_autorange, all CPU threads)."""
+    fn()
+    sync(device)
+    timer = tbench.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    return timer.blocked_autorange(min_run_time=min_run_time).median
+
+
+def copy_bandwidth(device: str) -> float:
+    """Bytes read plus bytes written per second of a large same-device copy."""
+    n = (1 << 28) if device == "cuda" else (1 << 25)  # 1 GiB / 128 MiB of float32
+    src = torch.randn(n, device=device)
+    dst = torch.empty_like(src)
+    t = median_s(lambda: dst.copy_(src), device, 0.5)
+    return 2 * src.numel() * src.element_size() / t
+
+
+def rel_err(x: torch.Tensor, truth: torch.Tensor) -> float:
+    return ((x.double() - truth.double()).norm() / truth.double().norm().clamp_min(1e-300)).item()
+
+
+@contextlib.contextmanager
+def env(name: str, value: str | None):
+    old = os.environ.get(name)
+    if value is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
+
+
+def run_contenders(row: dict, contenders: dict, truth, device: str, min_run_time: float,
+                   tol: float = 1e-3) -> None:
+    """Checks then times each contender into row['times_s'] / ['errors'] / ['skipped'].
+    A contender given as a string is skipped with that string as the reason."""
+    for name, fn in contenders.items():
+        if isinstance(fn, str):
+            row["skipped"][name] = fn
+            continue
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                t0 = time.perf_counter()
+                out = fn()
+                sync(device)
+                first = time.perf_counter() - t0
+                err = max(rel_err(o, t) for o, t in zip(out, truth)) if isinstance(out, tuple) \
+                    else rel_err(out, truth)
+                row["errors"][name] = err
+                if not err < tol:
+                    row["skipped"][name] = f"wrong answer: relative error {err:.2e} vs float64"
+                    continue
+                if "compile" in name:
+                    row.setdefault("first_call_s", {})[name] = first
+                row["times_s"][name] = median_s(fn, device, min_run_time)
+        except Exception as exc:  # a peer that fails to import or run is recorded, not fatal
+            row["skipped"][name] = f"{type(exc).__name__}: {exc}"[:300]
+    base = row["times_s"].get("imaml_ext")
+    if base:
+        row["ratio_to_imaml_ext"] = {k: v / base for k, v in row["times_s"].items()}
+
+
+def try_compile(fn, device: str, quick: bool):
+    """torch.compile(fn), or the reason it is skipped."""
+    if quick and device == "cpu":
+        return "skipped in --quick: inductor takes ~5-20 s per shape on CPU"
+    try:
+        return torch.compile(fn)
+    except Exception as exc:
+        return f"torch.compile failed: {type(exc).__name__}: {exc}"[:300]
+
+
+# ---- the HVPs ---------------------------------------------------------------------------------
+
+def lstsq_loss(w, X, y):
+    return 0.5 * ((X @ w - y) ** 2).mean()
+
+
+def func_lstsq_hvp(X, y, w, v):
+    def one(X, y, w, v):
+        return torch.func.jvp(lambda w: torch.func.grad(lstsq_loss)(w, X, y), (w,), (v,))[1]
+    return torch.func.vmap(one)(X, y, w, v)
+
+
+def func_lstsq_grad(X, y, w):
+    return torch.func.vmap(torch.func.grad(lstsq_loss))(w, X, y)
+
+
+def head_loss(W, b, F, y):
+    return torch.nn.functional.cross_entropy(F @ W.T + b, y)
+
+
+def func_head_hvp(F, y, W, b, V, vb):
+    def one(F, y, W, b, V, vb):
+        g = torch.func.grad(head_loss, argnums=(0, 1))
+        return torch.func.jvp(lambda W, b: g(W, b, F, y), (W, b), (V, vb))[1]
+    return torch.func.vmap(one)(F, y, W, b, V, vb)
+
+
+def func_head_grad(F, y, W, b):
+    return torch.func.vmap(torch.func.grad(head_loss, argnums=(0, 1)))(W, b, F, y)
+
+
+def bench_hvps(device, quick, min_run_time):
+    rows = []
+    compiled_lstsq = try_compile(reference.lstsq_apply, device, quick)
+    for B, n, d in (QUICK_LSTSQ if quick else LSTSQ):
+        g = torch.Generator().manual_seed(B * n + d)
+        X = torch.randn(B, n, d, generator=g).to(device)
+        v = torch.randn(B, d, generator=g).to(device)
+        w = torch.randn(B, d, generator=g).to(device)
+        y = torch.randn(B, n, generator=g).to(device)
+        truth = reference.lstsq_apply(X.double(), v.double(), 0.0, 1.0 / n)
+        row = {"op": "lstsq_apply", "B": B, "n": n, "d": d, "times_s": {}, "errors": {},
+               "skipped": {}}
+        run_contenders(row, {
+            "imaml_ext": lambda: ops.lstsq_apply(X, v, 0.0, 1.0 / n, use_ext=True),
+            "reference": lambda: reference.lstsq_apply(X, v, 0.0, 1.0 / n),
+            "torch.compile(reference)": compiled_lstsq if isinstance(compiled_lstsq, str)
+            else (lambda: compiled_lstsq(X, v, 0.0, 1.0 / n)),
+            "torch.func jvp(grad)": lambda: func_lstsq_hvp(X, y, w, v),
+        }, truth, device, min_run_time)
+        t_grad = median_s(lambda: func_lstsq_grad(X, y, w), device, min_run_time)
+        hvp_vs_grad(row, t_grad)
+        row["bytes_read"] = X.numel() * X.element_size()
+        rows.append(row)
+        print_row(row, f"lstsq_apply  B={B} n={n} d={d}")
+    compiled_head = try_compile(reference.softmax_head_hvp, device, quick)
+    for B, n, f, c in HEAD:
+        g = torch.Generator().manual_seed(B * n + f + c)
+        F = torch.randn(B, n, f, generator=g).to(device)
+        W = (torch.randn(B, c, f, generator=g) / f ** 0.5).to(device)
+        b = torch.randn(B, c, generator=g).to(device)
+        V = torch.randn(B, c, f, generator=g).to(device)
+        vb = torch.randn(B, c, generator=g).to(device)
+        y = torch.randint(0, c, (B, n), generator=g).to(device)
+        truth = reference.softmax_head_hvp(F.double(), W.double(), b.double(), V.double(),
+                                           vb.double(), 0.0, 1.0)
+        row = {"op": "softmax_head_hvp", "B": B, "n": n, "f": f, "c": c, "times_s": {},
+               "errors": {}, "skipped": {}}
+        run_contenders(row, {
+            "imaml_ext": lambda: ops.softmax_head_hvp(F, W, b, V, vb, 0.0, 1.0, use_ext=True),
+            "reference": lambda: reference.softmax_head_hvp(F, W, b, V, vb, 0.0, 1.0),
+            "torch.compile(reference)": compiled_head if isinstance(compiled_head, str)
+            else (lambda: compiled_head(F, W, b, V, vb, 0.0, 1.0)),
+            "torch.func jvp(grad)": lambda: func_head_hvp(F, y, W, b, V, vb),
+        }, truth, device, min_run_time)
+        t_grad = median_s(lambda: func_head_grad(F, y, W, b), device, min_run_time)
+        hvp_vs_grad(row, t_grad)
+        row["bytes_read"] = F.numel() * F.element_size()
+        rows.append(row)
+        print_row(row, f"softmax_head_hvp  B={B} n={n} f={f} c={c}")
+    return rows
+
+
+def hvp_vs_grad(row, t_grad):
+    row["gradient_s"] = t_grad
+    row["hvp_over_gradient"] = {k: v / t_grad for k, v in row["times_s"].items()}
+
+
+# ---- whole-loop CG ----------------------------------------------------------------------------
+
+def torchopt_cg(matvec1, b):
+    """torchopt's solve_cg, one system at a time (its dot products span the whole pytree)."""
+    from torchopt.linear_solve import solve_cg
+    solve = solve_cg(maxiter=ITERS, rtol=0.0, atol=0.0)
+    return torch.stack([solve(lambda v, i=i: matvec1(i, v), b[i]) for i in range(b.shape[0])])
+
+
+def linear_operator_cg(matvec, b):
+    from linear_operator.utils import linear_cg
+    x = linear_cg(lambda V: matvec(V.squeeze(-1)).unsqueeze(-1), b.unsqueeze(-1),
+                  max_iter=ITERS, tolerance=0.0, eps=0.0, stop_updating_after=0.0,
+                  max_tridiag_iter=0)
+    return x.squeeze(-1)
+
+
+def scipy_cg(matvec1, b, device):
+    import numpy as np
+    from scipy.sparse.linalg import LinearOperator, cg
+    out = []
+    for i in range(b.shape[0]):
+        P = b.shape[1]
+
+        def mv(v, i=i):
+            t = torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32)).to(device)
+            return matvec1(i, t).cpu().numpy()
+        op = LinearOperator((P, P), matvec=mv, dtype=np.float32)
+        x, _ = cg(op, b[i].cpu().numpy(), rtol=0.0, atol=0.0, maxiter=ITERS)
+        out.append(torch.from_numpy(x))
+    return torch.stack(out).to(device)
+
+
+def cg_peers(matvec, matvec1, b, device, skip_scipy: str | None = None):
+    return {
+        "torchopt solve_cg (per system)": lambda: torchopt_cg(matvec1, b),
+        "linear_operator linear_cg": lambda: linear_operator_cg(matvec, b),
+        "scipy cg (per system)": skip_scipy or (lambda: scipy_cg(matvec1, b, device)),
+    }
+
+
+COMPILE_CG_REASON = ("not compiled: the reference loop is ITERS unrolled iterations with a host "
+                     "test of the status per iteration on CPU (a graph break each); inductor "
+                     "takes minutes on it")
+
+
+def bench_cg(device, quick, min_run_time, bandwidth):
+    rows = []
+    x0s = {}
+
+    def zeros(b):
+        return x0s.setdefault(tuple(b.shape), torch.zeros_like(b))
+
+    for B, P in (QUICK_DENSE if quick else DENSE):
+        g = torch.Generator().manual_seed(B + P)
+        Xg = torch.randn(B, 2 * P, P, generator=g)
+        A = (torch.eye(P) + Xg.transpose(1, 2) @ Xg / (2 * P * LAM)).to(device)
+        b = torch.randn(B, P, generator=g).to(device)
+        truth = reference.cg_solve_dense(A.double(), b.double(), zeros(b).double(), ITERS, 0.0,
+                                         0.0)[0]
+        row = {"op": "cg_solve_dense", "B": B, "P": P, "iterations": ITERS, "times_s": {},
+               "errors": {}, "skipped": {}}
+
+        def mv(v, A=A):
+            return torch.bmm(A, v.unsqueeze(-1)).squeeze(-1)
+
+        def mv1(i, v, A=A):
+            return A[i] @ v
+        run_contenders(row, {
+            "imaml_ext": lambda: ops.cg_solve_dense(A, b, zeros(b), ITERS, 0.0, 0.0,
+                                                    use_ext=True)[0],
+            "reference": lambda: reference.cg_solve_dense(A, b, zeros(b), ITERS, 0.0, 0.0)[0],
+            "torch.compile(reference)": COMPILE_CG_REASON,
+            **cg_peers(mv, mv1, b, device),
+        }, truth, device, min_run_time)
+        add_paths(row, device, truth, min_run_time,
+                  lambda: ops.cg_solve_dense(A, b, zeros(b), ITERS, 0.0, 0.0, use_ext=True)[0])
+        row["bytes_read_per_iteration"] = A.numel() * A.element_size()
+        add_bandwidth(row, bandwidth)
+        rows.append(row)
+        print_row(row, f"cg_solve_dense  B={B} P={P}  ({ITERS} iterations)")
+
+    for B, n, d in (QUICK_LSTSQ if quick else LSTSQ):
+        g = torch.Generator().manual_seed(B * n + d)
+        X = torch.randn(B, n, d, generator=g).to(device)
+        b = torch.randn(B, d, generator=g).to(device)
+        scale = 1.0 / (n * LAM)
+        truth = reference.cg_solve_lstsq(X.double(), b.double(), zeros(b).double(), 1.0, scale,
+                                         ITERS, 0.0, 0.0)[0]
+        row = {"op": "cg_solve_lstsq", "B": B, "n": n, "d": d, "iterations": ITERS,
+               "times_s": {}, "errors": {}, "skipped": {}}
+        Xt = X.transpose(1, 2)
+
+        def mv(v, X=X, Xt=Xt, scale=scale):
+            return v + scale * torch.bmm(Xt, torch.bmm(X, v.unsqueeze(-1))).squeeze(-1)
+
+        def mv1(i, v, X=X, scale=scale):
+            return v + scale * (X[i].T @ (X[i] @ v))
+        big = B * n * d > 4_000_000 and device == "cpu"
+        run_contenders(row, {
+            "imaml_ext": lambda: ops.cg_solve_lstsq(X, b, zeros(b), 1.0, scale, ITERS, 0.0, 0.0,
+                                                    use_ext=True)[0],
+            "reference": lambda: reference.cg_solve_lstsq(X, b, zeros(b), 1.0, scale, ITERS, 0.0,
+                                                          0.0)[0],
+            "torch.compile(reference)": COMPILE_CG_REASON,
+            **cg_peers(mv, mv1, b, device),
+        }, truth, device, 0.3 if big else min_run_time)
+        add_paths(row, device, truth, min_run_time,
+                  lambda: ops.cg_solve_lstsq(X, b, zeros(b), 1.0, scale, ITERS, 0.0, 0.0,
+                                             use_ext=True)[0])
+        row["bytes_read_per_iteration"] = X.numel() * X.element_size()
+        add_bandwidth(row, bandwidth)
+        rows.append(row)
+        print_row(row, f"cg_solve_lstsq  B={B} n={n} d={d}  ({ITERS} iterations)")
+
+    for B, n, f, c in HEAD:
+        g = torch.Generator().manual_seed(B * n + f + c)
+        F = torch.randn(B, n, f, generator=g).to(device)
+        W = (torch.randn(B, c, f, generator=g) / f ** 0.5).to(device)
+        bias = torch.randn(B, c, generator=g).to(device)
+        b = torch.randn(B, c * (f + 1), generator=g).to(device)
+        scale = 1.0 / LAM
+        truth = reference.cg_solve_softmax_head(F.double(), W.double(), bias.double(), b.double(),
+                                                zeros(b).double(), 1.0, scale, ITERS, 0.0,
+                                                0.0)[0]
+        row = {"op": "cg_solve_softmax_head", "B": B, "n": n, "f": f, "c": c,
+               "iterations": ITERS, "times_s": {}, "errors": {}, "skipped": {}}
+        probs = reference.softmax_head_probs(F, W, bias)
+        factor = scale / n
+
+        def mv(v, F=F, probs=probs, c=c, f=f, factor=factor):
+            sW, sb = reference._softmax_head_sums(F, probs, *reference.softmax_head_split(v, c, f))
+            return v + factor * reference.softmax_head_join(sW, sb)
+
+        def mv1(i, v, mv=mv, F=F, probs=probs, c=c, f=f, factor=factor):
+            sW, sb = reference._softmax_head_sums(F[i:i + 1], probs[i:i + 1],
+                                                  *reference.softmax_head_split(v[None], c, f))
+            return v + factor * reference.softmax_head_join(sW, sb)[0]
+        run_contenders(row, {
+            "imaml_ext": lambda: ops.cg_solve_softmax_head(F, W, bias, b, zeros(b), 1.0, scale,
+                                                           ITERS, 0.0, 0.0, use_ext=True)[0],
+            "reference": lambda: reference.cg_solve_softmax_head(F, W, bias, b, zeros(b), 1.0,
+                                                                 scale, ITERS, 0.0, 0.0)[0],
+            "torch.compile(reference)": COMPILE_CG_REASON,
+            **cg_peers(mv, mv1, b, device),
+        }, truth, device, min_run_time)
+        add_paths(row, device, truth, min_run_time,
+                  lambda: ops.cg_solve_softmax_head(F, W, bias, b, zeros(b), 1.0, scale, ITERS,
+                                                    0.0, 0.0, use_ext=True)[0])
+        row["bytes_read_per_iteration"] = F.numel() * F.element_size()
+        add_bandwidth(row, bandwidth)
+        rows.append(row)
+        print_row(row, f"cg_solve_softmax_head  B={B} n={n} f={f} c={c}  ({ITERS} iterations)")
+    return rows
+
+
+def add_paths(row, device, truth, min_run_time, fn):
+    """On CUDA, both whole-loop paths forced (IMAML_CG_FUSED), to check solve.cuh's choice."""
+    if device != "cuda":
+        return
+    for mode, name in (("1", "imaml_ext single-launch"), ("0", "imaml_ext multi-launch")):
+        with env("IMAML_CG_FUSED", mode):
+            run_contenders(row, {name: fn}, truth, device, min_run_time)
+    base = row["times_s"].get("imaml_ext")
+    if base:
+        row["ratio_to_imaml_ext"] = {k: v / base for k, v in row["times_s"].items()}
+
+
+def add_bandwidth(row, bandwidth):
+    """Bytes of the operator's data read per iteration x iterations / time, against the copy."""
+    row["achieved_GBps"] = {}
+    for name in ("imaml_ext", "imaml_ext single-launch", "imaml_ext multi-launch"):
+        t = row["times_s"].get(name)
+        if t:
+            gbps = row["bytes_read_per_iteration"] * row["iterations"] / t / 1e9
+            row["achieved_GBps"][name] = gbps
+    row["copy_GBps"] = bandwidth / 1e9
+    row["fraction_of_copy"] = {k: v / row["copy_GBps"] for k, v in row["achieved_GBps"].items()}
+
+
+# ---- output -------------------------------------------------------------------------------------
+
+def print_row(row, title):
+    print(f"\n{title}")
+    base = row["times_s"].get("imaml_ext")
+    for name, t in sorted(row["times_s"].items(), key=lambda kv: kv[1]):
+        ratio = f"{t / base:7.2f}x" if base else "    n/a"
+        extra = ""
+        if "hvp_over_gradient" in row:
+            extra = f"   {row['hvp_over_gradient'][name]:5.2f} gradients"
+        if name in row.get("achieved_GBps", {}):
+            extra += (f"   {row['achieved_GBps'][name]:7.1f} GB/s "
+                      f"({100 * row['fraction_of_copy'][name]:.0f}% of copy)")
+        print(f"  {name:34s} {t * 1e3:10.3f} ms  {ratio} imaml_ext's time   "
+              f"rel.err {row['errors'][name]:.1e}{extra}")
+    for name, why in row["skipped"].items():
+        print(f"  {name:34s} skipped: {why}")
+
+
+def summary_table(rows) -> str:
+    lines = ["| op | size | imaml_ext ms | reference | torch.compile | torch.func | torchopt | "
+             "linear_operator | scipy |", "|---|---|---|---|---|---|---|---|---|"]
+    cols = ["reference", "torch.compile(reference)", "torch.func jvp(grad)",
+            "torchopt solve_cg (per system)", "linear_operator linear_cg",
+            "scipy cg (per system)"]
+    for row in rows:
+        size = " ".join(f"{k}={row[k]}" for k in ("B", "n", "d", "f", "c", "P") if k in row)
+        base = row["times_s"].get("imaml_ext")
+        cells = []
+        for c in cols:
+            t = row["times_s"].get(c)
+            cells.append(f"{t / base:.2f}x" if t and base else "-")
+        if base:
+            lines.append(f"| {row['op']} | {size} | {base * 1e3:.3f} | " + " | ".join(cells)
+                         + " |")
+        else:
+            lines.append(f"| {row['op']} | {size} | - |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--quick", action="store_true", help="fewer sizes, shorter timing")
+    ap.add_argument("--min-run-time", type=float, default=None,
+                    help="seconds per blocked_autorange (default 0.5, 0.1 with --quick)")
+    ap.add_argument("--out", default=None, help="write the results as JSON here")
+    args = ap.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("--device cuda: no CUDA device")
+    if not imaml_ext.extension_available():
+        sys.exit("the compiled extension is not loaded: " + imaml_ext.build_info()["reason"])
+    min_run_time = args.min_run_time or (0.1 if args.quick else 0.5)
+    start = time.perf_counter()
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    bandwidth = copy_bandwidth(args.device)
+    print(f"{args.device} copy bandwidth (read + write): {bandwidth / 1e9:.1f} GB/s")
+    result = {"benchmark": "bench_kernels", "device": args.device, "quick": args.quick,
+              "dtype": "float32", "cg_iterations": ITERS, "lam": LAM,
+              "machine": machine(args.device), "load_average_at_start": load,
+              "copy_GBps": bandwidth / 1e9, "hvp": [], "cg": []}
+
+    def save():
+        # Written after every section, so a run cut short still leaves its numbers.
+        result["summary_markdown"] = summary_table(result["hvp"] + result["cg"])
+        result["wall_s"] = time.perf_counter() - start
+        if args.out:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+
+    result["cg"] = bench_cg(args.device, args.quick, min_run_time, bandwidth)
+    save()
+    result["hvp"] = bench_hvps(args.device, args.quick, min_run_time)
+    result["load_average_at_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
+    save()
+    print("\nTimes as multiples of imaml_ext's time (higher: imaml_ext is faster)\n"
+          + result["summary_markdown"])
+    print(f"\nwall time {result['wall_s']:.0f} s")
+    if args.out:
+        print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
