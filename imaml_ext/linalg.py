@@ -4,7 +4,9 @@
     res.x, res.iterations, res.residual_norm, res.converged, res.negative_curvature
 
 `A` is a callable (the matrix-vector product, over the same pytree structure as b), a dense
-tensor, or an `LstsqOperator` (v -> shift v + scale X^T X v, never forming X^T X). `b` is a tensor
+tensor, an `LstsqOperator` (v -> shift v + scale X^T X v, never forming X^T X), or an
+`imaml_ext.structured.SoftmaxHeadOperator` (shift v + scale H v for a softmax head's
+cross-entropy Hessian H). `b` is a tensor
 or a pytree (tuple/list/dict) of tensors. With `batched=True` the leading dimension of every leaf
 holds independent systems, each with its own step sizes, stopping and flags.
 
@@ -26,6 +28,7 @@ from torch.utils import _pytree as pytree
 
 from imaml_ext import ops, reference
 from imaml_ext._ext import use_ext_for
+from imaml_ext.structured import SoftmaxHeadOperator
 
 
 class CGError(RuntimeError):
@@ -205,7 +208,10 @@ def cg(A: Callable | torch.Tensor | LstsqOperator, b, x0=None, *, max_iter: int 
         return CGResult(_unflatten(xflat.clone(), spec, shapes, batched), empty,
                         bflat.new_zeros(0), empty.clone())
 
-    if isinstance(A, LstsqOperator):
+    if isinstance(A, SoftmaxHeadOperator):
+        out = A.solve_flat(bflat, xflat, max_iter=max_iter, rtol=rtol, atol=atol, use_ext=ext,
+                           reference_only=reference_only)
+    elif isinstance(A, LstsqOperator):
         X = A.X if A.X.dim() == 3 else A.X.unsqueeze(0)
         if X.dim() != 3 or X.shape[0] != B or X.shape[2] != P:
             _fail(f"A.X must be ({B}, n, {P}) for b of {B} system(s) of size {P}, got "

@@ -165,3 +165,21 @@ def test_nonfinite_rhs_flagged_not_nan():
     res = imaml_ext.cg(lambda v: 2 * v, b, batched=True)
     assert res.nonfinite.tolist() == [True, False]
     assert not torch.isnan(res.x[1]).any()
+
+
+@pytest.mark.parametrize("use_ext", BOTH)
+def test_softmax_head_operator_dispatch_matches_callable(use_ext):
+    from imaml_ext.structured import SoftmaxHeadOperator
+    g = torch.Generator().manual_seed(5)
+    B, n, f, c = 3, 20, 8, 5
+    F = torch.randn(B, n, f, dtype=torch.float64, generator=g)
+    W = torch.randn(B, c, f, dtype=torch.float64, generator=g)
+    bias = torch.randn(B, c, dtype=torch.float64, generator=g)
+    op = SoftmaxHeadOperator(F, W, bias, shift=1.0, scale=0.5)
+    rhs = (torch.randn(B, c, f, dtype=torch.float64, generator=g),
+           torch.randn(B, c, dtype=torch.float64, generator=g))
+    fused = imaml_ext.cg(op, rhs, batched=True, rtol=1e-12, use_ext=use_ext)
+    generic = imaml_ext.cg(lambda v: op(v), rhs, batched=True, rtol=1e-12, use_ext=False)
+    torch.testing.assert_close(fused.x[0], generic.x[0])
+    torch.testing.assert_close(fused.x[1], generic.x[1])
+    assert fused.converged.all()
