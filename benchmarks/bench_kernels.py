@@ -483,8 +483,13 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="fewer sizes, shorter timing")
     ap.add_argument("--min-run-time", type=float, default=None,
                     help="seconds per blocked_autorange (default 0.5, 0.1 with --quick)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch CPU threads (default: torch's); 1 gives steadier numbers on a "
+                         "machine shared with other jobs")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("--device cuda: no CUDA device")
     if not imaml_ext.extension_available():
@@ -496,6 +501,7 @@ def main(argv=None):
     print(f"{args.device} copy bandwidth (read + write): {bandwidth / 1e9:.1f} GB/s")
     result = {"benchmark": "bench_kernels", "device": args.device, "quick": args.quick,
               "dtype": "float32", "cg_iterations": ITERS, "lam": LAM,
+              "threads": torch.get_num_threads(), "argv": sys.argv[1:] if argv is None else argv,
               "machine": machine(args.device), "load_average_at_start": load,
               "copy_GBps": bandwidth / 1e9, "hvp": [], "cg": []}
 
