@@ -101,7 +101,9 @@ def main(argv: list[str] | None = None) -> int:
         "budget": budget, "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
                                       "torch": torch.__version__,
                                       "OMP_NUM_THREADS": env.get("OMP_NUM_THREADS")},
-        "started": time.strftime("%Y-%m-%d %H:%M:%S"), "rows": []}
+        "started": time.strftime("%Y-%m-%d %H:%M:%S"), "rows": [],
+        "runner_command": "python benchmarks/omniglot_table.py " + shell(sys.argv[1:] if argv is None
+                                                                        else argv)}
 
     for algo in args.algos:
         run = runs.resolve() / algo
@@ -173,6 +175,10 @@ def write(out: Path, report: dict, mini: bool) -> None:
         lines.append(f"| {r['label']} | {acc} | {r.get('meta_steps', '')} | "
                      f"{r['train_seconds']:.0f} s | {r.get('eval_seconds', 0):.0f} s | "
                      f"{paper[r['algo']]}% |")
+    for note in report.get("notes", []):
+        lines += ["", note]
+    if report.get("runner_command"):
+        lines += ["", f"Produced by: `{report['runner_command']}`"]
     lines += ["", "Exact commands (from the repository root; `imaml` is `python -m imaml_ext.cli`; "
               "IMAML_DATA points at the data):", "", "```"]
     for r in report["rows"]:
