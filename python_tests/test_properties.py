@@ -3,9 +3,11 @@
 For random batch sizes (0 and 1 included), sizes, dtypes (float32, float64), devices (cpu, and
 cuda where one is visible), memory layouts (contiguous, transposed, strided views) and pytree
 shapes:
-- the compiled kernel agrees with its pure-PyTorch twin (use_ext=False), with STYLE.md's tolerance
-  rule in float32 (error against a float64 truth at most 2x the reference's) and tightly in
-  float64, and both agree with torch.linalg.solve on symmetric positive definite systems;
+- the compiled kernel agrees with its pure-PyTorch twin (use_ext=False): tightly in float64; in
+  float32 by STYLE.md's rule (error against a float64 truth at most 2x the reference's; per
+  instance with a 32-ulp slack, and at 1.25x on averages over 400 systems in
+  test_kernel_error_statistics); both agree with torch.linalg.solve on SPD systems, and the
+  stopping decisions agree except where rounding decides them (stated in agree_rows);
 - systems that meet negative curvature or NaN/Inf are flagged the same way by both paths;
 - invalid argument combinations raise ValueError naming the argument, from both paths.
 
