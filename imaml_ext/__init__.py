@@ -18,7 +18,8 @@ __version__ = "0.1.0"
 __all__ = ["cg", "CGResult", "build_info", "extension_available", "__version__"]
 
 _SUBMODULES = {"ops", "reference", "linalg", "hvp", "implicit", "inner", "algorithms", "models",
-               "data", "train", "cli", "types"}
+               "data", "train", "cli", "types", "config", "checkpoint", "evaluate", "demo",
+               "structured", "synthetic"}
 
 
 def __getattr__(name: str):
