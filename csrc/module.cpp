@@ -70,9 +70,10 @@ pybind11::dict build_info() {
   info["cuda_archs"] = std::string(IMAML_CUDA_ARCHS);
   info["torch_version"] = std::string(IMAML_TORCH_VERSION);
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-  info["cpu_simd"] = std::string(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")
-                                     ? "avx2+fma"
-                                     : "baseline");
+  // The same test as the resolver of the target_clones("arch=x86-64-v3", "default") kernels.
+  // (Not "arch=haswell": GCC's resolver takes that clone only on a CPU that *is* a Haswell.)
+  info["cpu_simd"] =
+      std::string(__builtin_cpu_supports("x86-64-v3") ? "avx2+fma (x86-64-v3)" : "baseline");
 #else
   info["cpu_simd"] = std::string("baseline");
 #endif

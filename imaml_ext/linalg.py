@@ -203,6 +203,18 @@ def cg(A: Callable | torch.Tensor | LstsqOperator, b, x0=None, *, max_iter: int 
                   f"({xflat.dtype}, {xflat.device})")
     reference_only = _needs_reference(bflat, xflat)
     ext = False if reference_only else use_ext_for(use_ext, bflat)
+    # Scale each system by a power of two near max|b| (exact in floating point: the iterates are
+    # the unscaled ones times that power), so that ||b||^2 can neither underflow to 0 (which
+    # would read as converged at x = 0) nor overflow. With atol > 0 the absolute test is kept
+    # as given, unscaled.
+    scale = None
+    if atol == 0.0 and B > 0 and P > 0:
+        amax = bflat.detach().abs().amax(dim=1)
+        ok = (amax > 0) & torch.isfinite(amax)
+        scale = torch.where(ok, torch.ldexp(torch.ones_like(amax), torch.frexp(amax)[1]),
+                            torch.ones_like(amax))
+        bflat = bflat / scale.unsqueeze(1)
+        xflat = xflat / scale.unsqueeze(1)
     if B == 0:
         empty = torch.zeros(0, dtype=torch.int32, device=bflat.device)
         return CGResult(_unflatten(xflat.clone(), spec, shapes, batched), empty,
@@ -250,6 +262,9 @@ def cg(A: Callable | torch.Tensor | LstsqOperator, b, x0=None, *, max_iter: int 
     else:
         _fail(f"A must be a callable, a tensor or an LstsqOperator, got {type(A).__name__}")
     x, iters, rnorm, status = out
+    if scale is not None:
+        x = x * scale.unsqueeze(1)
+        rnorm = rnorm * scale
     xs = _unflatten(x, spec, shapes, batched)
     if not batched:
         iters, rnorm, status = iters[0], rnorm[0], status[0]

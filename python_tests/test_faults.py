@@ -327,23 +327,26 @@ def test_overflowing_norm_is_flagged_not_silent(use_ext, dtype):
     big = 1e200 if dtype == torch.float64 else 1e20
     A = 2 * torch.eye(3, dtype=dtype).expand(2, 3, 3).contiguous()
     b = torch.tensor([[big, big, big], [1.0, 2.0, 3.0]], dtype=dtype)
-    res = imaml_ext.cg(A, b, batched=True, use_ext=use_ext)
+    # With atol > 0 the absolute test is kept unscaled, so ||b||^2 overflows: flagged.
+    res = imaml_ext.cg(A, b, batched=True, use_ext=use_ext, atol=1e-30)
     assert res.status.tolist() == [NONFINITE, CONVERGED]
     assert torch.isfinite(res.x).all()
+    # With atol = 0 (the default) cg scales each system first and solves it.
+    res = imaml_ext.cg(A, b, batched=True, use_ext=use_ext)
+    assert res.converged.all()
+    torch.testing.assert_close(res.x, b / 2)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "known fault: a right-hand side whose squared norm underflows to 0 (entries ~1e-170 in "
-    "float64, ~1e-23 in float32) is reported CONVERGED after 0 iterations with x = 0, a silent "
-    "100% error; cg_tol2/cg_initial_status compare ||r||^2 <= (rtol ||b||)^2 = 0 <= 0. Fix: "
-    "scale b (and x0) by max|b| before the solve, or test convergence on scaled norms"))
 @pytest.mark.parametrize("use_ext", BOTH)
 def test_underflowing_norm_is_not_reported_converged(use_ext, dtype):
+    """Entries whose squares underflow (||b||^2 == 0): cg scales each system by a power of two
+    near max|b| first, so the solve is exact instead of 'converged at x = 0'."""
     tiny = 1e-170 if dtype == torch.float64 else 1e-23
     A = 2 * torch.eye(3, dtype=dtype)
     b = torch.full((3,), tiny, dtype=dtype)
     res = imaml_ext.cg(A, b, use_ext=use_ext, rtol=1e-6)
-    assert not (bool(res.converged) and torch.equal(res.x, torch.zeros_like(b)))
+    assert bool(res.converged)
+    torch.testing.assert_close(res.x, b / 2, rtol=1e-5, atol=0.0)
 
 
 # ---- algorithms: a task that goes bad is left out and counted, never averaged in --------------

@@ -5,7 +5,7 @@
 #include "../cg_math.h"
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(IMAML_NO_CLONES)
-#define IMAML_SIMD __attribute__((target_clones("arch=haswell", "default")))
+#define IMAML_SIMD __attribute__((target_clones("arch=x86-64-v3", "default")))
 #else
 #define IMAML_SIMD
 #endif

@@ -1,5 +1,5 @@
 // Vector primitives for the CPU kernels. Each is compiled twice through GCC/Clang function
-// multi-versioning: an AVX2+FMA clone (arch=haswell) and a baseline clone, picked at load time by
+// multi-versioning: an AVX2+FMA clone (arch=x86-64-v3) and a baseline clone, picked at load time by
 // the processor's cpuid. So the package needs no -march=native and still runs on a CPU without
 // AVX2. Reductions keep kLanes independent partial sums: that lets the compiler vectorise them
 // without -ffast-math (which would also break the isfinite checks of cg_math.h).
