@@ -31,11 +31,12 @@ def max_err(a: torch.Tensor, truth: torch.Tensor) -> float:
 def assert_within_reference_error(kernel: torch.Tensor, reference: torch.Tensor,
                                   truth: torch.Tensor, factor: float = 2.0) -> None:
     """STYLE.md's rule: the kernel's error against a float64 truth is at most `factor` times the
-    reference's error in the same dtype (plus a few ulps of the truth's scale, for the case where
-    the reference happens to be exact)."""
+    reference's error in the same dtype, plus 32 ulps of the truth's scale: on one small instance
+    the reference can be exact by luck (test_properties.py holds the kernel to 1.25x the
+    reference's error averaged over many systems, where luck evens out)."""
     ek, er = max_err(kernel, truth), max_err(reference, truth)
     scale = truth.double().abs().max().item() if truth.numel() else 0.0
-    slack = 8 * torch.finfo(kernel.dtype).eps * max(scale, 1.0)
+    slack = 32 * torch.finfo(kernel.dtype).eps * max(scale, 1.0)
     assert ek <= factor * er + slack, f"kernel error {ek:.3e} > {factor} x reference error {er:.3e}"
 
 
