@@ -107,12 +107,6 @@ def test_zeroed_local_header_names_zip_and_member(tmp_path):
     assert str(z) in str(e.value) and bad in str(e.value)
 
 
-@pytest.mark.xfail(strict=True, raises=Exception, reason=(
-    "known fault: a damaged member of a DEFLATED zip (a re-zipped Omniglot, or any Mini-ImageNet "
-    "zip made with default zip settings) raises a raw zlib.error ('Error -3 while decompressing "
-    "data') that names neither the zip nor the member and is not a DatasetError (the command "
-    "line shows a traceback). Fix: add zlib.error to the exceptions caught around zf.read in "
-    "imaml_ext/data/common.py:_decode_chunk"))
 def test_corrupt_deflated_member_names_zip_and_member(tmp_path):
     z, members = omniglot_zip(tmp_path, compression=zipfile.ZIP_DEFLATED)
     bad = sorted(members)[4]
@@ -203,11 +197,6 @@ def test_csv_row_naming_an_image_missing_from_the_zip(tmp_path):
     assert f"{z}:mini-imagenet/test.csv:{line}" in msg and f"mini-imagenet/images/{gone}" in msg
 
 
-@pytest.mark.xfail(strict=True, raises=Exception, reason=(
-    "known fault: a split csv that is not UTF-8 (e.g. saved as Latin-1) raises a raw "
-    "UnicodeDecodeError that does not name the file. Fix: catch UnicodeDecodeError around the "
-    "read in imaml_ext/data/miniimagenet.py (_check_folder / _decode_split) and raise "
-    "DatasetFormatError naming the csv"))
 def test_non_utf8_csv_names_the_file(tmp_path):
     d = make_mini_folder(tmp_path)
     (d / "train.csv").write_bytes(b"filename,label\nn01000001000000\xe9.jpg,n01000001\n")
@@ -216,11 +205,6 @@ def test_non_utf8_csv_names_the_file(tmp_path):
     assert str(d / "train.csv") in str(e.value)
 
 
-@pytest.mark.xfail(strict=True, raises=Exception, reason=(
-    "known fault: a damaged split csv inside a Mini-ImageNet zip raises a raw "
-    "zipfile.BadZipFile ('Bad CRC-32 for file mini-imagenet/train.csv') that does not name the "
-    "zip and is not a DatasetError. Fix: wrap zf.read of the csv in "
-    "imaml_ext/data/miniimagenet.py:_decode_split as _decode_chunk does for images"))
 def test_corrupt_csv_member_in_zip_names_the_zip(tmp_path):
     z = make_mini_zip(tmp_path / "miniimagenet.zip")
     off, size = member_data_span(z, "mini-imagenet/train.csv")

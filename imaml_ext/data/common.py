@@ -28,6 +28,7 @@ import os
 import stat
 import tempfile
 import zipfile
+import zlib
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
@@ -321,7 +322,7 @@ def _decode_chunk(args: tuple[str, bool, Sequence[str], DecodeSpec]) -> np.ndarr
                     data = zf.read(name)
                 except KeyError:
                     raise DatasetNotFoundError(f"{where}: member missing from the zip") from None
-                except (zipfile.BadZipFile, OSError, EOFError) as exc:
+                except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as exc:
                     raise DatasetFormatError(
                         f"{where}: cannot read member ({exc}); the zip is probably truncated or "
                         f"corrupt") from None

@@ -30,6 +30,8 @@ import logging
 import os
 import pickle
 import time
+import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -159,7 +161,12 @@ def _missing_error(csv_where: str, lineno: int, expected: str, n_missing: int, n
 def _check_folder(src: MiniImageNetSource, split: str) -> tuple[list, list[Path]]:
     """The csv rows of a folder source and the image paths they name; raises if any is missing."""
     csv_path = src.path / f"{split}.csv"
-    rows = parse_split_csv(csv_path.read_text(encoding="utf-8"), str(csv_path))
+    try:
+        text = csv_path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise DatasetFormatError(f"{csv_path}: not a UTF-8 text file ({exc}); expected a csv "
+                                 f"with header filename,label") from None
+    rows = parse_split_csv(text, str(csv_path))
     images_dir = src.path / "images"
     files = [images_dir / r[0] for r in rows]
     missing = [(r, p) for r, p in zip(rows, files) if not p.is_file()]
@@ -182,7 +189,13 @@ def _decode_split(src: MiniImageNetSource, split: str, image_size: int,
         try:
             names = set(zf.namelist())
             where = f"{src.path}:{src.prefix}{split}.csv"
-            rows = parse_split_csv(zf.read(f"{src.prefix}{split}.csv").decode("utf-8"), where)
+            try:
+                text = zf.read(f"{src.prefix}{split}.csv").decode("utf-8")
+            except (zipfile.BadZipFile, OSError, EOFError, zlib.error, UnicodeDecodeError) as exc:
+                raise DatasetFormatError(
+                    f"{where}: cannot read the split file ({exc}); the zip is probably truncated "
+                    f"or corrupt, or the csv is not UTF-8") from None
+            rows = parse_split_csv(text, where)
         finally:
             zf.close()
         container, is_zip = src.path, True
