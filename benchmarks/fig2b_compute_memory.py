@@ -4,9 +4,9 @@ Omniglot with the 4-block conv net (random images of the right shape: cost does 
 pixel values).
 
 Memory: on CUDA, torch.cuda.max_memory_allocated during the meta-gradient (reset before); on the
-CPU, each point runs in a fresh process and reports the peak resident-set growth during the
-meta-gradient (VmHWM reset through /proc/self/clear_refs after warm-up), i.e. what the allocator
-actually took from the OS.
+CPU, each point runs in a fresh process with a fixed glibc mmap threshold and reports the peak
+resident-set growth during the meta-gradient (malloc_trim, then VmHWM reset through
+/proc/self/clear_refs after a warm-up call), i.e. what the allocator took from the OS.
 
     python benchmarks/fig2b_compute_memory.py [--device cpu|cuda] [--quick] [--out PATH.json]
 """
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -64,7 +65,11 @@ def measure_point(algo: str, inner_steps: int, cg_steps: int, device: str, meta_
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
     else:
-        Path("/proc/self/clear_refs").write_text("5")  # reset the RSS high-water mark
+        # Give the warm-up's freed memory back to the OS (the child runs with a fixed mmap
+        # threshold, so large tensors are mapped and unmapped), then reset the high-water mark.
+        import ctypes
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        Path("/proc/self/clear_refs").write_text("5")
         base = _rss_kib("VmRSS") * 1024
     times = []
     for _ in range(repeats):
@@ -80,8 +85,11 @@ def measure_point(algo: str, inner_steps: int, cg_steps: int, device: str, meta_
 
 
 def run_in_fresh_process(args_list: list[str]) -> dict:
+    # A fixed mmap threshold: glibc would otherwise raise it after the warm-up frees large
+    # blocks and then serve the measured run from memory it already holds (no RSS growth).
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
     out = subprocess.run([sys.executable, __file__, "--point", *args_list], capture_output=True,
-                         text=True, timeout=1800)
+                         text=True, timeout=1800, env=env)
     if out.returncode != 0:
         raise RuntimeError(f"point {args_list} failed:\n{out.stderr[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
