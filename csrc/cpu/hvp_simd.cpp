@@ -6,12 +6,7 @@
 
 #include "../hvp_math.h"
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(IMAML_NO_CLONES)
-#define IMAML_SIMD __attribute__((target_clones("arch=x86-64-v3", "default")))
-#else
-#define IMAML_SIMD
-#endif
-#define IMAML_INLINE inline __attribute__((always_inline))
+#include "simd_clones.h"
 
 namespace imaml_ext {
 namespace simd {
