@@ -38,9 +38,9 @@ import torch
 from torch import nn
 
 from imaml_ext import reference
-from imaml_ext.hvp import HVP_KINDS, LOSSES, ParamSpec, Params, TaskLoss
+from imaml_ext.hvp import HVP_KINDS, LOSSES, ParamSpec, Params, TaskLoss, make_hvp
 from imaml_ext.implicit import implicit_meta_gradient, implicit_meta_gradient_lstsq
-from imaml_ext.inner import PROXIMAL, batched_theta, gd, hessian_free
+from imaml_ext.inner import PROXIMAL, batched_theta, gd, hessian_free, train_loss
 from imaml_ext.types import TaskBatch
 
 ALGORITHMS = ("imaml-gd", "imaml-hf", "maml", "fomaml", "reptile")
@@ -244,11 +244,12 @@ class MetaAlgorithm:
         return self._tl_cache[1]
 
     # -- the inner problem
-    def _inner(self, tl: TaskLoss, theta_b, x, y, create_graph: bool = False):
+    def _inner(self, tl: TaskLoss, theta_b, x, y, create_graph: bool = False,
+               final_loss: bool = True):
         c = self.config
         lam = c.lam if c.regularized else 0.0
         return gd(tl, theta_b, x, y, steps=c.inner_steps, lr=c.inner_lr, lam=lam,
-                  proximal=c.proximal, create_graph=create_graph)
+                  proximal=c.proximal, create_graph=create_graph, final_loss=final_loss)
 
     def adapt(self, model: nn.Module, params: Mapping[str, torch.Tensor],
               x_support: torch.Tensor, y_support: torch.Tensor) -> Params:
@@ -330,13 +331,31 @@ class IMAMLGD(MetaAlgorithm):
     """iMAML with K GD steps on G as inner solver."""
 
     def _per_task(self, tl, params, t, spec):
-        inner = self._inner(tl, batched_theta(params, t.num_tasks), t.x_support, t.y_support)
+        # L_train at phi_K comes from the HVP's graph below when it has one
+        inner = self._inner(tl, batched_theta(params, t.num_tasks), t.x_support, t.y_support,
+                            final_loss=not self._hvp_has_loss())
         return self._implicit(tl, inner, t, spec)
+
+    def _hvp_has_loss(self) -> bool:
+        c = self.config
+        return c.cg_steps > 0 and c.hvp in ("exact", "double_backward")
 
     def _implicit(self, tl, inner, t, spec):
         c = self.config
         phi = inner.params
-        metrics = {"inner_loss": inner.loss, "inner_loss_before": inner.metrics["loss_first"]}
+        H = None
+        if c.cg_steps > 0 and c.hvp != "lstsq":
+            H = make_hvp(tl, phi, t.x_support, t.y_support, c.hvp)
+        finite = inner.finite
+        if inner.loss is None:
+            inner_loss = H.value_and_grad()[0] if H is not None and \
+                H.kind == "double_backward" else train_loss(tl, phi, t.x_support, t.y_support)
+            finite = finite & torch.isfinite(inner_loss)
+        else:
+            inner_loss = inner.loss
+        loss_first = inner.metrics["loss_first"]
+        metrics = {"inner_loss": inner_loss,
+                   "inner_loss_before": inner_loss if loss_first is None else loss_first}
         metrics.update({k: v for k, v in inner.metrics.items() if k.startswith("hf_")})
         gq, lq = self._query(tl, phi, t, metrics, with_grad=True)
         bspec = ParamSpec.of(phi)
@@ -349,15 +368,14 @@ class IMAMLGD(MetaAlgorithm):
         else:
             out = implicit_meta_gradient(tl, phi, t.x_support, t.y_support, b, lam=c.lam,
                                          cg_steps=c.cg_steps, damping=c.cg_damping,
-                                         cg_lam=c.cg_lam, hvp=c.hvp, rtol=c.cg_rtol,
-                                         use_ext=c.use_ext)
+                                         cg_lam=c.cg_lam, hvp=c.hvp if H is None else H,
+                                         rtol=c.cg_rtol, use_ext=c.use_ext)
             x, res = out.flat, out.cg
         metrics["cg_residual"] = res.residual_norm
         metrics["cg_iterations"] = res.iterations
         metrics["cg_status"] = res.status
         metrics["cg_negative_curvature"] = res.status == reference.NEGATIVE_CURVATURE
-        finite = inner.finite & torch.isfinite(lq)
-        return x, finite, metrics
+        return x, finite & torch.isfinite(lq), metrics
 
 
 def _lstsq_inputs(tl: TaskLoss, x: torch.Tensor) -> torch.Tensor:
@@ -372,11 +390,10 @@ def _lstsq_inputs(tl: TaskLoss, x: torch.Tensor) -> torch.Tensor:
 class IMAMLHF(IMAMLGD):
     """iMAML with Newton-CG (Hessian-free) as inner solver."""
 
-    def _inner(self, tl, theta_b, x, y, create_graph: bool = False):
+    def _inner(self, tl, theta_b, x, y, create_graph: bool = False, final_loss: bool = True):
         c = self.config
-        hvp = "exact" if c.hvp == "lstsq" else c.hvp
         return hessian_free(tl, theta_b, x, y, lam=c.lam, steps=c.inner_steps,
-                            cg_steps=c.hf_cg_steps, hvp=hvp, cg_rtol=c.cg_rtol,
+                            cg_steps=c.hf_cg_steps, hvp=c.hvp, cg_rtol=c.cg_rtol,
                             use_ext=c.use_ext)
 
     def _per_task(self, tl, params, t, spec):
@@ -394,7 +411,7 @@ class MAML(MetaAlgorithm):
             theta_b = {k: v.unsqueeze(0).expand(M, *v.shape).clone().requires_grad_(True)
                        for k, v in params.items()}
             inner = self._inner(tl, theta_b, t.x_support, t.y_support, create_graph=True)
-            out = tl.outputs(inner.params, t.x_query)
+            out = tl.outputs(inner.params, t.x_query, mode="hvp")
             lq = tl.per_task(out, t.y_query)
             gs = torch.autograd.grad(lq.sum(), [theta_b[k] for k in spec.names])
         metrics = {"inner_loss": inner.loss, "inner_loss_before": inner.metrics["loss_first"],

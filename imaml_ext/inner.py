@@ -79,7 +79,7 @@ def train_loss(task_loss: TaskLoss, params_b, x, y) -> torch.Tensor:
 
 def gd(task_loss: TaskLoss, theta_b: Mapping[str, torch.Tensor], x: torch.Tensor,
        y: torch.Tensor, *, steps: int, lr: float, lam: float = 0.0, proximal: str = "paper",
-       create_graph: bool = False) -> InnerResult:
+       create_graph: bool = False, final_loss: bool = True) -> InnerResult:
     """K gradient steps on G_i for all tasks.
 
     Args:
@@ -90,9 +90,12 @@ def gd(task_loss: TaskLoss, theta_b: Mapping[str, torch.Tensor], x: torch.Tensor
         steps: K >= 0. lr: step size alpha. lam: proximal strength (0: plain GD on L_train).
         proximal: "paper" or "authors" (see the module docstring).
         create_graph: keep the graph through the steps (for backpropagation through them).
+        final_loss: evaluate L_train at the result (one forward); False leaves `loss` None for
+            a caller that gets it elsewhere (and `finite` then checks the parameters only).
 
     Returns:
-        InnerResult with metrics {"loss_first": (M,) L_train at theta}.
+        InnerResult with metrics {"loss_first": (M,) L_train at theta, None when steps=0 and
+        final_loss=False}.
     """
     _check(steps, lr, lam)
     if proximal not in PROXIMAL:
@@ -105,7 +108,8 @@ def gd(task_loss: TaskLoss, theta_b: Mapping[str, torch.Tensor], x: torch.Tensor
     if create_graph:
         with torch.enable_grad():
             for _ in range(steps):
-                losses = task_loss(phi, x, y)
+                # the layout whose second derivatives are cheap: this graph is differentiated again
+                losses = task_loss(phi, x, y, mode="hvp")
                 if loss_first is None:
                     loss_first = losses.detach()
                 gs = torch.autograd.grad(losses.sum(), [phi[k] for k in names], create_graph=True)
@@ -122,10 +126,12 @@ def gd(task_loss: TaskLoss, theta_b: Mapping[str, torch.Tensor], x: torch.Tensor
             phi = {k: _step(phi[k], gs[k], theta[k], lr, lam_in_steps) for k in names}
         if proximal == "authors" and lam > 0:
             phi = {k: phi[k] - (lr * lam) * (phi[k] - theta[k]) for k in names}
-    final = train_loss(task_loss, phi, x, y)
+    final = train_loss(task_loss, phi, x, y) if final_loss else None
     if loss_first is None:
         loss_first = final
-    finite = torch.isfinite(final) & _finite_params(phi)
+    finite = _finite_params(phi)
+    if final is not None:
+        finite &= torch.isfinite(final)
     return InnerResult(phi, final, finite, {"loss_first": loss_first})
 
 
@@ -199,13 +205,13 @@ def hessian_free(task_loss: TaskLoss, theta_b: Mapping[str, torch.Tensor], x: to
     on_cpu = dev.type == "cpu"
     for _ in range(steps):
         phi = spec.unflatten(phi_flat)
-        gl, L0, _ = task_loss.grad(phi, x, y)
+        H = make_hvp(task_loss, phi, x, y, hvp)
+        L0, gl = H.value_and_grad()  # from the HVP's own graph where it has one
         delta = phi_flat - theta_flat
         g = spec.flatten(gl).add_(delta, alpha=lam)
         G0 = L0 + 0.5 * lam * (delta * delta).sum(1)
         history.append(G0)
         finite &= torch.isfinite(G0) & torch.isfinite(g).all(1)
-        H = make_hvp(task_loss, phi, x, y, hvp)
 
         def matvec(v, H=H):
             return H.flat(v).add_(v, alpha=lam)

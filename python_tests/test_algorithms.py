@@ -253,6 +253,19 @@ def test_adapt_and_evaluate():
     close({k: v[0] for k, v in phi_r.items()}, want)
 
 
+@pytest.mark.parametrize("name", ALGORITHMS)
+def test_same_results_under_no_grad(name):
+    # the trainer may call these under torch.no_grad(): the inner gradients must still flow
+    model, params, tasks = conv_setup(M=2)
+    algo = make_algorithm(name, inner_steps=2, inner_lr=0.1, cg_steps=2)
+    g, _ = algo.meta_gradient(model, params, tasks)
+    with torch.no_grad():
+        g0, _ = algo.meta_gradient(model, params, tasks)
+        loss0, _ = algo.evaluate(model, params, tasks)
+    close(g, g0, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(loss0, algo.evaluate(model, params, tasks)[0])
+
+
 # ---- failure policy -----------------------------------------------------------------------------
 
 def poisoned(tasks, which):

@@ -138,7 +138,7 @@ def test_batched_grad_equals_per_task_loop():
     assert out.shape == (3, 6, 3) and losses.shape == (3,)
 
 
-@pytest.mark.parametrize("kind", ["exact", "double_backward"])
+@pytest.mark.parametrize("kind", ["exact", "forward_over_reverse", "double_backward"])
 @pytest.mark.parametrize("backend", ["folded", "vmap"])
 def test_hvp_equals_per_task_double_backward(kind, backend):
     model, params_b, x, y = conv_setup()
@@ -148,6 +148,32 @@ def test_hvp_equals_per_task_double_backward(kind, backend):
     # the flat form used by CG
     flat_v, spec = flatten_params(v)
     torch.testing.assert_close(H.flat(flat_v), spec.flatten(H(v)))
+
+
+def test_value_and_grad_from_the_hvp_graph():
+    model, params_b, x, y = conv_setup()
+    tl = TaskLoss(model)
+    g, losses, _ = tl.grad(params_b, x, y)
+    for kind in ("exact", "ggn"):
+        lv, gv = make_hvp(tl, params_b, x, y, kind).value_and_grad()
+        torch.testing.assert_close(lv, losses)
+        assert_close_dict(gv, g)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_layouts_and_fused_block_are_the_same_function(channels_last):
+    model, params_b, x, y = conv_setup()
+    ref = TaskLoss(model, backend="vmap")
+    tl = TaskLoss(model, channels_last=channels_last)
+    out = ref.outputs(params_b, x)
+    torch.testing.assert_close(tl.outputs(params_b, x, mode="grad"), out)
+    torch.testing.assert_close(tl.outputs(params_b, x, mode="hvp"), out)
+    # negative BatchNorm scales flip max-pooling into min-pooling inside the fused block
+    neg = dict(params_b, **{"body.1.weight": -params_b["body.1.weight"]})
+    torch.testing.assert_close(tl.outputs(neg, x, mode="hvp"), ref.outputs(neg, x))
+    g1, _, _ = tl.grad(neg, x, y)
+    g2, _, _ = ref.grad(neg, x, y)
+    assert_close_dict(g1, g2)
 
 
 def test_hvp_single_vmapped_matches_batched():
@@ -198,7 +224,7 @@ def test_ggn_equals_hessian_for_linear_least_squares():
     x, yr = torch.randn(3, 9, 4, dtype=DT), torch.randn(3, 9, dtype=DT)
     v = {"weight": torch.randn(3, 1, 4, dtype=DT)}
     want = (x.transpose(1, 2) @ (x @ v["weight"].transpose(1, 2))).transpose(1, 2) / 9
-    for kind in ("exact", "double_backward", "ggn"):
+    for kind in ("exact", "forward_over_reverse", "double_backward", "ggn"):
         torch.testing.assert_close(make_hvp(tl, w, x, yr, kind)(v)["weight"], want)
 
 
