@@ -4,8 +4,9 @@
 
 - `environment(device)`: torch / CUDA / cuDNN versions, the GPU or the CPU model (lscpu's
   "Model name"), cores and threads, the imaml_ext build, git commit, date: stored in every JSON.
-- `time_call(fn, ...)`: wall-clock of calls that take milliseconds to minutes; synchronises the
-  device around each call (CUDA events on a GPU); returns median, min, max and every repeat.
+- `time_call(fn, ...)` / `time_once(fn, device)`: wall-clock of calls that take milliseconds to
+  minutes; synchronises the device around each call (CUDA events on a GPU); `summarize(times)`
+  gives median, min, max and every repeat (for benchmarks that interleave their contenders).
 - `autorange(fn, ...)`: torch.utils.benchmark's blocked_autorange, for microsecond-scale calls.
 - `peak_memory(fn, device)`: the peak extra memory of one call: torch.cuda.max_memory_allocated
   on a GPU; on the CPU the resident-set high-water mark (VmHWM, reset through
@@ -124,35 +125,42 @@ def sync(device: str | torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def time_once(fn: Callable[[], Any], device: str | torch.device = "cpu") -> float:
+    """Seconds of one call: CUDA events on a GPU (after a synchronisation, so queued work of
+    earlier calls is not billed), time.perf_counter on the CPU."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize(dev)
+        return start.elapsed_time(end) / 1e3
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def summarize(times: list[float]) -> dict[str, Any]:
+    """{"median_s", "min_s", "max_s", "times_s", "repeats"} of a list of timings."""
+    return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times),
+            "times_s": list(times), "repeats": len(times)}
+
+
 def time_call(fn: Callable[[], Any], *, device: str | torch.device = "cpu", repeats: int = 3,
               warmup: int = 1) -> dict[str, Any]:
-    """Times `fn()` `repeats` times after `warmup` untimed calls.
-
-    On a GPU each call is bracketed by CUDA events (after a synchronisation, so queued work of
-    the previous call is not billed); on the CPU by time.perf_counter.
+    """Times `fn()` `repeats` times after `warmup` untimed calls (see time_once).
 
     Returns:
         {"median_s", "min_s", "max_s", "times_s", "repeats", "warmup"}.
     """
-    dev = torch.device(device)
     for _ in range(warmup):
         fn()
-    sync(dev)
-    times = []
-    for _ in range(repeats):
-        if dev.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize(dev)
-            times.append(start.elapsed_time(end) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-    return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times),
-            "times_s": times, "repeats": repeats, "warmup": warmup}
+    sync(device)
+    out = summarize([time_once(fn, device) for _ in range(repeats)])
+    out["warmup"] = warmup
+    return out
 
 
 def autorange(fn: Callable[[], Any], *, min_run_time: float = 0.2, label: str = "",

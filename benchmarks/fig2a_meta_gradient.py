@@ -148,7 +148,10 @@ def main(argv=None) -> dict:
     result["seconds"] = time.perf_counter() - t0
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    plot(result, out / f"{args.name}.png")
+    try:
+        plot(result, out / f"{args.name}.png")
+    except ImportError as exc:  # matplotlib missing: the JSON and the table still come out
+        result["plot_error"] = str(exc)
     result["labels"] = LABELS
     path = write_json(out / f"{args.name}.json", result, dev)
     print(table(result))
