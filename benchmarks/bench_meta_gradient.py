@@ -1,0 +1,531 @@
+"""Time and peak memory of one meta-gradient on the Omniglot conv net, against two public ways of
+computing iMAML's, measured in the same run.
+
+Contenders (all on the paper's 4-block, 64-filter conv net, random images: cost does not depend
+on pixel values):
+- ours, batched over the meta-batch: imaml-gd, imaml-hf, maml, fomaml, reptile
+  (imaml_ext.algorithms.make_algorithm: lam=2, lr=0.1, 5 CG steps, paper's inner steps).
+- "authors-loop": a faithful re-implementation of the iMAML authors' training step
+  (aravindr93/imaml_dev, examples/omniglot_implicit_maml.py): one task at a time; an nn.Module
+  and torch.optim.SGD for the inner loop with a host read of the loss every step; pre/post
+  query losses and accuracies read to the host; the query gradient; their cg_solve (Python CG
+  that evaluates A x0 at x0 = 0 first and tests the residual on the host every iteration) with
+  their double-backward Hessian-vector product that rebuilds the gradient graph for every
+  product.
+- "torchopt": TorchOpt 0.7.3's implicit-gradient iMAML (its examples/iMAML functional
+  example): per task, custom_root(grad of the inner objective, solve=solve_cg(maxiter=cg_steps))
+  around a torchopt.sgd inner loop, then one backward through all tasks' query losses.
+
+Same work for everyone: K inner steps, cg_steps CG iterations on (I + H/cg_lam) (the authors'
+loop with regu_coef=0 and lam_damping=cg_lam-lam, TorchOpt with ridge=cg_lam-lam). cg_lam defaults
+to lam + 10 (the authors' shift): at the random initialisation (I + H/lam) is indefinite, our CG
+stops at the negative curvature while the peers, which do not check, go on; a positive definite
+matrix makes every contender run all its CG iterations.
+
+Before timing, a correctness check in float64 on one or two tasks: our iMAML-GD meta-gradient
+against the authors'-style loop (authors' proximal form) and TorchOpt (paper's form), per task.
+Also reported: the cost of one batched Hessian-vector product relative to one batched gradient.
+
+Timing: warm-up on the timed shapes, then `--rounds` rounds; each round runs every contender
+once, iMAML-GD next to the two peers, and the speed-ups are medians of per-round ratios (on a
+shared VM the CPU's speed drifts by several x within minutes). Per-task peers are timed on 1-2
+tasks per round (their cost is linear in the number of tasks), MAML on fewer tasks where its
+memory (tasks x steps) demands it. Peak memory: see benchmarks/common.py. CPU defaults: 5-way
+1-shot with meta-batch 32 and 16 steps; 20-way 5-shot with meta-batch 8 (not 32) and 25 steps,
+so that the run stays near 10 minutes on 2 cores.
+
+    python benchmarks/bench_meta_gradient.py [--quick] [--device cpu|cuda] [--out PATH]
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from common import (RESULTS, environment, fmt_table, machine_line, peak_memory,  # noqa: E402
+                    pick_device, summarize, time_once, write_json)
+
+from imaml_ext.algorithms import make_algorithm  # noqa: E402
+from imaml_ext.hvp import TaskLoss, make_hvp  # noqa: E402
+from imaml_ext.inner import batched_theta  # noqa: E402
+from imaml_ext.models import make_model  # noqa: E402
+from imaml_ext.types import TaskBatch  # noqa: E402
+
+OURS = ("imaml-gd", "imaml-hf", "maml", "fomaml", "reptile")
+PEERS = ("authors-loop", "torchopt")
+
+# name -> (ways, shots, queries per class, inner GD steps (the paper's), meta-batch,
+#          tasks per round for the per-task peers, tasks for MAML)
+SETTINGS = {"20w5s": (20, 5, 5, 25, 32, 1, 2), "5w1s": (5, 1, 5, 16, 32, 2, 32)}
+
+
+def make_tasks(ways, shots, queries, M, device, dtype=torch.float32, seed=0) -> TaskBatch:
+    g = torch.Generator().manual_seed(seed)
+    ys = torch.arange(ways).repeat_interleave(shots).expand(M, -1).contiguous()
+    yq = torch.arange(ways).repeat_interleave(queries).expand(M, -1).contiguous()
+    return TaskBatch(torch.rand(M, ways * shots, 1, 28, 28, generator=g, dtype=dtype),
+                     ys, torch.rand(M, ways * queries, 1, 28, 28, generator=g, dtype=dtype),
+                     yq).to(device)
+
+
+def subset(tasks: TaskBatch, n: int) -> TaskBatch:
+    return TaskBatch(*(t[:n] for t in tasks))
+
+
+# ---- the authors' loop, one task at a time ------------------------------------------------------
+
+class AuthorsLoop:
+    """aravindr93/imaml_dev's iMAML step, restructured into one function, same operations."""
+
+    def __init__(self, model, lam, inner_steps, inner_lr, cg_steps, regu_coef=0.0,
+                 lam_damping=0.0):
+        self.model = model  # the "fast learner": its parameters are overwritten per task
+        self.lam, self.K, self.lr, self.cg_steps = lam, inner_steps, inner_lr, cg_steps
+        self.regu_coef, self.lam_damping = regu_coef, lam_damping
+        self.inner_opt = torch.optim.SGD(self.model.parameters(), lr=inner_lr)
+
+    def get_params(self):
+        return torch.cat([p.data.view(-1) for p in self.model.parameters()]).clone()
+
+    def set_params(self, flat):
+        off = 0
+        for p in self.model.parameters():
+            p.data.copy_(flat[off:off + p.nelement()].view(p.size()))
+            off += p.nelement()
+
+    def loss(self, x, y):
+        return F.cross_entropy(self.model(x), y)
+
+    def regularization_loss(self, w0, lam):
+        off, reg = 0, 0.0
+        for p in self.model.parameters():
+            d = p.view(-1) - w0[off:off + p.nelement()].view(-1)
+            reg = reg + 0.5 * lam * torch.sum(d ** 2)
+            off += p.nelement()
+        return reg
+
+    def hvp(self, x, y, v):
+        loss = self.loss(x, y)
+        g = torch.autograd.grad(loss, self.model.parameters(), create_graph=True)
+        flat = torch.cat([t.contiguous().view(-1) for t in g])
+        hv = torch.autograd.grad(torch.sum(flat * v), self.model.parameters())
+        return torch.cat([t.contiguous().view(-1) for t in hv])
+
+    def cg_solve(self, f_Ax, b, cg_iters, residual_tol=1e-10):
+        x = torch.zeros(b.shape[0], dtype=b.dtype, device=b.device)
+        r = b - f_Ax(x)
+        p = r.clone()
+        for _ in range(cg_iters):
+            rdotr = r.dot(r)
+            Ap = f_Ax(p)
+            alpha = rdotr / (p.dot(Ap))
+            x = x + alpha * p
+            r = r - alpha * Ap
+            newrdotr = r.dot(r)
+            p = r + newrdotr / rdotr * p
+            if newrdotr < residual_tol:  # a host synchronisation every iteration
+                break
+        return x
+
+    def meta_gradient(self, w_k, tasks: TaskBatch, per_task: bool = False):
+        meta_grad, outs = 0.0, []
+        M = tasks.num_tasks
+        for i in range(M):
+            xs, ys, xq, yq = (t[i] for t in tasks)
+            self.set_params(w_k.clone())
+            vl_before = self.loss(xq, yq).item()
+            train_losses = []
+            for _ in range(self.K):  # learn_task
+                self.inner_opt.zero_grad()
+                tl = self.loss(xs, ys)
+                tl.backward()
+                self.inner_opt.step()
+                train_losses.append(tl.detach().cpu().numpy())
+            self.inner_opt.zero_grad()  # pull back for regularization
+            self.regularization_loss(w_k, self.lam).backward()
+            self.inner_opt.step()
+            vl_after = self.loss(xq, yq).item()
+            with torch.no_grad():
+                tacc = (self.model(xs).argmax(1) == ys).float().mean().item()
+                vacc = (self.model(xq).argmax(1) == yq).float().mean().item()
+            valid_loss = self.loss(xq, yq)
+            vg = torch.autograd.grad(valid_loss, self.model.parameters())
+            flat_grad = torch.cat([g.contiguous().view(-1) for g in vg])
+            if self.cg_steps <= 0:
+                task_grad = flat_grad
+            else:
+                def f_Ax(v):
+                    return (1.0 + self.regu_coef) * v + self.hvp(xs, ys, v) / (
+                        self.lam + self.lam_damping)
+                task_grad = self.cg_solve(f_Ax, flat_grad, self.cg_steps)
+            meta_grad = meta_grad + task_grad / M
+            outs.append(task_grad)
+            _ = (vl_before, vl_after, tacc, vacc, train_losses)
+        return torch.stack(outs) if per_task else meta_grad
+
+
+# ---- TorchOpt's implicit iMAML, one task at a time -----------------------------------------------
+
+def torchopt_contender(model, lam, inner_steps, inner_lr, cg_steps, cg_lam=None):
+    """Returns meta_gradient(params dict, tasks, per_task) -> flat meta-gradient, or raises.
+
+    TorchOpt solves (dF/dphi)^T u = v with dF/dphi = H + lam I and returns lam u; `ridge` =
+    cg_lam - lam makes the matrix H + cg_lam I, so that it returns (lam / cg_lam) times our
+    (I + H/cg_lam)^-1 v, with the same CG iterates (CG is invariant to scaling the matrix).
+    """
+    ridge = None if cg_lam is None or cg_lam == lam else cg_lam - lam
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import torchopt  # noqa: PLC0415
+    names = [k for k, _ in model.named_parameters()]
+
+    def fnet(params, x):
+        return functional_call(model, dict(zip(names, params)), (x,))
+
+    def objective(params, meta_params, x, y):
+        reg = 0
+        for p1, p2 in zip(params, meta_params):
+            reg = reg + 0.5 * lam * torch.sum(torch.square(p1 - p2))
+        return F.cross_entropy(fnet(params, x), y) + reg
+
+    @torchopt.diff.implicit.custom_root(
+        torch.func.grad(objective, argnums=0), argnums=1,
+        solve=torchopt.linear_solve.solve_cg(maxiter=cg_steps, rtol=0.0, atol=0.0, ridge=ridge))
+    def inner_solver(params, meta_params, x, y):
+        opt = torchopt.sgd(lr=inner_lr)
+        state = opt.init(params)
+        with torch.enable_grad():
+            for _ in range(inner_steps):
+                loss = objective(params, meta_params, x, y)
+                grads = torch.autograd.grad(loss, params)
+                updates, state = opt.update(grads, state, inplace=True)
+                params = torchopt.apply_updates(params, updates, inplace=True)
+        return params
+
+    def meta_gradient(params, tasks: TaskBatch, per_task: bool = False):
+        meta = tuple(params[k].detach().clone().requires_grad_(True) for k in names)
+        losses, accs = [], []
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for i in range(tasks.num_tasks):
+                init = tuple(t.detach().clone().requires_grad_(True) for t in meta)
+                phi = inner_solver(init, meta, tasks.x_support[i], tasks.y_support[i])
+                logits = fnet(phi, tasks.x_query[i])
+                losses.append(F.cross_entropy(logits, tasks.y_query[i]))
+                accs.append((logits.argmax(1) == tasks.y_query[i]).float().mean().item())
+            if per_task:
+                rows = []
+                for lq in losses:
+                    g = torch.autograd.grad(lq, meta, retain_graph=True)
+                    rows.append(torch.cat([t.reshape(-1) for t in g]))
+                return torch.stack(rows)
+            g = torch.autograd.grad(torch.stack(losses).mean(), meta)
+        return torch.cat([t.reshape(-1) for t in g])
+
+    return meta_gradient
+
+
+# ---- the measurements --------------------------------------------------------------------------
+
+def hvp_ratios(model, params, tasks, device, repeats, cg_steps):
+    """Seconds of one batched gradient and of one batched HVP of each kind (support sets).
+
+    The double-backward product reuses a gradient graph built once per point ("graph_build",
+    a forward and a create_graph backward); "exact_per_cg_product" is what one product costs
+    inside a cg_steps-step solve, the build shared among the products.
+    """
+    tl = TaskLoss(model)
+    pb = {k: v.clone() for k, v in batched_theta(params, tasks.num_tasks).items()}
+    x, y = tasks.x_support, tasks.y_support
+    v = {k: torch.randn_like(t) for k, t in pb.items()}
+    fns = {"grad": lambda: tl.grad(pb, x, y)}
+    for kind in ("forward_over_reverse", "double_backward", "ggn"):
+        H = make_hvp(tl, pb, x, y, kind)
+        fns[f"hvp_{kind}"] = (lambda H=H: H(v))
+    fns["double_backward_graph_build"] = lambda: make_hvp(tl, pb, x, y, "double_backward") \
+        .value_and_grad()
+    for f in fns.values():  # warm-up (and the double-backward graph)
+        f()
+    times = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, f in fns.items():
+            times[k].append(time_once(f, device))
+    out = {k: summarize(t) for k, t in times.items()}
+    med = {k: out[k]["median_s"] for k in fns}
+    g = med["grad"]
+    ratio = {k: med[k] / g for k in fns if k != "grad"}
+    steps = max(cg_steps, 1)
+    ratio["exact_per_cg_product"] = (med["double_backward_graph_build"] / steps
+                                     + med["hvp_double_backward"]) / g
+    out["ratio_to_grad"] = ratio
+    out["exact_method"] = make_hvp(tl, pb, x, y, "exact").kind
+    return out
+
+
+def correctness(model, params, device, ways, shots, queries, lam, steps, lr, cg_steps,
+                cg_lam, num_tasks=2):
+    """float64, a few tasks: ours against the two peers, task by task.
+
+    The authors' loop is compared with ours in the authors' proximal form, TorchOpt with ours in
+    the paper's form (its inner loop). Where our CG met negative curvature after k iterations
+    (status 2: it keeps the k-th iterate) the peer is run with k CG iterations, since neither
+    peer detects it and both go on with a meaningless step.
+    """
+    m64 = make_model("omniglot", ways).to(device=device, dtype=torch.float64)
+    p64 = {k: v.detach().to(torch.float64) for k, v in params.items()}
+    tasks = make_tasks(ways, shots, queries, num_tasks, device, torch.float64, seed=1)
+    flat = torch.cat([p64[k].reshape(-1) for k in p64])
+    result = {"tasks": num_tasks, "dtype": "float64", "inner_steps": steps, "lam": lam,
+              "cg_steps": cg_steps, "cg_lam": cg_lam, "rel_err_vs_authors": [], "rel_err_vs_torchopt": [],
+              "cg_status_ours": {"authors_form": [], "paper_form": []},
+              "cg_iterations_ours": {"authors_form": [], "paper_form": []}}
+    for i in range(num_tasks):
+        one = TaskBatch(*(t[i:i + 1] for t in tasks))
+        for form, key in (("authors", "authors_form"), ("paper", "paper_form")):
+            ours = make_algorithm("imaml-gd", lam=lam, inner_steps=steps, inner_lr=lr,
+                                  cg_steps=cg_steps, cg_lam=cg_lam, proximal=form)
+            g, m = ours.meta_gradient(m64, p64, one)
+            mine = torch.cat([g[k].reshape(-1) for k in p64])
+            st, it = int(m["cg_status"][0]), int(m["cg_iterations"][0])
+            result["cg_status_ours"][key].append(st)
+            result["cg_iterations_ours"][key].append(it)
+            k_peer = it if st == 2 else cg_steps
+            if form == "authors":
+                ref = AuthorsLoop(make_model("omniglot", ways).to(device=device,
+                                                                  dtype=torch.float64),
+                                  lam, steps, lr, k_peer, lam_damping=cg_lam - lam
+                                  ).meta_gradient(flat, one)
+                result["rel_err_vs_authors"].append(float((mine - ref).norm() / ref.norm()))
+            else:
+                try:
+                    ref = torchopt_contender(m64, lam, steps, lr, k_peer, cg_lam)(p64, one)
+                    ref = ref * (cg_lam / lam)  # see torchopt_contender
+                except Exception as exc:  # noqa: BLE001 - a peer that fails is recorded
+                    result["torchopt_error"] = f"{type(exc).__name__}: {exc}"
+                    continue
+                result["rel_err_vs_torchopt"].append(float((mine - ref).norm() / ref.norm()))
+    errs = result["rel_err_vs_authors"] + result["rel_err_vs_torchopt"]
+    result["passed"] = bool(errs) and max(errs) < 1e-6
+    return result
+
+
+def run_setting(name, spec, args, device):
+    ways, shots, queries, steps, M, nb, nm = spec
+    torch.manual_seed(0)
+    model = make_model("omniglot", ways).to(device)
+    params = {k: v.detach().clone() for k, v in model.named_parameters()}
+    tasks = make_tasks(ways, shots, queries, M, device)
+    lam, lr, cg_steps = args.lam, args.inner_lr, args.cg_steps
+    cg_lam = lam + 10.0 if args.cg_lam is None else args.cg_lam
+    out = {"setting": name, "ways": ways, "shots": shots, "queries": queries, "meta_batch": M,
+           "inner_steps": steps, "hf_newton_steps": args.hf_steps, "cg_steps": cg_steps,
+           "lam": lam, "cg_lam": cg_lam, "inner_lr": lr, "hvp": args.hvp,
+           "rounds": args.rounds}
+    t0 = time.perf_counter()
+    out["correctness"] = correctness(model, params, device, ways, shots, queries, lam,
+                                     min(steps, 3), lr, cg_steps, cg_lam,
+                                     num_tasks=args.check_tasks or (1 if ways * shots > 25 else 2))
+    print(f"[{name}] correctness (float64): {json.dumps(out['correctness'])}", flush=True)
+    out["hvp_cost"] = hvp_ratios(model, params, tasks, device, 2, cg_steps)
+    print(f"[{name}] one HVP / one gradient (M={M}): " + ", ".join(
+        f"{k} {v:.2f}x" for k, v in out["hvp_cost"]["ratio_to_grad"].items()), flush=True)
+
+    contenders = {}
+    for algo in OURS:
+        if algo not in args.methods:
+            continue
+        kw = dict(lam=lam, inner_lr=lr, cg_steps=cg_steps, hvp=args.hvp)
+        if algo.startswith("imaml"):
+            kw["cg_lam"] = cg_lam
+        kw["inner_steps"] = args.hf_steps if algo == "imaml-hf" else steps
+        a = make_algorithm(algo, **kw)
+        n = min(M, nm) if algo == "maml" else M
+        contenders[algo] = (n, lambda a=a, n=n: a.meta_gradient(model, params, subset(tasks, n)))
+    if "authors-loop" in args.methods:
+        fast = make_model("omniglot", ways).to(device)
+        loop = AuthorsLoop(fast, lam, steps, lr, cg_steps, lam_damping=cg_lam - lam)
+        w = torch.cat([params[k].reshape(-1) for k, _ in fast.named_parameters()])
+        contenders["authors-loop"] = (nb, lambda: loop.meta_gradient(w, subset(tasks, nb)))
+    if "torchopt" in args.methods:
+        try:
+            to = torchopt_contender(model, lam, steps, lr, cg_steps, cg_lam)
+            contenders["torchopt"] = (nb, lambda: to(params, subset(tasks, nb)))
+        except Exception as exc:  # noqa: BLE001 - a peer that fails is recorded, not fatal
+            out["torchopt_error"] = f"{type(exc).__name__}: {exc}"
+
+    # Warm-up on the timed shapes with 1 inner step (oneDNN builds its kernels per shape on the
+    # first call). Then rounds: every contender once per round, iMAML-GD next to the two peers
+    # (alternating order), so that the per-round ratios compare calls made under the same
+    # machine conditions: on a shared VM the CPU's speed drifts by several x over seconds.
+    for key in contenders:
+        _warm_fn(key, model, params, tasks, contenders[key][0], args, lam, lr, cg_steps)()
+    head = [k for k in ("imaml-gd", "authors-loop", "torchopt") if k in contenders]
+    rest = [k for k in contenders if k not in head]
+    times = {k: [] for k in contenders}
+    cpu = {k: [] for k in contenders}
+    mem, cg_used = {}, {}
+    for r in range(args.rounds):
+        for key in (head if r % 2 == 0 else head[::-1]) + rest:
+            n, fn = contenders[key]
+            gc.collect()
+            c0 = time.process_time()
+            ret = []
+            run = (lambda fn=fn, ret=ret: ret.append(fn()))
+            if r == 0:
+                box = []
+                mem[key] = peak_memory(lambda run=run, box=box: box.append(time_once(run, device)),
+                                       device)
+                times[key].append(box[0])
+            else:
+                times[key].append(time_once(run, device))
+            if key.startswith("imaml") and isinstance(ret[0], tuple):
+                metrics = ret[0][1]
+                cg_used[key] = {"cg_iterations_mean": float(metrics["cg_iterations"].float()
+                                                            .mean()),
+                                "cg_status_counts": torch.bincount(
+                                    metrics["cg_status"].clamp(min=0).cpu().long(),
+                                    minlength=4).tolist(),
+                                "num_ok": int(metrics["num_ok"])}
+            cpu[key].append(time.process_time() - c0)
+            print(f"[{name}] round {r} {key:13s} {times[key][-1]:7.2f} s wall "
+                  f"{cpu[key][-1]:7.2f} s CPU, {n} task(s)", flush=True)
+    res = {}
+    for key, (n, _) in contenders.items():
+        st = summarize(times[key])
+        res[key] = {"tasks_timed": n, **st, "tasks_per_s": n / st["median_s"],
+                    "tasks_per_s_best": n / st["min_s"], "cpu_s": cpu[key],
+                    "cpu_s_per_task": statistics.median(cpu[key]) / n,
+                    "seconds_per_task": st["median_s"] / n,
+                    "peak_bytes": mem[key]["peak_bytes"],
+                    "peak_memory_method": mem[key]["method"], **cg_used.get(key, {})}
+    out["results"] = res
+    if "imaml-gd" in res:
+        n0 = res["imaml-gd"]["tasks_timed"]
+        sp = {}
+        for peer in PEERS:
+            if peer not in res:
+                continue
+            n1 = res[peer]["tasks_timed"]
+            per_round = [(n0 / a) / (n1 / b) for a, b in zip(times["imaml-gd"], times[peer])]
+            sp[peer] = {"per_round": per_round, "median": statistics.median(per_round),
+                        "min": min(per_round),
+                        "cpu_time": res[peer]["cpu_s_per_task"] / res["imaml-gd"]["cpu_s_per_task"]}
+        out["speedup_imaml_gd"] = sp
+    out["seconds"] = time.perf_counter() - t0
+    return out
+
+
+def _warm_fn(key, model, params, tasks, n, args, lam, lr, cg_steps):
+    """One cheap call of a contender on the shapes it is timed on (1 inner step)."""
+    part = subset(tasks, n)
+    if key in OURS:
+        a = make_algorithm(key, lam=lam, inner_lr=lr, cg_steps=min(cg_steps, 1), hvp=args.hvp,
+                           inner_steps=1)
+        return lambda: a.meta_gradient(model, params, part)
+    if key == "authors-loop":
+        fast = make_model("omniglot", int(tasks.y_support.max()) + 1).to(tasks.x_support.device)
+        loop = AuthorsLoop(fast, lam, 1, lr, min(cg_steps, 1))
+        w = torch.cat([params[k].reshape(-1) for k, _ in fast.named_parameters()])
+        return lambda: loop.meta_gradient(w, subset(tasks, 1))
+    to = torchopt_contender(model, lam, 1, lr, min(cg_steps, 1))
+    return lambda: to(params, subset(tasks, 1))
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true",
+                    help="about a minute: 5-way 1-shot only, meta-batch 8, 4 inner steps, "
+                         "1 round, peers on 1 task")
+    ap.add_argument("--device", default="cpu", help="cpu, cuda or auto")
+    ap.add_argument("--settings", default="5w1s,20w5s", help=f"comma list of {list(SETTINGS)}")
+    ap.add_argument("--meta-batch", type=int, default=None,
+                    help="tasks per meta-gradient (default 32; the CPU default for 20w5s is 8)")
+    ap.add_argument("--inner-steps", type=int, default=None,
+                    help="GD steps (default: the paper's, 25 for 20-way and 16 for 5-way)")
+    ap.add_argument("--hf-steps", type=int, default=4, help="Newton iterations of iMAML-HF")
+    ap.add_argument("--cg-steps", type=int, default=5)
+    ap.add_argument("--lam", type=float, default=2.0)
+    ap.add_argument("--cg-lam", type=float, default=None,
+                    help="solve (I + H/cg_lam) g = v in every contender (default lam + 10, the "
+                         "authors' shift: at the random initialisation (I + H/lam) is indefinite "
+                         "and our CG stops at the negative curvature while the peers, which do "
+                         "not check, go on: equal work needs a positive definite matrix)")
+    ap.add_argument("--check-tasks", type=int, default=None,
+                    help="tasks of the float64 correctness check (default 2; 1 for 20-way)")
+    ap.add_argument("--inner-lr", type=float, default=0.1)
+    ap.add_argument("--hvp", default="exact",
+                    help="ours: exact, forward_over_reverse, double_backward or ggn")
+    ap.add_argument("--rounds", type=int, default=2, help="timed calls per contender")
+    ap.add_argument("--baseline-tasks", type=int, default=None,
+                    help="tasks per round for the per-task peers (cost linear in it)")
+    ap.add_argument("--maml-tasks", type=int, default=None,
+                    help="tasks MAML is timed on (its memory grows with tasks x steps)")
+    ap.add_argument("--methods", default=",".join(OURS + PEERS))
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    ap.add_argument("--out", default=None, help="JSON path (default results/meta_gradient_"
+                                                "<device>.json)")
+    args = ap.parse_args(argv)
+    dev = pick_device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.quick:
+        args.settings, args.rounds = "5w1s", 1
+        args.meta_batch = args.meta_batch or 8
+        args.inner_steps = args.inner_steps or 4
+        args.hf_steps, args.baseline_tasks = min(args.hf_steps, 2), args.baseline_tasks or 1
+    args.methods = tuple(m.strip() for m in args.methods.split(","))
+    t0 = time.perf_counter()
+    runs = []
+    for name in (s.strip() for s in args.settings.split(",")):
+        ways, shots, queries, steps, M, nb, nm = SETTINGS[name]
+        if dev.type == "cpu" and name == "20w5s":
+            M, nm = 8, 1  # 100 images a task: 32 tasks x 25 steps do not fit 10 CPU minutes
+        M = args.meta_batch or M
+        spec = (ways, shots, queries, args.inner_steps or steps, M,
+                min(M, args.baseline_tasks or nb), min(M, args.maml_tasks or nm))
+        runs.append(run_setting(name, spec, args, dev))
+    env = environment(dev)
+    payload = {"benchmark": "meta_gradient", "quick": args.quick, "args": vars(args),
+               "settings": runs, "seconds": time.perf_counter() - t0, "environment": env}
+    out = Path(args.out) if args.out else RESULTS / (
+        f"meta_gradient_{dev.type}{'_quick' if args.quick else ''}.json")
+    write_json(out, payload, dev)
+    print()
+    print(f"machine: {machine_line(env)}; load average {env.get('load_average')}")
+    for r in runs:
+        print(f"\n{r['setting']}: meta-batch {r['meta_batch']}, {r['inner_steps']} inner steps, "
+              f"{r['cg_steps']} CG steps, HF {r['hf_newton_steps']} Newton steps, "
+              f"{r['rounds']} round(s)")
+        rows = [[k, v["tasks_timed"], v["median_s"], v["tasks_per_s"], v["cpu_s_per_task"],
+                 None if v["peak_bytes"] is None else v["peak_bytes"] / 2**20]
+                for k, v in r["results"].items()]
+        print(fmt_table(["method", "tasks", "s/call (median)", "tasks/s", "CPU s/task",
+                         "peak MiB"], rows))
+        for peer, sp in r.get("speedup_imaml_gd", {}).items():
+            print(f"  iMAML-GD vs {peer}: {sp['median']:.2f}x tasks/s (median of per-round "
+                  f"ratios {[round(x, 2) for x in sp['per_round']]}; CPU time per task "
+                  f"{sp['cpu_time']:.2f}x)")
+        print("  HVP / gradient: " + ", ".join(f"{k} {v:.2f}x" for k, v in
+                                               r["hvp_cost"]["ratio_to_grad"].items()))
+        c = r["correctness"]
+        print(f"  correctness vs peers (float64): {'passed' if c['passed'] else 'FAILED'} "
+              f"(rel. err. authors {c['rel_err_vs_authors']}, torchopt "
+              f"{c.get('rel_err_vs_torchopt') or c.get('torchopt_error')})")
+    print(f"\nwrote {out} ({payload['seconds']:.0f} s)")
+    return payload
+
+
+if __name__ == "__main__":
+    main()
