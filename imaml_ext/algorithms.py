@@ -91,9 +91,10 @@ def make_algorithm(name: str, *, loss: str | Callable = "cross_entropy", lam: fl
         cg_damping, cg_lam: solve ((1 + cg_damping) I + H / cg_lam) g = grad L_test; defaults
             0 and lam (the paper). The iMAML authors' code: cg_damping=1, cg_lam=lam + 10.
         hf_cg_steps: CG iterations per Newton direction (imaml-hf).
-        hvp: Hessian products, "exact" (forward-over-reverse), "double_backward", "ggn"
-            (Gauss-Newton, PSD), or "lstsq" (imaml-gd with a bias-free nn.Linear(d, 1) and
-            loss "half_mse": the fused least-squares CG op).
+        hvp: Hessian products: "exact" (the exact Hessian by the fastest method, a reused
+            double-backward graph; see imaml_ext.hvp.BatchedHVP), "forward_over_reverse",
+            "double_backward", "ggn" (Gauss-Newton, PSD), or "lstsq" (imaml-gd with a bias-free
+            nn.Linear(d, 1) and loss "half_mse": the fused least-squares CG op).
         proximal: "paper" (proximal term in every GD step) or "authors" (plain steps then one
             proximal step), for the regularized GD inner loops.
         regularized: whether maml/fomaml/reptile run GD on G (True) or on L_train (False, the

@@ -94,7 +94,8 @@ def implicit_meta_gradient(task_loss: TaskLoss, phi: Mapping[str, torch.Tensor],
         cg_steps: CG iterations (exactly this many unless a system converges to rtol first);
             0 means no solve: g = rhs (the first-order meta-gradient).
         damping, cg_lam: the matrix variant (see above).
-        hvp: "exact", "double_backward", "ggn", or a BatchedHVP built at phi.
+        hvp: "exact", "forward_over_reverse", "double_backward", "ggn" (see
+            imaml_ext.hvp.BatchedHVP), or a BatchedHVP built at phi.
         rtol, atol: CG stopping tolerances per task.
         use_ext: the compiled CG step (None: when available) or the reference.
 

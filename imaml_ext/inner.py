@@ -173,7 +173,7 @@ def hessian_free(task_loss: TaskLoss, theta_b: Mapping[str, torch.Tensor], x: to
     Args:
         task_loss, theta_b, x, y: as in `gd`. lam: > 0.
         steps: Newton iterations (default 4). cg_steps: CG iterations per direction (default 5).
-        hvp: "exact" or "ggn" (Gauss-Newton, PSD) or "double_backward".
+        hvp: "exact", "ggn" (Gauss-Newton, PSD), "forward_over_reverse" or "double_backward".
         armijo, backtrack, ls_steps: line-search constants.
 
     Returns:
