@@ -70,10 +70,15 @@ pybind11::dict build_info() {
   info["cuda_archs"] = std::string(IMAML_CUDA_ARCHS);
   info["torch_version"] = std::string(IMAML_TORCH_VERSION);
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-  // The same test as the resolver of the target_clones("arch=x86-64-v3", "default") kernels.
-  // (Not "arch=haswell": GCC's resolver takes that clone only on a CPU that *is* a Haswell.)
-  info["cpu_simd"] =
-      std::string(__builtin_cpu_supports("x86-64-v3") ? "avx2+fma (x86-64-v3)" : "baseline");
+  // The same tests, in the same order, as the resolver of the IMAML_SIMD kernels
+  // (csrc/cpu/simd_clones.h: target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")).
+#if defined(IMAML_NO_CLONES)
+  info["cpu_simd"] = std::string("baseline");
+#else
+  info["cpu_simd"] = std::string(__builtin_cpu_supports("x86-64-v4")   ? "avx512 (x86-64-v4)"
+                                 : __builtin_cpu_supports("x86-64-v3") ? "avx2+fma (x86-64-v3)"
+                                                                       : "baseline");
+#endif
 #else
   info["cpu_simd"] = std::string("baseline");
 #endif

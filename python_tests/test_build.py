@@ -22,7 +22,7 @@ def test_build_info_fields():
     assert info["torch_version"] == torch.__version__
     if info["extension"]:
         assert info["cpu"] is True
-        assert info["cpu_simd"] in ("avx2+fma (x86-64-v3)", "baseline")
+        assert info["cpu_simd"] in ("avx512 (x86-64-v4)", "avx2+fma (x86-64-v3)", "baseline")
         if info["cuda"]:
             assert info["cuda_archs"]
 

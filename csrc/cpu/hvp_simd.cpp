@@ -7,37 +7,11 @@
 #include "../hvp_math.h"
 
 #include "simd_clones.h"
+#include "vec64.h"
 
 namespace imaml_ext {
 namespace simd {
 namespace {
-
-// Two 256-bit registers per partial-sum vector: 16 floats or 8 doubles.
-template <typename T>
-constexpr int kLanes = 64 / sizeof(T);
-
-template <typename T, int L>
-IMAML_INLINE T reduce_lanes(const T* acc) {
-  T s[L];
-  for (int l = 0; l < L; ++l) s[l] = acc[l];
-  for (int w = L / 2; w >= 1; w /= 2)
-    for (int l = 0; l < w; ++l) s[l] += s[l + w];
-  return s[0];
-}
-
-template <typename T>
-IMAML_INLINE T dot_impl(const T* __restrict__ a, const T* __restrict__ x, int64_t n) {
-  constexpr int L = kLanes<T>;
-  T acc[L] = {};
-  int64_t i = 0;
-  for (; i + L <= n; i += L) {
-#pragma GCC unroll 16
-    for (int l = 0; l < L; ++l) acc[l] += a[i + l] * x[i + l];
-  }
-  T tail = 0;
-  for (; i < n; ++i) tail += a[i] * x[i];
-  return reduce_lanes<T, L>(acc) + tail;
-}
 
 template <typename T>
 IMAML_INLINE void axpy_impl(T* __restrict__ y, T alpha, const T* __restrict__ x, int64_t n) {

@@ -5,6 +5,7 @@
 #include "../cg_math.h"
 
 #include "simd_clones.h"
+#include "vec64.h"
 
 namespace imaml_ext {
 namespace simd {
@@ -21,19 +22,6 @@ IMAML_INLINE T reduce_lanes(const T* acc) {
   for (int w = kLanes / 4; w >= 1; w /= 2)
     for (int l = 0; l < w; ++l) s[l] += s[l + w];
   return s[0];
-}
-
-template <typename T>
-IMAML_INLINE T dot_impl(const T* __restrict__ a, const T* __restrict__ b, int64_t n) {
-  T acc[kLanes] = {};
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) {
-#pragma GCC unroll 16
-    for (int l = 0; l < kLanes; ++l) acc[l] += a[i + l] * b[i + l];
-  }
-  T tail = 0;
-  for (; i < n; ++i) tail += a[i] * b[i];
-  return reduce_lanes(acc) + tail;
 }
 
 template <typename T>
@@ -68,14 +56,63 @@ IMAML_INLINE void combine_impl(T* __restrict__ out, const T* __restrict__ v, con
   for (int64_t i = 0; i < n; ++i) out[i] = s * v[i] + c * acc[i];
 }
 
-template <typename T>
-IMAML_INLINE void xtxv_rows_impl(const T* __restrict__ X, int64_t d, int64_t row_begin, int64_t row_end,
-                           const T* __restrict__ v, T* __restrict__ acc) {
-  for (int64_t i = row_begin; i < row_end; ++i) {
-    const T* row = X + i * d;
-    const T t = dot_impl(row, v, d);
-    axpy_impl(acc, t, row, d);
+// t[k] = x_k . v for the R consecutive rows x_k = X[k] (row stride d): the R dot products share
+// each load of v and run as R independent FMA chains.
+template <int R, typename T>
+IMAML_INLINE void dots_block(const T* __restrict__ X, int64_t d, const T* __restrict__ v,
+                             T* __restrict__ t) {
+  constexpr int L = kVec<T>;
+  const int64_t dv = d - d % L;
+  vec_t<T> s[R];
+  for (int k = 0; k < R; ++k) s[k] = vec_t<T>{};
+  for (int64_t j = 0; j < dv; j += L) {
+    const vec_t<T> vj = vload(v + j);
+#pragma GCC unroll 8
+    for (int k = 0; k < R; ++k) s[k] += vload(X + k * d + j) * vj;
   }
+  for (int k = 0; k < R; ++k) {
+    t[k] = vsum<T>(s[k]);
+    for (int64_t j = dv; j < d; ++j) t[k] += X[k * d + j] * v[j];
+  }
+}
+
+// acc += sum_k (x_k . v) x_k over R consecutive rows, in one pass over them: the dot products
+// first, then the rows are reread from L1/L2 for one combined update of acc (one load and store
+// of acc per R rows).
+template <int R, typename T>
+IMAML_INLINE void xtxv_block(const T* __restrict__ X, int64_t d, const T* __restrict__ v,
+                             T* __restrict__ acc) {
+  constexpr int L = kVec<T>;
+  const int64_t dv = d - d % L;
+  T t[R];
+  dots_block<R>(X, d, v, t);
+  for (int64_t j = 0; j < dv; j += L) {
+    vec_t<T> a = vload(acc + j);
+#pragma GCC unroll 8
+    for (int k = 0; k < R; ++k) a += t[k] * vload(X + k * d + j);
+    vstore(acc + j, a);
+  }
+  for (int64_t j = dv; j < d; ++j) {
+    T a = acc[j];
+    for (int k = 0; k < R; ++k) a += t[k] * X[k * d + j];
+    acc[j] = a;
+  }
+}
+
+template <typename T>
+IMAML_INLINE void matvec_rows_impl(const T* __restrict__ A, int64_t d, int64_t row_begin,
+                                   int64_t row_end, const T* __restrict__ v, T* __restrict__ out) {
+  int64_t i = row_begin;
+  for (; i + 4 <= row_end; i += 4) dots_block<4>(A + i * d, d, v, out + i);
+  for (; i < row_end; ++i) dots_block<1>(A + i * d, d, v, out + i);
+}
+
+template <typename T>
+IMAML_INLINE void xtxv_rows_impl(const T* __restrict__ X, int64_t d, int64_t row_begin,
+                                 int64_t row_end, const T* __restrict__ v, T* __restrict__ acc) {
+  int64_t i = row_begin;
+  for (; i + 4 <= row_end; i += 4) xtxv_block<4>(X + i * d, d, v, acc);
+  for (; i < row_end; ++i) xtxv_block<1>(X + i * d, d, v, acc);
 }
 
 }  // namespace
@@ -89,6 +126,10 @@ IMAML_INLINE void xtxv_rows_impl(const T* __restrict__ X, int64_t d, int64_t row
   IMAML_SIMD void update_p(T* p, const T* r, T beta, int64_t n) { update_p_impl(p, r, beta, n); }         \
   IMAML_SIMD void combine(T* out, const T* v, const T* acc, double shift, double scale, int64_t n) {      \
     combine_impl(out, v, acc, shift, scale, n);                                                \
+  }                                                                                            \
+  IMAML_SIMD void matvec_rows(const T* A, int64_t d, int64_t row_begin, int64_t row_end,        \
+                              const T* v, T* out) {                                            \
+    matvec_rows_impl(A, d, row_begin, row_end, v, out);                                        \
   }                                                                                            \
   IMAML_SIMD void xtxv_rows(const T* X, int64_t d, int64_t row_begin, int64_t row_end, const T* v,        \
                  T* acc) {                                                                     \

@@ -1,6 +1,6 @@
-// Vector primitives for the CPU kernels. Each is compiled twice through GCC/Clang function
-// multi-versioning: an AVX2+FMA clone (arch=x86-64-v3) and a baseline clone, picked at load time by
-// the processor's cpuid. So the package needs no -march=native and still runs on a CPU without
+// Vector primitives for the CPU kernels. Each is compiled three times through GCC function
+// multi-versioning: an AVX-512 clone (arch=x86-64-v4), an AVX2+FMA clone (arch=x86-64-v3) and a
+// baseline clone, picked at load time by the processor's cpuid. So the package needs no -march=native and still runs on a CPU without
 // AVX2. Reductions keep kLanes independent partial sums: that lets the compiler vectorise them
 // without -ffast-math (which would also break the isfinite checks of cg_math.h).
 #pragma once
@@ -36,6 +36,12 @@ void combine(float* out, const float* v, const float* acc, double shift, double 
                         int64_t n);
 void combine(double* out, const double* v, const double* acc, double shift,
                         double scale, int64_t n);
+
+// out[i] = A[i] . v for the rows i in [row_begin, row_end) of a row-major (n, d) A.
+void matvec_rows(const float* A, int64_t d, int64_t row_begin, int64_t row_end, const float* v,
+                 float* out);
+void matvec_rows(const double* A, int64_t d, int64_t row_begin, int64_t row_end, const double* v,
+                 double* out);
 
 // acc += X^T (X v) over the rows [row_begin, row_end) of a row-major (n, d) X, in ONE pass over
 // X: each row's dot product is taken while the row is in L1, then the row is reused for the axpy.

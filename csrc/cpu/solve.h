@@ -50,9 +50,7 @@ struct DenseOp {
   const scalar_t* A;  // (P, P) of this system
   int64_t P;
   void apply(const scalar_t* v, scalar_t* out, bool parallel) const {
-    auto rows = [&](int64_t lo, int64_t hi) {
-      for (int64_t i = lo; i < hi; ++i) out[i] = simd::dot(A + i * P, v, P);
-    };
+    auto rows = [&](int64_t lo, int64_t hi) { simd::matvec_rows(A, P, lo, hi, v, out); };
     if (parallel)
       at::parallel_for(0, P, 64, rows);
     else
