@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -49,18 +50,24 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def median_time(fn, device, min_time=1.0, max_runs=50) -> float:
-    """Median seconds of fn() after one warm-up, repeated until min_time or max_runs."""
-    fn()
-    sync(device)
-    times = []
-    start = time.perf_counter()
-    while len(times) < 3 or (time.perf_counter() - start < min_time and len(times) < max_runs):
-        t0 = time.perf_counter()
+def interleaved_times(fns: dict, device, min_time=1.0, max_rounds=50) -> dict:
+    """Seconds per call of each fn, in rounds: every round calls each fn once, in turn, so that a
+    change of load on a shared machine affects all of them alike. One warm-up call each; at least
+    5 rounds, then rounds until min_time has passed (or max_rounds)."""
+    for fn in fns.values():
         fn()
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    sync(device)
+    times = {k: [] for k in fns}
+    start = time.perf_counter()
+    while (len(times[next(iter(fns))]) < 5
+           or (time.perf_counter() - start < min_time * len(fns)
+               and len(times[next(iter(fns))]) < max_rounds)):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            times[name].append(time.perf_counter() - t0)
+    return times
 
 
 # ---- the contenders: each returns x (B, d) after exactly ITERS iterations --------------------
@@ -149,6 +156,7 @@ def run(sizes, device, min_time):
         }
         row = {"B": B, "n": n, "d": d, "iterations": ITERS, "dtype": "float32", "times_s": {},
                "errors": {}, "skipped": {}}
+        timed = {}
         for name, fn in {**contenders, **peers}.items():
             try:
                 with warnings.catch_warnings():
@@ -162,15 +170,20 @@ def run(sizes, device, min_time):
             if not err < 1e-3:
                 row["skipped"][name] = f"wrong answer: relative error {err:.2e} vs float64"
                 continue
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                row["times_s"][name] = median_time(fn, device, min_time=min_time)
-        t_ours = row["times_s"]["imaml_ext"]
-        others = {k: v for k, v in row["times_s"].items() if k != "imaml_ext"}
-        fastest = min(others, key=others.get)
+            timed[name] = fn
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            rounds = interleaved_times(timed, device, min_time=min_time)
+        row["rounds"] = len(rounds["imaml_ext"])
+        row["times_s"] = {k: statistics.median(v) for k, v in rounds.items()}
+        row["min_times_s"] = {k: min(v) for k, v in rounds.items()}
+        # Each round times every contender once, back to back, so a load change on a shared
+        # machine hits all of them; the speedup is the median of the per-round ratios.
+        row["speedups"] = {k: statistics.median(o / t for o, t in zip(v, rounds["imaml_ext"]))
+                           for k, v in rounds.items() if k != "imaml_ext"}
+        fastest = min(row["speedups"], key=row["speedups"].get)
         row["fastest_other"] = fastest
-        row["speedup_vs_fastest_other"] = others[fastest] / t_ours
-        row["speedups"] = {k: v / t_ours for k, v in others.items()}
+        row["speedup_vs_fastest_other"] = row["speedups"][fastest]
         rows.append(row)
         print_row(row)
     return rows
@@ -180,8 +193,9 @@ def print_row(row):
     print(f"\nB={row['B']} n={row['n']} d={row['d']} ({row['iterations']} iterations, float32)")
     t0 = row["times_s"]["imaml_ext"]
     for name, t in sorted(row["times_s"].items(), key=lambda kv: kv[1]):
-        print(f"  {name:28s} {t * 1e3:10.2f} ms   {t / t0:6.2f}x imaml_ext's time   "
-              f"rel.err {row['errors'][name]:.1e}")
+        ratio = row["speedups"].get(name, 1.0)
+        print(f"  {name:28s} {t * 1e3:10.2f} ms (median of {row['rounds']})   {ratio:6.2f}x "
+              f"imaml_ext's time   rel.err {row['errors'][name]:.1e}")
     for name, why in row["skipped"].items():
         print(f"  {name:28s} skipped: {why}")
     print(f"  -> imaml_ext is {row['speedup_vs_fastest_other']:.2f}x faster than the fastest "
@@ -194,11 +208,23 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--min-time", type=float, default=2.0)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--sizes", default=None,
+                    help="B,n,d triples separated by ';' (default: the three target sizes)")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     sizes = QUICK_SIZES if args.quick else SIZES
+    if args.sizes:
+        try:
+            sizes = [tuple(int(v) for v in t.split(",")) for t in args.sizes.split(";")]
+            assert all(len(t) == 3 and min(t) > 0 for t in sizes)
+        except (ValueError, AssertionError):
+            ap.error(f"--sizes: expected positive B,n,d triples separated by ';', got {args.sizes!r}")
     rows = run(sizes, args.device, 0.3 if args.quick else args.min_time)
     result = {"benchmark": "bench_cg", "machine": machine(), "device": args.device,
-              "command": " ".join([Path(sys.executable).name] + sys.argv), "results": rows}
+              "command": " ".join([Path(sys.executable).name] + sys.argv),
+              "load_average": list(os.getloadavg()), "results": rows}
     out = Path(args.out or f"benchmarks/results/cg_{args.device}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
