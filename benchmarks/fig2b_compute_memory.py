@@ -157,12 +157,12 @@ def main(argv=None):
     out = Path(args.out or f"benchmarks/results/fig2b_{args.device}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
-    plot(rows, out.with_suffix(".png"), args.device, meta_batch)
+    plot(rows, out.with_suffix(".png"), args.device, meta_batch, args.ways, args.shots)
     print(json.dumps(summary, indent=2))
     print(f"wrote {out} and {out.with_suffix('.png')}")
 
 
-def plot(rows, path, device, meta_batch):
+def plot(rows, path, device, meta_batch, ways, shots):
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -189,7 +189,8 @@ def plot(rows, path, device, meta_batch):
     for a in axes:
         a.legend()
         a.grid(alpha=0.3)
-    fig.suptitle(f"Fig. 2b: 20-way 5-shot Omniglot conv net, meta-batch {meta_batch}, {device}")
+    fig.suptitle(f"Fig. 2b: {ways}-way {shots}-shot Omniglot conv net, meta-batch {meta_batch}, "
+                 f"{device}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
