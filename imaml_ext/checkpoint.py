@@ -20,14 +20,13 @@ from __future__ import annotations
 
 import io
 import logging
-import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from imaml_ext._atomic import atomic_write
 from imaml_ext.config import identity_mismatch
 
 log = logging.getLogger("imaml_ext.checkpoint")
@@ -50,37 +49,10 @@ def ckpt_name(step: int) -> str:
     return f"ckpt_{step:08d}.pt"
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Writes ``data`` to ``path`` via a temp file in the same directory + fsync + os.replace."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    _fsync_dir(path.parent)
+    """Writes ``data`` to ``path`` via a temp file in the same directory + fsync + os.replace
+    (imaml_ext._atomic; temp files of killed writers are swept on the next write)."""
+    atomic_write(path, lambda f: f.write(data), mode=None)
 
 
 def atomic_torch_save(obj: Any, path: str | Path) -> None:

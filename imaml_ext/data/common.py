@@ -18,7 +18,6 @@ half-written file.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import io
@@ -26,7 +25,6 @@ import logging
 import multiprocessing
 import os
 import stat
-import tempfile
 import zipfile
 import zlib
 from pathlib import Path
@@ -34,6 +32,8 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
+
+from imaml_ext._atomic import atomic_write
 
 logger = logging.getLogger("imaml_ext.data")
 
@@ -167,29 +167,10 @@ def atomic_save(obj: dict, path: Path) -> None:
     """Writes ``obj`` to ``path`` so that ``path`` is either the old file or the complete new one.
 
     The data goes to a temp file in the same directory, is fsynced, then renamed over ``path``
-    (``os.replace`` is atomic within a file system). On any failure the temp file is removed.
+    (``os.replace`` is atomic within a file system). On any failure the temp file is removed;
+    one left by a killed writer is removed by the next write (imaml_ext._atomic).
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            _serialize(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    # Make the rename itself durable; not every file system lets a directory be fsynced.
-    with contextlib.suppress(OSError):
-        dfd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+    atomic_write(path, lambda f: _serialize(obj, f))
 
 
 def _load_cache_file(path: Path, key: str) -> dict | None:

@@ -27,7 +27,6 @@ import csv
 import dataclasses
 import io
 import logging
-import os
 import pickle
 import time
 import zipfile
@@ -35,7 +34,6 @@ import zlib
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from .common import (DatasetFormatError, DatasetNotFoundError, DecodeSpec, FewShotDataset,
                      cached_decode, check_split, decode_images, open_zip, resolve_data_root,

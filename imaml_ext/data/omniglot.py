@@ -26,11 +26,9 @@ where.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import os
-import tempfile
 import time
 import urllib.request
 import zipfile
@@ -38,6 +36,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from imaml_ext._atomic import atomic_write
 
 from .common import (DatasetFormatError, DatasetNotFoundError, DecodeSpec,
                      FewShotDataset, cached_decode, check_split, decode_images, is_writable_dir,
@@ -208,21 +208,17 @@ def download_omniglot(dest: Path, sets=SETS, timeout: float = DOWNLOAD_TIMEOUT_S
         target = dest / f"{s}.zip"
         url = OMNIGLOT_URLS[s]
         logger.warning("imaml_ext: downloading %s to %s", url, target)
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=dest)
-        try:
-            with os.fdopen(fd, "wb") as f, urllib.request.urlopen(url, timeout=timeout) as r:
+
+        def fetch(f, url=url):
+            with urllib.request.urlopen(url, timeout=timeout) as r:
                 while chunk := r.read(1 << 20):
                     f.write(chunk)
-                f.flush()
-                os.fsync(f.fileno())
+
+        def check_zip(tmp, url=url):
             if not zipfile.is_zipfile(tmp):
                 raise OSError(f"{url} did not return a zip file")
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, target)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
+
+        atomic_write(target, fetch, suffix=".part", validate=check_zip)
 
 
 def embedded_path() -> Path:

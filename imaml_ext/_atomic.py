@@ -1,0 +1,98 @@
+"""Atomic file writes, shared by checkpoints (imaml_ext.checkpoint), data caches
+(imaml_ext.data.common) and downloads (imaml_ext.data.omniglot).
+
+A write goes to a temp file in the target's directory, is flushed and fsync'ed, then
+``os.replace``d onto its name and the directory fsync'ed: a reader sees the old file or the
+complete new one, never a half-written file under the name. A failing write removes its temp
+file. A writer that is killed (SIGKILL, power loss) cannot: its temp file stays. Temp names
+carry the writer's host and PID (``.<name>.<host>.<pid>.<random><suffix>``), and every write
+first removes the temp files of the same target left by a dead process of this host; a temp file
+of a live process, or of another host (a shared file system), is never touched.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import socket
+import tempfile
+from pathlib import Path
+from typing import BinaryIO, Callable
+
+log = logging.getLogger("imaml_ext.atomic")
+
+
+def _host() -> str:
+    # Dots and slashes would make the name ambiguous or invalid: keep [A-Za-z0-9-].
+    return re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname()) or "host"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by another user
+        return True
+    except OSError:
+        return True  # cannot tell: keep the file
+    return True
+
+
+def sweep_stale_temps(path: str | Path, suffix: str = ".tmp") -> list[Path]:
+    """Removes the temp files of ``path`` left by killed writers of this host; returns them."""
+    path = Path(path)
+    pattern = re.compile(rf"^\.{re.escape(path.name)}\.{re.escape(_host())}\.(\d+)\."
+                         rf"[A-Za-z0-9_]+{re.escape(suffix)}$")
+    removed = []
+    try:
+        entries = list(path.parent.iterdir())
+    except OSError:
+        return removed
+    for entry in entries:
+        m = pattern.match(entry.name)
+        if m is None or int(m.group(1)) == os.getpid() or _pid_alive(int(m.group(1))):
+            continue
+        with contextlib.suppress(OSError):
+            entry.unlink()
+            removed.append(entry)
+            log.warning("imaml_ext: removed %s, left by a writer (pid %s) that was killed",
+                        entry, m.group(1))
+    return removed
+
+
+def fsync_dir(path: str | Path) -> None:
+    """Makes a rename in ``path`` durable; not every file system lets a directory be fsynced."""
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def atomic_write(path: str | Path, write: Callable[[BinaryIO], None], *, suffix: str = ".tmp",
+                 mode: int | None = 0o644, validate: Callable[[Path], None] | None = None) -> None:
+    """Writes ``path`` atomically: ``write(f)`` fills an open binary temp file; ``validate(tmp)``,
+    if given, may raise to reject the complete temp file before it takes the name."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sweep_stale_temps(path, suffix)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{_host()}.{os.getpid()}.", suffix=suffix,
+                               dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        if validate is not None:
+            validate(Path(tmp))
+        if mode is not None:
+            os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    fsync_dir(path.parent)

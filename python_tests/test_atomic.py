@@ -1,0 +1,69 @@
+"""Atomic writes (imaml_ext._atomic): the temp files of a killed writer are removed by the next
+write of the same target; a live writer's, another host's and other targets' are kept."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from imaml_ext import _atomic, checkpoint
+from imaml_ext.data import common
+
+
+def dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def temp_name(target, host, pid, suffix=".tmp"):
+    return target.parent / f".{target.name}.{host}.{pid}.abc_123{suffix}"
+
+
+def test_killed_writers_temp_is_swept_by_the_next_write(tmp_path):
+    target = tmp_path / "ckpt_00000010.pt"
+    host = _atomic._host()
+    stale = temp_name(target, host, dead_pid())
+    live = temp_name(target, host, os.getppid())
+    remote = temp_name(target, "another-host", dead_pid())
+    other_target = temp_name(tmp_path / "other.pt", host, dead_pid())
+    for p in (stale, live, remote, other_target):
+        p.write_bytes(b"half a checkpoint")
+    checkpoint.atomic_torch_save({"a": torch.arange(3)}, target)
+    assert not stale.exists()
+    assert live.exists() and remote.exists() and other_target.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        p.name for p in (target, live, remote, other_target))
+    assert torch.equal(torch.load(target, weights_only=True)["a"], torch.arange(3))
+
+
+def test_cache_writer_sweeps_and_names_its_temp_with_host_and_pid(tmp_path, monkeypatch):
+    target = tmp_path / "cache.pt"
+    stale = temp_name(target, _atomic._host(), dead_pid())
+    stale.write_bytes(b"junk")
+    seen = []
+
+    def spy(obj, f):
+        seen.extend(p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp"))
+        torch.save(obj, f)
+    monkeypatch.setattr(common, "_serialize", spy)
+    common.atomic_save({"a": torch.arange(2)}, target)
+    assert not stale.exists()
+    assert seen and seen[0].startswith(f".cache.pt.{_atomic._host()}.{os.getpid()}.")
+    assert list(tmp_path.iterdir()) == [target]
+
+
+def test_rejected_file_keeps_the_old_one_and_no_temp(tmp_path):
+    target = tmp_path / "images_background.zip"
+    target.write_bytes(b"old")
+
+    def reject(tmp):
+        raise OSError("not a zip")
+    with pytest.raises(OSError, match="not a zip"):
+        _atomic.atomic_write(target, lambda f: f.write(b"new"), suffix=".part", validate=reject)
+    assert list(tmp_path.iterdir()) == [target] and target.read_bytes() == b"old"
+    _atomic.atomic_write(target, lambda f: f.write(b"new"), suffix=".part")
+    assert target.read_bytes() == b"new" and oct(target.stat().st_mode & 0o777) == "0o644"
