@@ -234,11 +234,13 @@ class MetricsLog:
     """Rows of metrics to ``metrics.csv`` or ``metrics.jsonl`` (and TensorBoard if installed).
 
     ``position()`` is the byte offset after the last flushed row; a resumed run truncates the
-    file there, so the log holds each step once.
+    file there, so the log holds each step once. TensorBoard's events are purged the same way:
+    a resumed run passes ``purge_step`` (the first step it will run), and TensorBoard drops the
+    interrupted run's events from that step on.
     """
 
     def __init__(self, run_dir: Path, fmt: str, truncate_at: int | None = None,
-                 tensorboard: bool = True):
+                 tensorboard: bool = True, purge_step: int | None = None):
         self.fmt = fmt
         self.path = run_dir / f"metrics.{fmt}"
         if truncate_at is not None and self.path.exists():
@@ -253,7 +255,7 @@ class MetricsLog:
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter  # noqa: PLC0415
-                self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+                self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=purge_step)
             except Exception:  # noqa: BLE001 - tensorboard is optional
                 self.tb = None
 
@@ -477,7 +479,8 @@ class Trainer:
         self.log: MetricsLog | None = None
         if self.info.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            self.log = MetricsLog(self.run_dir, cfg.log_format, truncate_at=log_pos)
+            self.log = MetricsLog(self.run_dir, cfg.log_format, truncate_at=log_pos,
+                                  purge_step=self.step + 1 if self.state else None)
             cfg.save(self.run_dir / "config.json", extra={
                 "versions": _versions(), "argv": sys.argv, "world_size": self.info.world,
                 "resumed_from": self.state["path"] if self.state else None,

@@ -192,6 +192,48 @@ def test_sigint_finishes_step_writes_checkpoint_and_resumes_exactly(tmp_path):
     assert steps == [1, 2, 3, 4, 5]
 
 
+class FakeSummaryWriter:
+    """Records what the trainer sends to TensorBoard (tensorboard itself is not a dependency)."""
+    made: list = []
+
+    def __init__(self, log_dir, purge_step=None):
+        self.log_dir, self.purge_step, self.scalars, self.closed = log_dir, purge_step, [], False
+        FakeSummaryWriter.made.append(self)
+
+    def add_scalar(self, tag, value, step):
+        self.scalars.append((tag, value, step))
+
+    def close(self):
+        self.closed = True
+
+
+def test_tensorboard_gets_every_row_and_a_resume_purges_the_lost_steps(tmp_path, monkeypatch):
+    import sys
+    import types
+    fake = types.ModuleType("torch.utils.tensorboard")
+    fake.SummaryWriter = FakeSummaryWriter
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", fake)
+    FakeSummaryWriter.made = []
+    t = make_trainer(tmp_path, steps=3, ckpt_every=2)
+    t.run()
+    w = FakeSummaryWriter.made[-1]
+    assert w.log_dir == str(tmp_path / "run" / "tensorboard") and w.purge_step is None
+    assert w.closed
+    train = [(tag, step) for tag, _, step in w.scalars if tag == "train/meta_loss"]
+    assert train == [("train/meta_loss", s) for s in (1, 2, 3)]
+    logged = {r["step"]: r["meta_loss"] for r in tr.read_metrics(tmp_path / "run")}
+    assert all(logged[step] == pytest.approx(v, rel=1e-5)
+               for tag, v, step in w.scalars if tag == "train/meta_loss")
+    # Resuming from the step-2 checkpoint: TensorBoard must drop the old run's step 3.
+    ckpt = tmp_path / "run" / "checkpoints" / "ckpt_00000002.pt"
+    assert ckpt.exists()
+    r = make_trainer(tmp_path, steps=3, resume=ckpt)
+    r.run()
+    w2 = FakeSummaryWriter.made[-1]
+    assert w2 is not w and w2.purge_step == 3
+    assert [s for tag, _, s in w2.scalars if tag == "train/meta_loss"] == [3]
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not DATA, reason="IMAML_DATA is not set (real Omniglot needed)")
 def test_short_real_omniglot_run_beats_chance(tmp_path):
