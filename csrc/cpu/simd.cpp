@@ -76,17 +76,25 @@ IMAML_INLINE void dots_block(const T* __restrict__ X, int64_t d, const T* __rest
   }
 }
 
-// acc += sum_k (x_k . v) x_k over R consecutive rows, in one pass over them: the dot products
-// first, then the rows are reread from L1/L2 for one combined update of acc (one load and store
-// of acc per R rows).
+// The update of acc with R rows and their dot products t: acc += sum_k t[k] x_k. When `next` is
+// not null, the dot products of the R rows at `next` are taken in the same sweep (into t_next):
+// the loads of the next block stream from memory while this block's rows, read one sweep
+// earlier, come back from L1/L2, so the memory stream never pauses for the update. The dot
+// products are summed in exactly the order dots_block uses.
 template <int R, typename T>
-IMAML_INLINE void xtxv_block(const T* __restrict__ X, int64_t d, const T* __restrict__ v,
-                             T* __restrict__ acc) {
+IMAML_INLINE void update_block(const T* __restrict__ X, int64_t d, const T* __restrict__ t,
+                               T* __restrict__ acc, const T* __restrict__ next,
+                               const T* __restrict__ v, T* __restrict__ t_next) {
   constexpr int L = kVec<T>;
   const int64_t dv = d - d % L;
-  T t[R];
-  dots_block<R>(X, d, v, t);
+  vec_t<T> s[R];
+  for (int k = 0; k < R; ++k) s[k] = vec_t<T>{};
   for (int64_t j = 0; j < dv; j += L) {
+    if (next != nullptr) {
+      const vec_t<T> vj = vload(v + j);
+#pragma GCC unroll 8
+      for (int k = 0; k < R; ++k) s[k] += vload(next + k * d + j) * vj;
+    }
     vec_t<T> a = vload(acc + j);
 #pragma GCC unroll 8
     for (int k = 0; k < R; ++k) a += t[k] * vload(X + k * d + j);
@@ -96,6 +104,12 @@ IMAML_INLINE void xtxv_block(const T* __restrict__ X, int64_t d, const T* __rest
     T a = acc[j];
     for (int k = 0; k < R; ++k) a += t[k] * X[k * d + j];
     acc[j] = a;
+  }
+  if (next != nullptr) {
+    for (int k = 0; k < R; ++k) {
+      t_next[k] = vsum<T>(s[k]);
+      for (int64_t j = dv; j < d; ++j) t_next[k] += next[k * d + j] * v[j];
+    }
   }
 }
 
@@ -107,12 +121,32 @@ IMAML_INLINE void matvec_rows_impl(const T* __restrict__ A, int64_t d, int64_t r
   for (; i < row_end; ++i) dots_block<1>(A + i * d, d, v, out + i);
 }
 
+// acc += X^T (X v) over rows [row_begin, row_end), one pass over X, in blocks of four rows:
+// block b's update runs in the same sweep as block b+1's dot products (update_block).
 template <typename T>
 IMAML_INLINE void xtxv_rows_impl(const T* __restrict__ X, int64_t d, int64_t row_begin,
                                  int64_t row_end, const T* __restrict__ v, T* __restrict__ acc) {
+#ifndef IMAML_XTXV_ROWS
+#define IMAML_XTXV_ROWS 4
+#endif
+  constexpr int R = IMAML_XTXV_ROWS;
   int64_t i = row_begin;
-  for (; i + 4 <= row_end; i += 4) xtxv_block<4>(X + i * d, d, v, acc);
-  for (; i < row_end; ++i) xtxv_block<1>(X + i * d, d, v, acc);
+  if (row_end - i >= R) {
+    T t[2][R];
+    int cur = 0;
+    dots_block<R>(X + i * d, d, v, t[cur]);
+    for (; i + 2 * R <= row_end; i += R, cur ^= 1)
+      update_block<R>(X + i * d, d, t[cur], acc, X + (i + R) * d, v, t[cur ^ 1]);
+    update_block<R>(X + i * d, d, t[cur], acc, static_cast<const T*>(nullptr), v,
+                    static_cast<T*>(nullptr));
+    i += R;
+  }
+  for (; i < row_end; ++i) {
+    T t;
+    dots_block<1>(X + i * d, d, v, &t);
+    update_block<1>(X + i * d, d, &t, acc, static_cast<const T*>(nullptr), v,
+                    static_cast<T*>(nullptr));
+  }
 }
 
 }  // namespace
