@@ -14,6 +14,17 @@ DTYPES = [torch.float32, torch.float64]
 DATA_ROOT = os.environ.get("IMAML_DATA")
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of tiny-tensor tests (``pytestmark =
+    pytest.mark.usefixtures("one_thread")``): on a shared 2-core machine a thread pool only adds
+    contention to them."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(params=DEVICES)
 def device(request):
     return request.param

@@ -20,13 +20,8 @@ needs_ext = pytest.mark.skipif(not imaml_ext.extension_available(),
                                reason="compiled extension not built")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny tensors: thread pools only add contention on a shared 2-core machine.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# Tiny tensors: one intra-op thread (conftest.one_thread).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def conv_setup(M=3, ways=3, shots=2, query=2, seed=0):
