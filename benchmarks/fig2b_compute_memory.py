@@ -119,18 +119,53 @@ def main(argv=None):
     cg_grid = [1, 5, 20] if args.quick else [1, 2, 5, 10, 20]
     points = [(a, k, 5) for a in ALGOS for k in inner_grid]
     points += [("imaml-gd", 10, c) for c in cg_grid]
-    rows = []
+    out = Path(args.out or f"benchmarks/results/fig2b_{args.device}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # Every measured point is written to a partial file at once, so an interrupted run (a
+    # point can take many minutes on a CPU) is resumed by running the same command again.
+    partial = out.with_suffix(".partial.json")
+    setting = {"device": args.device, "ways": args.ways, "shots": args.shots,
+               "meta_batch": meta_batch}
+    done = {}
+    if partial.exists():
+        try:
+            prev = json.loads(partial.read_text())
+            if prev.get("setting") == setting:
+                done = {(r["algo"], r["inner_steps"], r["cg_steps"]): r for r in prev["rows"]}
+                print(f"resuming from {partial}: {len(done)} points measured", flush=True)
+        except (ValueError, KeyError, TypeError) as exc:
+            print(f"ignoring unreadable {partial}: {exc}", flush=True)
+    rows, failed = [], []
     for algo, k, c in points:
-        if on_gpu:
+        if (algo, k, c) in done:
+            res = done[(algo, k, c)]
+        elif on_gpu:
             torch.cuda.empty_cache()
-            res = measure_point(algo, k, c, args.device, meta_batch, args.ways, args.shots, 3)
+            try:
+                res = measure_point(algo, k, c, args.device, meta_batch, args.ways, args.shots, 3)
+            except torch.cuda.OutOfMemoryError as exc:
+                res = {"algo": algo, "inner_steps": k, "cg_steps": c,
+                       "error": f"CUDA out of memory: {str(exc)[:200]}"}
         else:
-            res = run_in_fresh_process([algo, str(k), str(c), str(meta_batch),
-                                        "--device", args.device, "--ways", str(args.ways),
-                                        "--shots", str(args.shots)])
+            try:
+                res = run_in_fresh_process([algo, str(k), str(c), str(meta_batch),
+                                            "--device", args.device, "--ways", str(args.ways),
+                                            "--shots", str(args.shots)])
+            except (RuntimeError, subprocess.TimeoutExpired) as exc:
+                res = {"algo": algo, "inner_steps": k, "cg_steps": c, "error": str(exc)[-500:]}
         rows.append(res)
-        print(f"{algo:9s} inner={k:4d} cg={c:3d}  {res['time_s'] * 1e3:9.1f} ms  "
-              f"{res['peak_bytes'] / 2**20:9.1f} MiB", flush=True)
+        if "error" in res:
+            failed.append(res)
+            print(f"{algo:9s} inner={k:4d} cg={c:3d}  FAILED: {res['error'][-200:]}", flush=True)
+        else:
+            print(f"{algo:9s} inner={k:4d} cg={c:3d}  {res['time_s'] * 1e3:9.1f} ms  "
+                  f"{res['peak_bytes'] / 2**20:9.1f} MiB", flush=True)
+        tmp = partial.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"setting": setting,
+                                   "rows": [r for r in rows if "error" not in r]}, indent=1))
+        os.replace(tmp, partial)
+    failed_rows = failed
+    rows = [r for r in rows if "error" not in r]
 
     def series(algo, key="inner_steps", cg=5):
         pts = [r for r in rows if r["algo"] == algo and (key == "cg_steps" or r["cg_steps"] == cg)]
@@ -141,25 +176,33 @@ def main(argv=None):
     summary = {}
     for algo in ALGOS:
         s = series(algo)
+        if not s:
+            continue
         lo, hi = s[1] if len(s) > 1 else s[0], s[-1]
         summary[f"{algo}: memory at {hi['inner_steps']} / {lo['inner_steps']} inner steps"] = \
             round(hi["peak_bytes"] / max(lo["peak_bytes"], 1), 3)
     s = series("imaml-gd", "cg_steps")
-    summary[f"imaml-gd: memory at {s[-1]['cg_steps']} / {s[0]['cg_steps']} CG steps"] = \
-        round(s[-1]["peak_bytes"] / max(s[0]["peak_bytes"], 1), 3)
+    if s:
+        summary[f"imaml-gd: memory at {s[-1]['cg_steps']} / {s[0]['cg_steps']} CG steps"] = \
+            round(s[-1]["peak_bytes"] / max(s[0]["peak_bytes"], 1), 3)
 
     result = {"benchmark": "fig2b_compute_memory", "device": args.device,
               "gpu": torch.cuda.get_device_name() if on_gpu else None,
               "torch": torch.__version__, "ways": args.ways, "shots": args.shots,
               "meta_batch": meta_batch, "memory": "cuda max_memory_allocated" if on_gpu else
               "peak RSS growth during the meta-gradient, fresh process per point",
-              "rows": rows, "summary": summary}
-    out = Path(args.out or f"benchmarks/results/fig2b_{args.device}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
+              "rows": rows, "failed": failed_rows, "summary": summary,
+              "command": " ".join(["python"] + sys.argv)}
     out.write_text(json.dumps(result, indent=2) + "\n")
+    if not failed_rows:
+        partial.unlink(missing_ok=True)
     plot(rows, out.with_suffix(".png"), args.device, meta_batch, args.ways, args.shots)
     print(json.dumps(summary, indent=2))
     print(f"wrote {out} and {out.with_suffix('.png')}")
+    if failed_rows:
+        print(f"{len(failed_rows)} point(s) failed (listed under 'failed'); run the same command "
+              f"again to retry only them ({partial} keeps the measured ones)")
+        sys.exit(1)
 
 
 def plot(rows, path, device, meta_batch, ways, shots):
