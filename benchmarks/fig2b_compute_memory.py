@@ -160,9 +160,10 @@ def main(argv=None):
         else:
             print(f"{algo:9s} inner={k:4d} cg={c:3d}  {res['time_s'] * 1e3:9.1f} ms  "
                   f"{res['peak_bytes'] / 2**20:9.1f} MiB", flush=True)
+        if "error" not in res:
+            done[(algo, k, c)] = res
         tmp = partial.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"setting": setting,
-                                   "rows": [r for r in rows if "error" not in r]}, indent=1))
+        tmp.write_text(json.dumps({"setting": setting, "rows": list(done.values())}, indent=1))
         os.replace(tmp, partial)
     failed_rows = failed
     rows = [r for r in rows if "error" not in r]
