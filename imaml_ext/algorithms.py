@@ -19,6 +19,12 @@ Meta-gradients (the average over the ok tasks of the per-task g_i):
 - reptile: theta - phi_K (plain SGD on L_train), so that an optimizer step with learning rate
   eps moves theta toward the adapted parameters: theta <- theta + eps * mean(phi_i - theta).
 
+Head-only adaptation (adapt="head", imaml-gd and imaml-hf): the body's features are computed
+once per meta-batch with the meta-parameters and only the linear softmax head is adapted, its
+inner steps, Hessian products and CG on closed forms and the fused softmax-head kernels; the
+body's meta-gradient comes from the implicit function theorem through the support features and
+from the query features (imaml_ext.head_only states the math).
+
 Inner objective: the iMAML variants minimise G_i = L_train_i + lam/2 ||phi - theta||^2. MAML,
 first-order MAML and Reptile run plain GD on L_train unless `regularized=True`, which gives them
 the same G (as in the paper's Fig. 2a, where MAML and iMAML share the exact meta-gradient).
@@ -38,6 +44,8 @@ import torch
 from torch import nn
 
 from imaml_ext import reference
+from imaml_ext.head_only import (ADAPT, HEAD_HVP, HeadModel, head_adapt, head_evaluate, head_gd,
+                                 head_hessian_free, head_meta_gradient)
 from imaml_ext.hvp import HVP_KINDS, LOSSES, ParamSpec, Params, TaskLoss, make_hvp
 from imaml_ext.implicit import implicit_meta_gradient, implicit_meta_gradient_lstsq
 from imaml_ext.inner import PROXIMAL, batched_theta, gd, hessian_free, train_loss
@@ -70,6 +78,7 @@ class AlgorithmConfig:
     on_nonfinite: str = "skip"
     cg_rtol: float = 1e-10
     backend: str = "auto"
+    adapt: str = "all"
 
 
 def make_algorithm(name: str, *, loss: str | Callable = "cross_entropy", lam: float = 2.0,
@@ -77,7 +86,8 @@ def make_algorithm(name: str, *, loss: str | Callable = "cross_entropy", lam: fl
                    cg_damping: float = 0.0, cg_lam: float | None = None, hf_cg_steps: int = 5,
                    hvp: str = "exact", proximal: str = "paper", regularized: bool | None = None,
                    use_ext: bool | None = None, on_nonfinite: str = "skip",
-                   cg_rtol: float = 1e-10, backend: str = "auto") -> "MetaAlgorithm":
+                   cg_rtol: float = 1e-10, backend: str = "auto",
+                   adapt: str = "all") -> "MetaAlgorithm":
     """Builds one of ALGORITHMS.
 
     Args:
@@ -86,7 +96,9 @@ def make_algorithm(name: str, *, loss: str | Callable = "cross_entropy", lam: fl
             (outputs (M, N, ...), targets) -> per-sample losses (M, N).
         lam: proximal strength lam > 0 of G = L_train + lam/2 ||phi - theta||^2.
         inner_steps: GD steps K (default 16), or Newton iterations for imaml-hf (default 4).
-        inner_lr: GD step size alpha (not used by imaml-hf, which line-searches).
+        inner_lr: GD step size alpha (not used by imaml-hf, which line-searches). With
+            adapt="head", task i steps by min(inner_lr, 1 / (lam + L_i)), L_i a bound on its
+            head Hessian's norm (imaml_ext.head_only.head_gd), so that G always decreases.
         cg_steps: CG iterations of the meta-gradient solve (iMAML; 0: no solve).
         cg_damping, cg_lam: solve ((1 + cg_damping) I + H / cg_lam) g = grad L_test; defaults
             0 and lam (the paper). The iMAML authors' code: cg_damping=1, cg_lam=lam + 10.
@@ -103,6 +115,10 @@ def make_algorithm(name: str, *, loss: str | Callable = "cross_entropy", lam: fl
         on_nonfinite: "skip" (exclude and count bad tasks) or "raise".
         cg_rtol: CG relative tolerance; small so that exactly cg_steps iterations run.
         backend: batched model execution, "auto", "folded" or "vmap" (see imaml_ext.hvp).
+        adapt: "all" (every parameter is adapted, the paper) or "head" (imaml-gd / imaml-hf
+            only: the linear head alone is adapted on the body's features, ANIL-style; needs
+            loss "cross_entropy", hvp "exact" or "ggn" (the same for a linear softmax head) and
+            a ConvNet or an nn.Sequential ending in nn.Linear; see imaml_ext.head_only).
 
     Raises:
         ValueError naming the argument.
@@ -136,6 +152,17 @@ def make_algorithm(name: str, *, loss: str | Callable = "cross_entropy", lam: fl
         raise ValueError(f"proximal must be one of {PROXIMAL}, got {proximal!r}")
     if on_nonfinite not in ("skip", "raise"):
         raise ValueError(f"on_nonfinite must be 'skip' or 'raise', got {on_nonfinite!r}")
+    if adapt not in ADAPT:
+        raise ValueError(f"adapt must be one of {ADAPT}, got {adapt!r}")
+    if adapt == "head":
+        if name not in ("imaml-gd", "imaml-hf"):
+            raise ValueError(f"adapt='head' is implemented for imaml-gd and imaml-hf, not {name!r}")
+        if loss != "cross_entropy":
+            raise ValueError(f"adapt='head' needs loss='cross_entropy' (a softmax head), got "
+                             f"{loss!r}")
+        if hvp not in HEAD_HVP:
+            raise ValueError(f"adapt='head' takes hvp in {HEAD_HVP} (the head's Hessian comes "
+                             f"from the fused softmax-head kernel), got {hvp!r}")
     if regularized is None:
         regularized = name.startswith("imaml")
     elif not regularized and name.startswith("imaml"):
@@ -146,7 +173,8 @@ def make_algorithm(name: str, *, loss: str | Callable = "cross_entropy", lam: fl
                           cg_lam=None if cg_lam is None else float(cg_lam),
                           hf_cg_steps=hf_cg_steps, hvp=hvp, proximal=proximal,
                           regularized=bool(regularized), use_ext=use_ext,
-                          on_nonfinite=on_nonfinite, cg_rtol=float(cg_rtol), backend=backend)
+                          on_nonfinite=on_nonfinite, cg_rtol=float(cg_rtol), backend=backend,
+                          adapt=adapt)
     return _CLASSES[name](cfg)
 
 
@@ -227,6 +255,7 @@ class MetaAlgorithm:
     def __init__(self, config: AlgorithmConfig):
         self.config = config
         self._tl_cache: tuple[nn.Module, TaskLoss] | None = None
+        self._hm_cache: tuple[nn.Module, HeadModel] | None = None
 
     @property
     def name(self) -> str:
@@ -244,6 +273,17 @@ class MetaAlgorithm:
             self._tl_cache = (model, TaskLoss(model, self.config.loss, self.config.backend))
         return self._tl_cache[1]
 
+    def head_model(self, model: nn.Module) -> HeadModel:
+        """The model split into body and head (adapt="head"), cached per model."""
+        if self._hm_cache is None or self._hm_cache[0] is not model:
+            self._hm_cache = (model, HeadModel(model, self.config.backend))
+        return self._hm_cache[1]
+
+    def _head_inner(self, F, y, W0, b0):
+        """adapt="head": the inner solver on the heads, (F (M, n, f), y (M, n), W0 (M, c, f),
+        b0 (M, c)) -> imaml_ext.head_only.HeadInner."""
+        raise NotImplementedError
+
     # -- the inner problem
     def _inner(self, tl: TaskLoss, theta_b, x, y, create_graph: bool = False,
                final_loss: bool = True):
@@ -258,6 +298,9 @@ class MetaAlgorithm:
         params = check_params(model, params)
         t = check_tasks(TaskBatch(x_support, y_support, x_support, y_support), params,
                         self.config.loss)
+        if self.config.adapt == "head":
+            return head_adapt(self.head_model(model), params, t.x_support, t.y_support,
+                              self._head_inner)
         tl = self.task_loss(model)
         theta_b = batched_theta(params, t.num_tasks)
         return {k: v.detach() for k, v in self._inner(tl, theta_b, t.x_support,
@@ -268,6 +311,8 @@ class MetaAlgorithm:
         regression losses)."""
         params = check_params(model, params)
         t = check_tasks(tasks, params, self.config.loss)
+        if self.config.adapt == "head":
+            return head_evaluate(self.head_model(model), params, t, self._head_inner)
         tl = self.task_loss(model)
         phi = self._inner(tl, batched_theta(params, t.num_tasks), t.x_support,
                           t.y_support).params
@@ -279,8 +324,15 @@ class MetaAlgorithm:
         """(grads dict like params, metrics dict of tensors); see the module docstring."""
         params = check_params(model, params)
         t = check_tasks(tasks, params, self.config.loss)
-        tl = self.task_loss(model)
         spec = ParamSpec.of(params, batched=False)
+        if self.config.adapt == "head":
+            c = self.config
+            grads, finite, metrics = head_meta_gradient(
+                self.head_model(model), params, t, self._head_inner, lam=c.lam,
+                cg_steps=c.cg_steps, damping=c.cg_damping, cg_lam=c.cg_lam, rtol=c.cg_rtol,
+                use_ext=c.use_ext)
+            return self._reduce(spec.flatten(grads, "meta-gradient"), finite, metrics, spec)
+        tl = self.task_loss(model)
         flat, finite, metrics = self._per_task(tl, params, t, spec)
         return self._reduce(flat, finite, metrics, spec)
 
@@ -336,6 +388,11 @@ class IMAMLGD(MetaAlgorithm):
         inner = self._inner(tl, batched_theta(params, t.num_tasks), t.x_support, t.y_support,
                             final_loss=not self._hvp_has_loss())
         return self._implicit(tl, inner, t, spec)
+
+    def _head_inner(self, F, y, W0, b0):
+        c = self.config
+        return head_gd(F, y, W0, b0, lam=c.lam, steps=c.inner_steps, lr=c.inner_lr,
+                       proximal=c.proximal)
 
     def _hvp_has_loss(self) -> bool:
         c = self.config
@@ -400,6 +457,11 @@ class IMAMLHF(IMAMLGD):
     def _per_task(self, tl, params, t, spec):
         inner = self._inner(tl, batched_theta(params, t.num_tasks), t.x_support, t.y_support)
         return self._implicit(tl, inner, t, spec)
+
+    def _head_inner(self, F, y, W0, b0):
+        c = self.config
+        return head_hessian_free(F, y, W0, b0, lam=c.lam, steps=c.inner_steps,
+                                 cg_steps=c.hf_cg_steps, cg_rtol=c.cg_rtol, use_ext=c.use_ext)
 
 
 class MAML(MetaAlgorithm):

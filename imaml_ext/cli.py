@@ -24,7 +24,7 @@ import os
 import sys
 from pathlib import Path
 
-from imaml_ext.config import (ALGORITHM_NAMES, DTYPES, HVP_KINDS, LOG_FORMATS, META_OPTS,
+from imaml_ext.config import (ADAPT, ALGORITHM_NAMES, DTYPES, HVP_KINDS, LOG_FORMATS, META_OPTS,
                               PROTOCOLS, PROXIMAL, TrainConfig, UsageError)
 
 
@@ -77,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--hf-cg-steps", type=int, help="CG steps per Newton direction (iMAML-HF)")
     g.add_argument("--hvp", choices=HVP_KINDS)
     g.add_argument("--proximal", choices=PROXIMAL)
+    g.add_argument("--adapt", choices=ADAPT, help="all (default: every parameter, the paper) or "
+                   "head (imaml-gd/imaml-hf: only the linear head on the body's features)")
     g.add_argument("--use-ext", type=_bool_or_none, help="true/false/auto: compiled kernels")
     g = t.add_argument_group("meta-optimisation")
     g.add_argument("--steps", type=int, help="meta-steps (default 30000)")
@@ -137,7 +139,9 @@ def _train(ns: argparse.Namespace) -> int:
         c = trainer.cfg
         print(f"imaml: {c.algo} on {c.dataset} {c.ways}-way {c.shots}-shot ({c.queries} queries), "
               f"meta-batch {c.meta_batch}, steps {trainer.step}->{c.steps}, lam {c.lam}, inner "
-              f"{c.inner_steps} x lr {c.inner_lr}, CG {c.cg_steps}; run dir {trainer.run_dir}"
+              f"{c.inner_steps} x lr {c.inner_lr}, CG {c.cg_steps}"
+              + (", head-only adaptation" if c.adapt == "head" else "")
+              + f"; run dir {trainer.run_dir}"
               + (f"; {trainer.info.world} processes" if trainer.info.active else ""),
               file=sys.stderr, flush=True)
     summary = trainer.run()

@@ -20,6 +20,9 @@ Choices the paper leaves open, made here (each a flag):
 - Hessian-free inner solver (iMAML-HF): ``inner_steps`` counts Newton-CG iterations there, 4
   by default (``imaml_ext.algorithms``' default; the paper gives no figure), each with 5 CG steps
   (``hf_cg_steps``) and an Armijo line search.
+- Head-only adaptation (``adapt="head"``, ``--adapt head``; iMAML-GD and iMAML-HF only): the
+  body keeps the meta-parameters and only the linear head is adapted per task (ANIL-style; see
+  :mod:`imaml_ext.head_only`). Default ``"all"``, the paper's.
 - Reptile's outer step: its direction ``theta - mean(phi)`` is fed to the meta-optimizer as if
   it were a gradient (``meta_opt="adam"``, the default, as for the other algorithms, so one meta
   lr serves all five). ``--meta-opt sgd --meta-lr 1.0`` is Nichol et al.'s original
@@ -45,6 +48,9 @@ DTYPES = ("float32", "float64")
 LOG_FORMATS = ("csv", "jsonl")
 META_OPTS = ("adam", "sgd")
 PROXIMAL = ("paper", "authors")
+ADAPT = ("all", "head")
+HEAD_ALGORITHMS = ("imaml-gd", "imaml-hf")
+HEAD_HVP = ("exact", "ggn")
 
 
 HF_NEWTON_STEPS = 4  # iMAML-HF's default inner (Newton-CG) iterations
@@ -92,6 +98,7 @@ class TrainConfig:
     hf_cg_steps: int = 5
     hvp: str = "exact"
     proximal: str = "paper"
+    adapt: str = "all"
     use_ext: bool | None = None
     # Meta-optimisation
     steps: int = 30000
@@ -140,7 +147,7 @@ class TrainConfig:
                 "inner_lr": self.inner_lr, "cg_steps": self.cg_steps,
                 "cg_damping": self.cg_damping, "cg_lam": self.cg_lam,
                 "hf_cg_steps": self.hf_cg_steps, "hvp": self.hvp, "proximal": self.proximal,
-                "use_ext": self.use_ext}
+                "adapt": self.adapt, "use_ext": self.use_ext}
 
     def save(self, path: str | Path, extra: dict[str, Any] | None = None) -> None:
         data = {"config": self.to_dict(), **(extra or {})}
@@ -150,8 +157,11 @@ class TrainConfig:
 # The fields that fix the model, the algorithm, the task stream and the meta-optimizer.
 IDENTITY_FIELDS = ("dataset", "ways", "shots", "queries", "algo", "loss", "lam", "inner_steps",
                    "inner_lr", "cg_steps", "cg_damping", "cg_lam", "hf_cg_steps", "hvp",
-                   "proximal", "meta_batch", "meta_lr", "meta_opt", "protocol", "val_classes",
-                   "downsample", "seed", "dtype")
+                   "proximal", "adapt", "meta_batch", "meta_lr", "meta_opt", "protocol",
+                   "val_classes", "downsample", "seed", "dtype")
+# Identity fields added after checkpoints were first written: the value an older checkpoint,
+# which lacks the field, was trained with.
+IDENTITY_DEFAULTS = {"adapt": "all"}
 
 
 def _positive(name: str, v, allow_zero: bool = False) -> None:
@@ -184,10 +194,17 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
         _positive(name, getattr(out, name), allow_zero=True)
     for name, allowed in (("hvp", HVP_KINDS), ("protocol", PROTOCOLS), ("dtype", DTYPES),
                           ("log_format", LOG_FORMATS), ("meta_opt", META_OPTS),
-                          ("proximal", PROXIMAL), ("downsample", ("pool", "stride"))):
+                          ("proximal", PROXIMAL), ("adapt", ADAPT),
+                          ("downsample", ("pool", "stride"))):
         if getattr(out, name) not in allowed:
             raise UsageError(f"--{name.replace('_', '-')} must be one of {allowed}, got "
                              f"{getattr(out, name)!r}")
+    if out.adapt == "head" and out.algo not in HEAD_ALGORITHMS:
+        raise UsageError(f"--adapt head is implemented for {' and '.join(HEAD_ALGORITHMS)}, not "
+                         f"{out.algo}")
+    if out.adapt == "head" and out.hvp not in HEAD_HVP:
+        raise UsageError(f"--adapt head takes --hvp {' or '.join(HEAD_HVP)} (the head's Hessian "
+                         f"comes from the fused softmax-head kernel), got {out.hvp}")
     if ds == "miniimagenet" and out.protocol != "background":
         raise UsageError("--protocol applies to omniglot only")
     return out
@@ -197,7 +214,8 @@ def identity_mismatch(saved: dict[str, Any], current: dict[str, Any]) -> list[st
     """Human-readable ``field: checkpoint X, requested Y`` for every differing identity field."""
     diffs = []
     for k in IDENTITY_FIELDS:
-        a, b = saved.get(k, "<absent>"), current.get(k, "<absent>")
+        a = saved.get(k, IDENTITY_DEFAULTS.get(k, "<absent>"))
+        b = current.get(k, IDENTITY_DEFAULTS.get(k, "<absent>"))
         if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
             same = float(a) == float(b)
         else:

@@ -156,6 +156,60 @@ def _sqdist(a, b) -> torch.Tensor:
     return out
 
 
+def check_newton_args(steps, lam, cg_steps, armijo, backtrack, ls_steps) -> None:
+    """ValueError naming the argument unless the Newton-CG settings are valid."""
+    _check(steps, 1.0, lam)
+    if not lam > 0:
+        raise ValueError(f"lam must be > 0 for the Hessian-free solver, got {lam!r}")
+    if isinstance(cg_steps, bool) or not isinstance(cg_steps, int) or cg_steps < 1:
+        raise ValueError(f"hf_cg_steps must be an int >= 1, got {cg_steps!r}")
+    if not (0 < backtrack < 1) or not (0 < armijo < 1) or ls_steps < 1:
+        raise ValueError("line search needs 0 < backtrack < 1, 0 < armijo < 1, ls_steps >= 1")
+
+
+class NewtonLog:
+    """The Newton-CG directions and per-task bookkeeping of a batched Hessian-free solve (shared
+    by `hessian_free` and the head-only solver of imaml_ext.head_only).
+
+    Args:
+        like: an (M, P) tensor of the problem's dtype and device.
+    """
+
+    def __init__(self, like: torch.Tensor):
+        M, dev = like.shape[0], like.device
+        self.objective: list[torch.Tensor] = []  # G before each iteration, then at the end
+        self.ls_fail = torch.zeros(M, dtype=torch.int32, device=dev)
+        self.negcurv = torch.zeros(M, dtype=torch.int32, device=dev)
+        self.cg_iters = torch.zeros(M, dtype=torch.int32, device=dev)
+        self.cg_res = like.new_zeros(M)
+        self.t_last = like.new_zeros(M)
+
+    def direction(self, A, g: torch.Tensor, *, cg_steps: int, cg_rtol: float,
+                  use_ext: bool | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(d, grad G . d): CG with `cg_steps` iterations on A d = -g from d = 0 (A a callable or
+        a structured operator on (M, P) buffers); where CG gives no descent direction (no step
+        taken, slope >= 0 or not finite) d = -g."""
+        res = cg(A, -g, max_iter=cg_steps, rtol=cg_rtol, batched=True, use_ext=use_ext)
+        d = res.x
+        self.negcurv += (res.status == reference.NEGATIVE_CURVATURE).to(torch.int32)
+        self.cg_iters += res.iterations
+        self.cg_res = res.residual_norm
+        slope = (g * d).sum(1)
+        bad = (res.iterations == 0) | ~(slope < 0) | ~torch.isfinite(slope)
+        d = torch.where(bad.unsqueeze(1), -g, d)
+        return d, torch.where(bad, -(g * g).sum(1), slope)
+
+    def line_search(self, found: torch.Tensor, t_sel: torch.Tensor) -> None:
+        """Records one line search: found (M,) bool, the accepted step sizes t_sel (M,)."""
+        self.ls_fail += (~found).to(torch.int32)
+        self.t_last = t_sel
+
+    def metrics(self) -> dict:
+        return {"hf_objective": torch.stack(self.objective), "hf_step_size": self.t_last,
+                "hf_ls_failures": self.ls_fail, "hf_negative_curvature": self.negcurv,
+                "hf_cg_iterations": self.cg_iters, "hf_cg_residual": self.cg_res}
+
+
 def hessian_free(task_loss: TaskLoss, theta_b: Mapping[str, torch.Tensor], x: torch.Tensor,
                  y: torch.Tensor, *, lam: float, steps: int = 4, cg_steps: int = 5,
                  hvp: str = "exact", armijo: float = 1e-4, backtrack: float = 0.5,
@@ -181,13 +235,7 @@ def hessian_free(task_loss: TaskLoss, theta_b: Mapping[str, torch.Tensor], x: to
         and at the end, "hf_step_size" last accepted t, "hf_ls_failures", "hf_negative_curvature"
         (CG negative-curvature count), "hf_cg_iterations" (total), "hf_cg_residual" (last).
     """
-    _check(steps, 1.0, lam)
-    if not lam > 0:
-        raise ValueError(f"lam must be > 0 for the Hessian-free solver, got {lam!r}")
-    if isinstance(cg_steps, bool) or not isinstance(cg_steps, int) or cg_steps < 1:
-        raise ValueError(f"hf_cg_steps must be an int >= 1, got {cg_steps!r}")
-    if not (0 < backtrack < 1) or not (0 < armijo < 1) or ls_steps < 1:
-        raise ValueError("line search needs 0 < backtrack < 1, 0 < armijo < 1, ls_steps >= 1")
+    check_newton_args(steps, lam, cg_steps, armijo, backtrack, ls_steps)
     theta = {k: v.detach() for k, v in theta_b.items()}
     spec = ParamSpec.of(theta)
     theta_flat = spec.flatten(theta)
@@ -195,12 +243,7 @@ def hessian_free(task_loss: TaskLoss, theta_b: Mapping[str, torch.Tensor], x: to
     M = phi_flat.shape[0]
     dev = phi_flat.device
     finite = torch.ones(M, dtype=torch.bool, device=dev)
-    ls_fail = torch.zeros(M, dtype=torch.int32, device=dev)
-    negcurv = torch.zeros(M, dtype=torch.int32, device=dev)
-    cg_iters = torch.zeros(M, dtype=torch.int32, device=dev)
-    cg_res = phi_flat.new_zeros(M)
-    t_last = phi_flat.new_zeros(M)
-    history = []
+    log = NewtonLog(phi_flat)
     ts = [backtrack ** j for j in range(ls_steps)]
     on_cpu = dev.type == "cpu"
     for _ in range(steps):
@@ -210,21 +253,13 @@ def hessian_free(task_loss: TaskLoss, theta_b: Mapping[str, torch.Tensor], x: to
         delta = phi_flat - theta_flat
         g = spec.flatten(gl).add_(delta, alpha=lam)
         G0 = L0 + 0.5 * lam * (delta * delta).sum(1)
-        history.append(G0)
+        log.objective.append(G0)
         finite &= torch.isfinite(G0) & torch.isfinite(g).all(1)
 
         def matvec(v, H=H):
             return H.flat(v).add_(v, alpha=lam)
 
-        res = cg(matvec, -g, max_iter=cg_steps, rtol=cg_rtol, batched=True, use_ext=use_ext)
-        d = res.x
-        negcurv += (res.status == reference.NEGATIVE_CURVATURE).to(torch.int32)
-        cg_iters += res.iterations
-        cg_res = res.residual_norm
-        slope = (g * d).sum(1)
-        bad = (res.iterations == 0) | ~(slope < 0) | ~torch.isfinite(slope)
-        d = torch.where(bad.unsqueeze(1), -g, d)
-        slope = torch.where(bad, -(g * g).sum(1), slope)
+        d, slope = log.direction(matvec, g, cg_steps=cg_steps, cg_rtol=cg_rtol, use_ext=use_ext)
         # Backtracking over a fixed ladder of step sizes, all tasks at once; a task keeps the
         # first (largest) t that passes. On the CPU the ladder stops once every task has passed.
         t_sel = torch.zeros_like(G0)
@@ -237,21 +272,18 @@ def hessian_free(task_loss: TaskLoss, theta_b: Mapping[str, torch.Tensor], x: to
             found |= ok
             if on_cpu and bool(found.all()):  # CPU values: no device synchronisation
                 break
-        ls_fail += (~found).to(torch.int32)
-        t_last = t_sel
+        log.line_search(found, t_sel)
         phi_flat = phi_flat + t_sel.unsqueeze(1) * torch.where(finite.unsqueeze(1), d,
                                                                 torch.zeros_like(d))
     phi = spec.unflatten(phi_flat)
     final = train_loss(task_loss, phi, x, y)
     delta = phi_flat - theta_flat
-    history.append(final + 0.5 * lam * (delta * delta).sum(1))
+    log.objective.append(final + 0.5 * lam * (delta * delta).sum(1))
     finite &= torch.isfinite(final) & torch.isfinite(phi_flat).all(1)
-    metrics = {"hf_objective": torch.stack(history), "hf_step_size": t_last,
-               "hf_ls_failures": ls_fail, "hf_negative_curvature": negcurv,
-               "hf_cg_iterations": cg_iters, "hf_cg_residual": cg_res,
-               "loss_first": history[0] if steps else final}
+    metrics = log.metrics()
+    metrics["loss_first"] = log.objective[0] if steps else final
     return InnerResult(phi, final, finite, metrics)
 
 
-__all__ = ["InnerResult", "gd", "hessian_free", "objective", "batched_theta", "train_loss",
-           "PROXIMAL"]
+__all__ = ["InnerResult", "NewtonLog", "check_newton_args", "gd", "hessian_free", "objective",
+           "batched_theta", "train_loss", "PROXIMAL"]
