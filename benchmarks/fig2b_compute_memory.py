@@ -84,12 +84,12 @@ def measure_point(algo: str, inner_steps: int, cg_steps: int, device: str, meta_
             "time_s": statistics.median(times), "peak_bytes": int(peak)}
 
 
-def run_in_fresh_process(args_list: list[str]) -> dict:
+def run_in_fresh_process(args_list: list[str], timeout: float = 3600) -> dict:
     # A fixed mmap threshold: glibc would otherwise raise it after the warm-up frees large
     # blocks and then serve the measured run from memory it already holds (no RSS growth).
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
     out = subprocess.run([sys.executable, __file__, "--point", *args_list], capture_output=True,
-                         text=True, timeout=1800, env=env)
+                         text=True, timeout=timeout, env=env)
     if out.returncode != 0:
         raise RuntimeError(f"point {args_list} failed:\n{out.stderr[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -103,6 +103,8 @@ def main(argv=None):
     ap.add_argument("--ways", type=int, default=20)
     ap.add_argument("--shots", type=int, default=5)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--point-timeout", type=float, default=3600,
+                    help="seconds one CPU point may take before it is recorded as failed")
     ap.add_argument("--point", nargs=4, metavar=("ALGO", "INNER", "CG", "MB"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
@@ -150,7 +152,8 @@ def main(argv=None):
             try:
                 res = run_in_fresh_process([algo, str(k), str(c), str(meta_batch),
                                             "--device", args.device, "--ways", str(args.ways),
-                                            "--shots", str(args.shots)])
+                                            "--shots", str(args.shots)],
+                                           timeout=args.point_timeout)
             except (RuntimeError, subprocess.TimeoutExpired) as exc:
                 res = {"algo": algo, "inner_steps": k, "cg_steps": c, "error": str(exc)[-500:]}
         rows.append(res)
