@@ -138,6 +138,24 @@ def test_use_ext_equals_reference(name):
     assert_within_reference_error(flat(e32), flat(r32), flat(ext))
 
 
+@needs_ext
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("name", ["imaml-gd", "imaml-hf"])
+def test_cuda_matches_cpu(name):
+    """The CUDA softmax-head kernels inside the head-only algorithms give the CPU's meta-gradient
+    (float64)."""
+    model, params, tasks = setup("conv", M=4)
+    kw = dict(adapt="head", lam=LAM, inner_steps=5 if name == "imaml-gd" else 3, cg_steps=5)
+    cpu, m_cpu = make_algorithm(name, **kw).meta_gradient(model, params, tasks)
+    dev = torch.device("cuda")
+    gpu, m_gpu = make_algorithm(name, **kw).meta_gradient(
+        model.to(dev), {k: v.to(dev) for k, v in params.items()}, tasks.to(device=dev))
+    for k in params:
+        assert gpu[k].device.type == "cuda", k
+        torch.testing.assert_close(gpu[k].cpu(), cpu[k], rtol=1e-9, atol=1e-12, msg=k)
+    assert torch.equal(m_gpu["cg_iterations"].cpu(), m_cpu["cg_iterations"])
+
+
 @pytest.mark.parametrize("name", ["imaml-gd", "imaml-hf"])
 def test_batched_equals_per_task_and_backends_agree(name):
     model, params, tasks = setup("conv", M=3)
