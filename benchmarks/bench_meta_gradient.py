@@ -24,7 +24,10 @@ matrix makes every contender run all its CG iterations.
 
 Before timing, a correctness check in float64 on one or two tasks: our iMAML-GD meta-gradient
 against the authors'-style loop (authors' proximal form) and TorchOpt (paper's form), per task.
-Also reported: the cost of one batched Hessian-vector product relative to one batched gradient.
+Also reported: the cost of one batched Hessian-vector product relative to one batched gradient
+(with --compile-hvp also torch.compile's product, its compilation timed apart; --hvp-only runs
+that block alone, e.g. on a GPU through gpu_suite.sh), and where our iMAML-GD's time goes
+("imaml_gd_phases": inner GD steps, gradient graph at phi_K, query gradient, CG with its HVPs).
 
 Timing: warm-up on the timed shapes, then `--rounds` rounds; each round runs every contender
 once, iMAML-GD next to the two peers, and the speed-ups are medians of per-round ratios (on a
@@ -35,6 +38,7 @@ memory (tasks x steps) demands it. Peak memory: see benchmarks/common.py. CPU de
 so that the run stays near 10 minutes on 2 cores.
 
     python benchmarks/bench_meta_gradient.py [--quick] [--device cpu|cuda] [--out PATH]
+    python benchmarks/bench_meta_gradient.py --hvp-only --compile-hvp [--device cuda]
 """
 from __future__ import annotations
 
@@ -58,8 +62,9 @@ from common import (RESULTS, environment, fmt_table, machine_line, peak_memory, 
                     pick_device, summarize, time_once, write_json)
 
 from imaml_ext.algorithms import make_algorithm  # noqa: E402
-from imaml_ext.hvp import TaskLoss, make_hvp  # noqa: E402
-from imaml_ext.inner import batched_theta  # noqa: E402
+from imaml_ext.hvp import ParamSpec, TaskLoss, make_hvp  # noqa: E402
+from imaml_ext.implicit import implicit_meta_gradient  # noqa: E402
+from imaml_ext.inner import batched_theta, gd  # noqa: E402
 from imaml_ext.models import make_model  # noqa: E402
 from imaml_ext.types import TaskBatch  # noqa: E402
 
@@ -239,12 +244,17 @@ def torchopt_contender(model, lam, inner_steps, inner_lr, cg_steps, cg_lam=None)
 
 # ---- the measurements --------------------------------------------------------------------------
 
-def hvp_ratios(model, params, tasks, device, repeats, cg_steps):
+def hvp_ratios(model, params, tasks, device, repeats, cg_steps, compiled=False):
     """Seconds of one batched gradient and of one batched HVP of each kind (support sets).
 
     The double-backward product reuses a gradient graph built once per point ("graph_build",
     a forward and a create_graph backward); "exact_per_cg_product" is what one product costs
     inside a cg_steps-step solve, the build shared among the products.
+
+    compiled: also torch.compile's forward-over-reverse product (make_hvp(..., compile=True)),
+    its first call (compilation) timed apart from the steady state, against the same eager
+    product on one fold of all tasks ("hvp_forward_over_reverse_one_fold": what the compiled
+    graph computes; on the CPU the eager default evaluates task chunks) and against the rest.
     """
     tl = TaskLoss(model)
     pb = {k: v.clone() for k, v in batched_theta(params, tasks.num_tasks).items()}
@@ -256,6 +266,14 @@ def hvp_ratios(model, params, tasks, device, repeats, cg_steps):
         fns[f"hvp_{kind}"] = (lambda H=H: H(v))
     fns["double_backward_graph_build"] = lambda: make_hvp(tl, pb, x, y, "double_backward") \
         .value_and_grad()
+    comp = None
+    if compiled:
+        one_fold = TaskLoss(model, task_chunk=tasks.num_tasks)
+        H = make_hvp(one_fold, pb, x, y, "forward_over_reverse")
+        fns["hvp_forward_over_reverse_one_fold"] = (lambda H=H: H(v))
+        comp = compiled_hvp_first_call(model, pb, x, y, v, device)
+        if "error" not in comp:
+            fns["hvp_compiled"] = comp.pop("fn")
     for f in fns.values():  # warm-up (and the double-backward graph)
         f()
     times = {k: [] for k in fns}
@@ -271,7 +289,35 @@ def hvp_ratios(model, params, tasks, device, repeats, cg_steps):
                                      + med["hvp_double_backward"]) / g
     out["ratio_to_grad"] = ratio
     out["exact_method"] = make_hvp(tl, pb, x, y, "exact").kind
+    if comp is not None:
+        if "hvp_compiled" in med:
+            c = med["hvp_compiled"]
+            comp.update({
+                "steady_median_s": c,
+                "ratio_to_grad": c / g,
+                "speedup_vs_eager_forward_over_reverse_one_fold":
+                    med["hvp_forward_over_reverse_one_fold"] / c,
+                "speedup_vs_eager_forward_over_reverse": med["hvp_forward_over_reverse"] / c,
+                "speedup_vs_exact_per_cg_product": ratio["exact_per_cg_product"] * g / c})
+        out["compiled"] = comp
     return out
+
+
+def compiled_hvp_first_call(model, pb, x, y, v, device):
+    """torch.compile's HVP at pb: {"fn": the steady-state call, "first_call_s" (compilation
+    included), "rel_err_vs_eager"} or {"error": why it could not run}."""
+    tl = TaskLoss(model)
+    try:
+        H = make_hvp(tl, pb, x, y, "exact", compile=True)
+        box = []
+        first = time_once(lambda: box.append(H(v)), device)
+    except Exception as exc:  # noqa: BLE001 - no C++ compiler, an Inductor failure: recorded
+        return {"error": f"{type(exc).__name__}: {exc}"[:500]}
+    ref = make_hvp(tl, pb, x, y, "double_backward")(v)
+    num = sum(float((box[0][k] - ref[k]).double().pow(2).sum()) for k in ref)
+    den = sum(float(ref[k].double().pow(2).sum()) for k in ref)
+    return {"fn": lambda: H(v), "first_call_s": first, "rel_err_vs_eager": (num / den) ** 0.5,
+            "method": "torch.compile (inductor) of forward-over-reverse, all tasks in one graph"}
 
 
 def correctness(model, params, device, ways, shots, queries, lam, steps, lr, cg_steps,
@@ -334,13 +380,20 @@ def run_setting(name, spec, args, device):
            "lam": lam, "cg_lam": cg_lam, "inner_lr": lr, "hvp": args.hvp,
            "rounds": args.rounds}
     t0 = time.perf_counter()
-    out["correctness"] = correctness(model, params, device, ways, shots, queries, lam,
-                                     min(steps, 3), lr, cg_steps, cg_lam,
-                                     num_tasks=args.check_tasks or (1 if ways * shots > 25 else 2))
-    print(f"[{name}] correctness (float64): {json.dumps(out['correctness'])}", flush=True)
-    out["hvp_cost"] = hvp_ratios(model, params, tasks, device, 2, cg_steps)
+    if not args.hvp_only:
+        out["correctness"] = correctness(
+            model, params, device, ways, shots, queries, lam, min(steps, 3), lr, cg_steps, cg_lam,
+            num_tasks=args.check_tasks or (1 if ways * shots > 25 else 2))
+        print(f"[{name}] correctness (float64): {json.dumps(out['correctness'])}", flush=True)
+    out["hvp_cost"] = hvp_ratios(model, params, tasks, device, args.hvp_repeats, cg_steps,
+                                 compiled=args.compile_hvp)
     print(f"[{name}] one HVP / one gradient (M={M}): " + ", ".join(
         f"{k} {v:.2f}x" for k, v in out["hvp_cost"]["ratio_to_grad"].items()), flush=True)
+    if "compiled" in out["hvp_cost"]:
+        print(f"[{name}] compiled HVP: {json.dumps(out['hvp_cost']['compiled'])}", flush=True)
+    if args.hvp_only:
+        out["seconds"] = time.perf_counter() - t0
+        return out
 
     contenders = {}
     for algo in OURS:
@@ -423,7 +476,44 @@ def run_setting(name, spec, args, device):
                         "min": min(per_round),
                         "cpu_time": res[peer]["cpu_s_per_task"] / res["imaml-gd"]["cpu_s_per_task"]}
         out["speedup_imaml_gd"] = sp
+    if "imaml-gd" in contenders:
+        out["imaml_gd_phases"] = imaml_gd_phases(model, params, tasks, device, steps, lam, lr,
+                                                 cg_steps, cg_lam, repeats=args.rounds)
+        print(f"[{name}] iMAML-GD phases (s): " + ", ".join(
+            f"{k} {v['median_s']:.3f}" for k, v in out["imaml_gd_phases"].items()
+            if "median_s" in v), flush=True)
     out["seconds"] = time.perf_counter() - t0
+    return out
+
+
+def imaml_gd_phases(model, params, tasks, device, steps, lam, lr, cg_steps, cg_lam, repeats):
+    """Seconds of each phase of our iMAML-GD meta-gradient, the library's own steps in order
+    (what IMAMLGD._per_task runs): the K inner GD steps, the gradient graph at phi_K (shared by
+    the CG's products), the query gradient, and the CG solve with its cg_steps HVPs."""
+    tl = TaskLoss(model)
+    M = tasks.num_tasks
+    x, y = tasks.x_support, tasks.y_support
+    times = {k: [] for k in ("inner_gd", "graph_build", "query_grad", "cg_with_hvps", "total")}
+    for _ in range(max(repeats, 1)):
+        box = {}
+        t = {"inner_gd": time_once(lambda: box.setdefault("inner", gd(
+            tl, batched_theta(params, M), x, y, steps=steps, lr=lr, lam=lam,
+            final_loss=False)), device)}
+        phi = box["inner"].params
+        t["graph_build"] = time_once(lambda: box.setdefault("H", make_hvp(
+            tl, phi, x, y, "exact")).value_and_grad(), device)
+        t["query_grad"] = time_once(lambda: box.setdefault("q", tl.grad(
+            phi, tasks.x_query, tasks.y_query)), device)
+        b = ParamSpec.of(phi).flatten(box["q"][0])
+        t["cg_with_hvps"] = time_once(lambda: implicit_meta_gradient(
+            tl, phi, x, y, b, lam=lam, cg_lam=cg_lam, cg_steps=cg_steps, hvp=box["H"]), device)
+        t["total"] = sum(t.values())
+        for k, v in t.items():
+            times[k].append(v)
+    out = {k: summarize(v) for k, v in times.items()}
+    tot = out["total"]["median_s"]
+    out["share_of_total"] = {k: out[k]["median_s"] / tot for k in times if k != "total"}
+    out["task_chunk"] = {"support": tl.chunk_size(x), "query": tl.chunk_size(tasks.x_query)}
     return out
 
 
@@ -474,6 +564,15 @@ def main(argv=None):
                     help="tasks MAML is timed on (its memory grows with tasks x steps)")
     ap.add_argument("--methods", default=",".join(OURS + PEERS))
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    ap.add_argument("--hvp-repeats", type=int, default=2,
+                    help="timed calls of each HVP / gradient in the hvp_cost block")
+    ap.add_argument("--compile-hvp", action="store_true",
+                    help="also time torch.compile's HVP (make_hvp(..., compile=True)) against "
+                         "eager and one gradient; its compilation is timed apart")
+    ap.add_argument("--hvp-only", action="store_true",
+                    help="only the hvp_cost block per setting, no contenders (with "
+                         "--compile-hvp: the compiled-HVP report, default --out "
+                         "results/hvp_compiled_<device>.json)")
     ap.add_argument("--out", default=None, help="JSON path (default results/meta_gradient_"
                                                 "<device>.json)")
     args = ap.parse_args(argv)
@@ -487,6 +586,10 @@ def main(argv=None):
         args.hf_steps, args.baseline_tasks = min(args.hf_steps, 2), args.baseline_tasks or 1
     args.methods = tuple(m.strip() for m in args.methods.split(","))
     t0 = time.perf_counter()
+    stem = "hvp_compiled" if args.hvp_only and args.compile_hvp else \
+        "hvp_cost" if args.hvp_only else "meta_gradient"
+    out = Path(args.out) if args.out else RESULTS / (
+        f"{stem}_{dev.type}{'_quick' if args.quick else ''}.json")
     runs = []
     for name in (s.strip() for s in args.settings.split(",")):
         ways, shots, queries, steps, M, nb, nm = SETTINGS[name]
@@ -496,14 +599,21 @@ def main(argv=None):
         spec = (ways, shots, queries, args.inner_steps or steps, M,
                 min(M, args.baseline_tasks or nb), min(M, args.maml_tasks or nm))
         runs.append(run_setting(name, spec, args, dev))
+        if args.hvp_only:  # one JSON per setting done, so a run cut short keeps its numbers
+            write_json(out, {"benchmark": "meta_gradient", "args": vars(args), "settings": runs,
+                             "summary_lines": [ln for r in runs for ln in _hvp_lines(r)]}, dev)
     env = environment(dev)
     payload = {"benchmark": "meta_gradient", "quick": args.quick, "args": vars(args),
                "settings": runs, "seconds": time.perf_counter() - t0, "environment": env}
-    out = Path(args.out) if args.out else RESULTS / (
-        f"meta_gradient_{dev.type}{'_quick' if args.quick else ''}.json")
+    if args.hvp_only:
+        payload["summary_lines"] = [line for r in runs for line in _hvp_lines(r)]
     write_json(out, payload, dev)
     print()
     print(f"machine: {machine_line(env)}; load average {env.get('load_average')}")
+    if args.hvp_only:
+        print("\n".join(payload["summary_lines"]))
+        print(f"\nwrote {out} ({payload['seconds']:.0f} s)")
+        return payload
     for r in runs:
         print(f"\n{r['setting']}: meta-batch {r['meta_batch']}, {r['inner_steps']} inner steps, "
               f"{r['cg_steps']} CG steps, HF {r['hf_newton_steps']} Newton steps, "
@@ -525,6 +635,26 @@ def main(argv=None):
               f"{c.get('rel_err_vs_torchopt') or c.get('torchopt_error')})")
     print(f"\nwrote {out} ({payload['seconds']:.0f} s)")
     return payload
+
+
+def _hvp_lines(r) -> list[str]:
+    h = r["hvp_cost"]
+    ratio = h["ratio_to_grad"]
+    lines = [f"{r['setting']} M={r['meta_batch']}: one gradient {h['grad']['median_s'] * 1e3:.1f} ms;"
+             " HVP / gradient: " + ", ".join(f"{k} {v:.2f}x" for k, v in ratio.items())]
+    c = h.get("compiled")
+    if c and "error" in c:
+        lines.append(f"{r['setting']}: compiled HVP failed: {c['error']}")
+    elif c:
+        lines.append(
+            f"{r['setting']}: compiled HVP {c['steady_median_s'] * 1e3:.1f} ms "
+            f"({c['ratio_to_grad']:.2f} gradients), first call (compilation) "
+            f"{c['first_call_s']:.1f} s; speed-up vs eager forward-over-reverse "
+            f"{c['speedup_vs_eager_forward_over_reverse_one_fold']:.2f}x (one fold), "
+            f"{c['speedup_vs_eager_forward_over_reverse']:.2f}x (default layout), vs the exact "
+            f"product per CG step {c['speedup_vs_exact_per_cg_product']:.2f}x; rel. err. vs "
+            f"eager {c['rel_err_vs_eager']:.1e}")
+    return lines
 
 
 if __name__ == "__main__":

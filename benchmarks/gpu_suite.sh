@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The GPU suite for a lent H100/H200 (python 3.12 with torch preinstalled, no network).
 #   bash benchmarks/gpu_suite.sh quick   build, CUDA tests, short benchmarks   (~3 min)
-#   bash benchmarks/gpu_suite.sh full    long benchmarks, Fig. 2b, training preset (<= 5 min;
-#                                        PRESET_MAX_TIME caps the training, default 100 s)
+#   bash benchmarks/gpu_suite.sh full    long benchmarks, Fig. 2b, compiled HVP, training preset
+#                                        (<= 9 min; PRESET_MAX_TIME caps the training, default 100 s)
 # Writes JSON, PNG and logs under $OUT (default ./gpu_out) and prints a summary table last.
 # Omniglot: IMAML_DATA if set, else .cache/gpu_data (an uncommitted copy carried to the machine,
 # made by `make gpu-data`), else the package's embedded subset.
@@ -50,6 +50,9 @@ elif [ "$stage" = full ]; then
   have benchmarks/bench_kernels.py && step bench_kernels 70 "$PY" benchmarks/bench_kernels.py --device cuda --out "$OUT/kernels_cuda.json"
   have benchmarks/fig2b_compute_memory.py && step fig2b 60 "$PY" benchmarks/fig2b_compute_memory.py --device cuda --quick --out "$OUT/fig2b_cuda.json"
   have benchmarks/bench_meta_gradient.py && step bench_meta_gradient 60 "$PY" benchmarks/bench_meta_gradient.py --device cuda --quick --out "$OUT/meta_gradient_cuda.json"
+  # torch.compile's conv-net HVP against eager and one gradient (compilation timed apart; the
+  # JSON is written after each setting, so a cut-short run keeps 5-way 1-shot).
+  have benchmarks/bench_meta_gradient.py && step hvp_compiled 240 "$PY" benchmarks/bench_meta_gradient.py --device cuda --hvp-only --compile-hvp --hvp-repeats 5 --out "$OUT/hvp_compiled_cuda.json"
   have benchmarks/gpu_train_preset.sh && step train_preset 150 env MAX_TIME="${PRESET_MAX_TIME:-100}" bash benchmarks/gpu_train_preset.sh
 else
   echo "usage: $0 quick|full" >&2; exit 2

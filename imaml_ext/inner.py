@@ -119,11 +119,11 @@ def gd(task_loss: TaskLoss, theta_b: Mapping[str, torch.Tensor], x: torch.Tensor
     else:
         phi = {k: v.detach() for k, v in phi.items()}
         theta = {k: v.detach() for k, v in theta.items()}
-        for _ in range(steps):
+        for i in range(steps):
             gs, losses, _ = task_loss.grad(phi, x, y)
             if loss_first is None:
                 loss_first = losses.detach()
-            phi = {k: _step(phi[k], gs[k], theta[k], lr, lam_in_steps) for k in names}
+            phi = _step_all(phi, gs, theta, names, lr, lam_in_steps, owned=i > 0)
         if proximal == "authors" and lam > 0:
             phi = {k: phi[k] - (lr * lam) * (phi[k] - theta[k]) for k in names}
     final = train_loss(task_loss, phi, x, y) if final_loss else None
@@ -139,6 +139,27 @@ def _step(p, g, t, lr, lam):
     if lam == 0.0:
         return p - lr * g
     return p - lr * (g + lam * (p - t))
+
+
+def _step_all(phi, gs, theta, names, lr, lam, owned: bool):
+    """`_step` on every leaf (no graph) with multi-tensor (_foreach) ops, updating the fresh
+    gradients in place and phi too once it is our own buffer (owned; the first step's phi is
+    theta, often a broadcast view): the same operations in the same order as `_step`, so the
+    same values bit for bit, without five new (M, P)-sized tensors a step (on the CPU those
+    were a seventh of a step's time on the Omniglot conv net, 5-way 1-shot, M=32)."""
+    P = [phi[k] for k in names]
+    G = [gs[k] for k in names]
+    if lam != 0.0:
+        d = torch._foreach_sub(P, [theta[k] for k in names])
+        torch._foreach_mul_(d, lam)
+        torch._foreach_add_(d, G)  # lam (p - t) + g: the same sum as g + lam (p - t)
+        G = d
+    torch._foreach_mul_(G, lr)
+    if owned:
+        torch._foreach_sub_(P, G)
+    else:
+        P = torch._foreach_sub(P, G)
+    return dict(zip(names, P))
 
 
 def objective(task_loss: TaskLoss, phi, theta, x, y, lam: float) -> torch.Tensor:

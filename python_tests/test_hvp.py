@@ -239,3 +239,117 @@ def test_bad_arguments():
         TaskLoss(model, "hinge")
     with pytest.raises(ValueError, match="model must be an nn.Module"):
         TaskLoss(lambda x: x)
+
+
+# ---- task chunks (the CPU evaluates a chunk of tasks at a time) ------------------------------------
+
+@pytest.mark.parametrize("chunk", [1, 2])
+def test_task_chunks_same_losses_gradients_and_outputs(chunk):
+    model, params_b, x, y = conv_setup(M=3)  # chunk 2: uneven chunks of 2 and 1 tasks
+    whole, part = TaskLoss(model, task_chunk=3), TaskLoss(model, task_chunk=chunk)
+    assert [s.stop - s.start for s in part.chunks(x)] == ([1, 1, 1] if chunk == 1 else [2, 1])
+    assert whole.chunks(x) == [slice(0, 3)]
+    for mode in ("grad", "hvp"):
+        torch.testing.assert_close(part.outputs(params_b, x, mode=mode),
+                                   whole.outputs(params_b, x, mode=mode))
+    g1, l1, o1 = part.grad(params_b, x, y)
+    g2, l2, o2 = whole.grad(params_b, x, y)
+    assert_close_dict(g1, g2)
+    torch.testing.assert_close(l1, l2)
+    torch.testing.assert_close(o1, o2)
+    # inside torch.func transforms (split + cat): the gradient of the chunked summed loss
+    gf = torch.func.grad(lambda p: part(p, x, y, mode="hvp").sum())(params_b)
+    assert_close_dict(gf, g2)
+
+
+@pytest.mark.parametrize("kind", ["exact", "forward_over_reverse", "double_backward", "ggn"])
+def test_task_chunks_same_hvp(kind):
+    model, params_b, x, y = conv_setup(M=3)
+    v = {k: torch.randn_like(t) for k, t in params_b.items()}
+    Hc = make_hvp(TaskLoss(model, task_chunk=2), params_b, x, y, kind)
+    Hw = make_hvp(TaskLoss(model, task_chunk=3), params_b, x, y, kind)
+    assert Hc._parts is not None and Hw._parts is None
+    assert_close_dict(Hc(v), Hw(v))
+    flat_v, spec = flatten_params(v)
+    torch.testing.assert_close(Hc.flat(flat_v), Hw.flat(flat_v))
+    lc, gc = Hc.value_and_grad()
+    lw, gw = Hw.value_and_grad()
+    torch.testing.assert_close(lc, lw)
+    assert_close_dict(gc, gw)
+    if kind != "ggn":
+        assert_close_dict(Hc(v), loop_hvp(model, params_b, x, y, v))
+
+
+def test_task_chunk_default_follows_the_activation_budget(monkeypatch):
+    import imaml_ext.hvp as hvp_mod
+    model, params_b, x, y = conv_setup(M=5)  # largest activation: 6 x 4 x 16 x 16 per task
+    per_task = 6 * 4 * 16 * 16 * x.element_size()
+    tl = TaskLoss(model)
+    assert tl.chunk_size(x) == 5  # far under the default budget: one chunk
+    monkeypatch.setattr(hvp_mod, "CHUNK_BYTES", 2 * per_task)
+    tl = TaskLoss(model)
+    assert [s.stop - s.start for s in tl.chunks(x)] == [2, 2, 1]
+    monkeypatch.setattr(hvp_mod, "CHUNK_BYTES", 1)
+    assert TaskLoss(model).chunk_size(x) == 1
+    assert TaskLoss(model, task_chunk=4).chunks(x) == [slice(0, 3), slice(3, 5)]  # balanced
+    mlp, pm, xm, _ = mlp_setup()
+    assert TaskLoss(mlp, backend="vmap").chunk_size(xm) == 3  # vmap backend: never chunked
+    with pytest.raises(ValueError, match="task_chunk"):
+        TaskLoss(model, task_chunk=0)
+
+
+def test_one_task_chunk_runs_channels_last():
+    # One task of a 1-channel input: both layouts are "contiguous"; the conv stage must still
+    # run channels-last (oneDNN's NCHW max-pooling is several times slower).
+    from imaml_ext.hvp import _folded_forward
+    model, params_b, x, y = conv_setup(M=1)
+    tl = TaskLoss(model, channels_last=True)
+    first_conv = _folded_forward(tl._plan[:1], params_b, x, channels_last=True)  # (1, N, C, H, W)
+    assert first_conv.shape == (1, 6, 4, 16, 16) and first_conv.stride(2) == 1
+    torch.testing.assert_close(tl.outputs(params_b, x),
+                               TaskLoss(model, backend="vmap").outputs(params_b, x))
+
+
+# ---- torch.compile of the HVP (opt-in) -------------------------------------------------------------
+
+def _inductor_cpu_reason() -> str | None:
+    """Why torch.compile cannot run on the CPU here, or None."""
+    import shutil
+    if not hasattr(torch, "compile"):
+        return "torch.compile is unavailable in this torch"
+    try:
+        from torch._inductor import cpp_builder
+        cxx = cpp_builder.get_cpp_compiler()
+    except Exception as exc:  # noqa: BLE001 - any failure to find a compiler means "skip"
+        return f"no C++ compiler for Inductor: {type(exc).__name__}: {exc}"
+    if shutil.which(cxx) is None and not __import__("os").path.exists(cxx):
+        return f"Inductor's C++ compiler {cxx!r} is not on PATH"
+    return None
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(_inductor_cpu_reason() is not None, reason=str(_inductor_cpu_reason()))
+def test_compiled_hvp_equals_eager_float64():
+    # One conv block (conv, BatchNorm, ReLU, max-pool) and a head: the layers whose tangent work
+    # Inductor fuses, in a graph small enough to compile in seconds.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1),
+                          nn.BatchNorm2d(3, track_running_stats=False), nn.ReLU(),
+                          nn.MaxPool2d(2), nn.Flatten(), nn.Linear(3 * 4 * 4, 3)).to(DT)
+    params_b = {k: t.detach() + 0.1 * torch.randn(2, *t.shape, dtype=DT)
+                for k, t in model.named_parameters()}
+    x, y = torch.randn(2, 6, 1, 8, 8, dtype=DT), torch.randint(0, 3, (2, 6))
+    v = {k: torch.randn_like(t) for k, t in params_b.items()}
+    tl = TaskLoss(model)
+    Hc = make_hvp(tl, params_b, x, y, "exact", compile=True)
+    assert Hc.kind == "forward_over_reverse" and Hc.compiled
+    want = make_hvp(tl, params_b, x, y, "double_backward")(v)
+    assert_close_dict(Hc(v), want)
+    # a new point reuses the compiled code (same shapes): still the right product
+    p2 = {k: t + 0.01 for k, t in params_b.items()}
+    H2 = make_hvp(tl, p2, x, y, compile=True)
+    flat_v, spec = flatten_params(v)
+    torch.testing.assert_close(H2.flat(flat_v),
+                               spec.flatten(make_hvp(tl, p2, x, y, "double_backward")(v)))
+    with pytest.raises(ValueError, match="compile=True"):
+        make_hvp(tl, params_b, x, y, "ggn", compile=True)

@@ -165,3 +165,24 @@ def test_hf_bad_arguments():
         hessian_free(tl, tb, x, y, lam=1.0, cg_steps=0)
     with pytest.raises(ValueError, match="line search"):
         hessian_free(tl, tb, x, y, lam=1.0, backtrack=1.5)
+
+
+@pytest.mark.parametrize("lam", [0.0, 2.0])
+@pytest.mark.parametrize("owned", [False, True])
+def test_multi_tensor_step_is_bitwise_the_plain_step(lam, owned):
+    # gd's no-graph loop updates all leaves with _foreach ops; the same operations in the same
+    # order as _step, so float32 results agree bit for bit (a broadcast theta included).
+    from imaml_ext.inner import _step, _step_all
+    torch.manual_seed(0)
+    theta = {"w": torch.randn(3, 4).unsqueeze(0).expand(5, 3, 4), "b": torch.randn(5, 7)}
+    phi = {k: v + 0.1 * torch.randn(v.shape) for k, v in theta.items()}
+    g = {k: torch.randn(v.shape) for k, v in theta.items()}
+    want = {k: _step(phi[k], g[k], theta[k], 0.1, lam) for k in phi}
+    start = {k: v.clone() for k, v in phi.items()}
+    got = _step_all(start, {k: v.clone() for k, v in g.items()}, theta, list(phi), 0.1, lam,
+                    owned=owned)
+    for k in want:
+        assert torch.equal(got[k], want[k]), k
+        # not ours (e.g. theta itself): left untouched; ours: updated in place
+        assert (got[k] is start[k]) == owned and torch.equal(start[k], want[k] if owned
+                                                               else phi[k]), k
