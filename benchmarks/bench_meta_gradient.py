@@ -4,7 +4,9 @@ computing iMAML's, measured in the same run.
 Contenders (all on the paper's 4-block, 64-filter conv net, random images: cost does not depend
 on pixel values):
 - ours, batched over the meta-batch: imaml-gd, imaml-hf, maml, fomaml, reptile
-  (imaml_ext.algorithms.make_algorithm: lam=2, lr=0.1, 5 CG steps, paper's inner steps).
+  (imaml_ext.algorithms.make_algorithm: lam=2, lr=0.1, 5 CG steps, paper's inner steps), and
+  "imaml-gd-one-fold": imaml-gd with all M tasks in one fold, the layout before the CPU's task
+  chunks (imaml_ext.hvp), timed in the same rounds.
 - "authors-loop": a faithful re-implementation of the iMAML authors' training step
   (aravindr93/imaml_dev, examples/omniglot_implicit_maml.py): one task at a time; an nn.Module
   and torch.optim.SGD for the inner loop with a host read of the loss every step; pre/post
@@ -70,6 +72,9 @@ from imaml_ext.types import TaskBatch  # noqa: E402
 
 OURS = ("imaml-gd", "imaml-hf", "maml", "fomaml", "reptile")
 PEERS = ("authors-loop", "torchopt")
+# iMAML-GD with every task of the meta-batch in one fold (TaskLoss(task_chunk=M)): the layout
+# before CPU task chunks, timed in the same rounds (the multi-tensor GD step is in both).
+ONE_FOLD = "imaml-gd-one-fold"
 
 # name -> (ways, shots, queries per class, inner GD steps (the paper's), meta-batch,
 #          tasks per round for the per-task peers, tasks for MAML)
@@ -406,6 +411,9 @@ def run_setting(name, spec, args, device):
         a = make_algorithm(algo, **kw)
         n = min(M, nm) if algo == "maml" else M
         contenders[algo] = (n, lambda a=a, n=n: a.meta_gradient(model, params, subset(tasks, n)))
+        if algo == "imaml-gd" and ONE_FOLD in args.methods:
+            a1 = _one_fold(make_algorithm(algo, **kw), model, M)
+            contenders[ONE_FOLD] = (M, lambda a1=a1: a1.meta_gradient(model, params, tasks))
     if "authors-loop" in args.methods:
         fast = make_model("omniglot", ways).to(device)
         loop = AuthorsLoop(fast, lam, steps, lr, cg_steps, lam_damping=cg_lam - lam)
@@ -424,7 +432,7 @@ def run_setting(name, spec, args, device):
     # machine conditions: on a shared VM the CPU's speed drifts by several x over seconds.
     for key in contenders:
         _warm_fn(key, model, params, tasks, contenders[key][0], args, lam, lr, cg_steps)()
-    head = [k for k in ("imaml-gd", "authors-loop", "torchopt") if k in contenders]
+    head = [k for k in ("imaml-gd", ONE_FOLD, "authors-loop", "torchopt") if k in contenders]
     rest = [k for k in contenders if k not in head]
     times = {k: [] for k in contenders}
     cpu = {k: [] for k in contenders}
@@ -467,7 +475,7 @@ def run_setting(name, spec, args, device):
     if "imaml-gd" in res:
         n0 = res["imaml-gd"]["tasks_timed"]
         sp = {}
-        for peer in PEERS:
+        for peer in PEERS + (ONE_FOLD,):
             if peer not in res:
                 continue
             n1 = res[peer]["tasks_timed"]
@@ -517,12 +525,21 @@ def imaml_gd_phases(model, params, tasks, device, steps, lam, lr, cg_steps, cg_l
     return out
 
 
+def _one_fold(algo, model, M):
+    """algo with its TaskLoss for `model` fixed to one fold of M tasks (no CPU task chunks)."""
+    algo._tl_cache = (model, TaskLoss(model, algo.config.loss, algo.config.backend,
+                                      task_chunk=M))
+    return algo
+
+
 def _warm_fn(key, model, params, tasks, n, args, lam, lr, cg_steps):
     """One cheap call of a contender on the shapes it is timed on (1 inner step)."""
     part = subset(tasks, n)
-    if key in OURS:
-        a = make_algorithm(key, lam=lam, inner_lr=lr, cg_steps=min(cg_steps, 1), hvp=args.hvp,
-                           inner_steps=1)
+    if key in OURS or key == ONE_FOLD:
+        a = make_algorithm("imaml-gd" if key == ONE_FOLD else key, lam=lam, inner_lr=lr,
+                           cg_steps=min(cg_steps, 1), hvp=args.hvp, inner_steps=1)
+        if key == ONE_FOLD:
+            a = _one_fold(a, model, n)
         return lambda: a.meta_gradient(model, params, part)
     if key == "authors-loop":
         fast = make_model("omniglot", int(tasks.y_support.max()) + 1).to(tasks.x_support.device)
@@ -562,7 +579,7 @@ def main(argv=None):
                     help="tasks per round for the per-task peers (cost linear in it)")
     ap.add_argument("--maml-tasks", type=int, default=None,
                     help="tasks MAML is timed on (its memory grows with tasks x steps)")
-    ap.add_argument("--methods", default=",".join(OURS + PEERS))
+    ap.add_argument("--methods", default=",".join(OURS + (ONE_FOLD,) + PEERS))
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     ap.add_argument("--hvp-repeats", type=int, default=2,
                     help="timed calls of each HVP / gradient in the hvp_cost block")
