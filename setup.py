@@ -102,12 +102,18 @@ def make_extension():
     opt = ["-O0", "-g"] if debug else ["-O3"]
     # No -march=native: the CPU kernels pick AVX2/FMA at run time (csrc/cpu/simd.h).
     # No -std: torch.utils.cpp_extension adds the standard its headers need (C++17 or C++20).
-    cxx = opt + ["-fno-math-errno"]
+    # -fopenmp: at::parallel_for is an inline template that runs in parallel only when the
+    # including translation unit is compiled with OpenMP (ATen/ParallelOpenMP.h defines
+    # INTRA_OP_PARALLEL under _OPENMP); without it every CPU kernel runs on one thread. Linking
+    # with -fopenmp records libgomp.so.1, the soname torch's own bundled libgomp carries, so the
+    # process keeps one OpenMP runtime.
+    cxx = opt + ["-fno-math-errno", "-fopenmp"]
+    link = ["-fopenmp"]
     macros = [("IMAML_TORCH_VERSION", f'"{torch.__version__}"')]
     if not with_cuda:
         return CppExtension(
             "imaml_ext._C", cpu_sources, extra_compile_args={"cxx": cxx}, define_macros=macros,
-            include_dirs=[str(ROOT / "csrc")],
+            include_dirs=[str(ROOT / "csrc")], extra_link_args=link,
         ), False, ""
     if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
         os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0"
@@ -120,7 +126,7 @@ def make_extension():
     return CUDAExtension(
         "imaml_ext._C", cpu_sources + cuda_sources,
         extra_compile_args={"cxx": cxx, "nvcc": nvcc}, define_macros=macros,
-        include_dirs=[str(ROOT / "csrc")] + nvidia_wheel_includes(),
+        include_dirs=[str(ROOT / "csrc")] + nvidia_wheel_includes(), extra_link_args=link,
     ), True, archs
 
 

@@ -69,6 +69,13 @@ pybind11::dict build_info() {
 #endif
   info["cuda_archs"] = std::string(IMAML_CUDA_ARCHS);
   info["torch_version"] = std::string(IMAML_TORCH_VERSION);
+  // at::parallel_for spreads the CPU kernels' systems over torch's threads only when the
+  // extension is compiled with OpenMP (setup.py adds -fopenmp); otherwise they run serially.
+#ifdef _OPENMP
+  info["cpu_parallel"] = std::string("openmp");
+#else
+  info["cpu_parallel"] = std::string("serial");
+#endif
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
   // The same tests, in the same order, as the resolver of the IMAML_SIMD kernels
   // (csrc/cpu/simd_clones.h: target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")).

@@ -72,13 +72,15 @@ def available() -> bool:
 
 
 def build_info() -> dict:
-    """What was built: {'extension', 'cpu', 'cuda', 'cuda_archs', 'torch_version', 'cpu_simd'}.
+    """What was built: {'extension', 'cpu', 'cuda', 'cuda_archs', 'torch_version', 'cpu_simd',
+    'cpu_parallel'} ('cpu_parallel': "openmp" when the CPU kernels use torch's threads).
 
     With no extension loaded, 'extension' is False and 'reason' says why.
     """
     if _C is None:
         return {"extension": False, "reason": _reason, "cpu": False, "cuda": False,
-                "cuda_archs": "", "torch_version": torch.__version__, "cpu_simd": None}
+                "cuda_archs": "", "torch_version": torch.__version__, "cpu_simd": None,
+                "cpu_parallel": None}
     return {"extension": True, **_C.build_info()}
 
 

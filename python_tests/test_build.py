@@ -18,10 +18,13 @@ def run_py(code: str, **env) -> subprocess.CompletedProcess:
 
 def test_build_info_fields():
     info = imaml_ext.build_info()
-    assert set(info) >= {"extension", "cpu", "cuda", "cuda_archs", "torch_version", "cpu_simd"}
+    assert set(info) >= {"extension", "cpu", "cuda", "cuda_archs", "torch_version", "cpu_simd",
+                         "cpu_parallel"}
     assert info["torch_version"] == torch.__version__
     if info["extension"]:
         assert info["cpu"] is True
+        # Without OpenMP at::parallel_for silently runs every CPU kernel on one thread.
+        assert info["cpu_parallel"] == "openmp"
         assert info["cpu_simd"] in ("avx512 (x86-64-v4)", "avx2+fma (x86-64-v3)", "baseline")
         if info["cuda"]:
             assert info["cuda_archs"]
