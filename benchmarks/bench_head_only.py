@@ -45,7 +45,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from common import RESULTS, environment, machine_line, time_once, write_json  # noqa: E402
+from common import (RESULTS, environment, machine_line, pick_device, time_once,  # noqa: E402
+                    write_json)
 
 from imaml_ext import train as tr  # noqa: E402
 from imaml_ext.algorithms import IMAMLGD, make_algorithm  # noqa: E402
@@ -131,11 +132,12 @@ def correctness(queries: int) -> dict:
 
 # ---- 2. speed -------------------------------------------------------------------------------
 
-def time_setting(ways: int, shots: int, M: int, queries: int, rounds: int) -> dict:
+def time_setting(ways: int, shots: int, M: int, queries: int, rounds: int,
+                 device: torch.device = torch.device("cpu")) -> dict:
     torch.manual_seed(0)
-    model = make_model("omniglot", ways)
+    model = make_model("omniglot", ways).to(device)
     params = {k: v.detach().clone() for k, v in model.named_parameters()}
-    tasks = random_tasks(ways, shots, queries, M)
+    tasks = random_tasks(ways, shots, queries, M).to(device=device)
     warm = TaskBatch(*(x[:1] for x in tasks))
     keys = [(a, d) for a in ALGOS for d in ADAPTS]
     algos = {k: algorithm(k[0], k[1], ways) for k in keys}
@@ -148,7 +150,7 @@ def time_setting(ways: int, shots: int, M: int, queries: int, rounds: int) -> di
         for k in order:
             res = {}
             times[k].append(time_once(lambda: res.update(
-                m=algos[k].meta_gradient(model, params, tasks)[1])))
+                m=algos[k].meta_gradient(model, params, tasks)[1]), device))
             m = res["m"]
             info[k] = {"cg_iterations_mean": float(m["cg_iterations"].float().mean()),
                        "cg_status_counts": torch.bincount(m["cg_status"].clamp(min=0),
@@ -157,7 +159,7 @@ def time_setting(ways: int, shots: int, M: int, queries: int, rounds: int) -> di
             print(f"  {ways}w{shots}s M={M} round {r + 1}: {LABEL[k]:22s} {times[k][-1]:8.3f} s",
                   flush=True)
     out = {"setting": f"{ways}w{shots}s", "ways": ways, "shots": shots, "queries": queries,
-           "meta_batch": M, "rounds": rounds, "results": {}}
+           "meta_batch": M, "rounds": rounds, "device": str(device), "results": {}}
     for k in keys:
         med = statistics.median(times[k])
         out["results"][f"{k[0]}/{k[1]}"] = {"label": LABEL[k], "median_s": med,
@@ -179,7 +181,7 @@ def per_task_accuracy(algo, model, params, sampler, n: int) -> torch.Tensor:
 
 
 def train_and_eval(args, runs: Path) -> dict:
-    base = dict(dataset="omniglot", ways=5, shots=1, queries=args.train_queries,
+    base = dict(dataset="omniglot", ways=5, shots=1, queries=args.train_queries, device=args.device,
                 meta_batch=args.train_meta_batch, steps=args.train_steps, val_every=0,
                 ckpt_every=0, log_every=max(args.train_steps, 1), quiet=True, seed=0,
                 data_root=args.data_root)
@@ -259,10 +261,11 @@ def train_and_eval(args, runs: Path) -> dict:
 
 def markdown(report: dict) -> str:
     env = report["environment"]
-    lines = ["# Head-only adaptation against full adaptation (iMAML-GD, iMAML-HF), CPU", "",
+    dev = str(report["args"].get("device", "cpu"))
+    where = "CPU" if dev == "cpu" else dev
+    lines = [f"# Head-only adaptation against full adaptation (iMAML-GD, iMAML-HF), {where}", "",
              f"Machine: {machine_line(env)}; load average at the end "
-             f"{', '.join(f'{x:.1f}' for x in env.get('load_average', []))} (shared with other "
-             f"jobs). Commit {env.get('git_commit')}, {env['date']}; the whole run took "
+             f"{', '.join(f'{x:.1f}' for x in env.get('load_average', []))}. Commit {env.get('git_commit')}, {env['date']}; the whole run took "
              f"{report['total_seconds']:.0f} s.", "",
              f"Produced by: `{report['command']}`", ""]
     c = report["correctness"]
@@ -323,13 +326,20 @@ def main(argv=None) -> int:
     p.add_argument("--eval-meta-batch", type=int, default=25)
     p.add_argument("--no-equal-time", dest="equal_time", action="store_false")
     p.add_argument("--data-root", default=None, help="default $IMAML_DATA")
-    p.add_argument("--out", default=str(RESULTS / "head_only_cpu"))
+    p.add_argument("--device", default="cpu",
+                   help="cpu, cuda or auto: timing and meta-training (the correctness check runs "
+                   "on the CPU in float64)")
+    p.add_argument("--out", default=None, help="default benchmarks/results/head_only_<device>")
     args = p.parse_args(argv)
+    device = pick_device(args.device)
+    args.device = str(device)
+    if args.out is None:
+        args.out = str(RESULTS / f"head_only_{device.type}")
     if args.quick:
         args.settings, args.rounds = "5w1s:2", 1
         args.train_steps, args.train_meta_batch, args.eval_tasks = 2, 2, 10
         args.equal_time = False
-        if args.out == str(RESULTS / "head_only_cpu"):
+        if args.out == str(RESULTS / f"head_only_{device.type}"):
             args.out = str(Path(tempfile.gettempdir()) / "head_only_quick")
     torch.set_num_threads(args.threads)
     settings = []
@@ -338,13 +348,13 @@ def main(argv=None) -> int:
         ways, shots = spec.rstrip("s").split("w")
         settings.append((int(ways), int(shots), args.meta_batch or int(mb or 32)))
     t_start = time.perf_counter()
-    print(f"bench_head_only on {machine_line(environment('cpu'))}", flush=True)
+    print(f"bench_head_only on {machine_line(environment(device))}", flush=True)
     corr = correctness(args.queries)
     print(f"correctness: {corr}", flush=True)
     if not corr["passed"]:
         print("correctness check FAILED: not timing", file=sys.stderr)
         return 1
-    speed = [time_setting(w, s, m, args.queries, args.rounds) for w, s, m in settings]
+    speed = [time_setting(w, s, m, args.queries, args.rounds, device) for w, s, m in settings]
     accuracy = None
     if args.train:
         with tempfile.TemporaryDirectory(prefix="head_only_runs_") as runs:
@@ -355,7 +365,7 @@ def main(argv=None) -> int:
               "command": ("IMAML_DATA=/work/shared/data " if args.train and not args.data_root
                           else "") + cmd.strip(),
               "correctness": corr, "speed": speed, "accuracy": accuracy,
-              "total_seconds": time.perf_counter() - t_start, "environment": environment("cpu")}
+              "total_seconds": time.perf_counter() - t_start, "environment": environment(device)}
     out = Path(args.out)
     write_json(out.with_suffix(".json"), report)
     md = markdown(report)

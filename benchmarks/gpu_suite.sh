@@ -50,6 +50,8 @@ elif [ "$stage" = full ]; then
   have benchmarks/bench_kernels.py && step bench_kernels 70 "$PY" benchmarks/bench_kernels.py --device cuda --out "$OUT/kernels_cuda.json"
   have benchmarks/fig2b_compute_memory.py && step fig2b 60 "$PY" benchmarks/fig2b_compute_memory.py --device cuda --quick --out "$OUT/fig2b_cuda.json"
   have benchmarks/bench_meta_gradient.py && step bench_meta_gradient 60 "$PY" benchmarks/bench_meta_gradient.py --device cuda --quick --out "$OUT/meta_gradient_cuda.json"
+  # Head-only (ANIL-style) against full adaptation, timing only, the paper's meta-batch.
+  have benchmarks/bench_head_only.py && step head_only 120 "$PY" benchmarks/bench_head_only.py --device cuda --no-train --settings 5w1s:32,20w5s:32 --out "$OUT/head_only_cuda"
   # torch.compile's conv-net HVP against eager and one gradient (compilation timed apart; the
   # JSON is written after each setting, so a cut-short run keeps 5-way 1-shot).
   have benchmarks/bench_meta_gradient.py && step hvp_compiled 240 "$PY" benchmarks/bench_meta_gradient.py --device cuda --hvp-only --compile-hvp --hvp-repeats 5 --out "$OUT/hvp_compiled_cuda.json"

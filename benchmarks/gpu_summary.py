@@ -13,6 +13,15 @@ def lines_for(name: str, data: dict):
             yield (f"{name}: lstsq CG B={r['B']} n={r['n']} d={r['d']}: imaml_ext "
                    f"{r['times_s']['imaml_ext'] * 1e3:.3f} ms, {r['speedup_vs_fastest_other']:.2f}x "
                    f"vs {r['fastest_other']}")
+    if data.get("benchmark") == "head_only":
+        for sp in data.get("speed") or []:
+            res = sp["results"]
+            for algo in ("imaml-gd", "imaml-hf"):
+                a, h = res.get(f"{algo}/all"), res.get(f"{algo}/head")
+                if a and h:
+                    yield (f"{name}: {sp['setting']} M={sp['meta_batch']} {algo}: all "
+                           f"{a['median_s']:.3f} s, head {h['median_s']:.3f} s, "
+                           f"{sp[f'speedup_{algo}']['median']:.1f}x")
     for key in ("summary", "summary_lines"):
         val = data.get(key)
         if isinstance(val, list):
