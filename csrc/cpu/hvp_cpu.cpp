@@ -9,7 +9,8 @@
 //
 // Probabilities: the standalone HVP recomputes p_i = softmax(W f_i + bias) on its single pass
 // over F (computing the logits shares every load of f_i with z_i = V f_i + vb, so that is one
-// pass over F, and no (B, n, c) buffer is written). The solver computes them once per system
+// pass over F, and no (B, n, c) buffer is written), except for short features and many classes,
+// where the scalar exps dominate and torch's vectorised softmax fills a buffer first. The solver computes them once per system
 // before its first iteration into an (n, c) buffer, since W and bias do not change across
 // iterations: that halves the dot products of every later product for a buffer that is c/f of
 // F's size.
@@ -32,7 +33,7 @@ namespace {
 // Samples per parallel_for task when one system's samples are split over the threads.
 constexpr int64_t kSampleGrain = 4;
 
-// Accumulates H-products of one system into acc = [accW (c*f), accb (c), work (2c)]; with
+// Accumulates H-products of one system into acc = [accW (c*f), accb (c), work]; with
 // `parallel`, the samples are split over `nthreads` accumulators of `stride` entries, which are
 // summed into the first. probs may be null (computed from W, bias on the same pass).
 template <typename scalar_t>
@@ -103,9 +104,16 @@ std::tuple<at::Tensor, at::Tensor> softmax_head_hvp_cpu(const at::Tensor& F_in,
   auto outb = at::empty(vb.sizes(), vb.options());
   const int nthreads = at::get_num_threads();
   const bool inner = B < nthreads;
-  const int64_t stride = c * (f + 1) + 2 * c;
+  const int64_t stride = c * (f + 1) + simd::softmax_head_work(f, c);
   auto scratch = at::empty({nthreads, stride}, F.options());
   const double factor = softmax_head_factor(scale, n);
+  // Short features and many classes (f < 8c, e.g. the 20-way head, f = 64, c = 20): the c
+  // scalar exps per sample cost more than its products, so the probabilities come first from
+  // torch's vectorised softmax, one (B, n, c) buffer, instead of on the pass over F.
+  at::Tensor probs;
+  if (n > 0 && f < 8 * c) {
+    probs = at::softmax(at::baddbmm(bias.unsqueeze(1), F, W.transpose(1, 2)), -1).contiguous();
+  }
   AT_DISPATCH_FLOATING_TYPES(F.scalar_type(), "softmax_head_hvp_cpu", [&] {
     const auto* Fp = F.data_ptr<scalar_t>();
     const auto* Wp = W.data_ptr<scalar_t>();
@@ -117,9 +125,11 @@ std::tuple<at::Tensor, at::Tensor> softmax_head_hvp_cpu(const at::Tensor& F_in,
     auto* sc = scratch.data_ptr<scalar_t>();
     auto one = [&](int64_t sys, int64_t worker) {
       scalar_t* acc = sc + (inner ? 0 : worker * stride);
-      accumulate_system(Fp + sys * n * f, n, f, c, Wp + sys * c * f, bp + sys * c,
-                        static_cast<const scalar_t*>(nullptr), Vp + sys * c * f, vbp + sys * c,
-                        acc, stride, inner ? nthreads : 1, inner);
+      const scalar_t* pr =
+          probs.defined() ? probs.data_ptr<scalar_t>() + sys * n * c : nullptr;
+      accumulate_system(Fp + sys * n * f, n, f, c, Wp + sys * c * f, bp + sys * c, pr,
+                        Vp + sys * c * f, vbp + sys * c, acc, stride, inner ? nthreads : 1,
+                        inner);
       simd::combine(oW + sys * c * f, Vp + sys * c * f, acc, shift, factor, c * f);
       simd::combine(ob + sys * c, vbp + sys * c, acc + c * f, shift, factor, c);
     };
@@ -147,7 +157,7 @@ SolveResult cg_solve_softmax_head_cpu(const at::Tensor& F_in, const at::Tensor& 
   const auto bias = bias_in.contiguous();
   const int64_t n = F.size(1), f = F.size(2), c = W.size(1);
   const int nthreads = at::get_num_threads();
-  const int64_t stride = c * (f + 1) + 2 * c;
+  const int64_t stride = c * (f + 1) + simd::softmax_head_work(f, c);
   // One accumulator per thread (all of them for one system when samples are split over
   // threads), and one probability buffer per worker.
   auto scratch = at::empty({nthreads, stride}, b.options());

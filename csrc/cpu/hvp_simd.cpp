@@ -13,9 +13,14 @@ namespace imaml_ext {
 namespace simd {
 namespace {
 
+// y += alpha x in whole vectors and a scalar tail: no peeling prologue, which for the short
+// rows of a head (f = 64) cost as much as the arithmetic.
 template <typename T>
 IMAML_INLINE void axpy_impl(T* __restrict__ y, T alpha, const T* __restrict__ x, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) y[i] += alpha * x[i];
+  constexpr int L = kVec<T>;
+  int64_t i = 0;
+  for (; i + L <= n; i += L) vstore(y + i, vload(y + i) + alpha * vload(x + i));
+  for (; i < n; ++i) y[i] += alpha * x[i];
 }
 
 template <typename T>
@@ -30,6 +35,73 @@ IMAML_INLINE void probs_impl(const T* __restrict__ F, int64_t f, int64_t c, int6
   }
 }
 
+// The transposed layout for heads with many classes and short feature vectors (the 20-way
+// Omniglot head: f = 64, c = 20): c dot products of length f each end in a horizontal sum that
+// costs more than the products themselves, so instead z = sum_j f_ij Vt[j, :] runs as f
+// broadcast FMAs into ceil(c / L) vector accumulators (times 4 partial sums over j, for the FMA
+// latency), on V transposed into (f, cp), cp = c padded to whole vectors with zeros.
+template <typename T>
+IMAML_INLINE int64_t padded_classes(int64_t c) {
+  constexpr int L = kVec<T>;
+  return (c + L - 1) / L * L;
+}
+
+template <typename T>
+IMAML_INLINE bool use_transposed(int64_t f, int64_t c) {
+  constexpr int L = kVec<T>;
+  const int64_t nv = padded_classes<T>(c) / L;
+  // vector FMAs per sample: f * nv transposed; c * (f / L + ~6 for the horizontal sum) as dots
+  return nv <= 4 && f * nv < c * ((f + L - 1) / L + 6);
+}
+
+template <typename T>
+IMAML_INLINE void transpose_padded(const T* __restrict__ V, int64_t c, int64_t f, int64_t cp,
+                                   T* __restrict__ Vt) {
+  for (int64_t j = 0; j < f; ++j) {
+    T* row = Vt + j * cp;
+    for (int64_t k = 0; k < c; ++k) row[k] = V[k * f + j];
+    for (int64_t k = c; k < cp; ++k) row[k] = T(0);
+  }
+}
+
+// out[k] = b[k] + sum_j fi[j] Vt[j, k] for k < c; Vt (f, NV * L).
+template <int NV, typename T>
+IMAML_INLINE void tmatvec(const T* __restrict__ Vt, const T* __restrict__ fi, int64_t f,
+                          const T* __restrict__ b, int64_t c, T* __restrict__ out) {
+  constexpr int L = kVec<T>;
+  constexpr int cp = NV * L;
+  vec_t<T> a[4][NV];
+  for (int u = 0; u < 4; ++u)
+    for (int m = 0; m < NV; ++m) a[u][m] = vec_t<T>{};
+  int64_t j = 0;
+  for (; j + 4 <= f; j += 4) {
+#pragma GCC unroll 4
+    for (int u = 0; u < 4; ++u) {
+      const T s = fi[j + u];
+#pragma GCC unroll 4
+      for (int m = 0; m < NV; ++m) a[u][m] += s * vload(Vt + (j + u) * cp + m * L);
+    }
+  }
+  for (; j < f; ++j)
+    for (int m = 0; m < NV; ++m) a[0][m] += fi[j] * vload(Vt + j * cp + m * L);
+  for (int m = 0; m < NV; ++m) {
+    T tmp[L];
+    vstore(tmp, (a[0][m] + a[1][m]) + (a[2][m] + a[3][m]));
+    for (int l = 0; l < L && m * L + l < c; ++l) out[m * L + l] = tmp[l] + b[m * L + l];
+  }
+}
+
+template <typename T>
+IMAML_INLINE void tmatvec_any(const T* Vt, const T* fi, int64_t f, const T* b, int64_t c,
+                              T* out) {
+  switch (padded_classes<T>(c) / kVec<T>) {
+    case 1: tmatvec<1>(Vt, fi, f, b, c, out); break;
+    case 2: tmatvec<2>(Vt, fi, f, b, c, out); break;
+    case 3: tmatvec<3>(Vt, fi, f, b, c, out); break;
+    default: tmatvec<4>(Vt, fi, f, b, c, out); break;
+  }
+}
+
 template <typename T>
 IMAML_INLINE void rows_impl(const T* __restrict__ F, int64_t f, int64_t c, int64_t row_begin,
                             int64_t row_end, const T* __restrict__ W, const T* __restrict__ bias,
@@ -38,6 +110,30 @@ IMAML_INLINE void rows_impl(const T* __restrict__ F, int64_t f, int64_t c, int64
                             T* __restrict__ work) {
   T* p = work;      // (c) this sample's probabilities (when not precomputed)
   T* z = work + c;  // (c) V f_i + vb, then u_i in place
+  if (use_transposed<T>(f, c)) {
+    const int64_t cp = padded_classes<T>(c);
+    T* Vt = work + 2 * c;  // (f, cp)
+    T* Wt = Vt + f * cp;   // (f, cp), when the probabilities are computed here
+    transpose_padded(V, c, f, cp, Vt);
+    if (probs == nullptr) transpose_padded(W, c, f, cp, Wt);
+    for (int64_t i = row_begin; i < row_end; ++i) {
+      const T* fi = F + i * f;
+      tmatvec_any(Vt, fi, f, vb, c, z);
+      const T* pi = p;
+      if (probs != nullptr) {
+        pi = probs + i * c;
+      } else {
+        tmatvec_any(Wt, fi, f, bias, c, p);
+        softmax_inplace(p, c);
+      }
+      softmax_head_u_inplace(pi, z, c);
+      for (int64_t k = 0; k < c; ++k) {
+        axpy_impl(accW + k * f, z[k], fi, f);
+        accb[k] += z[k];
+      }
+    }
+    return;
+  }
   for (int64_t i = row_begin; i < row_end; ++i) {
     const T* fi = F + i * f;
     const T* pi;
