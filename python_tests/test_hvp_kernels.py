@@ -415,3 +415,23 @@ def test_hvp_large_heads(B, n, f, c, device, dtype):
     assert ext[1].tolist() == ref[1].tolist()
     rel = (ext[0] - ref[0]).norm() / ref[0].norm()
     assert rel < (1e-10 if dtype == torch.float64 else 1e-4)
+
+
+@pytest.mark.parametrize("use_ext", BOTH)
+@pytest.mark.parametrize("B,f,c", [(1, 1, 1), (2, 1, 1), (3, 4, 2), (4, 70, 11)])
+def test_no_samples_is_shift_identity(B, f, c, dtype, use_ext):
+    """n = 0: H = 0, so the HVP is shift * v and the solve is b / shift, for every system and
+    thread layout (a system with no samples once made the CPU solver read the null head it is
+    given, since its probabilities buffer was empty)."""
+    g = torch.Generator().manual_seed(3)
+    F = torch.empty(B, 0, f, dtype=dtype)
+    W, V = (torch.randn(B, c, f, generator=g, dtype=torch.float64).to(dtype) for _ in range(2))
+    bias, vb = (torch.randn(B, c, generator=g, dtype=torch.float64).to(dtype) for _ in range(2))
+    HV, Hb = ops.softmax_head_hvp(F, W, bias, V, vb, 0.5, 2.0, use_ext=use_ext)
+    torch.testing.assert_close(HV, 0.5 * V)
+    torch.testing.assert_close(Hb, 0.5 * vb)
+    b = torch.randn(B, c * (f + 1), generator=g, dtype=torch.float64).to(dtype)
+    x, iters, _, status = ops.cg_solve_softmax_head(F, W, bias, b, torch.zeros_like(b), 0.5, 2.0,
+                                                    5, 1e-6, 0.0, use_ext=use_ext)
+    torch.testing.assert_close(x, b / 0.5)
+    assert bool((status == 1).all()) and bool((iters == 1).all()), (status, iters)

@@ -110,6 +110,9 @@ IMAML_INLINE void rows_impl(const T* __restrict__ F, int64_t f, int64_t c, int64
                             T* __restrict__ work) {
   T* p = work;      // (c) this sample's probabilities (when not precomputed)
   T* z = work + c;  // (c) V f_i + vb, then u_i in place
+  // No rows, nothing to add; and the solver passes no W (its probabilities are given) even
+  // where an empty system leaves the probability buffer null, so W is not read here either.
+  if (row_begin >= row_end) return;
   if (use_transposed<T>(f, c)) {
     const int64_t cp = padded_classes<T>(c);
     T* Vt = work + 2 * c;  // (f, cp)
