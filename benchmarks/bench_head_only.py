@@ -315,9 +315,9 @@ def main(argv=None) -> int:
     p.add_argument("--meta-batch", type=int, default=None, help="meta-batch of every setting")
     p.add_argument("--queries", type=int, default=5, help="query images per class (timing)")
     p.add_argument("--rounds", type=int, default=2)
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch threads (default 1: on a 2-core machine shared with other jobs, "
-                   "two threads ran 3-7x slower than one)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads (default: torch's; on a machine shared with other jobs "
+                   "1 gives steadier numbers)")
     p.add_argument("--no-train", dest="train", action="store_false")
     p.add_argument("--train-steps", type=int, default=20)
     p.add_argument("--train-meta-batch", type=int, default=4)
@@ -341,7 +341,8 @@ def main(argv=None) -> int:
         args.equal_time = False
         if args.out == str(RESULTS / f"head_only_{device.type}"):
             args.out = str(Path(tempfile.gettempdir()) / "head_only_quick")
-    torch.set_num_threads(args.threads)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     settings = []
     for s in args.settings.split(","):
         spec, _, mb = s.partition(":")
