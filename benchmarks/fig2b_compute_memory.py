@@ -233,6 +233,9 @@ def plot(rows, path, device, meta_batch, ways, shots):
     axes[1].set(xlabel="inner steps", ylabel="peak memory (MiB)", xscale="log",
                 title="memory vs inner steps")
     axes[2].set(xlabel="CG steps", ylabel="peak memory (MiB)", title="memory vs CG steps")
+    for a in axes[1:]:  # from zero, no offset: a flat curve must look flat
+        a.set_ylim(bottom=0, top=max(a.get_ylim()[1], 1.0) * 1.05)
+        a.ticklabel_format(axis="y", useOffset=False, style="plain")
     for a in axes:
         a.legend()
         a.grid(alpha=0.3)
