@@ -37,9 +37,16 @@ def machine() -> dict:
                    if line.startswith("Model name"))
     except (OSError, StopIteration):
         pass
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"],
+                                cwd=Path(__file__).resolve().parent, capture_output=True,
+                                text=True, timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
     info = {"platform": platform.platform(), "cpu": cpu, "threads": torch.get_num_threads(),
             "torch": torch.__version__, "cuda": torch.version.cuda,
-            "imaml_ext": imaml_ext.build_info()}
+            "imaml_ext": imaml_ext.build_info(), "git_commit": commit,
+            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
     return info
@@ -191,7 +198,6 @@ def run(sizes, device, min_time):
 
 def print_row(row):
     print(f"\nB={row['B']} n={row['n']} d={row['d']} ({row['iterations']} iterations, float32)")
-    t0 = row["times_s"]["imaml_ext"]
     for name, t in sorted(row["times_s"].items(), key=lambda kv: kv[1]):
         ratio = row["speedups"].get(name, 1.0)
         print(f"  {name:28s} {t * 1e3:10.2f} ms (median of {row['rounds']})   {ratio:6.2f}x "
