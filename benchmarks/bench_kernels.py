@@ -78,6 +78,19 @@ def _machine(device: str) -> dict:
     return info
 
 
+def git_commit() -> str | None:
+    """The tree's commit (with "+dirty" for uncommitted changes), so a result names its code."""
+    try:
+        root = Path(__file__).resolve().parent.parent
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root,
+                                capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=root, capture_output=True, text=True, timeout=10).stdout.strip()
+        return (commit + ("+dirty" if dirty else "")) or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
 def _driver_version() -> str | None:
     with contextlib.suppress(OSError, subprocess.SubprocessError, IndexError):
         out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
@@ -257,6 +270,50 @@ def bench_hvps(device, quick, min_run_time):
         row["bytes_read"] = F.numel() * F.element_size()
         rows.append(row)
         print_row(row, f"softmax_head_hvp  B={B} n={n} f={f} c={c}")
+    return rows
+
+
+# The conv net's batch-norm / ReLU / max-pool block as a 5-way 1-shot chunk folds it (8 tasks x 64
+# channels, 5 images) at its first two blocks, and as a 20-way 5-shot task (100 images).
+BLOCKS = [(5, 512, 28, 28), (5, 512, 14, 14), (100, 64, 28, 28)]
+
+
+def bench_blocks(device, quick, min_run_time):
+    """bn_relu_pool forward + backward (the first-order path of the conv net on the CPU) against
+    its reference twin (ATen's batch_norm, max_pool2d, relu) and torch.compile of that twin."""
+    rows = []
+    if device != "cpu":
+        print("\nbn_relu_pool: CPU only (on a GPU the conv net uses cuDNN's kernels)")
+        return rows
+
+    def fwd_bwd(block):
+        def run(h, w, b, g):
+            h, w, b = (t.detach().requires_grad_(True) for t in (h, w, b))
+            out = block(h, w, b)
+            return (out.detach(), *torch.autograd.grad(out, (h, w, b), g))
+        return run
+
+    ref = lambda h, w, b: reference.bn_relu_pool(h, w, b, 1e-5)  # noqa: E731
+    compiled = try_compile(ref, device, quick)
+    for N, C, H, W in BLOCKS[:2] if quick else BLOCKS:
+        g = torch.Generator().manual_seed(N * C + H)
+        h = torch.randn(N, C, H, W, generator=g).contiguous(memory_format=torch.channels_last)
+        w, b = torch.randn(C, generator=g), torch.randn(C, generator=g)
+        go = torch.randn(N, C, H // 2, W // 2, generator=g).contiguous(
+            memory_format=torch.channels_last)
+        truth = fwd_bwd(ref)(h.double(), w.double(), b.double(), go.double())
+        row = {"op": "bn_relu_pool fwd+bwd", "N": N, "C": C, "H": H, "W": W, "times_s": {},
+               "errors": {}, "skipped": {}}
+        run_contenders(row, {
+            "imaml_ext": lambda: fwd_bwd(
+                lambda h, w, b: ops.bn_relu_pool(h, w, b, 1e-5, use_ext=True))(h, w, b, go),
+            "reference": lambda: fwd_bwd(ref)(h, w, b, go),
+            "torch.compile(reference)": compiled if isinstance(compiled, str)
+            else (lambda: fwd_bwd(compiled)(h, w, b, go)),
+        }, truth, device, min_run_time)
+        row["bytes"] = h.numel() * h.element_size()
+        rows.append(row)
+        print_row(row, f"bn_relu_pool fwd+bwd  N={N} C={C} H={H} W={W}")
     return rows
 
 
@@ -471,7 +528,8 @@ def summary_table(rows) -> str:
             "torchopt solve_cg (per system)", "linear_operator linear_cg",
             "scipy cg (per system)"]
     for row in rows:
-        size = " ".join(f"{k}={row[k]}" for k in ("B", "n", "d", "f", "c", "P") if k in row)
+        size = " ".join(f"{k}={row[k]}" for k in ("B", "n", "d", "f", "c", "P", "N", "C", "H",
+                                                   "W") if k in row)
         base = row["times_s"].get("imaml_ext")
         cells = []
         for c in cols:
@@ -494,8 +552,16 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=None,
                     help="torch CPU threads (default: torch's); 1 gives steadier numbers on a "
                          "machine shared with other jobs")
+    ap.add_argument("--sections", default="cg,hvp,blocks",
+                    help="comma-separated: cg (whole-loop solvers), hvp (the fused HVPs), blocks "
+                         "(the conv net's fused batch-norm/ReLU/max-pool block, CPU)")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     args = ap.parse_args(argv)
+    sections = [x.strip() for x in args.sections.split(",") if x.strip()]
+    bad = sorted(set(sections) - {"cg", "hvp", "blocks"})
+    if bad or not sections:
+        ap.error(f"--sections: expected a comma-separated subset of cg,hvp,blocks, got "
+                 f"{args.sections!r}")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -511,19 +577,26 @@ def main(argv=None):
               "dtype": "float32", "cg_iterations": ITERS, "lam": LAM,
               "threads": torch.get_num_threads(), "argv": sys.argv[1:] if argv is None else argv,
               "machine": machine(args.device), "load_average_at_start": load,
-              "copy_GBps": bandwidth / 1e9, "hvp": [], "cg": []}
+              "copy_GBps": bandwidth / 1e9, "sections": sections, "hvp": [], "cg": [],
+              "blocks": [], "git": git_commit()}
 
     def save():
         # Written after every section, so a run cut short still leaves its numbers.
-        result["summary_markdown"] = summary_table(result["hvp"] + result["cg"])
+        result["summary_markdown"] = summary_table(result["hvp"] + result["cg"]
+                                                   + result["blocks"])
         result["wall_s"] = time.perf_counter() - start
         if args.out:
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
 
-    result["cg"] = bench_cg(args.device, args.quick, min_run_time, bandwidth)
-    save()
-    result["hvp"] = bench_hvps(args.device, args.quick, min_run_time)
+    if "cg" in sections:
+        result["cg"] = bench_cg(args.device, args.quick, min_run_time, bandwidth)
+        save()
+    if "hvp" in sections:
+        result["hvp"] = bench_hvps(args.device, args.quick, min_run_time)
+        save()
+    if "blocks" in sections:
+        result["blocks"] = bench_blocks(args.device, args.quick, min_run_time)
     result["load_average_at_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
     save()
     print("\nTimes as multiples of imaml_ext's time (higher: imaml_ext is faster)\n"

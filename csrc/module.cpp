@@ -54,6 +54,16 @@ TORCH_LIBRARY(imaml_ext, m) {
   m.def(
       "cg_solve_softmax_head(Tensor F, Tensor W, Tensor bias, Tensor b, Tensor x0, float shift, "
       "float scale, int max_iter, float rtol, float atol) -> (Tensor, Tensor, Tensor, Tensor)");
+  // The conv net's block relu(max_pool2d(batch_norm(h), 2)) with batch statistics, fused
+  // (csrc/cpu/bn_pool_cpu.cpp). h: (N, C, H, W) channels-last; weight, bias: (C,). Returns
+  // (out (N, C, H/2, W/2), mean (C,), invstd (C,), hsel: h at each window's arg-max, idx: the
+  // arg-max as uint8 0..3), the last three pooled-size and channels-last. CPU only.
+  m.def("bn_relu_pool(Tensor h, Tensor weight, Tensor bias, float eps) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // Its backward: (grad_h, grad_weight, grad_bias) from grad_out and the forward's saved
+  // outputs. Not differentiable (the block is first-order only).
+  m.def("bn_relu_pool_backward(Tensor grad_out, Tensor h, Tensor weight, Tensor bias, "
+        "Tensor mean, Tensor invstd, Tensor hsel, Tensor idx) -> (Tensor, Tensor, Tensor)");
 }
 
 #ifdef TORCH_EXTENSION_NAME

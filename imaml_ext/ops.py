@@ -263,3 +263,117 @@ if _C is not None:
         B = b.shape[0]
         return (b.new_empty(b.shape), b.new_empty((B,), dtype=torch.int32), b.new_empty((B,)),
                 b.new_empty((B,), dtype=torch.int32))
+
+
+# ---- the fused batch-norm / ReLU / max-pool block (first-order) ----------------------------
+
+def check_bn_relu_pool(op, h, weight, bias, eps):
+    _check_float(op, "h", h)
+    if h.dim() != 4:
+        _fail(op, f"h must be 4-d (N, C, H, W), got shape {tuple(h.shape)}")
+    C = h.shape[1]
+    for name, t in (("weight", weight), ("bias", bias)):
+        _check_like(op, name, t, "h", h)
+        if t.dim() != 1 or t.shape[0] != C:
+            _fail(op, f"{name} must be ({C},) = (C,) for h {tuple(h.shape)}, got {tuple(t.shape)}")
+    if not (math.isfinite(eps) and eps >= 0):
+        _fail(op, f"eps must be finite and >= 0, got {eps}")
+    if h.shape[0] < 1 or h.shape[2] < 2 or h.shape[3] < 2:
+        # (so every channel has at least 4 values, as batch norm needs more than 1)
+        _fail(op, f"h must have a sample and be at least 2x2 for 2x2 max-pooling, got shape "
+                  f"{tuple(h.shape)}")
+
+
+class _FirstOrderOnly(torch.autograd.Function):
+    """Passes the block's gradients through; differentiating them raises. Its inputs include
+    the tensors the gradients depend on, so that any second derivative through the block
+    reaches this node (a node without those edges would be skipped, and the second derivative
+    would come out silently incomplete)."""
+
+    @staticmethod
+    def forward(gh, gw, gb, *deps):
+        return gh.view_as(gh), gw.view_as(gw), gb.view_as(gb)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError(
+            "bn_relu_pool: the fused batch-norm/ReLU/max-pool kernel is first-order only and a "
+            "second derivative was taken through it; use bn_relu_pool(..., use_ext=False), or "
+            "TaskLoss(..., fused_blocks=False) / mode='hvp' for second-order work")
+
+
+class _BnReluPool(torch.autograd.Function):
+    """The compiled block with its compiled backward; differentiating the backward raises
+    (see _FirstOrderOnly)."""
+
+    @staticmethod
+    def forward(h, weight, bias, eps):
+        out, mean, invstd, hsel, idx = torch.ops.imaml_ext.bn_relu_pool(h, weight, bias, eps)
+        return out, mean, invstd, hsel, idx
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        h, weight, bias, _ = inputs
+        _, mean, invstd, hsel, idx = output
+        ctx.save_for_backward(h, weight, bias, mean, invstd, hsel, idx)
+        ctx.mark_non_differentiable(*output[1:])
+
+    @staticmethod
+    def backward(ctx, grad_out, *_):
+        h, weight, bias, mean, invstd, hsel, idx = ctx.saved_tensors
+        g = grad_out.contiguous(memory_format=torch.channels_last)
+        gh, gw, gb = torch.ops.imaml_ext.bn_relu_pool_backward(g, h, weight, bias, mean, invstd,
+                                                               hsel, idx)
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (grad_out, h, weight, bias)):
+            gh, gw, gb = _FirstOrderOnly.apply(gh, gw, gb, grad_out, h, weight, bias)
+        return gh, gw, gb, None
+
+
+def bn_relu_pool(h, weight, bias, eps: float = 1e-5, *, use_ext: bool | None = None):
+    """relu(max_pool2d(batch_norm(h), 2)) with the batch's statistics (training-mode batch norm,
+    no running buffers), 2x2 max-pooling with stride 2, floor mode.
+
+    The compiled CPU kernel (csrc/cpu/bn_pool_cpu.cpp) reads the pre-pool map three times and
+    writes only pooled-size tensors; its backward reads the map once and writes its gradient
+    once. It is first-order: a second derivative through it raises (use_ext=False gives the
+    reference, ATen's ops, differentiable to any order). The kernel is CPU only; on other
+    devices, and when the extension is not loaded, use_ext=None runs the reference.
+
+    Args:
+        h: (N, C, H, W) float32/float64 (made channels-last for the kernel).
+        weight, bias: (C,) batch-norm affine parameters.
+        eps: added to the variance.
+    Returns:
+        (N, C, H // 2, W // 2).
+    """
+    if use_ext is None:
+        use_ext = _C is not None and h.device.type == "cpu"
+    elif use_ext and h.device.type != "cpu":
+        raise RuntimeError(f"bn_relu_pool: use_ext=True but the fused kernel is CPU only; "
+                           f"h is on {h.device}")
+    if use_ext and use_ext_for(True, h):
+        check_bn_relu_pool("bn_relu_pool", h, weight, bias, eps)
+        h = h.contiguous(memory_format=torch.channels_last)
+        return _BnReluPool.apply(h, weight, bias, float(eps))[0]
+    check_bn_relu_pool("bn_relu_pool", h, weight, bias, eps)
+    return reference.bn_relu_pool(h, weight, bias, eps)
+
+
+if _C is not None:
+    @torch.library.register_fake("imaml_ext::bn_relu_pool")
+    def _bn_relu_pool_fake(h, weight, bias, eps):
+        N, C, H, W = h.shape
+        cl = torch.channels_last
+        pooled = (N, C, H // 2, W // 2)
+        return (h.new_empty(pooled).contiguous(memory_format=cl), h.new_empty((C,)),
+                h.new_empty((C,)), h.new_empty(pooled).contiguous(memory_format=cl),
+                h.new_empty(pooled, dtype=torch.uint8).contiguous(memory_format=cl))
+
+    @torch.library.register_fake("imaml_ext::bn_relu_pool_backward")
+    def _bn_relu_pool_backward_fake(grad_out, h, weight, bias, mean, invstd, hsel, idx):
+        return (h.new_empty(h.shape).contiguous(memory_format=torch.channels_last),
+                h.new_empty(weight.shape), h.new_empty(weight.shape))

@@ -151,3 +151,12 @@ def cg_solve_softmax_head(F, W, bias, b, x0, shift: float, scale: float, max_ite
         return shift * v + factor * softmax_head_join(sW, sb)
 
     return _solve(matvec, b, x0, max_iter, rtol, atol)
+
+
+# ---- the conv net's batch-norm / ReLU / max-pool block (csrc/cpu/bn_pool_cpu.cpp) ------------
+
+def bn_relu_pool(h, weight, bias, eps: float):
+    """relu(max_pool2d(batch_norm(h, batch statistics), 2)) for h (N, C, H, W), weight and bias
+    (C,): the block the fused kernel computes, by ATen's own ops (differentiable to any order)."""
+    z = torch.nn.functional.batch_norm(h, None, None, weight, bias, True, 0.0, eps)
+    return torch.relu(torch.nn.functional.max_pool2d(z, 2))
