@@ -243,7 +243,10 @@ def _bn_relu_pool(h, w, b, eps, pool):
     derivatives (the batch-norm double-backward formula is most of a Hessian-vector product's
     cost otherwise). The same function up to rounding and ties.
     """
-    var, mean = torch.var_mean(h, dim=(0, 2, 3), unbiased=False)
+    if not _in_transform(h):
+        var, mean = _ChannelVarMean.apply(h)
+    else:
+        var, mean = torch.var_mean(h, dim=(0, 2, 3), unbiased=False)
     a = torch.rsqrt(var + eps)
     if w is not None:
         a = a * w
@@ -251,8 +254,39 @@ def _bn_relu_pool(h, w, b, eps, pool):
     if b is not None:
         c = c + b
     s = torch.where(a < 0, -1.0, 1.0).to(h.dtype).detach()
+    if h.device.type == "cpu" and not _in_transform(h) and bool((a >= 0).all()):
+        # the usual case (batch-norm weights start at 1): s = 1, so skip the full-size sign flip
+        # and its derivatives; the same values. Checked on the host once per graph built, so
+        # only on the CPU, where that costs nothing.
+        z = pool(h)
+        return F.relu(z * a.view(1, -1, 1, 1) + c.view(1, -1, 1, 1))
     z = pool(h * s.view(1, -1, 1, 1))
     return F.relu(z * (a * s).view(1, -1, 1, 1) + c.view(1, -1, 1, 1))
+
+
+class _ChannelVarMean(torch.autograd.Function):
+    """(biased var, mean) over dims (0, 2, 3) of h (N, C, H, W), with a backward written as one
+    full-size op, h * alpha_c + beta_c, itself differentiable to any order. ATen's var_mean
+    backward takes four full-size ops, each differentiated again in a double-backward
+    Hessian-vector product: this made one 5-way 1-shot product 1.18x faster (M=32, float32).
+    Outside torch.func transforms only (it has no forward-mode rule)."""
+
+    @staticmethod
+    def forward(h):
+        return torch.var_mean(h, dim=(0, 2, 3), unbiased=False)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0], output[1])
+
+    @staticmethod
+    def backward(ctx, gvar, gmean):
+        h, mean = ctx.saved_tensors
+        n = h.numel() // max(h.shape[1], 1)
+        alpha = gvar * (2.0 / n)
+        beta = gmean / n - alpha * mean
+        return torch.addcmul(beta.view(1, -1, 1, 1), h, alpha.view(1, -1, 1, 1))
+
 
 
 def _pool2(m: nn.Module) -> bool:

@@ -145,6 +145,22 @@ def test_hvp_equals_per_task_double_backward(kind, backend):
     torch.testing.assert_close(H.flat(flat_v), spec.flatten(H(v)))
 
 
+@pytest.mark.parametrize("flip", ["all", "some"])
+def test_hvp_with_negative_batchnorm_scales(flip):
+    # the HVP layout pools s * h with s = sign of each channel's scale; with every scale >= 0 it
+    # skips the flip (the test above), here some or all scales are negative
+    model, params_b, x, y = conv_setup()
+    w = params_b["body.1.weight"].clone()
+    if flip == "all":
+        w = -w
+    else:
+        w[:, ::2] = -w[:, ::2]
+    params_b = dict(params_b, **{"body.1.weight": w})
+    v = {k: torch.randn_like(t) for k, t in params_b.items()}
+    H = make_hvp(TaskLoss(model), params_b, x, y, "exact")
+    assert_close_dict(H(v), loop_hvp(model, params_b, x, y, v))
+
+
 def test_value_and_grad_from_the_hvp_graph():
     model, params_b, x, y = conv_setup()
     tl = TaskLoss(model)
