@@ -13,16 +13,6 @@ namespace imaml_ext {
 namespace simd {
 namespace {
 
-// y += alpha x in whole vectors and a scalar tail: no peeling prologue, which for the short
-// rows of a head (f = 64) cost as much as the arithmetic.
-template <typename T>
-IMAML_INLINE void axpy_impl(T* __restrict__ y, T alpha, const T* __restrict__ x, int64_t n) {
-  constexpr int L = kVec<T>;
-  int64_t i = 0;
-  for (; i + L <= n; i += L) vstore(y + i, vload(y + i) + alpha * vload(x + i));
-  for (; i < n; ++i) y[i] += alpha * x[i];
-}
-
 template <typename T>
 IMAML_INLINE void probs_impl(const T* __restrict__ F, int64_t f, int64_t c, int64_t row_begin,
                              int64_t row_end, const T* __restrict__ W, const T* __restrict__ bias,
@@ -102,25 +92,61 @@ IMAML_INLINE void tmatvec_any(const T* Vt, const T* fi, int64_t f, const T* b, i
   }
 }
 
+// Samples whose outer products u_i f_i^T are added to the accumulator together: each row of accW
+// is then loaded and stored once per kBlock samples instead of once per sample (the per-sample
+// loop was bound by those stores at the 20-way head, f = 64, c = 20). Whole vectors and a scalar
+// tail, no peeling prologue, which for the short rows of a head cost as much as the arithmetic.
+constexpr int kBlock = 4;
+
+// accW[k, :] += sum_s zs[s * c + k] fs[s], accb[k] += sum_s zs[s * c + k], for ns <= kBlock
+// samples (the missing ones enter with coefficient 0).
+template <typename T>
+IMAML_INLINE void accumulate_block(T* __restrict__ accW, T* __restrict__ accb,
+                                   const T* const* fs, const T* __restrict__ zs, int ns,
+                                   int64_t c, int64_t f) {
+  constexpr int L = kVec<T>;
+  const T* f0 = fs[0];
+  const T* f1 = ns > 1 ? fs[1] : f0;
+  const T* f2 = ns > 2 ? fs[2] : f0;
+  const T* f3 = ns > 3 ? fs[3] : f0;
+  for (int64_t k = 0; k < c; ++k) {
+    const T a0 = zs[k];
+    const T a1 = ns > 1 ? zs[c + k] : T(0);
+    const T a2 = ns > 2 ? zs[2 * c + k] : T(0);
+    const T a3 = ns > 3 ? zs[3 * c + k] : T(0);
+    T* row = accW + k * f;
+    int64_t i = 0;
+    for (; i + L <= f; i += L) {
+      vstore(row + i, vload(row + i) + ((a0 * vload(f0 + i) + a1 * vload(f1 + i)) +
+                                        (a2 * vload(f2 + i) + a3 * vload(f3 + i))));
+    }
+    for (; i < f; ++i) row[i] += (a0 * f0[i] + a1 * f1[i]) + (a2 * f2[i] + a3 * f3[i]);
+    accb[k] += (a0 + a1) + (a2 + a3);
+  }
+}
+
 template <typename T>
 IMAML_INLINE void rows_impl(const T* __restrict__ F, int64_t f, int64_t c, int64_t row_begin,
                             int64_t row_end, const T* __restrict__ W, const T* __restrict__ bias,
                             const T* __restrict__ probs, const T* __restrict__ V,
                             const T* __restrict__ vb, T* __restrict__ accW, T* __restrict__ accb,
                             T* __restrict__ work) {
-  T* p = work;      // (c) this sample's probabilities (when not precomputed)
-  T* z = work + c;  // (c) V f_i + vb, then u_i in place
+  T* p = work;       // (c) this sample's probabilities (when not precomputed)
+  T* zb = work + c;  // (kBlock, c): V f_i + vb, then u_i in place, for a block of samples
+  const T* fs[kBlock];
+  int ns = 0;
   // No rows, nothing to add; and the solver passes no W (its probabilities are given) even
   // where an empty system leaves the probability buffer null, so W is not read here either.
   if (row_begin >= row_end) return;
   if (use_transposed<T>(f, c)) {
     const int64_t cp = padded_classes<T>(c);
-    T* Vt = work + 2 * c;  // (f, cp)
+    T* Vt = zb + kBlock * c;  // (f, cp)
     T* Wt = Vt + f * cp;   // (f, cp), when the probabilities are computed here
     transpose_padded(V, c, f, cp, Vt);
     if (probs == nullptr) transpose_padded(W, c, f, cp, Wt);
     for (int64_t i = row_begin; i < row_end; ++i) {
       const T* fi = F + i * f;
+      T* z = zb + ns * c;
       tmatvec_any(Vt, fi, f, vb, c, z);
       const T* pi = p;
       if (probs != nullptr) {
@@ -130,15 +156,18 @@ IMAML_INLINE void rows_impl(const T* __restrict__ F, int64_t f, int64_t c, int64
         softmax_inplace(p, c);
       }
       softmax_head_u_inplace(pi, z, c);
-      for (int64_t k = 0; k < c; ++k) {
-        axpy_impl(accW + k * f, z[k], fi, f);
-        accb[k] += z[k];
+      fs[ns++] = fi;
+      if (ns == kBlock) {
+        accumulate_block(accW, accb, fs, zb, ns, c, f);
+        ns = 0;
       }
     }
+    if (ns > 0) accumulate_block(accW, accb, fs, zb, ns, c, f);
     return;
   }
   for (int64_t i = row_begin; i < row_end; ++i) {
     const T* fi = F + i * f;
+    T* z = zb + ns * c;
     const T* pi;
     if (probs != nullptr) {
       for (int64_t k = 0; k < c; ++k) z[k] = dot_impl(V + k * f, fi, f) + vb[k];
@@ -154,11 +183,13 @@ IMAML_INLINE void rows_impl(const T* __restrict__ F, int64_t f, int64_t c, int64
       pi = p;
     }
     softmax_head_u_inplace(pi, z, c);
-    for (int64_t k = 0; k < c; ++k) {
-      axpy_impl(accW + k * f, z[k], fi, f);
-      accb[k] += z[k];
+    fs[ns++] = fi;
+    if (ns == kBlock) {
+      accumulate_block(accW, accb, fs, zb, ns, c, f);
+      ns = 0;
     }
   }
+  if (ns > 0) accumulate_block(accW, accb, fs, zb, ns, c, f);
 }
 
 }  // namespace

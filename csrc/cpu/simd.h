@@ -64,10 +64,11 @@ void softmax_head_probs(const double* F, int64_t f, int64_t c, int64_t row_begin
 // in ONE pass over F: each row f_i is read once from memory and reused from L1 for its dot
 // products and c axpys. p_i is read from probs when it is not null, else computed from W and
 // bias while f_i is in L1. work: softmax_head_work(f, c) scratch.
-// Scratch entries softmax_head_rows needs: 2c, plus V and W transposed into (f, c padded to a
-// multiple of 16) for heads with many classes and short features (hvp_simd.cpp).
+// Scratch entries softmax_head_rows needs: 5c (one sample's probabilities, a block of 4
+// samples' u), plus V and W transposed into (f, c padded to a multiple of 16) for heads with many
+// classes and short features (hvp_simd.cpp).
 inline int64_t softmax_head_work(int64_t f, int64_t c) {
-  return 2 * c + 2 * f * ((c + 15) / 16 * 16);
+  return 5 * c + 2 * f * ((c + 15) / 16 * 16);
 }
 void softmax_head_rows(const float* F, int64_t f, int64_t c, int64_t row_begin, int64_t row_end,
                        const float* W, const float* bias, const float* probs, const float* V,
