@@ -24,6 +24,9 @@ import imaml_ext
 from imaml_ext import reference
 from imaml_ext.linalg import LstsqOperator
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import git_commit  # noqa: E402
+
 ITERS = 20
 SIZES = [(32, 50, 200), (32, 500, 2000), (1, 4000, 4000)]
 QUICK_SIZES = [(32, 50, 200), (8, 500, 2000)]
@@ -37,15 +40,9 @@ def machine() -> dict:
                    if line.startswith("Model name"))
     except (OSError, StopIteration):
         pass
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"],
-                                cwd=Path(__file__).resolve().parent, capture_output=True,
-                                text=True, timeout=10).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        commit = None
     info = {"platform": platform.platform(), "cpu": cpu, "threads": torch.get_num_threads(),
             "torch": torch.__version__, "cuda": torch.version.cuda,
-            "imaml_ext": imaml_ext.build_info(), "git_commit": commit,
+            "imaml_ext": imaml_ext.build_info(), "git_commit": git_commit(),
             "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()

@@ -78,19 +78,6 @@ def _machine(device: str) -> dict:
     return info
 
 
-def git_commit() -> str | None:
-    """The tree's commit (with "+dirty" for uncommitted changes), so a result names its code."""
-    try:
-        root = Path(__file__).resolve().parent.parent
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root,
-                                capture_output=True, text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                               cwd=root, capture_output=True, text=True, timeout=10).stdout.strip()
-        return (commit + ("+dirty" if dirty else "")) or None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
 def _driver_version() -> str | None:
     with contextlib.suppress(OSError, subprocess.SubprocessError, IndexError):
         out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
@@ -578,7 +565,7 @@ def main(argv=None):
               "threads": torch.get_num_threads(), "argv": sys.argv[1:] if argv is None else argv,
               "machine": machine(args.device), "load_average_at_start": load,
               "copy_GBps": bandwidth / 1e9, "sections": sections, "hvp": [], "cg": [],
-              "blocks": [], "git": git_commit()}
+              "blocks": []}
 
     def save():
         # Written after every section, so a run cut short still leaves its numbers.

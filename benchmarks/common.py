@@ -67,13 +67,17 @@ def cpu_description() -> dict[str, Any]:
             "torch_threads": torch.get_num_threads()}
 
 
-def _git_commit() -> str | None:
+def git_commit() -> str | None:
+    """The tree's short commit, with "+dirty" when tracked files have uncommitted changes, so a
+    result names the code that produced it."""
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
-                             capture_output=True, text=True, timeout=10)
-        return out.stdout.strip() or None
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
+                                capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
+    return (commit + ("+dirty" if dirty else "")) if commit else None
 
 
 def environment(device: str | torch.device = "cpu") -> dict[str, Any]:
@@ -86,7 +90,7 @@ def environment(device: str | torch.device = "cpu") -> dict[str, Any]:
            "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
            "python": platform.python_version(), "platform": platform.platform(),
            "cpu": cpu_description(), "imaml_ext": imaml_ext.build_info(),
-           "git_commit": _git_commit()}
+           "git_commit": git_commit()}
     try:
         env["load_average"] = os.getloadavg()
     except OSError:  # pragma: no cover

@@ -53,6 +53,7 @@ from typing import Callable, Mapping
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules.utils import _pair
 from torch.func import functional_call, grad, jvp, vjp, vmap
 
 from imaml_ext import ops
@@ -243,23 +244,23 @@ def _bn_relu_pool(h, w, b, eps, pool):
     derivatives (the batch-norm double-backward formula is most of a Hessian-vector product's
     cost otherwise). The same function up to rounding and ties.
     """
-    if not _in_transform(h):
-        var, mean = _ChannelVarMean.apply(h)
-    else:
+    wrapped = _in_transform(h)
+    if wrapped:
         var, mean = torch.var_mean(h, dim=(0, 2, 3), unbiased=False)
+    else:
+        var, mean = _ChannelVarMean.apply(h)
     a = torch.rsqrt(var + eps)
     if w is not None:
         a = a * w
     c = -mean * a
     if b is not None:
         c = c + b
-    s = torch.where(a < 0, -1.0, 1.0).to(h.dtype).detach()
-    if h.device.type == "cpu" and not _in_transform(h) and bool((a >= 0).all()):
+    if h.device.type == "cpu" and not wrapped and bool((a >= 0).all()):
         # the usual case (batch-norm weights start at 1): s = 1, so skip the full-size sign flip
         # and its derivatives; the same values. Checked on the host once per graph built, so
         # only on the CPU, where that costs nothing.
-        z = pool(h)
-        return F.relu(z * a.view(1, -1, 1, 1) + c.view(1, -1, 1, 1))
+        return F.relu(pool(h) * a.view(1, -1, 1, 1) + c.view(1, -1, 1, 1))
+    s = torch.where(a < 0, -1.0, 1.0).to(h.dtype).detach()
     z = pool(h * s.view(1, -1, 1, 1))
     return F.relu(z * (a * s).view(1, -1, 1, 1) + c.view(1, -1, 1, 1))
 
@@ -288,20 +289,11 @@ class _ChannelVarMean(torch.autograd.Function):
         return torch.addcmul(beta.view(1, -1, 1, 1), h, alpha.view(1, -1, 1, 1))
 
 
-
 def _pool2(m: nn.Module) -> bool:
     """Whether m is the 2x2, stride-2, floor-mode max-pooling of the fused block kernel."""
-    def two(v):
-        return v == 2 or tuple(v) == (2, 2) if isinstance(v, (int, tuple, list)) else False
-
-    def zero(v):
-        return v == 0 or tuple(v) == (0, 0) if isinstance(v, (int, tuple, list)) else False
-
-    def one(v):
-        return v == 1 or tuple(v) == (1, 1) if isinstance(v, (int, tuple, list)) else False
-    return (type(m) is nn.MaxPool2d and two(m.kernel_size) and two(m.stride)
-            and zero(m.padding) and one(m.dilation) and not m.ceil_mode
-            and not m.return_indices)
+    return (type(m) is nn.MaxPool2d and _pair(m.kernel_size) == (2, 2)
+            and _pair(m.stride) == (2, 2) and _pair(m.padding) == (0, 0)
+            and _pair(m.dilation) == (1, 1) and not m.ceil_mode and not m.return_indices)
 
 
 def _folded_forward(plan, params: Mapping[str, torch.Tensor], x: torch.Tensor, *,
@@ -329,23 +321,21 @@ def _folded_forward(plan, params: Mapping[str, torch.Tensor], x: torch.Tensor, *
     i = 0
     while i < len(plan):
         prefix, m = plan[i]
-        if ext_blocks and spatial and _bn_pool_block(plan, i) and \
-                _pool2(next(p[1] for p in plan[i + 1:i + 3] if isinstance(p[1], nn.MaxPool2d))):
-            w = params.get(prefix + "weight")
-            b = params.get(prefix + "bias")
-            C = h.shape[1]
-            h = ops.bn_relu_pool(h, h.new_ones(C) if w is None else w.reshape(-1),
-                                 h.new_zeros(C) if b is None else b.reshape(-1), m.eps)
-            i += 3
-            continue
-        if fuse and spatial and _bn_pool_block(plan, i):
+        if (ext_blocks or fuse) and spatial and _bn_pool_block(plan, i):
             w = params.get(prefix + "weight")
             b = params.get(prefix + "bias")
             pool = plan[i + 1][1] if isinstance(plan[i + 1][1], nn.MaxPool2d) else plan[i + 2][1]
-            h = _bn_relu_pool(h, None if w is None else w.reshape(-1),
-                              None if b is None else b.reshape(-1), m.eps, pool)
-            i += 3
-            continue
+            if ext_blocks and _pool2(pool):
+                C = h.shape[1]
+                h = ops.bn_relu_pool(h, h.new_ones(C) if w is None else w.reshape(-1),
+                                     h.new_zeros(C) if b is None else b.reshape(-1), m.eps)
+                i += 3
+                continue
+            if fuse:
+                h = _bn_relu_pool(h, None if w is None else w.reshape(-1),
+                                  None if b is None else b.reshape(-1), m.eps, pool)
+                i += 3
+                continue
         if spatial and isinstance(m, nn.ReLU) and i + 1 < len(plan) and \
                 isinstance(plan[i + 1][1], nn.MaxPool2d):
             # max-pooling commutes with ReLU (both monotone): pool first, ReLU on a 4x smaller map

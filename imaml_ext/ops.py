@@ -312,8 +312,7 @@ class _BnReluPool(torch.autograd.Function):
 
     @staticmethod
     def forward(h, weight, bias, eps):
-        out, mean, invstd, hsel, idx = torch.ops.imaml_ext.bn_relu_pool(h, weight, bias, eps)
-        return out, mean, invstd, hsel, idx
+        return torch.ops.imaml_ext.bn_relu_pool(h, weight, bias, eps)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -350,17 +349,18 @@ def bn_relu_pool(h, weight, bias, eps: float = 1e-5, *, use_ext: bool | None = N
     Returns:
         (N, C, H // 2, W // 2).
     """
+    check_bn_relu_pool("bn_relu_pool", h, weight, bias, eps)
     if use_ext is None:
         use_ext = _C is not None and h.device.type == "cpu"
-    elif use_ext and h.device.type != "cpu":
-        raise RuntimeError(f"bn_relu_pool: use_ext=True but the fused kernel is CPU only; "
-                           f"h is on {h.device}")
-    if use_ext and use_ext_for(True, h):
-        check_bn_relu_pool("bn_relu_pool", h, weight, bias, eps)
-        h = h.contiguous(memory_format=torch.channels_last)
-        return _BnReluPool.apply(h, weight, bias, float(eps))[0]
-    check_bn_relu_pool("bn_relu_pool", h, weight, bias, eps)
-    return reference.bn_relu_pool(h, weight, bias, eps)
+    elif use_ext:
+        if h.device.type != "cpu":
+            raise RuntimeError(f"bn_relu_pool: use_ext=True but the fused kernel is CPU only; "
+                               f"h is on {h.device}")
+        use_ext_for(True, h)  # raises, saying why, when the extension is not loaded
+    if not use_ext:
+        return reference.bn_relu_pool(h, weight, bias, eps)
+    h = h.contiguous(memory_format=torch.channels_last)
+    return _BnReluPool.apply(h, weight, bias, float(eps))[0]
 
 
 if _C is not None:

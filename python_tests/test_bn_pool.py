@@ -225,7 +225,7 @@ def test_task_loss_hvp_mode_stays_second_order():
                                     allow_unused=True)
 
 
-def test_fused_blocks_default_and_errors():
+def test_fused_blocks_default():
     model = make_model("omniglot", 3)
     assert TaskLoss(model).fused_blocks is True
     assert TaskLoss(model, fused_blocks=False).fused_blocks is False
