@@ -55,7 +55,7 @@ TORCH_LIBRARY(imaml_ext, m) {
       "cg_solve_softmax_head(Tensor F, Tensor W, Tensor bias, Tensor b, Tensor x0, float shift, "
       "float scale, int max_iter, float rtol, float atol) -> (Tensor, Tensor, Tensor, Tensor)");
   // The conv net's block relu(max_pool2d(batch_norm(h), 2)) with batch statistics, fused
-  // (csrc/cpu/bn_pool_cpu.cpp). h: (N, C, H, W) channels-last; weight, bias: (C,). Returns
+  // (csrc/cpu/blocks_cpu.cpp). h: (N, C, H, W) channels-last; weight, bias: (C,). Returns
   // (out (N, C, H/2, W/2), mean (C,), invstd (C,), hsel: h at each window's arg-max, idx: the
   // arg-max as uint8 0..3), the last three pooled-size and channels-last. CPU only.
   m.def("bn_relu_pool(Tensor h, Tensor weight, Tensor bias, float eps) "
@@ -64,6 +64,37 @@ TORCH_LIBRARY(imaml_ext, m) {
   // outputs. Not differentiable (the block is first-order only).
   m.def("bn_relu_pool_backward(Tensor grad_out, Tensor h, Tensor weight, Tensor bias, "
         "Tensor mean, Tensor invstd, Tensor hsel, Tensor idx) -> (Tensor, Tensor, Tensor)");
+  // Grouped 2-d convolution with one input channel per group (the conv net's first layer with
+  // the tasks folded into channels; csrc/cpu/blocks_cpu.cpp). x: (N, G, H, W) contiguous;
+  // weight: (G*C, 1, kh, kw); bias: (G*C,) or None; zero padding, dilation 1. Returns
+  // (N, G*C, Ho, Wo) channels-last. CPU only.
+  m.def("conv1ch(Tensor x, Tensor weight, Tensor? bias, int[2] stride, int[2] padding) -> Tensor");
+  // Its weight and bias gradients from grad_y (N, G*C, Ho, Wo) channels-last: linear in grad_y,
+  // so imaml_ext.ops differentiates it with conv1ch itself.
+  m.def("conv1ch_weight_grad(Tensor grad_y, Tensor x, int[2] kernel_size, int[2] stride, "
+        "int[2] padding) -> (Tensor, Tensor)");
+  // relu(max_pool2d(batch_norm(conv1ch(x)), 2)) fused (csrc/cpu/blocks_cpu.cpp): the batch
+  // statistics in closed form from the patch moments of x, the convolution evaluated only in the
+  // pooling windows. conv_weight: (G*C, 1, kh, kw); conv_bias: (G*C,) or None; weight, bias:
+  // (G*C,) batch-norm affine. Returns (out, mean, invstd, hsel, idx) as bn_relu_pool does (hsel:
+  // the convolution's value at each window's arg-max) and the patch moments (G, T + T*T) float64,
+  // T = kh*kw, for the backward. CPU only.
+  m.def("conv1ch_bn_relu_pool(Tensor x, Tensor conv_weight, Tensor? conv_bias, Tensor weight, "
+        "Tensor bias, int[2] stride, int[2] padding, float eps) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // Its backward: (grad_conv_weight, grad_conv_bias, grad_weight, grad_bias) from grad_out and
+  // the forward's saved outputs. Not differentiable (first-order only).
+  m.def("conv1ch_bn_relu_pool_backward(Tensor grad_out, Tensor x, Tensor conv_weight, "
+        "Tensor weight, Tensor bias, Tensor mean, Tensor invstd, Tensor hsel, Tensor idx, "
+        "Tensor moments, int[2] stride, int[2] padding) -> (Tensor, Tensor, Tensor, Tensor)");
+  // conv1ch evaluated at one position of each 2x2 window of its output: u[n, c, yo, xo] = the
+  // convolution at (2 yo + idx / 2, 2 xo + idx % 2), idx (N, G*C, Ho/2, Wo/2) uint8 0..3
+  // channels-last (the arg-max of conv1ch_bn_relu_pool). Linear in (conv_weight, conv_bias):
+  // with its weight gradient below, the layer's second-order path (imaml_ext.ops). CPU only.
+  m.def("conv1ch_select(Tensor x, Tensor conv_weight, Tensor? conv_bias, Tensor idx, "
+        "int[2] stride, int[2] padding) -> Tensor");
+  m.def("conv1ch_select_weight_grad(Tensor grad_u, Tensor x, Tensor idx, int[2] kernel_size, "
+        "int[2] stride, int[2] padding) -> (Tensor, Tensor)");
 }
 
 #ifdef TORCH_EXTENSION_NAME

@@ -4,7 +4,9 @@ and the switch to the pure-PyTorch twins of imaml_ext.reference.
 Every wrapper takes `use_ext`: None picks the compiled kernel when it is loaded for the inputs'
 device, True insists on it, False runs the reference. Both paths raise the same ValueError-style
 messages for bad arguments (the C++ checks raise RuntimeError subclasses with the same text).
-None of these ops is differentiable: the implicit-gradient layer differentiates around them.
+The CG and Hessian-vector ops are not differentiable: the implicit-gradient layer differentiates
+around them. The conv net's block wrappers (bn_relu_pool, conv1ch, conv1ch_bn_relu_pool and
+its second-order form) carry autograd.
 """
 from __future__ import annotations
 
@@ -336,7 +338,7 @@ def bn_relu_pool(h, weight, bias, eps: float = 1e-5, *, use_ext: bool | None = N
     """relu(max_pool2d(batch_norm(h), 2)) with the batch's statistics (training-mode batch norm,
     no running buffers), 2x2 max-pooling with stride 2, floor mode.
 
-    The compiled CPU kernel (csrc/cpu/bn_pool_cpu.cpp) reads the pre-pool map three times and
+    The compiled CPU kernel (csrc/cpu/blocks_cpu.cpp) reads the pre-pool map three times and
     writes only pooled-size tensors; its backward reads the map once and writes its gradient
     once. It is first-order: a second derivative through it raises (use_ext=False gives the
     reference, ATen's ops, differentiable to any order). The kernel is CPU only; on other
@@ -377,3 +379,332 @@ if _C is not None:
     def _bn_relu_pool_backward_fake(grad_out, h, weight, bias, mean, invstd, hsel, idx):
         return (h.new_empty(h.shape).contiguous(memory_format=torch.channels_last),
                 h.new_empty(weight.shape), h.new_empty(weight.shape))
+
+
+# ---- the grouped convolution with one input channel per group (the first conv layer) ----------
+
+def check_conv1ch(op, x, weight, bias, stride, padding):
+    _check_float(op, "x", x)
+    if x.dim() != 4:
+        _fail(op, f"x must be 4-d (N, groups, H, W), got shape {tuple(x.shape)}")
+    _check_like(op, "weight", weight, "x", x)
+    G = x.shape[1]
+    if weight.dim() != 4 or weight.shape[1] != 1 or G < 1 or weight.shape[0] % G or \
+            weight.shape[0] < G:
+        _fail(op, f"weight must be (groups*C, 1, kh, kw) with groups = x.shape[1] = {G}, got "
+                  f"{tuple(weight.shape)}")
+    if bias is not None:
+        _check_like(op, "bias", bias, "x", x)
+        if bias.shape != (weight.shape[0],):
+            _fail(op, f"bias must be ({weight.shape[0]},) = (groups*C,), got {tuple(bias.shape)}")
+    kh, kw = weight.shape[2:]
+    st, pd = _pair2(stride), _pair2(padding)
+    if min(st) < 1:
+        _fail(op, f"stride must be >= 1, got {stride}")
+    if min(pd) < 0 or pd[0] >= kh or pd[1] >= kw:
+        _fail(op, f"padding must be >= 0 and smaller than the kernel ({kh}, {kw}), got {padding}")
+    if x.shape[2] + 2 * pd[0] < kh or x.shape[3] + 2 * pd[1] < kw:
+        _fail(op, f"the padded input {tuple(x.shape)} is smaller than the kernel ({kh}, {kw})")
+    if kh * kw > 121:
+        _fail(op, f"kernel size must have at most 121 taps, got ({kh}, {kw})")
+
+
+def _pair2(v) -> tuple[int, int]:
+    return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+class _Conv1ch(torch.autograd.Function):
+    """conv1ch with respect to (weight, bias); x is data (the wrapper sends an x that needs a
+    gradient to ATen). Its backward is _Conv1chWeightGrad, whose backward is this forward: the
+    pair is differentiable to any order."""
+
+    @staticmethod
+    def forward(x, weight, bias, stride, padding):
+        return torch.ops.imaml_ext.conv1ch(x, weight, bias, stride, padding)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, weight, bias, stride, padding = inputs
+        ctx.save_for_backward(x)
+        ctx.geometry = (tuple(weight.shape[2:]), stride, padding)
+        ctx.has_bias = bias is not None
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        (x,) = ctx.saved_tensors
+        kernel, stride, padding = ctx.geometry
+        g = grad_y.contiguous(memory_format=torch.channels_last)
+        gw, gb = _Conv1chWeightGrad.apply(g, x, kernel, stride, padding)
+        return None, gw, gb if ctx.has_bias else None, None, None
+
+
+class _Conv1chWeightGrad(torch.autograd.Function):
+    """(grad_weight, grad_bias) of conv1ch, linear in grad_y: its derivative is conv1ch."""
+
+    @staticmethod
+    def forward(grad_y, x, kernel, stride, padding):
+        return torch.ops.imaml_ext.conv1ch_weight_grad(grad_y, x, kernel, stride, padding)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        grad_y, x, kernel, stride, padding = inputs
+        ctx.save_for_backward(x)
+        ctx.geometry = (kernel, stride, padding, grad_y.shape[1])
+
+    @staticmethod
+    def backward(ctx, ggw, ggb):
+        (x,) = ctx.saved_tensors
+        kernel, stride, padding, GC = ctx.geometry
+        if ggw is None:
+            ggw = x.new_zeros((GC, 1, *kernel))
+        return _Conv1ch.apply(x, ggw, ggb, stride, padding), None, None, None, None
+
+
+def conv1ch(x, weight, bias=None, stride=1, padding=0, *, use_ext: bool | None = None):
+    """conv2d(x, weight, bias, stride, padding, groups=x.shape[1]): a grouped convolution with
+    one input channel per group (the conv net's first layer with tasks folded into channels, on
+    a gray-scale data set), zero padding, dilation 1.
+
+    The compiled CPU kernel (csrc/cpu/blocks_cpu.cpp) writes the output channels-last; its
+    autograd covers weight and bias to any order (the weight gradient is linear in the output
+    gradient, and its derivative is this convolution again). An x that needs a gradient, other
+    devices, and use_ext=False (or no extension) take ATen's grouped convolution.
+
+    Args:
+        x: (N, G, H, W) float32/float64.
+        weight: (G*C, 1, kh, kw); bias: (G*C,) or None.
+        stride, padding: int or pair (padding smaller than the kernel).
+    Returns:
+        (N, G*C, Ho, Wo).
+    """
+    check_conv1ch("conv1ch", x, weight, bias, stride, padding)
+    if use_ext is None:
+        use_ext = _C is not None and x.device.type == "cpu" and not x.requires_grad
+    elif use_ext:
+        if x.device.type != "cpu":
+            raise RuntimeError(f"conv1ch: use_ext=True but the kernel is CPU only; x is on "
+                               f"{x.device}")
+        if x.requires_grad:
+            raise RuntimeError("conv1ch: use_ext=True but x requires a gradient, which the "
+                               "kernel does not compute; use use_ext=None or False")
+        use_ext_for(True, x)
+    if not use_ext:
+        return reference.conv1ch(x, weight, bias, stride, padding)
+    return _Conv1ch.apply(x.contiguous(), weight, bias, list(_pair2(stride)),
+                          list(_pair2(padding)))
+
+
+if _C is not None:
+    @torch.library.register_fake("imaml_ext::conv1ch")
+    def _conv1ch_fake(x, weight, bias, stride, padding):
+        N, G, H, W = x.shape
+        kh, kw = weight.shape[2:]
+        Ho = (H + 2 * padding[0] - kh) // stride[0] + 1
+        Wo = (W + 2 * padding[1] - kw) // stride[1] + 1
+        return x.new_empty((N, weight.shape[0], Ho, Wo)).contiguous(
+            memory_format=torch.channels_last)
+
+    @torch.library.register_fake("imaml_ext::conv1ch_weight_grad")
+    def _conv1ch_weight_grad_fake(grad_y, x, kernel_size, stride, padding):
+        GC = grad_y.shape[1]
+        return x.new_empty((GC, 1, *kernel_size)), x.new_empty((GC,))
+
+
+# ---- the first layer's block, fused: conv1ch -> batch norm -> ReLU -> 2x2 max-pool -------------
+
+class _Conv1chBnReluPool(torch.autograd.Function):
+    """The compiled fused block with its compiled backward, first-order only (see
+    _FirstOrderOnly); x is data."""
+
+    @staticmethod
+    def forward(x, conv_weight, conv_bias, weight, bias, stride, padding, eps):
+        return torch.ops.imaml_ext.conv1ch_bn_relu_pool(x, conv_weight, conv_bias, weight, bias,
+                                                        stride, padding, eps)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, conv_weight, conv_bias, weight, bias, stride, padding, _ = inputs
+        _, mean, invstd, hsel, idx, moments = output
+        ctx.save_for_backward(x, conv_weight, weight, bias, mean, invstd, hsel, idx, moments)
+        ctx.geometry = (stride, padding)
+        ctx.deps = (conv_bias is not None,)
+        ctx.mark_non_differentiable(*output[1:])
+
+    @staticmethod
+    def backward(ctx, grad_out, *_):
+        x, conv_weight, weight, bias, mean, invstd, hsel, idx, moments = ctx.saved_tensors
+        stride, padding = ctx.geometry
+        g = grad_out.contiguous(memory_format=torch.channels_last)
+        gcw, gcb, gw, gb = torch.ops.imaml_ext.conv1ch_bn_relu_pool_backward(
+            g, x, conv_weight, weight, bias, mean, invstd, hsel, idx, moments, stride, padding)
+        if torch.is_grad_enabled() and any(
+                t.requires_grad for t in (grad_out, conv_weight, weight, bias)):
+            gcw, gw, gb = _FirstOrderOnly.apply(gcw, gw, gb, grad_out, conv_weight, weight, bias)
+        return None, gcw, gcb if ctx.deps[0] else None, gw, gb, None, None, None
+
+
+def conv1ch_bn_relu_pool(x, conv_weight, conv_bias, weight, bias, stride=1, padding=0,
+                         eps: float = 1e-5, *, use_ext: bool | None = None):
+    """relu(max_pool2d(batch_norm(conv1ch(x, conv_weight, conv_bias)), 2)): the conv net's first
+    block with one input channel per group (tasks folded into channels), batch statistics (no
+    running buffers), 2x2 max-pooling with stride 2, floor mode.
+
+    The compiled CPU kernel (csrc/cpu/blocks_cpu.cpp) never forms the full-size convolution
+    output: the batch statistics are closed forms of x's patch moments, the convolution is
+    evaluated only in the pooling windows, and the backward reads pooled-size tensors and x.
+    First-order: a second derivative through it raises (use_ext=False gives ATen's ops,
+    differentiable to any order). CPU only; x must not need a gradient. Elsewhere, and when
+    the extension is not loaded, use_ext=None runs the reference.
+
+    Args:
+        x: (N, G, H, W) float32/float64.
+        conv_weight: (G*C, 1, kh, kw); conv_bias: (G*C,) or None.
+        weight, bias: (G*C,) batch-norm affine parameters.
+        stride, padding: of the convolution. eps: added to the variance.
+    Returns:
+        (N, G*C, Ho // 2, Wo // 2) for the convolution's output (Ho, Wo).
+    """
+    op = "conv1ch_bn_relu_pool"
+    check_conv1ch(op, x, conv_weight, conv_bias, stride, padding)
+    GC = conv_weight.shape[0]
+    for name, t in (("weight", weight), ("bias", bias)):
+        _check_like(op, name, t, "x", x)
+        if t.shape != (GC,):
+            _fail(op, f"{name} must be ({GC},) = (groups*C,), got {tuple(t.shape)}")
+    if not (math.isfinite(eps) and eps >= 0):
+        _fail(op, f"eps must be finite and >= 0, got {eps}")
+    (sh, sw), (ph, pw) = _pair2(stride), _pair2(padding)
+    Ho = (x.shape[2] + 2 * ph - conv_weight.shape[2]) // sh + 1
+    Wo = (x.shape[3] + 2 * pw - conv_weight.shape[3]) // sw + 1
+    if Ho < 2 or Wo < 2:
+        _fail(op, f"the convolution's output must be at least 2x2 for 2x2 max-pooling, got "
+                  f"{Ho}x{Wo}")
+    if use_ext is None:
+        use_ext = _C is not None and x.device.type == "cpu" and not x.requires_grad
+    elif use_ext:
+        if x.device.type != "cpu":
+            raise RuntimeError(f"{op}: use_ext=True but the kernel is CPU only; x is on "
+                               f"{x.device}")
+        if x.requires_grad:
+            raise RuntimeError(f"{op}: use_ext=True but x requires a gradient, which the "
+                               "kernel does not compute; use use_ext=None or False")
+        use_ext_for(True, x)
+    if not use_ext:
+        return reference.conv1ch_bn_relu_pool(x, conv_weight, conv_bias, weight, bias, stride,
+                                              padding, eps)
+    return _Conv1chBnReluPool.apply(x.contiguous(), conv_weight, conv_bias, weight, bias,
+                                    [sh, sw], [ph, pw], float(eps))[0]
+
+
+if _C is not None:
+    @torch.library.register_fake("imaml_ext::conv1ch_bn_relu_pool")
+    def _conv1ch_bn_relu_pool_fake(x, conv_weight, conv_bias, weight, bias, stride, padding, eps):
+        y = _conv1ch_fake(x, conv_weight, conv_bias, stride, padding)
+        N, GC, Ho, Wo = y.shape
+        cl = torch.channels_last
+        pooled = (N, GC, Ho // 2, Wo // 2)
+        T = conv_weight.shape[2] * conv_weight.shape[3]
+        return (x.new_empty(pooled).contiguous(memory_format=cl), x.new_empty((GC,)),
+                x.new_empty((GC,)), x.new_empty(pooled).contiguous(memory_format=cl),
+                x.new_empty(pooled, dtype=torch.uint8).contiguous(memory_format=cl),
+                x.new_empty((x.shape[1], T + T * T), dtype=torch.float64))
+
+    @torch.library.register_fake("imaml_ext::conv1ch_bn_relu_pool_backward")
+    def _conv1ch_bn_relu_pool_backward_fake(grad_out, x, conv_weight, weight, bias, mean, invstd,
+                                            hsel, idx, moments, stride, padding):
+        GC = conv_weight.shape[0]
+        return (x.new_empty(conv_weight.shape), x.new_empty((GC,)), x.new_empty((GC,)),
+                x.new_empty((GC,)))
+
+
+# ---- the first layer's block, second-order: the pooled convolution in closed form --------------
+
+class _Conv1chSelect(torch.autograd.Function):
+    """u = conv1ch(x, conv_weight, conv_bias) at the selected position of each 2x2 window (idx),
+    linear in (conv_weight, conv_bias); its backward is _Conv1chSelectWeightGrad, whose backward
+    is this forward: differentiable to any order."""
+
+    @staticmethod
+    def forward(x, conv_weight, conv_bias, idx, stride, padding):
+        return torch.ops.imaml_ext.conv1ch_select(x, conv_weight, conv_bias, idx, stride, padding)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, conv_weight, conv_bias, idx, stride, padding = inputs
+        ctx.save_for_backward(x, idx)
+        ctx.geometry = (tuple(conv_weight.shape[2:]), stride, padding)
+        ctx.has_bias = conv_bias is not None
+
+    @staticmethod
+    def backward(ctx, grad_u):
+        x, idx = ctx.saved_tensors
+        kernel, stride, padding = ctx.geometry
+        g = grad_u.contiguous(memory_format=torch.channels_last)
+        gw, gb = _Conv1chSelectWeightGrad.apply(g, x, idx, kernel, stride, padding)
+        return None, gw, gb if ctx.has_bias else None, None, None, None
+
+
+class _Conv1chSelectWeightGrad(torch.autograd.Function):
+    """(grad_weight, grad_bias) of _Conv1chSelect, linear in grad_u: its derivative is the
+    selection convolution."""
+
+    @staticmethod
+    def forward(grad_u, x, idx, kernel, stride, padding):
+        return torch.ops.imaml_ext.conv1ch_select_weight_grad(grad_u, x, idx, kernel, stride,
+                                                              padding)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        grad_u, x, idx, kernel, stride, padding = inputs
+        ctx.save_for_backward(x, idx)
+        ctx.geometry = (kernel, stride, padding, grad_u.shape[1])
+
+    @staticmethod
+    def backward(ctx, ggw, ggb):
+        x, idx = ctx.saved_tensors
+        kernel, stride, padding, GC = ctx.geometry
+        if ggw is None:
+            ggw = x.new_zeros((GC, 1, *kernel))
+        return (_Conv1chSelect.apply(x, ggw, ggb, idx, stride, padding), None, None, None, None,
+                None)
+
+
+def conv1ch_bn_relu_pool_hvp(x, conv_weight, conv_bias, weight, bias, stride=1, padding=0,
+                             eps: float = 1e-5):
+    """conv1ch_bn_relu_pool (the same function) in a form whose first and second derivatives
+    touch only pooled-size tensors, for Hessian-vector products by double backward on the CPU.
+
+    The compiled forward gives each window's arg-max (piecewise constant, as max-pooling's
+    indices are to autograd) and x's patch moments (m, S per group). Then, differentiably:
+    u = the convolution at the arg-max (_Conv1chSelect), the batch statistics in closed form
+    mean = w . m + bias, var = w^T S w, and relu((u - mean) weight / sqrt(var + eps) + bias).
+    The full-size map, its statistics' derivatives and the pooling's scatter, which were most
+    of the layer's share of a double-backward product, are gone. Arguments as
+    conv1ch_bn_relu_pool; CPU, compiled extension, x data (no gradient)."""
+    (sh, sw), (ph, pw) = _pair2(stride), _pair2(padding)
+    with torch.no_grad():
+        idx, moments = torch.ops.imaml_ext.conv1ch_bn_relu_pool(
+            x, conv_weight.detach(), None if conv_bias is None else conv_bias.detach(),
+            weight.detach(), bias.detach(), [sh, sw], [ph, pw], float(eps))[4:]
+    G, GC = x.shape[1], conv_weight.shape[0]
+    T = conv_weight.shape[2] * conv_weight.shape[3]
+    u = _Conv1chSelect.apply(x, conv_weight, conv_bias, idx, [sh, sw], [ph, pw])
+    mom = moments.to(x.dtype)
+    w = conv_weight.reshape(G, GC // G, T)
+    mean = torch.einsum("gct,gt->gc", w, mom[:, :T]).reshape(GC)
+    if conv_bias is not None:
+        mean = mean + conv_bias
+    var = (torch.matmul(w, mom[:, T:].reshape(G, T, T)) * w).sum(-1).reshape(GC)
+    a = weight * torch.rsqrt(var + eps)
+    return torch.relu((u - mean.view(1, -1, 1, 1)) * a.view(1, -1, 1, 1) + bias.view(1, -1, 1, 1))
+
+
+if _C is not None:
+    @torch.library.register_fake("imaml_ext::conv1ch_select")
+    def _conv1ch_select_fake(x, conv_weight, conv_bias, idx, stride, padding):
+        return x.new_empty(idx.shape).contiguous(memory_format=torch.channels_last)
+
+    @torch.library.register_fake("imaml_ext::conv1ch_select_weight_grad")
+    def _conv1ch_select_weight_grad_fake(grad_u, x, idx, kernel_size, stride, padding):
+        GC = grad_u.shape[1]
+        return x.new_empty((GC, 1, *kernel_size)), x.new_empty((GC,))

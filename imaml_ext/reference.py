@@ -153,10 +153,35 @@ def cg_solve_softmax_head(F, W, bias, b, x0, shift: float, scale: float, max_ite
     return _solve(matvec, b, x0, max_iter, rtol, atol)
 
 
-# ---- the conv net's batch-norm / ReLU / max-pool block (csrc/cpu/bn_pool_cpu.cpp) ------------
+# ---- the conv net's batch-norm / ReLU / max-pool block (csrc/cpu/blocks_cpu.cpp) ------------
 
 def bn_relu_pool(h, weight, bias, eps: float):
     """relu(max_pool2d(batch_norm(h, batch statistics), 2)) for h (N, C, H, W), weight and bias
     (C,): the block the fused kernel computes, by ATen's own ops (differentiable to any order)."""
     z = torch.nn.functional.batch_norm(h, None, None, weight, bias, True, 0.0, eps)
     return torch.relu(torch.nn.functional.max_pool2d(z, 2))
+
+
+# ---- the grouped convolution with one input channel per group (csrc/cpu/blocks_cpu.cpp) ------
+
+def conv1ch(x, weight, bias, stride, padding):
+    """y = conv2d(x, weight, bias, stride, padding, groups=x.shape[1]) for x (N, G, H, W) and
+    weight (G*C, 1, kh, kw): ATen's grouped convolution (output in its own layout)."""
+    return torch.nn.functional.conv2d(x, weight, bias, stride, padding, 1, x.shape[1])
+
+
+def conv1ch_weight_grad(grad_y, x, kernel_size, stride, padding):
+    """(grad_weight (G*C, 1, kh, kw), grad_bias (G*C,)) of conv1ch at x for output gradient
+    grad_y, by ATen's convolution backward."""
+    G, GC = x.shape[1], grad_y.shape[1]
+    w = x.new_empty((GC, 1, *kernel_size))
+    _, gw, gb = torch.ops.aten.convolution_backward(
+        grad_y, x, w, [GC], list(stride), list(padding), [1, 1], False, [0, 0], G,
+        [False, True, True])
+    return gw, gb
+
+
+def conv1ch_bn_relu_pool(x, conv_weight, conv_bias, weight, bias, stride, padding, eps: float):
+    """relu(max_pool2d(batch_norm(conv1ch(x)), 2)) with batch statistics: the fused kernel's
+    block by ATen's own ops (differentiable to any order)."""
+    return bn_relu_pool(conv1ch(x, conv_weight, conv_bias, stride, padding), weight, bias, eps)

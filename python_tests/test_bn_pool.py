@@ -1,5 +1,5 @@
 """The fused batch-norm / ReLU / max-pool block (imaml_ext.ops.bn_relu_pool, csrc/cpu/
-bn_pool_cpu.cpp): forward and backward against its reference twin (ATen's batch_norm, max_pool2d
+blocks_cpu.cpp): forward and backward against its reference twin (ATen's batch_norm, max_pool2d
 and relu) in float64 and float32, gradcheck, second derivatives refused, bad input, thread
 counts, opcheck, and the conv net's first-order path (TaskLoss fused_blocks) against the
 composite one."""
@@ -206,7 +206,8 @@ def test_task_loss_grad_fused_equals_composite(ways, shots, M):
 
 
 def test_task_loss_hvp_mode_stays_second_order():
-    # "hvp" mode never uses the fused block, so second derivatives through it work with
+    # "hvp" mode never uses the first-order kernels (its first block is the second-order form
+    # of python_tests/test_conv1ch.py), so second derivatives through it work with
     # fused_blocks on; a second derivative through "grad" mode raises
     model = make_model("omniglot", 3).double()
     params = {k: v.detach() for k, v in model.named_parameters()}

@@ -369,3 +369,19 @@ def test_compiled_hvp_equals_eager_float64():
                                spec.flatten(make_hvp(tl, p2, x, y, "double_backward")(v)))
     with pytest.raises(ValueError, match="compile=True"):
         make_hvp(tl, params_b, x, y, "ggn", compile=True)
+
+
+@pytest.mark.parametrize("groups,stride,padding", [(1, 1, 1), (3, 2, 1), (2, 1, 0)])
+def test_grouped_conv_function_to_second_order(groups, stride, padding):
+    # the "hvp" layout's convolution (hvp._Conv: its backward and double backward built from
+    # three grouped library calls) against finite differences, to second order
+    from imaml_ext.hvp import _Conv
+    g = torch.Generator().manual_seed(groups * 10 + stride)
+    x = torch.randn(2, 2 * groups, 5, 6, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.randn(3 * groups, 2, 3, 3, dtype=torch.float64, generator=g, requires_grad=True)
+    b = torch.randn(3 * groups, dtype=torch.float64, generator=g, requires_grad=True)
+    cfg = ([stride, stride], [padding, padding], [1, 1], groups)
+    f = lambda x, w, b: _Conv.apply(x, w, b, cfg)  # noqa: E731
+    torch.testing.assert_close(f(x, w, b), F.conv2d(x, w, b, stride, padding, 1, groups))
+    assert torch.autograd.gradcheck(f, (x, w, b))
+    assert torch.autograd.gradgradcheck(f, (x, w, b))
