@@ -82,7 +82,11 @@ HVP_KINDS = ("exact", "forward_over_reverse", "double_backward", "ggn")
 # CPU task chunks: the largest activation of a chunk stays under this. Measured on the Omniglot
 # conv net, 5-way 1-shot, M=32 (CPU seconds of one iMAML-GD meta-gradient, one thread, against
 # all 32 tasks in one fold): 4 MiB 0.83x, 8 MiB 0.76x, 12 MiB 0.81x; 20-way 5-shot tasks
-# (20 MB each) run one at a time under any of these.
+# (20 MB each) run one at a time under any of these. With the first block's kernels
+# (fused_blocks) the largest activation is the pooled 14x14 map: then 5-way 1-shot support sets
+# run in one chunk of 32 (one HVP with its graph build 1.12x, one gradient 1.03x faster than
+# chunks of 8), query sets (25 images a task) in chunks of 6 (a gradient 1.27x faster than one
+# task at a time), and 20-way 5-shot still one task at a time (chunks of 2: 0.96-1.0x).
 CHUNK_BYTES = 8 * 2**20
 
 
@@ -647,7 +651,9 @@ class TaskLoss:
         """Tasks per evaluation for inputs x_b (M, N, ...): M unless the folded CPU path chunks.
 
         The default keeps a chunk's largest activation (the plan's shapes, one task's samples)
-        under CHUNK_BYTES; chunks are balanced (M=32 by at most 12: 11, 11, 10).
+        under CHUNK_BYTES, not counting a first block that the extension's kernels evaluate
+        without its full-size maps (fused_blocks); chunks are balanced (M=32 by at most 12:
+        11, 11, 10).
         """
         M = x_b.shape[0]
         if not self._folds(x_b) or M <= 1:
@@ -656,9 +662,11 @@ class TaskLoss:
         if c is None:
             if x_b.device.type != "cpu":
                 return M
-            key = tuple(x_b.shape[1:])
+            fused = bool(self.fused_blocks) and x_b.dim() == 5 and x_b.shape[2] == 1 and \
+                _first_block_fused(self._plan)
+            key = (tuple(x_b.shape[1:]), fused)
             if key not in self._peak_cache:
-                self._peak_cache[key] = _peak_activation(self._plan, x_b.shape[1:])
+                self._peak_cache[key] = _peak_activation(self._plan, x_b.shape[1:], fused)
             per_task = self._peak_cache[key] * x_b.element_size()
             c = max(1, CHUNK_BYTES // max(per_task, 1))
         if c >= M:
@@ -772,12 +780,26 @@ def _slice(params: Mapping[str, torch.Tensor], s: slice) -> Params:
     return {k: v[s] for k, v in params.items()}
 
 
-def _peak_activation(plan, sample_shape) -> int:
+def _first_block_fused(plan) -> bool:
+    """Whether the plan starts with a conv of one input channel and a BatchNorm -> ReLU -> 2x2
+    MaxPool block, which the extension's kernels evaluate without forming the conv's output
+    (on the CPU with fused_blocks; see `_folded_forward`)."""
+    if not plan or not isinstance(plan[0][1], nn.Conv2d) or not _bn_pool_block(plan, 1):
+        return False
+    m = plan[0][1]
+    kh, kw = m.kernel_size
+    ph, pw = _pair(m.padding)
+    return (m.in_channels == 1 and m.groups == 1 and _pair(m.dilation) == (1, 1) and ph < kh
+            and pw < kw and kh * kw <= 121 and _pool2(_block_pool(plan, 1)))
+
+
+def _peak_activation(plan, sample_shape, first_block_fused: bool = False) -> int:
     """Elements of the largest activation of one task (samples x features), from the plan's
-    shapes on the meta device (no compute)."""
+    shapes on the meta device (no compute). first_block_fused: the first block's full-size maps
+    are never formed (only its pooled output counts)."""
     h = torch.empty(tuple(sample_shape), device="meta")
     peak = h.numel()
-    for _, m in plan:
+    for j, (_, m) in enumerate(plan):
         if isinstance(m, nn.Conv2d):
             w = torch.empty(m.weight.shape, device="meta")
             h = F.conv2d(h, w, None, m.stride, m.padding, m.dilation)
@@ -787,7 +809,8 @@ def _peak_activation(plan, sample_shape) -> int:
             h = h.flatten(1) if h.dim() > 2 else h
         elif isinstance(m, (nn.MaxPool2d, nn.AvgPool2d, nn.ZeroPad2d)):
             h = m(h)
-        peak = max(peak, h.numel())
+        if not (first_block_fused and j < 3):
+            peak = max(peak, h.numel())
     return peak
 
 
