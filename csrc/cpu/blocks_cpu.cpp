@@ -70,6 +70,7 @@
 #include <torch/types.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <vector>
 
@@ -722,59 +723,84 @@ std::tuple<at::Tensor, at::Tensor> conv1ch_weight_grad_cpu(const at::Tensor& gra
 
 // ==== conv1ch -> batch norm -> ReLU -> 2x2 max-pool ====
 
-// The full tap vector of one patch (0 for taps in the padding).
+// The tap sums of one image from its patch columns Q (T x n, Q[t][p] = tap t of patch p):
+// s1[t] += sum_p Q[t][p] and s2[t*T + u] += sum_p Q[t][p] Q[u][p] for t <= u, in T, added in
+// double.
 template <typename T>
-IMAML_INLINE void gather_patch(const T* plane, const Taps& taps, int64_t T_, T* v) {
-  for (int64_t t = 0; t < T_; ++t) v[t] = T(0);
-  for (int q = 0; q < taps.n; ++q) v[taps.index[q]] = plane[taps.offset[q]];
+IMAML_INLINE void image_moments_impl(const T* __restrict__ Q, const T* __restrict__ ones,
+                                     int64_t T_, int64_t n, double* __restrict__ s1,
+                                     double* __restrict__ s2) {
+  for (int64_t t = 0; t < T_; ++t) {
+    const T* a = Q + t * n;
+    s1[t] += static_cast<double>(simd::dot_impl(a, ones, n));
+    for (int64_t u = t; u < T_; ++u) s2[t * T_ + u] += static_cast<double>(simd::dot_impl(a, Q + u * n, n));
+  }
+}
+
+IMAML_SIMD void image_moments(const float* Q, const float* ones, int64_t T_, int64_t n,
+                              double* s1, double* s2) {
+  image_moments_impl(Q, ones, T_, n, s1, s2);
+}
+IMAML_SIMD void image_moments(const double* Q, const double* ones, int64_t T_, int64_t n,
+                              double* s1, double* s2) {
+  image_moments_impl(Q, ones, T_, n, s1, s2);
 }
 
 // moments (G, T + T*T) in double: per group the patch mean m (T), then the covariance S (T x T,
-// row-major), over the N*Ho*Wo output positions. Two passes (mean, then centred products).
+// row-major), over the N*Ho*Wo output positions. Patch values are shifted by c_g, the group's
+// pixel mean, first (the zero padding becomes -c_g), so that the second moments are centred
+// sums without cancellation; S does not depend on the shift and m = m' + c_g. Each image is
+// copied into a padded, shifted plane and its patch columns (T x Ho*Wo); every tap pair is then
+// one contiguous dot product. Threads take images.
 template <typename T>
 void patch_moments(const T* xp, const Geometry& g, double* mom) {
   const int64_t T_ = g.kh * g.kw, stride = T_ + T_ * T_, R = g.N * g.Ho * g.Wo;
+  const int64_t Hq = g.H + 2 * g.ph, Wq = g.W + 2 * g.pw, HW = g.H * g.W;
   const int nthreads = at::get_num_threads();
-  for (int pass = 0; pass < 2; ++pass) {
-    std::vector<double> acc(static_cast<size_t>(nthreads) * g.G * stride, 0.0);
-    at::parallel_for(0, g.N * g.Ho, 1, [&](int64_t lo, int64_t hi) {
-      double* mine = acc.data() + static_cast<size_t>(at::get_thread_num()) * g.G * stride;
-      Taps taps;
-      T v[kMaxTaps];
-      double d[kMaxTaps];
-      for (int64_t row = lo; row < hi; ++row) {
-        const int64_t n = row / g.Ho, i = row % g.Ho;
-        for (int64_t j = 0; j < g.Wo; ++j) {
-          taps.build(i * g.sh - g.ph, j * g.sw - g.pw, g.H, g.W, g.kh, g.kw);
-          for (int64_t gr = 0; gr < g.G; ++gr) {
-            gather_patch(xp + (n * g.G + gr) * g.H * g.W, taps, T_, v);
-            double* a = mine + gr * stride;
-            if (pass == 0) {
-              for (int64_t t = 0; t < T_; ++t) a[t] += static_cast<double>(v[t]);
-            } else {
-              const double* m = mom + gr * stride;
-              for (int64_t t = 0; t < T_; ++t) d[t] = static_cast<double>(v[t]) - m[t];
-              for (int64_t t = 0; t < T_; ++t)
-                for (int64_t u = t; u < T_; ++u) a[T_ + t * T_ + u] += d[t] * d[u];
-            }
-          }
-        }
+  std::vector<double> shift(g.G, 0.0);
+  at::parallel_for(0, g.G, 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t gr = lo; gr < hi; ++gr) {
+      double sum = 0.0;
+      for (int64_t n = 0; n < g.N; ++n) {
+        const T* plane = xp + (n * g.G + gr) * HW;
+        for (int64_t k = 0; k < HW; ++k) sum += static_cast<double>(plane[k]);
       }
-    });
-    for (int th = 1; th < nthreads; ++th)
-      for (int64_t k = 0; k < g.G * stride; ++k)
-        acc[k] += acc[static_cast<size_t>(th) * g.G * stride + k];
-    for (int64_t gr = 0; gr < g.G; ++gr) {
-      double* m = mom + gr * stride;
-      const double* a = acc.data() + gr * stride;
-      if (pass == 0) {
-        for (int64_t t = 0; t < T_; ++t) m[t] = a[t] / R;
-      } else {
-        for (int64_t t = 0; t < T_; ++t)
-          for (int64_t u = t; u < T_; ++u)
-            m[T_ + t * T_ + u] = m[T_ + u * T_ + t] = a[T_ + t * T_ + u] / R;
-      }
+      shift[gr] = sum / static_cast<double>(g.N * HW);
     }
+  });
+  std::vector<double> acc(static_cast<size_t>(nthreads) * g.G * stride, 0.0);
+  at::parallel_for(0, g.N * g.G, 1, [&](int64_t lo, int64_t hi) {
+    double* mine = acc.data() + static_cast<size_t>(at::get_thread_num()) * g.G * stride;
+    const int64_t P = g.Ho * g.Wo;
+    std::vector<T> q(Hq * Wq), Q(T_ * P), ones(P, T(1));
+    for (int64_t item = lo; item < hi; ++item) {
+      const int64_t gr = item % g.G;
+      const T c = static_cast<T>(shift[gr]);
+      const T* plane = xp + item * HW;
+      std::fill(q.begin(), q.end(), -c);
+      for (int64_t y = 0; y < g.H; ++y)
+        for (int64_t x = 0; x < g.W; ++x) q[(y + g.ph) * Wq + x + g.pw] = plane[y * g.W + x] - c;
+      for (int64_t t = 0; t < T_; ++t) {  // the patch columns (one input channel's im2col)
+        const T* src = q.data() + (t / g.kw) * Wq + t % g.kw;
+        T* dst = Q.data() + t * P;
+        for (int64_t i = 0; i < g.Ho; ++i)
+          for (int64_t j = 0; j < g.Wo; ++j) dst[i * g.Wo + j] = src[i * g.sh * Wq + j * g.sw];
+      }
+      double* a = mine + gr * stride;
+      image_moments(Q.data(), ones.data(), T_, P, a, a + T_);
+    }
+  });
+  for (int th = 1; th < nthreads; ++th)
+    for (int64_t k = 0; k < g.G * stride; ++k)
+      acc[k] += acc[static_cast<size_t>(th) * g.G * stride + k];
+  for (int64_t gr = 0; gr < g.G; ++gr) {
+    const double* a = acc.data() + gr * stride;
+    double* m = mom + gr * stride;
+    for (int64_t t = 0; t < T_; ++t) m[t] = a[t] / R;  // the shifted mean m'
+    for (int64_t t = 0; t < T_; ++t)
+      for (int64_t u = t; u < T_; ++u)
+        m[T_ + t * T_ + u] = m[T_ + u * T_ + t] = a[T_ + t * T_ + u] / R - m[t] * m[u];
+    for (int64_t t = 0; t < T_; ++t) m[t] += shift[gr];
   }
 }
 
@@ -865,6 +891,48 @@ IMAML_SIMD void select_grad(const double* gu, const uint8_t* idx, const double* 
   select_grad_impl(gu, idx, P, T_, C, acc, accb);
 }
 
+// The zero-padded images of one sample, all groups (G x Hq x Wq), and the offset of each tap
+// from a patch's corner: patches are then read without bounds checks.
+template <typename T>
+struct PaddedPlanes {
+  int64_t n = -1, Hq = 0, Wq = 0;
+  std::vector<T> q;
+  std::vector<int64_t> off;
+  explicit PaddedPlanes(const Geometry& g)
+      : Hq(g.H + 2 * g.ph), Wq(g.W + 2 * g.pw), q(g.G * Hq * Wq), off(g.kh * g.kw) {
+    for (int64_t t = 0; t < g.kh * g.kw; ++t) off[t] = (t / g.kw) * Wq + t % g.kw;
+  }
+  void load(const T* xp, const Geometry& g, int64_t n_) {
+    if (n_ == n) return;
+    n = n_;
+    std::fill(q.begin(), q.end(), T(0));
+    for (int64_t gr = 0; gr < g.G; ++gr) {
+      const T* plane = xp + (n * g.G + gr) * g.H * g.W;
+      T* dst = q.data() + gr * Hq * Wq + g.ph * Wq + g.pw;
+      for (int64_t y = 0; y < g.H; ++y)
+        std::copy(plane + y * g.W, plane + (y + 1) * g.W, dst + y * Wq);
+    }
+  }
+};
+
+// The four window patches of groups g0 <= gr < g1 at pooled position (yo, xo) of the loaded
+// sample: P ((g1 - g0) x 4 x T), zeros in the padding.
+template <typename T>
+void window_patches(const PaddedPlanes<T>& pp, const Geometry& g, int64_t yo, int64_t xo,
+                    int64_t g0, int64_t g1, T* P) {
+  const int64_t T_ = g.kh * g.kw;
+  const int64_t* off = pp.off.data();
+  for (int k = 0; k < 4; ++k) {
+    const int64_t i = 2 * yo + k / 2, j = 2 * xo + k % 2;
+    const T* corner = pp.q.data() + i * g.sh * pp.Wq + j * g.sw;
+    for (int64_t gr = g0; gr < g1; ++gr) {
+      const T* base = corner + gr * pp.Hq * pp.Wq;
+      T* dst = P + ((gr - g0) * 4 + k) * T_;
+      for (int64_t t = 0; t < T_; ++t) dst[t] = base[off[t]];
+    }
+  }
+}
+
 // The per-group sums (G, T + 1, C) in double of fn(P, o, gr, tile) over the pooled positions:
 // fn adds the position's contributions for group gr to tile (T + 1 rows of C: per tap, then
 // the bias) given P, the four window patches of the group (4 x T), and o, the position's offset
@@ -879,22 +947,18 @@ std::vector<double> window_patch_sums(const T* xp, const Geometry& g, Fn fn) {
   at::parallel_for(0, g.N * Hp, 1, [&](int64_t lo, int64_t hi) {
     double* mine = acc.data() + static_cast<size_t>(at::get_thread_num()) * tile;
     std::vector<T> part(tile);
-    std::vector<T> P(4 * T_ * g.G);
-    Taps taps;
+    std::vector<T> P(4 * T_);
+    PaddedPlanes<T> pp(g);
     for (int64_t band = lo; band < hi; ++band) {
       const int64_t n = band / Hp, yo = band % Hp;
+      pp.load(xp, g, n);
       std::fill(part.begin(), part.end(), T(0));
-      for (int64_t xo = 0; xo < Wp; ++xo) {
-        for (int k = 0; k < 4; ++k) {
-          const int64_t i = 2 * yo + k / 2, j = 2 * xo + k % 2;
-          taps.build(i * g.sh - g.ph, j * g.sw - g.pw, g.H, g.W, g.kh, g.kw);
-          for (int64_t gr = 0; gr < g.G; ++gr)
-            gather_patch(xp + (n * g.G + gr) * g.H * g.W, taps, T_,
-                         P.data() + (gr * 4 + k) * T_);
+      // group by group, so that one group's tile stays in the L1 cache along the band
+      for (int64_t gr = 0; gr < g.G; ++gr) {
+        for (int64_t xo = 0; xo < Wp; ++xo) {
+          window_patches(pp, g, yo, xo, gr, gr + 1, P.data());
+          fn(P.data(), (band * Wp + xo) * GC, gr, part.data() + gr * (T_ + 1) * g.C);
         }
-        const int64_t o = (band * Wp + xo) * GC;
-        for (int64_t gr = 0; gr < g.G; ++gr)
-          fn(P.data() + gr * 4 * T_, o, gr, part.data() + gr * (T_ + 1) * g.C);
       }
       for (int64_t k = 0; k < tile; ++k) mine[k] += static_cast<double>(part[k]);
     }
@@ -905,6 +969,64 @@ std::vector<double> window_patch_sums(const T* xp, const Geometry& g, Fn fn) {
   return acc;
 }
 
+// The convolution of one group at the four positions of a pooling window: out_k[c] = b[c] +
+// sum_t P_k[t] wt[t * C + c], P: the four full patches (4 x T, zeros in the padding). Two
+// channel vectors of four positions at a time: eight independent multiply-add chains, each
+// weight vector loaded once for the four positions.
+template <typename T>
+IMAML_INLINE void conv_window_impl(const T* __restrict__ P, int64_t T_, const T* __restrict__ wt,
+                                   const T* __restrict__ b, int64_t C, T* __restrict__ out,
+                                   int64_t out_stride) {
+  using simd::vec_t;
+  using simd::vload;
+  using simd::vstore;
+  constexpr int L = simd::kVec<T>;
+  const T* P1 = P + T_;
+  const T* P2 = P + 2 * T_;
+  const T* P3 = P + 3 * T_;
+  int64_t c = 0;
+  for (; c + 2 * L <= C; c += 2 * L) {
+    const vec_t<T> b0 = b == nullptr ? vec_t<T>{} : vload(b + c);
+    const vec_t<T> b1 = b == nullptr ? vec_t<T>{} : vload(b + c + L);
+    vec_t<T> a00 = b0, a01 = b1, a10 = b0, a11 = b1, a20 = b0, a21 = b1, a30 = b0, a31 = b1;
+    for (int64_t t = 0; t < T_; ++t) {
+      const vec_t<T> w0 = vload(wt + t * C + c), w1 = vload(wt + t * C + c + L);
+      a00 += P[t] * w0;
+      a01 += P[t] * w1;
+      a10 += P1[t] * w0;
+      a11 += P1[t] * w1;
+      a20 += P2[t] * w0;
+      a21 += P2[t] * w1;
+      a30 += P3[t] * w0;
+      a31 += P3[t] * w1;
+    }
+    vstore(out + c, a00);
+    vstore(out + c + L, a01);
+    vstore(out + out_stride + c, a10);
+    vstore(out + out_stride + c + L, a11);
+    vstore(out + 2 * out_stride + c, a20);
+    vstore(out + 2 * out_stride + c + L, a21);
+    vstore(out + 3 * out_stride + c, a30);
+    vstore(out + 3 * out_stride + c + L, a31);
+  }
+  for (; c < C; ++c) {
+    for (int k = 0; k < 4; ++k) {
+      T a = b == nullptr ? T(0) : b[c];
+      for (int64_t t = 0; t < T_; ++t) a += P[k * T_ + t] * wt[t * C + c];
+      out[k * out_stride + c] = a;
+    }
+  }
+}
+
+IMAML_SIMD void conv_window(const float* P, int64_t T_, const float* wt, const float* b,
+                            int64_t C, float* out, int64_t out_stride) {
+  conv_window_impl(P, T_, wt, b, C, out, out_stride);
+}
+IMAML_SIMD void conv_window(const double* P, int64_t T_, const double* wt, const double* b,
+                            int64_t C, double* out, int64_t out_stride) {
+  conv_window_impl(P, T_, wt, b, C, out, out_stride);
+}
+
 // The convolution at the four positions of every 2x2 pooling window: fn(win, band, xo) with
 // win (4 x G*C, window order) for pooled position (band = n * Hp + yo, xo). Threads take bands.
 template <typename T, typename Fn>
@@ -912,21 +1034,16 @@ void window_convs(const T* xp, const T* wt, const T* cb, const Geometry& g, Fn f
   const int64_t T_ = g.kh * g.kw, GC = g.G * g.C, Hp = g.Ho / 2, Wp = g.Wo / 2;
   at::parallel_for(0, g.N * Hp, 1, [&](int64_t lo, int64_t hi) {
     std::vector<T> win(4 * GC);
-    Taps taps;
-    T v[kMaxTaps];
+    std::vector<T> P(4 * T_ * g.G);
+    PaddedPlanes<T> pp(g);
     for (int64_t band = lo; band < hi; ++band) {
       const int64_t n = band / Hp, yo = band % Hp;
+      pp.load(xp, g, n);
       for (int64_t xo = 0; xo < Wp; ++xo) {
-        for (int k = 0; k < 4; ++k) {
-          const int64_t i = 2 * yo + k / 2, j = 2 * xo + k % 2;
-          taps.build(i * g.sh - g.ph, j * g.sw - g.pw, g.H, g.W, g.kh, g.kw);
-          for (int64_t gr = 0; gr < g.G; ++gr) {
-            const T* plane = xp + (n * g.G + gr) * g.H * g.W;
-            for (int q = 0; q < taps.n; ++q) v[q] = plane[taps.offset[q]];
-            conv_point(v, taps.index, taps.n, wt + gr * T_ * g.C,
-                       cb == nullptr ? nullptr : cb + gr * g.C, g.C, win.data() + k * GC + gr * g.C);
-          }
-        }
+        window_patches(pp, g, yo, xo, 0, g.G, P.data());
+        for (int64_t gr = 0; gr < g.G; ++gr)
+          conv_window(P.data() + gr * 4 * T_, T_, wt + gr * T_ * g.C,
+                      cb == nullptr ? nullptr : cb + gr * g.C, g.C, win.data() + gr * g.C, GC);
         fn(win.data(), band, xo);
       }
     }
@@ -1106,6 +1223,35 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv1ch_bn_relu_pool_
 }
 
 
+// u[c] = win[idx[c] * stride + c]: each channel's value at its window position (idx 0..3).
+// Returns whether some idx is out of range (such a channel gets position 3).
+template <typename T>
+IMAML_INLINE bool select_window_impl(const T* __restrict__ win, int64_t stride,
+                                     const uint8_t* __restrict__ idx, T* __restrict__ u) {
+  uint8_t top = 0;
+  for (int64_t c = 0; c < stride; ++c) top = idx[c] > top ? idx[c] : top;
+  using simd::vec_t;
+  using simd::vload;
+  constexpr int L = simd::kVec<T>;
+  int64_t c = 0;
+  for (; c + L <= stride; c += L) {
+    vec_t<T> k;
+    for (int l = 0; l < L; ++l) k[l] = static_cast<T>(idx[c + l]);
+    const vec_t<T> w0 = vload(win + c), w1 = vload(win + stride + c);
+    const vec_t<T> w2 = vload(win + 2 * stride + c), w3 = vload(win + 3 * stride + c);
+    simd::vstore(u + c, k == T(0) ? w0 : (k == T(1) ? w1 : (k == T(2) ? w2 : w3)));
+  }
+  for (; c < stride; ++c) u[c] = win[std::min<int64_t>(idx[c], 3) * stride + c];
+  return top > 3;
+}
+
+IMAML_SIMD bool select_window(const float* win, int64_t stride, const uint8_t* idx, float* u) {
+  return select_window_impl(win, stride, idx, u);
+}
+IMAML_SIMD bool select_window(const double* win, int64_t stride, const uint8_t* idx, double* u) {
+  return select_window_impl(win, stride, idx, u);
+}
+
 // ==== the convolution at each pooling window's selected position ====
 
 void check_selection(const char* op, const char* name, const at::Tensor& t, const Geometry& g,
@@ -1142,6 +1288,7 @@ at::Tensor conv1ch_select_cpu(const at::Tensor& x, const at::Tensor& conv_weight
   const at::Tensor cb = has_cb ? conv_bias->contiguous() : at::Tensor();
   at::Tensor u = at::empty({g.N, GC, Hp, Wp},
                            x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  std::atomic<int> bad{0};
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv1ch_select", [&] {
     const uint8_t* xi = idx.const_data_ptr<uint8_t>();
     scalar_t* up = u.data_ptr<scalar_t>();
@@ -1149,14 +1296,10 @@ at::Tensor conv1ch_select_cpu(const at::Tensor& x, const at::Tensor& conv_weight
                            has_cb ? cb.const_data_ptr<scalar_t>() : nullptr, g,
                            [&](const scalar_t* win, int64_t band, int64_t xo) {
                              const int64_t o = (band * Wp + xo) * GC;
-                             for (int64_t c = 0; c < GC; ++c) {
-                               const uint8_t k = xi[o + c];
-                               TORCH_CHECK(k < 4, "conv1ch_select: idx must be in 0..3, got ",
-                                           static_cast<int>(k));
-                               up[o + c] = win[k * GC + c];
-                             }
+                             if (select_window(win, GC, xi + o, up + o)) bad = 1;
                            });
   });
+  TORCH_CHECK(bad.load() == 0, op, ": idx must be in 0..3 (the position in a 2x2 window)");
   return u;
 }
 
