@@ -304,6 +304,74 @@ def bench_blocks(device, quick, min_run_time):
     return rows
 
 
+# The first block with the tasks folded into channels: 5-way 1-shot support sets (32 tasks,
+# 5 images) and one 20-way 5-shot task (100 images), 64 filters, 28x28 gray-scale images.
+FIRST_BLOCKS = [(5, 32, 64), (100, 1, 64)]
+
+
+def bench_first_block(device, quick, min_run_time):
+    """The first block relu(max_pool2d(batch_norm(conv1ch(x)), 2)): forward + backward of the
+    fused first-order kernel, and one double-backward product through the second-order form,
+    each against the reference twin (ATen's grouped conv2d, batch_norm, max_pool2d, relu) and
+    torch.compile of it."""
+    rows = []
+    if device != "cpu":
+        print("\nconv1ch_bn_relu_pool: CPU only (on a GPU the conv net uses cuDNN's kernels)")
+        return rows
+
+    def first_order(block):
+        def run(x, cb, p, g):
+            p = [t.detach().requires_grad_(True) for t in p]
+            out = block(x, p[0], cb, p[1], p[2])
+            return (out.detach(), *torch.autograd.grad(out, p, g))
+        return run
+
+    def second_order(block):
+        def run(x, cb, p, g, v):
+            p = [t.detach().requires_grad_(True) for t in p]
+            first = torch.autograd.grad((block(x, p[0], cb, p[1], p[2]) * g).sum(), p,
+                                        create_graph=True)
+            return torch.autograd.grad(first, p, v)
+        return run
+
+    # differentiated with respect to (conv weight, batch-norm weight and bias); the conv bias,
+    # whose gradient is 0 before batch norm (rounding noise), is held fixed
+    s, pd = (1, 1), (1, 1)
+    ref = lambda x, cw, cb, bw, bb: reference.conv1ch_bn_relu_pool(  # noqa: E731
+        x, cw, cb, bw, bb, s, pd, 1e-5)
+    compiled = try_compile(ref, device, quick)
+    for N, G, C in FIRST_BLOCKS[:1] if quick else FIRST_BLOCKS:
+        gen = torch.Generator().manual_seed(N * G + C)
+        x = torch.rand(N, G, 28, 28, generator=gen)
+        cb = torch.randn(G * C, generator=gen)
+        p = [torch.randn(G * C, 1, 3, 3, generator=gen) / 3,
+             torch.rand(G * C, generator=gen) + 0.5, torch.randn(G * C, generator=gen)]
+        go = torch.randn(N, G * C, 14, 14, generator=gen).contiguous(
+            memory_format=torch.channels_last)
+        v = [torch.randn(t.shape, generator=gen) for t in p]
+        pdbl, vdbl = [t.double() for t in p], [t.double() for t in v]
+        for kind, run, args, truth_args in (
+                ("fwd+bwd", first_order, (x, cb, p, go),
+                 (x.double(), cb.double(), pdbl, go.double())),
+                ("one double-backward HVP", second_order, (x, cb, p, go, v),
+                 (x.double(), cb.double(), pdbl, go.double(), vdbl))):
+            ext = (lambda *a: ops.conv1ch_bn_relu_pool(*a, s, pd, 1e-5, use_ext=True)) \
+                if kind == "fwd+bwd" else \
+                (lambda *a: ops.conv1ch_bn_relu_pool_hvp(*a, s, pd, 1e-5))
+            truth = run(ref)(*truth_args)
+            row = {"op": f"conv1ch_bn_relu_pool {kind}", "N": N, "C": G * C, "H": 28, "W": 28,
+                   "times_s": {}, "errors": {}, "skipped": {}}
+            run_contenders(row, {
+                "imaml_ext": lambda run=run, ext=ext, args=args: run(ext)(*args),
+                "reference": lambda run=run, args=args: run(ref)(*args),
+                "torch.compile(reference)": compiled if isinstance(compiled, str)
+                else (lambda run=run, args=args: run(compiled)(*args)),
+            }, truth, device, min_run_time)
+            rows.append(row)
+            print_row(row, f"conv1ch_bn_relu_pool {kind}  N={N} groups={G} C={C} 28x28")
+    return rows
+
+
 def hvp_vs_grad(row, t_grad):
     row["gradient_s"] = t_grad
     row["hvp_over_gradient"] = {k: v / t_grad for k, v in row["times_s"].items()}
@@ -583,7 +651,8 @@ def main(argv=None):
         result["hvp"] = bench_hvps(args.device, args.quick, min_run_time)
         save()
     if "blocks" in sections:
-        result["blocks"] = bench_blocks(args.device, args.quick, min_run_time)
+        result["blocks"] = (bench_blocks(args.device, args.quick, min_run_time)
+                            + bench_first_block(args.device, args.quick, min_run_time))
     result["load_average_at_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
     save()
     print("\nTimes as multiples of imaml_ext's time (higher: imaml_ext is faster)\n"
