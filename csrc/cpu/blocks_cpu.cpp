@@ -807,7 +807,7 @@ void patch_moments(const T* xp, const Geometry& g, double* mom) {
 // acc[t][c] += v[c] P[idx[c]][t] and accb[c] += v[c] for one vector of L channels at c, with P
 // the four window patches (4 x T) of one pooled position of one group.
 template <typename T>
-IMAML_INLINE void add_selected(simd::vec_t<T> v, const uint8_t* __restrict__ idx,
+IMAML_INLINE void add_selected(const simd::vec_t<T>& v, const uint8_t* __restrict__ idx,
                                const T* __restrict__ P, int64_t T_, int64_t C, int64_t c,
                                T* __restrict__ acc, T* __restrict__ accb) {
   using simd::vec_t;
