@@ -461,7 +461,8 @@ def _folded_forward(plan, params: Mapping[str, torch.Tensor], x: torch.Tensor, *
     ext_blocks: evaluate BatchNorm -> ReLU -> 2x2 MaxPool blocks by the extension's fused CPU
     kernel (imaml_ext.ops.bn_relu_pool; first-order only), and a first conv layer with one input
     channel per task by imaml_ext.ops.conv1ch, fused with the block after it when there is one
-    (imaml_ext.ops.conv1ch_bn_relu_pool; first-order only).
+    (imaml_ext.ops.conv1ch_bn_relu_pool; first-order only). ext_conv1: evaluate such a first
+    block in its second-order form (imaml_ext.ops.conv1ch_bn_relu_pool_hvp).
     """
     M, N = x.shape[0], x.shape[1]
     if x.dim() == 5:  # images: (M, N, C, H, W) -> (N, M*C, H, W)
@@ -514,7 +515,8 @@ def _folded_forward(plan, params: Mapping[str, torch.Tensor], x: torch.Tensor, *
                     h.new_ones(C) if bw is None else bw.reshape(-1),
                     h.new_zeros(C) if bb is None else bb.reshape(-1), m.stride, m.padding,
                     bn[1].eps)
-                h = h.contiguous()  # channels-last -> the NCHW of the rest of the "hvp" layout
+                h = h.contiguous(memory_format=torch.channels_last if channels_last
+                                 else torch.contiguous_format)
                 i += 4
                 continue
             if ext_blocks and w.shape[2] == 1 and _conv1ch_ok(m, h):
@@ -694,8 +696,12 @@ class TaskLoss:
     def _folded(self, params_b, x_b, mode):
         cpu = x_b.device.type == "cpu"
         if mode == "hvp":
+            # channels-last for a chunk of one task (its convolutions are not grouped): one
+            # 20-way 5-shot product 1.13x faster, its graph 1.23x; with several tasks folded
+            # (the grouped _Conv) NCHW: channels-last measured 0.95x / 1.14x at 5-way 1-shot
             return _folded_forward(self._plan, params_b, x_b, fuse=self.fuse_bn_pool,
-                                   ext_conv1=self.fused_blocks and cpu)
+                                   ext_conv1=self.fused_blocks and cpu,
+                                   channels_last=cpu and x_b.shape[0] == 1)
         cl = self.channels_last
         if cl is None:
             cl = cpu
