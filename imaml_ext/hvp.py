@@ -51,10 +51,11 @@ second-order form (imaml_ext.ops.conv1ch_bn_relu_pool_hvp: the conv at each wind
 plus the closed-form statistics), whose derivatives touch pooled-size tensors only: one
 double-backward product 1.28x (5-way 1-shot) and 1.38x (20-way 5-shot) faster, building its
 graph 1.7x faster. The same functions, to rounding (python_tests/test_conv1ch.py).
-Also in "hvp" mode on the CPU, the grouped convolutions of more than one task run through a
-custom autograd function (`_Conv`) whose double backward is three grouped library calls per
-term, where ATen's computes one term with a convolution per group (a loop over the tasks):
-one 5-way 1-shot product (M=32) 1.09x faster, its graph build 0.98x.
+Also in "hvp" mode on the CPU, the convolutions run through a custom autograd function
+(`_Conv`) whose double backward is the library's three convolution kernels, where ATen's
+computes one term with batch and channels swapped, per group (a loop over the tasks): one
+5-way 1-shot product (M=32) 1.09x faster, its graph build 0.98x; one 20-way 5-shot product
+(one task a chunk) 1.27x faster, its graph build 0.95x.
 
 Tasks are independent, so the gradient of sum_i L_i with respect to the batched parameters is
 the stack of the per-task gradients, and the same holds for Hessian-vector products: every
@@ -317,10 +318,11 @@ class _ChannelVarMean(torch.autograd.Function):
 class _Conv(torch.autograd.Function):
     """y = conv2d(x, w, b) (any groups) with a backward made of the two other bilinear maps of a
     convolution, _ConvInputGrad and _ConvWeightGrad, each differentiable by the same three: a
-    double backward then runs three grouped library convolutions per term. ATen's own double
-    backward computes one of its terms (the weight gradient of the input's tangent) with one
-    convolution per group and a cat: with tasks folded into the groups that was a per-task
-    loop."""
+    double backward then runs the library's forward, input-gradient and weight-gradient kernels
+    only. ATen's own double backward computes one of its terms (the weight gradient of the
+    input's tangent) as a convolution with batch and channels swapped, and with groups one such
+    convolution per group and a cat: a per-task loop with tasks folded into the groups, and a
+    slow oneDNN case even for one task (one 20-way 5-shot product 1.27x faster with this)."""
 
     @staticmethod
     def forward(x, w, b, cfg):
@@ -538,8 +540,8 @@ def _folded_forward(plan, params: Mapping[str, torch.Tensor], x: torch.Tensor, *
                 continue
             wf = w.reshape(M * w.shape[1], *w.shape[2:])
             bf = None if b is None else b.reshape(-1)
-            if fuse and M > 1 and h.device.type == "cpu" and not _in_transform(h, wf):
-                # "hvp" layout: a double backward of three grouped convolutions per term
+            if fuse and h.device.type == "cpu" and not _in_transform(h, wf):
+                # "hvp" layout: a double backward of the library's three convolution kernels
                 h = _Conv.apply(h, wf, bf, (list(_pair(m.stride)), list(_pair(m.padding)),
                                             list(_pair(m.dilation)), M))
             else:
@@ -579,9 +581,10 @@ class TaskLoss:
             "half_mse" (0.5 * mse, so that a linear model's Hessian is X^T X / n), or a callable
             (outputs (M, N, ...), targets (M, N, ...)) -> per-sample losses (M, N).
         backend: "auto", "folded" or "vmap" (see the module docstring).
-        channels_last: folded backend, forward/gradient evaluations: channels-last memory
-            format for the conv stage (None: on the CPU, where oneDNN's pooling and batch-norm
-            are several times faster in it).
+        channels_last: folded backend, "grad" mode: channels-last memory format for the conv
+            stage (None: on the CPU, where oneDNN's pooling and batch-norm are several times
+            faster in it). "hvp" mode picks its own: channels-last for a chunk of one task on
+            the CPU, NCHW otherwise (see `_folded`).
         fuse_bn_pool: folded backend, Hessian-vector products: evaluate BatchNorm -> ReLU ->
             MaxPool blocks with pooling first (see `_bn_relu_pool`; the same function), which
             makes their second derivatives cheap (None: True).
