@@ -443,14 +443,20 @@ def _pool2(m: nn.Module) -> bool:
             and _pair(m.dilation) == (1, 1) and not m.ceil_mode and not m.return_indices)
 
 
-def _conv1ch_ok(m: nn.Conv2d, h: torch.Tensor) -> bool:
-    """Whether the extension's conv1ch kernel computes conv layer m on h (one input channel per
-    task, CPU, zero padding smaller than the kernel, dilation 1, h data, not a functorch
-    wrapper)."""
+def _conv1ch_geometry(m: nn.Conv2d) -> bool:
+    """Whether the extension's first-layer kernels (imaml_ext.ops.conv1ch and its block) take
+    conv m's geometry: dilation 1, zero padding smaller than the kernel, at most 121 taps."""
     kh, kw = m.kernel_size
     ph, pw = _pair(m.padding)
-    return (h.device.type == "cpu" and _pair(m.dilation) == (1, 1) and ph < kh and pw < kw
-            and kh * kw <= 121 and not h.requires_grad and not _in_transform(h))
+    return (_pair(m.dilation) == (1, 1) and ph < kh and pw < kw and kh * kw <= 121
+            and m.padding_mode == "zeros")
+
+
+def _conv1ch_ok(m: nn.Conv2d, h: torch.Tensor) -> bool:
+    """Whether those kernels compute conv layer m on h: its geometry, on the CPU, h data (no
+    gradient, not a functorch wrapper); one input channel per task is the caller's check."""
+    return (_conv1ch_geometry(m) and h.device.type == "cpu" and not h.requires_grad
+            and not _in_transform(h))
 
 
 def _folded_forward(plan, params: Mapping[str, torch.Tensor], x: torch.Tensor, *,
@@ -505,39 +511,29 @@ def _folded_forward(plan, params: Mapping[str, torch.Tensor], x: torch.Tensor, *
         if isinstance(m, nn.Conv2d):
             w = params[prefix + "weight"]
             b = params.get(prefix + "bias")
-            if ext_conv1 and w.shape[2] == 1 and _conv1ch_ok(m, h) and \
-                    _bn_pool_block(plan, i + 1) and _pool2(_block_pool(plan, i + 1)):
-                # second-order form of the first block (pooled-size derivatives only)
-                bn = plan[i + 1]
-                bw, bb = params.get(bn[0] + "weight"), params.get(bn[0] + "bias")
-                cw = w.reshape(M * w.shape[1], *w.shape[2:])
-                C = cw.shape[0]
-                h = ops.conv1ch_bn_relu_pool_hvp(
-                    h.contiguous(), cw, None if b is None else b.reshape(-1),
-                    h.new_ones(C) if bw is None else bw.reshape(-1),
-                    h.new_zeros(C) if bb is None else bb.reshape(-1), m.stride, m.padding,
-                    bn[1].eps)
-                h = h.contiguous(memory_format=torch.channels_last if channels_last
-                                 else torch.contiguous_format)
-                i += 4
-                continue
-            if ext_blocks and w.shape[2] == 1 and _conv1ch_ok(m, h):
+            if (ext_blocks or ext_conv1) and w.shape[2] == 1 and _conv1ch_ok(m, h):
                 # the first layer of a gray-scale net: one input channel per task
                 cw = w.reshape(M * w.shape[1], *w.shape[2:])
                 cb = None if b is None else b.reshape(-1)
                 if _bn_pool_block(plan, i + 1) and _pool2(_block_pool(plan, i + 1)):
-                    bn = plan[i + 1]
-                    bw, bb = params.get(bn[0] + "weight"), params.get(bn[0] + "bias")
+                    bn_prefix, bn = plan[i + 1]
+                    bw, bb = params.get(bn_prefix + "weight"), params.get(bn_prefix + "bias")
                     C = cw.shape[0]
-                    h = ops.conv1ch_bn_relu_pool(
-                        h, cw, cb, h.new_ones(C) if bw is None else bw.reshape(-1),
-                        h.new_zeros(C) if bb is None else bb.reshape(-1), m.stride, m.padding,
-                        bn[1].eps)
+                    args = (h, cw, cb, h.new_ones(C) if bw is None else bw.reshape(-1),
+                            h.new_zeros(C) if bb is None else bb.reshape(-1), m.stride,
+                            m.padding, bn.eps)
+                    if ext_conv1:  # second-order form: pooled-size derivatives only
+                        h = ops.conv1ch_bn_relu_pool_hvp(*args).contiguous(
+                            memory_format=torch.channels_last if channels_last
+                            else torch.contiguous_format)
+                    else:
+                        h = ops.conv1ch_bn_relu_pool(*args)
                     i += 4
-                else:
+                    continue
+                if ext_blocks:
                     h = ops.conv1ch(h, cw, cb, m.stride, m.padding)
                     i += 1
-                continue
+                    continue
             wf = w.reshape(M * w.shape[1], *w.shape[2:])
             bf = None if b is None else b.reshape(-1)
             if fuse and h.device.type == "cpu" and not _in_transform(h, wf):
@@ -667,6 +663,8 @@ class TaskLoss:
         if c is None:
             if x_b.device.type != "cpu":
                 return M
+            # (inside torch.func transforms the first block falls back to ATen's full-size
+            # maps, in these larger chunks: the transforms are the non-default HVP kinds)
             fused = bool(self.fused_blocks) and x_b.dim() == 5 and x_b.shape[2] == 1 and \
                 _first_block_fused(self._plan)
             key = (tuple(x_b.shape[1:]), fused)
@@ -796,10 +794,8 @@ def _first_block_fused(plan) -> bool:
     if not plan or not isinstance(plan[0][1], nn.Conv2d) or not _bn_pool_block(plan, 1):
         return False
     m = plan[0][1]
-    kh, kw = m.kernel_size
-    ph, pw = _pair(m.padding)
-    return (m.in_channels == 1 and m.groups == 1 and _pair(m.dilation) == (1, 1) and ph < kh
-            and pw < kw and kh * kw <= 121 and _pool2(_block_pool(plan, 1)))
+    return (m.in_channels == 1 and m.groups == 1 and _conv1ch_geometry(m)
+            and _pool2(_block_pool(plan, 1)))
 
 
 def _peak_activation(plan, sample_shape, first_block_fused: bool = False) -> int:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 
 import torch
+from torch.nn.modules.utils import _pair
 
 from imaml_ext import reference
 from imaml_ext._ext import _C, use_ext_for
@@ -402,7 +403,7 @@ def check_conv1ch(op, x, weight, bias, stride, padding):
         if bias.shape != (weight.shape[0],):
             _fail(op, f"bias must be ({weight.shape[0]},) = (groups*C,), got {tuple(bias.shape)}")
     kh, kw = weight.shape[2:]
-    st, pd = _pair2(stride), _pair2(padding)
+    st, pd = _pair(stride), _pair(padding)
     if min(st) < 1:
         _fail(op, f"stride must be >= 1, got {stride}")
     if min(pd) < 0 or pd[0] >= kh or pd[1] >= kw:
@@ -413,8 +414,21 @@ def check_conv1ch(op, x, weight, bias, stride, padding):
         _fail(op, f"kernel size must have at most 121 taps, got ({kh}, {kw})")
 
 
-def _pair2(v) -> tuple[int, int]:
-    return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
+def _first_layer_ext(op: str, x, use_ext: bool | None) -> bool:
+    """Whether the first layer's CPU kernels run (they take no gradient for x): use_ext=None
+    picks them for a CPU x that needs no gradient when the extension is loaded; True insists
+    (raising, saying why, where they cannot run)."""
+    if use_ext is None:
+        return _C is not None and x.device.type == "cpu" and not x.requires_grad
+    if use_ext:
+        if x.device.type != "cpu":
+            raise RuntimeError(f"{op}: use_ext=True but the kernel is CPU only; x is on "
+                               f"{x.device}")
+        if x.requires_grad:
+            raise RuntimeError(f"{op}: use_ext=True but x requires a gradient, which the "
+                               "kernel does not compute; use use_ext=None or False")
+        use_ext_for(True, x)
+    return bool(use_ext)
 
 
 class _Conv1ch(torch.autograd.Function):
@@ -482,20 +496,10 @@ def conv1ch(x, weight, bias=None, stride=1, padding=0, *, use_ext: bool | None =
         (N, G*C, Ho, Wo).
     """
     check_conv1ch("conv1ch", x, weight, bias, stride, padding)
-    if use_ext is None:
-        use_ext = _C is not None and x.device.type == "cpu" and not x.requires_grad
-    elif use_ext:
-        if x.device.type != "cpu":
-            raise RuntimeError(f"conv1ch: use_ext=True but the kernel is CPU only; x is on "
-                               f"{x.device}")
-        if x.requires_grad:
-            raise RuntimeError("conv1ch: use_ext=True but x requires a gradient, which the "
-                               "kernel does not compute; use use_ext=None or False")
-        use_ext_for(True, x)
-    if not use_ext:
+    if not _first_layer_ext("conv1ch", x, use_ext):
         return reference.conv1ch(x, weight, bias, stride, padding)
-    return _Conv1ch.apply(x.contiguous(), weight, bias, list(_pair2(stride)),
-                          list(_pair2(padding)))
+    return _Conv1ch.apply(x.contiguous(), weight, bias, list(_pair(stride)),
+                          list(_pair(padding)))
 
 
 if _C is not None:
@@ -572,6 +576,16 @@ def conv1ch_bn_relu_pool(x, conv_weight, conv_bias, weight, bias, stride=1, padd
         (N, G*C, Ho // 2, Wo // 2) for the convolution's output (Ho, Wo).
     """
     op = "conv1ch_bn_relu_pool"
+    check_conv1ch_block(op, x, conv_weight, conv_bias, weight, bias, stride, padding, eps)
+    if not _first_layer_ext(op, x, use_ext):
+        return reference.conv1ch_bn_relu_pool(x, conv_weight, conv_bias, weight, bias, stride,
+                                              padding, eps)
+    return _Conv1chBnReluPool.apply(x.contiguous(), conv_weight, conv_bias, weight, bias,
+                                    list(_pair(stride)), list(_pair(padding)), float(eps))[0]
+
+
+def check_conv1ch_block(op, x, conv_weight, conv_bias, weight, bias, stride, padding, eps):
+    """check_conv1ch, plus the batch-norm parameters, eps and a poolable output."""
     check_conv1ch(op, x, conv_weight, conv_bias, stride, padding)
     GC = conv_weight.shape[0]
     for name, t in (("weight", weight), ("bias", bias)):
@@ -580,27 +594,12 @@ def conv1ch_bn_relu_pool(x, conv_weight, conv_bias, weight, bias, stride=1, padd
             _fail(op, f"{name} must be ({GC},) = (groups*C,), got {tuple(t.shape)}")
     if not (math.isfinite(eps) and eps >= 0):
         _fail(op, f"eps must be finite and >= 0, got {eps}")
-    (sh, sw), (ph, pw) = _pair2(stride), _pair2(padding)
+    (sh, sw), (ph, pw) = _pair(stride), _pair(padding)
     Ho = (x.shape[2] + 2 * ph - conv_weight.shape[2]) // sh + 1
     Wo = (x.shape[3] + 2 * pw - conv_weight.shape[3]) // sw + 1
     if Ho < 2 or Wo < 2:
         _fail(op, f"the convolution's output must be at least 2x2 for 2x2 max-pooling, got "
                   f"{Ho}x{Wo}")
-    if use_ext is None:
-        use_ext = _C is not None and x.device.type == "cpu" and not x.requires_grad
-    elif use_ext:
-        if x.device.type != "cpu":
-            raise RuntimeError(f"{op}: use_ext=True but the kernel is CPU only; x is on "
-                               f"{x.device}")
-        if x.requires_grad:
-            raise RuntimeError(f"{op}: use_ext=True but x requires a gradient, which the "
-                               "kernel does not compute; use use_ext=None or False")
-        use_ext_for(True, x)
-    if not use_ext:
-        return reference.conv1ch_bn_relu_pool(x, conv_weight, conv_bias, weight, bias, stride,
-                                              padding, eps)
-    return _Conv1chBnReluPool.apply(x.contiguous(), conv_weight, conv_bias, weight, bias,
-                                    [sh, sw], [ph, pw], float(eps))[0]
 
 
 if _C is not None:
@@ -688,7 +687,11 @@ def conv1ch_bn_relu_pool_hvp(x, conv_weight, conv_bias, weight, bias, stride=1, 
     The full-size map, its statistics' derivatives and the pooling's scatter, which were most
     of the layer's share of a double-backward product, are gone. Arguments as
     conv1ch_bn_relu_pool; CPU, compiled extension, x data (no gradient)."""
-    (sh, sw), (ph, pw) = _pair2(stride), _pair2(padding)
+    op = "conv1ch_bn_relu_pool_hvp"
+    check_conv1ch_block(op, x, conv_weight, conv_bias, weight, bias, stride, padding, eps)
+    _first_layer_ext(op, x, True)  # raises, saying why, where the kernels cannot run
+    x = x.contiguous()
+    (sh, sw), (ph, pw) = _pair(stride), _pair(padding)
     with torch.no_grad():
         idx, moments = torch.ops.imaml_ext.conv1ch_bn_relu_pool(
             x, conv_weight.detach(), None if conv_bias is None else conv_bias.detach(),

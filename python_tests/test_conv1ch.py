@@ -338,3 +338,11 @@ def test_task_loss_grad_with_kernels_equals_composite():
     torch.testing.assert_close(l1, l2, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(o1, o2, rtol=1e-11, atol=1e-11)
     assert_close_at_scale([g1[k] for k in g2], list(g2.values()), 1e-10)
+
+
+def test_second_order_form_checks_its_arguments():
+    (x, cw, cb, bw, bb), stride, padding = problem(GEOMETRIES[1])
+    with pytest.raises(ValueError, match=r"conv1ch_bn_relu_pool_hvp: weight must be \(10,\)"):
+        block_hvp_form(x, cw, cb, bw[:3], bb, stride, padding)
+    with pytest.raises(RuntimeError, match="x requires a gradient"):
+        block_hvp_form(x.clone().requires_grad_(True), cw, cb, bw, bb, stride, padding)
