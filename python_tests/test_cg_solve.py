@@ -83,6 +83,29 @@ def test_lstsq_matches_reference(B, n, d, device, dtype):
 
 
 @needs_ext
+@pytest.mark.parametrize("threads", [1, 2])
+def test_lstsq_rows_split_over_threads(threads):
+    # 2.9 MB of X per system in float64: more than one core's L2 here (2 MiB) and less than two
+    # cores' together, so with two threads the systems run in turn with each X's rows split over
+    # the threads (solve.h, split_rows); with one thread each system runs whole. Systems stop at
+    # different iterations (early stop per system); both layouts must agree with the reference.
+    X, b = lstsq_problem(3, 300, 1200, torch.float64, "cpu", seed=5)
+    X[1] *= 3.0  # a worse-conditioned system: more iterations than the others
+    x0 = torch.zeros_like(b)
+    args = (1.0, 1.0 / 300, 200, 1e-9, 0.0)
+    n = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        ext = ops.cg_solve_lstsq(X, b, x0, *args, use_ext=True)
+    finally:
+        torch.set_num_threads(n)
+    ref = ops.cg_solve_lstsq(X, b, x0, *args, use_ext=False)
+    assert torch.equal(ext[1], ref[1]) and torch.equal(ext[3], ref[3])
+    assert len(set(ref[1].tolist())) > 1, "the systems should stop at different iterations"
+    torch.testing.assert_close(ext[0], ref[0], rtol=1e-10, atol=1e-12)
+
+
+@needs_ext
 @pytest.mark.parametrize("B,n,d", [(1, 1, 1), (3, 17, 29), (2, 64, 1000), (0, 5, 4)])
 def test_lstsq_apply_matches_reference(B, n, d, device, dtype):
     X64, v64 = lstsq_problem(B, n, d, torch.float64, device)

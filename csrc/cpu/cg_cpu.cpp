@@ -59,7 +59,7 @@ SolveResult cg_solve_dense_cpu(const at::Tensor& A_in, const at::Tensor& b, cons
               b.device(), "), got ", A_in.scalar_type(), ", ", A_in.device());
   const auto A = A_in.contiguous();
   const int64_t P = b.size(1);
-  return solve_batch(b, x0, max_iter, rtol, atol,
+  return solve_batch(b, x0, max_iter, rtol, atol, P * P * A.element_size(),
                      [&](auto zero, int64_t sys, int64_t, bool) {
                        using scalar_t = decltype(zero);
                        return DenseOp<scalar_t>{A.data_ptr<scalar_t>() + sys * P * P, P};
@@ -76,7 +76,7 @@ SolveResult cg_solve_lstsq_cpu(const at::Tensor& X_in, const at::Tensor& b, cons
   const int nthreads = at::get_num_threads();
   // One X^T X v accumulator per thread (used whole when rows are split over threads).
   auto scratch = at::empty({nthreads, d}, b.options());
-  return solve_batch(b, x0, max_iter, rtol, atol,
+  return solve_batch(b, x0, max_iter, rtol, atol, n * d * X.element_size(),
                      [&](auto zero, int64_t sys, int64_t worker, bool inner) {
                        using scalar_t = decltype(zero);
                        auto* acc = scratch.data_ptr<scalar_t>() + (inner ? 0 : worker * d);
@@ -93,7 +93,7 @@ at::Tensor lstsq_apply_cpu(const at::Tensor& X_in, const at::Tensor& v_in, doubl
   const int64_t B = X.size(0), n = X.size(1), d = X.size(2);
   auto out = at::empty_like(v);
   const int nthreads = at::get_num_threads();
-  const bool inner = B < nthreads;
+  const bool inner = B < nthreads;  // one pass over X: no reuse for split_rows to keep in L2
   auto scratch = at::empty({nthreads, d}, v.options());
   AT_DISPATCH_FLOATING_TYPES(v.scalar_type(), "lstsq_apply_cpu", [&] {
     auto* sc = scratch.data_ptr<scalar_t>();

@@ -163,8 +163,9 @@ SolveResult cg_solve_softmax_head_cpu(const at::Tensor& F_in, const at::Tensor& 
   auto scratch = at::empty({nthreads, stride}, b.options());
   auto probs = at::empty({nthreads, n * c}, b.options());
   const double factor = softmax_head_factor(scale, n);
+  const int64_t op_bytes = n * (f + c) * F.element_size();  // F and the probabilities
   return cpu::solve_batch(
-      b, x0, max_iter, rtol, atol, [&](auto zero, int64_t sys, int64_t worker, bool inner) {
+      b, x0, max_iter, rtol, atol, op_bytes, [&](auto zero, int64_t sys, int64_t worker, bool inner) {
         using scalar_t = decltype(zero);
         const scalar_t* Fs = F.data_ptr<scalar_t>() + sys * n * f;
         scalar_t* pr = probs.data_ptr<scalar_t>() + (inner ? 0 : worker * n * c);
