@@ -128,25 +128,32 @@ IMAML_INLINE void matvec_rows_impl(const T* __restrict__ A, int64_t d, int64_t r
 // and (32, 50, 200); twelve and sixteen rows were slower (register pressure).
 template <typename T>
 IMAML_INLINE void xtxv_rows_impl(const T* __restrict__ X, int64_t d, int64_t row_begin,
-                                 int64_t row_end, const T* __restrict__ v, T* __restrict__ acc) {
+                                 int64_t row_end, const T* __restrict__ v, T* __restrict__ acc,
+                                 bool reverse) {
   constexpr int R = 8;
-  int64_t i = row_begin;
-  if (row_end - i >= R) {
+  const int64_t nb = (row_end - row_begin) / R;
+  const int64_t tail = row_begin + nb * R;  // rows [tail, row_end): fewer than R
+  auto tail_rows = [&] {
+    for (int64_t i = tail; i < row_end; ++i) {
+      T t;
+      dots_block<1>(X + i * d, d, v, &t);
+      update_block<1>(X + i * d, d, &t, acc, static_cast<const T*>(nullptr), v,
+                      static_cast<T*>(nullptr));
+    }
+  };
+  if (reverse) tail_rows();
+  if (nb > 0) {
+    // Block k's first row, in sweep order (forward: k = 0, 1, ...; reverse: the last first).
+    auto row = [&](int64_t k) { return row_begin + (reverse ? nb - 1 - k : k) * R; };
     T t[2][R];
     int cur = 0;
-    dots_block<R>(X + i * d, d, v, t[cur]);
-    for (; i + 2 * R <= row_end; i += R, cur ^= 1)
-      update_block<R>(X + i * d, d, t[cur], acc, X + (i + R) * d, v, t[cur ^ 1]);
-    update_block<R>(X + i * d, d, t[cur], acc, static_cast<const T*>(nullptr), v,
-                    static_cast<T*>(nullptr));
-    i += R;
-  }
-  for (; i < row_end; ++i) {
-    T t;
-    dots_block<1>(X + i * d, d, v, &t);
-    update_block<1>(X + i * d, d, &t, acc, static_cast<const T*>(nullptr), v,
+    dots_block<R>(X + row(0) * d, d, v, t[cur]);
+    for (int64_t k = 0; k + 1 < nb; ++k, cur ^= 1)
+      update_block<R>(X + row(k) * d, d, t[cur], acc, X + row(k + 1) * d, v, t[cur ^ 1]);
+    update_block<R>(X + row(nb - 1) * d, d, t[cur], acc, static_cast<const T*>(nullptr), v,
                     static_cast<T*>(nullptr));
   }
+  if (!reverse) tail_rows();
 }
 
 }  // namespace
@@ -166,8 +173,8 @@ IMAML_INLINE void xtxv_rows_impl(const T* __restrict__ X, int64_t d, int64_t row
     matvec_rows_impl(A, d, row_begin, row_end, v, out);                                        \
   }                                                                                            \
   IMAML_SIMD void xtxv_rows(const T* X, int64_t d, int64_t row_begin, int64_t row_end, const T* v,        \
-                 T* acc) {                                                                     \
-    xtxv_rows_impl(X, d, row_begin, row_end, v, acc);                                          \
+                 T* acc, bool reverse) {                                                       \
+    xtxv_rows_impl(X, d, row_begin, row_end, v, acc, reverse);                                 \
   }
 
 IMAML_DEFINE_SIMD(float)

@@ -45,10 +45,11 @@ void matvec_rows(const double* A, int64_t d, int64_t row_begin, int64_t row_end,
 
 // acc += X^T (X v) over the rows [row_begin, row_end) of a row-major (n, d) X, in ONE pass over
 // X: each row's dot product is taken while the row is in L1, then the row is reused for the axpy.
+// reverse: sweep the rows last to first (LstsqOp alternates directions to keep rows in L2).
 void xtxv_rows(const float* X, int64_t d, int64_t row_begin, int64_t row_end,
-                          const float* v, float* acc);
+                          const float* v, float* acc, bool reverse = false);
 void xtxv_rows(const double* X, int64_t d, int64_t row_begin, int64_t row_end,
-                          const double* v, double* acc);
+                          const double* v, double* acc, bool reverse = false);
 
 // ---- the softmax cross-entropy head (csrc/hvp_math.h), definitions in hvp_simd.cpp ----------
 // Rows [row_begin, row_end) of one system's features F (n, f), row-major; W, V (c, f); bias,
