@@ -173,6 +173,22 @@ def test_nonfinite_rhs_flagged(device, use_ext):
 
 
 @needs_ext
+@pytest.mark.parametrize("start", ["zero", "nonzero"])
+def test_nonfinite_operator_flagged_like_reference(device, start):
+    # From x0 = 0 the kernels skip the product A x0 (r0 = b); a NaN or inf in X must still stop
+    # that system as non-finite, at the same iteration as the reference (which forms A x0).
+    X, b = lstsq_problem(3, 12, 9, torch.float64, device, seed=3)
+    X[0, 4, 2] = float("nan")
+    X[2, 0, 0] = float("inf")
+    x0 = torch.zeros_like(b) if start == "zero" else torch.full_like(b, 0.5)
+    ext = ops.cg_solve_lstsq(X, b, x0, 1.0, 0.1, 30, 1e-10, 0.0, use_ext=True)
+    ref = ops.cg_solve_lstsq(X, b, x0, 1.0, 0.1, 30, 1e-10, 0.0, use_ext=False)
+    assert ext[3].tolist() == [reference.NONFINITE, reference.CONVERGED, reference.NONFINITE]
+    assert torch.equal(ext[1], ref[1]) and torch.equal(ext[3], ref[3])
+    assert torch.isfinite(ext[0]).all()
+
+
+@needs_ext
 def test_opcheck_solvers(device):
     A = random_spd(2, 7, device=device)
     b = torch.randn(2, 7, dtype=torch.float64, device=device)
