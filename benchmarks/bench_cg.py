@@ -41,6 +41,7 @@ def machine() -> dict:
     except (OSError, StopIteration):
         pass
     info = {"platform": platform.platform(), "cpu": cpu, "threads": torch.get_num_threads(),
+            "blas_thread_env": {k: os.environ.get(k) for k in BLAS_THREAD_VARS},
             "torch": torch.__version__, "cuda": torch.version.cuda,
             "imaml_ext": imaml_ext.build_info(), "git_commit": git_commit(),
             "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
@@ -205,6 +206,22 @@ def print_row(row):
           f"other ({row['fastest_other']})")
 
 
+BLAS_THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+def limit_blas_threads(threads: int, argv: list) -> None:
+    """Gives SciPy's BLAS (numpy's OpenBLAS, sized when numpy is first imported, which importing
+    imaml_ext already did) the same thread count as torch: the process restarts itself once with
+    the BLAS thread variables set. Without this a --threads 1 run pitted one torch thread against
+    a two-thread SciPy."""
+    want = str(threads)
+    if all(os.environ.get(k) == want for k in BLAS_THREAD_VARS):
+        return
+    env = dict(os.environ, **{k: want for k in BLAS_THREAD_VARS})
+    sys.stdout.flush()
+    os.execve(sys.executable, [sys.executable, str(Path(__file__).resolve())] + argv, env)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cpu")
@@ -214,8 +231,10 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--sizes", default=None,
                     help="B,n,d triples separated by ';' (default: the three target sizes)")
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = ap.parse_args(argv)
     if args.threads:
+        limit_blas_threads(args.threads, argv)
         torch.set_num_threads(args.threads)
     sizes = QUICK_SIZES if args.quick else SIZES
     if args.sizes:
