@@ -115,10 +115,19 @@ IMAML_INLINE void update_block(const T* __restrict__ X, int64_t d, const T* __re
 
 template <typename T>
 IMAML_INLINE void matvec_rows_impl(const T* __restrict__ A, int64_t d, int64_t row_begin,
-                                   int64_t row_end, const T* __restrict__ v, T* __restrict__ out) {
-  int64_t i = row_begin;
-  for (; i + 4 <= row_end; i += 4) dots_block<4>(A + i * d, d, v, out + i);
-  for (; i < row_end; ++i) dots_block<1>(A + i * d, d, v, out + i);
+                                   int64_t row_end, const T* __restrict__ v, T* __restrict__ out,
+                                   bool reverse) {
+  const int64_t nb = (row_end - row_begin) / 4;
+  const int64_t tail = row_begin + nb * 4;
+  auto tail_rows = [&] {
+    for (int64_t i = tail; i < row_end; ++i) dots_block<1>(A + i * d, d, v, out + i);
+  };
+  if (reverse) tail_rows();
+  for (int64_t k = 0; k < nb; ++k) {
+    const int64_t i = row_begin + (reverse ? nb - 1 - k : k) * 4;
+    dots_block<4>(A + i * d, d, v, out + i);
+  }
+  if (!reverse) tail_rows();
 }
 
 // acc += X^T (X v) over rows [row_begin, row_end), one pass over X, in blocks of eight rows:
@@ -169,8 +178,8 @@ IMAML_INLINE void xtxv_rows_impl(const T* __restrict__ X, int64_t d, int64_t row
     combine_impl(out, v, acc, shift, scale, n);                                                \
   }                                                                                            \
   IMAML_SIMD void matvec_rows(const T* A, int64_t d, int64_t row_begin, int64_t row_end,        \
-                              const T* v, T* out) {                                            \
-    matvec_rows_impl(A, d, row_begin, row_end, v, out);                                        \
+                              const T* v, T* out, bool reverse) {                              \
+    matvec_rows_impl(A, d, row_begin, row_end, v, out, reverse);                               \
   }                                                                                            \
   IMAML_SIMD void xtxv_rows(const T* X, int64_t d, int64_t row_begin, int64_t row_end, const T* v,        \
                  T* acc, bool reverse) {                                                       \

@@ -37,15 +37,16 @@ void combine(float* out, const float* v, const float* acc, double shift, double 
 void combine(double* out, const double* v, const double* acc, double shift,
                         double scale, int64_t n);
 
-// out[i] = A[i] . v for the rows i in [row_begin, row_end) of a row-major (n, d) A.
+// out[i] = A[i] . v for the rows i in [row_begin, row_end) of a row-major (n, d) A; reverse:
+// visit the rows last to first (the same results).
 void matvec_rows(const float* A, int64_t d, int64_t row_begin, int64_t row_end, const float* v,
-                 float* out);
+                 float* out, bool reverse = false);
 void matvec_rows(const double* A, int64_t d, int64_t row_begin, int64_t row_end, const double* v,
-                 double* out);
+                 double* out, bool reverse = false);
 
 // acc += X^T (X v) over the rows [row_begin, row_end) of a row-major (n, d) X, in ONE pass over
 // X: each row's dot product is taken while the row is in L1, then the row is reused for the axpy.
-// reverse: sweep the rows last to first (LstsqOp alternates directions to keep rows in L2).
+// reverse: sweep the rows last to first (the solvers alternate directions to keep rows in L2).
 void xtxv_rows(const float* X, int64_t d, int64_t row_begin, int64_t row_end,
                           const float* v, float* acc, bool reverse = false);
 void xtxv_rows(const double* X, int64_t d, int64_t row_begin, int64_t row_end,
