@@ -106,6 +106,35 @@ def test_lstsq_rows_split_over_threads(threads):
 
 
 @needs_ext
+def test_dense_rows_split_over_threads():
+    # 2.9 MB per system (P = 600, float64): split over two threads' L2 caches like the
+    # least-squares test above; rows swept in alternating directions; systems stop apart. Each
+    # row's dot product does not depend on the thread that takes it, so one and two threads
+    # must agree bit for bit.
+    g = torch.Generator().manual_seed(11)
+    A = random_spd(3, 600, generator=g)
+    A[2] += 40 * torch.eye(600, dtype=A.dtype)  # better conditioned: stops earlier
+    b = torch.randn(3, 600, dtype=torch.float64, generator=g)
+    n = torch.get_num_threads()
+    got = {}
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            got[threads] = ops.cg_solve_dense(A, b, torch.zeros_like(b), 300, 1e-9, 0.0,
+                                              use_ext=True)
+    finally:
+        torch.set_num_threads(n)
+    ref = ops.cg_solve_dense(A, b, torch.zeros_like(b), 300, 1e-9, 0.0, use_ext=False)
+    for a, c in zip(got[1], got[2]):
+        assert torch.equal(a, c)
+    ext = got[2]
+    assert torch.equal(ext[1], ref[1]) and torch.equal(ext[3], ref[3])
+    assert len(set(ref[1].tolist())) > 1, "the systems should stop at different iterations"
+    # dozens of iterations in a different summation order: compare against ||x||
+    assert ((ext[0] - ref[0]).norm(dim=-1) <= 1e-10 * ref[0].norm(dim=-1)).all()
+
+
+@needs_ext
 @pytest.mark.parametrize("B,n,d", [(1, 1, 1), (3, 17, 29), (2, 64, 1000), (0, 5, 4)])
 def test_lstsq_apply_matches_reference(B, n, d, device, dtype):
     X64, v64 = lstsq_problem(B, n, d, torch.float64, device)
