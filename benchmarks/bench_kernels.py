@@ -171,6 +171,10 @@ def try_compile(fn, device: str, quick: bool):
     """torch.compile(fn), or the reason it is skipped."""
     if quick and device == "cpu":
         return "skipped in --quick: inductor takes ~5-20 s per shape on CPU"
+    # AOTAutograd donates the saved buffers of a compiled graph to its backward by default, which
+    # forbids the second backward that the double-backward HVP rows take through it.
+    import torch._functorch.config as functorch_config  # noqa: PLC0415
+    functorch_config.donated_buffer = False
     try:
         return torch.compile(fn)
     except Exception as exc:
