@@ -95,6 +95,15 @@ TORCH_LIBRARY(imaml_ext, m) {
         "int[2] stride, int[2] padding) -> Tensor");
   m.def("conv1ch_select_weight_grad(Tensor grad_u, Tensor x, Tensor idx, int[2] kernel_size, "
         "int[2] stride, int[2] padding) -> (Tensor, Tensor)");
+  // 3x3 convolution, stride 1, padding 1, by Winograd's F(2x2, 3x3) (csrc/cpu/winograd_cpu.cpp).
+  // x: (N, groups*Ci, H, W); weight: (groups*Co, Ci, 3, 3); bias: (groups*Co,) or None; Ci and
+  // Co multiples of one 64-byte vector (16 float32, 8 float64). Returns (N, groups*Co, H, W)
+  // channels-last. CPU only.
+  m.def("conv3x3_winograd(Tensor x, Tensor weight, Tensor? bias, int groups) -> Tensor");
+  // Its weight gradient (groups*Co, Ci, 3, 3) from grad_y (N, groups*Co, H, W) and x, by the same
+  // transforms. The input gradient is conv3x3_winograd of grad_y with the filters flipped and
+  // their channel axes swapped (imaml_ext.ops); the bias gradient is grad_y's sum.
+  m.def("conv3x3_winograd_weight_grad(Tensor grad_y, Tensor x, int groups) -> Tensor");
 }
 
 #ifdef TORCH_EXTENSION_NAME

@@ -288,25 +288,40 @@ def check_bn_relu_pool(op, h, weight, bias, eps):
 
 
 class _FirstOrderOnly(torch.autograd.Function):
-    """Passes the block's gradients through; differentiating them raises. Its inputs include
-    the tensors the gradients depend on, so that any second derivative through the block
-    reaches this node (a node without those edges would be skipped, and the second derivative
-    would come out silently incomplete)."""
+    """Passes a fused kernel's gradients through; differentiating them raises. Its inputs
+    include the tensors the gradients depend on, so that any second derivative through the
+    kernel reaches this node (a node without those edges, such as
+    torch.autograd.function.once_differentiable's, would be skipped whenever the parameters are
+    also reachable another way, and the second derivative would come out silently incomplete).
+    apply(op, n, *tensors): the first n tensors are the gradients (returned as views), the rest
+    their dependencies."""
 
     @staticmethod
-    def forward(gh, gw, gb, *deps):
-        return gh.view_as(gh), gw.view_as(gw), gb.view_as(gb)
+    def forward(op, n, *tensors):
+        return tuple(t.view_as(t) for t in tensors[:n])
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        pass
+        ctx.op = inputs[0]
 
     @staticmethod
     def backward(ctx, *grads):
         raise RuntimeError(
-            "bn_relu_pool: the fused batch-norm/ReLU/max-pool kernel is first-order only and a "
-            "second derivative was taken through it; use bn_relu_pool(..., use_ext=False), or "
-            "TaskLoss(..., fused_blocks=False) / mode='hvp' for second-order work")
+            f"{ctx.op}: the fused kernel is first-order only and a second derivative was taken "
+            f"through it; use {ctx.op}(..., use_ext=False), or TaskLoss(..., "
+            f"fused_blocks=False) / mode='hvp' for second-order work")
+
+
+def _first_order_only(op: str, grads: tuple, deps: tuple) -> tuple:
+    """grads, guarded by _FirstOrderOnly when autograd is recording (a create_graph backward)
+    and any of them or their dependencies needs a gradient; None entries stay None."""
+    present = [g for g in grads if g is not None]
+    if not (torch.is_grad_enabled() and
+            any(t is not None and t.requires_grad for t in (*present, *deps))):
+        return grads
+    guarded = iter(_FirstOrderOnly.apply(op, len(present), *present,
+                                         *(t for t in deps if t is not None)))
+    return tuple(None if g is None else next(guarded) for g in grads)
 
 
 class _BnReluPool(torch.autograd.Function):
@@ -334,8 +349,7 @@ class _BnReluPool(torch.autograd.Function):
         g = grad_out.contiguous(memory_format=torch.channels_last)
         gh, gw, gb = torch.ops.imaml_ext.bn_relu_pool_backward(g, h, weight, bias, mean, invstd,
                                                                hsel, idx)
-        if torch.is_grad_enabled() and any(t.requires_grad for t in (grad_out, h, weight, bias)):
-            gh, gw, gb = _FirstOrderOnly.apply(gh, gw, gb, grad_out, h, weight, bias)
+        gh, gw, gb = _first_order_only("bn_relu_pool", (gh, gw, gb), (grad_out, h, weight, bias))
         return gh, gw, gb, None
 
 
@@ -384,6 +398,122 @@ if _C is not None:
     def _bn_relu_pool_backward_fake(grad_out, h, weight, bias, mean, invstd, hsel, idx):
         return (h.new_empty(h.shape).contiguous(memory_format=torch.channels_last),
                 h.new_empty(weight.shape), h.new_empty(weight.shape))
+
+
+# ---- the 3x3 convolution by Winograd's F(2x2, 3x3) (the conv net's layers 2-4) -----------------
+
+def check_conv3x3(op, x, weight, bias, groups):
+    _check_float(op, "x", x)
+    if x.dim() != 4:
+        _fail(op, f"x must be 4-d (N, C, H, W), got shape {tuple(x.shape)}")
+    _check_like(op, "weight", weight, "x", x)
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+        _fail(op, f"groups must be an int >= 1, got {groups!r}")
+    if weight.dim() != 4 or weight.shape[2:] != (3, 3) or weight.shape[0] % groups or \
+            x.shape[1] != groups * weight.shape[1]:
+        _fail(op, f"weight must be (groups*Co, Ci, 3, 3) with groups*Ci = x.shape[1] = "
+                  f"{x.shape[1]} (groups = {groups}), got {tuple(weight.shape)}")
+    if bias is not None:
+        _check_like(op, "bias", bias, "x", x)
+        if bias.shape != (weight.shape[0],):
+            _fail(op, f"bias must be ({weight.shape[0]},) = (groups*Co,), got {tuple(bias.shape)}")
+
+
+def conv3x3_ext_ok(x, weight, groups) -> bool:
+    """Whether the Winograd kernel takes this convolution: the extension loaded, a CPU float
+    tensor, and channels per group (in and out) multiples of one 64-byte vector."""
+    if _C is None or x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
+        return False
+    lanes = 64 // x.element_size()
+    return (x.shape[1] // groups) % lanes == 0 and (weight.shape[0] // groups) % lanes == 0
+
+
+def conv3x3_winograd_input_grad(grad_y, weight, groups: int):
+    """The input gradient of conv3x3 (stride 1, padding 1) for output gradient grad_y, by the
+    Winograd kernel: the convolution of grad_y with the filters flipped and their channel axes
+    swapped (no checks: for the library's autograd Functions)."""
+    Co, Ci = weight.shape[0] // groups, weight.shape[1]
+    flipped = weight.reshape(groups, Co, Ci, 3, 3).transpose(1, 2).flip(-2, -1)
+    return torch.ops.imaml_ext.conv3x3_winograd(grad_y, flipped.reshape(groups * Ci, Co, 3, 3),
+                                                None, groups)
+
+
+class _Conv3x3Winograd(torch.autograd.Function):
+    """The Winograd convolution with its backward from the same kernels: the input gradient is
+    the convolution of grad_y with the filters flipped and their channel axes swapped, the
+    weight gradient conv3x3_winograd_weight_grad. First-order only (_FirstOrderOnly: a second
+    derivative through it raises). The "hvp" layout's convolution (imaml_ext.hvp._Conv) runs
+    the same kernels differentiably to any order."""
+
+    @staticmethod
+    def forward(x, weight, bias, groups):
+        return torch.ops.imaml_ext.conv3x3_winograd(x, weight, bias, groups)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, weight, bias, groups = inputs
+        ctx.save_for_backward(x, weight)
+        ctx.groups = groups
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, weight = ctx.saved_tensors
+        G = ctx.groups
+        with torch.no_grad():
+            g = grad_y.contiguous(memory_format=torch.channels_last)
+            gx = gw = gb = None
+            if ctx.needs_input_grad[0]:
+                gx = conv3x3_winograd_input_grad(g, weight, G)
+            if ctx.needs_input_grad[1]:
+                gw = torch.ops.imaml_ext.conv3x3_winograd_weight_grad(g, x, G)
+            if ctx.needs_input_grad[2]:
+                gb = g.sum((0, 2, 3))
+        gx, gw, gb = _first_order_only("conv3x3", (gx, gw, gb), (grad_y, x, weight))
+        return gx, gw, gb, None
+
+
+def conv3x3(x, weight, bias=None, groups: int = 1, *, use_ext: bool | None = None):
+    """conv2d(x, weight, bias, stride=1, padding=1, groups=groups) for 3x3 filters.
+
+    The compiled CPU kernel (csrc/cpu/winograd_cpu.cpp) uses Winograd's F(2x2, 3x3): 16 instead
+    of 36 multiply-adds per 2x2 output tile and channel pair, as 16 matrix products, with the
+    input and weight gradients from the same transforms; its output is channels-last. It is
+    first-order: a second derivative through it raises (use_ext=False gives the reference,
+    ATen's convolution, differentiable to any order). use_ext=None picks it where it applies
+    (conv3x3_ext_ok: CPU, float32/float64, channels per group multiples of 16 float32 / 8
+    float64); True insists, raising where it cannot run.
+
+    Args:
+        x: (N, groups*Ci, H, W).
+        weight: (groups*Co, Ci, 3, 3); bias: (groups*Co,) or None.
+    Returns:
+        (N, groups*Co, H, W).
+    """
+    check_conv3x3("conv3x3", x, weight, bias, groups)
+    ok = conv3x3_ext_ok(x, weight, groups)
+    if use_ext is None:
+        use_ext = ok
+    elif use_ext and not ok:
+        use_ext_for(True, x)  # raises, saying why, when the extension is not loaded
+        raise RuntimeError(
+            f"conv3x3: use_ext=True but the Winograd kernel needs a CPU float32/float64 x with "
+            f"channels per group multiples of {64 // x.element_size()}; got {x.dtype} on "
+            f"{x.device}, {x.shape[1] // groups} in / {weight.shape[0] // groups} out")
+    if not use_ext:
+        return reference.conv3x3(x, weight, bias, groups)
+    return _Conv3x3Winograd.apply(x, weight, bias, int(groups))
+
+
+if _C is not None:
+    @torch.library.register_fake("imaml_ext::conv3x3_winograd")
+    def _conv3x3_winograd_fake(x, weight, bias, groups):
+        N, _, H, W = x.shape
+        return x.new_empty((N, weight.shape[0], H, W)).contiguous(
+            memory_format=torch.channels_last)
+
+    @torch.library.register_fake("imaml_ext::conv3x3_winograd_weight_grad")
+    def _conv3x3_winograd_weight_grad_fake(grad_y, x, groups):
+        return x.new_empty((grad_y.shape[1], x.shape[1] // groups, 3, 3))
 
 
 # ---- the grouped convolution with one input channel per group (the first conv layer) ----------
@@ -548,9 +678,8 @@ class _Conv1chBnReluPool(torch.autograd.Function):
         g = grad_out.contiguous(memory_format=torch.channels_last)
         gcw, gcb, gw, gb = torch.ops.imaml_ext.conv1ch_bn_relu_pool_backward(
             g, x, conv_weight, weight, bias, mean, invstd, hsel, idx, moments, stride, padding)
-        if torch.is_grad_enabled() and any(
-                t.requires_grad for t in (grad_out, conv_weight, weight, bias)):
-            gcw, gw, gb = _FirstOrderOnly.apply(gcw, gw, gb, grad_out, conv_weight, weight, bias)
+        gcw, gw, gb = _first_order_only("conv1ch_bn_relu_pool", (gcw, gw, gb),
+                                        (grad_out, conv_weight, weight, bias))
         return None, gcw, gcb if ctx.deps[0] else None, gw, gb, None, None, None
 
 

@@ -170,6 +170,21 @@ def conv1ch(x, weight, bias, stride, padding):
     return torch.nn.functional.conv2d(x, weight, bias, stride, padding, 1, x.shape[1])
 
 
+def conv3x3(x, weight, bias, groups):
+    """y = conv2d(x, weight, bias, stride=1, padding=1, groups=groups) for 3x3 filters: ATen's
+    convolution (the twin of the Winograd kernel, imaml_ext.ops.conv3x3)."""
+    return torch.nn.functional.conv2d(x, weight, bias, 1, 1, 1, groups)
+
+
+def conv3x3_weight_grad(grad_y, x, groups):
+    """grad_weight (groups*Co, Ci, 3, 3) of conv3x3 at x for output gradient grad_y, by ATen's
+    convolution backward."""
+    w = x.new_empty((grad_y.shape[1], x.shape[1] // groups, 3, 3))
+    return torch.ops.aten.convolution_backward(
+        grad_y, x, w, None, [1, 1], [1, 1], [1, 1], False, [0, 0], groups,
+        [False, True, False])[1]
+
+
 def conv1ch_weight_grad(grad_y, x, kernel_size, stride, padding):
     """(grad_weight (G*C, 1, kh, kw), grad_bias (G*C,)) of conv1ch at x for output gradient
     grad_y, by ATen's convolution backward."""

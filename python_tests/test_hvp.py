@@ -387,8 +387,25 @@ def test_grouped_conv_function_to_second_order(groups, stride, padding):
     x = torch.randn(2, 2 * groups, 5, 6, dtype=torch.float64, generator=g, requires_grad=True)
     w = torch.randn(3 * groups, 2, 3, 3, dtype=torch.float64, generator=g, requires_grad=True)
     b = torch.randn(3 * groups, dtype=torch.float64, generator=g, requires_grad=True)
-    cfg = ([stride, stride], [padding, padding], [1, 1], groups)
+    cfg = ([stride, stride], [padding, padding], [1, 1], groups, False)
     f = lambda x, w, b: _Conv.apply(x, w, b, cfg)  # noqa: E731
     torch.testing.assert_close(f(x, w, b), F.conv2d(x, w, b, stride, padding, 1, groups))
+    assert torch.autograd.gradcheck(f, (x, w, b))
+    assert torch.autograd.gradgradcheck(f, (x, w, b))
+
+
+@pytest.mark.skipif(not imaml_ext.extension_available(), reason="compiled extension not built")
+@pytest.mark.parametrize("groups", [1, 2])
+def test_winograd_conv_function_to_second_order(groups):
+    # hvp._Conv with its three bilinear maps by the Winograd kernel (3x3, stride 1, padding 1;
+    # 8 float64 channels per group: one vector) against ATen's convolution and finite
+    # differences, to second order
+    from imaml_ext.hvp import _Conv
+    g = torch.Generator().manual_seed(groups)
+    x = torch.randn(1, 8 * groups, 4, 5, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.randn(8 * groups, 8, 3, 3, dtype=torch.float64, generator=g, requires_grad=True)
+    b = torch.randn(8 * groups, dtype=torch.float64, generator=g, requires_grad=True)
+    f = lambda x, w, b: _Conv.apply(x, w, b, ([1, 1], [1, 1], [1, 1], groups, True))  # noqa
+    torch.testing.assert_close(f(x, w, b), F.conv2d(x, w, b, 1, 1, 1, groups))
     assert torch.autograd.gradcheck(f, (x, w, b))
     assert torch.autograd.gradgradcheck(f, (x, w, b))
