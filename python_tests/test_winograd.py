@@ -5,6 +5,10 @@ thread counts, bad input from Python and C++, opcheck, the first-order guard, an
 TaskLoss gradient and HVP with and without the kernel (hvp.WINOGRAD_MIN_SIZE)."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -67,6 +71,27 @@ def test_float32_within_reference_error(geometry):
     # the transforms add a few roundings per value: within 3x ATen's direct convolution
     for a, c, t in zip(got, want, truth):
         assert_within_reference_error(a, c, t, factor=3.0)
+
+
+def test_narrow_register_tiles(tmp_path):
+    # the AVX2-sized register tiles (4 x 1 vectors), forced on this machine in a fresh process
+    script = (
+        "import torch, imaml_ext\n"
+        "from imaml_ext import ops, reference\n"
+        "g = torch.Generator().manual_seed(0)\n"
+        "x = torch.randn(3, 2 * 16, 7, 6, dtype=torch.float64, generator=g)\n"
+        "w = torch.randn(2 * 24, 16, 3, 3, dtype=torch.float64, generator=g)\n"
+        "gy = torch.randn(3, 2 * 24, 7, 6, dtype=torch.float64, generator=g)\n"
+        "y = torch.ops.imaml_ext.conv3x3_winograd(x, w, None, 2)\n"
+        "gw = torch.ops.imaml_ext.conv3x3_winograd_weight_grad(gy, x, 2)\n"
+        "e1 = ((y - reference.conv3x3(x, w, None, 2)).abs().max() / y.abs().max()).item()\n"
+        "e2 = ((gw - reference.conv3x3_weight_grad(gy, x, 2)).abs().max() / gw.abs().max())\n"
+        "assert e1 < 1e-12 and e2.item() < 1e-12, (e1, e2)\n"
+        "print('ok')\n")
+    env = dict(os.environ, IMAML_WINOGRAD_NARROW="1")
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
 
 
 def test_channels_last_and_nchw_inputs_agree():
