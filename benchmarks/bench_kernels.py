@@ -376,6 +376,51 @@ def bench_first_block(device, quick, min_run_time):
     return rows
 
 
+# The conv net's 3x3 layers on the CPU: one 20-way 5-shot task at the 14x14 and 7x7 layers, and
+# 32 folded 5-way 1-shot tasks (groups) at the 14x14 layer; 64 -> 64 channels.
+CONV3X3 = [(100, 1, 14), (100, 1, 7), (5, 32, 14)]
+
+
+def bench_conv3x3(device, quick, min_run_time):
+    """The Winograd convolution (ops.conv3x3): forward + input and weight gradients against the
+    reference twin (ATen's convolution, channels-last, as the conv net runs it) and
+    torch.compile of the twin."""
+    rows = []
+    if device != "cpu":
+        print("\nconv3x3 (Winograd): CPU only (on a GPU the conv net uses cuDNN's kernels)")
+        return rows
+
+    def fwd_bwd(conv):
+        def run(x, w, b, g, groups):
+            x, w, b = (t.detach().requires_grad_(True) for t in (x, w, b))
+            out = conv(x, w, b, groups)
+            return (out.detach(), *torch.autograd.grad(out, (x, w, b), g))
+        return run
+
+    ref = reference.conv3x3
+    compiled = try_compile(ref, device, quick)
+    for N, G, H in CONV3X3[:1] if quick else CONV3X3:
+        gen = torch.Generator().manual_seed(N * G + H)
+        cl = torch.channels_last
+        x = torch.randn(N, G * 64, H, H, generator=gen).contiguous(memory_format=cl)
+        w = torch.randn(G * 64, 64, 3, 3, generator=gen) / 24
+        b = torch.randn(G * 64, generator=gen)
+        go = torch.randn(N, G * 64, H, H, generator=gen).contiguous(memory_format=cl)
+        truth = fwd_bwd(ref)(x.double(), w.double(), b.double(), go.double(), G)
+        row = {"op": "conv3x3 (Winograd) fwd+bwd", "N": N, "C": G * 64, "H": H, "W": H,
+               "times_s": {}, "errors": {}, "skipped": {}}
+        run_contenders(row, {
+            "imaml_ext": lambda: fwd_bwd(
+                lambda *a: ops.conv3x3(*a, use_ext=True))(x, w, b, go, G),
+            "reference": lambda: fwd_bwd(ref)(x, w, b, go, G),
+            "torch.compile(reference)": compiled if isinstance(compiled, str)
+            else (lambda: fwd_bwd(compiled)(x, w, b, go, G)),
+        }, truth, device, min_run_time)
+        rows.append(row)
+        print_row(row, f"conv3x3 (Winograd) fwd+bwd  N={N} groups={G} 64->64 {H}x{H}")
+    return rows
+
+
 def hvp_vs_grad(row, t_grad):
     row["gradient_s"] = t_grad
     row["hvp_over_gradient"] = {k: v / t_grad for k, v in row["times_s"].items()}
@@ -656,7 +701,8 @@ def main(argv=None):
         save()
     if "blocks" in sections:
         result["blocks"] = (bench_blocks(args.device, args.quick, min_run_time)
-                            + bench_first_block(args.device, args.quick, min_run_time))
+                            + bench_first_block(args.device, args.quick, min_run_time)
+                            + bench_conv3x3(args.device, args.quick, min_run_time))
     result["load_average_at_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
     save()
     print("\nTimes as multiples of imaml_ext's time (higher: imaml_ext is faster)\n"
