@@ -23,6 +23,9 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import environment  # noqa: E402
+
 ALGOS = ("maml", "fomaml", "imaml-gd", "imaml-hf")
 
 
@@ -196,7 +199,8 @@ def main(argv=None):
               "meta_batch": meta_batch, "memory": "cuda max_memory_allocated" if on_gpu else
               "peak RSS growth during the meta-gradient, fresh process per point",
               "rows": rows, "failed": failed_rows, "summary": summary,
-              "command": " ".join(["python"] + sys.argv)}
+              "command": " ".join(["python"] + sys.argv),
+              "environment": environment(args.device)}
     out.write_text(json.dumps(result, indent=2) + "\n")
     if not failed_rows:
         partial.unlink(missing_ok=True)
