@@ -171,6 +171,8 @@ def test_bad_input_from_python(call, match):
     (lambda o, x, w: o.conv3x3_winograd(x[:, :8], w[:, :8], None, 1),
      "multiples of 16"),
     (lambda o, x, w: o.conv3x3_winograd(x.int(), w, None, 1), "float32 or float64"),
+    (lambda o, x, w: o.conv3x3_winograd(x, w.double(), None, 1), "weight must have x's dtype"),
+    (lambda o, x, w: o.conv3x3_winograd(x, w[..., :2], None, 1), "weight must be"),
     (lambda o, x, w: o.conv3x3_winograd(x, w, torch.zeros(3), 1), r"bias must be \(16,\)"),
     (lambda o, x, w: o.conv3x3_winograd_weight_grad(x[:, :, :4], x, 1), "grad_y must be"),
     (lambda o, x, w: o.conv3x3_winograd_weight_grad(x, x, 3), "groups = 3 must divide"),

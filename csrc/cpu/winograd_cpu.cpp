@@ -362,24 +362,21 @@ bool wide_registers() {
   return wide;
 }
 
-WinoGeometry check_conv3x3(const char* op, const at::Tensor& x, const at::Tensor& weight,
-                           int64_t groups) {
+// The geometry of a convolution of x (N, groups*Ci, H, W) to groups*Co output channels, after
+// checking x and the channel counts.
+WinoGeometry conv3x3_geometry(const char* op, const at::Tensor& x, int64_t groups, int64_t Ci,
+                              int64_t Co_total) {
   TORCH_CHECK_VALUE(x.dim() == 4, op, ": x must be 4-d (N, C, H, W), got ", x.sizes());
   TORCH_CHECK_VALUE(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, op,
                     ": x must be float32 or float64, got ", x.scalar_type());
   TORCH_CHECK_VALUE(groups >= 1, op, ": groups must be >= 1, got ", groups);
-  TORCH_CHECK_VALUE(weight.dim() == 4 && weight.size(2) == 3 && weight.size(3) == 3, op,
-                    ": weight must be (groups*Co, Ci, 3, 3), got ", weight.sizes());
-  TORCH_CHECK_VALUE(weight.scalar_type() == x.scalar_type() && weight.device() == x.device(), op,
-                    ": weight must have x's dtype and device (", x.scalar_type(), ", ",
-                    x.device(), "), got ", weight.scalar_type(), ", ", weight.device());
-  const int64_t L = 64 / x.element_size();
-  TORCH_CHECK_VALUE(x.size(1) == groups * weight.size(1), op, ": x has ", x.size(1),
-                    " channels, weight expects groups*Ci = ", groups, "*", weight.size(1));
-  TORCH_CHECK_VALUE(weight.size(0) % groups == 0, op, ": weight's ", weight.size(0),
+  TORCH_CHECK_VALUE(x.size(1) == groups * Ci, op, ": x has ", x.size(1),
+                    " channels, weight expects groups*Ci = ", groups, "*", Ci);
+  TORCH_CHECK_VALUE(Co_total % groups == 0, op, ": the ", Co_total,
                     " output channels are not a multiple of groups = ", groups);
-  WinoGeometry g{x.size(0), x.size(2), x.size(3), groups, weight.size(1),
-                 weight.size(0) / groups, (x.size(2) + 1) / 2, (x.size(3) + 1) / 2};
+  const int64_t L = 64 / x.element_size();
+  WinoGeometry g{x.size(0), x.size(2), x.size(3), groups, Ci, Co_total / groups,
+                 (x.size(2) + 1) / 2, (x.size(3) + 1) / 2};
   TORCH_CHECK_VALUE(g.Ci % L == 0 && g.Co % L == 0, op, ": channels per group must be multiples "
                     "of ", L, " (one 64-byte vector), got Ci = ", g.Ci, ", Co = ", g.Co);
   return g;
@@ -388,7 +385,13 @@ WinoGeometry check_conv3x3(const char* op, const at::Tensor& x, const at::Tensor
 at::Tensor conv3x3_winograd_cpu(const at::Tensor& x_in, const at::Tensor& weight,
                                 const c10::optional<at::Tensor>& bias, int64_t groups) {
   const char* op = "conv3x3_winograd";
-  const WinoGeometry g = check_conv3x3(op, x_in, weight, groups);
+  TORCH_CHECK_VALUE(weight.dim() == 4 && weight.size(2) == 3 && weight.size(3) == 3, op,
+                    ": weight must be (groups*Co, Ci, 3, 3), got ", weight.sizes());
+  const WinoGeometry g = conv3x3_geometry(op, x_in, groups, weight.size(1), weight.size(0));
+  TORCH_CHECK_VALUE(weight.scalar_type() == x_in.scalar_type() &&
+                        weight.device() == x_in.device(),
+                    op, ": weight must have x's dtype and device (", x_in.scalar_type(), ", ",
+                    x_in.device(), "), got ", weight.scalar_type(), ", ", weight.device());
   const bool has_bias = bias.has_value() && bias->defined();
   if (has_bias)
     TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == g.G * g.Co &&
@@ -444,10 +447,8 @@ at::Tensor conv3x3_winograd_weight_grad_cpu(const at::Tensor& grad_y_in, const a
                         grad_y_in.device() == x_in.device(),
                     op, ": grad_y must have x's dtype and device (", x_in.scalar_type(), ", ",
                     x_in.device(), "), got ", grad_y_in.scalar_type(), ", ", grad_y_in.device());
-  // geometry from a weight-shaped placeholder (groups*Co, Ci, 3, 3)
-  const at::Tensor shape = at::empty({grad_y_in.size(1), x_in.size(1) / groups, 3, 3},
-                                     x_in.options());
-  const WinoGeometry g = check_conv3x3(op, x_in, shape, groups);
+  const WinoGeometry g = conv3x3_geometry(op, x_in, groups, x_in.size(1) / groups,
+                                          grad_y_in.size(1));
   const auto x = x_in.contiguous(at::MemoryFormat::ChannelsLast);
   const auto gy = grad_y_in.contiguous(at::MemoryFormat::ChannelsLast);
   const int nthreads = at::get_num_threads();
