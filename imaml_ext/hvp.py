@@ -499,9 +499,9 @@ def _winograd_ok(m: nn.Conv2d, h: torch.Tensor, wf: torch.Tensor, groups: int) -
 
 def _winograd_hvp(m: nn.Conv2d, h: torch.Tensor, wf: torch.Tensor, groups: int) -> bool:
     """Whether the "hvp" layout's convolution (_Conv) computes its three bilinear maps by the
-    Winograd kernel: for a channels-last chunk (one task; the kernel works channels-last, and
-    converting the grouped chunks' NCHW maps costs what it saves: a 5-way 1-shot product 0.97x,
-    a 20-way 5-shot one 1.01x and its gradient graph 1.14x)."""
+    Winograd kernel: for a channels-last chunk (the kernel works channels-last; converting NCHW
+    maps costs what it saves: a grouped 5-way 1-shot product 0.97x), which TaskLoss makes every
+    CPU chunk when the kernel is on (WINOGRAD_HVP and fused_blocks)."""
     return (WINOGRAD_HVP and h.is_contiguous(memory_format=torch.channels_last)
             and _winograd_ok(m, h, wf, groups))
 
@@ -747,11 +747,13 @@ class TaskLoss:
         cpu = x_b.device.type == "cpu"
         if mode == "hvp":
             # channels-last for a chunk of one task (its convolutions are not grouped): one
-            # 20-way 5-shot product 1.13x faster, its graph 1.23x; with several tasks folded
-            # (the grouped _Conv) NCHW: channels-last measured 0.95x / 1.14x at 5-way 1-shot
+            # 20-way 5-shot product 1.13x faster, its graph 1.23x. With several tasks folded
+            # (the grouped _Conv) channels-last measured 0.95x / 1.14x at 5-way 1-shot with
+            # ATen's convolutions, so NCHW there unless the Winograd kernel runs them
+            # (channels-last: a 5-way 1-shot iMAML-GD meta-gradient 1.085x faster).
+            cl = cpu and (x_b.shape[0] == 1 or (self.fused_blocks and WINOGRAD_HVP))
             return _folded_forward(self._plan, params_b, x_b, fuse=self.fuse_bn_pool,
-                                   ext_conv1=self.fused_blocks and cpu,
-                                   channels_last=cpu and x_b.shape[0] == 1)
+                                   ext_conv1=self.fused_blocks and cpu, channels_last=cl)
         cl = self.channels_last
         if cl is None:
             cl = cpu

@@ -219,12 +219,13 @@ def test_task_loss_grad_with_and_without_winograd(monkeypatch, chunk):
         torch.testing.assert_close(g1[k], g2[k], rtol=1e-9, atol=1e-11)
 
 
-def test_task_loss_hvp_with_and_without_winograd(monkeypatch):
-    # one-task chunks: "hvp" mode's convolutions run channels-last, where the Winograd kernel
-    # computes their three bilinear maps (hvp._winograd_hvp)
-    model, pb, x, y = conv_net_problem(4, 2, 2, seed=1)
+@pytest.mark.parametrize("chunk", [1, 3])
+def test_task_loss_hvp_with_and_without_winograd(monkeypatch, chunk):
+    # "hvp" mode's convolutions (one task, or grouped over 3) run channels-last, where the
+    # Winograd kernel computes their three bilinear maps (hvp._winograd_hvp)
+    model, pb, x, y = conv_net_problem(4, 2, 3, seed=1)
     v = {k: torch.randn_like(t) for k, t in pb.items()}
-    tl = TaskLoss(model, task_chunk=1)
+    tl = TaskLoss(model, task_chunk=chunk)
     on, off = with_and_without(monkeypatch, lambda: make_hvp(tl, pb, x, y, "double_backward")(v))
     for k in off:
         scale = off[k].abs().max().item()
