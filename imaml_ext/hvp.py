@@ -52,8 +52,8 @@ plus the closed-form statistics), whose derivatives touch pooled-size tensors on
 double-backward product 1.28x (5-way 1-shot) and 1.38x (20-way 5-shot) faster, building its
 graph 1.7x faster. The same functions, to rounding (python_tests/test_conv1ch.py).
 Also in "hvp" mode on the CPU, the convolutions run through a custom autograd function
-(`_Conv`) whose double backward is the library's three convolution kernels, where ATen's
-computes one term with batch and channels swapped, per group (a loop over the tasks): one
+(`imaml_ext.ops._Conv`) whose double backward is the library's three convolution kernels, where
+ATen's computes one term with batch and channels swapped, per group (a loop over the tasks): one
 5-way 1-shot product (M=32) 1.09x faster, its graph build 0.98x; one 20-way 5-shot product
 (one task a chunk) 1.27x faster, its graph build 0.95x.
 
@@ -315,149 +315,6 @@ class _ChannelVarMean(torch.autograd.Function):
         return torch.addcmul(beta.view(1, -1, 1, 1), h, alpha.view(1, -1, 1, 1))
 
 
-# The three bilinear maps of a convolution, by ATen or, where cfg[4] says so (_winograd_ok), by
-# the Winograd kernel (stride 1, padding 1, 3x3). cfg: (stride, padding, dilation, groups, wino).
-
-def _conv_forward(x, w, b, cfg):
-    stride, padding, dilation, groups, wino = cfg
-    if wino:
-        return torch.ops.imaml_ext.conv3x3_winograd(x, w, b, groups)
-    return torch.convolution(x, w, b, stride, padding, dilation, False, [0, 0], groups)
-
-
-def _conv_input_grad(gy, w, x, cfg):
-    stride, padding, dilation, groups, wino = cfg
-    if wino:
-        return ops.conv3x3_winograd_input_grad(gy.contiguous(memory_format=torch.channels_last),
-                                               w, groups)
-    return torch.ops.aten.convolution_backward(gy, x, w, None, stride, padding, dilation, False,
-                                               [0, 0], groups, [True, False, False])[0]
-
-
-def _conv_weight_grad(x, gy, w, cfg):
-    stride, padding, dilation, groups, wino = cfg
-    if wino:
-        return torch.ops.imaml_ext.conv3x3_winograd_weight_grad(gy, x, groups)
-    return torch.ops.aten.convolution_backward(gy, x, w, None, stride, padding, dilation, False,
-                                               [0, 0], groups, [False, True, False])[1]
-
-
-class _Conv(torch.autograd.Function):
-    """y = conv2d(x, w, b) (any groups) with a backward made of the two other bilinear maps of a
-    convolution, _ConvInputGrad and _ConvWeightGrad, each differentiable by the same three: a
-    double backward then runs the library's forward, input-gradient and weight-gradient kernels
-    only. ATen's own double backward computes one of its terms (the weight gradient of the
-    input's tangent) as a convolution with batch and channels swapped, and with groups one such
-    convolution per group and a cat: a per-task loop with tasks folded into the groups, and a
-    slow oneDNN case even for one task (one 20-way 5-shot product 1.27x faster with this)."""
-
-    @staticmethod
-    def forward(x, w, b, cfg):
-        return _conv_forward(x, w, b, cfg)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        x, w, b, cfg = inputs
-        ctx.save_for_backward(x, w)
-        ctx.cfg = cfg
-
-    @staticmethod
-    def backward(ctx, gy):
-        x, w = ctx.saved_tensors
-        need_x, need_w, need_b, _ = ctx.needs_input_grad
-        gx = gw = None
-        if need_x and need_w:
-            gx, gw = _ConvBackward.apply(gy, w, x, ctx.cfg)
-        elif need_x:
-            gx = _ConvInputGrad.apply(gy, w, x, ctx.cfg)
-        elif need_w:
-            gw = _ConvWeightGrad.apply(x, gy, w, ctx.cfg)
-        gb = gy.sum((0, 2, 3)) if need_b else None
-        return gx, gw, gb, None
-
-
-class _ConvBackward(torch.autograd.Function):
-    """(gx, gw) of conv2d(x, w) for output gradient gy in one library call."""
-
-    @staticmethod
-    def forward(gy, w, x, cfg):
-        stride, padding, dilation, groups, wino = cfg
-        if wino:
-            return _conv_input_grad(gy, w, x, cfg), _conv_weight_grad(x, gy, w, cfg)
-        gx, gw, _ = torch.ops.aten.convolution_backward(gy, x, w, None, stride, padding,
-                                                        dilation, False, [0, 0], groups,
-                                                        [True, True, False])
-        return gx, gw
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        gy, w, x, cfg = inputs
-        ctx.save_for_backward(gy, w, x)
-        ctx.cfg = cfg
-        ctx.set_materialize_grads(False)
-
-    @staticmethod
-    def backward(ctx, cx, cw):
-        gy, w, x = ctx.saved_tensors
-        need_gy, need_w, need_x, _ = ctx.needs_input_grad
-        dgy = dw = dx = None
-        if need_gy:
-            if cx is not None:
-                dgy = _Conv.apply(cx, w, None, ctx.cfg)
-            if cw is not None:
-                t = _Conv.apply(x, cw, None, ctx.cfg)
-                dgy = t if dgy is None else dgy + t
-        if need_w and cx is not None:
-            dw = _ConvWeightGrad.apply(cx, gy, w, ctx.cfg)
-        if need_x and cw is not None:
-            dx = _ConvInputGrad.apply(gy, cw, x, ctx.cfg)
-        return dgy, dw, dx, None
-
-
-class _ConvInputGrad(torch.autograd.Function):
-    """gx = the input gradient of conv2d(., w) for output gradient gy (x: shape and layout)."""
-
-    @staticmethod
-    def forward(gy, w, x, cfg):
-        return _conv_input_grad(gy, w, x, cfg)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        gy, w, x, cfg = inputs
-        ctx.save_for_backward(gy, w, x)
-        ctx.cfg = cfg
-
-    @staticmethod
-    def backward(ctx, c):
-        gy, w, x = ctx.saved_tensors
-        need_gy, need_w, _, _ = ctx.needs_input_grad
-        dgy = _Conv.apply(c, w, None, ctx.cfg) if need_gy else None
-        dw = _ConvWeightGrad.apply(c, gy, w, ctx.cfg) if need_w else None
-        return dgy, dw, None, None
-
-
-class _ConvWeightGrad(torch.autograd.Function):
-    """gw = the weight gradient of conv2d(x, .) for output gradient gy (w: shape)."""
-
-    @staticmethod
-    def forward(x, gy, w, cfg):
-        return _conv_weight_grad(x, gy, w, cfg)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        x, gy, w, cfg = inputs
-        ctx.save_for_backward(x, gy, w)
-        ctx.cfg = cfg
-
-    @staticmethod
-    def backward(ctx, c):
-        x, gy, w = ctx.saved_tensors
-        need_x, need_gy, _, _ = ctx.needs_input_grad
-        dx = _ConvInputGrad.apply(gy, c, x, ctx.cfg) if need_x else None
-        dgy = _Conv.apply(x, c, None, ctx.cfg) if need_gy else None
-        return dx, dgy, None, None
-
-
 def _pool2(m: nn.Module) -> bool:
     """Whether m is the 2x2, stride-2, floor-mode max-pooling of the fused block kernel."""
     return (type(m) is nn.MaxPool2d and _pair(m.kernel_size) == (2, 2)
@@ -498,7 +355,7 @@ def _winograd_ok(m: nn.Conv2d, h: torch.Tensor, wf: torch.Tensor, groups: int) -
 
 
 def _winograd_hvp(m: nn.Conv2d, h: torch.Tensor, wf: torch.Tensor, groups: int) -> bool:
-    """Whether the "hvp" layout's convolution (_Conv) computes its three bilinear maps by the
+    """Whether the "hvp" layout's convolution (ops._Conv) computes its three bilinear maps by the
     Winograd kernel: for a channels-last chunk (the kernel works channels-last; converting NCHW
     maps costs what it saves: a grouped 5-way 1-shot product 0.97x), which TaskLoss makes every
     CPU chunk when the kernel is on (WINOGRAD_HVP and fused_blocks)."""
@@ -583,12 +440,13 @@ def _folded_forward(plan, params: Mapping[str, torch.Tensor], x: torch.Tensor, *
                     continue
             wf = w.reshape(M * w.shape[1], *w.shape[2:])
             bf = None if b is None else b.reshape(-1)
-            if ext_blocks and _winograd_ok(m, h, wf, M):
-                h = ops.conv3x3(h, wf, bf, M)  # first-order, like the fused blocks
-            elif fuse and h.device.type == "cpu" and not _in_transform(h, wf):
-                # "hvp" layout: a double backward of the library's three convolution kernels
-                h = _Conv.apply(h, wf, bf, (list(_pair(m.stride)), list(_pair(m.padding)),
-                                            list(_pair(m.dilation)), M, _winograd_hvp(m, h, wf, M)))
+            wino = (ext_blocks and _winograd_ok(m, h, wf, M)) or \
+                (fuse and _winograd_hvp(m, h, wf, M))
+            if wino or (fuse and h.device.type == "cpu" and not _in_transform(h, wf)):
+                # the library's three convolution kernels, on the Winograd kernel where it runs;
+                # in the "hvp" layout its double backward is those kernels again
+                h = ops._Conv.apply(h, wf, bf, (list(_pair(m.stride)), list(_pair(m.padding)),
+                                                list(_pair(m.dilation)), M, wino))
             else:
                 h = F.conv2d(h, wf, bf, m.stride, m.padding, m.dilation, groups=M)
         elif isinstance(m, nn.BatchNorm2d):

@@ -438,38 +438,149 @@ def conv3x3_winograd_input_grad(grad_y, weight, groups: int):
                                                 None, groups)
 
 
-class _Conv3x3Winograd(torch.autograd.Function):
-    """The Winograd convolution with its backward from the same kernels: the input gradient is
-    the convolution of grad_y with the filters flipped and their channel axes swapped, the
-    weight gradient conv3x3_winograd_weight_grad. First-order only (_FirstOrderOnly: a second
-    derivative through it raises). The "hvp" layout's convolution (imaml_ext.hvp._Conv) runs
-    the same kernels differentiably to any order."""
+# The three bilinear maps of a convolution, by ATen or, where cfg[4] says so, by the Winograd
+# kernel (stride 1, padding 1, 3x3). cfg: (stride, padding, dilation, groups, wino). The "hvp"
+# layout of imaml_ext.hvp evaluates its convolutions with _Conv (wino from hvp._winograd_ok),
+# and conv3x3 below is _Conv with the Winograd kernel.
+
+def _conv_forward(x, w, b, cfg):
+    stride, padding, dilation, groups, wino = cfg
+    if wino:
+        return torch.ops.imaml_ext.conv3x3_winograd(x, w, b, groups)
+    return torch.convolution(x, w, b, stride, padding, dilation, False, [0, 0], groups)
+
+
+def _conv_input_grad(gy, w, x, cfg):
+    stride, padding, dilation, groups, wino = cfg
+    if wino:
+        return conv3x3_winograd_input_grad(gy.contiguous(memory_format=torch.channels_last),
+                                               w, groups)
+    return torch.ops.aten.convolution_backward(gy, x, w, None, stride, padding, dilation, False,
+                                               [0, 0], groups, [True, False, False])[0]
+
+
+def _conv_weight_grad(x, gy, w, cfg):
+    stride, padding, dilation, groups, wino = cfg
+    if wino:
+        return torch.ops.imaml_ext.conv3x3_winograd_weight_grad(gy, x, groups)
+    return torch.ops.aten.convolution_backward(gy, x, w, None, stride, padding, dilation, False,
+                                               [0, 0], groups, [False, True, False])[1]
+
+
+class _Conv(torch.autograd.Function):
+    """y = conv2d(x, w, b) (any groups) with a backward made of the two other bilinear maps of a
+    convolution, _ConvInputGrad and _ConvWeightGrad, each differentiable by the same three: a
+    double backward then runs the library's forward, input-gradient and weight-gradient kernels
+    only. ATen's own double backward computes one of its terms (the weight gradient of the
+    input's tangent) as a convolution with batch and channels swapped, and with groups one such
+    convolution per group and a cat: a per-task loop with tasks folded into the groups, and a
+    slow oneDNN case even for one task (one 20-way 5-shot product 1.27x faster with this)."""
 
     @staticmethod
-    def forward(x, weight, bias, groups):
-        return torch.ops.imaml_ext.conv3x3_winograd(x, weight, bias, groups)
+    def forward(x, w, b, cfg):
+        return _conv_forward(x, w, b, cfg)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        x, weight, bias, groups = inputs
-        ctx.save_for_backward(x, weight)
-        ctx.groups = groups
+        x, w, b, cfg = inputs
+        ctx.save_for_backward(x, w)
+        ctx.cfg = cfg
 
     @staticmethod
-    def backward(ctx, grad_y):
-        x, weight = ctx.saved_tensors
-        G = ctx.groups
-        with torch.no_grad():
-            g = grad_y.contiguous(memory_format=torch.channels_last)
-            gx = gw = gb = None
-            if ctx.needs_input_grad[0]:
-                gx = conv3x3_winograd_input_grad(g, weight, G)
-            if ctx.needs_input_grad[1]:
-                gw = torch.ops.imaml_ext.conv3x3_winograd_weight_grad(g, x, G)
-            if ctx.needs_input_grad[2]:
-                gb = g.sum((0, 2, 3))
-        gx, gw, gb = _first_order_only("conv3x3", (gx, gw, gb), (grad_y, x, weight))
+    def backward(ctx, gy):
+        x, w = ctx.saved_tensors
+        need_x, need_w, need_b, _ = ctx.needs_input_grad
+        gx = gw = None
+        if need_x and need_w:
+            gx, gw = _ConvBackward.apply(gy, w, x, ctx.cfg)
+        elif need_x:
+            gx = _ConvInputGrad.apply(gy, w, x, ctx.cfg)
+        elif need_w:
+            gw = _ConvWeightGrad.apply(x, gy, w, ctx.cfg)
+        gb = gy.sum((0, 2, 3)) if need_b else None
         return gx, gw, gb, None
+
+
+class _ConvBackward(torch.autograd.Function):
+    """(gx, gw) of conv2d(x, w) for output gradient gy in one library call."""
+
+    @staticmethod
+    def forward(gy, w, x, cfg):
+        stride, padding, dilation, groups, wino = cfg
+        if wino:
+            return _conv_input_grad(gy, w, x, cfg), _conv_weight_grad(x, gy, w, cfg)
+        gx, gw, _ = torch.ops.aten.convolution_backward(gy, x, w, None, stride, padding,
+                                                        dilation, False, [0, 0], groups,
+                                                        [True, True, False])
+        return gx, gw
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        gy, w, x, cfg = inputs
+        ctx.save_for_backward(gy, w, x)
+        ctx.cfg = cfg
+        ctx.set_materialize_grads(False)
+
+    @staticmethod
+    def backward(ctx, cx, cw):
+        gy, w, x = ctx.saved_tensors
+        need_gy, need_w, need_x, _ = ctx.needs_input_grad
+        dgy = dw = dx = None
+        if need_gy:
+            if cx is not None:
+                dgy = _Conv.apply(cx, w, None, ctx.cfg)
+            if cw is not None:
+                t = _Conv.apply(x, cw, None, ctx.cfg)
+                dgy = t if dgy is None else dgy + t
+        if need_w and cx is not None:
+            dw = _ConvWeightGrad.apply(cx, gy, w, ctx.cfg)
+        if need_x and cw is not None:
+            dx = _ConvInputGrad.apply(gy, cw, x, ctx.cfg)
+        return dgy, dw, dx, None
+
+
+class _ConvInputGrad(torch.autograd.Function):
+    """gx = the input gradient of conv2d(., w) for output gradient gy (x: shape and layout)."""
+
+    @staticmethod
+    def forward(gy, w, x, cfg):
+        return _conv_input_grad(gy, w, x, cfg)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        gy, w, x, cfg = inputs
+        ctx.save_for_backward(gy, w, x)
+        ctx.cfg = cfg
+
+    @staticmethod
+    def backward(ctx, c):
+        gy, w, x = ctx.saved_tensors
+        need_gy, need_w, _, _ = ctx.needs_input_grad
+        dgy = _Conv.apply(c, w, None, ctx.cfg) if need_gy else None
+        dw = _ConvWeightGrad.apply(c, gy, w, ctx.cfg) if need_w else None
+        return dgy, dw, None, None
+
+
+class _ConvWeightGrad(torch.autograd.Function):
+    """gw = the weight gradient of conv2d(x, .) for output gradient gy (w: shape)."""
+
+    @staticmethod
+    def forward(x, gy, w, cfg):
+        return _conv_weight_grad(x, gy, w, cfg)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, gy, w, cfg = inputs
+        ctx.save_for_backward(x, gy, w)
+        ctx.cfg = cfg
+
+    @staticmethod
+    def backward(ctx, c):
+        x, gy, w = ctx.saved_tensors
+        need_x, need_gy, _, _ = ctx.needs_input_grad
+        dx = _ConvInputGrad.apply(gy, c, x, ctx.cfg) if need_x else None
+        dgy = _Conv.apply(x, c, None, ctx.cfg) if need_gy else None
+        return dx, dgy, None, None
 
 
 def conv3x3(x, weight, bias=None, groups: int = 1, *, use_ext: bool | None = None):
@@ -477,9 +588,9 @@ def conv3x3(x, weight, bias=None, groups: int = 1, *, use_ext: bool | None = Non
 
     The compiled CPU kernel (csrc/cpu/winograd_cpu.cpp) uses Winograd's F(2x2, 3x3): 16 instead
     of 36 multiply-adds per 2x2 output tile and channel pair, as 16 matrix products, with the
-    input and weight gradients from the same transforms; its output is channels-last. It is
-    first-order: a second derivative through it raises (use_ext=False gives the reference,
-    ATen's convolution, differentiable to any order). use_ext=None picks it where it applies
+    input and weight gradients from the same transforms; its output is channels-last. The
+    convolution is differentiable to any order (_Conv: each derivative is one of the three
+    bilinear maps, all on the kernel). use_ext=None picks it where it applies
     (conv3x3_ext_ok: CPU, float32/float64, channels per group multiples of 16 float32 / 8
     float64); True insists, raising where it cannot run.
 
@@ -501,7 +612,7 @@ def conv3x3(x, weight, bias=None, groups: int = 1, *, use_ext: bool | None = Non
             f"{x.device}, {x.shape[1] // groups} in / {weight.shape[0] // groups} out")
     if not use_ext:
         return reference.conv3x3(x, weight, bias, groups)
-    return _Conv3x3Winograd.apply(x, weight, bias, int(groups))
+    return _Conv.apply(x, weight, bias, ([1, 1], [1, 1], [1, 1], int(groups), True))
 
 
 if _C is not None:

@@ -380,9 +380,9 @@ def test_compiled_hvp_equals_eager_float64():
 
 @pytest.mark.parametrize("groups,stride,padding", [(1, 1, 1), (3, 2, 1), (2, 1, 0)])
 def test_grouped_conv_function_to_second_order(groups, stride, padding):
-    # the "hvp" layout's convolution (hvp._Conv: its backward and double backward built from
+    # the "hvp" layout's convolution (ops._Conv: its backward and double backward built from
     # three grouped library calls) against finite differences, to second order
-    from imaml_ext.hvp import _Conv
+    from imaml_ext.ops import _Conv
     g = torch.Generator().manual_seed(groups * 10 + stride)
     x = torch.randn(2, 2 * groups, 5, 6, dtype=torch.float64, generator=g, requires_grad=True)
     w = torch.randn(3 * groups, 2, 3, 3, dtype=torch.float64, generator=g, requires_grad=True)
@@ -397,10 +397,10 @@ def test_grouped_conv_function_to_second_order(groups, stride, padding):
 @pytest.mark.skipif(not imaml_ext.extension_available(), reason="compiled extension not built")
 @pytest.mark.parametrize("groups", [1, 2])
 def test_winograd_conv_function_to_second_order(groups):
-    # hvp._Conv with its three bilinear maps by the Winograd kernel (3x3, stride 1, padding 1;
+    # ops._Conv with its three bilinear maps by the Winograd kernel (3x3, stride 1, padding 1;
     # 8 float64 channels per group: one vector) against ATen's convolution and finite
     # differences, to second order
-    from imaml_ext.hvp import _Conv
+    from imaml_ext.ops import _Conv
     g = torch.Generator().manual_seed(groups)
     x = torch.randn(1, 8 * groups, 4, 5, dtype=torch.float64, generator=g, requires_grad=True)
     w = torch.randn(8 * groups, 8, 3, 3, dtype=torch.float64, generator=g, requires_grad=True)

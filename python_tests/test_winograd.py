@@ -1,7 +1,7 @@
 """The 3x3 convolution by Winograd's F(2x2, 3x3) (csrc/cpu/winograd_cpu.cpp, imaml_ext.ops.conv3x3)
 and its weight gradient, against the reference twin (ATen's convolution) in float64 and float32:
 forward, input and weight gradients over geometries (odd and tiny maps, groups, channel counts),
-thread counts, bad input from Python and C++, opcheck, the first-order guard, and the conv net's
+thread counts, bad input from Python and C++, opcheck, second derivatives, and the conv net's
 TaskLoss gradient and HVP with and without the kernel (hvp.WINOGRAD_MIN_SIZE)."""
 from __future__ import annotations
 
@@ -130,16 +130,21 @@ def test_empty_batch():
 
 
 @pytest.mark.parametrize("second_path", [False, True])
-def test_second_derivative_raises(second_path):
-    # also when w reaches the loss another way too (second_path): a guard node without edges to
-    # the kernel's inputs would then be skipped and the second derivative silently incomplete
-    x, w, b, gy, G = problem(GEOMETRIES[3], torch.float64)
-    w = w.requires_grad_()
-    y = ops.conv3x3(x, w, b, G)
-    loss = (y * y).sum() + ((w * w).sum() if second_path else 0)
-    (gw,) = torch.autograd.grad(loss, w, create_graph=True)
-    with pytest.raises(RuntimeError, match="conv3x3: the fused kernel is first-order only"):
-        torch.autograd.grad(gw.sum(), w)
+def test_second_derivatives_match_reference(second_path):
+    # ops.conv3x3 is differentiable to any order (each derivative one of the kernel's bilinear
+    # maps); also when w reaches the loss another way too (second_path)
+    x, w, b, gy, G = problem(GEOMETRIES[1], torch.float64)
+    v = torch.randn_like(w)
+
+    def hvp_w(use_ext):
+        xx, ww = x.clone().requires_grad_(), w.clone().requires_grad_()
+        y = ops.conv3x3(xx, ww, b, G, use_ext=use_ext)
+        loss = (y * y).sum() + ((ww ** 3).sum() if second_path else 0)
+        gw, gx = torch.autograd.grad(loss, (ww, xx), create_graph=True)
+        return torch.autograd.grad((gw * v).sum() + gx.sum(), (ww, xx))
+
+    for a, c in zip(hvp_w(True), hvp_w(False)):
+        torch.testing.assert_close(a, c, rtol=1e-10, atol=1e-10)
 
 
 def test_falls_back_where_the_kernel_does_not_apply():

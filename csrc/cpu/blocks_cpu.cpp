@@ -288,6 +288,32 @@ struct ThreadAcc {
   }
 };
 
+// The batch-norm backward's per-channel pieces, shared by the two block backwards: the affine
+// map at the pooled positions, a = weight * invstd and shift = bias - mean * a, and the sums
+// over the P pooled positions s1 = sum dz, s2 = sum dz xhat(hsel) (grad_bias, grad_weight),
+// accumulated per thread in double and reduced.
+template <typename T>
+struct BlockGradSums {
+  std::vector<T> a, shift;
+  ThreadAcc s1, s2;
+  BlockGradSums(const T* g, const T* hsel, int64_t P, int64_t C, const T* weight, const T* bias,
+                const T* mean, const T* invstd)
+      : a(C), shift(C), s1(C, at::get_num_threads()), s2(C, at::get_num_threads()) {
+    for (int64_t c = 0; c < C; ++c) {
+      a[c] = weight[c] * invstd[c];
+      shift[c] = bias[c] - mean[c] * a[c];
+    }
+    const int nthreads = at::get_num_threads();
+    at::parallel_for(0, P, kRowGrain, [&](int64_t lo, int64_t hi) {
+      const int t = at::get_thread_num();
+      grad_sums(g + lo * C, hsel + lo * C, hi - lo, C, a.data(), shift.data(), mean, invstd,
+                s1.row(t), s2.row(t));
+    });
+    s1.reduce(nthreads);
+    s2.reduce(nthreads);
+  }
+};
+
 void check_block_input(const char* op, const at::Tensor& h, const at::Tensor& weight,
                        const at::Tensor& bias, double eps) {
   TORCH_CHECK(h.dim() == 4, op, ": h must be 4-d (N, C, H, W), got ", h.dim(), "-d of shape ",
@@ -419,23 +445,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_pool_backward_cpu(
     const uint8_t* xp = idx.const_data_ptr<uint8_t>();
     const scalar_t* mp = m.const_data_ptr<scalar_t>();
     const scalar_t* ip = is.const_data_ptr<scalar_t>();
-    const scalar_t* wp = w.const_data_ptr<scalar_t>();
-    const scalar_t* bp = b.const_data_ptr<scalar_t>();
-    std::vector<scalar_t> a(C), shift(C), k1(C), k2(C);
-    for (int64_t c = 0; c < C; ++c) {
-      a[c] = wp[c] * ip[c];
-      shift[c] = bp[c] - mp[c] * a[c];
-    }
-    const int nthreads = at::get_num_threads();
-    const int64_t P = N * Ho * Wo;
-    ThreadAcc s1(C, nthreads), s2(C, nthreads);
-    at::parallel_for(0, P, kRowGrain, [&](int64_t lo, int64_t hi) {
-      const int t = at::get_thread_num();
-      grad_sums(gp + lo * C, sp + lo * C, hi - lo, C, a.data(), shift.data(), mp, ip, s1.row(t),
-                s2.row(t));
-    });
-    s1.reduce(nthreads);
-    s2.reduce(nthreads);
+    BlockGradSums<scalar_t> sums(gp, sp, N * Ho * Wo, C, w.const_data_ptr<scalar_t>(),
+                                 b.const_data_ptr<scalar_t>(), mp, ip);
+    const std::vector<scalar_t>& a = sums.a;
+    const std::vector<scalar_t>& shift = sums.shift;
+    const ThreadAcc& s1 = sums.s1;
+    const ThreadAcc& s2 = sums.s2;
+    std::vector<scalar_t> k1(C), k2(C);
     scalar_t* gw = grad_w.data_ptr<scalar_t>();
     scalar_t* gb = grad_b.data_ptr<scalar_t>();
     for (int64_t c = 0; c < C; ++c) {
@@ -1167,25 +1183,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv1ch_bn_relu_pool_
     const uint8_t* xi = idx.const_data_ptr<uint8_t>();
     const scalar_t* mp = m.const_data_ptr<scalar_t>();
     const scalar_t* ip = is.const_data_ptr<scalar_t>();
-    const scalar_t* bwp = bw.const_data_ptr<scalar_t>();
-    const scalar_t* bbp = bb.const_data_ptr<scalar_t>();
     const double* mom = moments.const_data_ptr<double>();
     const double* wd = w.const_data_ptr<double>();
-    std::vector<scalar_t> a(GC), shift(GC);
-    for (int64_t c = 0; c < GC; ++c) {
-      a[c] = bwp[c] * ip[c];
-      shift[c] = bbp[c] - mp[c] * a[c];
-    }
-    const int nthreads = at::get_num_threads();
     // the batch-norm sums over the pooled positions (as bn_relu_pool_backward)
-    ThreadAcc s1(GC, nthreads), s2(GC, nthreads);
-    at::parallel_for(0, g.N * Hp * Wp, kRowGrain, [&](int64_t lo, int64_t hi) {
-      const int t = at::get_thread_num();
-      grad_sums(gp + lo * GC, sp + lo * GC, hi - lo, GC, a.data(), shift.data(), mp, ip,
-                s1.row(t), s2.row(t));
-    });
-    s1.reduce(nthreads);
-    s2.reduce(nthreads);
+    BlockGradSums<scalar_t> sums(gp, sp, g.N * Hp * Wp, GC, bw.const_data_ptr<scalar_t>(),
+                                 bb.const_data_ptr<scalar_t>(), mp, ip);
+    const std::vector<scalar_t>& a = sums.a;
+    const std::vector<scalar_t>& shift = sums.shift;
+    const ThreadAcc& s1 = sums.s1;
+    const ThreadAcc& s2 = sums.s2;
     // the sparse part: a dz at each window's arg-max, with that position's patch
     const std::vector<double> acc = window_patch_sums<scalar_t>(
         xp, g, [&](const scalar_t* P, int64_t o, int64_t gr, scalar_t* pg) {
