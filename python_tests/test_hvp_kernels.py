@@ -394,6 +394,44 @@ def test_solver_paths_match_reference(fused, device, dtype, monkeypatch):
 
 
 @needs_ext
+@pytest.mark.parametrize("fused", ["0", "1"])
+def test_solvers_mixed_starts(fused, device, monkeypatch):
+    # Systems that start at x0 = 0 skip the product A x0 (r0 = b) while the others in the same
+    # batch form it, on both CUDA paths and the CPU; a zero-start system whose operator holds a
+    # NaN is still flagged at the reference's iteration, and its neighbours are unaffected.
+    monkeypatch.setenv("IMAML_CG_FUSED", fused)
+    g = torch.Generator().manual_seed(21)
+    B, n, d = 4, 30, 24
+    X = torch.randn(B, n, d, dtype=torch.float64, generator=g).to(device)
+    A = random_spd(B, d, device=device, cond=20.0, generator=g)
+    b = torch.randn(B, d, dtype=torch.float64, generator=g).to(device)
+    x0 = torch.randn(B, d, dtype=torch.float64, generator=g).to(device)
+    x0[0] = 0.0
+    x0[2] = 0.0
+    X[2, 3, 5] = float("nan")
+    A[2, 1, 1] = float("nan")
+    F, W, bias, V, vb = head_problem(B, 15, 8, 3, device=device, seed=22)
+    F[2, 4, 1] = float("nan")
+    hb = reference.softmax_head_join(V, vb)
+    h0 = torch.randn(hb.shape, dtype=torch.float64, generator=g).to(device)
+    h0[0] = 0.0
+    h0[2] = 0.0
+    for name, run in (
+        ("lstsq", lambda u: ops.cg_solve_lstsq(X, b, x0, 1.0, 1.0 / n, 15, 1e-9, 0.0, use_ext=u)),
+        ("dense", lambda u: ops.cg_solve_dense(A, b, x0, 15, 1e-9, 0.0, use_ext=u)),
+        ("head", lambda u: ops.cg_solve_softmax_head(F, W, bias, hb, h0, 1.0, 2.0, 15, 1e-9, 0.0,
+                                                     use_ext=u)),
+    ):
+        ext, ref = run(True), run(False)
+        assert ext[3].tolist() == ref[3].tolist(), name
+        assert ext[3][2].item() == reference.NONFINITE, name
+        assert ext[1].tolist() == ref[1].tolist(), name
+        keep = [0, 1, 3]
+        torch.testing.assert_close(ext[0][keep], ref[0][keep], rtol=1e-8, atol=1e-10, msg=name)
+        assert torch.isfinite(ext[0]).all(), name
+
+
+@needs_ext
 @pytest.mark.parametrize("B,n,f,c", [(2, 12, 640, 100), (2, 3, 2, 4000)])
 def test_hvp_large_heads(B, n, f, c, device, dtype):
     # c*f beyond shared memory (global accumulators on CUDA), and c so large that even the

@@ -45,8 +45,15 @@ SolveResult solve_cuda(const Apply& apply, const at::Tensor& b_in, const at::Ten
   const auto b = b_in.contiguous();
   const int64_t B = b.size(0);
   auto x = x0.contiguous().clone();
-  auto Ap = at::empty_like(b);
-  apply(x, Ap, nullptr);
+  // A x0 only for the systems whose x0 is not all zero (r0 = b for the rest, as in the CPU
+  // solvers): `apply` skips the systems this mask does not mark running, and their Ap stays 0.
+  // An operator with a non-finite entry is then flagged at the first product instead, with the
+  // same status and iteration count. Decided on the device: no host read-back.
+  auto Ap = at::zeros_like(b);
+  const auto needs_product = at::where((x != 0).any(-1), int64_t(kRunning), int64_t(kConverged))
+                                 .to(at::kInt)
+                                 .contiguous();
+  apply(x, Ap, static_cast<const int32_t*>(needs_product.data_ptr()));
   auto r = (b - Ap).contiguous();
   auto p = r.clone();
   auto rs = (r * r).sum(-1).contiguous();
@@ -242,8 +249,16 @@ template <typename scalar_t, typename acc_t, typename Op>
 __device__ void block_cg(const Op& op, const scalar_t* b, scalar_t* x, scalar_t* r, scalar_t* p,
                          acc_t* acc, int64_t P, int64_t max_iter, double rtol, double atol,
                          int32_t* iters_out, scalar_t* rnorm_out, int32_t* status_out) {
-  // r0 = b - A x0, p0 = r0.
-  block_apply<scalar_t, acc_t>(op, x, acc, P);
+  // r0 = b - A x0, p0 = r0; no product when x0 = 0 (the usual start: r0 = b, as in the CPU
+  // solvers). The count is a block_sum, the same in every thread, so the branch around
+  // block_apply's barriers is uniform over the block.
+  acc_t nonzero = 0;
+  for (int64_t j = threadIdx.x; j < P; j += kBlockSize) nonzero += x[j] != scalar_t(0) ? 1 : 0;
+  if (block_sum(nonzero) != acc_t(0)) {
+    block_apply<scalar_t, acc_t>(op, x, acc, P);
+  } else {
+    for (int64_t j = threadIdx.x; j < P; j += kBlockSize) acc[j] = acc_t(0);  // owner-only
+  }
   acc_t rr = 0, bb = 0;
   for (int64_t j = threadIdx.x; j < P; j += kBlockSize) {
     const scalar_t bj = b[j];
