@@ -2,6 +2,9 @@
 iterations, float32: imaml_ext's whole-loop op against, in the same run, a plain PyTorch batched
 CG (in its fastest layout), scipy.sparse.linalg.cg per system, torchopt's solve_cg and
 linear_operator's linear_cg. Correctness is checked against a float64 reference before timing.
+A probe timed in the same rounds, ITERS products X v (one pass over X each), prices the one pass
+per iteration that every CG on this operator needs: where X streams from memory it bounds the
+speedup any one-pass solver can reach over the two-bmm CG.
 
     python benchmarks/bench_cg.py [--quick] [--device cpu|cuda] [--out benchmarks/results/cg_cpu.json]
 """
@@ -30,6 +33,7 @@ from common import git_commit  # noqa: E402
 ITERS = 20
 SIZES = [(32, 50, 200), (32, 500, 2000), (1, 4000, 4000)]
 QUICK_SIZES = [(32, 50, 200), (8, 500, 2000)]
+PROBE = "probe: one pass over X per product"
 
 
 def machine() -> dict:
@@ -176,9 +180,16 @@ def run(sizes, device, min_time):
                 row["skipped"][name] = f"wrong answer: relative error {err:.2e} vs float64"
                 continue
             timed[name] = fn
+        # The probe: ITERS matrix-vector products X v (torch.bmm, one pass over X each), timed in
+        # the same rounds. It prices the one pass over X per iteration that CG on this operator
+        # cannot avoid (the two-bmm CG makes two), so it bounds the speedup any one-pass solver
+        # can reach over the two-bmm CG where X streams from memory.
+        v1 = b.unsqueeze(-1)
+        timed[PROBE] = lambda: [torch.bmm(X, v1) for _ in range(ITERS)]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             rounds = interleaved_times(timed, device, min_time=min_time)
+        probe = rounds.pop(PROBE)
         row["rounds"] = len(rounds["imaml_ext"])
         row["times_s"] = {k: statistics.median(v) for k, v in rounds.items()}
         row["min_times_s"] = {k: min(v) for k, v in rounds.items()}
@@ -186,6 +197,15 @@ def run(sizes, device, min_time):
         # machine hits all of them; the speedup is the median of the per-round ratios.
         row["speedups"] = {k: statistics.median(o / t for o, t in zip(v, rounds["imaml_ext"]))
                            for k, v in rounds.items() if k != "imaml_ext"}
+        row["one_pass_probe"] = {
+            "what": f"{ITERS} x torch.bmm(X, v): one pass over X per product",
+            "time_s": statistics.median(probe),
+            "imaml_ext_passes_per_iteration": statistics.median(
+                t / p for t, p in zip(rounds["imaml_ext"], probe)),
+        }
+        if "torch (two bmm)" in rounds:
+            row["one_pass_probe"]["two_bmm_speedup_at_one_pass"] = statistics.median(
+                o / p for o, p in zip(rounds["torch (two bmm)"], probe))
         fastest = min(row["speedups"], key=row["speedups"].get)
         row["fastest_other"] = fastest
         row["speedup_vs_fastest_other"] = row["speedups"][fastest]
@@ -204,6 +224,14 @@ def print_row(row):
         print(f"  {name:28s} skipped: {why}")
     print(f"  -> imaml_ext is {row['speedup_vs_fastest_other']:.2f}x faster than the fastest "
           f"other ({row['fastest_other']})")
+    probe = row.get("one_pass_probe")
+    if probe:
+        line = (f"  probe: {probe['what']}: {probe['time_s'] * 1e3:.2f} ms; imaml_ext's iteration"
+                f" costs {probe['imaml_ext_passes_per_iteration']:.2f} such passes")
+        if "two_bmm_speedup_at_one_pass" in probe:
+            line += (f"; a CG at exactly one such pass per iteration would be "
+                     f"{probe['two_bmm_speedup_at_one_pass']:.2f}x the two-bmm CG")
+        print(line)
 
 
 BLAS_THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")

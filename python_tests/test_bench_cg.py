@@ -1,0 +1,46 @@
+"""benchmarks/bench_cg.py on a tiny size: every contender that runs agrees with the float64
+reference, the speedups are the per-round ratios, and the one-pass probe (the price of the one
+pass over X per iteration that bounds any CG on this operator) is measured in the same rounds."""
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_cg.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        spec = importlib.util.spec_from_file_location("bench_cg", SCRIPT)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+    return mod
+
+
+def test_rows_and_probe(bench, capsys):
+    (row,) = bench.run([(2, 12, 9)], "cpu", min_time=0.0)
+    timed = set(row["times_s"])
+    assert {"imaml_ext", "torch (two bmm)"} <= timed
+    assert bench.PROBE not in timed and bench.PROBE not in row["speedups"]
+    for name in timed:
+        assert row["errors"][name] < 1e-5, (name, row["errors"][name])
+    assert row["fastest_other"] in row["speedups"]
+    assert row["speedup_vs_fastest_other"] == min(row["speedups"].values())
+    probe = row["one_pass_probe"]
+    assert probe["time_s"] > 0
+    assert probe["imaml_ext_passes_per_iteration"] > 0
+    assert probe["two_bmm_speedup_at_one_pass"] > 0
+    out = capsys.readouterr().out
+    assert "probe:" in out and "two-bmm CG" in out
+
+
+def test_bad_sizes_rejected(bench):
+    with pytest.raises(SystemExit):
+        bench.main(["--sizes", "2,3"])
