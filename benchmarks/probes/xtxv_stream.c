@@ -14,13 +14,18 @@
  *   r4      R = 4
  *   r8-rev  R = 8, the update sweeps the columns backward (starts on the columns read last)
  *   r8-pf   R = 8, prefetcht0 of the rows being updated, 128 floats ahead
+ *   r8-l1   diagnostic, not a product: r8 with the update reading a small L1-resident buffer
+ *           instead of re-reading the rows (same arithmetic and streams otherwise)
  *   dots8   dot products only, 8 rows at a time (one pass, no update): the floor
  * Medians in ms, three rounds of 60, as printed by this file on 2026-11-27 on the 2-core Xeon dev
- * machine (AVX-512, 2 MiB L2 per core): r8 1.334 / 1.344 / 1.312, r16 1.314 / 1.329 / 1.304,
- * r4 1.382 / 1.395 / 1.373, r8-rev 1.323 / 1.338 / 1.318, r8-pf 1.340 / 1.347 / 1.328,
- * dots8 1.176 / 1.189 / 1.169: every fused variant 1.11-1.18x the dot-only pass. The fused loop re-reads each
- * row block from L2 after its dot products (d = 4000: a block of rows, v and the accumulator do
- * not fit L1 together), twice the L1 misses of the dot-only pass per byte of X.
+ * machine (AVX-512, 2 MiB L2 per core), loaded by other jobs:
+ *   r8 1.614 / 1.588 / 1.578, r16 1.605 / 1.556 / 1.544, r4 1.699 / 1.645 / 1.619,
+ *   r8-rev 1.616 / 1.576 / 1.546, r8-pf 1.624 / 1.577 / 1.555, r8-l1 1.428 / 1.406 / 1.390,
+ *   dots8 1.377 / 1.361 / 1.361.
+ * Every product variant costs 1.13-1.23x the dot-only pass; r8-l1, the same loop without the
+ * re-read, 1.02-1.04x. The fused loop must re-read each block of rows after their dot products,
+ * and at d = 4000 a block, v and the accumulator do not fit L1 together, so the re-read comes
+ * from L2: twice the L1 misses of the dot-only pass per byte of X, and that is the difference.
  */
 #include <immintrin.h>
 #include <omp.h>
@@ -39,7 +44,9 @@ static double now(void) {
 }
 
 /* acc += sum_k t[k] X[k]; with next != NULL also tn[k] = next[k] . v in the same sweep. */
-#define DEFINE_VARIANT(NAME, R, REVERSE_UPDATE, PREFETCH)                                        \
+static float l1_rows[16 * 256];  /* r8-l1's stand-in for the re-read rows */
+
+#define DEFINE_VARIANT(NAME, R, REVERSE_UPDATE, PREFETCH, L1_ONLY)                                        \
   static void update_##NAME(const float* X, const float* t, float* acc, const float* next,       \
                             const float* v, float* tn) {                                         \
     __m512 s[R];                                                                                 \
@@ -55,7 +62,10 @@ static double now(void) {
         for (int k = 0; k < R; k++) _mm_prefetch((const char*)(X + k * D + ju + 128), _MM_HINT_T0); \
       __m512 a = _mm512_loadu_ps(acc + ju);                                                      \
       for (int k = 0; k < R; k++)                                                                \
-        a = _mm512_fmadd_ps(_mm512_set1_ps(t[k]), _mm512_loadu_ps(X + k * D + ju), a);           \
+        a = _mm512_fmadd_ps(_mm512_set1_ps(t[k]),                                              \
+                             _mm512_loadu_ps(L1_ONLY ? l1_rows + k * 256 + (ju & 255)          \
+                                                     : X + k * D + ju),                        \
+                             a);           \
       _mm512_storeu_ps(acc + ju, a);                                                             \
     }                                                                                            \
     if (next)                                                                                    \
@@ -73,11 +83,12 @@ static double now(void) {
     }                                                                                            \
   }
 
-DEFINE_VARIANT(r8, 8, 0, 0)
-DEFINE_VARIANT(r16, 16, 0, 0)
-DEFINE_VARIANT(r4, 4, 0, 0)
-DEFINE_VARIANT(r8rev, 8, 1, 0)
-DEFINE_VARIANT(r8pf, 8, 0, 1)
+DEFINE_VARIANT(r8, 8, 0, 0, 0)
+DEFINE_VARIANT(r16, 16, 0, 0, 0)
+DEFINE_VARIANT(r4, 4, 0, 0, 0)
+DEFINE_VARIANT(r8rev, 8, 1, 0, 0)
+DEFINE_VARIANT(r8pf, 8, 0, 1, 0)
+DEFINE_VARIANT(r8l1, 8, 0, 0, 1)
 
 static void dots8(const float* X, long r0, long r1, const float* v, float* out) {
   for (long i = r0; i + 8 <= r1; i += 8) {
@@ -103,10 +114,10 @@ int main(void) {
   static float v[D], acc[2][D], ref[D], out[N];
   for (long i = 0; i < (long)N * D; i++) X[i] = (float)((i * 7) % 13) * 0.01f;
   for (int j = 0; j < D; j++) v[j] = 0.001f * (j % 5);
-  const xtxv_fn fns[] = {xtxv_r8, xtxv_r16, xtxv_r4, xtxv_r8rev, xtxv_r8pf};
-  const char* names[] = {"r8", "r16", "r4", "r8-rev", "r8-pf", "dots8"};
-  enum { V = 6, ROUNDS = 60 };
-  for (int q = 0; q < V - 1; q++) { /* every variant computes the same product */
+  const xtxv_fn fns[] = {xtxv_r8, xtxv_r16, xtxv_r4, xtxv_r8rev, xtxv_r8pf, xtxv_r8l1};
+  const char* names[] = {"r8", "r16", "r4", "r8-rev", "r8-pf", "r8-l1", "dots8"};
+  enum { V = 7, ROUNDS = 60, DIAGNOSTIC = 5 };
+  for (int q = 0; q < DIAGNOSTIC; q++) { /* every product variant gives the same product */
     memset(acc, 0, sizeof acc);
     fns[q](X, 0, N, v, acc[0]);
     if (q == 0) memcpy(ref, acc[0], sizeof ref);
