@@ -6,9 +6,10 @@ linear_operator's linear_cg and scipy's cg per system. Every contender's answer 
 against a float64 reference before it is timed; times are medians of
 torch.utils.benchmark.Timer.blocked_autorange (which synchronises CUDA). float32 throughout.
 
-Also reported: the achieved bandwidth of the least-squares CG (bytes of X read per iteration x
-iterations / time) against a copy's bandwidth measured in the same run, and each HVP's cost
-relative to one gradient of the same loss (torch.func, vmapped).
+Also reported: the achieved bandwidth of the least-squares product and CG (bytes of X read per
+product x products / time) against a copy's bandwidth measured in the same run, and each HVP's
+cost relative to one gradient of the same loss (torch.func, vmapped). On CUDA the least-squares
+rows also time the opt-in register-tiled product (IMAML_CUDA_XTXV=tiles) beside the default.
 
     python benchmarks/bench_kernels.py [--device cpu|cuda] [--quick] [--out results.json]
 """
@@ -106,6 +107,11 @@ def copy_bandwidth(device: str) -> float:
     dst = torch.empty_like(src)
     t = median_s(lambda: dst.copy_(src), device, 0.5)
     return 2 * src.numel() * src.element_size() / t
+
+
+# The CUDA least-squares product that holds rows in registers (xtxv_tiles_kernel), opt-in through
+# IMAML_CUDA_XTXV=tiles until these rows show it beating the default kernel.
+TILES = "imaml_ext register tiles"
 
 
 def rel_err(x: torch.Tensor, truth: torch.Tensor) -> float:
@@ -212,7 +218,7 @@ def func_head_grad(F, y, W, b):
     return torch.func.vmap(torch.func.grad(head_loss, argnums=(0, 1)))(W, b, F, y)
 
 
-def bench_hvps(device, quick, min_run_time):
+def bench_hvps(device, quick, min_run_time, bandwidth):
     rows = []
     compiled_lstsq = try_compile(reference.lstsq_apply, device, quick)
     for B, n, d in (QUICK_LSTSQ if quick else LSTSQ):
@@ -231,9 +237,16 @@ def bench_hvps(device, quick, min_run_time):
             else (lambda: compiled_lstsq(X, v, 0.0, 1.0 / n)),
             "torch.func jvp(grad)": lambda: func_lstsq_hvp(X, y, w, v),
         }, truth, device, min_run_time)
+        if device == "cuda":
+            with env("IMAML_CUDA_XTXV", "tiles"):
+                run_contenders(row, {TILES: lambda: ops.lstsq_apply(X, v, 0.0, 1.0 / n,
+                                                                    use_ext=True)},
+                               truth, device, min_run_time)
         t_grad = median_s(lambda: func_lstsq_grad(X, y, w), device, min_run_time)
         hvp_vs_grad(row, t_grad)
         row["bytes_read"] = X.numel() * X.element_size()
+        row["iterations"], row["bytes_read_per_iteration"] = 1, row["bytes_read"]
+        add_bandwidth(row, bandwidth)
         rows.append(row)
         print_row(row, f"lstsq_apply  B={B} n={n} d={d}")
     compiled_head = try_compile(reference.softmax_head_hvp, device, quick)
@@ -536,6 +549,11 @@ def bench_cg(device, quick, min_run_time, bandwidth):
         add_paths(row, device, truth, min_run_time,
                   lambda: ops.cg_solve_lstsq(X, b, zeros(b), 1.0, scale, ITERS, 0.0, 0.0,
                                              use_ext=True)[0])
+        if device == "cuda":
+            with env("IMAML_CG_FUSED", "0"), env("IMAML_CUDA_XTXV", "tiles"):
+                run_contenders(row, {"imaml_ext multi-launch, " + TILES: lambda: ops.cg_solve_lstsq(
+                    X, b, zeros(b), 1.0, scale, ITERS, 0.0, 0.0, use_ext=True)[0]},
+                    truth, device, min_run_time)
         row["bytes_read_per_iteration"] = X.numel() * X.element_size()
         add_bandwidth(row, bandwidth)
         rows.append(row)
@@ -597,7 +615,8 @@ def add_paths(row, device, truth, min_run_time, fn):
 def add_bandwidth(row, bandwidth):
     """Bytes of the operator's data read per iteration x iterations / time, against the copy."""
     row["achieved_GBps"] = {}
-    for name in ("imaml_ext", "imaml_ext single-launch", "imaml_ext multi-launch"):
+    for name in ("imaml_ext", "imaml_ext single-launch", "imaml_ext multi-launch", TILES,
+                 "imaml_ext multi-launch, " + TILES):
         t = row["times_s"].get(name)
         if t:
             gbps = row["bytes_read_per_iteration"] * row["iterations"] / t / 1e9
@@ -697,7 +716,7 @@ def main(argv=None):
         result["cg"] = bench_cg(args.device, args.quick, min_run_time, bandwidth)
         save()
     if "hvp" in sections:
-        result["hvp"] = bench_hvps(args.device, args.quick, min_run_time)
+        result["hvp"] = bench_hvps(args.device, args.quick, min_run_time, bandwidth)
         save()
     if "blocks" in sections:
         result["blocks"] = (bench_blocks(args.device, args.quick, min_run_time)

@@ -138,14 +138,57 @@ def test_dense_rows_split_over_threads():
 @pytest.mark.parametrize("B,n,d", [(1, 1, 1), (3, 17, 29), (2, 64, 1000), (0, 5, 4)])
 def test_lstsq_apply_matches_reference(B, n, d, device, dtype):
     X64, v64 = lstsq_problem(B, n, d, torch.float64, device)
-    X, v = X64.to(dtype), v64.to(dtype)
+    check_lstsq_apply(X64.to(dtype), X64, v64, dtype)
+
+
+def check_lstsq_apply(X, X64, v64, dtype):
+    """The op on X (any layout; X64's values) against the reference twin: to 1e-10 in float64,
+    within the twin's own error in float32."""
+    n = X.shape[1]
+    v = v64.to(dtype)
     ext = ops.lstsq_apply(X, v, 0.3, 1.0 / n, use_ext=True)
-    ref = ops.lstsq_apply(X, v, 0.3, 1.0 / n, use_ext=False)
+    ref = ops.lstsq_apply(X64.to(dtype), v, 0.3, 1.0 / n, use_ext=False)
     truth = ops.lstsq_apply(X64, v64, 0.3, 1.0 / n, use_ext=False)
     if dtype == torch.float64:
         torch.testing.assert_close(ext, ref, rtol=1e-10, atol=1e-12)
     else:
         assert_within_reference_error(ext, ref, truth)
+
+
+@needs_ext
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("kernel", ["rows", "tiles"])
+def test_cuda_lstsq_product_kernels(kernel, dtype, monkeypatch):
+    # IMAML_CUDA_XTXV selects the CUDA least-squares product: "tiles" (rows held in registers,
+    # read once) where it applies, else the row kernel. Shapes cover 1, 2 and 4 column groups per
+    # thread in both dtypes, row counts that leave a partial tile, blocks that stride over several
+    # tiles (n = 5000), d too wide for the register kernel (float64 d = 4000), an unaligned X (the
+    # scalar kernel), and the multi-launch solver with zero and nonzero starts (its mask skips
+    # systems).
+    monkeypatch.setenv("IMAML_CUDA_XTXV", kernel)
+    monkeypatch.setenv("IMAML_CG_FUSED", "0")
+    for B, n, d in ((1, 1, 4), (3, 37, 1000), (2, 5, 2000), (1, 300, 4000), (2, 7, 36),
+                    (1, 5000, 1000)):
+        X64, v64 = lstsq_problem(B, n, d, torch.float64, "cuda", seed=n + d)
+        X, v = X64.to(dtype), v64.to(dtype)
+        unaligned = torch.empty(X.numel() + 1, dtype=dtype, device="cuda")[1:].view(X.shape)
+        for Xk in (X, unaligned.copy_(X)):
+            check_lstsq_apply(Xk, X64, v64, dtype)
+        x0 = torch.randn_like(v)
+        x0[0] = 0.0
+        # No tolerance and fewer iterations than the operator's distinct eigenvalues (rank n + 1):
+        # every system runs them all in both, away from the rounding noise after exact convergence.
+        args = (1.0, 1.0 / n, min(4, n), 0.0, 0.0)
+        got = ops.cg_solve_lstsq(X, v, x0, *args, use_ext=True)
+        want = ops.cg_solve_lstsq(X, v, x0, *args, use_ext=False)
+        assert torch.equal(got[1], want[1]) and torch.equal(got[3], want[3])
+        tol = 1e-9 if dtype == torch.float64 else 1e-3
+        assert ((got[0] - want[0]).norm() <= tol * want[0].norm()).item(), (B, n, d)
+    # Repeated products leave the accumulators zero: a second call gives the same answer.
+    X, v = lstsq_problem(2, 50, 1000, dtype, "cuda", seed=5)
+    first = ops.lstsq_apply(X, v, 0.0, 1.0, use_ext=True)
+    torch.testing.assert_close(ops.lstsq_apply(X, v, 0.0, 1.0, use_ext=True), first,
+                               rtol=1e-5, atol=0.0)
 
 
 @pytest.mark.parametrize("use_ext", BOTH)

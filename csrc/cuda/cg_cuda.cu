@@ -17,6 +17,11 @@
 #include <torch/library.h>
 #include <torch/types.h>
 
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <type_traits>
+
 #include "../cg_math.h"
 #include "../ops.h"
 #include "common.cuh"
@@ -239,6 +244,118 @@ __global__ void __launch_bounds__(kBlockSize)
   });
 }
 
+// The same product with each row of X read from memory once and never re-read (opt-in until
+// measured on a GPU: IMAML_CUDA_XTXV=tiles). Thread t keeps, in registers, the 16-byte column
+// groups q = t + g kBlockSize (g < G) of v and of its block's column sums. A tile of R rows is
+// loaded into registers (R x G independent 16-byte loads in flight per thread); its R dot products
+// are reduced over the block (warp butterflies, then the warps' partials summed in a fixed order
+// through shared memory, double-buffered: one barrier per tile); the column sums then take
+// t_i X_ij from the same registers, so nothing is re-read from L1/L2 and no shared-memory column
+// sums are needed. Blocks stride over their system's tiles (a persistent grid of about two blocks
+// per SM over all systems, so the global atomics at the end are few: blocks x d per system, as
+// 16-byte vector atomics on sm_90), and the last block of a system writes out[b]
+// (last_block_epilogue). R x G = 16 vectors of X per thread (64 registers). Requires 16-byte
+// access (can_vec16) and d / L <= G kBlockSize.
+template <typename scalar_t, typename acc_t, int G>
+__global__ void __launch_bounds__(kBlockSize, 2)
+    xtxv_tiles_kernel(const scalar_t* __restrict__ X, const scalar_t* __restrict__ v,
+                      scalar_t* __restrict__ out, acc_t* __restrict__ acc,
+                      unsigned int* __restrict__ counter, const int32_t* __restrict__ status,
+                      int64_t n, int64_t d, double shift, double scale) {
+  using Vec = cuda::Vec16<scalar_t>;
+  using vec_t = typename Vec::type;
+  constexpr int L = Vec::kN;
+  constexpr int R = 16 / G;
+  __shared__ acc_t partial[2][kWarpsPerBlock][R];
+  const int64_t b = blockIdx.y;
+  if (status != nullptr && status[b] != kRunning) return;
+  const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
+  const int64_t nv = d / L;
+  const vec_t* X4 = reinterpret_cast<const vec_t*>(X + b * n * d);
+  const vec_t* v4 = reinterpret_cast<const vec_t*>(v + b * d);
+  vec_t vr[G];
+  acc_t cs[G][L];
+#pragma unroll
+  for (int g = 0; g < G; ++g) {
+    const int64_t q = threadIdx.x + g * kBlockSize;
+    vr[g] = q < nv ? v4[q] : vec_t{};
+#pragma unroll
+    for (int e = 0; e < L; ++e) cs[g][e] = acc_t(0);
+  }
+  const int64_t tiles = (n + R - 1) / R;
+  int slot = 0;
+  for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x, slot ^= 1) {
+    const int64_t r0 = tile * R;
+    vec_t xr[R][G];
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+#pragma unroll
+      for (int g = 0; g < G; ++g) {
+        const int64_t q = threadIdx.x + g * kBlockSize;
+        xr[r][g] = (r0 + r < n && q < nv) ? X4[(r0 + r) * nv + q] : vec_t{};
+      }
+    }
+    acc_t t[R];
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      acc_t s = 0;
+#pragma unroll
+      for (int g = 0; g < G; ++g) s += Vec::dot(xr[r][g], vr[g]);
+      t[r] = cuda::warp_allsum(s);
+    }
+    if (lane == 0) {
+#pragma unroll
+      for (int r = 0; r < R; ++r) partial[slot][warp][r] = t[r];
+    }
+    // The other slot is written by the next tile, so a fast warp cannot overwrite partials a slow
+    // one is still reading: reaching the tile after next takes the next tile's barrier.
+    __syncthreads();
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      acc_t s = 0;
+#pragma unroll
+      for (int w = 0; w < kWarpsPerBlock; ++w) s += partial[slot][w][r];
+      t[r] = s;
+    }
+#pragma unroll
+    for (int g = 0; g < G; ++g) {
+#pragma unroll
+      for (int r = 0; r < R; ++r) Vec::fma(cs[g], t[r], xr[r][g]);
+    }
+  }
+  acc_t* accb = acc + b * d;
+#pragma unroll
+  for (int g = 0; g < G; ++g) {
+    const int64_t q = threadIdx.x + g * kBlockSize;
+    if (q >= nv) continue;
+    bool added = false;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    if constexpr (std::is_same_v<acc_t, float> && L == 4) {
+      atomicAdd(reinterpret_cast<float4*>(accb) + q,
+                make_float4(cs[g][0], cs[g][1], cs[g][2], cs[g][3]));
+      added = true;
+    }
+#endif
+    if (!added) {
+#pragma unroll
+      for (int e = 0; e < L; ++e) atomicAdd(accb + q * L + e, cs[g][e]);
+    }
+  }
+  scalar_t* ob = out + b * d;
+  const scalar_t* vb = v + b * d;
+  cuda::last_block_epilogue(accb, counter + b, gridDim.x, d, [&](int64_t j, acc_t a) {
+    ob[j] = static_cast<scalar_t>(lstsq_combine<acc_t>(static_cast<acc_t>(vb[j]), a, shift, scale));
+  });
+}
+
+// Whether LstsqApply should use xtxv_tiles_kernel where it applies: IMAML_CUDA_XTXV=tiles
+// (anything else, or unset: xtxv_kernel). Off by default until timed on a GPU against
+// xtxv_kernel (bench_kernels reports both on CUDA).
+inline bool xtxv_tiles_requested() {
+  const char* e = std::getenv("IMAML_CUDA_XTXV");
+  return e != nullptr && std::strcmp(e, "tiles") == 0;
+}
+
 struct DenseApply {
   at::Tensor A;
   void operator()(const at::Tensor& v, at::Tensor& out, const int32_t* status) const {
@@ -282,6 +399,30 @@ struct LstsqApply {
         // Stopped systems get a fresh product too; the CG kernels never read it.
         out.copy_(at::add(at::mul(v, shift), xtxv, scale));
         return;
+      }
+      if (xtxv_tiles_requested() && cuda::can_vec16<scalar_t>(X.data_ptr(), v.data_ptr(), d)) {
+        const int64_t nv = d / cuda::Vec16<scalar_t>::kN;
+        const int G = nv <= kBlockSize ? 1 : nv <= 2 * kBlockSize ? 2 : nv <= 4 * kBlockSize ? 4 : 0;
+        if (G > 0) {
+          const int64_t R = 16 / G, tiles = (n + R - 1) / R;
+          const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+          const int64_t per_system = std::max<int64_t>(1, std::min<int64_t>(tiles, (2 * sms + B - 1) / B));
+          const dim3 grid(static_cast<unsigned>(per_system), B);
+          auto launch = [&](auto kernel) {
+            kernel<<<grid, kBlockSize, 0, stream>>>(
+                X.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
+                acc.data_ptr<acc_t>(), reinterpret_cast<unsigned int*>(counter.data_ptr<int32_t>()),
+                status, n, d, shift, scale);
+            C10_CUDA_KERNEL_LAUNCH_CHECK();
+          };
+          if (G == 1)
+            launch(xtxv_tiles_kernel<scalar_t, acc_t, 1>);
+          else if (G == 2)
+            launch(xtxv_tiles_kernel<scalar_t, acc_t, 2>);
+          else
+            launch(xtxv_tiles_kernel<scalar_t, acc_t, 4>);
+          return;
+        }
       }
       // About four blocks per SM over all systems, each with 16 to 64 rows (its column sums'
       // zeroing and global atomics are amortised over them).
