@@ -10,9 +10,24 @@ from pathlib import Path
 def lines_for(name: str, data: dict):
     if data.get("benchmark") == "bench_cg":
         for r in data["results"]:
+            probe = r.get("one_pass_probe", {})
+            extra = (f"; {probe['imaml_ext_passes_per_iteration']:.2f} X-passes per iteration"
+                     if "imaml_ext_passes_per_iteration" in probe else "")
             yield (f"{name}: lstsq CG B={r['B']} n={r['n']} d={r['d']}: imaml_ext "
                    f"{r['times_s']['imaml_ext'] * 1e3:.3f} ms, {r['speedup_vs_fastest_other']:.2f}x "
-                   f"vs {r['fastest_other']}")
+                   f"vs {r['fastest_other']}{extra}")
+    if data.get("benchmark") == "bench_kernels":
+        # Achieved bandwidth against the copy measured in the same run, per path: the line that
+        # decides between the least-squares product kernels (IMAML_CUDA_XTXV) and the CG paths.
+        for r in data.get("hvp", []) + data.get("cg", []):
+            frac = r.get("fraction_of_copy")
+            if not frac:
+                continue
+            size = " ".join(f"{k}={r[k]}" for k in ("B", "n", "d", "P", "f", "c") if k in r)
+            paths = ", ".join(f"{k.replace('imaml_ext', '').strip(' ,') or 'default'} "
+                              f"{r['times_s'][k] * 1e3:.3f} ms {100 * v:.0f}%"
+                              for k, v in sorted(frac.items(), key=lambda kv: -kv[1]))
+            yield f"{name}: {r['op']} {size}: % of copy bandwidth: {paths}"
     if data.get("benchmark") == "head_only":
         for sp in data.get("speed") or []:
             res = sp["results"]
