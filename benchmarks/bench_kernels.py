@@ -245,8 +245,7 @@ def bench_hvps(device, quick, min_run_time, bandwidth):
         t_grad = median_s(lambda: func_lstsq_grad(X, y, w), device, min_run_time)
         hvp_vs_grad(row, t_grad)
         row["bytes_read"] = X.numel() * X.element_size()
-        row["iterations"], row["bytes_read_per_iteration"] = 1, row["bytes_read"]
-        add_bandwidth(row, bandwidth)
+        add_bandwidth(row, bandwidth, row["bytes_read"])
         rows.append(row)
         print_row(row, f"lstsq_apply  B={B} n={n} d={d}")
     compiled_head = try_compile(reference.softmax_head_hvp, device, quick)
@@ -517,7 +516,7 @@ def bench_cg(device, quick, min_run_time, bandwidth):
         add_paths(row, device, truth, min_run_time,
                   lambda: ops.cg_solve_dense(A, b, zeros(b), ITERS, 0.0, 0.0, use_ext=True)[0])
         row["bytes_read_per_iteration"] = A.numel() * A.element_size()
-        add_bandwidth(row, bandwidth)
+        add_bandwidth(row, bandwidth, row["bytes_read_per_iteration"] * ITERS)
         rows.append(row)
         print_row(row, f"cg_solve_dense  B={B} P={P}  ({ITERS} iterations)")
 
@@ -555,7 +554,7 @@ def bench_cg(device, quick, min_run_time, bandwidth):
                     X, b, zeros(b), 1.0, scale, ITERS, 0.0, 0.0, use_ext=True)[0]},
                     truth, device, min_run_time)
         row["bytes_read_per_iteration"] = X.numel() * X.element_size()
-        add_bandwidth(row, bandwidth)
+        add_bandwidth(row, bandwidth, row["bytes_read_per_iteration"] * ITERS)
         rows.append(row)
         print_row(row, f"cg_solve_lstsq  B={B} n={n} d={d}  ({ITERS} iterations)")
 
@@ -594,7 +593,7 @@ def bench_cg(device, quick, min_run_time, bandwidth):
                   lambda: ops.cg_solve_softmax_head(F, W, bias, b, zeros(b), 1.0, scale, ITERS,
                                                     0.0, 0.0, use_ext=True)[0])
         row["bytes_read_per_iteration"] = F.numel() * F.element_size()
-        add_bandwidth(row, bandwidth)
+        add_bandwidth(row, bandwidth, row["bytes_read_per_iteration"] * ITERS)
         rows.append(row)
         print_row(row, f"cg_solve_softmax_head  B={B} n={n} f={f} c={c}  ({ITERS} iterations)")
     return rows
@@ -612,14 +611,14 @@ def add_paths(row, device, truth, min_run_time, fn):
         row["ratio_to_imaml_ext"] = {k: v / base for k, v in row["times_s"].items()}
 
 
-def add_bandwidth(row, bandwidth):
-    """Bytes of the operator's data read per iteration x iterations / time, against the copy."""
+def add_bandwidth(row, bandwidth, bytes_per_call):
+    """Bytes of the operator's data read per call / time, against the copy."""
     row["achieved_GBps"] = {}
     for name in ("imaml_ext", "imaml_ext single-launch", "imaml_ext multi-launch", TILES,
                  "imaml_ext multi-launch, " + TILES):
         t = row["times_s"].get(name)
         if t:
-            gbps = row["bytes_read_per_iteration"] * row["iterations"] / t / 1e9
+            gbps = bytes_per_call / t / 1e9
             row["achieved_GBps"][name] = gbps
     row["copy_GBps"] = bandwidth / 1e9
     row["fraction_of_copy"] = {k: v / row["copy_GBps"] for k, v in row["achieved_GBps"].items()}
