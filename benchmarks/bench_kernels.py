@@ -112,6 +112,14 @@ def copy_bandwidth(device: str) -> float:
 # The CUDA least-squares product that holds rows in registers (xtxv_tiles_kernel), opt-in through
 # IMAML_CUDA_XTXV=tiles until these rows show it beating the default kernel.
 TILES = "imaml_ext register tiles"
+# gpu_suite.sh sets IMAML_BENCH_TILES=0 when the kernel's CUDA test failed in the same run: a
+# faulting kernel would end this process (a CUDA error poisons its context) and every row with it.
+TILES_SKIPPED = ("skipped: IMAML_BENCH_TILES=0 (the register-tiled kernel failed its CUDA test "
+                 "in this run)")
+
+
+def tiles_on() -> bool:
+    return os.environ.get("IMAML_BENCH_TILES", "1") != "0"
 
 
 def rel_err(x: torch.Tensor, truth: torch.Tensor) -> float:
@@ -239,8 +247,9 @@ def bench_hvps(device, quick, min_run_time, bandwidth):
         }, truth, device, min_run_time)
         if device == "cuda":
             with env("IMAML_CUDA_XTXV", "tiles"):
-                run_contenders(row, {TILES: lambda: ops.lstsq_apply(X, v, 0.0, 1.0 / n,
-                                                                    use_ext=True)},
+                run_contenders(row, {TILES: (lambda: ops.lstsq_apply(X, v, 0.0, 1.0 / n,
+                                                                     use_ext=True))
+                                     if tiles_on() else TILES_SKIPPED},
                                truth, device, min_run_time)
         t_grad = median_s(lambda: func_lstsq_grad(X, y, w), device, min_run_time)
         hvp_vs_grad(row, t_grad)
@@ -550,8 +559,9 @@ def bench_cg(device, quick, min_run_time, bandwidth):
                                              use_ext=True)[0])
         if device == "cuda":
             with env("IMAML_CG_FUSED", "0"), env("IMAML_CUDA_XTXV", "tiles"):
-                run_contenders(row, {"imaml_ext multi-launch, " + TILES: lambda: ops.cg_solve_lstsq(
-                    X, b, zeros(b), 1.0, scale, ITERS, 0.0, 0.0, use_ext=True)[0]},
+                run_contenders(row, {"imaml_ext multi-launch, " + TILES: (
+                    lambda: ops.cg_solve_lstsq(X, b, zeros(b), 1.0, scale, ITERS, 0.0, 0.0,
+                                               use_ext=True)[0]) if tiles_on() else TILES_SKIPPED},
                     truth, device, min_run_time)
         row["bytes_read_per_iteration"] = X.numel() * X.element_size()
         add_bandwidth(row, bandwidth, row["bytes_read_per_iteration"] * ITERS)
