@@ -7,6 +7,7 @@ interface of ``imaml_ext.algorithms``; the real-data test uses the real algorith
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 
@@ -148,6 +149,39 @@ def test_logs_config_dump_and_validation(tmp_path):
     assert summary["step"] == 6 and summary["bad_steps"] == 0
     assert len(rows) == 8
 
+
+
+class CurvedQueryGradient(QueryGradient):
+    """QueryGradient whose tasks report negative curvature in CG from call `from_call` on."""
+
+    def __init__(self, from_call):
+        super().__init__()
+        self.from_call = from_call
+
+    def meta_gradient(self, model, params, tasks):
+        call = self.calls
+        grads, metrics = super().meta_gradient(model, params, tasks)
+        m = metrics["task_ok"].shape[0]
+        metrics["cg_iterations"] = torch.full((m,), 3.0)
+        metrics["cg_negative_curvature"] = torch.full((m,), call >= self.from_call)
+        return grads, metrics
+
+
+@pytest.mark.parametrize("from_call", [2, 100])
+def test_negative_curvature_is_logged_and_warned_once(tmp_path, caplog, from_call):
+    t = make_trainer(tmp_path, algorithm=CurvedQueryGradient(from_call), steps=5, ckpt_every=0)
+    with caplog.at_level(logging.WARNING, logger="imaml_ext.train"):
+        t.run()
+    rows = tr.read_metrics(tmp_path / "run")
+    want = [1.0 if i >= from_call else 0.0 for i in range(5)]
+    assert [r["cg_negative_curvature"] for r in rows] == want
+    warned = [r for r in caplog.records if "negative curvature" in r.getMessage()]
+    if from_call == 2:
+        # Once, at the first window over the threshold, naming the authors' recipe.
+        assert len(warned) == 1 and "up to step 3" in warned[0].getMessage()
+        assert "--cg-damping 1 --cg-lam 12" in warned[0].getMessage()
+    else:
+        assert not warned
 
 def test_nan_policy_skips_bad_steps_and_counts_tasks(tmp_path):
     algo = QueryGradient(bad_calls={1, 2}, bad_tasks={1})
