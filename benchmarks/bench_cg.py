@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 import imaml_ext
-from imaml_ext import reference
+from imaml_ext import ops, reference
 from imaml_ext.linalg import LstsqOperator
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -34,6 +34,10 @@ ITERS = 20
 SIZES = [(32, 50, 200), (32, 500, 2000), (1, 4000, 4000)]
 QUICK_SIZES = [(32, 50, 200), (8, 500, 2000)]
 PROBE = "probe: one pass over X per product"
+# The same solve through the op alone (imaml_ext.ops.cg_solve_lstsq, no imaml_ext.cg wrapper),
+# timed in the same rounds: what the public call adds. On an H100 (2026-11-27) the public call
+# cost about 1 ms more per solve here than bench_kernels' back-to-back timing of the op.
+RAW_OP = "diagnostic: imaml_ext op without the cg() wrapper"
 
 
 def machine() -> dict:
@@ -62,16 +66,20 @@ def sync(device):
 def interleaved_times(fns: dict, device, min_time=1.0, max_rounds=50) -> dict:
     """Seconds per call of each fn, in rounds: every round calls each fn once, in turn, so that a
     change of load on a shared machine affects all of them alike. One warm-up call each; at least
-    5 rounds, then rounds until min_time has passed (or max_rounds)."""
+    5 rounds, then rounds until min_time has passed (or max_rounds). Each round starts one
+    contender further on, so none always runs right after the same one (on a GPU, after a long
+    CPU-only peer the clocks may have dropped)."""
     for fn in fns.values():
         fn()
     sync(device)
     times = {k: [] for k in fns}
+    order = list(fns.items())
     start = time.perf_counter()
-    while (len(times[next(iter(fns))]) < 5
+    while (len(times[order[0][0]]) < 5
            or (time.perf_counter() - start < min_time * len(fns)
-               and len(times[next(iter(fns))]) < max_rounds)):
-        for name, fn in fns.items():
+               and len(times[order[0][0]]) < max_rounds)):
+        k = len(times[order[0][0]]) % len(order)
+        for name, fn in order[k:] + order[:k]:
             t0 = time.perf_counter()
             fn()
             sync(device)
@@ -186,10 +194,14 @@ def run(sizes, device, min_time):
         # can reach over the two-bmm CG where X streams from memory.
         v1 = b.unsqueeze(-1)
         timed[PROBE] = lambda: [torch.bmm(X, v1) for _ in range(ITERS)]
+        if "imaml_ext" in timed:
+            timed[RAW_OP] = lambda: ops.cg_solve_lstsq(X, b, torch.zeros_like(b), 1.0, 1.0 / n,
+                                                       ITERS, 0.0, 0.0)[0]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             rounds = interleaved_times(timed, device, min_time=min_time)
         probe = rounds.pop(PROBE)
+        raw = rounds.pop(RAW_OP, None)
         row["rounds"] = len(rounds["imaml_ext"])
         row["times_s"] = {k: statistics.median(v) for k, v in rounds.items()}
         row["min_times_s"] = {k: min(v) for k, v in rounds.items()}
@@ -203,6 +215,10 @@ def run(sizes, device, min_time):
             "imaml_ext_passes_per_iteration": statistics.median(
                 t / p for t, p in zip(rounds["imaml_ext"], probe)),
         }
+        if raw is not None:
+            row["raw_op"] = {"what": RAW_OP, "time_s": statistics.median(raw),
+                             "wrapper_s": statistics.median(
+                                 t - r for t, r in zip(rounds["imaml_ext"], raw))}
         if "torch (two bmm)" in rounds:
             row["one_pass_probe"]["two_bmm_speedup_at_one_pass"] = statistics.median(
                 o / p for o, p in zip(rounds["torch (two bmm)"], probe))
@@ -232,6 +248,10 @@ def print_row(row):
             line += (f"; a CG at exactly one such pass per iteration would be "
                      f"{probe['two_bmm_speedup_at_one_pass']:.2f}x the two-bmm CG")
         print(line)
+    raw = row.get("raw_op")
+    if raw:
+        print(f"  {raw['what']}: {raw['time_s'] * 1e3:.3f} ms; the wrapper adds "
+              f"{raw['wrapper_s'] * 1e3:+.3f} ms per call (median of per-round differences)")
 
 
 BLAS_THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")

@@ -13,6 +13,9 @@ def lines_for(name: str, data: dict):
             probe = r.get("one_pass_probe", {})
             extra = (f"; {probe['imaml_ext_passes_per_iteration']:.2f} X-passes per iteration"
                      if "imaml_ext_passes_per_iteration" in probe else "")
+            if "raw_op" in r:
+                extra += (f"; the op alone {r['raw_op']['time_s'] * 1e3:.3f} ms (cg() wrapper "
+                          f"{r['raw_op']['wrapper_s'] * 1e3:+.3f} ms)")
             yield (f"{name}: lstsq CG B={r['B']} n={r['n']} d={r['d']}: imaml_ext "
                    f"{r['times_s']['imaml_ext'] * 1e3:.3f} ms, {r['speedup_vs_fastest_other']:.2f}x "
                    f"vs {r['fastest_other']}{extra}")

@@ -37,8 +37,20 @@ def test_rows_and_probe(bench, capsys):
     assert probe["time_s"] > 0
     assert probe["imaml_ext_passes_per_iteration"] > 0
     assert probe["two_bmm_speedup_at_one_pass"] > 0
+    assert bench.RAW_OP not in timed and bench.RAW_OP not in row["speedups"]
+    assert row["raw_op"]["time_s"] > 0 and "wrapper_s" in row["raw_op"]
     out = capsys.readouterr().out
-    assert "probe:" in out and "two-bmm CG" in out
+    assert "probe:" in out and "two-bmm CG" in out and "the wrapper adds" in out
+
+
+def test_rounds_rotate_the_order(bench):
+    calls = []
+    fns = {k: (lambda k=k: calls.append(k)) for k in "abc"}
+    times = bench.interleaved_times(fns, "cpu", min_time=0.0)
+    assert all(len(v) == 5 for v in times.values())
+    rounds = [calls[3 + 3 * i: 6 + 3 * i] for i in range(5)]  # after the three warm-up calls
+    assert [r[0] for r in rounds] == ["a", "b", "c", "a", "b"]
+    assert all(sorted(r) == ["a", "b", "c"] for r in rounds)
 
 
 def test_bad_sizes_rejected(bench):
