@@ -149,9 +149,12 @@ def test_faults_are_flagged_per_system_and_isolated(solver, use_ext, dtype, devi
 
 @pytest.mark.parametrize("use_ext", BOTH)
 @pytest.mark.parametrize("value", [NAN, INF], ids=["nan", "inf"])
-def test_nonfinite_appearing_mid_solve_keeps_the_last_good_iterate(use_ext, value, device):
+@pytest.mark.parametrize("x0_given", [True, False], ids=["x0", "no-x0"])
+def test_nonfinite_appearing_mid_solve_keeps_the_last_good_iterate(use_ext, value, x0_given,
+                                                                   device):
     """A callable operator whose product turns NaN/Inf for system 1 at its 4th call: that system
-    stops with the iterate of 2 good iterations (the first call is the initial residual); the
+    stops with the iterate of the good iterations before it (2 when x0 is given, whose initial
+    residual takes the first call; 3 with no x0, where r0 = b and no product is made); the
     others converge."""
     A = random_spd(3, 10, device=device)
     b = torch.randn(3, 10, dtype=torch.float64, device=device)
@@ -165,11 +168,14 @@ def test_nonfinite_appearing_mid_solve_keeps_the_last_good_iterate(use_ext, valu
             out[1, 5] = value
         return out
 
-    res = imaml_ext.cg(matvec, b, batched=True, rtol=1e-12, max_iter=100, use_ext=use_ext)
+    x0 = torch.zeros_like(b) if x0_given else None
+    res = imaml_ext.cg(matvec, b, x0, batched=True, rtol=1e-12, max_iter=100, use_ext=use_ext)
+    good = 2 if x0_given else 3
+    assert calls[0] > 4
     assert res.status.tolist() == [CONVERGED, NONFINITE, CONVERGED]
-    assert int(res.iterations[1]) == 2
-    two = imaml_ext.cg(A, b, batched=True, rtol=0.0, max_iter=2, use_ext=use_ext)
-    torch.testing.assert_close(res.x[1], two.x[1], rtol=1e-12, atol=1e-12)
+    assert int(res.iterations[1]) == good
+    first = imaml_ext.cg(A, b, batched=True, rtol=0.0, max_iter=good, use_ext=use_ext)
+    torch.testing.assert_close(res.x[1], first.x[1], rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(res.x[[0, 2]], torch.linalg.solve(A[[0, 2]], b[[0, 2]]))
     with pytest.raises(CGError, match="system 1: non-finite values"):
         res.check()

@@ -183,3 +183,25 @@ def test_softmax_head_operator_dispatch_matches_callable(use_ext):
     torch.testing.assert_close(fused.x[0], generic.x[0])
     torch.testing.assert_close(fused.x[1], generic.x[1])
     assert fused.converged.all()
+
+
+@pytest.mark.parametrize("use_ext", BOTH)
+def test_callable_zero_start_makes_no_initial_product(use_ext):
+    # With no x0, r0 = b: a k-iteration solve calls the operator k times (one HVP fewer per
+    # iMAML solve), and gives exactly what an explicit zero x0 (k + 1 calls) gives.
+    A = random_spd(3, 9)
+    b = torch.randn(3, 9, dtype=torch.float64)
+    calls = [0]
+
+    def matvec(v):
+        calls[0] += 1
+        return torch.bmm(A, v.unsqueeze(-1)).squeeze(-1)
+
+    res = imaml_ext.cg(matvec, b, batched=True, rtol=0.0, max_iter=4, use_ext=use_ext)
+    assert calls[0] == 4
+    calls[0] = 0
+    ref = imaml_ext.cg(matvec, b, torch.zeros_like(b), batched=True, rtol=0.0, max_iter=4,
+                       use_ext=use_ext)
+    assert calls[0] == 5
+    assert torch.equal(res.x, ref.x) and torch.equal(res.iterations, ref.iterations)
+    assert torch.equal(res.residual_norm, ref.residual_norm)
