@@ -7,7 +7,7 @@
 # --cg-lam 12), which their published runs used: with the paper's (proximal term in every step,
 # (I + H/lam)) CG met negative curvature in most tasks and the first H100 run of this preset
 # (2026-11-27, benchmarks/results/train_preset_h100_*) fell from 67% to 34% query accuracy in
-# 488 meta-steps; on the CPU, 8 tasks a step, the paper's recipe stalled at 62% over 175 steps
+# 488 meta-steps; on the CPU, 8 tasks a step, the paper's recipe stalled at 62% over 211 steps
 # while the authors' reached 91% in 50. RECIPE=paper runs the paper's instead.
 #
 #   bash benchmarks/gpu_train_preset.sh          (IMAML_DATA: Omniglot; OUT: default ./gpu_out)

@@ -658,10 +658,11 @@ class Trainer:
     def _warn_negative_curvature(self, row: dict[str, Any]) -> None:
         """Warns once per run when most tasks' CG meets negative curvature: their meta-gradient
         is then CG's last good iterate, not the implicit gradient, and training tends to stall.
-        Measured (Omniglot 5-way 1-shot, conv net, the paper's lam 2 / inner lr 0.1 / 16 steps):
-        75% of tasks at the random initialisation; meta-training stalled at 62% query accuracy
-        over 175 meta-steps of 8 tasks on the CPU and fell from 67% to 34% in 488 steps of 32 on
-        an H100, while the authors' recipe reached 91% in 50 steps of 8."""
+        Measured (Omniglot 5-way 1-shot, conv net, the paper's lam 2 / inner lr 0.1 / 16 steps;
+        benchmarks/results/imaml_recipe_cpu.md): 75% of tasks at the random initialisation;
+        meta-training stalled at 62% query accuracy over 211 meta-steps of 8 tasks on the CPU
+        and fell from 67% to 34% in 488 steps of 32 on an H100, while the authors' inner loop
+        (--proximal authors) reached 91% in 50 steps of 8."""
         frac = row.get("cg_negative_curvature", 0.0)
         if getattr(self, "_warned_curvature", False) or not frac > NEGATIVE_CURVATURE_WARN:
             return
@@ -672,8 +673,9 @@ class Trainer:
             "matrix (1 + cg_damping) I + H / cg_lam is indefinite at these inner solutions (the "
             "inner GD has not reached a minimum of G), so those tasks' meta-gradients are CG's "
             "last good iterate, not the implicit gradient, and training tends to stall. The "
-            "iMAML authors' recipe avoids it: --proximal authors --cg-damping 1 --cg-lam %g; "
-            "or --hvp ggn (a positive semi-definite product). Reported once per run.",
+            "iMAML authors' inner loop avoids it on the Omniglot conv net: --proximal authors "
+            "(their whole recipe: --proximal authors --cg-damping 1 --cg-lam %g). Reported once "
+            "per run.",
             100 * frac, self.step, c.lam + 10)
 
     def _summary(self, t_start, last_val, interrupted: bool = False,
