@@ -79,6 +79,7 @@ class AlgorithmConfig:
     cg_rtol: float = 1e-10
     backend: str = "auto"
     adapt: str = "all"
+    compile_hvp: bool = False
 
 
 def make_algorithm(name: str, *, loss: str | Callable = "cross_entropy", lam: float = 2.0,
@@ -87,7 +88,7 @@ def make_algorithm(name: str, *, loss: str | Callable = "cross_entropy", lam: fl
                    hvp: str = "exact", proximal: str = "paper", regularized: bool | None = None,
                    use_ext: bool | None = None, on_nonfinite: str = "skip",
                    cg_rtol: float = 1e-10, backend: str = "auto",
-                   adapt: str = "all") -> "MetaAlgorithm":
+                   adapt: str = "all", compile_hvp: bool = False) -> "MetaAlgorithm":
     """Builds one of ALGORITHMS.
 
     Args:
@@ -119,6 +120,12 @@ def make_algorithm(name: str, *, loss: str | Callable = "cross_entropy", lam: fl
             only: the linear head alone is adapted on the body's features, ANIL-style; needs
             loss "cross_entropy", hvp "exact" or "ggn" (the same for a linear softmax head) and
             a ConvNet or an nn.Sequential ending in nn.Linear; see imaml_ext.head_only).
+        compile_hvp: imaml-gd / imaml-hf, hvp "exact": the meta-gradient's CG products are
+            torch.compile's forward-over-reverse HVP over all tasks (make_hvp(compile=True)),
+            compiled on the first meta-step (35 s on an H100, about a minute on a 2-core CPU;
+            again for new shapes). Measured on an H100 (Omniglot conv net, meta-batch 32): 3.8x
+            (5-way 1-shot) and 1.9x (20-way 5-shot) faster per CG product than the default;
+            on the 2-core CPU 0.6-0.7x, so off by default. iMAML-HF's Newton steps keep "exact".
 
     Raises:
         ValueError naming the argument.
@@ -163,6 +170,14 @@ def make_algorithm(name: str, *, loss: str | Callable = "cross_entropy", lam: fl
         if hvp not in HEAD_HVP:
             raise ValueError(f"adapt='head' takes hvp in {HEAD_HVP} (the head's Hessian comes "
                              f"from the fused softmax-head kernel), got {hvp!r}")
+    if not isinstance(compile_hvp, bool):
+        raise ValueError(f"compile_hvp must be a bool, got {compile_hvp!r}")
+    if compile_hvp and (name not in ("imaml-gd", "imaml-hf") or adapt != "all"
+                        or hvp not in ("exact", "forward_over_reverse")):
+        raise ValueError("compile_hvp=True compiles the full network's forward-over-reverse "
+                         "HVP: it needs name 'imaml-gd' or 'imaml-hf', adapt='all' and hvp "
+                         f"'exact' or 'forward_over_reverse', got name={name!r}, "
+                         f"adapt={adapt!r}, hvp={hvp!r}")
     if regularized is None:
         regularized = name.startswith("imaml")
     elif not regularized and name.startswith("imaml"):
@@ -174,7 +189,7 @@ def make_algorithm(name: str, *, loss: str | Callable = "cross_entropy", lam: fl
                           hf_cg_steps=hf_cg_steps, hvp=hvp, proximal=proximal,
                           regularized=bool(regularized), use_ext=use_ext,
                           on_nonfinite=on_nonfinite, cg_rtol=float(cg_rtol), backend=backend,
-                          adapt=adapt)
+                          adapt=adapt, compile_hvp=compile_hvp)
     return _CLASSES[name](cfg)
 
 
@@ -403,7 +418,7 @@ class IMAMLGD(MetaAlgorithm):
         phi = inner.params
         H = None
         if c.cg_steps > 0 and c.hvp != "lstsq":
-            H = make_hvp(tl, phi, t.x_support, t.y_support, c.hvp)
+            H = make_hvp(tl, phi, t.x_support, t.y_support, c.hvp, compile=c.compile_hvp)
         finite = inner.finite
         if inner.loss is None:
             inner_loss = H.value_and_grad()[0] if H is not None and \

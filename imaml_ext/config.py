@@ -100,6 +100,7 @@ class TrainConfig:
     proximal: str = "paper"
     adapt: str = "all"
     use_ext: bool | None = None
+    compile_hvp: bool = False
     # Meta-optimisation
     steps: int = 30000
     meta_batch: int | None = None
@@ -147,7 +148,7 @@ class TrainConfig:
                 "inner_lr": self.inner_lr, "cg_steps": self.cg_steps,
                 "cg_damping": self.cg_damping, "cg_lam": self.cg_lam,
                 "hf_cg_steps": self.hf_cg_steps, "hvp": self.hvp, "proximal": self.proximal,
-                "adapt": self.adapt, "use_ext": self.use_ext}
+                "adapt": self.adapt, "use_ext": self.use_ext, "compile_hvp": self.compile_hvp}
 
     def save(self, path: str | Path, extra: dict[str, Any] | None = None) -> None:
         data = {"config": self.to_dict(), **(extra or {})}
@@ -205,6 +206,11 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
     if out.adapt == "head" and out.hvp not in HEAD_HVP:
         raise UsageError(f"--adapt head takes --hvp {' or '.join(HEAD_HVP)} (the head's Hessian "
                          f"comes from the fused softmax-head kernel), got {out.hvp}")
+    if out.compile_hvp and (out.algo not in HEAD_ALGORITHMS or out.adapt != "all"
+                            or out.hvp != "exact"):
+        raise UsageError(f"--compile-hvp compiles the full network's HVP for imaml-gd / "
+                         f"imaml-hf with --adapt all and --hvp exact, got --algo {out.algo} "
+                         f"--adapt {out.adapt} --hvp {out.hvp}")
     if ds == "miniimagenet" and out.protocol != "background":
         raise UsageError("--protocol applies to omniglot only")
     return out

@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.func import functional_call
 
 import imaml_ext
@@ -302,6 +303,31 @@ def test_indefinite_curvature_flagged_never_nan():
 
 # ---- argument errors ----------------------------------------------------------------------------
 
+@pytest.mark.parametrize("name", ["imaml-gd", "imaml-hf"])
+def test_compile_hvp_gives_the_same_meta_gradient(name, monkeypatch):
+    # compile_hvp=True: the CG products are torch.compile's forward-over-reverse HVP; float64
+    # meta-gradient as with the default product. One conv block, so it compiles in seconds.
+    from imaml_ext.hvp import TaskLoss
+    used = []
+    real = TaskLoss.compiled_hvp
+    monkeypatch.setattr(TaskLoss, "compiled_hvp", lambda self: used.append(1) or real(self))
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1),
+                          nn.BatchNorm2d(3, track_running_stats=False), nn.ReLU(),
+                          nn.MaxPool2d(2), nn.Flatten(), nn.Linear(3 * 4 * 4, 3)).to(DT)
+    params = {k: v.detach().clone() for k, v in model.named_parameters()}
+    tasks = TaskBatch(torch.randn(2, 6, 1, 8, 8, dtype=DT), torch.randint(0, 3, (2, 6)),
+                      torch.randn(2, 6, 1, 8, 8, dtype=DT), torch.randint(0, 3, (2, 6)))
+    kw = dict(inner_steps=2, inner_lr=0.1, cg_steps=3)
+    g1, m1 = make_algorithm(name, compile_hvp=True, **kw).meta_gradient(model, params, tasks)
+    assert len(used) >= 3  # one per CG product
+    n = len(used)
+    g2, m2 = make_algorithm(name, **kw).meta_gradient(model, params, tasks)
+    assert len(used) == n
+    close(g1, g2, rtol=1e-9, atol=1e-11)
+    torch.testing.assert_close(m1["cg_iterations"], m2["cg_iterations"])
+
+
 def test_argument_errors():
     model, params, tasks = conv_setup()
     with pytest.raises(ValueError, match="name must be one of"):
@@ -315,6 +341,11 @@ def test_argument_errors():
         make_algorithm("imaml-gd", hvp="fisher")
     with pytest.raises(ValueError, match="on_nonfinite"):
         make_algorithm("maml", on_nonfinite="ignore")
+    for kw in (dict(name="maml"), dict(hvp="ggn"), dict(adapt="head")):
+        with pytest.raises(ValueError, match="compile_hvp=True"):
+            make_algorithm(**{"name": "imaml-gd", **kw}, compile_hvp=True)
+    with pytest.raises(ValueError, match="compile_hvp must be a bool"):
+        make_algorithm("imaml-gd", compile_hvp="yes")
     algo = make_algorithm("imaml-gd", inner_steps=1)
     missing = {k: v for k, v in params.items() if k != "head.bias"}
     with pytest.raises(ValueError, match=r"params does not match.*missing \['head.bias'\]"):

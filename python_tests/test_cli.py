@@ -60,6 +60,20 @@ def test_bad_values_and_unknown_options(capsys, tmp_path):
         cli.main(["train", "--algo", "sgd"])
     assert info.value.code == 2
     assert "invalid choice" in capsys.readouterr().err
+    code, _, err = run_cli(capsys, "train", "--compile-hvp", "--hvp", "ggn", "--out",
+                           str(tmp_path / "r"))
+    assert_clean_error(code, err, "--compile-hvp", "--hvp ggn")
+    code, _, err = run_cli(capsys, "train", "--compile-hvp", "--algo", "maml", "--out",
+                           str(tmp_path / "r"))
+    assert_clean_error(code, err, "--compile-hvp", "--algo maml")
+
+
+def test_compile_hvp_flag_reaches_the_algorithm():
+    ns = cli.build_parser().parse_args(["train", "--compile-hvp"])
+    cfg, _ = cli._config_from_args(ns)
+    assert cfg.compile_hvp is True and cfg.algorithm_kwargs()["compile_hvp"] is True
+    cfg, _ = cli._config_from_args(cli.build_parser().parse_args(["train"]))
+    assert cfg.compile_hvp is False
 
 
 def test_missing_data_dir(capsys, tmp_path):
