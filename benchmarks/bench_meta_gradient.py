@@ -75,6 +75,9 @@ PEERS = ("authors-loop", "torchopt")
 # iMAML-GD with every task of the meta-batch in one fold (TaskLoss(task_chunk=M)): the layout
 # before CPU task chunks, timed in the same rounds (the multi-tensor GD step is in both).
 ONE_FOLD = "imaml-gd-one-fold"
+# With --compile-hvp: iMAML-GD whose CG products are torch.compile's HVP (compile_hvp=True, the
+# training option --compile-hvp), timed against the default iMAML-GD in the same rounds.
+COMPILED = "imaml-gd-compiled-hvp"
 
 # name -> (ways, shots, queries per class, inner GD steps (the paper's), meta-batch,
 #          tasks per round for the per-task peers, tasks for MAML)
@@ -414,6 +417,9 @@ def run_setting(name, spec, args, device):
         if algo == "imaml-gd" and ONE_FOLD in args.methods:
             a1 = _one_fold(make_algorithm(algo, **kw), model, M)
             contenders[ONE_FOLD] = (M, lambda a1=a1: a1.meta_gradient(model, params, tasks))
+        if algo == "imaml-gd" and args.compile_hvp:
+            ac = make_algorithm(algo, compile_hvp=True, **kw)
+            contenders[COMPILED] = (M, lambda ac=ac: ac.meta_gradient(model, params, tasks))
     if "authors-loop" in args.methods:
         fast = make_model("omniglot", ways).to(device)
         loop = AuthorsLoop(fast, lam, steps, lr, cg_steps, lam_damping=cg_lam - lam)
@@ -431,8 +437,12 @@ def run_setting(name, spec, args, device):
     # (alternating order), so that the per-round ratios compare calls made under the same
     # machine conditions: on a shared VM the CPU's speed drifts by several x over seconds.
     for key in contenders:
+        if key == COMPILED:  # its own first call compiles, for the timed shapes
+            out["compiled_hvp_first_call_s"] = time_once(contenders[key][1], device)
+            continue
         _warm_fn(key, model, params, tasks, contenders[key][0], args, lam, lr, cg_steps)()
-    head = [k for k in ("imaml-gd", ONE_FOLD, "authors-loop", "torchopt") if k in contenders]
+    head = [k for k in ("imaml-gd", COMPILED, ONE_FOLD, "authors-loop", "torchopt")
+            if k in contenders]
     rest = [k for k in contenders if k not in head]
     times = {k: [] for k in contenders}
     cpu = {k: [] for k in contenders}
@@ -484,6 +494,10 @@ def run_setting(name, spec, args, device):
                         "min": min(per_round),
                         "cpu_time": res[peer]["cpu_s_per_task"] / res["imaml-gd"]["cpu_s_per_task"]}
         out["speedup_imaml_gd"] = sp
+        if COMPILED in res:
+            per_round = [a / b for a, b in zip(times["imaml-gd"], times[COMPILED])]
+            out["speedup_compiled_hvp"] = {"per_round": per_round,
+                                           "median": statistics.median(per_round)}
     if "imaml-gd" in contenders:
         out["imaml_gd_phases"] = imaml_gd_phases(model, params, tasks, device, steps, lam, lr,
                                                  cg_steps, cg_lam, repeats=args.rounds)
@@ -586,7 +600,8 @@ def main(argv=None):
                     help="timed calls of each HVP / gradient in the hvp_cost block")
     ap.add_argument("--compile-hvp", action="store_true",
                     help="also time torch.compile's HVP (make_hvp(..., compile=True)) against "
-                         "eager and one gradient; its compilation is timed apart")
+                         "eager and one gradient, and iMAML-GD with compile_hvp=True against "
+                         "the default; compilation is timed apart")
     ap.add_argument("--hvp-only", action="store_true",
                     help="only the hvp_cost block per setting, no contenders (with "
                          "--compile-hvp: the compiled-HVP report, default --out "
@@ -664,6 +679,10 @@ def _meta_lines(r) -> list[str]:
     head = f"{r['setting']} M={r['meta_batch']}"
     lines = [f"{head}: iMAML-GD vs {peer} {sp['median']:.2f}x tasks/s"
              for peer, sp in r.get("speedup_imaml_gd", {}).items()]
+    if "speedup_compiled_hvp" in r:
+        lines.append(f"{head}: iMAML-GD with compile_hvp=True "
+                     f"{r['speedup_compiled_hvp']['median']:.2f}x the default's tasks/s (first "
+                     f"call, compiling: {r['compiled_hvp_first_call_s']:.1f} s)")
     lines += _hvp_lines(r)
     h, ph = r.get("hvp_cost", {}), r.get("imaml_gd_phases", {})
     kind = h.get("exact_method")

@@ -2,7 +2,7 @@
 # The GPU suite for a lent H100/H200 (python 3.12 with torch preinstalled, no network).
 #   bash benchmarks/gpu_suite.sh quick        build, CUDA tests, short benchmarks   (~3 min)
 #   bash benchmarks/gpu_suite.sh full         long benchmarks, Fig. 2b, compiled HVP, training preset
-#                                             (<= 9 min; PRESET_MAX_TIME caps the training, default 100 s)
+#                                             (<= 9 min; PRESET_MAX_TIME caps the training, default 80 s)
 #   bash benchmarks/gpu_suite.sh quick full   both in one go (quick's short benchmarks are then left
 #                                             to full's long ones)
 # Writes JSON, PNG and logs under $OUT (default ./gpu_out) and prints a summary table last.
@@ -15,10 +15,11 @@
 #                       DIR/suite_<stages>.tgz, and the summary copied to DIR (the device tool brings
 #                       back only a few files).
 # Measured on an H100 (2026-11-27): build 56 s, CUDA tests 28 s, bench_kernels ~80 s, bench_cg 15 s,
-# meta-gradient 35 s, Fig. 2b --quick ~75 s, training preset 114 s, head-only 15 s, compiled HVP 72 s:
-# 'quick full' fits SUITE_DEADLINE_S=560 in one call (a machine's start costs 1-2 device minutes more).
-# Full steps run in order of importance (kernels and CG, meta-gradient, Fig. 2b, training preset,
-# head-only, compiled HVP), so a deadline drops the least important.
+# meta-gradient 35 s, Fig. 2b --quick ~75 s, training preset 114 s, head-only 15 s, compiled HVP 72 s
+# (now part of the meta-gradient step, with iMAML-GD's compile_hvp option: expect ~170 s there).
+# 'quick full' should fit SUITE_DEADLINE_S=560 in one call (a machine's start costs 1-2 device
+# minutes more). Full steps run in order of importance (kernels and CG, meta-gradient with the
+# compiled HVP, Fig. 2b, head-only, training preset), so a deadline drops the least important.
 # Omniglot: IMAML_DATA if set, else .cache/gpu_data (an uncommitted copy carried to the machine,
 # made by `make gpu-data`), else the package's embedded subset.
 set -uo pipefail
@@ -100,14 +101,13 @@ elif [ "$stage" = full ]; then
   tiles_gate
   have benchmarks/bench_kernels.py && step bench_kernels 150 "$PY" benchmarks/bench_kernels.py --device cuda --out "$OUT/kernels_cuda.json"
   step bench_cg 60 "$PY" benchmarks/bench_cg.py --device cuda --min-time 0.3 --out "$OUT/cg_cuda.json"
-  have benchmarks/bench_meta_gradient.py && step bench_meta_gradient 100 "$PY" benchmarks/bench_meta_gradient.py --device cuda --settings 5w1s,20w5s --rounds 2 --hvp-repeats 3 --out "$OUT/meta_gradient_cuda.json"
+  # With --compile-hvp: torch.compile's HVP against eager and a gradient, and iMAML-GD with the
+  # training option compile_hvp=True against the default (each compiles once, timed apart).
+  have benchmarks/bench_meta_gradient.py && step bench_meta_gradient 200 "$PY" benchmarks/bench_meta_gradient.py --device cuda --settings 5w1s,20w5s --rounds 2 --hvp-repeats 3 --compile-hvp --out "$OUT/meta_gradient_cuda.json"
   have benchmarks/fig2b_compute_memory.py && step fig2b 150 "$PY" benchmarks/fig2b_compute_memory.py --device cuda --quick --out "$OUT/fig2b_cuda.json"
-  have benchmarks/gpu_train_preset.sh && step train_preset 150 env MAX_TIME="${PRESET_MAX_TIME:-100}" bash benchmarks/gpu_train_preset.sh
   # Head-only (ANIL-style) against full adaptation, timing only, the paper's meta-batch.
   have benchmarks/bench_head_only.py && step head_only 120 "$PY" benchmarks/bench_head_only.py --device cuda --no-train --settings 5w1s:32,20w5s:32 --out "$OUT/head_only_cuda"
-  # torch.compile's conv-net HVP against eager and one gradient (compilation timed apart; the
-  # JSON is written after each setting, so a cut-short run keeps 5-way 1-shot).
-  have benchmarks/bench_meta_gradient.py && step hvp_compiled 240 "$PY" benchmarks/bench_meta_gradient.py --device cuda --hvp-only --compile-hvp --hvp-repeats 5 --out "$OUT/hvp_compiled_cuda.json"
+  have benchmarks/gpu_train_preset.sh && step train_preset 150 env MAX_TIME="${PRESET_MAX_TIME:-80}" bash benchmarks/gpu_train_preset.sh
 fi
 done
 
