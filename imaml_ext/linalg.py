@@ -100,8 +100,12 @@ def _fail(msg: str):
     raise ValueError(f"cg: {msg}")
 
 
-def _flatten(tree, batched: bool, what: str):
-    """Leaves of a pytree -> one (B, P) buffer, with what is needed to undo it."""
+def _flatten(tree, batched: bool, what: str, copy: bool = True):
+    """Leaves of a pytree -> one contiguous (B, P) buffer, with what is needed to undo it.
+
+    copy=False: a single contiguous batched leaf comes back as a view of itself (no copy), for
+    inputs the caller never writes into (b, x0); an operator's output A(v) is copied, since it
+    may alias v or the caller's state."""
     leaves, spec = pytree.tree_flatten(tree)
     if not leaves:
         _fail(f"{what} has no tensors")
@@ -122,8 +126,11 @@ def _flatten(tree, batched: bool, what: str):
                 _fail(f"batched=True: every leaf of {what} must have the batch size {B} of leaf "
                       f"0, leaf {i} has {leaf.shape[0]}")
         shapes = [leaf.shape[1:] for leaf in leaves]
-        flat = torch.cat([leaf.reshape(B, math.prod(s)) for leaf, s in zip(leaves, shapes)],
-                         dim=1)
+        if len(leaves) == 1 and not copy:
+            flat = leaves[0].reshape(B, math.prod(shapes[0])).contiguous()
+        else:
+            flat = torch.cat([leaf.reshape(B, math.prod(s)) for leaf, s in zip(leaves, shapes)],
+                             dim=1)
     else:
         shapes = [leaf.shape for leaf in leaves]
         flat = torch.cat([leaf.reshape(1, -1) for leaf in leaves], dim=1) if len(leaves) > 1 \
@@ -186,16 +193,16 @@ def cg(A: Callable | torch.Tensor | LstsqOperator, b, x0=None, *, max_iter: int 
         _fail(f"rtol must be a finite number >= 0, got {rtol!r}")
     if not (isinstance(atol, (int, float)) and math.isfinite(atol) and atol >= 0):
         _fail(f"atol must be a finite number >= 0, got {atol!r}")
-    bflat, spec, shapes = _flatten(b, batched, "b")
+    bflat, spec, shapes = _flatten(b, batched, "b", copy=False)
     B, P = bflat.shape
     if max_iter is None:
         max_iter = max(10 * P, 1)
     if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
         _fail(f"max_iter must be an int >= 1, got {max_iter!r}")
     if x0 is None:
-        xflat = torch.zeros_like(bflat)
+        xflat = None  # zeros, made after b's scaling below
     else:
-        xflat, xspec, xshapes = _flatten(x0, batched, "x0")
+        xflat, xspec, xshapes = _flatten(x0, batched, "x0", copy=False)
         if xspec != spec or xshapes != shapes:
             _fail(f"x0 must have b's structure and shapes {shapes}, got {xshapes}")
         if xflat.dtype != bflat.dtype or xflat.device != bflat.device:
@@ -206,15 +213,17 @@ def cg(A: Callable | torch.Tensor | LstsqOperator, b, x0=None, *, max_iter: int 
     # Scale each system by a power of two near max|b| (exact in floating point: the iterates are
     # the unscaled ones times that power), so that ||b||^2 can neither underflow to 0 (which
     # would read as converged at x = 0) nor overflow. With atol > 0 the absolute test is kept
-    # as given, unscaled.
+    # as given, unscaled. A zero or non-finite max|b| gets the scale 1 (frexp(0) has exponent
+    # 0; nan_to_num maps NaN/Inf to 0 first). Few small ops: on a GPU each is a launch.
     scale = None
     if atol == 0.0 and B > 0 and P > 0:
-        amax = bflat.detach().abs().amax(dim=1)
-        ok = (amax > 0) & torch.isfinite(amax)
-        scale = torch.where(ok, torch.ldexp(torch.ones_like(amax), torch.frexp(amax)[1]),
-                            torch.ones_like(amax))
+        amax = bflat.detach().abs().amax(dim=1).nan_to_num_(0.0, 0.0, 0.0)
+        scale = torch.ldexp(torch.ones_like(amax), torch.frexp(amax)[1])
         bflat = bflat / scale.unsqueeze(1)
-        xflat = xflat / scale.unsqueeze(1)
+        if xflat is not None:
+            xflat = xflat / scale.unsqueeze(1)
+    if xflat is None:
+        xflat = torch.zeros_like(bflat)
     if B == 0:
         empty = torch.zeros(0, dtype=torch.int32, device=bflat.device)
         return CGResult(_unflatten(xflat.clone(), spec, shapes, batched), empty,

@@ -205,3 +205,25 @@ def test_callable_zero_start_makes_no_initial_product(use_ext):
     assert calls[0] == 5
     assert torch.equal(res.x, ref.x) and torch.equal(res.iterations, ref.iterations)
     assert torch.equal(res.residual_norm, ref.residual_norm)
+
+
+@pytest.mark.parametrize("use_ext", BOTH)
+@pytest.mark.parametrize("atol", [0.0, 1e-9], ids=["scaled", "unscaled"])
+def test_inputs_are_never_written_and_x_is_fresh(use_ext, atol):
+    # b and x0 are read through views where they can be (no copy); no path writes into them,
+    # and the returned x never aliases them.
+    A = random_spd(3, 8)
+    b = torch.randn(3, 8, dtype=torch.float64)
+    x0 = torch.randn(3, 8, dtype=torch.float64)
+    X = torch.randn(3, 5, 8, dtype=torch.float64)
+
+    def mv(v):
+        return torch.bmm(A, v.unsqueeze(-1)).squeeze(-1)
+
+    for op in (A, LstsqOperator(X, 1.0, 0.2), mv):
+        b0, x00 = b.clone(), x0.clone()
+        res = imaml_ext.cg(op, b, x0, batched=True, max_iter=5, atol=atol, use_ext=use_ext)
+        assert torch.equal(b, b0) and torch.equal(x0, x00), type(op)
+        assert res.x.data_ptr() not in (b.data_ptr(), x0.data_ptr())
+        res.x.add_(1.0)  # the caller may write into x
+        assert torch.equal(b, b0) and torch.equal(x0, x00)
