@@ -21,7 +21,10 @@
 # minutes more). Full steps run in order of importance (kernels and CG, meta-gradient with the
 # compiled HVP, Fig. 2b, head-only, training preset), so a deadline drops the least important.
 # Omniglot: IMAML_DATA if set, else .cache/gpu_data (an uncommitted copy carried to the machine,
-# made by `make gpu-data`), else the package's embedded subset.
+# made by `make gpu-data`), else the package's embedded subset. TorchOpt is not in the GPU image:
+# its rows are skipped unless its wheels travel too (2026-11-27: torchopt 0.7.3, optree 0.20.0,
+# graphviz 0.21 for cp312 in an ignored .whl/, installed with pip --target /tmp/site and
+# PYTHONPATH=/tmp/site before this script).
 set -uo pipefail
 stages=("${@:-quick}")
 for s in "${stages[@]}"; do
