@@ -323,6 +323,10 @@ class CapturedCG:
 
         solver = CapturedCG(matvec, b_example, max_iter=5, batched=True)
         x = solver(b).x
+
+    Built without x0, the capture starts every solve from zero with r0 = b and no product A x0
+    (one product fewer; an iMAML solve of 5 steps then makes 5 HVPs, not 6), and a later call
+    cannot pass x0. Built with x0, each call may pass a new x0.
     """
 
     def __init__(self, A: Callable, b, x0=None, *, max_iter: int = 10, rtol: float = 1e-5,
@@ -334,6 +338,7 @@ class CapturedCG:
             _fail(f"max_iter must be an int >= 1, got {max_iter!r}")
         self._batched = batched
         self._b = bflat.clone()
+        self._zero_start = x0 is None
         self._x0 = _flatten(x0, batched, "x0")[0].clone() if x0 is not None \
             else torch.zeros_like(bflat)
         ext = use_ext_for(use_ext, bflat)
@@ -344,7 +349,7 @@ class CapturedCG:
 
         def run():
             return _cg_callable(matvec, self._b, self._x0, spec, shapes, batched, max_iter, rtol,
-                                atol, ext, False)
+                                atol, ext, False, zero_start=self._zero_start)
 
         # Warm up on a side stream (lazy initialisation must not happen during capture).
         stream = torch.cuda.Stream(device=bflat.device)
@@ -364,6 +369,9 @@ class CapturedCG:
                 _fail(f"b must have the captured structure and shapes {self._shapes}, got {shapes}")
             self._b.copy_(bflat)
         if x0 is not None:
+            if self._zero_start:
+                _fail("x0: this solver was captured for a zero start (built without x0, so it "
+                      "makes no product A x0); build it with an x0 to solve from other starts")
             self._x0.copy_(_flatten(x0, self._batched, "x0")[0])
         self.graph.replay()
         return self.result()

@@ -48,6 +48,15 @@ def test_captured_graph_matches_and_does_not_sync():
     torch.testing.assert_close(res.x, want.x)
     assert torch.equal(res.iterations, want.iterations)
     assert res.converged.all()
+    # Captured for a zero start (no A x0 in the graph): a start cannot be given later...
+    with pytest.raises(ValueError, match="x0: this solver was captured for a zero start"):
+        solver(b2, x0=torch.ones_like(b2))
+    # ...but can when the capture had one, and then it is honoured.
+    started = CapturedCG(mv, b, torch.zeros_like(b), max_iter=60, rtol=1e-12, batched=True)
+    x0 = torch.linalg.solve(A, b2)
+    res0 = started(b2, x0=x0)
+    assert (res0.iterations == 0).all()
+    torch.testing.assert_close(res0.x, x0)
 
 
 def test_cg_cuda_graph_flag():
