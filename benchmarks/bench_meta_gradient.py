@@ -624,6 +624,10 @@ def main(argv=None):
     out = Path(args.out) if args.out else RESULTS / (
         f"{stem}_{dev.type}{'_quick' if args.quick else ''}.json")
     runs = []
+
+    def summary(runs):
+        return [ln for r in runs for ln in (_hvp_lines(r) if args.hvp_only else _meta_lines(r))]
+
     for name in (s.strip() for s in args.settings.split(",")):
         ways, shots, queries, steps, M, nb, nm = SETTINGS[name]
         if dev.type == "cpu" and name == "20w5s":
@@ -634,15 +638,12 @@ def main(argv=None):
         runs.append(run_setting(name, spec, args, dev))
         # One JSON per setting done, so a run cut short keeps its numbers.
         write_json(out, {"benchmark": "meta_gradient", "args": vars(args), "settings": runs,
-                         "complete": False, "summary_lines": [
-                             ln for r in runs for ln in
-                             (_hvp_lines(r) if args.hvp_only else _meta_lines(r))]}, dev)
+                         "complete": False, "summary_lines": summary(runs)}, dev)
     env = environment(dev)
     payload = {"benchmark": "meta_gradient", "complete": True, "quick": args.quick,
                "args": vars(args), "settings": runs, "seconds": time.perf_counter() - t0,
                "environment": env}
-    payload["summary_lines"] = [line for r in runs for line in
-                                (_hvp_lines(r) if args.hvp_only else _meta_lines(r))]
+    payload["summary_lines"] = summary(runs)
     write_json(out, payload, dev)
     print()
     print(f"machine: {machine_line(env)}; load average {env.get('load_average')}")

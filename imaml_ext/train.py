@@ -494,6 +494,7 @@ class Trainer:
                 "start_step": self.step, "train_data": self.train_data.source,
                 "train_classes": self.train_data.num_classes})
         self.last_checkpoint: Path | None = None
+        self._warned_curvature = False
 
     def _load_val(self):
         try:
@@ -664,12 +665,13 @@ class Trainer:
         and fell from 67% to 34% in 488 steps of 32 on an H100, while the authors' inner loop
         (--proximal authors) reached 91% in 50 steps of 8."""
         frac = row.get("cg_negative_curvature", 0.0)
-        if getattr(self, "_warned_curvature", False) or not frac > NEGATIVE_CURVATURE_WARN:
+        if self._warned_curvature or not frac > NEGATIVE_CURVATURE_WARN:
             return
         self._warned_curvature = True
         c = self.cfg
         log.warning(
-            "imaml_ext: CG met negative curvature in %.0f%% of the tasks up to step %d: the "
+            "imaml_ext: CG met negative curvature in %.0f%% of the tasks of the log window "
+            "ending at step %d: the "
             "matrix (1 + cg_damping) I + H / cg_lam is indefinite at these inner solutions (the "
             "inner GD has not reached a minimum of G), so those tasks' meta-gradients are CG's "
             "last good iterate, not the implicit gradient, and training tends to stall. The "

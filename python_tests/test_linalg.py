@@ -231,9 +231,9 @@ def test_inputs_are_never_written_and_x_is_fresh(use_ext, atol):
 
 @pytest.mark.parametrize("use_ext", BOTH)
 def test_operator_returning_its_input_or_a_view_of_it(use_ext):
-    # A(v) is used without a copy unless it shares memory with v = p: the identity, a view of v
-    # and a scaled copy all solve correctly (on both step kernels, which read Ap before they
-    # rewrite p).
+    # A(v) is used without a copy, even when it is p itself: the identity, a view of v and a
+    # scaled copy all solve correctly, which holds only while both step kernels read Ap before
+    # they rewrite p.
     b = torch.randn(3, 7, dtype=torch.float64)
     for op, want in ((lambda v: v, b), (lambda v: v.view(3, 7), b), (lambda v: 2.0 * v, b / 2)):
         res = imaml_ext.cg(op, b, batched=True, max_iter=3, use_ext=use_ext)

@@ -178,7 +178,7 @@ def test_negative_curvature_is_logged_and_warned_once(tmp_path, caplog, from_cal
     warned = [r for r in caplog.records if "negative curvature" in r.getMessage()]
     if from_call == 2:
         # Once, at the first window over the threshold, naming the authors' recipe.
-        assert len(warned) == 1 and "up to step 3" in warned[0].getMessage()
+        assert len(warned) == 1 and "window ending at step 3" in warned[0].getMessage()
         assert "--cg-damping 1 --cg-lam 12" in warned[0].getMessage()
     else:
         assert not warned
