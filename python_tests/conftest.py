@@ -1,7 +1,11 @@
-"""Shared fixtures: devices and dtypes of the op tests, and STYLE.md's tolerance rule."""
+"""Shared fixtures: devices and dtypes of the op tests, STYLE.md's tolerance rule, and a loader
+for the benchmark scripts that tests run."""
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +16,19 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not CUDA, reason
 DTYPES = [torch.float32, torch.float64]
 
 DATA_ROOT = os.environ.get("IMAML_DATA")
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def load_benchmark(name: str):
+    """benchmarks/<name>.py as a module (benchmarks/ on sys.path while it imports its helpers)."""
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    return mod
 
 
 @pytest.fixture(scope="module")

@@ -3,25 +3,14 @@ reference, the speedups are the per-round ratios, and the one-pass probe (the pr
 pass over X per iteration that bounds any CG on this operator) is measured in the same rounds."""
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 
-SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_cg.py"
+from conftest import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def bench():
-    sys.path.insert(0, str(SCRIPT.parent))
-    try:
-        spec = importlib.util.spec_from_file_location("bench_cg", SCRIPT)
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-    finally:
-        sys.path.remove(str(SCRIPT.parent))
-    return mod
+    return load_benchmark("bench_cg")
 
 
 def test_rows_and_probe(bench, capsys):

@@ -4,22 +4,14 @@ accurate than MAML at equal finite steps, 2 CG steps leave a terminal error that
 the fused least-squares kernel gives the generic path's numbers."""
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
-SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "fig2a_meta_gradient.py"
+from conftest import load_benchmark
+
 STEPS = (1, 4, 16, 64, 256)
-
-
-def _load():
-    spec = importlib.util.spec_from_file_location("fig2a_meta_gradient", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +19,7 @@ def fig2a():
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        mod = _load()
+        mod = load_benchmark("fig2a_meta_gradient")
         yield mod, mod.compute(STEPS, num_tasks=4)
     finally:
         torch.set_num_threads(n)

@@ -2,19 +2,12 @@
 per CG size with its probe, and per-path bandwidth lines for bench_kernels' rows."""
 from __future__ import annotations
 
-import importlib.util
 import shutil
 from pathlib import Path
 
+from conftest import load_benchmark
+
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _summary():
-    spec = importlib.util.spec_from_file_location("gpu_summary",
-                                                  ROOT / "benchmarks" / "gpu_summary.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def test_summary_lines(tmp_path, capsys):
@@ -22,7 +15,7 @@ def test_summary_lines(tmp_path, capsys):
     for name in ("cg_cpu.json", "kernels_cuda_h100.json"):
         shutil.copy(results / name, tmp_path / name)
     (tmp_path / "broken.json").write_text("{not json")
-    _summary().main(str(tmp_path))
+    load_benchmark("gpu_summary").main(str(tmp_path))
     out = capsys.readouterr().out.splitlines()
     cg = [line for line in out if line.startswith("cg_cpu: lstsq CG")]
     assert len(cg) == 3 and all("X-passes per iteration" in line for line in cg)
