@@ -65,7 +65,7 @@ from common import (RESULTS, environment, fmt_table, machine_line, peak_memory, 
 
 from imaml_ext.algorithms import make_algorithm  # noqa: E402
 from imaml_ext.hvp import ParamSpec, TaskLoss, make_hvp  # noqa: E402
-from imaml_ext.implicit import implicit_meta_gradient  # noqa: E402
+from imaml_ext.implicit import CapturedMetaGradient, implicit_meta_gradient  # noqa: E402
 from imaml_ext.inner import batched_theta, gd  # noqa: E402
 from imaml_ext.models import make_model  # noqa: E402
 from imaml_ext.types import TaskBatch  # noqa: E402
@@ -78,6 +78,9 @@ ONE_FOLD = "imaml-gd-one-fold"
 # With --compile-hvp: iMAML-GD whose CG products are torch.compile's HVP (compile_hvp=True, the
 # training option --compile-hvp), timed against the default iMAML-GD in the same rounds.
 COMPILED = "imaml-gd-compiled-hvp"
+# With --cuda-graph (a GPU): iMAML-GD whose meta-gradient solve is one captured CUDA graph
+# (cuda_graph=True, imaml_ext.implicit.CapturedMetaGradient); its first call captures, timed apart.
+GRAPHED = "imaml-gd-cuda-graph"
 
 # name -> (ways, shots, queries per class, inner GD steps (the paper's), meta-batch,
 #          tasks per round for the per-task peers, tasks for MAML)
@@ -426,6 +429,9 @@ def run_setting(name, spec, args, device):
         if algo == "imaml-gd" and args.compile_hvp:
             ac = make_algorithm(algo, compile_hvp=True, **kw)
             contenders[COMPILED] = (M, lambda ac=ac: ac.meta_gradient(model, params, tasks))
+        if algo == "imaml-gd" and args.cuda_graph:
+            ag = make_algorithm(algo, cuda_graph=True, **kw)
+            contenders[GRAPHED] = (M, lambda ag=ag: ag.meta_gradient(model, params, tasks))
     if "authors-loop" in args.methods:
         fast = make_model("omniglot", ways).to(device)
         loop = AuthorsLoop(fast, lam, steps, lr, cg_steps, lam_damping=cg_lam - lam)
@@ -446,8 +452,15 @@ def run_setting(name, spec, args, device):
         if key == COMPILED:  # its own first call compiles, for the timed shapes
             out["compiled_hvp_first_call_s"] = time_once(contenders[key][1], device)
             continue
+        if key == GRAPHED:  # its own first call captures the solve, for the timed shapes
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", RuntimeWarning)
+                out["cuda_graph_first_call_s"] = time_once(contenders[key][1], device)
+            out["cuda_graph_fallback"] = [str(w.message) for w in caught
+                                          if "cuda_graph" in str(w.message)]
+            continue
         _warm_fn(key, model, params, tasks, contenders[key][0], args, lam, lr, cg_steps)()
-    head = [k for k in ("imaml-gd", COMPILED, ONE_FOLD, "authors-loop", "torchopt")
+    head = [k for k in ("imaml-gd", COMPILED, GRAPHED, ONE_FOLD, "authors-loop", "torchopt")
             if k in contenders]
     rest = [k for k in contenders if k not in head]
     times = {k: [] for k in contenders}
@@ -504,21 +517,33 @@ def run_setting(name, spec, args, device):
             per_round = [a / b for a, b in zip(times["imaml-gd"], times[COMPILED])]
             out["speedup_compiled_hvp"] = {"per_round": per_round,
                                            "median": statistics.median(per_round)}
+        if GRAPHED in res:
+            per_round = [a / b for a, b in zip(times["imaml-gd"], times[GRAPHED])]
+            out["speedup_cuda_graph"] = {"per_round": per_round,
+                                         "median": statistics.median(per_round)}
     if "imaml-gd" in contenders:
         out["imaml_gd_phases"] = imaml_gd_phases(model, params, tasks, device, steps, lam, lr,
-                                                 cg_steps, cg_lam, repeats=args.rounds)
+                                                 cg_steps, cg_lam, repeats=args.rounds,
+                                                 cuda_graph=args.cuda_graph)
         print(f"[{name}] iMAML-GD phases (s): " + ", ".join(
             f"{k} {v['median_s']:.3f}" for k, v in out["imaml_gd_phases"].items()
-            if "median_s" in v), flush=True)
+            if isinstance(v, dict) and "median_s" in v), flush=True)
     out["seconds"] = time.perf_counter() - t0
     return out
 
 
-def imaml_gd_phases(model, params, tasks, device, steps, lam, lr, cg_steps, cg_lam, repeats):
+def imaml_gd_phases(model, params, tasks, device, steps, lam, lr, cg_steps, cg_lam, repeats,
+                    cuda_graph=False):
     """Seconds of each phase of our iMAML-GD meta-gradient, the library's own steps in order
     (what IMAMLGD._per_task runs): the K inner GD steps, the gradient graph at phi_K (shared by
-    the CG's products), the query gradient, and the CG solve with its cg_steps HVPs."""
+    the CG's products), the query gradient, and the CG solve with its cg_steps HVPs.
+
+    cuda_graph: also "captured_build_and_cg", the graph build and the CG solve replayed as one
+    CUDA graph (CapturedMetaGradient, captured before the timed passes), against the two eager
+    phases it replaces, on the same phi and right-hand side; and its largest relative
+    difference from the eager solve."""
     tl = TaskLoss(model)
+    captured = None
     M = tasks.num_tasks
     x, y = tasks.x_support, tasks.y_support
     times = {k: [] for k in ("inner_gd", "graph_build", "query_grad", "cg_with_hvps", "total")}
@@ -533,15 +558,31 @@ def imaml_gd_phases(model, params, tasks, device, steps, lam, lr, cg_steps, cg_l
         t["query_grad"] = time_once(lambda: box.setdefault("q", tl.grad(
             phi, tasks.x_query, tasks.y_query)), device)
         b = ParamSpec.of(phi).flatten(box["q"][0])
-        t["cg_with_hvps"] = time_once(lambda: implicit_meta_gradient(
-            tl, phi, x, y, b, lam=lam, cg_lam=cg_lam, cg_steps=cg_steps, hvp=box["H"]), device)
+        t["cg_with_hvps"] = time_once(lambda: box.setdefault("g", implicit_meta_gradient(
+            tl, phi, x, y, b, lam=lam, cg_lam=cg_lam, cg_steps=cg_steps, hvp=box["H"])), device)
         t["total"] = sum(t.values())
+        if cuda_graph and cg_steps > 0:
+            if captured is None:
+                captured = CapturedMetaGradient(tl, phi, x, y, b, lam=lam, cg_lam=cg_lam,
+                                                cg_steps=cg_steps)
+            t["captured_build_and_cg"] = time_once(
+                lambda: box.setdefault("c", captured(phi, x, y, b)), device)
+            want = box["g"].flat
+            diff = float((box["c"][0].flat - want).norm(dim=1).div(want.norm(dim=1)).max())
+            times.setdefault("captured_build_and_cg", [])
+            times.setdefault("captured_max_rel_diff", [])
+            if rep:
+                times["captured_max_rel_diff"].append(diff)
         for k, v in t.items():
             if rep:
                 times[k].append(v)
+    diffs = times.pop("captured_max_rel_diff", None)
     out = {k: summarize(v) for k, v in times.items()}
     tot = out["total"]["median_s"]
-    out["share_of_total"] = {k: out[k]["median_s"] / tot for k in times if k != "total"}
+    out["share_of_total"] = {k: out[k]["median_s"] / tot for k in times
+                             if k not in ("total", "captured_build_and_cg")}
+    if diffs:
+        out["captured_max_rel_diff"] = max(diffs)
     out["task_chunk"] = {"support": tl.chunk_size(x), "query": tl.chunk_size(tasks.x_query)}
     return out
 
@@ -571,7 +612,7 @@ def _warm_fn(key, model, params, tasks, n, args, lam, lr, cg_steps):
     return lambda: to(params, subset(tasks, 1))
 
 
-def main(argv=None):
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true",
                     help="about a minute: 5-way 1-shot only, meta-batch 8, 4 inner steps, "
@@ -608,14 +649,24 @@ def main(argv=None):
                     help="also time torch.compile's HVP (make_hvp(..., compile=True)) against "
                          "eager and one gradient, and iMAML-GD with compile_hvp=True against "
                          "the default; compilation is timed apart")
+    ap.add_argument("--cuda-graph", action="store_true",
+                    help="(GPU) also time iMAML-GD with cuda_graph=True (its meta-gradient solve "
+                         "one captured CUDA graph) against the default, and that solve's phase")
     ap.add_argument("--hvp-only", action="store_true",
                     help="only the hvp_cost block per setting, no contenders (with "
                          "--compile-hvp: the compiled-HVP report, default --out "
                          "results/hvp_compiled_<device>.json)")
     ap.add_argument("--out", default=None, help="JSON path (default results/meta_gradient_"
                                                 "<device>.json)")
+    return ap
+
+
+def main(argv=None):
+    ap = build_parser()
     args = ap.parse_args(argv)
     dev = pick_device(args.device)
+    if args.cuda_graph and dev.type != "cuda":
+        ap.error(f"--cuda-graph captures CUDA graphs: it needs a GPU, got --device {dev.type}")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.quick:
@@ -699,6 +750,20 @@ def _meta_lines(r) -> list[str]:
         k = max(r["cg_steps"], 1)
         lines.append(f"{head}: CG phase {cg * 1e3:.1f} ms = {cg / (k * one):.2f}x "
                      f"({k} CG steps x one {kind} HVP of {one * 1e3:.1f} ms)")
+    cap = ph.get("captured_build_and_cg", {}).get("median_s")
+    build = ph.get("graph_build", {}).get("median_s")
+    if cap and cg and build and one:
+        k = max(r["cg_steps"], 1)
+        lines.append(f"{head}: graph build + CG as one CUDA graph {cap * 1e3:.1f} ms against "
+                     f"{(build + cg) * 1e3:.1f} ms eager ({(build + cg) / cap:.2f}x); = "
+                     f"{cap / (build + k * one):.2f}x (the build + {k} eager HVPs); max rel. "
+                     f"diff from eager {ph.get('captured_max_rel_diff', float('nan')):.1e}")
+    if "speedup_cuda_graph" in r:
+        fb = r.get("cuda_graph_fallback")
+        lines.append(f"{head}: iMAML-GD with cuda_graph=True "
+                     f"{r['speedup_cuda_graph']['median']:.2f}x the default's tasks/s (first "
+                     f"call, capturing: {r['cuda_graph_first_call_s']:.2f} s)"
+                     + (f"; CAPTURE FAILED, ran eagerly: {fb[0]}" if fb else ""))
     return lines
 
 

@@ -16,7 +16,8 @@
 #                       back only a few files).
 # Measured on an H100 (2026-11-27): build 56 s, CUDA tests 28 s, bench_kernels ~80 s, bench_cg 15 s,
 # meta-gradient 35 s, Fig. 2b --quick ~75 s, training preset 114 s, head-only 15 s, compiled HVP 72 s
-# (now part of the meta-gradient step, with iMAML-GD's compile_hvp option: expect ~170 s there).
+# (now part of the meta-gradient step, with iMAML-GD's compile_hvp and cuda_graph options: expect
+# ~180 s there).
 # 'quick full' should fit SUITE_DEADLINE_S=560 in one call (a machine's start costs 1-2 device
 # minutes more). Full steps run in order of importance (kernels and CG, meta-gradient with the
 # compiled HVP, Fig. 2b, head-only, training preset), so a deadline drops the least important.
@@ -106,7 +107,9 @@ elif [ "$stage" = full ]; then
   step bench_cg 60 "$PY" benchmarks/bench_cg.py --device cuda --min-time 0.3 --out "$OUT/cg_cuda.json"
   # With --compile-hvp: torch.compile's HVP against eager and a gradient, and iMAML-GD with the
   # training option compile_hvp=True against the default (each compiles once, timed apart).
-  have benchmarks/bench_meta_gradient.py && step bench_meta_gradient 200 "$PY" benchmarks/bench_meta_gradient.py --device cuda --settings 5w1s,20w5s --rounds 2 --hvp-repeats 3 --compile-hvp --out "$OUT/meta_gradient_cuda.json"
+  # With --cuda-graph: iMAML-GD with cuda_graph=True (the meta-gradient solve replayed as one
+  # CUDA graph) against the default, and the captured solve against its eager phases.
+  have benchmarks/bench_meta_gradient.py && step bench_meta_gradient 220 "$PY" benchmarks/bench_meta_gradient.py --device cuda --settings 5w1s,20w5s --rounds 2 --hvp-repeats 3 --compile-hvp --cuda-graph --out "$OUT/meta_gradient_cuda.json"
   have benchmarks/fig2b_compute_memory.py && step fig2b 150 "$PY" benchmarks/fig2b_compute_memory.py --device cuda --quick --out "$OUT/fig2b_cuda.json"
   # Head-only (ANIL-style) against full adaptation, timing only, the paper's meta-batch.
   have benchmarks/bench_head_only.py && step head_only 120 "$PY" benchmarks/bench_head_only.py --device cuda --no-train --settings 5w1s:32,20w5s:32 --out "$OUT/head_only_cuda"

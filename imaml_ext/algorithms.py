@@ -37,6 +37,7 @@ on_nonfinite="raise" raises FloatingPointError instead, naming the tasks.
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Mapping
 
@@ -47,7 +48,8 @@ from imaml_ext import reference
 from imaml_ext.head_only import (ADAPT, HEAD_HVP, HeadModel, head_adapt, head_evaluate, head_gd,
                                  head_hessian_free, head_meta_gradient)
 from imaml_ext.hvp import HVP_KINDS, LOSSES, ParamSpec, Params, TaskLoss, make_hvp
-from imaml_ext.implicit import implicit_meta_gradient, implicit_meta_gradient_lstsq
+from imaml_ext.implicit import (CapturedMetaGradient, implicit_meta_gradient,
+                                implicit_meta_gradient_lstsq)
 from imaml_ext.inner import PROXIMAL, batched_theta, gd, hessian_free, train_loss
 from imaml_ext.types import TaskBatch
 
@@ -80,6 +82,7 @@ class AlgorithmConfig:
     backend: str = "auto"
     adapt: str = "all"
     compile_hvp: bool = False
+    cuda_graph: bool = False
 
 
 def make_algorithm(name: str, *, loss: str | Callable = "cross_entropy", lam: float = 2.0,
@@ -88,7 +91,8 @@ def make_algorithm(name: str, *, loss: str | Callable = "cross_entropy", lam: fl
                    hvp: str = "exact", proximal: str = "paper", regularized: bool | None = None,
                    use_ext: bool | None = None, on_nonfinite: str = "skip",
                    cg_rtol: float = 1e-10, backend: str = "auto",
-                   adapt: str = "all", compile_hvp: bool = False) -> "MetaAlgorithm":
+                   adapt: str = "all", compile_hvp: bool = False,
+                   cuda_graph: bool = False) -> "MetaAlgorithm":
     """Builds one of ALGORITHMS.
 
     Args:
@@ -126,6 +130,12 @@ def make_algorithm(name: str, *, loss: str | Callable = "cross_entropy", lam: fl
             again for new shapes). Measured on an H100 (Omniglot conv net, meta-batch 32): 3.8x
             (5-way 1-shot) and 1.9x (20-way 5-shot) faster per CG product than the default;
             on the 2-core CPU 0.6-0.7x, so off by default. iMAML-HF's Newton steps keep "exact".
+        cuda_graph: imaml-gd / imaml-hf on a GPU, adapt="all", hvp other than "lstsq": the
+            meta-gradient's solve (the HVP's set-up at phi and the cg_steps CG iterations) runs
+            as one CUDA graph, captured on the first meta-step and replayed after (again when
+            the meta-batch's shapes change): imaml_ext.implicit.CapturedMetaGradient. Needs
+            CUDA tensors (ValueError otherwise). If the capture fails, a RuntimeWarning says why
+            and the solve runs eagerly from then on. Off by default until timed on a GPU.
 
     Raises:
         ValueError naming the argument.
@@ -178,6 +188,15 @@ def make_algorithm(name: str, *, loss: str | Callable = "cross_entropy", lam: fl
                          "HVP: it needs name 'imaml-gd' or 'imaml-hf', adapt='all' and hvp "
                          f"'exact' or 'forward_over_reverse', got name={name!r}, "
                          f"adapt={adapt!r}, hvp={hvp!r}")
+    if not isinstance(cuda_graph, bool):
+        raise ValueError(f"cuda_graph must be a bool, got {cuda_graph!r}")
+    if cuda_graph and (name not in ("imaml-gd", "imaml-hf") or adapt != "all" or hvp == "lstsq"
+                       or compile_hvp):
+        raise ValueError("cuda_graph=True captures the full network's meta-gradient solve: it "
+                         "needs name 'imaml-gd' or 'imaml-hf', adapt='all', an hvp other than "
+                         "'lstsq' (whose whole solve is one op already) and compile_hvp=False, got "
+                         f"name={name!r}, adapt={adapt!r}, hvp={hvp!r}, "
+                         f"compile_hvp={compile_hvp!r}")
     if regularized is None:
         regularized = name.startswith("imaml")
     elif not regularized and name.startswith("imaml"):
@@ -189,7 +208,7 @@ def make_algorithm(name: str, *, loss: str | Callable = "cross_entropy", lam: fl
                           hf_cg_steps=hf_cg_steps, hvp=hvp, proximal=proximal,
                           regularized=bool(regularized), use_ext=use_ext,
                           on_nonfinite=on_nonfinite, cg_rtol=float(cg_rtol), backend=backend,
-                          adapt=adapt, compile_hvp=compile_hvp)
+                          adapt=adapt, compile_hvp=compile_hvp, cuda_graph=cuda_graph)
     return _CLASSES[name](cfg)
 
 
@@ -271,6 +290,8 @@ class MetaAlgorithm:
         self.config = config
         self._tl_cache: tuple[nn.Module, TaskLoss] | None = None
         self._hm_cache: tuple[nn.Module, HeadModel] | None = None
+        self._graph: CapturedMetaGradient | None = None  # cuda_graph=True: the last capture
+        self._graph_failed = False
 
     @property
     def name(self) -> str:
@@ -416,39 +437,70 @@ class IMAMLGD(MetaAlgorithm):
     def _implicit(self, tl, inner, t, spec):
         c = self.config
         phi = inner.params
-        H = None
-        if c.cg_steps > 0 and c.hvp != "lstsq":
-            H = make_hvp(tl, phi, t.x_support, t.y_support, c.hvp, compile=c.compile_hvp)
         finite = inner.finite
-        if inner.loss is None:
-            inner_loss = H.value_and_grad()[0] if H is not None and \
-                H.kind == "double_backward" else train_loss(tl, phi, t.x_support, t.y_support)
-            finite = finite & torch.isfinite(inner_loss)
-        else:
-            inner_loss = inner.loss
         loss_first = inner.metrics["loss_first"]
-        metrics = {"inner_loss": inner_loss,
-                   "inner_loss_before": inner_loss if loss_first is None else loss_first}
+        metrics = {"inner_loss": inner.loss, "inner_loss_before": loss_first}
         metrics.update({k: v for k, v in inner.metrics.items() if k.startswith("hf_")})
         gq, lq = self._query(tl, phi, t, metrics, with_grad=True)
-        bspec = ParamSpec.of(phi)
-        b = bspec.flatten(gq)
+        b = ParamSpec.of(phi).flatten(gq)
+        losses = None  # L_train at phi, from the double-backward product's graph
         if c.hvp == "lstsq":
             X = _lstsq_inputs(tl, t.x_support)
             x, res = implicit_meta_gradient_lstsq(X, b, lam=c.lam, cg_steps=c.cg_steps,
                                                   damping=c.cg_damping, cg_lam=c.cg_lam,
                                                   rtol=c.cg_rtol, use_ext=c.use_ext)
         else:
-            out = implicit_meta_gradient(tl, phi, t.x_support, t.y_support, b, lam=c.lam,
-                                         cg_steps=c.cg_steps, damping=c.cg_damping,
-                                         cg_lam=c.cg_lam, hvp=c.hvp if H is None else H,
-                                         rtol=c.cg_rtol, use_ext=c.use_ext)
+            solver = self._graph_solver(tl, phi, t, b) if c.cuda_graph and c.cg_steps > 0 \
+                else None
+            if solver is not None:
+                out, losses = solver(phi, t.x_support, t.y_support, b)
+            else:
+                H = None
+                if c.cg_steps > 0:
+                    H = make_hvp(tl, phi, t.x_support, t.y_support, c.hvp,
+                                 compile=c.compile_hvp)
+                    if H.kind == "double_backward":
+                        losses = H.value_and_grad()[0]
+                out = implicit_meta_gradient(tl, phi, t.x_support, t.y_support, b, lam=c.lam,
+                                             cg_steps=c.cg_steps, damping=c.cg_damping,
+                                             cg_lam=c.cg_lam, hvp=c.hvp if H is None else H,
+                                             rtol=c.cg_rtol, use_ext=c.use_ext)
             x, res = out.flat, out.cg
+        if inner.loss is None:
+            inner_loss = losses if losses is not None else \
+                train_loss(tl, phi, t.x_support, t.y_support)
+            finite = finite & torch.isfinite(inner_loss)
+            metrics["inner_loss"] = inner_loss
+        if loss_first is None:
+            metrics["inner_loss_before"] = metrics["inner_loss"]
         metrics["cg_residual"] = res.residual_norm
         metrics["cg_iterations"] = res.iterations
         metrics["cg_status"] = res.status
         metrics["cg_negative_curvature"] = res.status == reference.NEGATIVE_CURVATURE
         return x, finite & torch.isfinite(lq), metrics
+
+    def _graph_solver(self, tl, phi, t, b) -> CapturedMetaGradient | None:
+        """cuda_graph=True: the capture for these shapes (made on first use), or None after a
+        failed capture (then the solve runs eagerly)."""
+        if self._graph_failed:
+            return None
+        g = self._graph
+        if g is not None and g.matches(tl, phi, t.x_support, t.y_support, b):
+            return g
+        self._graph = None  # the old capture's memory goes back before the new one is made
+        c = self.config
+        try:
+            self._graph = CapturedMetaGradient(
+                tl, phi, t.x_support, t.y_support, b, lam=c.lam, cg_steps=c.cg_steps,
+                damping=c.cg_damping, cg_lam=c.cg_lam, hvp=c.hvp, rtol=c.cg_rtol,
+                use_ext=c.use_ext)
+        except RuntimeError as exc:
+            self._graph_failed = True
+            warnings.warn(f"{self.name}: cuda_graph=True: capturing the meta-gradient solve "
+                          f"failed ({type(exc).__name__}: {str(exc)[:300]}); the solve runs "
+                          "eagerly from now on", RuntimeWarning, stacklevel=3)
+            return None
+        return self._graph
 
 
 def _lstsq_inputs(tl: TaskLoss, x: torch.Tensor) -> torch.Tensor:

@@ -101,6 +101,7 @@ class TrainConfig:
     adapt: str = "all"
     use_ext: bool | None = None
     compile_hvp: bool = False
+    cuda_graph: bool = False
     # Meta-optimisation
     steps: int = 30000
     meta_batch: int | None = None
@@ -148,7 +149,8 @@ class TrainConfig:
                 "inner_lr": self.inner_lr, "cg_steps": self.cg_steps,
                 "cg_damping": self.cg_damping, "cg_lam": self.cg_lam,
                 "hf_cg_steps": self.hf_cg_steps, "hvp": self.hvp, "proximal": self.proximal,
-                "adapt": self.adapt, "use_ext": self.use_ext, "compile_hvp": self.compile_hvp}
+                "adapt": self.adapt, "use_ext": self.use_ext, "compile_hvp": self.compile_hvp,
+                "cuda_graph": self.cuda_graph}
 
     def save(self, path: str | Path, extra: dict[str, Any] | None = None) -> None:
         data = {"config": self.to_dict(), **(extra or {})}
@@ -211,6 +213,12 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
         raise UsageError(f"--compile-hvp compiles the full network's HVP for imaml-gd / "
                          f"imaml-hf with --adapt all and --hvp exact, got --algo {out.algo} "
                          f"--adapt {out.adapt} --hvp {out.hvp}")
+    if out.cuda_graph and (out.algo not in HEAD_ALGORITHMS or out.adapt != "all"
+                           or out.compile_hvp or not str(out.device).startswith("cuda")):
+        raise UsageError(f"--cuda-graph captures the meta-gradient solve of imaml-gd / imaml-hf "
+                         f"with --adapt all on a GPU, without --compile-hvp; got --algo "
+                         f"{out.algo} --adapt {out.adapt} --device {out.device}"
+                         f"{' --compile-hvp' if out.compile_hvp else ''}")
     if ds == "miniimagenet" and out.protocol != "background":
         raise UsageError("--protocol applies to omniglot only")
     return out

@@ -25,7 +25,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from imaml_ext import reference
-from imaml_ext.hvp import BatchedHVP, ParamSpec, Params, TaskLoss, make_hvp
+from imaml_ext.hvp import HVP_KINDS, BatchedHVP, ParamSpec, Params, TaskLoss, make_hvp
 from imaml_ext.linalg import CGResult, LstsqOperator, cg
 
 
@@ -121,6 +121,123 @@ def implicit_meta_gradient(task_loss: TaskLoss, phi: Mapping[str, torch.Tensor],
     res = cg(matvec, b, max_iter=cg_steps, rtol=rtol, atol=atol, batched=True, use_ext=use_ext)
     x = _keep_good(res.x, b, res)
     return ImplicitGradient(spec.unflatten(x), x, res)
+
+
+class CapturedMetaGradient:
+    """`implicit_meta_gradient` on a GPU as one CUDA graph, for a training loop's fixed shapes.
+
+    The capture records everything the solve launches: the HVP's set-up at phi (for the
+    double-backward product, the forward and the create_graph backward whose graph the products
+    reuse) and cg_steps iterations of (HVP, fused CG step), on static copies of phi, the support
+    set and rhs. A call copies its arguments into them and replays the graph: one launch for the
+    whole solve, with no per-kernel launch or Python overhead and no host synchronisation. The
+    math is implicit_meta_gradient's own (the capture runs it), so results match the eager solve
+    up to float rounding.
+
+        solver = CapturedMetaGradient(task_loss, phi, x, y, rhs, lam=2.0, cg_steps=5)
+        out, train_losses = solver(phi, x, y, rhs)   # any phi, x, y, rhs of the same shapes
+
+    Args:
+        task_loss, phi, x_train, y_train, rhs: as implicit_meta_gradient, on one CUDA device;
+            their shapes and dtypes are fixed by the capture (`matches` tells).
+        lam, cg_steps (>= 1), damping, cg_lam, rtol, atol, use_ext: as implicit_meta_gradient.
+        hvp: the product's kind name ("exact", "double_backward", "forward_over_reverse",
+            "ggn"); it is built inside the graph at each replay's phi.
+        warmup: eager runs on a side stream before the capture (lazy initialisation, cuDNN and
+            cuBLAS workspaces must not happen while capturing).
+
+    Returns (from a call): (ImplicitGradient, (M,) training losses at phi when the product is
+    the double-backward one (its graph has them), else None); all fresh tensors, not the graph's
+    buffers.
+
+    Raises:
+        ValueError for non-CUDA tensors or arguments implicit_meta_gradient refuses; RuntimeError
+        from CUDA when the capture fails (an operation that synchronises with the host, say).
+    """
+
+    def __init__(self, task_loss: TaskLoss, phi: Mapping[str, torch.Tensor],
+                 x_train: torch.Tensor, y_train: torch.Tensor,
+                 rhs: Mapping[str, torch.Tensor] | torch.Tensor, *, lam: float,
+                 cg_steps: int = 5, damping: float = 0.0, cg_lam: float | None = None,
+                 hvp: str = "exact", rtol: float = 1e-10, atol: float = 0.0,
+                 use_ext: bool | None = None, warmup: int = 2):
+        _check_matrix_args(lam, cg_steps, damping, cg_lam)
+        if cg_steps < 1:
+            raise ValueError("cg_steps must be >= 1 for a captured solve (0 is no solve), got 0")
+        if not isinstance(hvp, str) or hvp not in HVP_KINDS:
+            raise ValueError(f"hvp must be one of {HVP_KINDS} (the product is built inside the "
+                             f"graph), got {hvp!r}")
+        self.spec = ParamSpec.of(phi)
+        b = self._flat_rhs(rhs)
+        for name, t in (("phi", next(iter(phi.values()))), ("x_train", x_train),
+                        ("y_train", y_train)):
+            if t.device != b.device:
+                raise ValueError(f"CapturedMetaGradient needs every tensor on rhs's device "
+                                 f"{b.device}; {name} is on {t.device}")
+        self.task_loss = task_loss
+        self._phi = {k: t.detach().clone() for k, t in phi.items()}
+        self._x, self._y, self._b = x_train.detach().clone(), y_train.detach().clone(), b.clone()
+        kw = dict(lam=lam, cg_steps=cg_steps, damping=damping, cg_lam=cg_lam, rtol=rtol,
+                  atol=atol, use_ext=use_ext)
+
+        def run():
+            H = make_hvp(task_loss, self._phi, self._x, self._y, hvp)
+            losses = H.value_and_grad()[0] if H.kind == "double_backward" else None
+            out = implicit_meta_gradient(task_loss, self._phi, self._x, self._y, self._b,
+                                         hvp=H, **kw)
+            return out, losses
+
+        self._replay, self._out = _capture_graph(run, b.device, warmup)
+
+    def _flat_rhs(self, rhs) -> torch.Tensor:
+        b = rhs if isinstance(rhs, torch.Tensor) else self.spec.flatten(rhs, "rhs")
+        return b.detach()
+
+    def matches(self, task_loss: TaskLoss, phi: Mapping[str, torch.Tensor],
+                x_train: torch.Tensor, y_train: torch.Tensor, rhs) -> bool:
+        """Whether a call with these arguments can replay this capture."""
+        def same(a, b):
+            return a.shape == b.shape and a.dtype == b.dtype and a.device == b.device
+        return (task_loss is self.task_loss and set(phi) == set(self._phi)
+                and all(same(phi[k], self._phi[k]) for k in self._phi)
+                and same(x_train, self._x) and same(y_train, self._y)
+                and same(self._flat_rhs(rhs), self._b))
+
+    def __call__(self, phi: Mapping[str, torch.Tensor], x_train: torch.Tensor,
+                 y_train: torch.Tensor, rhs) -> tuple[ImplicitGradient, torch.Tensor | None]:
+        if not self.matches(self.task_loss, phi, x_train, y_train, rhs):
+            raise ValueError("phi, x_train, y_train and rhs must have the captured shapes, dtypes "
+                             f"and device (x_train {tuple(self._x.shape)}, rhs "
+                             f"{tuple(self._b.shape)}, {self._b.dtype}, {self._b.device}); got "
+                             f"x_train {tuple(x_train.shape)}: capture a new solver")
+        for k, t in self._phi.items():
+            t.copy_(phi[k])
+        self._x.copy_(x_train)
+        self._y.copy_(y_train)
+        self._b.copy_(self._flat_rhs(rhs))
+        self._replay()
+        out, losses = self._out
+        flat = out.flat.clone()
+        res = CGResult(out.cg.x.clone(), out.cg.iterations.clone(), out.cg.residual_norm.clone(),
+                       out.cg.status.clone())
+        return (ImplicitGradient(self.spec.unflatten(flat), flat, res),
+                None if losses is None else losses.clone())
+
+
+def _capture_graph(run: Callable, device: torch.device, warmup: int):
+    """Captures run() as a CUDA graph: (replay, run's outputs as the graph's static tensors)."""
+    if device.type != "cuda":
+        raise ValueError(f"CapturedMetaGradient needs CUDA tensors, got {device}")
+    stream = torch.cuda.Stream(device=device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        for _ in range(max(int(warmup), 1)):
+            run()
+    torch.cuda.current_stream(device).wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = run()
+    return graph.replay, out
 
 
 def implicit_meta_gradient_lstsq(X: torch.Tensor, rhs: torch.Tensor, *, lam: float,

@@ -68,6 +68,19 @@ def test_bad_values_and_unknown_options(capsys, tmp_path):
     assert_clean_error(code, err, "--compile-hvp", "--algo maml")
 
 
+def test_cuda_graph_flag(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "train", "--cuda-graph", "--out", str(tmp_path / "r"))
+    assert_clean_error(code, err, "--cuda-graph", "--device cpu")
+    code, _, err = run_cli(capsys, "train", "--cuda-graph", "--device", "cuda", "--algo", "maml",
+                           "--out", str(tmp_path / "r"))
+    assert_clean_error(code, err, "--cuda-graph", "--algo maml")
+    ns = cli.build_parser().parse_args(["train", "--cuda-graph", "--device", "cuda"])
+    cfg, _ = cli._config_from_args(ns)
+    assert cfg.cuda_graph is True and cfg.algorithm_kwargs()["cuda_graph"] is True
+    cfg, _ = cli._config_from_args(cli.build_parser().parse_args(["train"]))
+    assert cfg.cuda_graph is False and cfg.algorithm_kwargs()["cuda_graph"] is False
+
+
 def test_compile_hvp_flag_reaches_the_algorithm():
     ns = cli.build_parser().parse_args(["train", "--compile-hvp"])
     cfg, _ = cli._config_from_args(ns)

@@ -1,0 +1,232 @@
+"""CapturedMetaGradient and make_algorithm(cuda_graph=True): iMAML's meta-gradient solve (the
+HVP's set-up at phi and its CG) recorded once as a CUDA graph and replayed.
+
+On the CPU the capture itself cannot run; there an eager stand-in for `_capture_graph` (it reruns
+the recorded function and copies the results into the first run's output tensors, as a replay
+rewrites a graph's static outputs) checks everything around it: that each call's phi, support
+set and right-hand side reach the solve, that results come back as fresh tensors, that the
+algorithm reuses one capture per shape, captures anew when shapes change, and falls back to the
+eager solve when a capture fails. The CUDA tests replay a real graph."""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from imaml_ext import implicit
+from imaml_ext.algorithms import make_algorithm
+from imaml_ext.hvp import ParamSpec, TaskLoss, make_hvp
+from imaml_ext.implicit import CapturedMetaGradient, implicit_meta_gradient
+from imaml_ext.inner import batched_theta
+from imaml_ext.models import ConvNet
+from imaml_ext.types import TaskBatch
+
+DT = torch.float64
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+
+
+def setup(M=3, ways=3, shots=2, seed=0, device="cpu", dtype=DT):
+    torch.manual_seed(seed)
+    model = ConvNet(1, ways, hidden=4, image_size=16).to(device=device, dtype=dtype)
+    params = {k: v.detach().clone() for k, v in model.named_parameters()}
+    return model, params, tasks_for(M, ways, shots, seed, device, dtype)
+
+
+def tasks_for(M, ways, shots, seed, device="cpu", dtype=DT):
+    g = torch.Generator().manual_seed(100 + seed)
+    n = ways * shots
+    return TaskBatch(torch.randn(M, n, 1, 16, 16, generator=g, dtype=dtype),
+                     torch.randint(0, ways, (M, n), generator=g),
+                     torch.randn(M, n, 1, 16, 16, generator=g, dtype=dtype),
+                     torch.randint(0, ways, (M, n), generator=g)).to(device)
+
+
+def point(params, tasks, seed):
+    """phi (params moved per task) and a right-hand side b, both depending on seed."""
+    g = torch.Generator().manual_seed(seed)
+    phi = {k: (v + 0.1 * torch.randn(v.shape, generator=g, dtype=v.dtype).to(v.device))
+           for k, v in batched_theta(params, tasks.num_tasks).items()}
+    P = ParamSpec.of(phi).numel
+    b = torch.randn(tasks.num_tasks, P, generator=g, dtype=next(iter(params.values())).dtype)
+    return phi, b.to(next(iter(params.values())).device)
+
+
+def eager_stand_in(calls: list):
+    """_capture_graph without CUDA: replay reruns `run` and copies into the first outputs."""
+    def capture(run, device, warmup):
+        calls.append(device)
+        out = run()
+
+        def replay():
+            new = run()
+            (g, losses), (g2, losses2) = out, new
+            for a, b in ((g.flat, g2.flat), (g.cg.x, g2.cg.x), (g.cg.iterations, g2.cg.iterations),
+                         (g.cg.residual_norm, g2.cg.residual_norm), (g.cg.status, g2.cg.status)):
+                a.copy_(b)
+            if losses is not None:
+                losses.copy_(losses2)
+        return replay, out
+    return capture
+
+
+def eager_solve(tl, phi, tasks, b, **kw):
+    H = make_hvp(tl, phi, tasks.x_support, tasks.y_support, "exact")
+    out = implicit_meta_gradient(tl, phi, tasks.x_support, tasks.y_support, b, hvp=H, **kw)
+    return out, H.value_and_grad()[0]
+
+
+KW = dict(lam=2.0, cg_steps=4, damping=1.0, cg_lam=12.0)
+
+
+def test_each_call_solves_for_its_own_inputs(monkeypatch):
+    calls = []
+    monkeypatch.setattr(implicit, "_capture_graph", eager_stand_in(calls))
+    model, params, tasks = setup()
+    tl = TaskLoss(model)
+    phi1, b1 = point(params, tasks, 1)
+    solver = CapturedMetaGradient(tl, phi1, tasks.x_support, tasks.y_support, b1, **KW)
+    tasks2 = tasks_for(3, 3, 2, seed=7)
+    phi2, b2 = point(params, tasks2, 2)
+    got, losses = solver(phi2, tasks2.x_support, tasks2.y_support, b2)
+    want, want_losses = eager_solve(tl, phi2, tasks2, b2, **KW)
+    first, _ = eager_solve(tl, phi1, tasks, b1, **KW)
+    assert not torch.allclose(want.flat, first.flat, rtol=1e-3)  # the inputs matter
+    torch.testing.assert_close(got.flat, want.flat, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(got.grad["head.weight"], want.grad["head.weight"])
+    torch.testing.assert_close(losses, want_losses)
+    assert torch.equal(got.cg.iterations, want.cg.iterations)
+    assert torch.equal(got.cg.status, want.cg.status)
+    # Fresh tensors: the next replay does not rewrite what an earlier call returned.
+    kept = got.flat.clone()
+    again, _ = solver(phi1, tasks.x_support, tasks.y_support, b1)
+    torch.testing.assert_close(again.flat, first.flat, rtol=1e-12, atol=1e-14)
+    assert torch.equal(got.flat, kept)
+    assert len(calls) == 1
+
+
+def test_argument_errors(monkeypatch):
+    model, params, tasks = setup()
+    tl = TaskLoss(model)
+    phi, b = point(params, tasks, 1)
+    args = (tl, phi, tasks.x_support, tasks.y_support, b)
+    with pytest.raises(ValueError, match="needs CUDA tensors, got cpu"):
+        CapturedMetaGradient(*args, **KW)
+    with pytest.raises(ValueError, match="cg_steps must be >= 1"):
+        CapturedMetaGradient(*args, lam=2.0, cg_steps=0)
+    with pytest.raises(ValueError, match="hvp must be one of"):
+        CapturedMetaGradient(*args, lam=2.0, hvp=make_hvp(tl, phi, tasks.x_support,
+                                                          tasks.y_support))
+    with pytest.raises(ValueError, match="lam must be"):
+        CapturedMetaGradient(*args, lam=0.0)
+    monkeypatch.setattr(implicit, "_capture_graph", eager_stand_in([]))
+    solver = CapturedMetaGradient(*args, **KW)
+    small = tasks_for(2, 3, 2, seed=3)
+    phi2, b2 = point(params, small, 2)
+    assert not solver.matches(tl, phi2, small.x_support, small.y_support, b2)
+    with pytest.raises(ValueError, match="captured shapes"):
+        solver(phi2, small.x_support, small.y_support, b2)
+    assert not solver.matches(TaskLoss(model), *args[1:])
+    assert solver.matches(*args)
+
+
+@pytest.mark.parametrize("name", ["imaml-gd", "imaml-hf"])
+def test_algorithm_reuses_one_capture_per_shape(name, monkeypatch):
+    calls = []
+    monkeypatch.setattr(implicit, "_capture_graph", eager_stand_in(calls))
+    model, params, tasks = setup()
+    kw = dict(inner_steps=2, inner_lr=0.1, cg_steps=3)
+    graphed, plain = make_algorithm(name, cuda_graph=True, **kw), make_algorithm(name, **kw)
+    for t in (tasks, tasks_for(3, 3, 2, seed=5), tasks_for(2, 3, 2, seed=6)):
+        g1, m1 = graphed.meta_gradient(model, params, t)
+        g2, m2 = plain.meta_gradient(model, params, t)
+        for k in g2:
+            torch.testing.assert_close(g1[k], g2[k], rtol=1e-10, atol=1e-12)
+        for k in ("inner_loss", "inner_loss_before", "query_loss", "cg_residual"):
+            torch.testing.assert_close(m1[k], m2[k], rtol=1e-10, atol=1e-12)
+        assert torch.equal(m1["cg_iterations"], m2["cg_iterations"])
+    assert len(calls) == 2  # M = 3 twice (one capture), then M = 2 (a new one)
+
+
+def test_algorithm_solves_eagerly_after_a_failed_capture(monkeypatch):
+    calls = []
+
+    def failing(run, device, warmup):
+        calls.append(device)
+        raise RuntimeError("operation not permitted when stream is capturing")
+    monkeypatch.setattr(implicit, "_capture_graph", failing)
+    model, params, tasks = setup()
+    kw = dict(inner_steps=2, inner_lr=0.1, cg_steps=3)
+    graphed, plain = make_algorithm("imaml-gd", cuda_graph=True, **kw), \
+        make_algorithm("imaml-gd", **kw)
+    with pytest.warns(RuntimeWarning, match="capturing the meta-gradient solve failed .*"
+                                            "not permitted.*runs eagerly"):
+        g1, _ = graphed.meta_gradient(model, params, tasks)
+    g2, _ = plain.meta_gradient(model, params, tasks)
+    for k in g2:
+        torch.testing.assert_close(g1[k], g2[k], rtol=0, atol=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        graphed.meta_gradient(model, params, tasks)
+    assert len(calls) == 1
+
+
+def test_algorithm_errors():
+    model, params, tasks = setup()
+    with pytest.raises(ValueError, match="cuda_graph=True needs CUDA tensors|needs CUDA tensors"):
+        make_algorithm("imaml-gd", cuda_graph=True, inner_steps=1).meta_gradient(
+            model, params, tasks)
+    for kw in (dict(name="maml"), dict(adapt="head"), dict(hvp="lstsq"),
+               dict(compile_hvp=True)):
+        with pytest.raises(ValueError, match="cuda_graph=True captures"):
+            make_algorithm(**{"name": "imaml-gd", **kw}, cuda_graph=True)
+    with pytest.raises(ValueError, match="cuda_graph must be a bool"):
+        make_algorithm("imaml-gd", cuda_graph=1)
+    # cg_steps=0 has no solve to capture: the option is then a no-op.
+    g, m = make_algorithm("imaml-gd", cuda_graph=True, cg_steps=0, inner_steps=1) \
+        .meta_gradient(model, params, tasks)
+    assert (m["cg_iterations"] == 0).all()
+
+
+# ---- on a GPU: a real capture ------------------------------------------------------------------
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_cuda_replay_matches_the_eager_solve_without_host_sync(dtype):
+    model, params, tasks = setup(device="cuda", dtype=dtype)
+    tl = TaskLoss(model)
+    phi1, b1 = point(params, tasks, 1)
+    solver = CapturedMetaGradient(tl, phi1, tasks.x_support, tasks.y_support, b1, **KW)
+    tasks2 = tasks_for(3, 3, 2, seed=7, device="cuda", dtype=dtype)
+    phi2, b2 = point(params, tasks2, 2)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        got, losses = solver(phi2, tasks2.x_support, tasks2.y_support, b2)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    want, want_losses = eager_solve(tl, phi2, tasks2, b2, **KW)
+    tol = dict(rtol=1e-10, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got.flat, want.flat, **tol)
+    torch.testing.assert_close(losses, want_losses, **tol)
+    assert torch.equal(got.cg.iterations, want.cg.iterations)
+    first, _ = eager_solve(tl, phi1, tasks, b1, **KW)
+    again, _ = solver(phi1, tasks.x_support, tasks.y_support, b1)
+    torch.testing.assert_close(again.flat, first.flat, **tol)
+
+
+@cuda
+def test_cuda_algorithm_with_cuda_graph_matches_the_default():
+    model, params, tasks = setup(device="cuda")
+    kw = dict(inner_steps=2, inner_lr=0.1, cg_steps=3)
+    graphed, plain = make_algorithm("imaml-gd", cuda_graph=True, **kw), \
+        make_algorithm("imaml-gd", **kw)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # the capture must not fall back
+        for t in (tasks, tasks_for(3, 3, 2, seed=5, device="cuda")):
+            g1, m1 = graphed.meta_gradient(model, params, t)
+            g2, m2 = plain.meta_gradient(model, params, t)
+            for k in g2:
+                torch.testing.assert_close(g1[k], g2[k], rtol=1e-10, atol=1e-12)
+            torch.testing.assert_close(m1["inner_loss"], m2["inner_loss"])
+    assert graphed._graph is not None
