@@ -9,7 +9,8 @@ torch.utils.benchmark.Timer.blocked_autorange (which synchronises CUDA). float32
 Also reported: the achieved bandwidth of the least-squares product and CG (bytes of X read per
 product x products / time) against a copy's bandwidth measured in the same run, and each HVP's
 cost relative to one gradient of the same loss (torch.func, vmapped). On CUDA the least-squares
-rows also time the opt-in register-tiled product (IMAML_CUDA_XTXV=tiles) beside the default.
+rows also time the opt-in register-tiled product (IMAML_CUDA_XTXV=tiles) and the opt-in CG step
+in the product kernel's epilogue (IMAML_CUDA_CG_STEP=epilogue) beside the default.
 
     python benchmarks/bench_kernels.py [--device cpu|cuda] [--quick] [--out results.json]
 """
@@ -112,6 +113,7 @@ def copy_bandwidth(device: str) -> float:
 # The CUDA least-squares product that holds rows in registers (xtxv_tiles_kernel), opt-in through
 # IMAML_CUDA_XTXV=tiles until these rows show it beating the default kernel.
 TILES = "imaml_ext register tiles"
+STEP_EPILOGUE = "imaml_ext multi-launch, step epilogue"
 # gpu_suite.sh sets IMAML_BENCH_TILES=0 when the kernel's CUDA test failed in the same run: a
 # faulting kernel would end this process (a CUDA error poisons its context) and every row with it.
 TILES_SKIPPED = ("skipped: IMAML_BENCH_TILES=0 (the register-tiled kernel failed its CUDA test "
@@ -558,11 +560,20 @@ def bench_cg(device, quick, min_run_time, bandwidth):
                   lambda: ops.cg_solve_lstsq(X, b, zeros(b), 1.0, scale, ITERS, 0.0, 0.0,
                                              use_ext=True)[0])
         if device == "cuda":
+            solve = (lambda: ops.cg_solve_lstsq(X, b, zeros(b), 1.0, scale, ITERS, 0.0, 0.0,
+                                                use_ext=True)[0])
             with env("IMAML_CG_FUSED", "0"), env("IMAML_CUDA_XTXV", "tiles"):
-                run_contenders(row, {"imaml_ext multi-launch, " + TILES: (
-                    lambda: ops.cg_solve_lstsq(X, b, zeros(b), 1.0, scale, ITERS, 0.0, 0.0,
-                                               use_ext=True)[0]) if tiles_on() else TILES_SKIPPED},
-                    truth, device, min_run_time)
+                run_contenders(row, {"imaml_ext multi-launch, " + TILES:
+                                     solve if tiles_on() else TILES_SKIPPED},
+                               truth, device, min_run_time)
+            # The opt-in one launch per iteration (IMAML_CUDA_CG_STEP=epilogue: the CG step in
+            # the product kernel's last block per system), with either product kernel.
+            with env("IMAML_CG_FUSED", "0"), env("IMAML_CUDA_CG_STEP", "epilogue"):
+                run_contenders(row, {STEP_EPILOGUE: solve}, truth, device, min_run_time)
+                with env("IMAML_CUDA_XTXV", "tiles"):
+                    run_contenders(row, {STEP_EPILOGUE + ", " + TILES:
+                                         solve if tiles_on() else TILES_SKIPPED},
+                                   truth, device, min_run_time)
         row["bytes_read_per_iteration"] = X.numel() * X.element_size()
         add_bandwidth(row, bandwidth, row["bytes_read_per_iteration"] * ITERS)
         rows.append(row)
@@ -625,7 +636,7 @@ def add_bandwidth(row, bandwidth, bytes_per_call):
     """Bytes of the operator's data read per call / time, against the copy."""
     row["achieved_GBps"] = {}
     for name in ("imaml_ext", "imaml_ext single-launch", "imaml_ext multi-launch", TILES,
-                 "imaml_ext multi-launch, " + TILES):
+                 "imaml_ext multi-launch, " + TILES, STEP_EPILOGUE, STEP_EPILOGUE + ", " + TILES):
         t = row["times_s"].get(name)
         if t:
             gbps = bytes_per_call / t / 1e9

@@ -157,15 +157,17 @@ def check_lstsq_apply(X, X64, v64, dtype):
 
 @needs_ext
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("step", ["separate", "epilogue"])
 @pytest.mark.parametrize("kernel", ["rows", "tiles"])
-def test_cuda_lstsq_product_kernels(kernel, dtype, monkeypatch):
+def test_cuda_lstsq_product_kernels(kernel, step, dtype, monkeypatch):
     # IMAML_CUDA_XTXV selects the CUDA least-squares product: "tiles" (rows held in registers,
     # read once) where it applies, else the row kernel. Shapes cover 1, 2 and 4 column groups per
     # thread in both dtypes, row counts that leave a partial tile, blocks that stride over several
     # tiles (n = 5000), d too wide for the register kernel (float64 d = 4000), an unaligned X (the
     # scalar kernel), and the multi-launch solver with zero and nonzero starts (its mask skips
-    # systems).
+    # systems). IMAML_CUDA_CG_STEP=epilogue runs that solver's CG step in the product kernel.
     monkeypatch.setenv("IMAML_CUDA_XTXV", kernel)
+    monkeypatch.setenv("IMAML_CUDA_CG_STEP", step)
     monkeypatch.setenv("IMAML_CG_FUSED", "0")
     for B, n, d in ((1, 1, 4), (3, 37, 1000), (2, 5, 2000), (1, 300, 4000), (2, 7, 36),
                     (1, 5000, 1000)):
@@ -193,6 +195,28 @@ def test_cuda_lstsq_product_kernels(kernel, dtype, monkeypatch):
     second = ops.lstsq_apply(X, v, 0.0, 1.0, use_ext=True)
     tol = 1e-12 if dtype == torch.float64 else 1e-5
     assert ((second - first).norm() <= tol * first.norm()).item()
+
+
+@needs_ext
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("kernel", ["rows", "tiles"])
+def test_cuda_lstsq_step_epilogue_stops_each_system(kernel, monkeypatch):
+    # The CG step as the product's epilogue (IMAML_CUDA_CG_STEP=epilogue), systems converging
+    # after different iteration counts: each stops on its own, with the reference's iteration
+    # count, status and residual (float64, so the counts are exact).
+    monkeypatch.setenv("IMAML_CUDA_XTXV", kernel)
+    monkeypatch.setenv("IMAML_CG_FUSED", "0")
+    monkeypatch.setenv("IMAML_CUDA_CG_STEP", "epilogue")
+    X, b = lstsq_problem(4, 60, 400, torch.float64, "cuda", seed=3)
+    X = X * torch.tensor([0.1, 1.0, 3.0, 10.0], dtype=X.dtype, device="cuda").view(4, 1, 1)
+    b[2] = 0.0  # converged before the first iteration
+    args = (torch.zeros_like(b), 1.0, 1.0 / 60, 200, 1e-9, 0.0)
+    got = ops.cg_solve_lstsq(X, b, *args, use_ext=True)
+    want = ops.cg_solve_lstsq(X, b, *args, use_ext=False)
+    assert torch.equal(got[1], want[1]) and torch.equal(got[3], want[3])
+    assert len(set(got[1].tolist())) >= 3 and (got[3] == 1).all()
+    torch.testing.assert_close(got[0], want[0], rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(got[2], want[2], rtol=1e-6, atol=1e-14)
 
 
 @pytest.mark.parametrize("use_ext", BOTH)

@@ -207,13 +207,17 @@ __global__ void dense_matvec_kernel(const scalar_t* __restrict__ A, const scalar
 // the last block of system b to finish writes out[b] and zeroes acc[b] (last_block_epilogue).
 // Sync points: after zeroing, twice per sub-tile, in the epilogue. acc (B, d) and counter (B,)
 // are zero on entry and on exit. Dynamic shared memory: d + kWarpsPerBlock + 4 acc_t (the 4:
-// ptxas may widen the unrolled reads of t past its end).
-template <typename scalar_t, typename acc_t, bool kVec>
+// ptxas may widen the unrolled reads of t past its end). With kStep (v = cg.p, status =
+// cg.status), the last block of system b then runs b's CG step on out[b] (block_cg_step): the
+// whole iteration in this one launch. v is only read before that step rewrites p, by then in
+// the last block alone (every other block of b has finished).
+template <typename scalar_t, typename acc_t, bool kVec, bool kStep>
 __global__ void __launch_bounds__(kBlockSize)
-    xtxv_kernel(const scalar_t* __restrict__ X, const scalar_t* __restrict__ v,
+    xtxv_kernel(const scalar_t* __restrict__ X, const scalar_t* v,
                 scalar_t* __restrict__ out, acc_t* __restrict__ acc,
-                unsigned int* __restrict__ counter, const int32_t* __restrict__ status, int64_t n,
-                int64_t d, int64_t rows_per_block, double shift, double scale) {
+                unsigned int* __restrict__ counter, const int32_t* status, int64_t n,
+                int64_t d, int64_t rows_per_block, double shift, double scale,
+                cuda::CgStepArgs<scalar_t> cg) {
   extern __shared__ __align__(16) unsigned char xtxv_smem[];
   acc_t* sacc = reinterpret_cast<acc_t*>(xtxv_smem);
   acc_t* t = sacc + d;
@@ -239,9 +243,12 @@ __global__ void __launch_bounds__(kBlockSize)
   acc_t* accb = acc + b * d;
   for (int64_t j = threadIdx.x; j < d; j += kBlockSize) atomicAdd(accb + j, sacc[j]);
   scalar_t* ob = out + b * d;
-  cuda::last_block_epilogue(accb, counter + b, gridDim.x, d, [&](int64_t j, acc_t a) {
+  [[maybe_unused]] const bool last = cuda::last_block_epilogue(accb, counter + b, gridDim.x, d, [&](int64_t j, acc_t a) {
     ob[j] = static_cast<scalar_t>(lstsq_combine<acc_t>(static_cast<acc_t>(vb[j]), a, shift, scale));
   });
+  if constexpr (kStep) {
+    if (last) cuda::block_cg_step<scalar_t, acc_t>(cg, b, ob, d);
+  }
 }
 
 // The same product with each row of X read from memory once and never re-read (opt-in until
@@ -256,12 +263,14 @@ __global__ void __launch_bounds__(kBlockSize)
 // 16-byte vector atomics on sm_90), and the last block of a system writes out[b]
 // (last_block_epilogue). R x G = 16 vectors of X per thread (64 registers). Requires 16-byte
 // access (can_vec16) and d / L <= G kBlockSize.
-template <typename scalar_t, typename acc_t, int G>
+// kStep: as in xtxv_kernel, the last block of a system runs its CG step.
+template <typename scalar_t, typename acc_t, int G, bool kStep>
 __global__ void __launch_bounds__(kBlockSize, 2)
-    xtxv_tiles_kernel(const scalar_t* __restrict__ X, const scalar_t* __restrict__ v,
+    xtxv_tiles_kernel(const scalar_t* __restrict__ X, const scalar_t* v,
                       scalar_t* __restrict__ out, acc_t* __restrict__ acc,
-                      unsigned int* __restrict__ counter, const int32_t* __restrict__ status,
-                      int64_t n, int64_t d, double shift, double scale) {
+                      unsigned int* __restrict__ counter, const int32_t* status,
+                      int64_t n, int64_t d, double shift, double scale,
+                      cuda::CgStepArgs<scalar_t> cg) {
   using Vec = cuda::Vec16<scalar_t>;
   using vec_t = typename Vec::type;
   constexpr int L = Vec::kN;
@@ -343,9 +352,12 @@ __global__ void __launch_bounds__(kBlockSize, 2)
   }
   scalar_t* ob = out + b * d;
   const scalar_t* vb = v + b * d;
-  cuda::last_block_epilogue(accb, counter + b, gridDim.x, d, [&](int64_t j, acc_t a) {
+  [[maybe_unused]] const bool last = cuda::last_block_epilogue(accb, counter + b, gridDim.x, d, [&](int64_t j, acc_t a) {
     ob[j] = static_cast<scalar_t>(lstsq_combine<acc_t>(static_cast<acc_t>(vb[j]), a, shift, scale));
   });
+  if constexpr (kStep) {
+    if (last) cuda::block_cg_step<scalar_t, acc_t>(cg, b, ob, d);
+  }
 }
 
 // Whether LstsqApply should use xtxv_tiles_kernel where it applies: IMAML_CUDA_XTXV=tiles
@@ -354,6 +366,14 @@ __global__ void __launch_bounds__(kBlockSize, 2)
 inline bool xtxv_tiles_requested() {
   const char* e = std::getenv("IMAML_CUDA_XTXV");
   return e != nullptr && std::strcmp(e, "tiles") == 0;
+}
+
+// Whether the multi-launch least-squares loop runs each CG step as its product kernel's
+// epilogue (one launch per iteration instead of four): IMAML_CUDA_CG_STEP=epilogue. Off by
+// default until timed on a GPU (bench_kernels' "step epilogue" rows) and tested there.
+inline bool step_epilogue_requested() {
+  const char* e = std::getenv("IMAML_CUDA_CG_STEP");
+  return e != nullptr && std::strcmp(e, "epilogue") == 0;
 }
 
 struct DenseApply {
@@ -385,11 +405,46 @@ struct LstsqApply {
     counter = at::zeros({B}, X.options().dtype(at::kInt));
   }
   void operator()(const at::Tensor& v, at::Tensor& out, const int32_t* status) const {
+    run(v, out, status, nullptr);
+  }
+
+  // One CG iteration: A p into Ap and the step, in the product's launch with
+  // IMAML_CUDA_CG_STEP=epilogue (where the product is a kernel of ours), else as two ops.
+  void iterate(const at::Tensor& p, at::Tensor& Ap, const at::Tensor& x, const at::Tensor& r,
+               const at::Tensor& rs, const at::Tensor& bnorm2, const at::Tensor& status,
+               const at::Tensor& iters, double rtol, double atol) const {
+    const auto* st = static_cast<const int32_t*>(status.data_ptr());
+    const bool stepped = step_epilogue_requested()
+                             ? run(p, Ap, st, &status, {&x, &r, &rs, &bnorm2, &iters}, rtol, atol)
+                             : run(p, Ap, st, nullptr);
+    if (!stepped) cuda::launch_cg_step(x, r, p, Ap, rs, bnorm2, status, iters, rtol, atol);
+  }
+
+ private:
+  struct StepTensors {
+    const at::Tensor *x, *r, *rs, *bnorm2, *iters;
+  };
+
+  // Queues out = A v. With `step_status` (the CG's status, whose data `status` is), the kernels
+  // also run the CG step in their epilogue and this returns true; it returns false, having
+  // queued only the product, where the product is not one of our kernels (then the caller
+  // queues the step).
+  bool run(const at::Tensor& v, at::Tensor& out, const int32_t* status,
+           const at::Tensor* step_status, StepTensors st = {}, double rtol = 0.0,
+           double atol = 0.0) const {
     const int64_t B = X.size(0), n = X.size(1), d = X.size(2);
-    if (B == 0 || d == 0) return;
+    if (B == 0 || d == 0) return false;
     auto stream = at::cuda::getCurrentCUDAStream();
+    bool stepped = false;
     AT_DISPATCH_FLOATING_TYPES(v.scalar_type(), "lstsq_apply_cuda", [&] {
       using acc_t = at::opmath_type<scalar_t>;
+      cuda::CgStepArgs<scalar_t> cg{};
+      if (step_status != nullptr) {
+        cg = {st.x->data_ptr<scalar_t>(), st.r->data_ptr<scalar_t>(),
+              v.data_ptr<scalar_t>(), st.rs->data_ptr<scalar_t>(),
+              st.bnorm2->data_ptr<scalar_t>(), step_status->data_ptr<int32_t>(),
+              st.iters->data_ptr<int32_t>(), rtol, atol};
+      }
       const size_t smem = static_cast<size_t>(d + kWarpsPerBlock + 4) * sizeof(acc_t);
       if (smem > cuda::max_dynamic_smem() || n == 0) {
         // d too large for the column sums in shared memory: two batched products (two passes
@@ -400,6 +455,7 @@ struct LstsqApply {
         out.copy_(at::add(at::mul(v, shift), xtxv, scale));
         return;
       }
+      stepped = step_status != nullptr;
       if (xtxv_tiles_requested() && cuda::can_vec16<scalar_t>(X.data_ptr(), v.data_ptr(), d)) {
         const int64_t nv = d / cuda::Vec16<scalar_t>::kN;
         const int G = nv <= kBlockSize ? 1 : nv <= 2 * kBlockSize ? 2 : nv <= 4 * kBlockSize ? 4 : 0;
@@ -412,15 +468,18 @@ struct LstsqApply {
             kernel<<<grid, kBlockSize, 0, stream>>>(
                 X.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
                 acc.data_ptr<acc_t>(), reinterpret_cast<unsigned int*>(counter.data_ptr<int32_t>()),
-                status, n, d, shift, scale);
+                status, n, d, shift, scale, cg);
             C10_CUDA_KERNEL_LAUNCH_CHECK();
           };
           if (G == 1)
-            launch(xtxv_tiles_kernel<scalar_t, acc_t, 1>);
+            stepped ? launch(xtxv_tiles_kernel<scalar_t, acc_t, 1, true>)
+                    : launch(xtxv_tiles_kernel<scalar_t, acc_t, 1, false>);
           else if (G == 2)
-            launch(xtxv_tiles_kernel<scalar_t, acc_t, 2>);
+            stepped ? launch(xtxv_tiles_kernel<scalar_t, acc_t, 2, true>)
+                    : launch(xtxv_tiles_kernel<scalar_t, acc_t, 2, false>);
           else
-            launch(xtxv_tiles_kernel<scalar_t, acc_t, 4>);
+            stepped ? launch(xtxv_tiles_kernel<scalar_t, acc_t, 4, true>)
+                    : launch(xtxv_tiles_kernel<scalar_t, acc_t, 4, false>);
           return;
         }
       }
@@ -433,14 +492,18 @@ struct LstsqApply {
         kernel<<<grid, kBlockSize, smem, stream>>>(
             X.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
             acc.data_ptr<acc_t>(), reinterpret_cast<unsigned int*>(counter.data_ptr<int32_t>()),
-            status, n, d, rows_per_block, shift, scale);
+            status, n, d, rows_per_block, shift, scale, cg);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       };
-      if (cuda::can_vec16<scalar_t>(X.data_ptr(), v.data_ptr(), d))
-        launch(xtxv_kernel<scalar_t, acc_t, true>);
+      const bool vec = cuda::can_vec16<scalar_t>(X.data_ptr(), v.data_ptr(), d);
+      if (stepped)
+        vec ? launch(xtxv_kernel<scalar_t, acc_t, true, true>)
+            : launch(xtxv_kernel<scalar_t, acc_t, false, true>);
       else
-        launch(xtxv_kernel<scalar_t, acc_t, false>);
+        vec ? launch(xtxv_kernel<scalar_t, acc_t, true, false>)
+            : launch(xtxv_kernel<scalar_t, acc_t, false, false>);
     });
+    return stepped;
   }
 };
 

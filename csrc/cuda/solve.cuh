@@ -20,6 +20,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <type_traits>
 
 #include "../cg_math.h"
 #include "../ops.h"
@@ -39,6 +40,13 @@ void launch_cg_step(const at::Tensor& x, const at::Tensor& r, const at::Tensor& 
 // (operator, three CG launches). `apply(v, out, status)` queues out = A v, skipping systems whose
 // status is not running when status is not null. No value returns to the host until the caller
 // reads the result.
+// Whether an operator runs whole iterations itself: apply.iterate(p, Ap, x, r, rs, bnorm2,
+// status, iters, rtol, atol) queues A p and the CG step (e.g. the step as the product's epilogue).
+template <typename T, typename = void>
+struct has_iterate : std::false_type {};
+template <typename T>
+struct has_iterate<T, std::void_t<decltype(&T::iterate)>> : std::true_type {};
+
 template <typename Apply>
 SolveResult solve_cuda(const Apply& apply, const at::Tensor& b_in, const at::Tensor& x0,
                        int64_t max_iter, double rtol, double atol) {
@@ -67,8 +75,12 @@ SolveResult solve_cuda(const Apply& apply, const at::Tensor& b_in, const at::Ten
   auto iters = at::zeros({B}, b.options().dtype(at::kInt));
   const int32_t* status_ptr = static_cast<const int32_t*>(status.data_ptr());
   for (int64_t k = 0; k < max_iter; ++k) {
-    apply(p, Ap, status_ptr);
-    launch_cg_step(x, r, p, Ap, rs, bnorm2, status, iters, rtol, atol);
+    if constexpr (has_iterate<Apply>::value) {
+      apply.iterate(p, Ap, x, r, rs, bnorm2, status, iters, rtol, atol);
+    } else {
+      apply(p, Ap, status_ptr);
+      launch_cg_step(x, r, p, Ap, rs, bnorm2, status, iters, rtol, atol);
+    }
   }
   return {x, iters, rs.sqrt(), status};
 }
@@ -203,18 +215,75 @@ __device__ __forceinline__ double atomic_take(double* p) {
 // entry (leaving acc zeroed for the next product) and calls store(j, acc_j). So the product's
 // epilogue needs no second launch and the accumulator no memset. The counter (0 on entry) is
 // reset for the next launch. Every thread of the block must call it, after its atomics.
+// Returns whether this block was the last (the same in every thread of the block).
 template <typename acc_t, typename Store>
-__device__ void last_block_epilogue(acc_t* acc, unsigned int* counter, unsigned int nblocks,
+__device__ bool last_block_epilogue(acc_t* acc, unsigned int* counter, unsigned int nblocks,
                                     int64_t P, Store store) {
   __shared__ bool is_last;
   __threadfence();  // this thread's atomics are visible device-wide before the block counts
   __syncthreads();
   if (threadIdx.x == 0) is_last = atomicAdd(counter, 1u) == nblocks - 1;
   __syncthreads();
-  if (!is_last) return;
+  if (!is_last) return false;
   __threadfence();
   for (int64_t j = threadIdx.x; j < P; j += kBlockSize) store(j, atomic_take(acc + j));
   if (threadIdx.x == 0) *counter = 0u;
+  return true;
+}
+
+// ---- the CG step as a product kernel's epilogue ------------------------------------------------
+
+// What one system's CG step reads and writes, for a product kernel whose last block per system
+// (last_block_epilogue) also runs that system's step (block_cg_step): one launch per iteration
+// instead of the product's and cg_step's four. All (B, P) or (B,), contiguous.
+template <typename scalar_t>
+struct CgStepArgs {
+  scalar_t* x;
+  scalar_t* r;
+  scalar_t* p;
+  scalar_t* rs;
+  const scalar_t* bnorm2;
+  int32_t* status;
+  int32_t* iters;
+  double rtol, atol;
+};
+
+// One CG iteration of system b by one block, given its product ap = A p (written by this block's
+// threads with the stride j = threadIdx.x + k kBlockSize used here, so each thread reads back its
+// own writes), with the three cg_step kernels' decisions (cg_math.h). status[b] is kRunning on
+// entry (the product kernels return at once for stopped systems). Every thread of the block
+// calls it: its branches depend on block_sum results, the same in every thread. The block's
+// own reads of p in the product are over: every other block of system b finished before this,
+// the last one, started its epilogue.
+template <typename scalar_t, typename acc_t>
+__device__ void block_cg_step(CgStepArgs<scalar_t> cg, int64_t b, const scalar_t* ap,
+                              int64_t P) {
+  scalar_t* x = cg.x + b * P;
+  scalar_t* r = cg.r + b * P;
+  scalar_t* p = cg.p + b * P;
+  acc_t pap = 0;
+  for (int64_t j = threadIdx.x; j < P; j += kBlockSize)
+    pap += static_cast<acc_t>(p[j]) * static_cast<acc_t>(ap[j]);
+  int32_t st = kRunning;
+  const acc_t rs_old = static_cast<acc_t>(cg.rs[b]);
+  const acc_t alpha = cg_alpha<acc_t>(rs_old, block_sum(pap), &st);
+  if (st != kRunning) {
+    if (threadIdx.x == 0) cg.status[b] = st;
+    return;
+  }
+  acc_t rr = 0;
+  for (int64_t j = threadIdx.x; j < P; j += kBlockSize)
+    rr += cg_update_xr<scalar_t, acc_t>(x + j, r + j, p[j], ap[j], alpha);
+  const acc_t rs_new = block_sum(rr);
+  const acc_t tol2 = cg_tol2<acc_t>(static_cast<acc_t>(cg.bnorm2[b]), cg.rtol, cg.atol);
+  const acc_t beta = cg_beta<acc_t>(rs_new, rs_old, tol2, &st);
+  if (st == kRunning)
+    for (int64_t j = threadIdx.x; j < P; j += kBlockSize) cg_update_p<scalar_t, acc_t>(p + j, r[j], beta);
+  if (threadIdx.x == 0) {
+    cg.rs[b] = static_cast<scalar_t>(rs_new);
+    cg.iters[b] += 1;
+    cg.status[b] = st;
+  }
 }
 
 // ---- the single-launch loop: one block of kBlockSize threads per system --------------------
