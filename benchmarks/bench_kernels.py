@@ -114,14 +114,14 @@ def copy_bandwidth(device: str) -> float:
 # IMAML_CUDA_XTXV=tiles until these rows show it beating the default kernel.
 TILES = "imaml_ext register tiles"
 STEP_EPILOGUE = "imaml_ext multi-launch, step epilogue"
-# gpu_suite.sh sets IMAML_BENCH_TILES=0 when the kernel's CUDA test failed in the same run: a
-# faulting kernel would end this process (a CUDA error poisons its context) and every row with it.
-TILES_SKIPPED = ("skipped: IMAML_BENCH_TILES=0 (the register-tiled kernel failed its CUDA test "
-                 "in this run)")
-
-
-def tiles_on() -> bool:
-    return os.environ.get("IMAML_BENCH_TILES", "1") != "0"
+# gpu_suite.sh sets IMAML_BENCH_TILES=0 (IMAML_BENCH_STEP_EPILOGUE=0, ..._TILES=0) when the
+# opt-in path's CUDA tests failed in the same run: a faulting kernel would end this process (a
+# CUDA error poisons its context) and every row with it.
+def gated(var: str, fn):
+    """fn, or the reason its row is skipped when gpu_suite.sh's gate `var` is 0."""
+    if os.environ.get(var, "1") != "0":
+        return fn
+    return f"skipped: {var}=0 (this opt-in path failed its CUDA tests in this run)"
 
 
 def rel_err(x: torch.Tensor, truth: torch.Tensor) -> float:
@@ -249,10 +249,8 @@ def bench_hvps(device, quick, min_run_time, bandwidth):
         }, truth, device, min_run_time)
         if device == "cuda":
             with env("IMAML_CUDA_XTXV", "tiles"):
-                run_contenders(row, {TILES: (lambda: ops.lstsq_apply(X, v, 0.0, 1.0 / n,
-                                                                     use_ext=True))
-                                     if tiles_on() else TILES_SKIPPED},
-                               truth, device, min_run_time)
+                run_contenders(row, {TILES: gated("IMAML_BENCH_TILES", lambda: ops.lstsq_apply(
+                    X, v, 0.0, 1.0 / n, use_ext=True))}, truth, device, min_run_time)
         t_grad = median_s(lambda: func_lstsq_grad(X, y, w), device, min_run_time)
         hvp_vs_grad(row, t_grad)
         row["bytes_read"] = X.numel() * X.element_size()
@@ -564,15 +562,16 @@ def bench_cg(device, quick, min_run_time, bandwidth):
                                                 use_ext=True)[0])
             with env("IMAML_CG_FUSED", "0"), env("IMAML_CUDA_XTXV", "tiles"):
                 run_contenders(row, {"imaml_ext multi-launch, " + TILES:
-                                     solve if tiles_on() else TILES_SKIPPED},
+                                     gated("IMAML_BENCH_TILES", solve)},
                                truth, device, min_run_time)
             # The opt-in one launch per iteration (IMAML_CUDA_CG_STEP=epilogue: the CG step in
             # the product kernel's last block per system), with either product kernel.
             with env("IMAML_CG_FUSED", "0"), env("IMAML_CUDA_CG_STEP", "epilogue"):
-                run_contenders(row, {STEP_EPILOGUE: solve}, truth, device, min_run_time)
+                run_contenders(row, {STEP_EPILOGUE: gated("IMAML_BENCH_STEP_EPILOGUE", solve)},
+                               truth, device, min_run_time)
                 with env("IMAML_CUDA_XTXV", "tiles"):
                     run_contenders(row, {STEP_EPILOGUE + ", " + TILES:
-                                         solve if tiles_on() else TILES_SKIPPED},
+                                         gated("IMAML_BENCH_STEP_EPILOGUE_TILES", solve)},
                                    truth, device, min_run_time)
         row["bytes_read_per_iteration"] = X.numel() * X.element_size()
         add_bandwidth(row, bandwidth, row["bytes_read_per_iteration"] * ITERS)

@@ -67,22 +67,33 @@ step() {  # step NAME TIMEOUT_S COMMAND... : runs, logs to $OUT/NAME.log, record
 
 have() { [ -f "$1" ]; }
 
-# The opt-in register-tiled CUDA product (IMAML_CUDA_XTXV=tiles) is benchmarked only when its test
-# passed in this run: a faulting kernel would end bench_kernels' process and every row with it.
-tiles_gate() {
-  if "$PY" - "$OUT/tests_cuda.xml" <<'EOF'
+# The opt-in CUDA paths (the register-tiled product, IMAML_CUDA_XTXV=tiles; the CG step in the
+# product's epilogue, IMAML_CUDA_CG_STEP=epilogue; and the two together) are benchmarked only
+# when their CUDA tests passed in this run: a faulting kernel would end bench_kernels' process
+# and every row with it. A gate reads the tests whose names hold every word of its first list
+# and none of its second.
+gate() {  # gate VAR "WORDS..." "EXCLUDED..." DESCRIPTION
+  if "$PY" - "$OUT/tests_cuda.xml" "$2" "$3" <<'EOF'
 import sys, xml.etree.ElementTree as ET
+want, avoid = sys.argv[2].split(), sys.argv[3].split()
 try:
-    cases = [c for c in ET.parse(sys.argv[1]).iter("testcase") if "tiles" in c.get("name", "")]
+    cases = [c for c in ET.parse(sys.argv[1]).iter("testcase")
+             if all(w in c.get("name", "") for w in want)
+             and not any(w in c.get("name", "") for w in avoid)]
 except (OSError, ET.ParseError):
     sys.exit(1)
 ran = [c for c in cases if c.find("skipped") is None]
 bad = [c for c in ran if c.find("failure") is not None or c.find("error") is not None]
 sys.exit(1 if bad or not ran else 0)
 EOF
-  then export IMAML_BENCH_TILES=1
-  else export IMAML_BENCH_TILES=0; echo "register-tiled kernel: its CUDA test failed or did not run; its benchmark rows are skipped"
+  then export "$1=1"
+  else export "$1=0"; echo "$4: its CUDA tests failed or did not run; its benchmark rows are skipped"
   fi
+}
+tiles_gate() {
+  gate IMAML_BENCH_TILES "tiles" "epilogue" "register-tiled product"
+  gate IMAML_BENCH_STEP_EPILOGUE "epilogue" "tiles" "CG step epilogue"
+  gate IMAML_BENCH_STEP_EPILOGUE_TILES "epilogue tiles" "" "CG step epilogue with register tiles"
 }
 
 run_full=0; for s in "${stages[@]}"; do [ "$s" = full ] && run_full=1; done
