@@ -20,7 +20,8 @@
 # ~180 s there).
 # 'quick full' should fit SUITE_DEADLINE_S=560 in one call (a machine's start costs 1-2 device
 # minutes more). Full steps run in order of importance (kernels and CG, meta-gradient with the
-# compiled HVP, Fig. 2b, head-only, training preset), so a deadline drops the least important.
+# compiled HVP and the CUDA graph, training preset, head-only, Fig. 2b: the last two measured on
+# an H100 already), so a deadline drops the least important.
 # Omniglot: IMAML_DATA if set, else .cache/gpu_data (an uncommitted copy carried to the machine,
 # made by `make gpu-data`), else the package's embedded subset. TorchOpt is not in the GPU image:
 # its rows are skipped unless its wheels travel too (2026-11-27: torchopt 0.7.3, optree 0.20.0,
@@ -121,10 +122,12 @@ elif [ "$stage" = full ]; then
   # With --cuda-graph: iMAML-GD with cuda_graph=True (the meta-gradient solve replayed as one
   # CUDA graph) against the default, and the captured solve against its eager phases.
   have benchmarks/bench_meta_gradient.py && step bench_meta_gradient 220 "$PY" benchmarks/bench_meta_gradient.py --device cuda --settings 5w1s,20w5s --rounds 2 --hvp-repeats 3 --compile-hvp --cuda-graph --out "$OUT/meta_gradient_cuda.json"
-  have benchmarks/fig2b_compute_memory.py && step fig2b 150 "$PY" benchmarks/fig2b_compute_memory.py --device cuda --quick --out "$OUT/fig2b_cuda.json"
+  have benchmarks/gpu_train_preset.sh && step train_preset 150 env MAX_TIME="${PRESET_MAX_TIME:-80}" bash benchmarks/gpu_train_preset.sh
   # Head-only (ANIL-style) against full adaptation, timing only, the paper's meta-batch.
   have benchmarks/bench_head_only.py && step head_only 120 "$PY" benchmarks/bench_head_only.py --device cuda --no-train --settings 5w1s:32,20w5s:32 --out "$OUT/head_only_cuda"
-  have benchmarks/gpu_train_preset.sh && step train_preset 150 env MAX_TIME="${PRESET_MAX_TIME:-80}" bash benchmarks/gpu_train_preset.sh
+  # Fig. 2b's GPU curve was measured on an H100 (benchmarks/results/fig2b_cuda_h100_20w5s.*):
+  # rerun last, when time is left.
+  have benchmarks/fig2b_compute_memory.py && step fig2b 150 "$PY" benchmarks/fig2b_compute_memory.py --device cuda --quick --out "$OUT/fig2b_cuda.json"
 fi
 done
 

@@ -132,7 +132,8 @@ class CapturedMetaGradient:
     set and rhs. A call copies its arguments into them and replays the graph: one launch for the
     whole solve, with no per-kernel launch or Python overhead and no host synchronisation. The
     math is implicit_meta_gradient's own (the capture runs it), so results match the eager solve
-    up to float rounding.
+    up to float rounding. The graph keeps its buffers (about one eager solve's peak memory) while
+    the solver lives; building it runs the solve `warmup` + 1 times.
 
         solver = CapturedMetaGradient(task_loss, phi, x, y, rhs, lam=2.0, cg_steps=5)
         out, train_losses = solver(phi, x, y, rhs)   # any phi, x, y, rhs of the same shapes
