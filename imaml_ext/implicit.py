@@ -197,25 +197,29 @@ class CapturedMetaGradient:
     def matches(self, task_loss: TaskLoss, phi: Mapping[str, torch.Tensor],
                 x_train: torch.Tensor, y_train: torch.Tensor, rhs) -> bool:
         """Whether a call with these arguments can replay this capture."""
-        def same(a, b):
-            return a.shape == b.shape and a.dtype == b.dtype and a.device == b.device
-        return (task_loss is self.task_loss and set(phi) == set(self._phi)
-                and all(same(phi[k], self._phi[k]) for k in self._phi)
-                and same(x_train, self._x) and same(y_train, self._y)
-                and same(self._flat_rhs(rhs), self._b))
+        return task_loss is self.task_loss and self._same(phi, x_train, y_train,
+                                                          self._flat_rhs(rhs))
+
+    def _same(self, phi, x_train, y_train, b) -> bool:
+        def same(a, c):
+            return a.shape == c.shape and a.dtype == c.dtype and a.device == c.device
+        return (set(phi) == set(self._phi) and all(same(phi[k], self._phi[k]) for k in self._phi)
+                and same(x_train, self._x) and same(y_train, self._y) and same(b, self._b))
 
     def __call__(self, phi: Mapping[str, torch.Tensor], x_train: torch.Tensor,
                  y_train: torch.Tensor, rhs) -> tuple[ImplicitGradient, torch.Tensor | None]:
-        if not self.matches(self.task_loss, phi, x_train, y_train, rhs):
+        b = self._flat_rhs(rhs)
+        if not self._same(phi, x_train, y_train, b):
             raise ValueError("phi, x_train, y_train and rhs must have the captured shapes, dtypes "
                              f"and device (x_train {tuple(self._x.shape)}, rhs "
                              f"{tuple(self._b.shape)}, {self._b.dtype}, {self._b.device}); got "
-                             f"x_train {tuple(x_train.shape)}: capture a new solver")
+                             f"x_train {tuple(x_train.shape)}, rhs {tuple(b.shape)}, {b.dtype}, "
+                             f"{b.device}: capture a new solver")
         for k, t in self._phi.items():
             t.copy_(phi[k])
         self._x.copy_(x_train)
         self._y.copy_(y_train)
-        self._b.copy_(self._flat_rhs(rhs))
+        self._b.copy_(b)
         self._replay()
         out, losses = self._out
         flat = out.flat.clone()
