@@ -67,8 +67,14 @@ def interleaved_times(fns: dict, device, min_time=1.0, max_rounds=50) -> dict:
     """Seconds per call of each fn, in rounds: every round calls each fn once, in turn, so that a
     change of load on a shared machine affects all of them alike. One warm-up call each; at least
     5 rounds, then rounds until min_time has passed (or max_rounds). Each round starts one
-    contender further on, so none always runs right after the same one (on a GPU, after a long
-    CPU-only peer the clocks may have dropped)."""
+    contender further on, so none always runs right after the same one.
+
+    On a GPU each timed call follows an untimed call of the same fn, so that every contender is
+    timed on a busy GPU: one left idle while a CPU-only peer runs drops its clocks (an H100
+    reported 345 MHz idle), and a sub-millisecond solve timed from there would time the clocks'
+    ramp. A suspect, not a finding: on an H100 (2026-11-27, before this warm call) our call
+    measured 0.91 ms in these rounds against 0.10 ms for the op back to back in bench_kernels;
+    the RAW_OP row and this warm call tell the wrapper's share from the clocks' next time."""
     for fn in fns.values():
         fn()
     sync(device)
@@ -80,6 +86,9 @@ def interleaved_times(fns: dict, device, min_time=1.0, max_rounds=50) -> dict:
                and len(times[order[0][0]]) < max_rounds)):
         k = len(times[order[0][0]]) % len(order)
         for name, fn in order[k:] + order[:k]:
+            if device == "cuda":
+                fn()
+                sync(device)
             t0 = time.perf_counter()
             fn()
             sync(device)
