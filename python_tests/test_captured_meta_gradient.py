@@ -9,10 +9,13 @@ algorithm reuses one capture per shape, captures anew when shapes change, and fa
 eager solve when a capture fails. The CUDA tests replay a real graph."""
 from __future__ import annotations
 
+import traceback
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from imaml_ext import implicit
 from imaml_ext.algorithms import make_algorithm
@@ -186,6 +189,43 @@ def test_algorithm_errors():
     g, m = make_algorithm("imaml-gd", cuda_graph=True, cg_steps=0, inner_steps=1) \
         .meta_gradient(model, params, tasks)
     assert (m["cg_iterations"] == 0).all()
+
+
+# Host read-backs (item(), bool() of a tensor: aten._local_scalar_dense) that the captured solve's
+# code makes on the CPU, each behind a device test: (file, function) of the read.
+CPU_ONLY_READS = {("hvp.py", "_bn_relu_pool"),  # skips a sign flip when BN scales are >= 0
+                  ("linalg.py", "_cg_callable")}  # stops the loop when every system stopped
+
+
+class HostReads(TorchDispatchMode):
+    """Records where the package's code reads a tensor's value back to the host."""
+
+    def __init__(self):
+        super().__init__()
+        self.sites = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            ours = [f for f in traceback.extract_stack() if "/imaml_ext/" in f.filename]
+            self.sites.add((Path(ours[-1].filename).name, ours[-1].name) if ours else ("?", "?"))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("hvp", ["exact", "forward_over_reverse", "ggn"])
+def test_the_captured_solve_reads_nothing_back_but_on_the_cpu(hvp):
+    # A CUDA graph cannot hold a read-back to the host (the capture fails), and an eager GPU solve
+    # would synchronise on it. What the capture records (the HVP's set-up and the CG) is run
+    # here on the CPU: every read it makes must be one of the reads made only on the CPU.
+    model, params, tasks = setup(M=2)
+    tl = TaskLoss(model)
+    phi, b = point(params, tasks, 1)
+    with HostReads() as reads:
+        H = make_hvp(tl, phi, tasks.x_support, tasks.y_support, hvp)
+        if H.kind == "double_backward":
+            H.value_and_grad()
+        implicit_meta_gradient(tl, phi, tasks.x_support, tasks.y_support, b, hvp=H, **KW)
+    assert reads.sites <= CPU_ONLY_READS, reads.sites - CPU_ONLY_READS
+    assert ("linalg.py", "_cg_callable") in reads.sites  # the recorder sees reads
 
 
 # ---- on a GPU: a real capture ------------------------------------------------------------------
