@@ -488,11 +488,19 @@ def cg_peers(matvec, matvec1, b, device, skip_scipy: str | None = None):
     }
 
 
+# --no-compile-cg (gpu_suite.sh): the whole-loop CG references are not compiled. On a GPU
+# nothing breaks their graph, so Inductor takes all ITERS iterations at once, per shape: too long
+# for a lent card's few minutes.
+COMPILE_CG = {"on": True}
+
+
 def compiled_call(fn, device, quick, *args):
     """A contender that calls torch.compile(fn)(*args), or the reason it is skipped. For the
     whole-loop CG references: Dynamo traces their ITERS iterations (on the CPU the reference's
     early-exit test breaks the graph at each, and the iteration function compiles once:
-    about 6 s on the 2-core CPU at B=32, n=50, d=200, 2026-11-27)."""
+    1-4 s on the 2-core CPU at the small sizes, 2026-11-27)."""
+    if not COMPILE_CG["on"]:
+        return "skipped: --no-compile-cg"
     compiled = try_compile(fn, device, quick)
     return compiled if isinstance(compiled, str) else (lambda: compiled(*args))
 
@@ -709,8 +717,12 @@ def main(argv=None):
     ap.add_argument("--sections", default="cg,hvp,blocks",
                     help="comma-separated: cg (whole-loop solvers), hvp (the fused HVPs), blocks "
                          "(the conv net's fused batch-norm/ReLU/max-pool block, CPU)")
+    ap.add_argument("--no-compile-cg", action="store_true",
+                    help="do not torch.compile the whole-loop CG references (gpu_suite.sh: on a "
+                         "GPU Inductor compiles all iterations per shape)")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     args = ap.parse_args(argv)
+    COMPILE_CG["on"] = not args.no_compile_cg
     sections = [x.strip() for x in args.sections.split(",") if x.strip()]
     bad = sorted(set(sections) - {"cg", "hvp", "blocks"})
     if bad or not sections:

@@ -111,11 +111,11 @@ if [ "$stage" = quick ]; then
   if [ $run_full = 0 ]; then
   tiles_gate
   step bench_cg_quick 60 "$PY" benchmarks/bench_cg.py --device cuda --quick --out "$OUT/cg_cuda_quick.json"
-  have benchmarks/bench_kernels.py && step bench_kernels_quick 60 "$PY" benchmarks/bench_kernels.py --device cuda --quick --out "$OUT/kernels_cuda_quick.json"
+  have benchmarks/bench_kernels.py && step bench_kernels_quick 60 "$PY" benchmarks/bench_kernels.py --device cuda --quick --no-compile-cg --out "$OUT/kernels_cuda_quick.json"
   fi
 elif [ "$stage" = full ]; then
   tiles_gate
-  have benchmarks/bench_kernels.py && step bench_kernels 150 "$PY" benchmarks/bench_kernels.py --device cuda --out "$OUT/kernels_cuda.json"
+  have benchmarks/bench_kernels.py && step bench_kernels 150 "$PY" benchmarks/bench_kernels.py --device cuda --no-compile-cg --out "$OUT/kernels_cuda.json"
   step bench_cg 60 "$PY" benchmarks/bench_cg.py --device cuda --min-time 0.3 --out "$OUT/cg_cuda.json"
   # With --compile-hvp: torch.compile's HVP against eager and a gradient, and iMAML-GD with the
   # training option compile_hvp=True against the default (each compiles once, timed apart).
