@@ -500,7 +500,7 @@ def compiled_call(fn, device, quick, *args):
     early-exit test breaks the graph at each, and the iteration function compiles once:
     1-4 s on the 2-core CPU at the small sizes, 2026-11-27)."""
     if not COMPILE_CG["on"]:
-        return "skipped: --no-compile-cg"
+        return "not compiled: --no-compile-cg"
     compiled = try_compile(fn, device, quick)
     return compiled if isinstance(compiled, str) else (lambda: compiled(*args))
 
