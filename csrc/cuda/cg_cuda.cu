@@ -209,13 +209,14 @@ __global__ void dense_matvec_kernel(const scalar_t* __restrict__ A, const scalar
 // are zero on entry and on exit. Dynamic shared memory: d + kWarpsPerBlock + 4 acc_t (the 4:
 // ptxas may widen the unrolled reads of t past its end). With kStep (v = cg.p, status =
 // cg.status), the last block of system b then runs b's CG step on out[b] (block_cg_step): the
-// whole iteration in this one launch. v is only read before that step rewrites p, by then in
-// the last block alone (every other block of b has finished).
+// whole iteration in this one launch. v and status are then not __restrict__ (the step writes
+// them through cg); the default kernels keep the qualifier (their loads of v stay read-only
+// path loads, as measured on the H100).
 template <typename scalar_t, typename acc_t, bool kVec, bool kStep>
 __global__ void __launch_bounds__(kBlockSize)
-    xtxv_kernel(const scalar_t* __restrict__ X, const scalar_t* v,
+    xtxv_kernel(const scalar_t* __restrict__ X, cuda::in_ptr<scalar_t, !kStep> v,
                 scalar_t* __restrict__ out, acc_t* __restrict__ acc,
-                unsigned int* __restrict__ counter, const int32_t* status, int64_t n,
+                unsigned int* __restrict__ counter, cuda::in_ptr<int32_t, !kStep> status, int64_t n,
                 int64_t d, int64_t rows_per_block, double shift, double scale,
                 cuda::CgStepArgs<scalar_t> cg) {
   extern __shared__ __align__(16) unsigned char xtxv_smem[];
@@ -266,9 +267,9 @@ __global__ void __launch_bounds__(kBlockSize)
 // kStep: as in xtxv_kernel, the last block of a system runs its CG step.
 template <typename scalar_t, typename acc_t, int G, bool kStep>
 __global__ void __launch_bounds__(kBlockSize, 2)
-    xtxv_tiles_kernel(const scalar_t* __restrict__ X, const scalar_t* v,
+    xtxv_tiles_kernel(const scalar_t* __restrict__ X, cuda::in_ptr<scalar_t, !kStep> v,
                       scalar_t* __restrict__ out, acc_t* __restrict__ acc,
-                      unsigned int* __restrict__ counter, const int32_t* status,
+                      unsigned int* __restrict__ counter, cuda::in_ptr<int32_t, !kStep> status,
                       int64_t n, int64_t d, double shift, double scale,
                       cuda::CgStepArgs<scalar_t> cg) {
   using Vec = cuda::Vec16<scalar_t>;

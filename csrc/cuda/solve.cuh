@@ -233,6 +233,11 @@ __device__ bool last_block_epilogue(acc_t* acc, unsigned int* counter, unsigned 
 
 // ---- the CG step as a product kernel's epilogue ------------------------------------------------
 
+// A kernel's read-only input pointer, __restrict__ unless the kernel also writes that memory
+// through another pointer (the step epilogue writes p and status, which the product reads).
+template <typename T, bool kRestrict>
+using in_ptr = std::conditional_t<kRestrict, const T* __restrict__, const T*>;
+
 // What one system's CG step reads and writes, for a product kernel whose last block per system
 // (last_block_epilogue) also runs that system's step (block_cg_step): one launch per iteration
 // instead of the product's and cg_step's four. All (B, P) or (B,), contiguous.
