@@ -26,7 +26,7 @@ from torch.utils import _pytree as pytree
 
 from imaml_ext import reference
 from imaml_ext.hvp import HVP_KINDS, BatchedHVP, ParamSpec, Params, TaskLoss, make_hvp
-from imaml_ext.linalg import CGResult, LstsqOperator, cg
+from imaml_ext.linalg import CGResult, LstsqOperator, _capture_graph, cg
 
 
 # ---- iMAML's meta-gradient -------------------------------------------------------------------
@@ -227,22 +227,6 @@ class CapturedMetaGradient:
                        out.cg.status.clone())
         return (ImplicitGradient(self.spec.unflatten(flat), flat, res),
                 None if losses is None else losses.clone())
-
-
-def _capture_graph(run: Callable, device: torch.device, warmup: int):
-    """Captures run() as a CUDA graph: (replay, run's outputs as the graph's static tensors)."""
-    if device.type != "cuda":
-        raise ValueError(f"CapturedMetaGradient needs CUDA tensors, got {device}")
-    stream = torch.cuda.Stream(device=device)
-    stream.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(stream):
-        for _ in range(max(int(warmup), 1)):
-            run()
-    torch.cuda.current_stream(device).wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = run()
-    return graph.replay, out
 
 
 def implicit_meta_gradient_lstsq(X: torch.Tensor, rhs: torch.Tensor, *, lam: float,

@@ -353,15 +353,7 @@ class CapturedCG:
             return _cg_callable(matvec, self._b, self._x0, spec, shapes, batched, max_iter, rtol,
                                 atol, ext, False, zero_start=self._zero_start)
 
-        # Warm up on a side stream (lazy initialisation must not happen during capture).
-        stream = torch.cuda.Stream(device=bflat.device)
-        stream.wait_stream(torch.cuda.current_stream(bflat.device))
-        with torch.cuda.stream(stream):
-            run()
-        torch.cuda.current_stream(bflat.device).wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self._out = run()
+        self._replay, self._out = _capture_graph(run, bflat.device, warmup=1)
 
     def __call__(self, b=None, x0=None) -> CGResult:
         """Solves for a new right-hand side (b's structure and shapes as at capture)."""
@@ -375,7 +367,7 @@ class CapturedCG:
                 _fail("x0: this solver was captured for a zero start (built without x0, so it "
                       "makes no product A x0); build it with an x0 to solve from other starts")
             self._x0.copy_(_flatten(x0, self._batched, "x0")[0])
-        self.graph.replay()
+        self._replay()
         return self.result()
 
     def result(self) -> CGResult:
@@ -385,6 +377,25 @@ class CapturedCG:
         if not self._batched:
             iters, rnorm, status = iters[0], rnorm[0], status[0]
         return CGResult(xs, iters, rnorm, status)
+
+
+def _capture_graph(run: Callable, device: torch.device, warmup: int):
+    """Captures run() as a CUDA graph: (replay, run's outputs as the graph's static tensors).
+    `warmup` eager runs on a side stream come first (lazy initialisation, cuDNN and cuBLAS
+    workspaces must not happen while capturing). Used by CapturedCG and
+    imaml_ext.implicit.CapturedMetaGradient."""
+    if device.type != "cuda":
+        raise ValueError(f"CUDA graph capture needs CUDA tensors, got {device}")
+    stream = torch.cuda.Stream(device=device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        for _ in range(max(int(warmup), 1)):
+            run()
+    torch.cuda.current_stream(device).wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = run()
+    return graph.replay, out
 
 
 def solve_cg(**kwargs) -> Callable:

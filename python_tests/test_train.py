@@ -150,7 +150,6 @@ def test_logs_config_dump_and_validation(tmp_path):
     assert len(rows) == 8
 
 
-
 class CurvedQueryGradient(QueryGradient):
     """QueryGradient whose tasks report negative curvature in CG from call `from_call` on."""
 
@@ -182,6 +181,7 @@ def test_negative_curvature_is_logged_and_warned_once(tmp_path, caplog, from_cal
         assert "--cg-damping 1 --cg-lam 12" in warned[0].getMessage()
     else:
         assert not warned
+
 
 def test_nan_policy_skips_bad_steps_and_counts_tasks(tmp_path):
     algo = QueryGradient(bad_calls={1, 2}, bad_tasks={1})
