@@ -108,6 +108,9 @@ if [ "$stage" = quick ]; then
   # The CUDA cases of every op test, the CUDA-graph/no-sync tests, and the algorithms on GPU.
   step tests_cuda 240 "$PY" -m pytest python_tests -q -rs -k "cuda or graph" \
        --junitxml="$OUT/tests_cuda.xml" -p no:cacheprovider
+  # ATen ops of one conv-net gradient / HVP, and the HVP layout's convolution (ops._Conv against
+  # ATen's per-group double backward) and cuDNN autotuning, timed in interleaved rounds (~20 s).
+  step hvp_op_count 90 "$PY" benchmarks/probes/hvp_op_count.py --device cuda --rounds 5 --out "$OUT/hvp_op_count_cuda.json"
   if [ $run_full = 0 ]; then
   tiles_gate
   step bench_cg_quick 60 "$PY" benchmarks/bench_cg.py --device cuda --quick --out "$OUT/cg_cuda_quick.json"

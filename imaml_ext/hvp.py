@@ -51,11 +51,13 @@ second-order form (imaml_ext.ops.conv1ch_bn_relu_pool_hvp: the conv at each wind
 plus the closed-form statistics), whose derivatives touch pooled-size tensors only: one
 double-backward product 1.28x (5-way 1-shot) and 1.38x (20-way 5-shot) faster, building its
 graph 1.7x faster. The same functions, to rounding (python_tests/test_conv1ch.py).
-Also in "hvp" mode on the CPU, the convolutions run through a custom autograd function
-(`imaml_ext.ops._Conv`) whose double backward is the library's three convolution kernels, where
-ATen's computes one term with batch and channels swapped, per group (a loop over the tasks): one
-5-way 1-shot product (M=32) 1.09x faster, its graph build 0.98x; one 20-way 5-shot product
-(one task a chunk) 1.27x faster, its graph build 0.95x.
+Also in "hvp" mode, on every device, the convolutions run through a custom autograd function
+(`imaml_ext.ops._Conv`) whose double backward is the convolution's three bilinear maps (the
+library's kernels on the CPU, ATen's elsewhere), where ATen's computes one term with batch and
+channels swapped, per group (a loop over the tasks): on the CPU one 5-way 1-shot product (M=32)
+1.09x faster, its graph build 0.98x; one 20-way 5-shot product (one task a chunk) 1.27x faster,
+its graph build 0.95x. In the GPU layout (all 32 tasks in one fold) it takes one product from
+458 to 365 ATen ops, 111 to 17 of them convolutions (benchmarks/probes/hvp_op_count.py).
 
 Tasks are independent, so the gradient of sum_i L_i with respect to the batched parameters is
 the stack of the per-task gradients, and the same holds for Hessian-vector products: every
@@ -342,6 +344,14 @@ def _conv1ch_ok(m: nn.Conv2d, h: torch.Tensor) -> bool:
 # (imaml_ext.ops.conv3x3): it needs 2x2 output tiles to pay for its transforms.
 WINOGRAD_MIN_SIZE = 14
 WINOGRAD_HVP = True
+# "hvp" mode evaluates every convolution (outside torch.func transforms) with ops._Conv, whose
+# double backward is the convolution's three bilinear maps, each one library call with all the
+# groups (tasks) at once. ATen's own double backward of a grouped convolution computes the
+# weight gradient of the input's tangent as one convolution per group and a cat: with M tasks
+# folded into the groups, M convolutions per layer per product (on the CPU one 5-way 1-shot
+# product, M=32, 1.09x faster with _Conv; on a GPU, where each of those convolutions is a
+# launch, see benchmarks/probes/hvp_op_count.py for the ops it saves). False: ATen's (for A/B).
+OWN_CONV_HVP = True
 
 
 def _winograd_ok(m: nn.Conv2d, h: torch.Tensor, wf: torch.Tensor, groups: int) -> bool:
@@ -365,7 +375,8 @@ def _winograd_hvp(m: nn.Conv2d, h: torch.Tensor, wf: torch.Tensor, groups: int) 
 
 def _folded_forward(plan, params: Mapping[str, torch.Tensor], x: torch.Tensor, *,
                     channels_last: bool = False, fuse: bool = False,
-                    ext_blocks: bool = False, ext_conv1: bool = False) -> torch.Tensor:
+                    ext_blocks: bool = False, ext_conv1: bool = False,
+                    own_conv: bool = False) -> torch.Tensor:
     """Outputs (M, N, ...) for batched params and x (M, N, ...), tasks folded into channels.
 
     channels_last: run the conv stage in channels-last memory format. fuse: evaluate
@@ -374,7 +385,9 @@ def _folded_forward(plan, params: Mapping[str, torch.Tensor], x: torch.Tensor, *
     kernel (imaml_ext.ops.bn_relu_pool; first-order only), and a first conv layer with one input
     channel per task by imaml_ext.ops.conv1ch, fused with the block after it when there is one
     (imaml_ext.ops.conv1ch_bn_relu_pool; first-order only). ext_conv1: evaluate such a first
-    block in its second-order form (imaml_ext.ops.conv1ch_bn_relu_pool_hvp).
+    block in its second-order form (imaml_ext.ops.conv1ch_bn_relu_pool_hvp). own_conv: evaluate
+    convolutions (outside torch.func transforms) with ops._Conv, whose derivatives of every
+    order are the convolution's three bilinear maps over all groups at once (see OWN_CONV_HVP).
     """
     M, N = x.shape[0], x.shape[1]
     if x.dim() == 5:  # images: (M, N, C, H, W) -> (N, M*C, H, W)
@@ -442,7 +455,7 @@ def _folded_forward(plan, params: Mapping[str, torch.Tensor], x: torch.Tensor, *
             bf = None if b is None else b.reshape(-1)
             wino = (ext_blocks and _winograd_ok(m, h, wf, M)) or \
                 (fuse and _winograd_hvp(m, h, wf, M))
-            if wino or (fuse and h.device.type == "cpu" and not _in_transform(h, wf)):
+            if wino or (own_conv and not _in_transform(h, wf)):
                 # the library's three convolution kernels, on the Winograd kernel where it runs;
                 # in the "hvp" layout its double backward is those kernels again
                 h = ops._Conv.apply(h, wf, bf, (list(_pair(m.stride)), list(_pair(m.padding)),
@@ -611,7 +624,8 @@ class TaskLoss:
             # (channels-last: a 5-way 1-shot iMAML-GD meta-gradient 1.085x faster).
             cl = cpu and (x_b.shape[0] == 1 or (self.fused_blocks and WINOGRAD_HVP))
             return _folded_forward(self._plan, params_b, x_b, fuse=self.fuse_bn_pool,
-                                   ext_conv1=self.fused_blocks and cpu, channels_last=cl)
+                                   ext_conv1=self.fused_blocks and cpu, channels_last=cl,
+                                   own_conv=OWN_CONV_HVP)
         cl = self.channels_last
         if cl is None:
             cl = cpu

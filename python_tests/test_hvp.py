@@ -409,3 +409,44 @@ def test_winograd_conv_function_to_second_order(groups):
     torch.testing.assert_close(f(x, w, b), F.conv2d(x, w, b, 1, 1, 1, groups))
     assert torch.autograd.gradcheck(f, (x, w, b))
     assert torch.autograd.gradgradcheck(f, (x, w, b))
+
+
+def _conv_ops_of_one_product(M, device):
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Convs(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if "convolution" in str(func):
+                type(self).n += 1
+            return func(*args, **(kwargs or {}))
+
+    model, params_b, x, y = conv_setup(M=M)
+    model = model.to(device)
+    params_b = {k: t.to(device) for k, t in params_b.items()}
+    x, y = x.to(device), y.to(device)
+    v = {k: torch.randn_like(t) for k, t in params_b.items()}
+    # the layout a GPU runs: no CPU-only kernels, all tasks in one fold
+    H = make_hvp(TaskLoss(model, fused_blocks=False, task_chunk=M), params_b, x, y,
+                 "double_backward")
+    H._build()
+    Convs.n = 0
+    with Convs():
+        hv = H(v)
+    ref = loop_hvp(model, params_b, x, y, v)
+    return Convs.n, hv, ref
+
+
+def test_hvp_layout_convolutions_do_not_loop_over_tasks(device, monkeypatch):
+    # "hvp" mode runs every convolution through ops._Conv on every device (hvp.OWN_CONV_HVP): its
+    # double backward is one library call per bilinear map with all M tasks as groups, where
+    # ATen's computes one term per group (per task). Both give the per-task products.
+    import imaml_ext.hvp as hvp_mod
+    own = {M: _conv_ops_of_one_product(M, device) for M in (2, 5)}
+    monkeypatch.setattr(hvp_mod, "OWN_CONV_HVP", False)
+    aten = {M: _conv_ops_of_one_product(M, device) for M in (2, 5)}
+    for n, hv, ref in (*own.values(), *aten.values()):
+        assert_close_dict(hv, ref)
+    assert own[2][0] == own[5][0] > 0
+    assert aten[5][0] > aten[2][0]  # ATen's loop over groups: the count the option removes

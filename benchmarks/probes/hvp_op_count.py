@@ -1,0 +1,228 @@
+"""How many ATen ops (on a GPU: kernel launches) one conv-net gradient and one exact HVP take.
+
+A probe, not a benchmark. On an H100 at meta-batch 32 the Omniglot conv net's eager exact HVP
+(double backward through a graph built once) cost 4.5x (5-way 1-shot) and 3.7x (20-way 5-shot) a
+gradient, where the CPU's costs 2.6x: small kernels, each launched from Python, so the GPU's cost
+follows the number of ops more than their work. This counts, by a TorchDispatchMode, the ops of
+one gradient ("grad" layout), one graph build and one product ("hvp" layout), in the layout the
+library uses on a GPU: all M tasks in one fold (no CPU chunks), NCHW, ATen's convolutions (no
+CPU-only kernels), and the pooling block's sign flip that a GPU evaluates because it does not
+read the batch-norm signs back to the host (on the CPU the probe makes one weight negative per
+block so that the same path runs; the host read that decides it is counted apart).
+
+Two "hvp" layouts are counted, and timed in interleaved rounds on the probe's device (on a GPU
+also the second with torch.backends.cudnn.benchmark on):
+- aten_conv: F.conv2d, whose double backward is ATen's: the weight gradient of the input's
+  tangent as one convolution per group, and the tasks are the groups;
+- own_conv (hvp.OWN_CONV_HVP, the default): ops._Conv, whose derivatives of every order are the
+  convolution's three bilinear maps, each one call over all groups.
+
+    python benchmarks/probes/hvp_op_count.py [--device cpu|cuda] [--tasks 32] [--rounds 5]
+
+On the 2-core dev CPU (2026-11-27, `--rounds 3`), in that GPU layout: one gradient 45 kernel
+ops, one graph build 207 / 211, one product 458 (111 of them convolutions) with ATen's
+convolution double backward against 365 (17) with _Conv, the same at 5-way 1-shot and 20-way
+5-shot; the products agree to 1.4e-7 / 5.6e-7 (float32). CPU time of a product there 1.06x /
+1.04x faster (5w1s / 20w5s, M=32): the CPU is compute-bound, the counts are for the GPU.
+
+Kernel launches per op: views, detach and the like launch none (counted apart); a cuDNN
+convolution can launch more than one kernel, so on a GPU the counts are a lower bound.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench_meta_gradient import make_tasks  # noqa: E402
+
+from imaml_ext import hvp as hvp_mod  # noqa: E402
+from imaml_ext.hvp import TaskLoss, make_hvp  # noqa: E402
+from imaml_ext.inner import batched_theta  # noqa: E402
+from imaml_ext.models import make_model  # noqa: E402
+
+# ops that launch no kernel: metadata, views, the autograd detach
+NO_KERNEL = {"aten.detach.default", "aten.alias.default", "aten.lift_fresh.default",
+             "aten.empty.memory_format", "aten.empty_strided.default", "aten.empty_like.default",
+             "aten.new_empty.default", "aten.new_empty_strided.default", "aten.sym_size.int",
+             "aten.sym_stride.int", "aten.sym_numel.default", "aten.sym_storage_offset.default",
+             "aten.is_same_size.default", "aten._unsafe_view.default"}
+HOST_READS = {"aten._local_scalar_dense.default", "aten.item.default"}
+
+
+class OpCount(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[str(func)] += 1
+        return func(*args, **(kwargs or {}))
+
+    def summary(self) -> dict:
+        kernel, views, host = collections.Counter(), 0, 0
+        for name, n in self.ops.items():
+            op = eval("torch.ops." + name.split(".", 1)[0] + "." + name.split(".", 1)[1]) \
+                if name.startswith("aten.") else None
+            if name in HOST_READS:
+                host += n
+            elif name in NO_KERNEL or (op is not None and getattr(op, "is_view", False)):
+                views += n
+            else:
+                kernel[name] += n
+        conv = sum(n for k, n in kernel.items() if "convolution" in k)
+        return {"kernel_ops": sum(kernel.values()), "no_kernel_ops": views, "host_reads": host,
+                "convolution_ops": conv, "top": kernel.most_common(8)}
+
+
+def setup(args, setting, device):
+    ways, shots = setting
+    torch.manual_seed(0)
+    model = make_model("omniglot", ways).to(device)
+    if device.type == "cpu":
+        with torch.no_grad():  # take the sign-flip path a GPU always takes (see the docstring)
+            for m in model.modules():
+                if isinstance(m, torch.nn.BatchNorm2d):
+                    m.weight[0] = -1.0
+    p = {k: t.detach() for k, t in model.named_parameters()}
+    M = args.tasks
+    pb = {k: t.clone() for k, t in batched_theta(p, M).items()}
+    tasks = make_tasks(ways, shots, 1, M, device)
+    tl = TaskLoss(model, fused_blocks=False, task_chunk=M, channels_last=False)
+    g = torch.Generator().manual_seed(1)
+    v = {k: torch.randn(t.shape, generator=g).to(t) for k, t in pb.items()}
+    return tl, pb, tasks.x_support, tasks.y_support, v
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(tl, pb, x, y, v, own_conv: bool):
+    hvp_mod.OWN_CONV_HVP = own_conv
+    try:
+        with OpCount() as c_grad:
+            tl.grad(pb, x, y)
+        H = make_hvp(tl, pb, x, y, "double_backward")
+        with OpCount() as c_build:
+            H._build()
+        with OpCount() as c_prod:
+            out = H(v)
+        return {"grad": c_grad.summary(), "graph_build": c_build.summary(),
+                "product": c_prod.summary()}, out
+    finally:
+        hvp_mod.OWN_CONV_HVP = True
+
+
+def timed(tl, pb, x, y, v, own_conv, cudnn_benchmark, device, products=3):
+    """(gradient, graph build, one product) seconds with the given layout and cuDNN setting."""
+    hvp_mod.OWN_CONV_HVP = own_conv
+    before = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = cudnn_benchmark
+    try:
+        sync(device)
+        t0 = time.perf_counter()
+        tl.grad(pb, x, y)
+        sync(device)
+        t1 = time.perf_counter()
+        H = make_hvp(tl, pb, x, y, "double_backward")
+        H._build()
+        sync(device)
+        t2 = time.perf_counter()
+        for _ in range(products):
+            H(v)
+        sync(device)
+        t3 = time.perf_counter()
+        return t1 - t0, t2 - t1, (t3 - t2) / products
+    finally:
+        hvp_mod.OWN_CONV_HVP = True
+        torch.backends.cudnn.benchmark = before
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--tasks", type=int, default=32)
+    ap.add_argument("--settings", default="5w1s,20w5s")
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds (0: none)")
+    ap.add_argument("--out", default=None, help="JSON file to write")
+    args = ap.parse_args(argv)
+    device = torch.device(args.device)
+    known = {"5w1s": (5, 1), "20w5s": (20, 5)}
+    report = {"probe": "hvp_op_count", "device": str(device), "tasks": args.tasks,
+              "torch": torch.__version__, "settings": {}, "summary_lines": []}
+    summary = report["summary_lines"]
+    if device.type == "cuda":
+        report["card"] = torch.cuda.get_device_name(device)
+    for name in args.settings.split(","):
+        tl, pb, x, y, v = setup(args, known[name], device)
+        counts, res = {}, {}
+        for label, own in (("aten_conv", False), ("own_conv", True)):
+            counts[label], res[label] = measure(tl, pb, x, y, v, own)
+        num = sum(float((res["own_conv"][k] - res["aten_conv"][k]).pow(2).sum()) for k in res["aten_conv"])
+        den = sum(float(res["aten_conv"][k].pow(2).sum()) for k in res["aten_conv"])
+        entry = {"counts": counts, "rel_diff_own_vs_aten": (num / den) ** 0.5}
+        print(f"[{name}] M={args.tasks} on {device}: ops that launch kernels "
+              f"(convolutions among them), no-kernel ops, host reads")
+        for label in counts:
+            for phase, s in counts[label].items():
+                print(f"  {label:9s} {phase:11s} {s['kernel_ops']:5d} ({s['convolution_ops']:3d} conv)"
+                      f"  {s['no_kernel_ops']:5d}  {s['host_reads']}")
+        a, b = counts["aten_conv"]["product"], counts["own_conv"]["product"]
+        line = (f"{name} M={args.tasks}: one product: {a['kernel_ops']} -> {b['kernel_ops']} ops "
+              f"({a['kernel_ops'] / b['kernel_ops']:.2f}x fewer); per gradient "
+              f"{b['kernel_ops'] / counts['own_conv']['grad']['kernel_ops']:.2f}x the gradient's "
+              f"ops (was {a['kernel_ops'] / counts['aten_conv']['grad']['kernel_ops']:.2f}x); "
+              f"relative difference of the products {entry['rel_diff_own_vs_aten']:.1e}")
+        print("  " + line)
+        summary.append(line)
+        if args.rounds:
+            # (layout, cuDNN autotuning): torch.backends.cudnn.benchmark picks each
+            # convolution's algorithm by timing them once per shape (meta-learning's shapes are
+            # fixed); it is off by default, so the library's numbers so far are without it
+            variants = [("aten_conv", False, False), ("own_conv", True, False)]
+            if device.type == "cuda":
+                variants.append(("own_conv+cudnn_benchmark", True, True))
+            for _, own, cb in variants:  # warm-up (cuDNN plans and autotuning, allocator)
+                timed(tl, pb, x, y, v, own, cb, device, 1)
+            t = {label: [] for label, _, _ in variants}
+            for _ in range(args.rounds):
+                for label, own, cb in variants:
+                    t[label].append(timed(tl, pb, x, y, v, own, cb, device))
+            med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
+            entry["timing"] = {"rounds": args.rounds}
+            for label, _, _ in variants:
+                g, build, prod = (med([r[i] for r in t[label]]) for i in range(3))
+                entry["timing"][label] = {"grad_s": g, "graph_build_s": build,
+                                          "product_s": prod, "product_per_grad": prod / g}
+                print(f"  {label:25s} gradient {g * 1e3:8.2f} ms, graph build "
+                      f"{build * 1e3:8.2f} ms, one product {prod * 1e3:8.2f} ms "
+                      f"= {prod / g:.2f}x the gradient")
+            base = entry["timing"]["aten_conv"]
+            for label, _, _ in variants[1:]:
+                r = entry["timing"][label]
+                line = (f"{name} M={args.tasks}: {label} vs aten_conv: gradient "
+                        f"{base['grad_s'] / r['grad_s']:.2f}x, product "
+                        f"{base['product_s'] / r['product_s']:.2f}x, graph build "
+                        f"{base['graph_build_s'] / r['graph_build_s']:.2f}x faster; product "
+                        f"{r['product_per_grad']:.2f}x its gradient (aten_conv "
+                        f"{base['product_per_grad']:.2f}x; medians of {args.rounds} "
+                        f"interleaved rounds)")
+                print("  " + line)
+                summary.append(line)
+        report["settings"][name] = entry
+    if args.out:
+        Path(args.out).write_text(json.dumps(report, indent=1))
+        print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,27 @@
+"""The probes under benchmarks/probes run (tiny sizes) and report what they claim to."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import load_benchmark
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_hvp_op_count_probe(tmp_path, capsys):
+    probe = load_benchmark("probes/hvp_op_count")
+    out = tmp_path / "ops.json"
+    probe.main(["--device", "cpu", "--tasks", "3", "--settings", "5w1s", "--rounds", "1",
+                "--out", str(out)])
+    rep = json.loads(out.read_text())
+    e = rep["settings"]["5w1s"]
+    aten, own = e["counts"]["aten_conv"], e["counts"]["own_conv"]
+    # the per-group loop of ATen's convolution double backward: one convolution per task in
+    # each of the 3 layers after the first, which replaces a few of _Conv's (M=32: 111 vs 17)
+    assert aten["product"]["convolution_ops"] - own["product"]["convolution_ops"] >= 3 * 3 - 2
+    assert own["grad"]["kernel_ops"] == aten["grad"]["kernel_ops"] > 0
+    assert e["rel_diff_own_vs_aten"] < 1e-5
+    assert set(e["timing"]) == {"rounds", "aten_conv", "own_conv"}
+    assert len(rep["summary_lines"]) == 2 and "fewer" in capsys.readouterr().out
