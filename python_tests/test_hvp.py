@@ -450,3 +450,42 @@ def test_hvp_layout_convolutions_do_not_loop_over_tasks(device, monkeypatch):
         assert_close_dict(hv, ref)
     assert own[2][0] == own[5][0] > 0
     assert aten[5][0] > aten[2][0]  # ATen's loop over groups: the count the option removes
+
+
+@pytest.mark.parametrize("case", ["pool2", "flip", "overlap_pad", "no_affine", "channels_last"])
+def test_pooled_batch_norm_to_second_order(case):
+    # hvp._bn_relu_pool outside transforms: one autograd Function with its first and second
+    # derivatives written out (_PooledBatchNorm), against finite differences to second order and
+    # against the composite of torch ops (values, gradients, a double-backward product)
+    from imaml_ext.hvp import _bn_relu_pool, _bn_relu_pool_composite
+    g = torch.Generator().manual_seed(len(case))
+    C = 3
+    h = torch.randn(2, C, 6, 5, dtype=DT, generator=g)
+    if case == "channels_last":
+        h = h.to(memory_format=torch.channels_last)
+    h.requires_grad_(True)
+    w = (torch.rand(C, dtype=DT, generator=g) + 0.5).requires_grad_(True)
+    b = torch.randn(C, dtype=DT, generator=g).requires_grad_(True)
+    if case == "flip":
+        w = (w.detach() * torch.tensor([1.0, -1.0, -1.0], dtype=DT)).requires_grad_(True)
+    pool = nn.MaxPool2d(3, 2, padding=1) if case == "overlap_pad" else nn.MaxPool2d(2)
+    args = (h, None, None) if case == "no_affine" else (h, w, b)
+    f = lambda *a: _bn_relu_pool(*a, 1e-5, pool)  # noqa: E731
+    ref = lambda *a: _bn_relu_pool_composite(*a, 1e-5, pool)  # noqa: E731
+    inputs = tuple(t for t in args if t is not None)
+    call = (lambda h: f(h, None, None)) if case == "no_affine" else f
+    call_ref = (lambda h: ref(h, None, None)) if case == "no_affine" else ref
+    y, y_ref = call(*inputs), call_ref(*inputs)
+    torch.testing.assert_close(y, y_ref)
+    assert (y > 0).any() and (y == 0).any()  # both sides of the ReLU are exercised
+    assert torch.autograd.gradcheck(call, inputs)
+    assert torch.autograd.gradgradcheck(call, inputs)
+    # a double-backward product, as BatchedHVP computes it
+    gy = torch.randn(y.shape, dtype=DT, generator=g)
+    vs = [torch.randn(t.shape, dtype=DT, generator=g) for t in inputs]
+    hv = []
+    for fn in (call, call_ref):
+        grads = torch.autograd.grad((fn(*inputs) * gy).sum().tanh(), inputs, create_graph=True)
+        hv.append(torch.autograd.grad(grads, inputs, vs))
+    for a, r in zip(*hv):
+        torch.testing.assert_close(a, r, rtol=1e-9, atol=1e-11)
