@@ -109,7 +109,8 @@ if [ "$stage" = quick ]; then
   step tests_cuda 240 "$PY" -m pytest python_tests -q -rs -k "cuda or graph" \
        --junitxml="$OUT/tests_cuda.xml" -p no:cacheprovider
   # ATen ops of one conv-net gradient / HVP, and the HVP layout's convolution (ops._Conv against
-  # ATen's per-group double backward) and cuDNN autotuning, timed in interleaved rounds (~20 s).
+  # ATen's per-group double backward) and cuDNN autotuning, timed in interleaved rounds (new:
+  # not yet run on a GPU; ~5 min on the 2-core CPU, mostly 20-way 5-shot's convolutions).
   step hvp_op_count 90 "$PY" benchmarks/probes/hvp_op_count.py --device cuda --rounds 5 --out "$OUT/hvp_op_count_cuda.json"
   if [ $run_full = 0 ]; then
   tiles_gate
