@@ -453,21 +453,23 @@ def test_hvp_layout_convolutions_do_not_loop_over_tasks(device, monkeypatch):
 
 
 @pytest.mark.parametrize("case", ["pool2", "flip", "overlap_pad", "no_affine", "channels_last"])
-def test_pooled_batch_norm_to_second_order(case):
+def test_pooled_batch_norm_to_second_order(case, device):
     # hvp._bn_relu_pool outside transforms: one autograd Function with its first and second
     # derivatives written out (_PooledBatchNorm), against finite differences to second order and
-    # against the composite of torch ops (values, gradients, a double-backward product)
+    # against the composite of torch ops (values, gradients, a double-backward product); on a
+    # GPU the block always takes the sign-flip path (no read-back of the signs)
     from imaml_ext.hvp import _bn_relu_pool, _bn_relu_pool_composite
     g = torch.Generator().manual_seed(len(case))
     C = 3
-    h = torch.randn(2, C, 6, 5, dtype=DT, generator=g)
+    h = torch.randn(2, C, 6, 5, dtype=DT, generator=g).to(device)
     if case == "channels_last":
         h = h.to(memory_format=torch.channels_last)
     h.requires_grad_(True)
-    w = (torch.rand(C, dtype=DT, generator=g) + 0.5).requires_grad_(True)
-    b = torch.randn(C, dtype=DT, generator=g).requires_grad_(True)
+    w = (torch.rand(C, dtype=DT, generator=g) + 0.5).to(device).requires_grad_(True)
+    b = torch.randn(C, dtype=DT, generator=g).to(device).requires_grad_(True)
     if case == "flip":
-        w = (w.detach() * torch.tensor([1.0, -1.0, -1.0], dtype=DT)).requires_grad_(True)
+        w = (w.detach() * torch.tensor([1.0, -1.0, -1.0], dtype=DT, device=device)
+             ).requires_grad_(True)
     pool = nn.MaxPool2d(3, 2, padding=1) if case == "overlap_pad" else nn.MaxPool2d(2)
     args = (h, None, None) if case == "no_affine" else (h, w, b)
     f = lambda *a: _bn_relu_pool(*a, 1e-5, pool)  # noqa: E731
@@ -481,8 +483,8 @@ def test_pooled_batch_norm_to_second_order(case):
     assert torch.autograd.gradcheck(call, inputs)
     assert torch.autograd.gradgradcheck(call, inputs)
     # a double-backward product, as BatchedHVP computes it
-    gy = torch.randn(y.shape, dtype=DT, generator=g)
-    vs = [torch.randn(t.shape, dtype=DT, generator=g) for t in inputs]
+    gy = torch.randn(y.shape, dtype=DT, generator=g).to(device)
+    vs = [torch.randn(t.shape, dtype=DT, generator=g).to(device) for t in inputs]
     hv = []
     for fn in (call, call_ref):
         grads = torch.autograd.grad((fn(*inputs) * gy).sum().tanh(), inputs, create_graph=True)
