@@ -56,8 +56,8 @@ Also in "hvp" mode, on every device, the convolutions run through a custom autog
 library's kernels on the CPU, ATen's elsewhere), where ATen's computes one term with batch and
 channels swapped, per group (a loop over the tasks): on the CPU one 5-way 1-shot product (M=32)
 1.09x faster, its graph build 0.98x; one 20-way 5-shot product (one task a chunk) 1.27x faster,
-its graph build 0.95x. In the GPU layout (all 32 tasks in one fold) it takes one product from
-458 to 365 ATen ops, 111 to 17 of them convolutions (benchmarks/probes/hvp_op_count.py).
+its graph build 0.95x. In the GPU layout (all 32 tasks in one fold) it takes one product's
+convolutions from 111 to 17 (benchmarks/probes/hvp_op_count.py).
 
 Tasks are independent, so the gradient of sum_i L_i with respect to the batched parameters is
 the stack of the per-task gradients, and the same holds for Hessian-vector products: every
@@ -275,9 +275,10 @@ def _bn_relu_pool(h, w, b, eps, pool):
     Outside torch.func transforms the block is one autograd Function, _PooledBatchNorm, whose
     first and second derivatives are written out: a few full-size ops each and fewer per-channel
     ones than autograd's derivatives of the composite (one 5-way 1-shot double-backward product,
-    M=32, in the GPU's layout: 365 -> 281 ATen ops, i.e. kernel launches on a GPU; CPU time the
-    same, 1.01x / 1.06x at 5-way 1-shot M=32 / 20-way 5-shot M=8, where the work is the
-    convolutions'). Inside transforms, _bn_relu_pool_composite (it has forward-mode rules too).
+    M=32, in the GPU's layout: 365 -> 185 ATen ops, i.e. kernel launches on a GPU, its graph
+    build 211 -> 243; CPU time the same, a product 1.03x / 1.02x and a graph build 1.01x /
+    0.98x at 5-way 1-shot M=32 / 20-way 5-shot M=8, where the work is the convolutions').
+    Inside transforms, _bn_relu_pool_composite (it has forward-mode rules too).
     """
     if not _in_transform(h):
         C = h.shape[1]
@@ -357,21 +358,27 @@ class _PooledBatchNorm(torch.autograd.Function):
             z, idx = F.max_pool2d(h, k, st, pad, dil, ceil, return_indices=True)
         xhat = (z - _ch(mean)) * _ch(r)
         y = torch.relu(torch.addcmul(_ch(b), xhat, _ch(w)))
-        ctx.save_for_backward(h, w, xhat, idx, mean, r, y)
+        # per-channel factors of the backward, which a double-backward product re-runs each time
+        rw = r * w
+        kb = rw / -(h.numel() // h.shape[1])
+        ctx.save_for_backward(h, w, xhat, idx, mean, r, y, rw, kb, kb * r)
         ctx.cfg = cfg
         return y
 
     @staticmethod
     def backward(ctx, gy):
-        h, w, xhat, idx, mean, r, y = ctx.saved_tensors
-        gh, gw, gb = _PooledBatchNormBackward.apply(gy, h, w, xhat, idx, mean, r, y, ctx.cfg)
+        h, w, xhat, idx, mean, r, y, rw, kb, kg = ctx.saved_tensors
+        # with create_graph (grad mode on here), the backward keeps what its own backward needs
+        gh, gw, gb = _PooledBatchNormBackward.apply(gy, h, w, xhat, idx, mean, r, y, rw, kb, kg,
+                                                    ctx.cfg, torch.is_grad_enabled())
         need_h, need_w, need_b, _ = ctx.needs_input_grad
         return gh if need_h else None, gw if need_w else None, gb if need_b else None, None
 
 
 class _PooledBatchNormBackward(torch.autograd.Function):
     """(gh, gw, gb) of _PooledBatchNorm for output gradient gy; differentiable in (gy, h, w),
-    with xhat, mean and r recomputed as functions of h by the formulas, not saved as constants.
+    with xhat, mean and r (and rw = r w, kb = -rw / n, kg = kb r) recomputed as functions of h
+    and w by the formulas, not taken as constants.
 
     Per channel, with n = N*H*W, gu = gy * [y > 0], gb = sum gu, gw = sum gu xhat (pooled sums):
         gh = r w (unpool(gu) - (gb + hhat gw) / n),   hhat = r (h - mean),
@@ -385,67 +392,76 @@ class _PooledBatchNormBackward(torch.autograd.Function):
     A4 = (w r^2 (gb K1 + gw K0) / n - Cw r gb) / n: the derivative of <Ch, gh> + <Cw, gw> +
     <Cb, gb> through mean, r (var), the gathered values and hhat. Checked against finite
     differences and the composite (python_tests/test_hvp.py).
+
+    Every per-channel factor there (the two of d gy, d w, A1, A3, A4) is linear in
+    (K0, K1 / r, P, Cw, Cb), with coefficients fixed by the point (r, w, gb, gw): they are built
+    once, when the backward runs with create_graph (`keep`), as a (6, 5, C) tensor, and a
+    product's per-channel work is one stack and one multiply-sum instead of ~20 small ops.
     """
 
     @staticmethod
-    def forward(ctx, gy, h, w, xhat, idx, mean, r, y, cfg):
-        n = h.numel() // h.shape[1]
+    def forward(ctx, gy, h, w, xhat, idx, mean, r, y, rw, kb, kg, cfg, keep):
         gu = torch.ops.aten.threshold_backward(gy, y, 0)
         dims = (0, 2, 3)
         gb = gu.sum(dims)
         gw = (gu * xhat).sum(dims)
-        rw = r * w
         # gh = rw unpool(gu) + gamma (h - mean) + beta, gamma = -rw r gw / n, beta = -rw gb / n
-        gamma = rw * r * gw / -n
-        beta = rw * gb / -n
         gh = _unpool(gu * _ch(rw), h, idx, cfg)
-        gh.add_(torch.addcmul(_ch(beta), h - _ch(mean), _ch(gamma)))
-        ctx.save_for_backward(gu, h, w, xhat, idx, mean, r, y, gb, gw)
-        ctx.cfg = cfg
+        gh.add_(torch.addcmul(_ch(kb * gb), h - _ch(mean), _ch(kg * gw)))
+        if keep:
+            n = h.numel() // h.shape[1]
+            ctx.save_for_backward(gu, h, xhat, idx, mean, y, rw,
+                                  *_PooledBatchNormBackward._coefficients(r, w, rw, kb, kg, gb,
+                                                                          gw, n))
+            ctx.cfg = cfg
         ctx.set_materialize_grads(False)
         return gh, gw, gb
 
     @staticmethod
+    def _coefficients(r, w, rw, kb, kg, gb, gw, n):
+        """(coef (6, 5, C), a2 (C,)): rows c0, c1 (d gy = [y > 0] (c0 + c1 xhat + rw Cg)),
+        d w, A1, A3, A4 as combinations of (K0, K1 / r, P, Cw, Cb), and a2 = A2; from
+        u0 = rw / n = -kb, q = r / n, in few ops (kg = -u0 r, nq = -q, nm = -r q)."""
+        nq = r / -n
+        nqgb, nqgw, nm = nq * gb, nq * gw, nq * r
+        zero, one = torch.zeros_like(r), torch.ones_like(r)
+        coef = torch.stack([
+            kb, zero, zero, zero, one,                                          # c0
+            zero, kg, zero, one, zero,                                          # c1
+            nqgb, nqgw * r, r, zero, zero,                                      # d w
+            zero, kg * r, zero, r, zero,                                        # A1
+            nm * w * nqgb, torch.addcmul(w * nqgw, gw, kb, value=2) * (nm * r),  # A3
+            nm * rw, nm * gw, zero,
+            nqgw * kb, nqgb * kg, zero, nqgb, zero,                             # A4
+        ]).view(6, 5, -1)
+        return coef, kg * gw
+
+    @staticmethod
     def backward(ctx, ch, cw, cb):
-        gu, h, w, xhat, idx, mean, r, y, gb, gw = ctx.saved_tensors
-        n = h.numel() // h.shape[1]
+        gu, h, xhat, idx, mean, y, rw, coef, a2 = ctx.saved_tensors
         dims = (0, 2, 3)
         need_gy, need_h, need_w = ctx.needs_input_grad[:3]
-        zero = torch.zeros_like(r)
-        cw = zero if cw is None else cw
-        cb = zero if cb is None else cb
-        hc = h - _ch(mean)
+        zero = rw.new_zeros(())
+        hc = h - _ch(mean) if need_h or ch is not None else None
         if ch is not None:
-            k0 = ch.sum(dims)
-            k1 = r * (ch * hc).sum(dims)
             cg = _gather_pooled(ch, idx)
-            P = (cg * gu).sum(dims)
+            k = [ch.sum(dims), (ch * hc).sum(dims), (cg * gu).sum(dims)]
         else:
-            k0 = k1 = P = zero
-        # the formulas of the docstring, per channel, in few ops (u0 = r w / n, q = r / n,
-        # e0 = u0 K0, e1 = u0 K1, c1 = Cw - e1): A1 = r c1, A2 = -r u0 gw,
-        # A3 = -r q (w dw + gw (c1 - e1)), A4 = q (gw e0 - gb c1)
-        rw = r * w
-        u0 = rw / n
-        e0, e1 = u0 * k0, u0 * k1
-        c1 = cw - e1
-        d_gy = d_h = d_w = None
+            k = [zero.expand_as(rw)] * 3
+        k += [zero.expand_as(rw) if c is None else c for c in (cw, cb)]
+        c0, c1, d_w, a1, a3, a4 = (coef * torch.stack(k)).sum(1).unbind(0)
+        d_gy = d_h = None
         if need_gy:
-            t = torch.addcmul(_ch(cb - e0), xhat, _ch(c1))
+            t = torch.addcmul(_ch(c0), xhat, _ch(c1))
             if ch is not None:
                 t = t.addcmul_(cg, _ch(rw))
             d_gy = torch.ops.aten.threshold_backward(t, y, 0)
-        if need_w or need_h:
-            q = r / n
-            d_w = torch.addcmul(r * P, q, torch.addcmul(gb * k0, gw, k1), value=-1)
         if need_h:
-            a3 = torch.addcmul(gw * (c1 - e1), w, d_w) * (r * q)
-            a4 = torch.addcmul(gw * e0, gb, c1, value=-1) * q
-            d_h = _unpool(gu * _ch(r * c1), h, idx, ctx.cfg)
-            d_h.add_(torch.addcmul(_ch(a4), hc, _ch(a3), value=-1))
+            d_h = _unpool(gu * _ch(a1), h, idx, ctx.cfg)
+            d_h.add_(torch.addcmul(_ch(a4), hc, _ch(a3)))
             if ch is not None:
-                d_h.addcmul_(ch, _ch(r * u0 * gw), value=-1)
-        return d_gy, d_h, d_w if need_w else None, None, None, None, None, None, None
+                d_h.addcmul_(ch, _ch(a2))
+        return (d_gy, d_h, d_w if need_w else None) + (None,) * 10
 
 
 def _pool2(m: nn.Module) -> bool:

@@ -21,12 +21,13 @@ also the second with torch.backends.cudnn.benchmark on):
 
 On the 2-core dev CPU (2026-11-27, `--rounds 3`, benchmarks/results/hvp_op_count_cpu.json), in
 that GPU layout, the same counts at 5-way 1-shot and 20-way 5-shot (M=32): one gradient 45 ops;
-one graph build 163 / 167; one product 374 (111 of them convolutions) with ATen's convolution
-double backward against 281 (17) with _Conv, the products agreeing to 1.4e-7 / 5.6e-7 (float32).
+one graph build 239 / 243; one product 278 (111 of them convolutions) with ATen's convolution
+double backward against 185 (17) with _Conv, the products agreeing to 1.4e-7 / 5.6e-7 (float32).
 Before the batch-norm block became one Function with written-out derivatives (hvp.
 _PooledBatchNorm) the product took 458 / 365 and the graph build 207 / 211. CPU time of a
-product there 1.14x / 1.15x faster with _Conv (1.61x / 2.24x a gradient against 1.88x / 2.56x);
-the counts are what matters on a GPU, where each op is a launch.
+product there 1.09x / 0.98x with _Conv (3 rounds; an earlier run of the same comparison 1.14x /
+1.15x): the CPU is compute-bound; the counts are what matters on a GPU, where each op is a
+launch.
 
 Kernel launches per op: views, detach and the like launch none (counted apart); a cuDNN
 convolution can launch more than one kernel, so on a GPU the counts are a lower bound.
