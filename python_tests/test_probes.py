@@ -24,4 +24,7 @@ def test_hvp_op_count_probe(tmp_path, capsys):
     assert own["grad"]["kernel_ops"] == aten["grad"]["kernel_ops"] > 0
     assert e["rel_diff_own_vs_aten"] < 1e-5
     assert set(e["timing"]) == {"rounds", "aten_conv", "own_conv"}
-    assert len(rep["summary_lines"]) == 2 and "fewer" in capsys.readouterr().out
+    assert set(e["profile"]) == {"grad", "product"}
+    prof = e["profile"]["product"]
+    assert prof["busy_ms"] > 0 and "convolution" in prof["table"]
+    assert len(rep["summary_lines"]) == 3 and "fewer" in capsys.readouterr().out

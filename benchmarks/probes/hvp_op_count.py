@@ -18,6 +18,11 @@ also the second with torch.backends.cudnn.benchmark on):
   convolution's three bilinear maps, each one call over all groups.
 
     python benchmarks/probes/hvp_op_count.py [--device cpu|cuda] [--tasks 32] [--rounds 5]
+                                             [--no-profile]
+
+It also profiles one gradient and one product (torch.profiler's top ops, and on a GPU the
+kernels' device time against the wall time: near 100% means the GPU's work bounds the phase,
+far below it that launching it does).
 
 On the 2-core dev CPU (2026-11-27, `--rounds 3`, benchmarks/results/hvp_op_count_cpu.json), in
 that GPU layout, the same counts at 5-way 1-shot and 20-way 5-shot (M=32): one gradient 45 ops;
@@ -151,6 +156,29 @@ def timed(tl, pb, x, y, v, own_conv, cudnn_benchmark, device, products=3):
         torch.backends.cudnn.benchmark = before
 
 
+def profile_phases(tl, pb, x, y, v, device, top=12):
+    """torch.profiler of one gradient and one product (default layout): where the time goes.
+    On a GPU the sum of the kernels' device time against the wall time says whether the
+    phase is bound by the GPU's work or by launching it (the rest of the wall time)."""
+    from torch.profiler import ProfilerActivity, profile
+    cuda = device.type == "cuda"
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    H = make_hvp(tl, pb, x, y, "double_backward")
+    H._build()
+    out = {}
+    for phase, fn in (("grad", lambda: tl.grad(pb, x, y)), ("product", lambda: H(v))):
+        fn()
+        sync(device)
+        with profile(activities=acts) as prof:
+            fn()
+            sync(device)
+        ka = prof.key_averages()
+        out[phase] = {"busy_ms": sum(getattr(e, key) for e in ka) / 1e3, "busy_of": key,
+                      "table": ka.table(sort_by=key, row_limit=top)}
+    return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -158,6 +186,8 @@ def main(argv=None):
     ap.add_argument("--settings", default="5w1s,20w5s")
     ap.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds (0: none)")
     ap.add_argument("--out", default=None, help="JSON file to write")
+    ap.add_argument("--no-profile", action="store_true",
+                    help="skip torch.profiler's tables of one gradient and one product")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     known = {"5w1s": (5, 1), "20w5s": (20, 5)}
@@ -171,14 +201,16 @@ def main(argv=None):
         counts, res = {}, {}
         for label, own in (("aten_conv", False), ("own_conv", True)):
             counts[label], res[label] = measure(tl, pb, x, y, v, own)
-        num = sum(float((res["own_conv"][k] - res["aten_conv"][k]).pow(2).sum()) for k in res["aten_conv"])
-        den = sum(float(res["aten_conv"][k].pow(2).sum()) for k in res["aten_conv"])
+        own, aten = res["own_conv"], res["aten_conv"]
+        num = sum(float((own[k] - aten[k]).pow(2).sum()) for k in aten)
+        den = sum(float(aten[k].pow(2).sum()) for k in aten)
         entry = {"counts": counts, "rel_diff_own_vs_aten": (num / den) ** 0.5}
         print(f"[{name}] M={args.tasks} on {device}: ops that launch kernels "
               f"(convolutions among them), no-kernel ops, host reads")
         for label in counts:
             for phase, s in counts[label].items():
-                print(f"  {label:9s} {phase:11s} {s['kernel_ops']:5d} ({s['convolution_ops']:3d} conv)"
+                print(f"  {label:9s} {phase:11s} {s['kernel_ops']:5d} "
+                      f"({s['convolution_ops']:3d} conv)"
                       f"  {s['no_kernel_ops']:5d}  {s['host_reads']}")
         a, b = counts["aten_conv"]["product"], counts["own_conv"]["product"]
         line = (f"{name} M={args.tasks}: one product: {a['kernel_ops']} -> {b['kernel_ops']} ops "
@@ -220,6 +252,22 @@ def main(argv=None):
                         f"{r['product_per_grad']:.2f}x its gradient (aten_conv "
                         f"{base['product_per_grad']:.2f}x; medians of {args.rounds} "
                         f"interleaved rounds)")
+                print("  " + line)
+                summary.append(line)
+        if not args.no_profile:
+            prof = profile_phases(tl, pb, x, y, v, device)
+            entry["profile"] = prof
+            what = "kernel time" if device.type == "cuda" else "op CPU time"
+            for phase in ("grad", "product"):
+                print(f"  profile of one {phase} ({what} {prof[phase]['busy_ms']:.2f} ms):")
+                print(prof[phase]["table"])
+            if "timing" in entry:
+                t = entry["timing"]["own_conv"]
+                g, pr = prof["grad"]["busy_ms"] / 1e3, prof["product"]["busy_ms"] / 1e3
+                line = (f"{name} M={args.tasks}: {what} / wall time: gradient "
+                        f"{g * 1e3:.2f} / {t['grad_s'] * 1e3:.2f} ms ({g / t['grad_s']:.0%}), "
+                        f"product {pr * 1e3:.2f} / {t['product_s'] * 1e3:.2f} ms "
+                        f"({pr / t['product_s']:.0%})")
                 print("  " + line)
                 summary.append(line)
         report["settings"][name] = entry
