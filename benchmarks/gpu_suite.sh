@@ -124,7 +124,8 @@ elif [ "$stage" = full ]; then
   # With --compile-hvp: torch.compile's HVP against eager and a gradient, and iMAML-GD with the
   # training option compile_hvp=True against the default (each compiles once, timed apart).
   # With --cuda-graph: iMAML-GD with cuda_graph=True (the meta-gradient solve replayed as one
-  # CUDA graph) against the default, and the captured solve against its eager phases.
+  # CUDA graph) and cuda_graph="step" (the whole per-task meta-gradient as one) against the
+  # default, and the captured solve against its eager phases.
   have benchmarks/bench_meta_gradient.py && step bench_meta_gradient 220 "$PY" benchmarks/bench_meta_gradient.py --device cuda --settings 5w1s,20w5s --rounds 2 --hvp-repeats 3 --compile-hvp --cuda-graph --out "$OUT/meta_gradient_cuda.json"
   have benchmarks/gpu_train_preset.sh && step train_preset 150 env MAX_TIME="${PRESET_MAX_TIME:-80}" bash benchmarks/gpu_train_preset.sh
   # Head-only (ANIL-style) against full adaptation, timing only, the paper's meta-batch.

@@ -9,8 +9,9 @@
 # (2026-11-27, benchmarks/results/train_preset_h100_*) fell from 67% to 34% query accuracy in
 # 488 meta-steps; on the CPU, 8 tasks a step, the paper's recipe stalled at 62% over 211 steps
 # while the authors' reached 91% in 50. RECIPE=paper runs the paper's instead.
-# CUDA_GRAPH=1 adds --cuda-graph (the meta-gradient solve replayed as one CUDA graph; off by
-# default until bench_meta_gradient --cuda-graph has timed it on a GPU).
+# CUDA_GRAPH=1 adds --cuda-graph (the meta-gradient solve replayed as one CUDA graph),
+# CUDA_GRAPH=step --cuda-graph step (the whole per-task meta-gradient as one); both off by
+# default until bench_meta_gradient --cuda-graph has timed them on a GPU.
 #
 #   bash benchmarks/gpu_train_preset.sh          (IMAML_DATA: Omniglot; OUT: default ./gpu_out)
 #
@@ -35,8 +36,9 @@ case "$RECIPE" in
 esac
 case "${CUDA_GRAPH:-0}" in
   1) RECIPE_ARGS+=(--cuda-graph) ;;
+  step) RECIPE_ARGS+=(--cuda-graph step) ;;
   0) ;;
-  *) echo "CUDA_GRAPH must be 0 or 1, got '${CUDA_GRAPH}'" >&2; exit 2 ;;
+  *) echo "CUDA_GRAPH must be 0, 1 or step, got '${CUDA_GRAPH}'" >&2; exit 2 ;;
 esac
 RUN="$OUT/train_preset_run"
 mkdir -p "$OUT"

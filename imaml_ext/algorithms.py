@@ -48,7 +48,7 @@ from imaml_ext import reference
 from imaml_ext.head_only import (ADAPT, HEAD_HVP, HeadModel, head_adapt, head_evaluate, head_gd,
                                  head_hessian_free, head_meta_gradient)
 from imaml_ext.hvp import HVP_KINDS, LOSSES, ParamSpec, Params, TaskLoss, make_hvp
-from imaml_ext.implicit import (CapturedMetaGradient, implicit_meta_gradient,
+from imaml_ext.implicit import (CapturedFunction, CapturedMetaGradient, implicit_meta_gradient,
                                 implicit_meta_gradient_lstsq)
 from imaml_ext.inner import PROXIMAL, batched_theta, gd, hessian_free, train_loss
 from imaml_ext.types import TaskBatch
@@ -82,7 +82,10 @@ class AlgorithmConfig:
     backend: str = "auto"
     adapt: str = "all"
     compile_hvp: bool = False
-    cuda_graph: bool = False
+    cuda_graph: bool | str = False  # False, "solve" or "step"
+
+
+CUDA_GRAPH = (False, True, "solve", "step")
 
 
 def make_algorithm(name: str, *, loss: str | Callable = "cross_entropy", lam: float = 2.0,
@@ -92,7 +95,7 @@ def make_algorithm(name: str, *, loss: str | Callable = "cross_entropy", lam: fl
                    use_ext: bool | None = None, on_nonfinite: str = "skip",
                    cg_rtol: float = 1e-10, backend: str = "auto",
                    adapt: str = "all", compile_hvp: bool = False,
-                   cuda_graph: bool = False) -> "MetaAlgorithm":
+                   cuda_graph: bool | str = False) -> "MetaAlgorithm":
     """Builds one of ALGORITHMS.
 
     Args:
@@ -130,12 +133,16 @@ def make_algorithm(name: str, *, loss: str | Callable = "cross_entropy", lam: fl
             again for new shapes). Measured on an H100 (Omniglot conv net, meta-batch 32): 3.8x
             (5-way 1-shot) and 1.9x (20-way 5-shot) faster per CG product than the default;
             on the 2-core CPU 0.6-0.7x, so off by default. iMAML-HF's Newton steps keep "exact".
-        cuda_graph: imaml-gd / imaml-hf on a GPU, adapt="all", hvp other than "lstsq": the
-            meta-gradient's solve (the HVP's set-up at phi and the cg_steps CG iterations) runs
-            as one CUDA graph, captured on the first meta-step and replayed after (again when
-            the meta-batch's shapes change): imaml_ext.implicit.CapturedMetaGradient. Needs
-            CUDA tensors (ValueError otherwise). If the capture fails, a RuntimeWarning says why
-            and the solve runs eagerly from then on. Off by default until timed on a GPU.
+        cuda_graph: imaml-gd / imaml-hf on a GPU, adapt="all", hvp other than "lstsq".
+            True or "solve": the meta-gradient's solve (the HVP's set-up at phi and the cg_steps
+            CG iterations) runs as one CUDA graph, captured on the first meta-step and replayed
+            after (again when the meta-batch's shapes change):
+            imaml_ext.implicit.CapturedMetaGradient. "step": the whole per-task meta-gradient
+            (inner solver, query gradient and solve, every task at once) as one CUDA graph
+            (imaml_ext.implicit.CapturedFunction), so a meta-step is one launch and the mean
+            over tasks. Needs CUDA tensors (ValueError otherwise). If a capture fails, a
+            RuntimeWarning says why and the work runs eagerly from then on. Off by default
+            until timed on a GPU.
 
     Raises:
         ValueError naming the argument.
@@ -188,14 +195,15 @@ def make_algorithm(name: str, *, loss: str | Callable = "cross_entropy", lam: fl
                          "HVP: it needs name 'imaml-gd' or 'imaml-hf', adapt='all' and hvp "
                          f"'exact' or 'forward_over_reverse', got name={name!r}, "
                          f"adapt={adapt!r}, hvp={hvp!r}")
-    if not isinstance(cuda_graph, bool):
-        raise ValueError(f"cuda_graph must be a bool, got {cuda_graph!r}")
+    if not any(cuda_graph is v or (isinstance(v, str) and cuda_graph == v) for v in CUDA_GRAPH):
+        raise ValueError(f"cuda_graph must be False, True, 'solve' or 'step', got {cuda_graph!r}")
+    cuda_graph = "solve" if cuda_graph is True else cuda_graph
     if cuda_graph and (name not in ("imaml-gd", "imaml-hf") or adapt != "all" or hvp == "lstsq"
                        or compile_hvp):
-        raise ValueError("cuda_graph=True captures the full network's meta-gradient solve: it "
-                         "needs name 'imaml-gd' or 'imaml-hf', adapt='all', an hvp other than "
-                         "'lstsq' (whose whole solve is one op already) and compile_hvp=False, got "
-                         f"name={name!r}, adapt={adapt!r}, hvp={hvp!r}, "
+        raise ValueError(f"cuda_graph={cuda_graph!r} captures the full network's meta-gradient "
+                         "work: it needs name 'imaml-gd' or 'imaml-hf', adapt='all', an hvp "
+                         "other than 'lstsq' (whose whole solve is one op already) and "
+                         f"compile_hvp=False, got name={name!r}, adapt={adapt!r}, hvp={hvp!r}, "
                          f"compile_hvp={compile_hvp!r}")
     if regularized is None:
         regularized = name.startswith("imaml")
@@ -290,7 +298,10 @@ class MetaAlgorithm:
         self.config = config
         self._tl_cache: tuple[nn.Module, TaskLoss] | None = None
         self._hm_cache: tuple[nn.Module, HeadModel] | None = None
-        self._graph: CapturedMetaGradient | None = None  # cuda_graph=True: the last capture
+        # cuda_graph: the last capture (a CapturedMetaGradient for "solve", a CapturedFunction
+        # and its TaskLoss for "step"), and whether a capture failed (then all runs eagerly)
+        self._graph: CapturedMetaGradient | CapturedFunction | None = None
+        self._graph_tl: TaskLoss | None = None
         self._graph_failed = False
 
     @property
@@ -369,8 +380,32 @@ class MetaAlgorithm:
                 use_ext=c.use_ext)
             return self._reduce(spec.flatten(grads, "meta-gradient"), finite, metrics, spec)
         tl = self.task_loss(model)
-        flat, finite, metrics = self._per_task(tl, params, t, spec)
+        if self.config.cuda_graph == "step":
+            flat, finite, metrics = self._graph_step(tl, params, t, spec)
+        else:
+            flat, finite, metrics = self._per_task(tl, params, t, spec)
         return self._reduce(flat, finite, metrics, spec)
+
+    def _graph_step(self, tl, params, t, spec):
+        """cuda_graph="step": _per_task replayed from the capture for these shapes (made on
+        first use), or run eagerly after a failed capture."""
+        args = (dict(params), t)
+        g = self._graph
+        if not self._graph_failed and not (g is not None and self._graph_tl is tl and
+                                           g.matches(args)):
+            self._graph = None  # the old capture's memory goes back before the new one is made
+            try:
+                self._graph = CapturedFunction(
+                    lambda p, tasks: self._per_task(tl, p, tasks, spec), args)
+                self._graph_tl = tl
+            except RuntimeError as exc:
+                self._graph_failed = True
+                warnings.warn(f"{self.name}: cuda_graph='step': capturing the meta-gradient "
+                              f"failed ({type(exc).__name__}: {str(exc)[:300]}); it runs "
+                              "eagerly from now on", RuntimeWarning, stacklevel=3)
+        if self._graph is None:
+            return self._per_task(tl, params, t, spec)
+        return self._graph(args)
 
     def _per_task(self, tl, params, t, spec):
         raise NotImplementedError
@@ -450,8 +485,8 @@ class IMAMLGD(MetaAlgorithm):
                                                   damping=c.cg_damping, cg_lam=c.cg_lam,
                                                   rtol=c.cg_rtol, use_ext=c.use_ext)
         else:
-            solver = self._graph_solver(tl, phi, t, b) if c.cuda_graph and c.cg_steps > 0 \
-                else None
+            solver = self._graph_solver(tl, phi, t, b) \
+                if c.cuda_graph == "solve" and c.cg_steps > 0 else None
             if solver is not None:
                 out, losses = solver(phi, t.x_support, t.y_support, b)
             else:

@@ -83,9 +83,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--compile-hvp", action="store_true", default=argparse.SUPPRESS,
                    help="imaml-gd/imaml-hf: torch.compile the meta-gradient's HVP (compiles on "
                    "the first step; 1.9-3.8x faster per product on an H100, slower on a CPU)")
-    g.add_argument("--cuda-graph", action="store_true", default=argparse.SUPPRESS,
-                   help="imaml-gd/imaml-hf on a GPU: run the meta-gradient's solve (HVP set-up "
-                   "and CG) as one captured CUDA graph, replayed every meta-step")
+    g.add_argument("--cuda-graph", nargs="?", const="solve", choices=("solve", "step"),
+                   default=argparse.SUPPRESS,
+                   help="imaml-gd/imaml-hf on a GPU: replay a captured CUDA graph every "
+                   "meta-step: of the meta-gradient's solve (HVP set-up and CG; the default "
+                   "when no value is given) or of the whole step ('step': inner solver, query "
+                   "gradient and solve)")
     g = t.add_argument_group("meta-optimisation")
     g.add_argument("--steps", type=int, help="meta-steps (default 30000)")
     g.add_argument("--meta-batch", type=int)

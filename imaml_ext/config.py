@@ -101,7 +101,7 @@ class TrainConfig:
     adapt: str = "all"
     use_ext: bool | None = None
     compile_hvp: bool = False
-    cuda_graph: bool = False
+    cuda_graph: bool | str = False  # False, "solve" or "step" (True: "solve")
     # Meta-optimisation
     steps: int = 30000
     meta_batch: int | None = None
@@ -215,7 +215,7 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
                          f"--adapt {out.adapt} --hvp {out.hvp}")
     if out.cuda_graph and (out.algo not in HEAD_ALGORITHMS or out.adapt != "all"
                            or out.compile_hvp or not str(out.device).startswith("cuda")):
-        raise UsageError(f"--cuda-graph captures the meta-gradient solve of imaml-gd / imaml-hf "
+        raise UsageError(f"--cuda-graph captures the meta-gradient work of imaml-gd / imaml-hf "
                          f"with --adapt all on a GPU, without --compile-hvp; got --algo "
                          f"{out.algo} --adapt {out.adapt} --device {out.device}"
                          f"{' --compile-hvp' if out.compile_hvp else ''}")

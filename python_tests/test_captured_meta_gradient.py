@@ -1,12 +1,13 @@
 """CapturedMetaGradient and make_algorithm(cuda_graph=True): iMAML's meta-gradient solve (the
-HVP's set-up at phi and its CG) recorded once as a CUDA graph and replayed.
+HVP's set-up at phi and its CG) recorded once as a CUDA graph and replayed; CapturedFunction and
+cuda_graph="step": the whole per-task meta-gradient likewise.
 
-On the CPU the capture itself cannot run; there an eager stand-in for `_capture_graph` (it reruns
-the recorded function and copies the results into the first run's output tensors, as a replay
-rewrites a graph's static outputs) checks everything around it: that each call's phi, support
-set and right-hand side reach the solve, that results come back as fresh tensors, that the
-algorithm reuses one capture per shape, captures anew when shapes change, and falls back to the
-eager solve when a capture fails. The CUDA tests replay a real graph."""
+On the CPU the capture itself cannot run; there an eager stand-in for `_capture_graph`
+(tree_stand_in: it reruns the recorded function and copies the results into the first run's
+output tensors, as a replay rewrites a graph's static outputs) checks everything around it:
+that each call's inputs reach the captured work, that results come back as fresh tensors, that
+the algorithm reuses one capture per shape, captures anew when shapes change, and runs eagerly
+when a capture fails. The CUDA tests replay a real graph."""
 from __future__ import annotations
 
 import traceback
@@ -15,12 +16,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from imaml_ext import implicit
 from imaml_ext.algorithms import make_algorithm
 from imaml_ext.hvp import ParamSpec, TaskLoss, make_hvp
-from imaml_ext.implicit import CapturedMetaGradient, implicit_meta_gradient
+from imaml_ext.implicit import CapturedFunction, CapturedMetaGradient, implicit_meta_gradient
 from imaml_ext.inner import batched_theta
 from imaml_ext.models import ConvNet
 from imaml_ext.types import TaskBatch
@@ -55,20 +57,29 @@ def point(params, tasks, seed):
     return phi, b.to(next(iter(params.values())).device)
 
 
-def eager_stand_in(calls: list):
-    """_capture_graph without CUDA: replay reruns `run` and copies into the first outputs."""
+def _output_tensors(out) -> list:
+    """The tensors of a captured function's output: pytree leaves, with ImplicitGradient's
+    (CapturedMetaGradient's outputs) opened."""
+    found = []
+    for leaf in pytree.tree_leaves(out):
+        if isinstance(leaf, implicit.ImplicitGradient):
+            found += [leaf.flat, leaf.cg.x, leaf.cg.iterations, leaf.cg.residual_norm,
+                      leaf.cg.status]
+        elif isinstance(leaf, torch.Tensor):
+            found.append(leaf)
+    return found
+
+
+def tree_stand_in(calls: list):
+    """_capture_graph without CUDA for any output structure: replay reruns `run` and copies
+    every output tensor into the first run's."""
     def capture(run, device, warmup):
         calls.append(device)
         out = run()
 
         def replay():
-            new = run()
-            (g, losses), (g2, losses2) = out, new
-            for a, b in ((g.flat, g2.flat), (g.cg.x, g2.cg.x), (g.cg.iterations, g2.cg.iterations),
-                         (g.cg.residual_norm, g2.cg.residual_norm), (g.cg.status, g2.cg.status)):
+            for a, b in zip(_output_tensors(out), _output_tensors(run())):
                 a.copy_(b)
-            if losses is not None:
-                losses.copy_(losses2)
         return replay, out
     return capture
 
@@ -84,7 +95,7 @@ KW = dict(lam=2.0, cg_steps=4, damping=1.0, cg_lam=12.0)
 
 def test_each_call_solves_for_its_own_inputs(monkeypatch):
     calls = []
-    monkeypatch.setattr(implicit, "_capture_graph", eager_stand_in(calls))
+    monkeypatch.setattr(implicit, "_capture_graph", tree_stand_in(calls))
     model, params, tasks = setup()
     tl = TaskLoss(model)
     phi1, b1 = point(params, tasks, 1)
@@ -122,7 +133,7 @@ def test_argument_errors(monkeypatch):
                                                           tasks.y_support))
     with pytest.raises(ValueError, match="lam must be"):
         CapturedMetaGradient(*args, lam=0.0)
-    monkeypatch.setattr(implicit, "_capture_graph", eager_stand_in([]))
+    monkeypatch.setattr(implicit, "_capture_graph", tree_stand_in([]))
     solver = CapturedMetaGradient(*args, **KW)
     small = tasks_for(2, 3, 2, seed=3)
     phi2, b2 = point(params, small, 2)
@@ -133,22 +144,27 @@ def test_argument_errors(monkeypatch):
     assert solver.matches(*args)
 
 
+@pytest.mark.parametrize("mode", [True, "step"])
 @pytest.mark.parametrize("name", ["imaml-gd", "imaml-hf"])
-def test_algorithm_reuses_one_capture_per_shape(name, monkeypatch):
+def test_algorithm_reuses_one_capture_per_shape(name, mode, monkeypatch):
+    # True: the solve captured (CapturedMetaGradient); "step": the whole per-task meta-gradient
+    # (CapturedFunction of _per_task)
     calls = []
-    monkeypatch.setattr(implicit, "_capture_graph", eager_stand_in(calls))
+    monkeypatch.setattr(implicit, "_capture_graph", tree_stand_in(calls))
     model, params, tasks = setup()
     kw = dict(inner_steps=2, inner_lr=0.1, cg_steps=3)
-    graphed, plain = make_algorithm(name, cuda_graph=True, **kw), make_algorithm(name, **kw)
-    for t in (tasks, tasks_for(3, 3, 2, seed=5), tasks_for(2, 3, 2, seed=6)):
-        g1, m1 = graphed.meta_gradient(model, params, t)
-        g2, m2 = plain.meta_gradient(model, params, t)
+    graphed, plain = make_algorithm(name, cuda_graph=mode, **kw), make_algorithm(name, **kw)
+    params2 = {k: v + 0.01 for k, v in params.items()}
+    for p, t in ((params, tasks), (params2, tasks_for(3, 3, 2, seed=5)),
+                 (params, tasks_for(2, 3, 2, seed=6))):
+        g1, m1 = graphed.meta_gradient(model, p, t)
+        g2, m2 = plain.meta_gradient(model, p, t)
         for k in g2:
             torch.testing.assert_close(g1[k], g2[k], rtol=1e-10, atol=1e-12)
-        for k in ("inner_loss", "inner_loss_before", "query_loss", "cg_residual"):
+        assert set(m1) == set(m2)
+        for k in m2:
             torch.testing.assert_close(m1[k], m2[k], rtol=1e-10, atol=1e-12)
-        assert torch.equal(m1["cg_iterations"], m2["cg_iterations"])
-    assert len(calls) == 2  # M = 3 twice (one capture), then M = 2 (a new one)
+    assert len(calls) == 2  # M = 3 twice (one capture; new params and tasks), then M = 2
 
 
 def test_algorithm_solves_eagerly_after_a_failed_capture(monkeypatch):
@@ -181,20 +197,71 @@ def test_algorithm_errors():
             model, params, tasks)
     for kw in (dict(name="maml"), dict(adapt="head"), dict(hvp="lstsq"),
                dict(compile_hvp=True)):
-        with pytest.raises(ValueError, match="cuda_graph=True captures"):
-            make_algorithm(**{"name": "imaml-gd", **kw}, cuda_graph=True)
-    with pytest.raises(ValueError, match="cuda_graph must be a bool"):
-        make_algorithm("imaml-gd", cuda_graph=1)
+        for mode in (True, "step"):
+            with pytest.raises(ValueError, match="cuda_graph='(solve|step)' captures"):
+                make_algorithm(**{"name": "imaml-gd", **kw}, cuda_graph=mode)
+    for bad in (1, "all", None):
+        with pytest.raises(ValueError, match="cuda_graph must be False, True, 'solve' or 'step'"):
+            make_algorithm("imaml-gd", cuda_graph=bad)
+    assert make_algorithm("imaml-gd", cuda_graph=True).config.cuda_graph == "solve"
+    with pytest.raises(ValueError, match="CUDA graph capture needs CUDA tensors"):
+        make_algorithm("imaml-gd", cuda_graph="step", inner_steps=1).meta_gradient(
+            model, params, tasks)
     # cg_steps=0 has no solve to capture: the option is then a no-op.
     g, m = make_algorithm("imaml-gd", cuda_graph=True, cg_steps=0, inner_steps=1) \
         .meta_gradient(model, params, tasks)
     assert (m["cg_iterations"] == 0).all()
 
 
+# ---- cuda_graph="step": the whole per-task meta-gradient as one CapturedFunction ----------------
+
+def test_captured_function_copies_its_inputs_and_returns_fresh_outputs(monkeypatch):
+    calls = []
+    monkeypatch.setattr(implicit, "_capture_graph", tree_stand_in(calls))
+    fn = lambda d, x, k: {"s": d["a"] * x + k, "n": (x.sum(), None)}  # noqa: E731
+    a, x = torch.randn(3), torch.randn(3)
+    step = CapturedFunction(fn, ({"a": a}, x, 2.0))
+    a2, x2 = torch.randn(3), torch.randn(3)
+    out = step(({"a": a2}, x2, 2.0))
+    torch.testing.assert_close(out["s"], a2 * x2 + 2.0)
+    torch.testing.assert_close(out["n"][0], x2.sum())
+    assert out["n"][1] is None
+    kept = out["s"].clone()
+    step(({"a": a}, x, 2.0))
+    assert torch.equal(out["s"], kept)  # fresh tensors: a later replay does not rewrite them
+    assert len(calls) == 1
+    assert not step.matches(({"a": a}, x, 3.0))  # a constant differs
+    assert not step.matches(({"a": a}, x[:2], 2.0))
+    assert not step.matches(({"b": a}, x, 2.0))
+    with pytest.raises(ValueError, match="captured structure, shapes"):
+        step(({"a": a}, x.double(), 2.0))
+    with pytest.raises(ValueError, match="args hold no tensor"):
+        CapturedFunction(fn, (1.0,))
+
+
+def test_algorithm_step_runs_eagerly_after_a_failed_capture(monkeypatch):
+    def failing(run, device, warmup):
+        raise RuntimeError("operation not permitted when stream is capturing")
+    monkeypatch.setattr(implicit, "_capture_graph", failing)
+    model, params, tasks = setup()
+    kw = dict(inner_steps=2, inner_lr=0.1, cg_steps=3)
+    graphed = make_algorithm("imaml-gd", cuda_graph="step", **kw)
+    with pytest.warns(RuntimeWarning, match="cuda_graph='step': capturing the meta-gradient "
+                                            "failed .*not permitted.*eagerly"):
+        g1, _ = graphed.meta_gradient(model, params, tasks)
+    g2, _ = make_algorithm("imaml-gd", **kw).meta_gradient(model, params, tasks)
+    for k in g2:
+        torch.testing.assert_close(g1[k], g2[k], rtol=0, atol=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        graphed.meta_gradient(model, params, tasks)  # no second try, no second warning
+
+
 # Host read-backs (item(), bool() of a tensor: aten._local_scalar_dense) that the captured solve's
 # code makes on the CPU, each behind a device test: (file, function) of the read.
 CPU_ONLY_READS = {("hvp.py", "_bn_relu_pool"),  # skips a sign flip when BN scales are >= 0
-                  ("linalg.py", "_cg_callable")}  # stops the loop when every system stopped
+                  ("linalg.py", "_cg_callable"),  # stops the loop when every system stopped
+                  ("inner.py", "hessian_free")}  # stops Newton-CG when every task converged
 
 
 class HostReads(TorchDispatchMode):
@@ -226,6 +293,18 @@ def test_the_captured_solve_reads_nothing_back_but_on_the_cpu(hvp):
         implicit_meta_gradient(tl, phi, tasks.x_support, tasks.y_support, b, hvp=H, **KW)
     assert reads.sites <= CPU_ONLY_READS, reads.sites - CPU_ONLY_READS
     assert ("linalg.py", "_cg_callable") in reads.sites  # the recorder sees reads
+
+
+@pytest.mark.parametrize("name", ["imaml-gd", "imaml-hf"])
+def test_the_captured_step_reads_nothing_back_but_on_the_cpu(name):
+    # cuda_graph="step" records _per_task: the inner solver, the query gradient and the solve
+    model, params, tasks = setup(M=2)
+    algo = make_algorithm(name, inner_steps=2, cg_steps=3)
+    tl = algo.task_loss(model)
+    with HostReads() as reads:
+        algo._per_task(tl, params, tasks, ParamSpec.of(params, batched=False))
+    assert reads.sites <= CPU_ONLY_READS, reads.sites - CPU_ONLY_READS
+    assert ("linalg.py", "_cg_callable") in reads.sites
 
 
 # ---- on a GPU: a real capture ------------------------------------------------------------------
@@ -270,3 +349,33 @@ def test_cuda_algorithm_with_cuda_graph_matches_the_default():
                 torch.testing.assert_close(g1[k], g2[k], rtol=1e-10, atol=1e-12)
             torch.testing.assert_close(m1["inner_loss"], m2["inner_loss"])
     assert graphed._graph is not None
+
+
+@cuda
+@pytest.mark.parametrize("name", ["imaml-gd", "imaml-hf"])
+def test_cuda_step_capture_matches_the_default_without_host_sync(name):
+    model, params, tasks = setup(device="cuda")
+    kw = dict(inner_steps=2, inner_lr=0.1, cg_steps=3)
+    graphed, plain = make_algorithm(name, cuda_graph="step", **kw), make_algorithm(name, **kw)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # the capture must not fall back
+        graphed.meta_gradient(model, params, tasks)  # captures
+        params2 = {k: v + 0.01 for k, v in params.items()}
+        tasks2 = tasks_for(3, 3, 2, seed=5, device="cuda")
+        step = graphed._graph
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            out = step((params2, tasks2))  # the replay alone: no host synchronisation
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        want = plain._per_task(plain.task_loss(model), params2, tasks2,
+                               ParamSpec.of(params2, batched=False))
+        torch.testing.assert_close(out[0], want[0], rtol=1e-10, atol=1e-12)
+        for k in want[2]:
+            torch.testing.assert_close(out[2][k], want[2][k], rtol=1e-10, atol=1e-12)
+        g1, _ = graphed.meta_gradient(model, params2, tasks2)
+        g2, _ = plain.meta_gradient(model, params2, tasks2)
+        for k in g2:
+            torch.testing.assert_close(g1[k], g2[k], rtol=1e-10, atol=1e-12)
+    assert graphed._graph is step  # one capture for the shape

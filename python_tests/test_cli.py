@@ -76,7 +76,13 @@ def test_cuda_graph_flag(capsys, tmp_path):
     assert_clean_error(code, err, "--cuda-graph", "--algo maml")
     ns = cli.build_parser().parse_args(["train", "--cuda-graph", "--device", "cuda"])
     cfg, _ = cli._config_from_args(ns)
-    assert cfg.cuda_graph is True and cfg.algorithm_kwargs()["cuda_graph"] is True
+    assert cfg.cuda_graph == "solve" and cfg.algorithm_kwargs()["cuda_graph"] == "solve"
+    ns = cli.build_parser().parse_args(["train", "--cuda-graph", "step", "--device", "cuda"])
+    cfg, _ = cli._config_from_args(ns)
+    assert cfg.cuda_graph == "step" and cfg.algorithm_kwargs()["cuda_graph"] == "step"
+    with pytest.raises(SystemExit) as exc:
+        cli.build_parser().parse_args(["train", "--cuda-graph", "all"])
+    assert exc.value.code == 2 and "'step'" in capsys.readouterr().err
     cfg, _ = cli._config_from_args(cli.build_parser().parse_args(["train"]))
     assert cfg.cuda_graph is False and cfg.algorithm_kwargs()["cuda_graph"] is False
 
