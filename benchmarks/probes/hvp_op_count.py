@@ -261,7 +261,9 @@ def main(argv=None):
             for phase in ("grad", "product"):
                 print(f"  profile of one {phase} ({what} {prof[phase]['busy_ms']:.2f} ms):")
                 print(prof[phase]["table"])
-            if "timing" in entry:
+            if "timing" in entry and device.type == "cuda":
+                # (on the CPU the ops run where they are called: their time is the wall time,
+                # summed over threads, so the ratio says nothing)
                 t = entry["timing"]["own_conv"]
                 g, pr = prof["grad"]["busy_ms"] / 1e3, prof["product"]["busy_ms"] / 1e3
                 line = (f"{name} M={args.tasks}: {what} / wall time: gradient "
