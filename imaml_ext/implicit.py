@@ -229,6 +229,14 @@ class CapturedMetaGradient:
                 None if losses is None else losses.clone())
 
 
+def _equal(a, b) -> bool:
+    """a == b for a captured function's constant arguments (False where == is not a bool)."""
+    try:
+        return bool(a == b)
+    except Exception:  # noqa: BLE001 - an elementwise or failing ==: not the same constant
+        return False
+
+
 class CapturedFunction:
     """fn(*args) on a GPU as one CUDA graph, for arguments of fixed shapes: a training step.
 
@@ -275,7 +283,7 @@ class CapturedFunction:
                 if not (isinstance(a, torch.Tensor) and a.shape == s.shape and
                         a.dtype == s.dtype and a.device == s.device):
                     return False
-            elif a != s:
+            elif a is not s and (type(a) is not type(s) or not _equal(a, s)):
                 return False
         return True
 

@@ -231,6 +231,7 @@ def test_captured_function_copies_its_inputs_and_returns_fresh_outputs(monkeypat
     assert torch.equal(out["s"], kept)  # fresh tensors: a later replay does not rewrite them
     assert len(calls) == 1
     assert not step.matches(({"a": a}, x, 3.0))  # a constant differs
+    assert not step.matches(({"a": a}, x, 2))  # or its type
     assert not step.matches(({"a": a}, x[:2], 2.0))
     assert not step.matches(({"b": a}, x, 2.0))
     with pytest.raises(ValueError, match="captured structure, shapes"):
