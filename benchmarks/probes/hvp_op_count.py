@@ -30,9 +30,9 @@ one graph build 239 / 243; one product 278 (111 of them convolutions) with ATen'
 double backward against 185 (17) with _Conv, the products agreeing to 1.4e-7 / 5.6e-7 (float32).
 Before the batch-norm block became one Function with written-out derivatives (hvp.
 _PooledBatchNorm) the product took 458 / 365 and the graph build 207 / 211. CPU time of a
-product there 1.09x / 0.98x with _Conv (3 rounds; an earlier run of the same comparison 1.14x /
-1.15x): the CPU is compute-bound; the counts are what matters on a GPU, where each op is a
-launch.
+product there 1.14x / 1.06x faster with _Conv (3 rounds; earlier runs of the same comparison
+1.14x / 1.15x and 1.09x / 0.98x): the CPU is compute-bound; the counts are what matters on a
+GPU, where each op is a launch.
 
 Kernel launches per op: views, detach and the like launch none (counted apart); a cuDNN
 convolution can launch more than one kernel, so on a GPU the counts are a lower bound.
