@@ -284,7 +284,10 @@ def main(argv=None):
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--min-time", type=float, default=2.0)
-    ap.add_argument("--out", default=None)
+    ap.add_argument("--out", default=None,
+                    help="JSON path (default: benchmarks/results/cg_<device>.json for a full "
+                    "run; a --quick or --sizes run writes only where --out says, so that it "
+                    "never replaces the committed results)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--sizes", default=None,
                     help="B,n,d triples separated by ';' (default: the three target sizes)")
@@ -304,10 +307,14 @@ def main(argv=None):
     result = {"benchmark": "bench_cg", "machine": machine(), "device": args.device,
               "command": " ".join([Path(sys.executable).name] + sys.argv),
               "load_average": list(os.getloadavg()), "results": rows}
-    out = Path(args.out or f"benchmarks/results/cg_{args.device}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\nwrote {out}")
+    partial = args.quick or args.sizes
+    if args.out or not partial:
+        out = Path(args.out or f"benchmarks/results/cg_{args.device}.json")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"\nwrote {out}")
+    else:
+        print("\n(a --quick / --sizes run: no JSON written; --out PATH writes one)")
     worst = min(r["speedup_vs_fastest_other"] for r in rows)
     print(f"smallest speedup over the fastest other: {worst:.2f}x (target >= 2x)")
 

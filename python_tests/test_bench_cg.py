@@ -3,6 +3,8 @@ reference, the speedups are the per-round ratios, and the one-pass probe (the pr
 pass over X per iteration that bounds any CG on this operator) is measured in the same rounds."""
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from conftest import load_benchmark
@@ -45,3 +47,12 @@ def test_rounds_rotate_the_order(bench):
 def test_bad_sizes_rejected(bench):
     with pytest.raises(SystemExit):
         bench.main(["--sizes", "2,3"])
+
+
+def test_partial_runs_write_only_where_asked(bench, tmp_path, monkeypatch):
+    # a --sizes (or --quick) run must not replace the committed benchmarks/results/cg_cpu.json
+    monkeypatch.chdir(tmp_path)
+    bench.main(["--sizes", "2,6,4", "--min-time", "0"])
+    assert not (tmp_path / "benchmarks").exists()
+    bench.main(["--sizes", "2,6,4", "--min-time", "0", "--out", str(tmp_path / "cg.json")])
+    assert json.loads((tmp_path / "cg.json").read_text())["results"][0]["d"] == 4
