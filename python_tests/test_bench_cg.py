@@ -52,7 +52,7 @@ def test_bad_sizes_rejected(bench):
 def test_partial_runs_write_only_where_asked(bench, tmp_path, monkeypatch):
     # a --sizes (or --quick) run must not replace the committed benchmarks/results/cg_cpu.json
     monkeypatch.chdir(tmp_path)
-    bench.main(["--sizes", "2,12,9", "--min-time", "0"])
+    bench.main(["--sizes", "2,40,30", "--min-time", "0"])
     assert not (tmp_path / "benchmarks").exists()
-    bench.main(["--sizes", "2,12,9", "--min-time", "0", "--out", str(tmp_path / "cg.json")])
-    assert json.loads((tmp_path / "cg.json").read_text())["results"][0]["d"] == 9
+    bench.main(["--sizes", "2,40,30", "--min-time", "0", "--out", str(tmp_path / "cg.json")])
+    assert json.loads((tmp_path / "cg.json").read_text())["results"][0]["d"] == 30
