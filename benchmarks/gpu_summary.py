@@ -16,9 +16,10 @@ def lines_for(name: str, data: dict):
             if "raw_op" in r:
                 extra += (f"; the op alone {r['raw_op']['time_s'] * 1e3:.3f} ms (cg() wrapper "
                           f"{r['raw_op']['wrapper_s'] * 1e3:+.3f} ms)")
+            vs = ("no other contender ran" if r.get("fastest_other") is None else
+                  f"{r['speedup_vs_fastest_other']:.2f}x vs {r['fastest_other']}")
             yield (f"{name}: lstsq CG B={r['B']} n={r['n']} d={r['d']}: imaml_ext "
-                   f"{r['times_s']['imaml_ext'] * 1e3:.3f} ms, {r['speedup_vs_fastest_other']:.2f}x "
-                   f"vs {r['fastest_other']}{extra}")
+                   f"{r['times_s']['imaml_ext'] * 1e3:.3f} ms, {vs}{extra}")
     if data.get("benchmark") == "bench_kernels":
         # Achieved bandwidth against the copy measured in the same run, per path: the line that
         # decides between the least-squares product kernels (IMAML_CUDA_XTXV) and the CG paths.

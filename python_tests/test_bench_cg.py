@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from conftest import load_benchmark
 
@@ -56,3 +57,16 @@ def test_partial_runs_write_only_where_asked(bench, tmp_path, monkeypatch):
     assert not (tmp_path / "benchmarks").exists()
     bench.main(["--sizes", "2,40,30", "--min-time", "0", "--out", str(tmp_path / "cg.json")])
     assert json.loads((tmp_path / "cg.json").read_text())["results"][0]["d"] == 30
+
+
+def test_no_other_contender_is_reported_not_a_crash(bench, monkeypatch, capsys):
+    # every other contender skipped (here: all non-finite): the row says so instead of raising
+    def nan(X, b, *rest):
+        return torch.full_like(b, float("nan"))
+    for name in ("torch_two_bmm", "torch_gram", "torchopt_cg", "linear_operator_cg"):
+        monkeypatch.setattr(bench, name, nan)
+    monkeypatch.setattr(bench, "scipy_cg", lambda *a: (_ for _ in ()).throw(ImportError("no")))
+    (row,) = bench.run([(2, 40, 30)], "cpu", min_time=0.0)
+    assert row["fastest_other"] is None and row["speedup_vs_fastest_other"] is None
+    assert "wrong answer" in row["skipped"]["torch (two bmm)"]
+    assert "no other contender ran" in capsys.readouterr().out
