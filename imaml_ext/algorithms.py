@@ -390,22 +390,32 @@ class MetaAlgorithm:
         """cuda_graph="step": _per_task replayed from the capture for these shapes (made on
         first use), or run eagerly after a failed capture."""
         args = (dict(params), t)
-        g = self._graph
-        if not self._graph_failed and not (g is not None and self._graph_tl is tl and
-                                           g.matches(args)):
-            self._graph = None  # the old capture's memory goes back before the new one is made
-            try:
-                self._graph = CapturedFunction(
-                    lambda p, tasks: self._per_task(tl, p, tasks, spec), args)
-                self._graph_tl = tl
-            except RuntimeError as exc:
-                self._graph_failed = True
-                warnings.warn(f"{self.name}: cuda_graph='step': capturing the meta-gradient "
-                              f"failed ({type(exc).__name__}: {str(exc)[:300]}); it runs "
-                              "eagerly from now on", RuntimeWarning, stacklevel=3)
-        if self._graph is None:
+        step = self._captured(
+            lambda g: self._graph_tl is tl and g.matches(args),
+            lambda: CapturedFunction(lambda p, tasks: self._per_task(tl, p, tasks, spec), args),
+            "the meta-gradient")
+        if step is None:
             return self._per_task(tl, params, t, spec)
-        return self._graph(args)
+        self._graph_tl = tl
+        return step(args)
+
+    def _captured(self, matches, build, what: str):
+        """The capture of cuda_graph's work: the last one when matches(it), else a new one from
+        build() (the old one's memory goes back first); None, with one RuntimeWarning, once a
+        capture has failed (the work then runs eagerly)."""
+        if self._graph_failed:
+            return None
+        if self._graph is not None and matches(self._graph):
+            return self._graph
+        self._graph = None
+        try:
+            self._graph = build()
+        except RuntimeError as exc:
+            self._graph_failed = True
+            warnings.warn(f"{self.name}: cuda_graph={self.config.cuda_graph!r}: capturing {what} "
+                          f"failed ({type(exc).__name__}: {str(exc)[:300]}); it runs eagerly "
+                          "from now on", RuntimeWarning, stacklevel=4)
+        return self._graph
 
     def _per_task(self, tl, params, t, spec):
         raise NotImplementedError
@@ -515,27 +525,16 @@ class IMAMLGD(MetaAlgorithm):
         return x, finite & torch.isfinite(lq), metrics
 
     def _graph_solver(self, tl, phi, t, b) -> CapturedMetaGradient | None:
-        """cuda_graph=True: the capture for these shapes (made on first use), or None after a
-        failed capture (then the solve runs eagerly)."""
-        if self._graph_failed:
-            return None
-        g = self._graph
-        if g is not None and g.matches(tl, phi, t.x_support, t.y_support, b):
-            return g
-        self._graph = None  # the old capture's memory goes back before the new one is made
+        """cuda_graph="solve": the capture for these shapes (made on first use), or None after
+        a failed capture (then the solve runs eagerly)."""
         c = self.config
-        try:
-            self._graph = CapturedMetaGradient(
+        return self._captured(
+            lambda g: g.matches(tl, phi, t.x_support, t.y_support, b),
+            lambda: CapturedMetaGradient(
                 tl, phi, t.x_support, t.y_support, b, lam=c.lam, cg_steps=c.cg_steps,
                 damping=c.cg_damping, cg_lam=c.cg_lam, hvp=c.hvp, rtol=c.cg_rtol,
-                use_ext=c.use_ext)
-        except RuntimeError as exc:
-            self._graph_failed = True
-            warnings.warn(f"{self.name}: cuda_graph=True: capturing the meta-gradient solve "
-                          f"failed ({type(exc).__name__}: {str(exc)[:300]}); the solve runs "
-                          "eagerly from now on", RuntimeWarning, stacklevel=3)
-            return None
-        return self._graph
+                use_ext=c.use_ext),
+            "the meta-gradient solve")
 
 
 def _lstsq_inputs(tl: TaskLoss, x: torch.Tensor) -> torch.Tensor:

@@ -129,11 +129,12 @@ class CapturedMetaGradient:
     The capture records everything the solve launches: the HVP's set-up at phi (for the
     double-backward product, the forward and the create_graph backward whose graph the products
     reuse) and cg_steps iterations of (HVP, fused CG step), on static copies of phi, the support
-    set and rhs. A call copies its arguments into them and replays the graph: one launch for the
-    whole solve, with no per-kernel launch or Python overhead and no host synchronisation. The
-    math is implicit_meta_gradient's own (the capture runs it), so results match the eager solve
-    up to float rounding. The graph keeps its buffers (about one eager solve's peak memory) while
-    the solver lives; building it runs the solve `warmup` + 1 times.
+    set and rhs (a CapturedFunction). A call copies its arguments into them and replays the
+    graph: one launch for the whole solve, with no per-kernel launch or Python overhead and no
+    host synchronisation. The math is implicit_meta_gradient's own (the capture runs it), so
+    results match the eager solve up to float rounding. The graph keeps its buffers (about one
+    eager solve's peak memory) while the solver lives; building it runs the solve `warmup` + 1
+    times.
 
         solver = CapturedMetaGradient(task_loss, phi, x, y, rhs, lam=2.0, cg_steps=5)
         out, train_losses = solver(phi, x, y, rhs)   # any phi, x, y, rhs of the same shapes
@@ -176,57 +177,47 @@ class CapturedMetaGradient:
                 raise ValueError(f"CapturedMetaGradient needs every tensor on rhs's device "
                                  f"{b.device}; {name} is on {t.device}")
         self.task_loss = task_loss
-        self._phi = {k: t.detach().clone() for k, t in phi.items()}
-        self._x, self._y, self._b = x_train.detach().clone(), y_train.detach().clone(), b.clone()
+        self._shapes = (tuple(x_train.shape), tuple(b.shape), b.dtype, b.device)
         kw = dict(lam=lam, cg_steps=cg_steps, damping=damping, cg_lam=cg_lam, rtol=rtol,
                   atol=atol, use_ext=use_ext)
 
-        def run():
-            H = make_hvp(task_loss, self._phi, self._x, self._y, hvp)
+        def run(phi_s, x, y, b_s):
+            H = make_hvp(task_loss, phi_s, x, y, hvp)
             losses = H.value_and_grad()[0] if H.kind == "double_backward" else None
-            out = implicit_meta_gradient(task_loss, self._phi, self._x, self._y, self._b,
-                                         hvp=H, **kw)
-            return out, losses
+            out = implicit_meta_gradient(task_loss, phi_s, x, y, b_s, hvp=H, **kw)
+            res = out.cg
+            return out.flat, (res.x, res.iterations, res.residual_norm, res.status), losses
 
-        self._replay, self._out = _capture_graph(run, b.device, warmup)
+        self._step = CapturedFunction(run, self._args(phi, x_train, y_train, b), warmup=warmup)
 
     def _flat_rhs(self, rhs) -> torch.Tensor:
         b = rhs if isinstance(rhs, torch.Tensor) else self.spec.flatten(rhs, "rhs")
         return b.detach()
 
+    def _args(self, phi, x_train, y_train, b) -> tuple:
+        """The captured function's arguments, phi in the capture's key order."""
+        if set(phi) == set(self.spec.names):
+            phi = {k: phi[k] for k in self.spec.names}
+        return dict(phi), x_train, y_train, b
+
     def matches(self, task_loss: TaskLoss, phi: Mapping[str, torch.Tensor],
                 x_train: torch.Tensor, y_train: torch.Tensor, rhs) -> bool:
         """Whether a call with these arguments can replay this capture."""
-        return task_loss is self.task_loss and self._same(phi, x_train, y_train,
-                                                          self._flat_rhs(rhs))
-
-    def _same(self, phi, x_train, y_train, b) -> bool:
-        def same(a, c):
-            return a.shape == c.shape and a.dtype == c.dtype and a.device == c.device
-        return (set(phi) == set(self._phi) and all(same(phi[k], self._phi[k]) for k in self._phi)
-                and same(x_train, self._x) and same(y_train, self._y) and same(b, self._b))
+        return task_loss is self.task_loss and self._step.matches(
+            self._args(phi, x_train, y_train, self._flat_rhs(rhs)))
 
     def __call__(self, phi: Mapping[str, torch.Tensor], x_train: torch.Tensor,
                  y_train: torch.Tensor, rhs) -> tuple[ImplicitGradient, torch.Tensor | None]:
         b = self._flat_rhs(rhs)
-        if not self._same(phi, x_train, y_train, b):
-            raise ValueError("phi, x_train, y_train and rhs must have the captured shapes, dtypes "
-                             f"and device (x_train {tuple(self._x.shape)}, rhs "
-                             f"{tuple(self._b.shape)}, {self._b.dtype}, {self._b.device}); got "
-                             f"x_train {tuple(x_train.shape)}, rhs {tuple(b.shape)}, {b.dtype}, "
+        args = self._args(phi, x_train, y_train, b)
+        if not self._step.matches(args):
+            xs, bs, dt, dev = self._shapes
+            raise ValueError(f"phi, x_train, y_train and rhs must have the captured shapes, dtypes "
+                             f"and device (x_train {xs}, rhs {bs}, {dt}, {dev}); got x_train "
+                             f"{tuple(x_train.shape)}, rhs {tuple(b.shape)}, {b.dtype}, "
                              f"{b.device}: capture a new solver")
-        for k, t in self._phi.items():
-            t.copy_(phi[k])
-        self._x.copy_(x_train)
-        self._y.copy_(y_train)
-        self._b.copy_(b)
-        self._replay()
-        out, losses = self._out
-        flat = out.flat.clone()
-        res = CGResult(out.cg.x.clone(), out.cg.iterations.clone(), out.cg.residual_norm.clone(),
-                       out.cg.status.clone())
-        return (ImplicitGradient(self.spec.unflatten(flat), flat, res),
-                None if losses is None else losses.clone())
+        flat, res, losses = self._step(args)
+        return ImplicitGradient(self.spec.unflatten(flat), flat, CGResult(*res)), losses
 
 
 def _equal(a, b) -> bool:
@@ -293,9 +284,10 @@ class CapturedFunction:
             raise ValueError(f"CapturedFunction: the arguments must have the captured structure, "
                              f"shapes, dtypes and device (tensor shapes {shapes[:6]}...); got "
                              f"others: capture a new one")
-        for s, a in zip(self._static, pytree.tree_leaves(args)):
-            if isinstance(s, torch.Tensor):
-                s.copy_(a)
+        with torch.no_grad():  # a tensor that requires grad must not make the copy part of a graph
+            for s, a in zip(self._static, pytree.tree_leaves(args)):
+                if isinstance(s, torch.Tensor):
+                    s.copy_(a)
         self._replay()
         return pytree.tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t,
                                self._out)

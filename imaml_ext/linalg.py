@@ -383,7 +383,7 @@ def _capture_graph(run: Callable, device: torch.device, warmup: int):
     """Captures run() as a CUDA graph: (replay, run's outputs as the graph's static tensors).
     `warmup` eager runs on a side stream come first (lazy initialisation, cuDNN and cuBLAS
     workspaces must not happen while capturing). Used by CapturedCG and
-    imaml_ext.implicit.CapturedMetaGradient."""
+    imaml_ext.implicit.CapturedFunction (which CapturedMetaGradient is built on)."""
     if device.type != "cuda":
         raise ValueError(f"CUDA graph capture needs CUDA tensors, got {device}")
     stream = torch.cuda.Stream(device=device)

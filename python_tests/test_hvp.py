@@ -415,11 +415,13 @@ def _conv_ops_of_one_product(M, device):
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class Convs(TorchDispatchMode):
-        n = 0
+        def __init__(self):
+            super().__init__()
+            self.n = 0
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             if "convolution" in str(func):
-                type(self).n += 1
+                self.n += 1
             return func(*args, **(kwargs or {}))
 
     model, params_b, x, y = conv_setup(M=M)
@@ -431,11 +433,10 @@ def _conv_ops_of_one_product(M, device):
     H = make_hvp(TaskLoss(model, fused_blocks=False, task_chunk=M), params_b, x, y,
                  "double_backward")
     H._build()
-    Convs.n = 0
-    with Convs():
+    with Convs() as convs:
         hv = H(v)
     ref = loop_hvp(model, params_b, x, y, v)
-    return Convs.n, hv, ref
+    return convs.n, hv, ref
 
 
 def test_hvp_layout_convolutions_do_not_loop_over_tasks(device, monkeypatch):
