@@ -172,6 +172,20 @@ def test_value_and_grad_from_the_hvp_graph():
         assert_close_dict(gv, g)
 
 
+def test_double_backward_graph_aliases_the_params():
+    """The product's graph is built on the caller's parameters, not a copy: changing them in
+    place after the graph exists is an autograd error, never a product at stale values."""
+    model, params_b, x, y = conv_setup()
+    v = {k: torch.randn_like(t) for k, t in params_b.items()}
+    H = make_hvp(TaskLoss(model), params_b, x, y, "double_backward")
+    H(v)
+    p = H._db[0]
+    assert all(p[k].data_ptr() == params_b[k].data_ptr() for k in params_b)
+    params_b["head.weight"].add_(1.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        H(v)
+
+
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_layouts_and_fused_block_are_the_same_function(channels_last):
     model, params_b, x, y = conv_setup()
