@@ -172,6 +172,9 @@ def cg(A: Callable | torch.Tensor | LstsqOperator, b, x0=None, *, max_iter: int 
         b: right-hand side, a tensor or a pytree of tensors (float32/float64, one device).
         x0: initial guess with b's structure; zeros by default.
         max_iter: iterations per system (>= 1); default 10 * P as in scipy.sparse.linalg.cg.
+            For a callable A on a GPU, a given max_iter runs exactly that many iterations with
+            no host synchronisation (converged systems are masked); the default instead checks
+            on the host before iterations 16, 32, 64, ... whether any system still runs.
         rtol, atol: a system has converged when ||r|| <= max(rtol * ||b||, atol).
         batched: the leading dimension of every leaf of b indexes independent systems.
         use_ext: None picks the compiled kernels when available; False forces the reference.
@@ -194,6 +197,7 @@ def cg(A: Callable | torch.Tensor | LstsqOperator, b, x0=None, *, max_iter: int 
         _fail(f"atol must be a finite number >= 0, got {atol!r}")
     bflat, spec, shapes = _flatten(b, batched, "b", copy=False)
     B, P = bflat.shape
+    default_iters = max_iter is None
     if max_iter is None:
         max_iter = max(10 * P, 1)
     if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
@@ -266,7 +270,7 @@ def cg(A: Callable | torch.Tensor | LstsqOperator, b, x0=None, *, max_iter: int 
         return solver()
     elif callable(A):
         out = _cg_callable(A, bflat, xflat, spec, shapes, batched, max_iter, rtol, atol,
-                           ext, reference_only, zero_start=x0 is None)
+                           ext, reference_only, zero_start=x0 is None, poll=default_iters)
     else:
         _fail(f"A must be a callable, a tensor or an LstsqOperator, got {type(A).__name__}")
     x, iters, rnorm, status = out
@@ -279,12 +283,28 @@ def cg(A: Callable | torch.Tensor | LstsqOperator, b, x0=None, *, max_iter: int 
     return CGResult(xs, iters, rnorm, status)
 
 
+def _stop_checks(on_cpu: bool, poll: bool, max_iter: int) -> Callable[[int], bool]:
+    """Before which iterations the callable CG loop reads back whether a system still runs.
+
+    On the CPU before every one (a free read). On a GPU never when the caller chose max_iter:
+    stopped systems are masked and all max_iter iterations run with no host synchronisation.
+    With the default max_iter (10 P) on a GPU (poll) before iterations 16, 32, 64, ...: at most
+    log2(10 P / 16) reads, so that a solve converging in a few dozen steps does not run 10 P.
+    Never while a CUDA graph is being captured (a read-back cannot be captured)."""
+    if on_cpu:
+        return lambda i: True
+    if not poll or torch.cuda.is_current_stream_capturing():
+        return lambda i: False
+    return lambda i: i >= 16 and i & (i - 1) == 0 and i < max_iter
+
+
 def _cg_callable(A, bflat, xflat, spec, shapes, batched, max_iter, rtol, atol, ext,
-                 functional, zero_start: bool = False):
+                 functional, zero_start: bool = False, poll: bool = False):
     """zero_start: x0 was not given, so r0 = b and the product A x0 is skipped (as SciPy's cg
     and the compiled whole-loop solvers do). For an operator like iMAML's HVP that product is
     one more HVP per solve: 1/6 of a 5-step solve. An operator that returns NaN/Inf is then
-    flagged at the first product, A p0, instead of at A x0."""
+    flagged at the first product, A p0, instead of at A x0. poll: max_iter is cg's default
+    (see _stop_checks)."""
     B, P = bflat.shape
 
     def matvec(v: torch.Tensor) -> torch.Tensor:
@@ -307,10 +327,10 @@ def _cg_callable(A, bflat, xflat, spec, shapes, batched, max_iter, rtol, atol, e
     bnorm2 = (bflat * bflat).sum(-1)
     status = reference.cg_initial_status(rs, reference.cg_tol2(bnorm2, rtol, atol))
     iters = torch.zeros_like(status)
-    on_cpu = bflat.device.type == "cpu"
-    for _ in range(max_iter):
-        if on_cpu and not bool((status == reference.RUNNING).any()):
-            break  # free on the CPU; on a GPU stopped systems are masked instead
+    check = _stop_checks(bflat.device.type == "cpu", poll, max_iter)
+    for i in range(max_iter):
+        if check(i) and not bool((status == reference.RUNNING).any()):
+            break  # see _stop_checks; otherwise stopped systems are masked
         ops.cg_step_(x, r, p, matvec(p), rs, bnorm2, status, iters, rtol, atol, use_ext=ext)
     return x, iters, rs.sqrt(), status
 
