@@ -14,10 +14,13 @@
    graph), returns z* attached to autograd so that gradients reach `args`:
    dz*/dargs = -(dF/dz)^-1 dF/dargs, applied in the backward pass by solving (dF/dz)^T u = dL/dz*
    with CG (dF/dz symmetric positive definite, e.g. F = the gradient of a strongly convex inner
-   objective) or CG on the normal equations (any invertible dF/dz).
+   objective) or CG on the normal equations (any invertible dF/dz). On a GPU, cuda_graph=True
+   replays each backward pass from one CUDA graph per shape (a CapturedFunction).
 """
 from __future__ import annotations
 
+import warnings
+import weakref
 from dataclasses import dataclass
 from typing import Callable, Mapping
 
@@ -337,33 +340,125 @@ class _RootFn(torch.autograd.Function):
         cfg = ctx.cfg
         tensors = ctx.saved_tensors
         n = cfg["n_sol"]
-        need = ctx.needs_input_grad[1 + n:]
+        need = tuple(ctx.needs_input_grad[1 + n:])
         if not any(need):
             return (None,) * (1 + len(tensors))
-        with torch.enable_grad():
-            z = [t.detach().requires_grad_(True) for t in tensors[:n]]
-            a = [t.detach().requires_grad_(r) if t.is_floating_point() else t.detach()
-                 for t, r in zip(tensors[n:], need)]
-            zs = pytree.tree_unflatten(z, cfg["sol_spec"])
-            args = _rebuild_args(cfg, a)
-            Fz = cfg["fn"](zs, *args)
-            F_leaves, F_spec = pytree.tree_flatten(Fz)
-            if F_spec != cfg["sol_spec"] or [f.shape for f in F_leaves] != \
-                    [t.shape for t in z]:
-                raise ValueError("implicit_root: optimality_fn must return a residual with the "
-                                 "solution's structure and shapes")
-            v = [torch.zeros_like(t) if c is None else c for t, c in zip(z, cotangents)]
-            u = _solve_adjoint(cfg, F_leaves, z, v)
-            a_req = [t for t, r in zip(a, need) if r]
-            ga = torch.autograd.grad(F_leaves, a_req, grad_outputs=u, allow_unused=True)
-        out, it = [], iter(ga)
-        for t, r in zip(a, need):
-            if r:
-                g = next(it)
-                out.append(None if g is None else -g)
-            else:
-                out.append(None)
-        return (None,) + (None,) * n + tuple(out)
+        z, a, v = list(tensors[:n]), list(tensors[n:]), list(cotangents)
+        graph = None
+        if cfg["cuda_graph"] and not torch.is_grad_enabled():  # not under create_graph
+            graph = _root_graph(cfg, (z, a, v, _root_key(cfg, need)))
+        if graph is not None:
+            ga, res = graph((z, a, v, _root_key(cfg, need)))
+        else:
+            ga, res = _adjoint_grads(cfg, need, z, a, v)
+        if cfg["diagnostics"] is not None:
+            cfg["diagnostics"]["cg"] = CGResult(*res)
+        return (None,) + (None,) * n + tuple(ga)
+
+
+def _adjoint_grads(cfg, need, z_leaves, a_leaves, v):
+    """The backward's work from the saved solution and argument leaves and the cotangents v:
+    (a gradient or None per argument leaf, the adjoint solve's CGResult fields as a tuple)."""
+    with torch.enable_grad():
+        z = [t.detach().requires_grad_(True) for t in z_leaves]
+        a = [t.detach().requires_grad_(r) if t.is_floating_point() else t.detach()
+             for t, r in zip(a_leaves, need)]
+        zs = pytree.tree_unflatten(z, cfg["sol_spec"])
+        args = _rebuild_args(cfg, a)
+        Fz = cfg["fn"](zs, *args)
+        F_leaves, F_spec = pytree.tree_flatten(Fz)
+        if F_spec != cfg["sol_spec"] or [f.shape for f in F_leaves] != \
+                [t.shape for t in z]:
+            raise ValueError("implicit_root: optimality_fn must return a residual with the "
+                             "solution's structure and shapes")
+        u, res = _solve_adjoint(cfg, F_leaves, z, v)
+        a_req = [t for t, r in zip(a, need) if r]
+        ga = torch.autograd.grad(F_leaves, a_req, grad_outputs=u, allow_unused=True)
+    out, it = [], iter(ga)
+    for r in need:
+        g = next(it) if r else None
+        out.append(None if g is None else -g)
+    return out, (res.x, res.iterations, res.residual_norm, res.status)
+
+
+# optimality_fn -> its captured backward passes (cuda_graph=True); weak, so a function that
+# goes away takes its graphs with it
+_ROOT_GRAPHS: "weakref.WeakKeyDictionary[Callable, _RootGraphs]" = weakref.WeakKeyDictionary()
+
+
+class _RootGraphs:
+    """One optimality function's captures, newest last, at most `keep`; `failed` after a
+    capture raised (its backward passes then run eagerly)."""
+    keep = 4
+
+    def __init__(self):
+        self.graphs: list[CapturedFunction] = []
+        self.failed = False
+        self.evicted = False
+
+
+def _root_key(cfg, need) -> tuple:
+    """What a capture of the backward fixes besides tensor shapes: the pytree structures, the
+    non-tensor arguments, the solve's settings, which arguments need gradients, and the
+    identity of tensors the function reads from its closure (a graph reads them at the
+    addresses of the capture: rebinding one needs a new capture)."""
+    tensor_idx = set(cfg["tensor_idx"])
+    consts = tuple(x for i, x in enumerate(cfg["arg_leaves"]) if i not in tensor_idx)
+    cells = getattr(cfg["fn"], "__closure__", None) or ()
+    closure = []
+    for c in cells:
+        try:
+            x = c.cell_contents
+        except ValueError:  # an empty cell
+            continue
+        if isinstance(x, torch.Tensor):
+            closure.append((id(x), x.data_ptr()))
+    return (need, cfg["sol_spec"], cfg["arg_spec"], tuple(cfg["tensor_idx"]), consts,
+            cfg["solver"], cfg["max_iter"], cfg["rtol"], cfg["atol"], cfg["batched"],
+            cfg["use_ext"], tuple(closure))
+
+
+def _root_graph(cfg, args) -> CapturedFunction | None:
+    """The capture of implicit_root's backward for these arguments: a kept one that matches,
+    else a new one; None (the backward runs eagerly) when the function cannot key a weak cache
+    or once a capture has failed, each with one RuntimeWarning."""
+    fn = cfg["fn"]
+    try:
+        entry = _ROOT_GRAPHS.get(fn)
+        if entry is None:
+            entry = _ROOT_GRAPHS[fn] = _RootGraphs()
+    except TypeError:
+        warnings.warn(f"implicit_root(cuda_graph=True): optimality_fn {fn!r} cannot be weakly "
+                      "referenced, so its captures cannot be kept; the backward runs eagerly",
+                      RuntimeWarning, stacklevel=4)
+        return None
+    if entry.failed:
+        return None
+    for graph in entry.graphs:
+        if graph.matches(args):
+            return graph
+    if len(entry.graphs) >= entry.keep:
+        entry.graphs.pop(0)
+        if not entry.evicted:
+            entry.evicted = True
+            warnings.warn(f"implicit_root(cuda_graph=True): more than {entry.keep} shapes or "
+                          "constant arguments for one optimality_fn; each new one costs a "
+                          "capture (pass values that change as tensors, and define the function "
+                          "once, outside the loop)", RuntimeWarning, stacklevel=4)
+    need, tensor_idx = args[3][0], set(cfg["tensor_idx"])
+    # the capture's own cfg: no reference to this call's tensors or diagnostics dict
+    base = dict(cfg, diagnostics=None, arg_leaves=[
+        None if i in tensor_idx else x for i, x in enumerate(cfg["arg_leaves"])])
+    try:
+        graph = CapturedFunction(lambda z, a, v, key: _adjoint_grads(base, need, z, a, v), args)
+    except RuntimeError as exc:
+        entry.failed = True
+        warnings.warn(f"implicit_root(cuda_graph=True): capturing the backward failed "
+                      f"({type(exc).__name__}: {str(exc)[:300]}); it runs eagerly from now on",
+                      RuntimeWarning, stacklevel=4)
+        return None
+    entry.graphs.append(graph)
+    return graph
 
 
 def _rebuild_args(cfg, tensor_leaves):
@@ -374,7 +469,8 @@ def _rebuild_args(cfg, tensor_leaves):
 
 
 def _solve_adjoint(cfg, F_leaves, z, v):
-    """u with (dF/dz)^T u = v: CG on it (cg), or on (dF/dz)(dF/dz)^T u = (dF/dz) v (normal_cg)."""
+    """(u, CGResult) with (dF/dz)^T u = v: CG on it (cg), or on (dF/dz)(dF/dz)^T u = (dF/dz) v
+    (normal_cg)."""
     batched = cfg["batched"]
 
     def JT(u_leaves):  # (dF/dz)^T u by reverse mode through the retained graph
@@ -412,15 +508,13 @@ def _solve_adjoint(cfg, F_leaves, z, v):
                 return tuple(t.detach() for t in fill(J([t.detach() for t in jt]), F_leaves))
         res = cg(A, Jv, **kw)  # J J^T u = J v  <=>  J^T u = v for invertible J
         u = list(res.x)
-    if cfg["diagnostics"] is not None:
-        cfg["diagnostics"]["cg"] = res
-    return u
+    return u, res
 
 
 def implicit_root(optimality_fn: Callable, solution, *args, solver: str = "cg",
                   max_iter: int | None = None, rtol: float = 1e-8, atol: float = 0.0,
                   batched: bool = False, use_ext: bool | None = None,
-                  diagnostics: dict | None = None):
+                  diagnostics: dict | None = None, cuda_graph: bool = False):
     """Attaches a root z* of optimality_fn(z, *args) = 0 to autograd, as a function of args.
 
     The forward returns `solution` unchanged (a tensor or a pytree of tensors, computed any way,
@@ -438,12 +532,29 @@ def implicit_root(optimality_fn: Callable, solution, *args, solver: str = "cg",
         max_iter, rtol, atol, use_ext: passed to imaml_ext.cg for the backward solve.
         batched: the leading dimension of z's leaves indexes independent problems.
         diagnostics: a dict that receives "cg" (the backward solve's CGResult).
+        cuda_graph: on a GPU, run each backward pass (optimality_fn's forward at z*, the
+            adjoint CG solve, the gradient for args) as one CUDA graph: captured the first time
+            for given shapes and constants and replayed after, so the backward makes one
+            launch and no host synchronisation. Needs max_iter (the capture records exactly
+            max_iter iterations; converged systems are masked). Captures are kept per
+            optimality_fn (up to 4 shape/constant combinations; define the function once,
+            outside the training loop). optimality_fn must take the same path for every input
+            and read no values back to the host; tensors it reads from its closure or globals
+            instead of its arguments are read at their addresses at capture time (change them
+            in place, or pass them as args). A capture that fails warns once and that
+            function's backward runs eagerly from then on; a backward with create_graph=True
+            always runs eagerly.
 
     Returns:
         z* with z's structure, differentiable with respect to args (first order).
     """
     if solver not in ("cg", "normal_cg"):
         raise ValueError(f"solver must be 'cg' or 'normal_cg', got {solver!r}")
+    if not isinstance(cuda_graph, bool):
+        raise ValueError(f"cuda_graph must be True or False, got {cuda_graph!r}")
+    if cuda_graph and max_iter is None:
+        raise ValueError("cuda_graph=True records a fixed number of CG iterations: give max_iter "
+                         "(an int >= 1), got None")
     sol_leaves, sol_spec = pytree.tree_flatten(solution)
     if not sol_leaves or not all(isinstance(t, torch.Tensor) and t.is_floating_point()
                                  for t in sol_leaves):
@@ -453,7 +564,8 @@ def implicit_root(optimality_fn: Callable, solution, *args, solver: str = "cg",
     cfg = {"fn": optimality_fn, "n_sol": len(sol_leaves), "sol_spec": sol_spec,
            "arg_leaves": arg_leaves, "arg_spec": arg_spec, "tensor_idx": tensor_idx,
            "solver": solver, "max_iter": max_iter, "rtol": rtol, "atol": atol,
-           "batched": batched, "use_ext": use_ext, "diagnostics": diagnostics}
+           "batched": batched, "use_ext": use_ext, "diagnostics": diagnostics,
+           "cuda_graph": cuda_graph}
     out = _RootFn.apply(cfg, *[t.detach() for t in sol_leaves],
                         *[arg_leaves[i] for i in tensor_idx])
     return pytree.tree_unflatten(list(out), sol_spec)

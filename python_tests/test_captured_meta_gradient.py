@@ -1,6 +1,7 @@
 """CapturedMetaGradient and make_algorithm(cuda_graph=True): iMAML's meta-gradient solve (the
 HVP's set-up at phi and its CG) recorded once as a CUDA graph and replayed; CapturedFunction and
-cuda_graph="step": the whole per-task meta-gradient likewise.
+cuda_graph="step": the whole per-task meta-gradient likewise; implicit_root(cuda_graph=True): the
+backward pass of a root.
 
 On the CPU the capture itself cannot run; there an eager stand-in for `_capture_graph`
 (tree_stand_in: it reruns the recorded function and copies the results into the first run's
@@ -368,3 +369,131 @@ def test_cuda_step_capture_matches_the_default_without_host_sync(name):
         for k in g2:
             torch.testing.assert_close(g1[k], g2[k], rtol=1e-10, atol=1e-12)
     assert graphed._graph is step  # one capture for the shape
+
+
+# ---- implicit_root(cuda_graph=True): each backward pass as one CapturedFunction ---------------
+
+def ridge_root(n=30, d=5, seed=0, device="cpu"):
+    """(F, solve, rebind): the ridge optimality F(w, a) = X^T (X w - y) / n + a w with X read
+    from F's closure, its solution for a, and rebind(X2) that puts another X in that closure."""
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(n, d, generator=g, dtype=DT).to(device)
+    y = torch.randn(n, generator=g, dtype=DT).to(device)
+
+    def F(w, a):
+        return X.T @ (X @ w - y) / n + a * w
+
+    def solve(a):
+        with torch.no_grad():
+            return torch.linalg.solve(X.T @ X / n + a * torch.eye(d, dtype=DT, device=device),
+                                      X.T @ y / n)
+
+    def rebind(X2):
+        nonlocal X
+        X = X2
+    return F, solve, rebind
+
+
+def root_grad(F, solve, a, **kw):
+    """d/da of a fixed loss of w*(a) through implicit_root, and the backward's CGResult."""
+    a = a.detach().requires_grad_(True)
+    diag = {}
+    w = implicit.implicit_root(F, solve(a), a, rtol=1e-12, diagnostics=diag, **kw)
+    (g,) = torch.autograd.grad((w * torch.arange(1.0, w.shape[0] + 1, dtype=DT,
+                                                 device=w.device)).sum(), a)
+    return g, diag["cg"]
+
+
+def test_root_backward_replays_one_capture_per_shape_and_constants(monkeypatch):
+    calls = []
+    monkeypatch.setattr(implicit, "_capture_graph", tree_stand_in(calls))
+    F, solve, rebind = ridge_root()
+    kw = dict(max_iter=20, cuda_graph=True)
+    a1, a2 = torch.tensor(0.3, dtype=DT), torch.tensor(1.7, dtype=DT)
+    g1, res1 = root_grad(F, solve, a1, **kw)
+    kept = res1.x[0].clone()
+    g2, res2 = root_grad(F, solve, a2, **kw)
+    assert len(calls) == 1  # the second backward replayed the first's capture ...
+    torch.testing.assert_close(g1, root_grad(F, solve, a1, max_iter=20)[0], rtol=1e-10, atol=0)
+    torch.testing.assert_close(g2, root_grad(F, solve, a2, max_iter=20)[0], rtol=1e-10, atol=0)
+    assert not torch.allclose(g1, g2)  # ... with its own inputs
+    assert torch.equal(res1.x[0], kept)  # and fresh outputs: diagnostics are not rewritten
+    assert bool(res2.converged)
+    root_grad(F, solve, a1, max_iter=15, cuda_graph=True)  # another constant: a new capture
+    assert len(calls) == 2
+    X2 = torch.randn(30, 5, generator=torch.Generator().manual_seed(9), dtype=DT)
+    rebind(X2)  # another tensor in F's closure: a new capture, which reads the new X
+    g3, _ = root_grad(F, solve, a1, **kw)
+    assert len(calls) == 3
+    torch.testing.assert_close(g3, root_grad(F, solve, a1, max_iter=20)[0], rtol=1e-10, atol=0)
+    assert not torch.allclose(g3, g1)
+    a = a1.clone().requires_grad_(True)
+    w = implicit.implicit_root(F, solve(a), a, max_iter=20, cuda_graph=True)
+    torch.autograd.grad(w.sum(), a, create_graph=True)  # create_graph: eager, no capture
+    assert len(calls) == 3
+
+
+def test_root_backward_keeps_four_captures_and_runs_eagerly_after_a_failed_one(monkeypatch):
+    calls = []
+    monkeypatch.setattr(implicit, "_capture_graph", tree_stand_in(calls))
+    F, solve, _ = ridge_root()
+    a = torch.tensor(0.5, dtype=DT)
+    for it in (11, 12, 13, 14):
+        root_grad(F, solve, a, max_iter=it, cuda_graph=True)
+    with pytest.warns(RuntimeWarning, match="more than 4 shapes or constant arguments"):
+        root_grad(F, solve, a, max_iter=15, cuda_graph=True)
+    root_grad(F, solve, a, max_iter=15, cuda_graph=True)
+    assert len(calls) == 5
+
+    def failing(run, device, warmup):
+        raise RuntimeError("operation not permitted when stream is capturing")
+    monkeypatch.setattr(implicit, "_capture_graph", failing)
+    G, solve2, _ = ridge_root(seed=1)
+    with pytest.warns(RuntimeWarning, match="capturing the backward failed .*not permitted"):
+        g, _ = root_grad(G, solve2, a, max_iter=20, cuda_graph=True)
+    torch.testing.assert_close(g, root_grad(G, solve2, a, max_iter=20)[0], rtol=0, atol=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        root_grad(G, solve2, a, max_iter=20, cuda_graph=True)  # no second try or warning
+
+
+def test_root_cuda_graph_errors():
+    F, solve, _ = ridge_root()
+    a = torch.tensor(0.5, dtype=DT, requires_grad=True)
+    with pytest.raises(ValueError, match="give max_iter"):
+        implicit.implicit_root(F, solve(a), a, cuda_graph=True)
+    with pytest.raises(ValueError, match="cuda_graph must be True or False"):
+        implicit.implicit_root(F, solve(a), a, max_iter=5, cuda_graph="yes")
+    w = implicit.implicit_root(F, solve(a), a, max_iter=5, cuda_graph=True)
+    with pytest.raises(ValueError, match="needs CUDA tensors, got cpu"):
+        w.sum().backward()  # the real capture, on the CPU
+
+
+def test_the_captured_root_backward_reads_nothing_back_but_on_the_cpu():
+    F, solve, _ = ridge_root()
+    with HostReads() as reads:
+        root_grad(F, solve, torch.tensor(0.5, dtype=DT), max_iter=20)
+    assert reads.sites <= CPU_ONLY_READS, reads.sites - CPU_ONLY_READS
+    assert ("linalg.py", "_cg_callable") in reads.sites
+
+
+@cuda
+def test_cuda_root_backward_replay_matches_eager_without_host_sync():
+    F, solve, _ = ridge_root(device="cuda")
+    kw = dict(max_iter=20, cuda_graph=True)
+    a1 = torch.tensor(0.3, dtype=DT, device="cuda")
+    a2 = torch.tensor(1.7, dtype=DT, device="cuda")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # the capture must not fall back
+        root_grad(F, solve, a1, **kw)  # captures
+        a = a2.clone().requires_grad_(True)
+        w = implicit.implicit_root(F, solve(a), a, rtol=1e-12, **kw)
+        loss = (w * torch.arange(1.0, 6.0, dtype=DT, device="cuda")).sum()
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            (g,) = torch.autograd.grad(loss, a)  # the replay: no host synchronisation
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    torch.testing.assert_close(g, root_grad(F, solve, a2, max_iter=20)[0], rtol=1e-10, atol=0)
+    assert len(implicit._ROOT_GRAPHS[F].graphs) == 1
