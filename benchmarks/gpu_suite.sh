@@ -112,6 +112,8 @@ if [ "$stage" = quick ]; then
   # ATen's per-group double backward) and cuDNN autotuning, timed in interleaved rounds (new:
   # not yet run on a GPU; ~5 min on the 2-core CPU, mostly 20-way 5-shot's convolutions).
   step hvp_op_count 90 "$PY" benchmarks/probes/hvp_op_count.py --device cuda --rounds 5 --out "$OUT/hvp_op_count_cuda.json"
+  # implicit_root's backward eager against cuda_graph=True (new: not yet run on a GPU).
+  step root_graph 45 "$PY" benchmarks/probes/root_graph.py --device cuda --rounds 20 --out "$OUT/root_graph_cuda.json"
   if [ $run_full = 0 ]; then
   tiles_gate
   step bench_cg_quick 60 "$PY" benchmarks/bench_cg.py --device cuda --quick --out "$OUT/cg_cuda_quick.json"

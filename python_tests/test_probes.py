@@ -28,3 +28,14 @@ def test_hvp_op_count_probe(tmp_path, capsys):
     prof = e["profile"]["product"]
     assert prof["busy_ms"] > 0 and "convolution" in prof["table"]
     assert len(rep["summary_lines"]) == 2 and "fewer" in capsys.readouterr().out
+
+
+def test_root_graph_probe(tmp_path, capsys):
+    probe = load_benchmark("probes/root_graph")
+    out = tmp_path / "root.json"
+    probe.main(["--device", "cpu", "--settings", "B32_n256_d64", "--iters", "3", "--rounds", "2",
+                "--out", str(out)])
+    rep = json.loads(out.read_text())
+    e = rep["settings"]["B32_n256_d64"]
+    assert e["eager_s"] > 0 and "graph_s" not in e  # the capture needs CUDA
+    assert "needs a CUDA device" in rep["summary_lines"][0] in capsys.readouterr().out
