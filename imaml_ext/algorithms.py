@@ -116,7 +116,8 @@ def make_algorithm(name: str, *, loss: str | Callable = "cross_entropy", lam: fl
             "double_backward", "ggn" (Gauss-Newton, PSD), or "lstsq" (imaml-gd with a bias-free
             nn.Linear(d, 1) and loss "half_mse": the fused least-squares CG op).
         proximal: "paper" (proximal term in every GD step) or "authors" (plain steps then one
-            proximal step), for the regularized GD inner loops.
+            proximal step), for the regularized GD inner loops (imaml-gd, and maml / fomaml /
+            reptile with regularized=True; elsewhere "authors" is a ValueError).
         regularized: whether maml/fomaml/reptile run GD on G (True) or on L_train (False, the
             default for them; iMAML always uses G).
         use_ext: compiled CG kernels (None: when available; False: the reference).
@@ -209,6 +210,12 @@ def make_algorithm(name: str, *, loss: str | Callable = "cross_entropy", lam: fl
         regularized = name.startswith("imaml")
     elif not regularized and name.startswith("imaml"):
         raise ValueError("regularized=False is not iMAML: its inner problem is G")
+    if proximal != "paper" and (name == "imaml-hf" or not regularized):
+        # an option that would change nothing: say so rather than run the same thing
+        raise ValueError(f"proximal={proximal!r} changes where a GD inner loop applies the "
+                         "proximal term, so it needs a regularized GD inner loop (imaml-gd, or "
+                         "maml / fomaml / reptile with regularized=True); imaml-hf's Newton-CG "
+                         f"minimises G itself. Got name={name!r}, regularized={regularized!r}")
     cfg = AlgorithmConfig(name=name, loss=loss, lam=float(lam), inner_steps=inner_steps,
                           inner_lr=float(inner_lr), cg_steps=cg_steps,
                           cg_damping=float(cg_damping),

@@ -202,6 +202,11 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
         if getattr(out, name) not in allowed:
             raise UsageError(f"--{name.replace('_', '-')} must be one of {allowed}, got "
                              f"{getattr(out, name)!r}")
+    if out.proximal != "paper" and out.algo != "imaml-gd":
+        raise UsageError(f"--proximal {out.proximal} changes where the GD inner loop applies the "
+                         f"proximal term: it is for --algo imaml-gd (imaml-hf's Newton-CG "
+                         f"minimises G itself; the baselines' inner loops have no proximal "
+                         f"term), got --algo {out.algo}")
     if out.adapt == "head" and out.algo not in HEAD_ALGORITHMS:
         raise UsageError(f"--adapt head is implemented for {' and '.join(HEAD_ALGORITHMS)}, not "
                          f"{out.algo}")

@@ -346,6 +346,11 @@ def test_argument_errors():
             make_algorithm(**{"name": "imaml-gd", **kw}, compile_hvp=True)
     with pytest.raises(ValueError, match="compile_hvp must be a bool"):
         make_algorithm("imaml-gd", compile_hvp="yes")
+    for kw in (dict(name="imaml-hf"), dict(name="maml"), dict(name="reptile", regularized=False)):
+        with pytest.raises(ValueError, match="proximal='authors' .* needs a regularized GD"):
+            make_algorithm(**kw, proximal="authors")
+    for kw in (dict(name="imaml-gd"), dict(name="fomaml", regularized=True)):
+        assert make_algorithm(**kw, proximal="authors").config.proximal == "authors"
     algo = make_algorithm("imaml-gd", inner_steps=1)
     missing = {k: v for k, v in params.items() if k != "head.bias"}
     with pytest.raises(ValueError, match=r"params does not match.*missing \['head.bias'\]"):

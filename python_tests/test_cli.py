@@ -56,6 +56,10 @@ def test_shots_plus_queries_larger_than_images(capsys, omniglot_root, tmp_path):
 def test_bad_values_and_unknown_options(capsys, tmp_path):
     code, _, err = run_cli(capsys, "train", "--lam", "-1", "--out", str(tmp_path / "r"))
     assert_clean_error(code, err, "--lam must be > 0")
+    code, _, err = run_cli(capsys, "train", "--algo", "imaml-hf", "--proximal", "authors",
+                           "--out", str(tmp_path / "r"))
+    assert_clean_error(code, err, "--proximal authors", "is for --algo imaml-gd",
+                       "got --algo imaml-hf")
     with pytest.raises(SystemExit) as info:
         cli.main(["train", "--algo", "sgd"])
     assert info.value.code == 2

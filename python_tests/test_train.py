@@ -183,6 +183,15 @@ def test_negative_curvature_is_logged_and_warned_once(tmp_path, caplog, from_cal
         assert not warned
 
 
+def test_negative_curvature_warning_names_what_applies_to_imaml_hf(tmp_path, caplog):
+    t = make_trainer(tmp_path, algorithm=CurvedQueryGradient(0), steps=2, ckpt_every=0,
+                     algo="imaml-hf")
+    with caplog.at_level(logging.WARNING, logger="imaml_ext.train"):
+        t.run()
+    (msg,) = [r.getMessage() for r in caplog.records if "negative curvature" in r.getMessage()]
+    assert "--hvp ggn" in msg and "--proximal" not in msg and "82% query accuracy" in msg
+
+
 def test_nan_policy_skips_bad_steps_and_counts_tasks(tmp_path):
     algo = QueryGradient(bad_calls={1, 2}, bad_tasks={1})
     t = make_trainer(tmp_path, algorithm=algo, steps=4, ckpt_every=0)
