@@ -676,8 +676,8 @@ class Trainer:
             advice = ("For iMAML-HF the Gauss-Newton product avoids it: --hvp ggn is positive "
                       "semi-definite, so neither the Newton-CG nor the meta-gradient's CG meets "
                       "negative curvature (Omniglot 5-way 1-shot: 82%% query accuracy at step "
-                      "100 against about 70%% with the exact Hessian, at 2.4x the time per step "
-                      "on a CPU).")
+                      "100 against about 70%% with the exact Hessian, at about 1.2x the time per "
+                      "step on a CPU).")
         else:
             advice = ("The iMAML authors' inner loop avoids it on the Omniglot conv net: "
                       "--proximal authors (their whole recipe: --proximal authors --cg-damping 1 "

@@ -229,11 +229,18 @@ def _ggn_dense(model, p, x, y):
     return J.T @ Hout @ J
 
 
-def test_ggn_equals_explicit_and_is_psd():
-    model, params_b, x, y = mlp_setup(M=2)
+@pytest.mark.parametrize("setup", [mlp_setup, conv_setup], ids=["mlp", "conv"])
+def test_ggn_equals_explicit_and_is_psd(setup):
+    model, params_b, x, y = setup(M=2)
     v = {k: torch.randn_like(t) for k, t in params_b.items()}
     H = make_hvp(TaskLoss(model), params_b, x, y, "ggn")
     got = H(v)
+    torch.testing.assert_close(spec_flat(H(v)), spec_flat(got), rtol=0, atol=0)  # graph reused
+    if setup is mlp_setup:  # (the conv net's folded layout does not run inside vmap)
+        inside = vmap(lambda p, xx, yy, vv: make_hvp(TaskLoss(model), _one(p), xx[None],
+                                                     yy[None], "ggn")(_one(vv)),
+                      in_dims=(0, 0, 0, 0))(params_b, x, y, v)  # the transforms' path
+        assert_close_dict({k: t.squeeze(1) for k, t in inside.items()}, got)
     flat_v, spec = flatten_params(v)
     got_flat = spec.flatten(got)
     for i in range(2):
@@ -241,6 +248,14 @@ def test_ggn_equals_explicit_and_is_psd():
         torch.testing.assert_close(got_flat[i], G @ flat_v[i])
         assert torch.linalg.eigvalsh((G + G.T) / 2).min() > -1e-10
     assert ((got_flat * flat_v).sum(1) >= 0).all()
+
+
+def spec_flat(d):
+    return torch.cat([t.reshape(t.shape[0], -1) for t in d.values()], 1)
+
+
+def _one(p):
+    return {k: t[None] for k, t in p.items()}
 
 
 def test_ggn_equals_hessian_for_linear_least_squares():
