@@ -26,13 +26,14 @@ far below it that launching it does).
 
 On the 2-core dev CPU (2026-11-27, `--rounds 3`, benchmarks/results/hvp_op_count_cpu.json), in
 that GPU layout, the same counts at 5-way 1-shot and 20-way 5-shot (M=32): one gradient 45 ops;
-one graph build 239 / 243; one product 278 (111 of them convolutions) with ATen's convolution
-double backward against 185 (17) with _Conv, the products agreeing to 1.4e-7 / 5.6e-7 (float32).
-Before the batch-norm block became one Function with written-out derivatives (hvp.
-_PooledBatchNorm) the product took 458 / 365 and the graph build 207 / 211. CPU time of a
-product there 1.14x / 1.06x faster with _Conv (3 rounds; earlier runs of the same comparison
-1.14x / 1.15x and 1.09x / 0.98x): the CPU is compute-bound; the counts are what matters on a
-GPU, where each op is a launch.
+one graph build 221 with ATen's convolution double backward and 225 with _Conv (239 / 243
+before BatchedHVP stopped copying the parameters it differentiates); one product 278 (111 of
+them convolutions) against 185 (17), the products agreeing to 1.4e-7 / 5.6e-7 (float32, 5-way
+1-shot / 20-way 5-shot). Before the batch-norm block became one Function with written-out
+derivatives (hvp._PooledBatchNorm) the product took 458 / 365 and the graph build 207 / 211.
+CPU time of a product there 1.11x / 1.06x faster with _Conv (3 rounds, commit e228a36;
+earlier runs of the same comparison 1.14x / 1.06x, 1.14x / 1.15x and 1.09x / 0.98x): the CPU
+is compute-bound; the counts are what matters on a GPU, where each op is a launch.
 
 Kernel launches per op: views, detach and the like launch none (counted apart); a cuDNN
 convolution can launch more than one kernel, so on a GPU the counts are a lower bound.
