@@ -276,8 +276,9 @@ def _bn_relu_pool(h, w, b, eps, pool):
     first and second derivatives are written out: a few full-size ops each and fewer per-channel
     ones than autograd's derivatives of the composite (one 5-way 1-shot double-backward product,
     M=32, in the GPU's layout: 365 -> 185 ATen ops, i.e. kernel launches on a GPU, its graph
-    build 211 -> 243, 225 without BatchedHVP's parameter copy; CPU time the same, a product 1.03x / 1.02x and a graph build 1.01x /
-    0.98x at 5-way 1-shot M=32 / 20-way 5-shot M=8, where the work is the convolutions').
+    build 211 -> 243, 225 without BatchedHVP's parameter copy; CPU time the same, a product
+    1.03x / 1.02x and a graph build 1.01x / 0.98x at 5-way 1-shot M=32 / 20-way 5-shot M=8,
+    where the work is the convolutions').
     Inside transforms, _bn_relu_pool_composite (it has forward-mode rules too).
     """
     if not _in_transform(h):

@@ -343,12 +343,14 @@ class _RootFn(torch.autograd.Function):
         need = tuple(ctx.needs_input_grad[1 + n:])
         if not any(need):
             return (None,) * (1 + len(tensors))
-        z, a, v = list(tensors[:n]), list(tensors[n:]), list(cotangents)
+        z, a = list(tensors[:n]), list(tensors[n:])
+        v = [torch.zeros_like(t) if c is None else c for t, c in zip(z, cotangents)]
         graph = None
         if cfg["cuda_graph"] and not torch.is_grad_enabled():  # not under create_graph
-            graph = _root_graph(cfg, (z, a, v, _root_key(cfg, need)))
+            args = (z, a, v, _root_key(cfg, need))
+            graph = _root_graph(cfg, args)
         if graph is not None:
-            ga, res = graph((z, a, v, _root_key(cfg, need)))
+            ga, res = graph(args)
         else:
             ga, res = _adjoint_grads(cfg, need, z, a, v)
         if cfg["diagnostics"] is not None:
