@@ -980,7 +980,7 @@ class BatchedHVP:
             return losses.detach(), {k: t.detach() for k, t in zip(self.spec.names, g)}
         if self.kind == "ggn" and not any(torch._C._functorch.is_functorch_wrapped_tensor(t)
                                           for t in (*self.params.values(), self.x)):
-            p, out, _, _ = self._ggn_build()  # the products' forward: no second one
+            p, out = self._ggn_build()[:2]  # the products' forward: no second one
             with torch.enable_grad():
                 losses = self.task_loss.per_task(out, self.y)
                 g = torch.autograd.grad(losses.sum(), [p[k] for k in self.spec.names],
@@ -1021,27 +1021,29 @@ class BatchedHVP:
         J v is one backward through the latter (the double-vjp trick: J^T u is linear in u)
         and J^T w one backward through the former; nothing is recomputed and no forward-mode
         AD runs over the network. H_out (the loss's Hessian in the outputs, a small tensor) is
-        forward-over-reverse. Inside transforms: jvp and vjp of the outputs (recomputed)."""
+        a double backward of the loss in the outputs, likewise built once. Inside transforms:
+        jvp and vjp of the outputs (recomputed), H_out forward-over-reverse."""
         tl = self.task_loss
-        loss_grad = grad(lambda o: tl.per_task(o, self.y).sum())
         if any(torch._C._functorch.is_functorch_wrapped_tensor(t)
                for t in (*self.params.values(), self.x, *v.values())):
+            loss_grad = grad(lambda o: tl.per_task(o, self.y).sum())
             out_fn = lambda p: tl.outputs(p, self.x, mode="hvp")  # noqa: E731
             out, vjp_fn = vjp(out_fn, self.params)
             _, jv = jvp(out_fn, (self.params,), (v,))
             return vjp_fn(jvp(loss_grad, (out.detach(),), (jv,))[1])[0]
-        p, out, u, jtu = self._ggn_build()
+        p, out, u, jtu, o, lg = self._ggn_build()
         names = self.spec.names
         with torch.enable_grad():
             (jv,) = torch.autograd.grad(jtu, [u], grad_outputs=[v[k] for k in names],
                                         retain_graph=True)
-            _, hjv = jvp(loss_grad, (out.detach(),), (jv,))
+            (hjv,) = torch.autograd.grad(lg, [o], grad_outputs=[jv], retain_graph=True)
             res = torch.autograd.grad(out, [p[k] for k in names], grad_outputs=hjv,
                                       retain_graph=True)
         return dict(zip(names, res))
 
     def _ggn_build(self):
-        """(params as graph leaves, outputs, u, J^T u with its graph), built once."""
+        """(params as graph leaves, outputs, u, J^T u with its graph, the outputs as a leaf o,
+        the loss's gradient in o with its graph), built once."""
         if self._ggn is None:
             with torch.enable_grad():
                 p = {k: t.detach().requires_grad_(True) for k, t in self.params.items()}
@@ -1049,7 +1051,10 @@ class BatchedHVP:
                 u = torch.zeros_like(out, requires_grad=True)
                 jtu = torch.autograd.grad(out, [p[k] for k in self.spec.names], grad_outputs=u,
                                           create_graph=True)
-            self._ggn = (p, out, u, jtu)
+                o = out.detach().requires_grad_(True)
+                (lg,) = torch.autograd.grad(self.task_loss.per_task(o, self.y).sum(), [o],
+                                            create_graph=True)
+            self._ggn = (p, out, u, jtu, o, lg)
         return self._ggn
 
 
