@@ -181,8 +181,9 @@ def cg(A: Callable | torch.Tensor | LstsqOperator, b, x0=None, *, max_iter: int 
             Inside torch.func transforms, or with autograd recording through b or x0, the
             functional reference is used.
         cuda_graph: for a callable A on a CUDA device, capture the whole loop (the products and
-            the fused iteration ops) as one CUDA graph and replay it. To reuse one capture
-            across many right-hand sides, use `CapturedCG`.
+            the fused iteration ops) as one CUDA graph and replay it; needs max_iter (the graph
+            holds exactly that many iterations). To reuse one capture across many right-hand
+            sides, use `CapturedCG`.
 
     Returns:
         CGResult. A zero right-hand side with x0 = 0 returns zeros after 0 iterations.
@@ -262,6 +263,9 @@ def cg(A: Callable | torch.Tensor | LstsqOperator, b, x0=None, *, max_iter: int 
         else:
             out = ops.cg_solve_dense(Ab, bflat, xflat, max_iter, rtol, atol, use_ext=ext)
     elif callable(A) and cuda_graph:
+        if default_iters:  # 10 P unrolled iterations would make a graph as large as P allows
+            _fail("cuda_graph=True records exactly max_iter iterations: give max_iter (an int "
+                  ">= 1), got None")
         if bflat.device.type != "cuda" or reference_only:
             _fail("cuda_graph=True needs a CUDA right-hand side outside autograd and torch.func "
                   f"transforms, got a {bflat.device.type} tensor")

@@ -158,6 +158,10 @@ def test_bad_operands():
         imaml_ext.cg(lambda v: v[:, :2], b, batched=True)
     with pytest.raises(ValueError, match="A must be a callable"):
         imaml_ext.cg("nope", b)
+    with pytest.raises(ValueError, match="cuda_graph=True records exactly max_iter .* got None"):
+        imaml_ext.cg(lambda v: v, b, batched=True, cuda_graph=True)
+    with pytest.raises(ValueError, match="cuda_graph=True needs a CUDA right-hand side"):
+        imaml_ext.cg(lambda v: v, b, batched=True, max_iter=3, cuda_graph=True)
 
 
 def test_nonfinite_rhs_flagged_not_nan():
