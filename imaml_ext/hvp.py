@@ -538,6 +538,9 @@ def _folded_forward(plan, params: Mapping[str, torch.Tensor], x: torch.Tensor, *
     order are the convolution's three bilinear maps over all groups at once (see OWN_CONV_HVP).
     """
     M, N = x.shape[0], x.shape[1]
+    # a memory format is the physical layout: under vmap the physical tensor has the batch
+    # dimension too, and a rank-5 tensor has no channels-last format
+    channels_last = channels_last and not _in_transform(x)
     if x.dim() == 5:  # images: (M, N, C, H, W) -> (N, M*C, H, W)
         h = x.transpose(0, 1).reshape(N, M * x.shape[2], x.shape[3], x.shape[4])
         if channels_last:
