@@ -531,7 +531,8 @@ def implicit_root(optimality_fn: Callable, solution, *args, solver: str = "cg",
             non-tensor leaves are passed through).
         solver: "cg" when dF/dz is symmetric positive definite (F the gradient of a strongly
             convex objective); "normal_cg" (CG on the normal equations) for any invertible dF/dz.
-        max_iter, rtol, atol, use_ext: passed to imaml_ext.cg for the backward solve.
+        max_iter, rtol, atol, use_ext: passed to imaml_ext.cg for the backward solve (on a GPU
+            give max_iter: the solve runs exactly that many iterations without host reads).
         batched: the leading dimension of z's leaves indexes independent problems.
         diagnostics: a dict that receives "cg" (the backward solve's CGResult).
         cuda_graph: on a GPU, run each backward pass (optimality_fn's forward at z*, the

@@ -20,6 +20,7 @@ flagged `nonfinite`; one that meets p^T A p <= 0 keeps its last good iterate and
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -172,9 +173,9 @@ def cg(A: Callable | torch.Tensor | LstsqOperator, b, x0=None, *, max_iter: int 
         b: right-hand side, a tensor or a pytree of tensors (float32/float64, one device).
         x0: initial guess with b's structure; zeros by default.
         max_iter: iterations per system (>= 1); default 10 * P as in scipy.sparse.linalg.cg.
-            For a callable A on a GPU, a given max_iter runs exactly that many iterations with
-            no host synchronisation (converged systems are masked); the default instead checks
-            on the host before iterations 16, 32, 64, ... whether any system still runs.
+            For a callable A on a GPU the loop runs exactly max_iter iterations (converged
+            systems are masked: no host synchronisation), so give max_iter there; the default
+            warns (RuntimeWarning), as it then makes 10 P products whatever the convergence.
         rtol, atol: a system has converged when ||r|| <= max(rtol * ||b||, atol).
         batched: the leading dimension of every leaf of b indexes independent systems.
         use_ext: None picks the compiled kernels when available; False forces the reference.
@@ -273,8 +274,14 @@ def cg(A: Callable | torch.Tensor | LstsqOperator, b, x0=None, *, max_iter: int 
                             use_ext=use_ext)
         return solver()
     elif callable(A):
+        if default_iters and bflat.device.type != "cpu":
+            warnings.warn(f"imaml_ext.cg: a callable operator on {bflat.device.type} runs "
+                          f"exactly max_iter iterations (stopped systems are masked, the loop "
+                          f"never reads back to the host); the default max_iter = 10 P = "
+                          f"{max_iter} products whatever the convergence: pass max_iter",
+                          RuntimeWarning, stacklevel=2)
         out = _cg_callable(A, bflat, xflat, spec, shapes, batched, max_iter, rtol, atol,
-                           ext, reference_only, zero_start=x0 is None, poll=default_iters)
+                           ext, reference_only, zero_start=x0 is None)
     else:
         _fail(f"A must be a callable, a tensor or an LstsqOperator, got {type(A).__name__}")
     x, iters, rnorm, status = out
@@ -287,28 +294,12 @@ def cg(A: Callable | torch.Tensor | LstsqOperator, b, x0=None, *, max_iter: int 
     return CGResult(xs, iters, rnorm, status)
 
 
-def _stop_checks(on_cpu: bool, poll: bool, max_iter: int) -> Callable[[int], bool]:
-    """Before which iterations the callable CG loop reads back whether a system still runs.
-
-    On the CPU before every one (a free read). On a GPU never when the caller chose max_iter:
-    stopped systems are masked and all max_iter iterations run with no host synchronisation.
-    With the default max_iter (10 P) on a GPU (poll) before iterations 16, 32, 64, ...: at most
-    log2(10 P / 16) reads, so that a solve converging in a few dozen steps does not run 10 P.
-    Never while a CUDA graph is being captured (a read-back cannot be captured)."""
-    if on_cpu:
-        return lambda i: True
-    if not poll or torch.cuda.is_current_stream_capturing():
-        return lambda i: False
-    return lambda i: i >= 16 and i & (i - 1) == 0 and i < max_iter
-
-
 def _cg_callable(A, bflat, xflat, spec, shapes, batched, max_iter, rtol, atol, ext,
-                 functional, zero_start: bool = False, poll: bool = False):
+                 functional, zero_start: bool = False):
     """zero_start: x0 was not given, so r0 = b and the product A x0 is skipped (as SciPy's cg
     and the compiled whole-loop solvers do). For an operator like iMAML's HVP that product is
     one more HVP per solve: 1/6 of a 5-step solve. An operator that returns NaN/Inf is then
-    flagged at the first product, A p0, instead of at A x0. poll: max_iter is cg's default
-    (see _stop_checks)."""
+    flagged at the first product, A p0, instead of at A x0."""
     B, P = bflat.shape
 
     def matvec(v: torch.Tensor) -> torch.Tensor:
@@ -331,10 +322,10 @@ def _cg_callable(A, bflat, xflat, spec, shapes, batched, max_iter, rtol, atol, e
     bnorm2 = (bflat * bflat).sum(-1)
     status = reference.cg_initial_status(rs, reference.cg_tol2(bnorm2, rtol, atol))
     iters = torch.zeros_like(status)
-    check = _stop_checks(bflat.device.type == "cpu", poll, max_iter)
-    for i in range(max_iter):
-        if check(i) and not bool((status == reference.RUNNING).any()):
-            break  # see _stop_checks; otherwise stopped systems are masked
+    on_cpu = bflat.device.type == "cpu"
+    for _ in range(max_iter):
+        if on_cpu and not bool((status == reference.RUNNING).any()):
+            break  # free on the CPU; on a GPU stopped systems are masked instead
         ops.cg_step_(x, r, p, matvec(p), rs, bnorm2, status, iters, rtol, atol, use_ext=ext)
     return x, iters, rs.sqrt(), status
 
