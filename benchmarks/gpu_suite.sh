@@ -20,8 +20,8 @@
 # ~180 s there).
 # 'quick full' should fit SUITE_DEADLINE_S=560 in one call (a machine's start costs 1-2 device
 # minutes more). Full steps run in order of importance (kernels and CG, meta-gradient with the
-# compiled HVP and the CUDA graph, training preset, head-only, Fig. 2b: the last two measured on
-# an H100 already), so a deadline drops the least important.
+# compiled HVP and the CUDA graph, the probes, training preset, head-only, Fig. 2b: the last two
+# measured on an H100 already), so a deadline drops the least important.
 # Omniglot: IMAML_DATA if set, else .cache/gpu_data (an uncommitted copy carried to the machine,
 # made by `make gpu-data`), else the package's embedded subset. TorchOpt is not in the GPU image:
 # its rows are skipped unless its wheels travel too (2026-11-27: torchopt 0.7.3, optree 0.20.0,
@@ -97,6 +97,16 @@ tiles_gate() {
   gate IMAML_BENCH_STEP_EPILOGUE_TILES "epilogue tiles" "" "CG step epilogue with register tiles"
 }
 
+# The probes (new: not yet run on a GPU). hvp_op_count: ATen ops of one conv-net gradient / HVP,
+# the HVP layout's convolution (ops._Conv against ATen's per-group double backward) and cuDNN
+# autotuning, timed in interleaved rounds (~5 min on the 2-core CPU). root_graph:
+# implicit_root's backward eager against cuda_graph=True. In 'quick full' they run after full's
+# kernel, CG and meta-gradient benchmarks, which decide issue 5's targets.
+probes() {
+  step hvp_op_count 90 "$PY" benchmarks/probes/hvp_op_count.py --device cuda --rounds 5 --out "$OUT/hvp_op_count_cuda.json"
+  step root_graph 45 "$PY" benchmarks/probes/root_graph.py --device cuda --rounds 20 --out "$OUT/root_graph_cuda.json"
+}
+
 run_full=0; for s in "${stages[@]}"; do [ "$s" = full ] && run_full=1; done
 for stage in "${stages[@]}"; do
 if [ "$stage" = quick ]; then
@@ -108,13 +118,8 @@ if [ "$stage" = quick ]; then
   # The CUDA cases of every op test, the CUDA-graph/no-sync tests, and the algorithms on GPU.
   step tests_cuda 240 "$PY" -m pytest python_tests -q -rs -k "cuda or graph" \
        --junitxml="$OUT/tests_cuda.xml" -p no:cacheprovider
-  # ATen ops of one conv-net gradient / HVP, and the HVP layout's convolution (ops._Conv against
-  # ATen's per-group double backward) and cuDNN autotuning, timed in interleaved rounds (new:
-  # not yet run on a GPU; ~5 min on the 2-core CPU, mostly 20-way 5-shot's convolutions).
-  step hvp_op_count 90 "$PY" benchmarks/probes/hvp_op_count.py --device cuda --rounds 5 --out "$OUT/hvp_op_count_cuda.json"
-  # implicit_root's backward eager against cuda_graph=True (new: not yet run on a GPU).
-  step root_graph 45 "$PY" benchmarks/probes/root_graph.py --device cuda --rounds 20 --out "$OUT/root_graph_cuda.json"
   if [ $run_full = 0 ]; then
+  probes
   tiles_gate
   step bench_cg_quick 60 "$PY" benchmarks/bench_cg.py --device cuda --quick --out "$OUT/cg_cuda_quick.json"
   have benchmarks/bench_kernels.py && step bench_kernels_quick 60 "$PY" benchmarks/bench_kernels.py --device cuda --quick --no-compile-cg --out "$OUT/kernels_cuda_quick.json"
@@ -129,6 +134,7 @@ elif [ "$stage" = full ]; then
   # CUDA graph) and cuda_graph="step" (the whole per-task meta-gradient as one) against the
   # default, and the captured solve against its eager phases.
   have benchmarks/bench_meta_gradient.py && step bench_meta_gradient 220 "$PY" benchmarks/bench_meta_gradient.py --device cuda --settings 5w1s,20w5s --rounds 2 --hvp-repeats 3 --compile-hvp --cuda-graph --out "$OUT/meta_gradient_cuda.json"
+  probes
   have benchmarks/gpu_train_preset.sh && step train_preset 150 env MAX_TIME="${PRESET_MAX_TIME:-80}" bash benchmarks/gpu_train_preset.sh
   # Head-only (ANIL-style) against full adaptation, timing only, the paper's meta-batch.
   have benchmarks/bench_head_only.py && step head_only 120 "$PY" benchmarks/bench_head_only.py --device cuda --no-train --settings 5w1s:32,20w5s:32 --out "$OUT/head_only_cuda"
