@@ -146,9 +146,13 @@ def _train(ns: argparse.Namespace) -> int:
     trainer = tr.Trainer(cfg, resume=resume)
     if trainer.info.is_main and not trainer.cfg.quiet:
         c = trainer.cfg
+        inner = (f"{c.inner_steps} Newton-CG x {c.hf_cg_steps} CG steps" if c.algo == "imaml-hf"
+                 else f"{c.inner_steps} x lr {c.inner_lr}")
+        solve = (f", CG {c.cg_steps}, hvp {c.hvp}" if c.algo.startswith("imaml")
+                 else "")
         print(f"imaml: {c.algo} on {c.dataset} {c.ways}-way {c.shots}-shot ({c.queries} queries), "
               f"meta-batch {c.meta_batch}, steps {trainer.step}->{c.steps}, lam {c.lam}, inner "
-              f"{c.inner_steps} x lr {c.inner_lr}, CG {c.cg_steps}"
+              f"{inner}{solve}"
               + (", head-only adaptation" if c.adapt == "head" else "")
               + f"; run dir {trainer.run_dir}"
               + (f"; {trainer.info.world} processes" if trainer.info.active else ""),

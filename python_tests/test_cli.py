@@ -99,6 +99,21 @@ def test_compile_hvp_flag_reaches_the_algorithm():
     assert cfg.compile_hvp is False
 
 
+@pytest.mark.parametrize("algo,want,absent", [
+    ("imaml-hf", "inner 1 Newton-CG x 2 CG steps, CG 1, hvp ggn", "lr"),
+    ("fomaml", "inner 1 x lr 0.1;", "CG"),
+])
+def test_train_banner_names_the_inner_solver(capsys, omniglot_root, tmp_path, algo, want, absent):
+    extra = ["--hvp", "ggn", "--hf-cg-steps", "2"] if algo == "imaml-hf" else []
+    code, _, err = run_cli(capsys, "train", "--data-root", str(omniglot_root), "--algo", algo,
+                           "--ways", "2", "--queries", "1", "--val-classes", "2", "--steps", "1",
+                           "--meta-batch", "1", "--inner-steps", "1", "--cg-steps", "1",
+                           "--val-every", "0", "--ckpt-every", "0", *extra,
+                           "--out", str(tmp_path / "r"))
+    banner = err.splitlines()[0].split("; run dir")[0]
+    assert code == 0 and want in banner + ";" and absent not in banner.split(", inner ")[1], err
+
+
 def test_missing_data_dir(capsys, tmp_path):
     code, _, err = run_cli(capsys, "train", "--dataset", "miniimagenet", "--data-root",
                            str(tmp_path / "nowhere"), "--out", str(tmp_path / "r"))
