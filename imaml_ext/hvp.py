@@ -539,8 +539,10 @@ def _folded_forward(plan, params: Mapping[str, torch.Tensor], x: torch.Tensor, *
     """
     M, N = x.shape[0], x.shape[1]
     # a memory format is the physical layout: under vmap the physical tensor has the batch
-    # dimension too, and a rank-5 tensor has no channels-last format
-    channels_last = channels_last and not _in_transform(x)
+    # dimension too, and a rank-5 tensor has no channels-last format (grad and jvp wrappers
+    # keep the logical shape, so they keep the layout; so does the compiled HVP, which Dynamo
+    # traces without vmap and whose wrapper checks it could not trace)
+    channels_last = channels_last and (torch.compiler.is_compiling() or not _vmapped(x))
     if x.dim() == 5:  # images: (M, N, C, H, W) -> (N, M*C, H, W)
         h = x.transpose(0, 1).reshape(N, M * x.shape[2], x.shape[3], x.shape[4])
         if channels_last:
@@ -849,6 +851,16 @@ class TaskLoss:
             total, (losses, out) = f(p)
             gs = torch.autograd.grad(total, list(p.values()))
         return dict(zip(p, gs)), losses.detach(), out.detach()
+
+
+def _vmapped(t: torch.Tensor) -> bool:
+    """Whether t is batched by torch.func.vmap at some level of its transform wrappers."""
+    f = torch._C._functorch
+    while f.is_functorch_wrapped_tensor(t):
+        if f.is_batchedtensor(t):
+            return True
+        t = f.get_unwrapped(t)
+    return False
 
 
 def _in_transform(*tensors: torch.Tensor) -> bool:

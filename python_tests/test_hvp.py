@@ -266,6 +266,25 @@ def test_batched_hvp_inside_vmap(setup, kind):
     assert_close_dict({k: t.squeeze(1) for k, t in inside.items()}, want)
 
 
+def test_vmapped_tells_vmap_from_other_transforms():
+    # only vmap changes the physical shape (so the folded layout drops channels-last there);
+    # grad and jvp keep it, and keep the layout
+    from torch.func import grad as fgrad, jvp as fjvp
+    from imaml_ext.hvp import _vmapped
+    seen = []
+
+    def f(t):
+        seen.append(_vmapped(t))
+        return t.sum()
+    x = torch.randn(3, 4, dtype=DT)
+    fgrad(f)(x)
+    fjvp(f, (x,), (x,))
+    vmap(f)(x)
+    vmap(fgrad(f))(x)
+    fgrad(lambda t: vmap(f)(t).sum())(x)
+    assert seen == [False, False, True, True, True]
+
+
 def test_ggn_equals_hessian_for_linear_least_squares():
     lin = nn.Linear(4, 1, bias=False).to(DT)
     tl = TaskLoss(lin, "half_mse")
