@@ -993,8 +993,7 @@ class BatchedHVP:
             self._build()
             p, losses, g = self._db
             return losses.detach(), {k: t.detach() for k, t in zip(self.spec.names, g)}
-        if self.kind == "ggn" and not any(torch._C._functorch.is_functorch_wrapped_tensor(t)
-                                          for t in (*self.params.values(), self.x)):
+        if self.kind == "ggn" and not _in_transform(*self.params.values(), self.x):
             p, out = self._ggn_build()[:2]  # the products' forward: no second one
             with torch.enable_grad():
                 losses = self.task_loss.per_task(out, self.y)
@@ -1039,8 +1038,7 @@ class BatchedHVP:
         a double backward of the loss in the outputs, likewise built once. Inside transforms:
         jvp and vjp of the outputs (recomputed), H_out forward-over-reverse."""
         tl = self.task_loss
-        if any(torch._C._functorch.is_functorch_wrapped_tensor(t)
-               for t in (*self.params.values(), self.x, *v.values())):
+        if _in_transform(*self.params.values(), self.x, *v.values()):
             loss_grad = grad(lambda o: tl.per_task(o, self.y).sum())
             out_fn = lambda p: tl.outputs(p, self.x, mode="hvp")  # noqa: E731
             out, vjp_fn = vjp(out_fn, self.params)

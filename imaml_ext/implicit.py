@@ -188,8 +188,7 @@ class CapturedMetaGradient:
             H = make_hvp(task_loss, phi_s, x, y, hvp)
             losses = H.value_and_grad()[0] if H.kind == "double_backward" else None
             out = implicit_meta_gradient(task_loss, phi_s, x, y, b_s, hvp=H, **kw)
-            res = out.cg
-            return out.flat, (res.x, res.iterations, res.residual_norm, res.status), losses
+            return out.flat, out.cg, losses
 
         self._step = CapturedFunction(run, self._args(phi, x_train, y_train, b), warmup=warmup)
 
@@ -220,7 +219,7 @@ class CapturedMetaGradient:
                              f"{tuple(x_train.shape)}, rhs {tuple(b.shape)}, {b.dtype}, "
                              f"{b.device}: capture a new solver")
         flat, res, losses = self._step(args)
-        return ImplicitGradient(self.spec.unflatten(flat), flat, CGResult(*res)), losses
+        return ImplicitGradient(self.spec.unflatten(flat), flat, res), losses
 
 
 def _equal(a, b) -> bool:
@@ -354,13 +353,13 @@ class _RootFn(torch.autograd.Function):
         else:
             ga, res = _adjoint_grads(cfg, need, z, a, v)
         if cfg["diagnostics"] is not None:
-            cfg["diagnostics"]["cg"] = CGResult(*res)
+            cfg["diagnostics"]["cg"] = res
         return (None,) + (None,) * n + tuple(ga)
 
 
 def _adjoint_grads(cfg, need, z_leaves, a_leaves, v):
     """The backward's work from the saved solution and argument leaves and the cotangents v:
-    (a gradient or None per argument leaf, the adjoint solve's CGResult fields as a tuple)."""
+    (a gradient or None per argument leaf, the adjoint solve's CGResult)."""
     with torch.enable_grad():
         z = [t.detach().requires_grad_(True) for t in z_leaves]
         a = [t.detach().requires_grad_(r) if t.is_floating_point() else t.detach()
@@ -380,7 +379,7 @@ def _adjoint_grads(cfg, need, z_leaves, a_leaves, v):
     for r in need:
         g = next(it) if r else None
         out.append(None if g is None else -g)
-    return out, (res.x, res.iterations, res.residual_norm, res.status)
+    return out, res
 
 
 # optimality_fn -> its captured backward passes (cuda_graph=True); weak, so a function that

@@ -79,6 +79,11 @@ class CGResult:
         return self
 
 
+# A pytree node (its four fields), so that a CUDA-graph capture (implicit.CapturedFunction)
+# hands it back with fresh tensors and torch.func transforms can return it.
+pytree.register_dataclass(CGResult)
+
+
 @dataclass(frozen=True)
 class LstsqOperator:
     """The operator v -> shift * v + scale * X^T (X v), X of shape (B, n, d) (or (n, d)).

@@ -274,3 +274,15 @@ def test_callable_loop_length(device, max_iter):
     else:
         assert len(calls) == (10 * P if max_iter is None else max_iter)
         assert len(warned) == (max_iter is None)
+
+
+def test_cg_result_is_a_pytree_that_vmap_returns():
+    # registered as a pytree node: torch.func returns it whole (and a CUDA-graph capture hands
+    # back fresh copies of its fields)
+    A = random_spd(1, 3)[0]
+    bs = torch.randn(4, 3, dtype=torch.float64)
+    res = torch.func.vmap(lambda b: imaml_ext.cg(lambda v: A @ v, b, max_iter=10,
+                                                 rtol=1e-12))(bs)
+    assert res.x.shape == (4, 3) and res.iterations.shape == (4,)
+    torch.testing.assert_close(res.x, torch.linalg.solve(A, bs.T).T)
+    assert torch.utils._pytree.tree_leaves(res)[0] is res.x
