@@ -484,7 +484,7 @@ class IMAMLGD(MetaAlgorithm):
 
     def _hvp_has_loss(self) -> bool:
         c = self.config
-        return c.cg_steps > 0 and c.hvp in ("exact", "double_backward")
+        return c.cg_steps > 0 and c.hvp in ("exact", "double_backward", "ggn")
 
     def _implicit(self, tl, inner, t, spec):
         c = self.config
@@ -511,8 +511,7 @@ class IMAMLGD(MetaAlgorithm):
                 if c.cg_steps > 0:
                     H = make_hvp(tl, phi, t.x_support, t.y_support, c.hvp,
                                  compile=c.compile_hvp)
-                    if H.kind == "double_backward":
-                        losses = H.value_and_grad()[0]
+                    losses = H.losses()
                 out = implicit_meta_gradient(tl, phi, t.x_support, t.y_support, b, lam=c.lam,
                                              cg_steps=c.cg_steps, damping=c.cg_damping,
                                              cg_lam=c.cg_lam, hvp=c.hvp if H is None else H,

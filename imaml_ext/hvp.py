@@ -1003,6 +1003,22 @@ class BatchedHVP:
         g, losses, _ = self.task_loss.grad(self.params, self.x, self.y)
         return losses, g
 
+    def losses(self) -> torch.Tensor | None:
+        """(M,) training losses at the params, detached, where the product's own graph has them
+        (the double-backward and, outside torch.func transforms, the Gauss-Newton kinds: no
+        forward of their own); else None."""
+        if self._parts is not None:
+            outs = [H.losses() for _, H in self._parts]
+            return None if any(o is None for o in outs) else torch.cat(outs)
+        if self.kind == "double_backward":
+            self._build()
+            return self._db[1].detach()
+        if self.kind == "ggn" and not _in_transform(*self.params.values(), self.x):
+            out = self._ggn_build()[1]
+            with torch.no_grad():
+                return self.task_loss.per_task(out.detach(), self.y)
+        return None
+
     def _summed(self, p):
         return self.task_loss(p, self.x, self.y, mode="hvp").sum()
 

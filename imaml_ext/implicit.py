@@ -151,9 +151,9 @@ class CapturedMetaGradient:
         warmup: eager runs on a side stream before the capture (lazy initialisation, cuDNN and
             cuBLAS workspaces must not happen while capturing).
 
-    Returns (from a call): (ImplicitGradient, (M,) training losses at phi when the product is
-    the double-backward one (its graph has them), else None); all fresh tensors, not the graph's
-    buffers.
+    Returns (from a call): (ImplicitGradient, (M,) training losses at phi when the product's
+    graph has them (BatchedHVP.losses: double-backward and Gauss-Newton), else None); all fresh
+    tensors, not the graph's buffers.
 
     Raises:
         ValueError for non-CUDA tensors or arguments implicit_meta_gradient refuses; RuntimeError
@@ -186,7 +186,7 @@ class CapturedMetaGradient:
 
         def run(phi_s, x, y, b_s):
             H = make_hvp(task_loss, phi_s, x, y, hvp)
-            losses = H.value_and_grad()[0] if H.kind == "double_backward" else None
+            losses = H.losses()
             out = implicit_meta_gradient(task_loss, phi_s, x, y, b_s, hvp=H, **kw)
             return out.flat, out.cg, losses
 

@@ -166,6 +166,17 @@ def test_imaml_gd_equals_authors_style_loop(lam, variant):
     close(g, want, rtol=1e-8, atol=1e-10)
 
 
+def test_inner_loss_metric_is_the_same_whichever_product_provides_it():
+    """The double-backward and Gauss-Newton products' graphs supply L_train at phi (the GD loop
+    then skips its final forward); forward-over-reverse has none and GD evaluates it."""
+    model, params, tasks = conv_setup()
+    got = {hvp: make_algorithm("imaml-gd", inner_steps=2, inner_lr=0.1, lam=20.0, cg_steps=2,
+                               hvp=hvp).meta_gradient(model, params, tasks)[1]["inner_loss"]
+           for hvp in ("forward_over_reverse", "exact", "ggn")}
+    torch.testing.assert_close(got["exact"], got["forward_over_reverse"])
+    torch.testing.assert_close(got["ggn"], got["forward_over_reverse"])
+
+
 def test_imaml_negative_curvature_keeps_last_good_iterate():
     # With lam=2 the tiny net's (I + H/lam) is indefinite: CG stops per task at the breakdown
     # and keeps the iterate before it, which is the authors' CG run for that many steps.

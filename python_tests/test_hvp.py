@@ -172,6 +172,22 @@ def test_value_and_grad_from_the_hvp_graph():
         assert_close_dict(gv, g)
 
 
+def test_losses_from_the_hvp_graph():
+    """BatchedHVP.losses: the training losses from the product's own graph, or None where it
+    has none (then the caller evaluates them)."""
+    model, params_b, x, y = conv_setup()
+    tl = TaskLoss(model)
+    losses = tl.grad(params_b, x, y)[1]
+    for kind in ("exact", "double_backward", "ggn"):
+        torch.testing.assert_close(make_hvp(tl, params_b, x, y, kind).losses(), losses)
+    assert make_hvp(tl, params_b, x, y, "forward_over_reverse").losses() is None
+    # In chunks (one BatchedHVP per slice of the tasks) too.
+    H = make_hvp(tl, params_b, x, y, "ggn")
+    H._parts = [(s, make_hvp(tl, {k: t[s] for k, t in params_b.items()}, x[s], y[s], "ggn"))
+                for s in (slice(0, 1), slice(1, None))]
+    torch.testing.assert_close(H.losses(), losses)
+
+
 def test_double_backward_graph_aliases_the_params():
     """The product's graph is built on the caller's parameters, not a copy: changing them in
     place after the graph exists is an autograd error, never a product at stale values."""
