@@ -71,16 +71,18 @@ have() { [ -f "$1" ]; }
 # The opt-in CUDA paths (the register-tiled product, IMAML_CUDA_XTXV=tiles; the CG step in the
 # product's epilogue, IMAML_CUDA_CG_STEP=epilogue; and the two together) are benchmarked only
 # when their CUDA tests passed in this run: a faulting kernel would end bench_kernels' process
-# and every row with it. A gate reads the tests whose names hold every word of its first list
-# and none of its second.
+# and every row with it. A gate reads the tests whose module::name holds every word of its
+# first list and none of its second. The pooled batch-norm block's derivative kernels
+# (IMAML_CUDA_POOLED_BN=fused, off by default on CUDA until measured) are switched on for the
+# benchmarks after the gate when their CUDA tests passed; hvp_op_count times them on and off.
 gate() {  # gate VAR "WORDS..." "EXCLUDED..." DESCRIPTION
   if "$PY" - "$OUT/tests_cuda.xml" "$2" "$3" <<'EOF'
 import sys, xml.etree.ElementTree as ET
 want, avoid = sys.argv[2].split(), sys.argv[3].split()
 try:
+    name = lambda c: c.get("classname", "") + "::" + c.get("name", "")  # noqa: E731
     cases = [c for c in ET.parse(sys.argv[1]).iter("testcase")
-             if all(w in c.get("name", "") for w in want)
-             and not any(w in c.get("name", "") for w in avoid)]
+             if all(w in name(c) for w in want) and not any(w in name(c) for w in avoid)]
 except (OSError, ET.ParseError):
     sys.exit(1)
 ran = [c for c in cases if c.find("skipped") is None]
@@ -95,11 +97,17 @@ tiles_gate() {
   gate IMAML_BENCH_TILES "tiles" "epilogue" "register-tiled product"
   gate IMAML_BENCH_STEP_EPILOGUE "epilogue" "tiles" "CG step epilogue"
   gate IMAML_BENCH_STEP_EPILOGUE_TILES "epilogue tiles" "" "CG step epilogue with register tiles"
+  gate IMAML_BENCH_POOLED_BN "test_pooled_bn [cuda" "" "pooled batch-norm derivative kernels"
+  if [ "$IMAML_BENCH_POOLED_BN" = 1 ]; then
+    export IMAML_CUDA_POOLED_BN=fused
+    echo "pooled batch-norm derivative kernels: CUDA tests passed; on for the benchmarks" | tee -a "$status_file"
+  fi
 }
 
 # The probes (new: not yet run on a GPU). hvp_op_count: ATen ops of one conv-net gradient / HVP,
-# the HVP layout's convolution (ops._Conv against ATen's per-group double backward) and cuDNN
-# autotuning, timed in interleaved rounds (~5 min on the 2-core CPU). root_graph:
+# the HVP layout's convolution (ops._Conv against ATen's per-group double backward), the pooled
+# block's derivative kernels (on / off) and cuDNN autotuning, timed in interleaved rounds
+# (~5 min on the 2-core CPU). root_graph:
 # implicit_root's backward eager against cuda_graph=True. In 'quick full' they run after full's
 # kernel, CG and meta-gradient benchmarks, which decide issue 5's targets.
 probes() {

@@ -3,6 +3,10 @@
 #include "ops.h"
 
 #include <cmath>
+#include <initializer_list>
+#include <utility>
+#include <string>
+#include <vector>
 
 namespace imaml_ext {
 namespace {
@@ -116,6 +120,131 @@ void check_softmax_head_flat(const char* op, const char* name, const at::Tensor&
   TORCH_CHECK_VALUE(v.dim() == 2 && v.size(0) == B && v.size(1) == c * (f + 1), op, ": ", name,
                     " must be (", B, ", ", c * (f + 1), ") = (B, c*(f+1)) for W ", W.sizes(),
                     " (layout: W row-major, then bias), got ", v.sizes());
+}
+
+// ATen's max-pooling output size (pooling_output_shape).
+static int64_t pooled_size(int64_t in, int64_t k, int64_t s, int64_t p, int64_t d, bool ceil) {
+  const int64_t span = in + 2 * p - d * (k - 1) - 1 + (ceil ? s - 1 : 0);
+  int64_t out = (span >= 0 ? span / s : -((-span + s - 1) / s)) + 1;
+  if (ceil && (out - 1) * s >= in + p) --out;
+  return out;
+}
+
+static PooledBnGeometry check_pooled_bn(
+    const char* op, const at::Tensor& h, const at::Tensor& idx,
+    std::initializer_list<std::pair<const char*, const at::Tensor*>> pooled,
+    std::initializer_list<std::pair<const char*, const at::Tensor*>> channel,
+    at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding,
+    at::IntArrayRef dilation, bool ceil_mode) {
+  check_float(op, "h", h);
+  TORCH_CHECK_VALUE(h.dim() == 4, op, ": h must be 4-d (N, C, H, W), got shape ", h.sizes());
+  const bool nchw = h.is_contiguous();
+  const bool cl = !nchw && h.is_contiguous(at::MemoryFormat::ChannelsLast);
+  TORCH_CHECK_VALUE(nchw || cl, op, ": h must be dense NCHW or channels-last, got strides ",
+                    h.strides());
+  for (auto [name, a] : {std::pair<const char*, at::IntArrayRef>{"kernel_size", kernel_size},
+                         {"stride", stride}, {"padding", padding}, {"dilation", dilation}}) {
+    TORCH_CHECK_VALUE(a.size() == 2, op, ": ", name, " must have 2 entries, got ", a);
+    const int64_t lo = std::string(name) == "padding" ? 0 : 1;
+    TORCH_CHECK_VALUE(a[0] >= lo && a[1] >= lo, op, ": ", name, " must be >= ", lo, ", got ", a);
+  }
+  for (int i = 0; i < 2; ++i)
+    TORCH_CHECK_VALUE(stride[i] >= dilation[i] * (kernel_size[i] - 1) + 1, op,
+                      ": the pooling windows must be disjoint (stride >= dilation * "
+                      "(kernel_size - 1) + 1), got kernel_size ", kernel_size, ", stride ",
+                      stride, ", dilation ", dilation);
+  const int64_t N = h.size(0), C = h.size(1), H = h.size(2), W = h.size(3);
+  const int64_t Ho = pooled_size(H, kernel_size[0], stride[0], padding[0], dilation[0], ceil_mode);
+  const int64_t Wo = pooled_size(W, kernel_size[1], stride[1], padding[1], dilation[1], ceil_mode);
+  const std::vector<int64_t> shape{N, C, Ho, Wo};
+  auto layout_ok = [&](const at::Tensor& t) {
+    return nchw ? t.is_contiguous() : t.is_contiguous(at::MemoryFormat::ChannelsLast);
+  };
+  const char* layout = nchw ? "NCHW" : "channels-last";
+  TORCH_CHECK_VALUE(idx.scalar_type() == at::kLong && idx.device() == h.device(), op,
+                    ": idx must be int64 on ", h.device(), ", got ", idx.scalar_type(), " on ",
+                    idx.device());
+  for (const auto& [name, t] : pooled) {
+    if (!t->defined()) continue;
+    if (t != &idx) check_same(op, name, *t, "h", h);
+  }
+  std::vector<std::pair<const char*, const at::Tensor*>> maps{{"idx", &idx}};
+  maps.insert(maps.end(), pooled.begin(), pooled.end());
+  for (const auto& [name, t] : maps) {
+    if (!t->defined()) continue;
+    TORCH_CHECK_VALUE(t->sizes() == at::IntArrayRef(shape), op, ": ", name, " must be ",
+                      at::IntArrayRef(shape), " (h ", h.sizes(), " pooled), got ", t->sizes());
+    TORCH_CHECK_VALUE(layout_ok(*t), op, ": ", name, " must be dense ", layout, " like h");
+  }
+  for (const auto& [name, t] : channel) {
+    if (!t->defined()) continue;
+    check_same(op, name, *t, "h", h);
+    TORCH_CHECK_VALUE(t->dim() == 1 && t->size(0) == C && t->is_contiguous(), op, ": ", name,
+                      " must be a contiguous (", C, ",) = (C,) tensor, got ", t->sizes());
+  }
+  return {N, C, H * W, Ho * Wo, cl};
+}
+
+static void check_pooled_bn_map(const char* op, const char* name, const at::Tensor& t,
+                         const at::Tensor& h) {
+  if (!t.defined()) return;
+  check_same(op, name, t, "h", h);
+  TORCH_CHECK_VALUE(t.sizes() == h.sizes(), op, ": ", name, " must be ", h.sizes(),
+                    " like h, got ", t.sizes());
+  const bool ok = h.is_contiguous() ? t.is_contiguous()
+                                    : t.is_contiguous(at::MemoryFormat::ChannelsLast);
+  TORCH_CHECK_VALUE(ok, op, ": ", name, " must be dense in h's layout (",
+                    h.is_contiguous() ? "NCHW" : "channels-last", ")");
+}
+
+static void check_pooled_bn_coef(const char* op, const at::Tensor& coef, const at::Tensor& h) {
+  check_same(op, "coef", coef, "h", h);
+  const int64_t C = h.dim() == 4 ? h.size(1) : -1;
+  TORCH_CHECK_VALUE(coef.dim() == 3 && coef.size(0) == 6 && coef.size(1) == 5 &&
+                        coef.size(2) == C && coef.is_contiguous(),
+                    op, ": coef must be a contiguous (6, 5, ", C, ") tensor, got ", coef.sizes());
+}
+
+static at::MemoryFormat format_of(const PooledBnGeometry& g) {
+  return g.channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+}
+
+PooledBnBackward pooled_bn_backward_setup(
+    const at::Tensor& gy, const at::Tensor& y, const at::Tensor& xhat, const at::Tensor& h,
+    const at::Tensor& idx, const at::Tensor& mean, const at::Tensor& rw, const at::Tensor& kb,
+    const at::Tensor& kg, at::IntArrayRef kernel_size, at::IntArrayRef stride,
+    at::IntArrayRef padding, at::IntArrayRef dilation, bool ceil_mode) {
+  const PooledBnGeometry g = check_pooled_bn(
+      "pooled_bn_backward", h, idx, {{"gy", &gy}, {"y", &y}, {"xhat", &xhat}},
+      {{"mean", &mean}, {"rw", &rw}, {"kb", &kb}, {"kg", &kg}}, kernel_size, stride, padding,
+      dilation, ceil_mode);
+  return {g, at::empty_like(h, h.options(), format_of(g)), at::empty({g.C}, h.options()),
+          at::empty({g.C}, h.options()), at::empty_like(gy, gy.options(), format_of(g))};
+}
+
+PooledBnDouble pooled_bn_double_backward_setup(
+    const std::optional<at::Tensor>& ch, const std::optional<at::Tensor>& cw,
+    const std::optional<at::Tensor>& cb, const at::Tensor& gu, const at::Tensor& h,
+    const at::Tensor& xhat, const at::Tensor& idx, const at::Tensor& mean, const at::Tensor& y,
+    const at::Tensor& rw, const at::Tensor& coef, const at::Tensor& a2,
+    at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding,
+    at::IntArrayRef dilation, bool ceil_mode, bool need_gy, bool need_h) {
+  const char* op = "pooled_bn_double_backward";
+  PooledBnDouble d;
+  d.ch = ch.value_or(at::Tensor());
+  d.cw = cw.value_or(at::Tensor());
+  d.cb = cb.value_or(at::Tensor());
+  d.g = check_pooled_bn(op, h, idx, {{"gu", &gu}, {"xhat", &xhat}, {"y", &y}},
+                        {{"mean", &mean}, {"rw", &rw}, {"a2", &a2}, {"cw", &d.cw}, {"cb", &d.cb}},
+                        kernel_size, stride, padding, dilation, ceil_mode);
+  check_pooled_bn_map(op, "ch", d.ch, h);
+  check_pooled_bn_coef(op, coef, h);
+  d.gu = gu, d.h = h, d.xhat = xhat, d.idx = idx, d.mean = mean, d.y = y, d.rw = rw;
+  d.coef = coef, d.a2 = a2, d.need_gy = need_gy, d.need_h = need_h;
+  d.d_gy = need_gy ? at::empty_like(gu, gu.options(), format_of(d.g)) : gu.new_empty({0});
+  d.d_h = need_h ? at::empty_like(h, h.options(), format_of(d.g)) : h.new_empty({0});
+  d.d_w = at::empty({d.g.C}, h.options());
+  return d;
 }
 
 }  // namespace imaml_ext

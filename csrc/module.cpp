@@ -64,6 +64,21 @@ TORCH_LIBRARY(imaml_ext, m) {
   // outputs. Not differentiable (the block is first-order only).
   m.def("bn_relu_pool_backward(Tensor grad_out, Tensor h, Tensor weight, Tensor bias, "
         "Tensor mean, Tensor invstd, Tensor hsel, Tensor idx) -> (Tensor, Tensor, Tensor)");
+  // The derivatives of the pooled batch-norm block in the HVP layout (imaml_ext.hvp.
+  // _PooledBatchNorm; arithmetic in csrc/pooled_bn_math.h; twins in imaml_ext.reference).
+  // h: (N, C, H, W) dense NCHW or channels-last; idx: int64 arg-max positions (flat per H*W
+  // plane) of the max-pooling with the given geometry, whose windows must be disjoint; the other
+  // map-sized tensors pooled-size and in h's layout, the per-channel ones (C,). CPU and CUDA.
+  // Not differentiable. pooled_bn_backward -> (gh like h, gw (C,), gb (C,), gu pooled).
+  m.def("pooled_bn_backward(Tensor gy, Tensor y, Tensor xhat, Tensor h, Tensor idx, "
+        "Tensor mean, Tensor rw, Tensor kb, Tensor kg, int[2] kernel_size, int[2] stride, "
+        "int[2] padding, int[2] dilation, bool ceil_mode) -> (Tensor, Tensor, Tensor, Tensor)");
+  // Its vector-Jacobian product for cotangents (ch, cw, cb) (None: zero) -> (d_gy pooled,
+  // d_h like h, d_w (C,)); d_gy / d_h are empty unless need_gy / need_h. coef: (6, 5, C).
+  m.def("pooled_bn_double_backward(Tensor? ch, Tensor? cw, Tensor? cb, Tensor gu, Tensor h, "
+        "Tensor xhat, Tensor idx, Tensor mean, Tensor y, Tensor rw, Tensor coef, Tensor a2, "
+        "int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation, bool ceil_mode, "
+        "bool need_gy, bool need_h) -> (Tensor, Tensor, Tensor)");
   // Grouped 2-d convolution with one input channel per group (the conv net's first layer with
   // the tasks folded into channels; csrc/cpu/blocks_cpu.cpp). x: (N, G, H, W) contiguous;
   // weight: (G*C, 1, kh, kw); bias: (G*C,) or None; zero padding, dilation 1. Returns

@@ -4,6 +4,9 @@
 
 #include <torch/types.h>
 
+#include "pooled_bn_math.h"
+
+#include <optional>
 #include <tuple>
 
 namespace imaml_ext {
@@ -31,6 +34,44 @@ void check_softmax_head_direction(const char* op, const at::Tensor& W, const at:
 // A flat vector of the softmax head: `name` (B, c*(f+1)), layout [W row-major, then bias].
 void check_softmax_head_flat(const char* op, const char* name, const at::Tensor& W,
                              const at::Tensor& v);
+
+// The pooled batch-norm block's derivative ops (csrc/pooled_bn_math.h), their argument checks
+// and outputs, shared by the CPU and CUDA kernels: h 4-d float, dense NCHW or channels-last
+// (NCHW when both); the pooling geometry with disjoint windows; idx int64 of the pooled shape;
+// every pooled-size tensor in h's pooled shape, dtype, device and layout, ch in h's; every
+// per-channel one (C,) contiguous; coef (6, 5, C). Outputs are allocated in h's layout.
+struct PooledBnBackward {
+  PooledBnGeometry g;
+  at::Tensor gh, gw, gb, gu;
+};
+PooledBnBackward pooled_bn_backward_setup(
+    const at::Tensor& gy, const at::Tensor& y, const at::Tensor& xhat, const at::Tensor& h,
+    const at::Tensor& idx, const at::Tensor& mean, const at::Tensor& rw, const at::Tensor& kb,
+    const at::Tensor& kg, at::IntArrayRef kernel_size, at::IntArrayRef stride,
+    at::IntArrayRef padding, at::IntArrayRef dilation, bool ceil_mode);
+
+struct PooledBnDouble {
+  PooledBnGeometry g;
+  at::Tensor ch, cw, cb, gu, h, xhat, idx, mean, y, rw, coef, a2;  // ch, cw, cb may be undefined
+  at::Tensor d_gy, d_h, d_w;  // d_gy / d_h empty unless needed
+  bool need_gy, need_h;
+
+  template <typename T>
+  PooledBnDoubleArgs<T> args() const {
+    auto in = [](const at::Tensor& t) { return t.defined() ? t.const_data_ptr<T>() : nullptr; };
+    return {in(ch), in(cw), in(cb), in(gu), in(h), in(xhat), idx.const_data_ptr<int64_t>(),
+            in(mean), in(y), in(rw), in(coef), in(a2),
+            need_gy ? d_gy.data_ptr<T>() : nullptr, need_h ? d_h.data_ptr<T>() : nullptr,
+            d_w.data_ptr<T>()};
+  }
+};
+PooledBnDouble pooled_bn_double_backward_setup(
+    const std::optional<at::Tensor>& ch, const std::optional<at::Tensor>& cw,
+    const std::optional<at::Tensor>& cb, const at::Tensor& gu, const at::Tensor& h,
+    const at::Tensor& xhat, const at::Tensor& idx, const at::Tensor& mean, const at::Tensor& y,
+    const at::Tensor& rw, const at::Tensor& coef, const at::Tensor& a2,
+    at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding,
+    at::IntArrayRef dilation, bool ceil_mode, bool need_gy, bool need_h);
 
 using SolveResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 

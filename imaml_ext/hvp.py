@@ -66,6 +66,7 @@ builder below differentiates the summed loss once and gets all M tasks.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from typing import Callable, Mapping
 
@@ -278,7 +279,11 @@ def _bn_relu_pool(h, w, b, eps, pool):
     M=32, in the GPU's layout: 365 -> 185 ATen ops, i.e. kernel launches on a GPU, its graph
     build 211 -> 243, 225 without BatchedHVP's parameter copy; CPU time the same, a product
     1.03x / 1.02x and a graph build 1.01x / 0.98x at 5-way 1-shot M=32 / 20-way 5-shot M=8,
-    where the work is the convolutions').
+    where the work is the convolutions'). Each of the two derivatives is then one op of the
+    extension (ops.pooled_bn_backward / pooled_bn_double_backward, on the devices in
+    POOLED_BN_KERNELS): a product 185 -> 74 ops, the graph build 225 -> 185
+    (benchmarks/probes/hvp_op_count.py). Derivatives to second order: a third (a create_graph
+    backward through the second) raises; _bn_relu_pool_composite (fuse_bn_pool=False) has all.
     Inside transforms, _bn_relu_pool_composite (it has forward-mode rules too).
     """
     if not _in_transform(h):
@@ -312,26 +317,6 @@ def _bn_relu_pool_composite(h, w, b, eps, pool):
 def _ch(t: torch.Tensor) -> torch.Tensor:
     """A per-channel (C,) vector as (1, C, 1, 1)."""
     return t.view(1, -1, 1, 1)
-
-
-def _unpool(vals, h, idx, cfg):
-    """The adjoint of gathering h at the pooling's arg-max indices: vals (pooled shape) added
-    into a zero map of h's shape and layout."""
-    k, st, pad, dil, ceil = cfg[:5]
-    return torch.ops.aten.max_pool2d_with_indices_backward(vals, h, k, st, pad, dil, ceil, idx)
-
-
-def _gather_pooled(t, idx):
-    """t (N, C, H, W) at the pooling's arg-max indices idx (N, C, Ho, Wo): flat H*W positions
-    per plane. Gathers through the channels-last view when both are channels-last (no copy)."""
-    N, C = idx.shape[:2]
-    cl = torch.channels_last
-    if C > 1 and t.is_contiguous(memory_format=cl) and idx.is_contiguous(memory_format=cl) and \
-            not idx.is_contiguous():
-        g = t.permute(0, 2, 3, 1).reshape(N, -1, C).gather(
-            1, idx.permute(0, 2, 3, 1).reshape(N, -1, C))
-        return g.view(N, idx.shape[2], idx.shape[3], C).permute(0, 3, 1, 2)
-    return t.reshape(N, C, -1).gather(2, idx.reshape(N, C, -1)).view(idx.shape)
 
 
 class _PooledBatchNorm(torch.autograd.Function):
@@ -377,9 +362,10 @@ class _PooledBatchNorm(torch.autograd.Function):
 
 
 class _PooledBatchNormBackward(torch.autograd.Function):
-    """(gh, gw, gb) of _PooledBatchNorm for output gradient gy; differentiable in (gy, h, w),
-    with xhat, mean and r (and rw = r w, kb = -rw / n, kg = kb r) recomputed as functions of h
-    and w by the formulas, not taken as constants.
+    """(gh, gw, gb) of _PooledBatchNorm for output gradient gy; differentiable once in
+    (gy, h, w), with xhat, mean and r (and rw = r w, kb = -rw / n, kg = kb r) recomputed as
+    functions of h and w by the formulas, not taken as constants (a create_graph backward,
+    which would take them as constants, raises).
 
     Per channel, with n = N*H*W, gu = gy * [y > 0], gb = sum gu, gw = sum gu xhat (pooled sums):
         gh = r w (unpool(gu) - (gb + hhat gw) / n),   hhat = r (h - mean),
@@ -396,19 +382,16 @@ class _PooledBatchNormBackward(torch.autograd.Function):
 
     Every per-channel factor there (the two of d gy, d w, A1, A3, A4) is linear in
     (K0, K1 / r, P, Cw, Cb), with coefficients fixed by the point (r, w, gb, gw): they are built
-    once, when the backward runs with create_graph (`keep`), as a (6, 5, C) tensor, and a
-    product's per-channel work is one stack and one multiply-sum instead of ~20 small ops.
+    once, when the backward runs with create_graph (`keep`), as a (6, 5, C) tensor. Both
+    directions run as one op each (imaml_ext.ops.pooled_bn_backward and
+    pooled_bn_double_backward; their reference twins are the ATen formulas above).
     """
 
     @staticmethod
     def forward(ctx, gy, h, w, xhat, idx, mean, r, y, rw, kb, kg, cfg, keep):
-        gu = torch.ops.aten.threshold_backward(gy, y, 0)
-        dims = (0, 2, 3)
-        gb = gu.sum(dims)
-        gw = (gu * xhat).sum(dims)
         # gh = rw unpool(gu) + gamma (h - mean) + beta, gamma = -rw r gw / n, beta = -rw gb / n
-        gh = _unpool(gu * _ch(rw), h, idx, cfg)
-        gh.add_(torch.addcmul(_ch(kb * gb), h - _ch(mean), _ch(kg * gw)))
+        gh, gw, gb, gu = ops.pooled_bn_backward(gy, y, xhat, h, idx, mean, rw, kb, kg, cfg[:5],
+                                                use_ext=_pooled_bn_kernels(h))
         if keep:
             n = h.numel() // h.shape[1]
             ctx.save_for_backward(gu, h, xhat, idx, mean, y, rw,
@@ -440,29 +423,33 @@ class _PooledBatchNormBackward(torch.autograd.Function):
     @staticmethod
     def backward(ctx, ch, cw, cb):
         gu, h, xhat, idx, mean, y, rw, coef, a2 = ctx.saved_tensors
-        dims = (0, 2, 3)
         need_gy, need_h, need_w = ctx.needs_input_grad[:3]
-        zero = rw.new_zeros(())
-        hc = h - _ch(mean) if need_h or ch is not None else None
-        if ch is not None:
-            cg = _gather_pooled(ch, idx)
-            k = [ch.sum(dims), (ch * hc).sum(dims), (cg * gu).sum(dims)]
-        else:
-            k = [zero.expand_as(rw)] * 3
-        k += [zero.expand_as(rw) if c is None else c for c in (cw, cb)]
-        c0, c1, d_w, a1, a3, a4 = (coef * torch.stack(k)).sum(1).unbind(0)
-        d_gy = d_h = None
-        if need_gy:
-            t = torch.addcmul(_ch(c0), xhat, _ch(c1))
-            if ch is not None:
-                t = t.addcmul_(cg, _ch(rw))
-            d_gy = torch.ops.aten.threshold_backward(t, y, 0)
-        if need_h:
-            d_h = _unpool(gu * _ch(a1), h, idx, ctx.cfg)
-            d_h.add_(torch.addcmul(_ch(a4), hc, _ch(a3)))
-            if ch is not None:
-                d_h.addcmul_(ch, _ch(a2))
+        if torch.is_grad_enabled() and (need_gy or need_h or need_w):
+            # gu, coef, a2, xhat, mean and r were computed without a graph: a graph recorded
+            # here would differentiate them as constants, a silently wrong third derivative.
+            raise RuntimeError(
+                "the conv net's pooled batch-norm block (imaml_ext.hvp._PooledBatchNorm) has "
+                "derivatives to second order: a create_graph backward through its second "
+                "derivative (a third derivative) is not available; use "
+                "TaskLoss(..., fuse_bn_pool=False), whose ATen ops differentiate to any order")
+        d_gy, d_h, d_w = ops.pooled_bn_double_backward(
+            ch, cw, cb, gu, h, xhat, idx, mean, y, rw, coef, a2, ctx.cfg[:5], need_gy, need_h,
+            use_ext=_pooled_bn_kernels(h))
         return (d_gy, d_h, d_w if need_w else None) + (None,) * 10
+
+
+# The pooled block's two derivatives (_PooledBatchNormBackward's forward and backward) run as the
+# extension's kernels (imaml_ext.ops.pooled_bn_backward / pooled_bn_double_backward: one op each
+# instead of ~13 and ~19) on these devices. CUDA only with IMAML_CUDA_POOLED_BN=fused until the
+# kernels have run on a GPU (gpu_suite.sh's CUDA tests and hvp_op_count probe).
+POOLED_BN_KERNELS = ("cpu", "cuda") if os.environ.get("IMAML_CUDA_POOLED_BN") == "fused" \
+    else ("cpu",)
+
+
+def _pooled_bn_kernels(h: torch.Tensor) -> bool | None:
+    """use_ext for the pooled block's derivatives on h's device: None (where they apply) or
+    False (the reference)."""
+    return None if h.device.type in POOLED_BN_KERNELS else False
 
 
 def _pool2(m: nn.Module) -> bool:

@@ -400,6 +400,122 @@ if _C is not None:
                 h.new_empty(weight.shape), h.new_empty(weight.shape))
 
 
+# ---- the block's derivatives in the HVP layout (csrc/cpu/pooled_bn_cpu.cpp, csrc/cuda/
+# pooled_bn_cuda.cu; twins reference.pooled_bn_backward / pooled_bn_double_backward) ----------
+
+def _pool_disjoint(pool) -> bool:
+    """Whether the pooling windows are disjoint (stride >= the dilated kernel in both
+    dimensions): then distinct windows never share an arg-max, which the kernels' scatter
+    needs."""
+    k, st, _, dil, _ = pool
+    return all(int(st[i]) >= int(dil[i]) * (int(k[i]) - 1) + 1 for i in range(2))
+
+
+def _map_format(h):
+    """h's memory format for the kernels (NCHW first when both hold), or None."""
+    if h.is_contiguous():
+        return torch.contiguous_format
+    if h.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return None
+
+
+def _pooled_bn_ext(op, h, pool, use_ext):
+    """Resolves use_ext for the pooled batch-norm ops: None takes the kernel where it applies
+    (extension loaded for h's device, float32/float64, a dense NCHW or channels-last h,
+    disjoint windows), True raises where it does not."""
+    if use_ext is False:
+        return False
+    why = None
+    if h.dtype not in _FLOATS:
+        why = f"h is {h.dtype}, the kernels take float32 or float64"
+    elif _map_format(h) is None:
+        why = f"h is neither NCHW- nor channels-last-contiguous (strides {h.stride()})"
+    elif not _pool_disjoint(pool):
+        why = (f"the pooling windows overlap (kernel {pool[0]}, stride {pool[1]}, "
+               f"dilation {pool[3]})")
+    if use_ext is None:
+        return why is None and use_ext_for(None, h)
+    use_ext_for(True, h)  # raises, saying why, when the extension cannot run on h's device
+    if why is not None:
+        raise RuntimeError(f"{op}: use_ext=True but {why}")
+    return True
+
+
+def _as_format(fmt, *ts):
+    return tuple(None if t is None else t.contiguous(memory_format=fmt) for t in ts)
+
+
+def _pool_args(pool):
+    k, st, pad, dil, ceil = pool
+    return [int(v) for v in k], [int(v) for v in st], [int(v) for v in pad], \
+        [int(v) for v in dil], bool(ceil)
+
+
+def pooled_bn_backward(gy, y, xhat, h, idx, mean, rw, kb, kg, pool, *,
+                       use_ext: bool | None = None):
+    """(gh, gw, gb, gu): the backward of the conv net's pooled batch-norm block
+    (imaml_ext.hvp._PooledBatchNorm) for output gradient gy, in one kernel: a pass over the
+    pooled-size tensors for gu = gy [y > 0] and its two per-channel sums, one over the map for
+    gh's dense part and a scatter of rw gu to the arg-max positions (the reference runs about a
+    dozen ATen ops). Not differentiable (hvp._PooledBatchNormBackward writes out its
+    derivative: pooled_bn_double_backward).
+
+    Args:
+        gy, y, xhat: (N, C, Ho, Wo); h: (N, C, H, W); idx: (N, C, Ho, Wo) int64 arg-max of the
+            pooling (flat positions per plane); mean, rw, kb, kg: (C,); pool: (kernel_size,
+            stride, padding, dilation, ceil_mode) of that pooling.
+    Returns:
+        gh (N, C, H, W) in h's layout, gw and gb (C,), gu like gy.
+    """
+    if not _pooled_bn_ext("pooled_bn_backward", h, pool, use_ext):
+        return reference.pooled_bn_backward(gy, y, xhat, h, idx, mean, rw, kb, kg, pool)
+    gy, y, xhat, idx = _as_format(_map_format(h), gy, y, xhat, idx)
+    mean, rw, kb, kg = _as_format(torch.contiguous_format, mean, rw, kb, kg)
+    return tuple(torch.ops.imaml_ext.pooled_bn_backward(gy, y, xhat, h, idx, mean, rw, kb, kg,
+                                                        *_pool_args(pool)))
+
+
+def pooled_bn_double_backward(ch, cw, cb, gu, h, xhat, idx, mean, y, rw, coef, a2, pool,
+                              need_gy: bool, need_h: bool, *, use_ext: bool | None = None):
+    """(d gy, d h, d w): the vector-Jacobian product of pooled_bn_backward for cotangents
+    (ch, cw, cb), any of them None (zero), in one kernel: the per-channel sums of ch (map and
+    arg-max passes), the six per-channel factors from coef (6, 5, C), then d gy (pooled) and
+    d h (map, plus the scatter). d gy / d h are None unless needed. The kernel is not
+    differentiable: use_ext=False (the reference, ATen's ops) where a graph is recorded.
+
+    Args: as pooled_bn_backward, and gu its output, coef and a2 (C,) the factors of
+        hvp._PooledBatchNormBackward._coefficients.
+    """
+    if not _pooled_bn_ext("pooled_bn_double_backward", h, pool, use_ext):
+        return reference.pooled_bn_double_backward(ch, cw, cb, gu, h, xhat, idx, mean, y, rw,
+                                                   coef, a2, pool, need_gy, need_h)
+    ch, gu, xhat, idx, y = _as_format(_map_format(h), ch, gu, xhat, idx, y)
+    cw, cb, mean, rw, coef, a2 = _as_format(torch.contiguous_format, cw, cb, mean, rw, coef, a2)
+    d_gy, d_h, d_w = torch.ops.imaml_ext.pooled_bn_double_backward(
+        ch, cw, cb, gu, h, xhat, idx, mean, y, rw, coef, a2, *_pool_args(pool), bool(need_gy),
+        bool(need_h))
+    return d_gy if need_gy else None, d_h if need_h else None, d_w
+
+
+if _C is not None:
+    @torch.library.register_fake("imaml_ext::pooled_bn_backward")
+    def _pooled_bn_backward_fake(gy, y, xhat, h, idx, mean, rw, kb, kg, kernel_size, stride,
+                                 padding, dilation, ceil_mode):
+        fmt = _map_format(h) or torch.contiguous_format
+        return (torch.empty_like(h, memory_format=fmt), mean.new_empty(mean.shape),
+                mean.new_empty(mean.shape), torch.empty_like(gy, memory_format=fmt))
+
+    @torch.library.register_fake("imaml_ext::pooled_bn_double_backward")
+    def _pooled_bn_double_backward_fake(ch, cw, cb, gu, h, xhat, idx, mean, y, rw, coef, a2,
+                                        kernel_size, stride, padding, dilation, ceil_mode,
+                                        need_gy, need_h):
+        fmt = _map_format(h) or torch.contiguous_format
+        d_gy = torch.empty_like(gu, memory_format=fmt) if need_gy else gu.new_empty((0,))
+        d_h = torch.empty_like(h, memory_format=fmt) if need_h else h.new_empty((0,))
+        return d_gy, d_h, mean.new_empty(mean.shape)
+
+
 # ---- the 3x3 convolution by Winograd's F(2x2, 3x3) (the conv net's layers 2-4) -----------------
 
 def check_conv3x3(op, x, weight, bias, groups):

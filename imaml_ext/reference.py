@@ -162,6 +162,79 @@ def bn_relu_pool(h, weight, bias, eps: float):
     return torch.relu(torch.nn.functional.max_pool2d(z, 2))
 
 
+# ---- the block's derivatives in the HVP layout (imaml_ext.hvp._PooledBatchNorm; csrc/cpu/
+# pooled_bn_cpu.cpp, csrc/cuda/pooled_bn_cuda.cu) ---------------------------------------------
+# h (N, C, H, W) is the pre-pool map, idx (N, C, Ho, Wo) the pooling's arg-max (flat H*W
+# positions per plane, as F.max_pool2d returns them), `pool` its geometry (kernel_size, stride,
+# padding, dilation, ceil_mode); the other map-sized tensors are pooled-size, the rest (C,).
+
+def _ch(t: torch.Tensor) -> torch.Tensor:
+    return t.view(1, -1, 1, 1)
+
+
+def unpool(vals, h, idx, pool):
+    """The adjoint of gathering h at idx: vals (pooled shape) added into a zero map of h's shape
+    and layout."""
+    k, st, pad, dil, ceil = pool
+    return torch.ops.aten.max_pool2d_with_indices_backward(vals, h, k, st, pad, dil, ceil, idx)
+
+
+def gather_pooled(t, idx):
+    """t (N, C, H, W) at the pooling's arg-max indices idx (N, C, Ho, Wo). Gathers through the
+    channels-last view when both are channels-last (no copy)."""
+    N, C = idx.shape[:2]
+    cl = torch.channels_last
+    if C > 1 and t.is_contiguous(memory_format=cl) and idx.is_contiguous(memory_format=cl) and \
+            not idx.is_contiguous():
+        g = t.permute(0, 2, 3, 1).reshape(N, -1, C).gather(
+            1, idx.permute(0, 2, 3, 1).reshape(N, -1, C))
+        return g.view(N, idx.shape[2], idx.shape[3], C).permute(0, 3, 1, 2)
+    return t.reshape(N, C, -1).gather(2, idx.reshape(N, C, -1)).view(idx.shape)
+
+
+def pooled_bn_backward(gy, y, xhat, h, idx, mean, rw, kb, kg, pool):
+    """(gh, gw, gb, gu) of the block y = relu(w xhat + b) for output gradient gy: per channel
+    gu = gy [y > 0], gb = sum gu, gw = sum gu xhat, gh = rw unpool(gu) + kb gb + kg gw (h - mean)
+    (imaml_ext.hvp._PooledBatchNormBackward has the derivation)."""
+    gu = torch.ops.aten.threshold_backward(gy, y, 0)
+    dims = (0, 2, 3)
+    gb = gu.sum(dims)
+    gw = (gu * xhat).sum(dims)
+    gh = unpool(gu * _ch(rw), h, idx, pool)
+    gh.add_(torch.addcmul(_ch(kb * gb), h - _ch(mean), _ch(kg * gw)))
+    return gh, gw, gb, gu
+
+
+def pooled_bn_double_backward(ch, cw, cb, gu, h, xhat, idx, mean, y, rw, coef, a2, pool,
+                              need_gy: bool, need_h: bool):
+    """(d gy, d h, d w): the vector-Jacobian product of pooled_bn_backward's (gh, gw, gb) in
+    (gy, h, w) for cotangents (ch, cw, cb) (each may be None: zero), from its saved gu and the
+    per-channel coefficients coef (6, 5, C) and a2 (C,) of hvp._PooledBatchNormBackward. d gy
+    and d h are None unless needed. Differentiable (ATen's ops)."""
+    dims = (0, 2, 3)
+    zero = rw.new_zeros(())
+    hc = h - _ch(mean) if need_h or ch is not None else None
+    if ch is not None:
+        cg = gather_pooled(ch, idx)
+        k = [ch.sum(dims), (ch * hc).sum(dims), (cg * gu).sum(dims)]
+    else:
+        k = [zero.expand_as(rw)] * 3
+    k += [zero.expand_as(rw) if c is None else c for c in (cw, cb)]
+    c0, c1, d_w, a1, a3, a4 = (coef * torch.stack(k)).sum(1).unbind(0)
+    d_gy = d_h = None
+    if need_gy:
+        t = torch.addcmul(_ch(c0), xhat, _ch(c1))
+        if ch is not None:
+            t = t.addcmul_(cg, _ch(rw))
+        d_gy = torch.ops.aten.threshold_backward(t, y, 0)
+    if need_h:
+        d_h = unpool(gu * _ch(a1), h, idx, pool)
+        d_h.add_(torch.addcmul(_ch(a4), hc, _ch(a3)))
+        if ch is not None:
+            d_h.addcmul_(ch, _ch(a2))
+    return d_gy, d_h, d_w
+
+
 # ---- the grouped convolution with one input channel per group (csrc/cpu/blocks_cpu.cpp) ------
 
 def conv1ch(x, weight, bias, stride, padding):

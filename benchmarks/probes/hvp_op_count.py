@@ -67,6 +67,11 @@ NO_KERNEL = {"aten.detach.default", "aten.alias.default", "aten.lift_fresh.defau
 HOST_READS = {"aten._local_scalar_dense.default", "aten.item.default"}
 
 
+# (label, ops._Conv for the "hvp" layout's convolutions, the pooled block's derivative kernels)
+VARIANTS = (("aten_conv", False, False), ("own_conv", True, False),
+            ("own_conv+bn_kernels", True, True))
+
+
 class OpCount(TorchDispatchMode):
     def __init__(self):
         super().__init__()
@@ -116,8 +121,15 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
-def measure(tl, pb, x, y, v, own_conv: bool):
+def bn_kernels(on: bool, device) -> tuple:
+    """hvp.POOLED_BN_KERNELS for the block's derivative kernels on (the device) or off."""
+    return (device.type,) if on else ()
+
+
+def measure(tl, pb, x, y, v, own_conv: bool, bn: bool):
     hvp_mod.OWN_CONV_HVP = own_conv
+    before = hvp_mod.POOLED_BN_KERNELS
+    hvp_mod.POOLED_BN_KERNELS = bn_kernels(bn, x.device)
     try:
         with OpCount() as c_grad:
             tl.grad(pb, x, y)
@@ -130,13 +142,16 @@ def measure(tl, pb, x, y, v, own_conv: bool):
                 "product": c_prod.summary()}, out
     finally:
         hvp_mod.OWN_CONV_HVP = True
+        hvp_mod.POOLED_BN_KERNELS = before
 
 
-def timed(tl, pb, x, y, v, own_conv, cudnn_benchmark, device, products=3):
-    """(gradient, graph build, one product) seconds with the given layout and cuDNN setting."""
+def timed(tl, pb, x, y, v, own_conv, bn, cudnn_benchmark, device, products=3):
+    """(gradient, graph build, one product) seconds with the given layout, block kernels and
+    cuDNN setting."""
     hvp_mod.OWN_CONV_HVP = own_conv
-    before = torch.backends.cudnn.benchmark
+    before, before_bn = torch.backends.cudnn.benchmark, hvp_mod.POOLED_BN_KERNELS
     torch.backends.cudnn.benchmark = cudnn_benchmark
+    hvp_mod.POOLED_BN_KERNELS = bn_kernels(bn, device)
     try:
         sync(device)
         t0 = time.perf_counter()
@@ -155,6 +170,7 @@ def timed(tl, pb, x, y, v, own_conv, cudnn_benchmark, device, products=3):
     finally:
         hvp_mod.OWN_CONV_HVP = True
         torch.backends.cudnn.benchmark = before
+        hvp_mod.POOLED_BN_KERNELS = before_bn
 
 
 def profile_phases(tl, pb, x, y, v, device, top=12):
@@ -165,6 +181,8 @@ def profile_phases(tl, pb, x, y, v, device, top=12):
     cuda = device.type == "cuda"
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    before = hvp_mod.POOLED_BN_KERNELS
+    hvp_mod.POOLED_BN_KERNELS = bn_kernels(True, device)  # the fastest layout
     H = make_hvp(tl, pb, x, y, "double_backward")
     H._build()
     out = {}
@@ -177,6 +195,7 @@ def profile_phases(tl, pb, x, y, v, device, top=12):
         ka = prof.key_averages()
         out[phase] = {"busy_ms": sum(getattr(e, key) for e in ka) / 1e3, "busy_of": key,
                       "table": ka.table(sort_by=key, row_limit=top)}
+    hvp_mod.POOLED_BN_KERNELS = before
     return out
 
 
@@ -200,12 +219,14 @@ def main(argv=None):
     for name in args.settings.split(","):
         tl, pb, x, y, v = setup(args, known[name], device)
         counts, res = {}, {}
-        for label, own in (("aten_conv", False), ("own_conv", True)):
-            counts[label], res[label] = measure(tl, pb, x, y, v, own)
-        own, aten = res["own_conv"], res["aten_conv"]
-        num = sum(float((own[k] - aten[k]).pow(2).sum()) for k in aten)
+        for label, own, bn in VARIANTS:
+            counts[label], res[label] = measure(tl, pb, x, y, v, own, bn)
+        aten = res["aten_conv"]
         den = sum(float(aten[k].pow(2).sum()) for k in aten)
-        entry = {"counts": counts, "rel_diff_own_vs_aten": (num / den) ** 0.5}
+        rel = {label: (sum(float((r[k] - aten[k]).pow(2).sum()) for k in aten) / den) ** 0.5
+               for label, r in res.items() if label != "aten_conv"}
+        entry = {"counts": counts, "rel_diff_own_vs_aten": rel["own_conv"],
+                 "rel_diff_vs_aten": rel}
         print(f"[{name}] M={args.tasks} on {device}: ops that launch kernels "
               f"(convolutions among them), no-kernel ops, host reads")
         for label in counts:
@@ -213,30 +234,32 @@ def main(argv=None):
                 print(f"  {label:9s} {phase:11s} {s['kernel_ops']:5d} "
                       f"({s['convolution_ops']:3d} conv)"
                       f"  {s['no_kernel_ops']:5d}  {s['host_reads']}")
-        a, b = counts["aten_conv"]["product"], counts["own_conv"]["product"]
-        line = (f"{name} M={args.tasks}: one product: {a['kernel_ops']} -> {b['kernel_ops']} ops "
-              f"({a['kernel_ops'] / b['kernel_ops']:.2f}x fewer); per gradient "
-              f"{b['kernel_ops'] / counts['own_conv']['grad']['kernel_ops']:.2f}x the gradient's "
-              f"ops (was {a['kernel_ops'] / counts['aten_conv']['grad']['kernel_ops']:.2f}x); "
-              f"relative difference of the products {entry['rel_diff_own_vs_aten']:.1e}")
+        ops_ = {label: counts[label]["product"]["kernel_ops"] for label, _, _ in VARIANTS}
+        grad_ops = counts["own_conv"]["grad"]["kernel_ops"]
+        line = (f"{name} M={args.tasks}: one product: "
+                + " -> ".join(f"{n} ({label})" for label, n in ops_.items())
+                + f" ops, i.e. {ops_['own_conv+bn_kernels'] / grad_ops:.2f}x the gradient's "
+                f"{grad_ops} (was {ops_['own_conv'] / grad_ops:.2f}x, "
+                f"{ops_['aten_conv'] / grad_ops:.2f}x); relative differences of the products "
+                + ", ".join(f"{label} {r:.1e}" for label, r in rel.items()))
         print("  " + line)
         summary.append(line)
         if args.rounds:
             # (layout, cuDNN autotuning): torch.backends.cudnn.benchmark picks each
             # convolution's algorithm by timing them once per shape (meta-learning's shapes are
             # fixed); it is off by default, so the library's numbers so far are without it
-            variants = [("aten_conv", False, False), ("own_conv", True, False)]
+            variants = [(label, own, bn, False) for label, own, bn in VARIANTS]
             if device.type == "cuda":
-                variants.append(("own_conv+cudnn_benchmark", True, True))
-            for _, own, cb in variants:  # warm-up (cuDNN plans and autotuning, allocator)
-                timed(tl, pb, x, y, v, own, cb, device, 1)
-            t = {label: [] for label, _, _ in variants}
+                variants.append(("own_conv+bn_kernels+cudnn_benchmark", True, True, True))
+            for _, own, bn, cb in variants:  # warm-up (cuDNN plans and autotuning, allocator)
+                timed(tl, pb, x, y, v, own, bn, cb, device, 1)
+            t = {label: [] for label, _, _, _ in variants}
             for _ in range(args.rounds):
-                for label, own, cb in variants:
-                    t[label].append(timed(tl, pb, x, y, v, own, cb, device))
+                for label, own, bn, cb in variants:
+                    t[label].append(timed(tl, pb, x, y, v, own, bn, cb, device))
             med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
             entry["timing"] = {"rounds": args.rounds}
-            for label, _, _ in variants:
+            for label, *_ in variants:
                 g, build, prod = (med([r[i] for r in t[label]]) for i in range(3))
                 entry["timing"][label] = {"grad_s": g, "graph_build_s": build,
                                           "product_s": prod, "product_per_grad": prod / g}
@@ -244,7 +267,7 @@ def main(argv=None):
                       f"{build * 1e3:8.2f} ms, one product {prod * 1e3:8.2f} ms "
                       f"= {prod / g:.2f}x the gradient")
             base = entry["timing"]["aten_conv"]
-            for label, _, _ in variants[1:]:
+            for label, *_ in variants[1:]:
                 r = entry["timing"][label]
                 line = (f"{name} M={args.tasks}: {label} vs aten_conv: gradient "
                         f"{base['grad_s'] / r['grad_s']:.2f}x, product "
@@ -265,7 +288,7 @@ def main(argv=None):
             if "timing" in entry and device.type == "cuda":
                 # (on the CPU the ops run where they are called: their time is the wall time,
                 # summed over threads, so the ratio says nothing)
-                t = entry["timing"]["own_conv"]
+                t = entry["timing"]["own_conv+bn_kernels"]
                 g, pr = prof["grad"]["busy_ms"] / 1e3, prof["product"]["busy_ms"] / 1e3
                 line = (f"{name} M={args.tasks}: {what} / wall time: gradient "
                         f"{g * 1e3:.2f} / {t['grad_s'] * 1e3:.2f} ms ({g / t['grad_s']:.0%}), "

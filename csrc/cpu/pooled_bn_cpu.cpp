@@ -1,0 +1,335 @@
+// CPU kernels of the pooled batch-norm block's two derivatives in the HVP layout (schemas in
+// csrc/module.cpp, arithmetic in csrc/pooled_bn_math.h, twins imaml_ext.reference.
+// pooled_bn_backward / pooled_bn_double_backward).
+//
+// Why: a double-backward Hessian-vector product of the conv net runs, per block, the block's
+// backward (13 ATen ops) and its derivative (19), each op a full pass over a map; on a GPU
+// each is a launch, which is what bounds the product there (benchmarks/probes/hvp_op_count.py).
+// Here each derivative is one op: passes over the pooled-size tensors for the per-channel sums,
+// one over the map for the dense part and a scatter to the arg-max positions.
+//
+//   pooled_bn_backward:  gu = gy [y > 0],  gb = sum gu,  gw = sum gu xhat,
+//                        gh = kb gb + kg gw (h - mean)  (+ rw gu at the arg-max)
+//   pooled_bn_double_backward, for cotangents (ch, cw, cb):
+//                        K0 = sum ch, K1 = sum ch (h - mean), Pc = sum cg gu (cg = ch at the
+//                        arg-max); (c0, c1, d_w, a1, a3, a4) = coef . (K0, K1, Pc, cw, cb);
+//                        d_gy = [y > 0] (c0 + c1 xhat + rw cg),
+//                        d_h  = a4 + a3 (h - mean) + a2 ch  (+ a1 gu at the arg-max)
+//
+// Layouts: channels-last maps are rows of C contiguous channels, so positions go to threads and
+// each thread sums into its own row of C doubles (added in thread order); NCHW maps are planes,
+// so channels go to threads and each channel is done start to end by one. Sums in double. The
+// windows are disjoint (checked), so the scatters of different windows never meet.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+#include <torch/types.h>
+
+#include <algorithm>
+#include <atomic>
+#include <vector>
+
+#include "../ops.h"
+#include "../pooled_bn_math.h"
+
+namespace imaml_ext {
+namespace {
+
+constexpr int64_t kRows = 64;  // channels-last positions per parallel_for task
+
+// Per-thread rows of `width` doubles, summed into row 0 in thread order.
+struct Partials {
+  int64_t width;
+  int nthreads;
+  std::vector<double> buf;
+  Partials(int64_t w, int n) : width(w), nthreads(n), buf(static_cast<size_t>(w) * n, 0.0) {}
+  double* row() { return buf.data() + static_cast<size_t>(at::get_thread_num()) * width; }
+  const double* total() {
+    for (int t = 1; t < nthreads; ++t)
+      for (int64_t i = 0; i < width; ++i) buf[i] += buf[static_cast<size_t>(t) * width + i];
+    return buf.data();
+  }
+};
+
+void check_idx(bool bad, const char* op) {
+  TORCH_CHECK_VALUE(!bad, op, ": idx holds a position outside the H x W plane");
+}
+
+template <typename T>
+void backward_kernel(const PooledBnGeometry& g, const T* gy, const T* y, const T* xhat,
+                     const T* h, const int64_t* idx, const T* mean, const T* rw, const T* kb,
+                     const T* kg, T* gh, T* gw, T* gb, T* gu) {
+  const int64_t N = g.N, C = g.C, P = g.P, Po = g.Po;
+  std::atomic<bool> bad{false};
+  if (g.channels_last) {
+    Partials sums(2 * C, at::get_num_threads());
+    at::parallel_for(0, N * Po, kRows, [&](int64_t lo, int64_t hi) {
+      double* sb = sums.row();
+      double* sw = sb + C;
+      for (int64_t r = lo; r < hi; ++r) {
+        const int64_t o = r * C;
+        for (int64_t c = 0; c < C; ++c) {
+          const T u = relu_pass(gy[o + c], y[o + c]);
+          gu[o + c] = u;
+          sb[c] += static_cast<double>(u);
+          sw[c] += static_cast<double>(u * xhat[o + c]);
+        }
+      }
+    });
+    const double* tot = sums.total();
+    std::vector<T> alpha(C), beta(C);
+    for (int64_t c = 0; c < C; ++c) {
+      gb[c] = static_cast<T>(tot[c]);
+      gw[c] = static_cast<T>(tot[C + c]);
+      alpha[c] = kb[c] * gb[c];
+      beta[c] = kg[c] * gw[c];
+    }
+    at::parallel_for(0, N * P, kRows, [&](int64_t lo, int64_t hi) {
+      for (int64_t r = lo; r < hi; ++r) {
+        const T* hr = h + r * C;
+        T* dr = gh + r * C;
+        for (int64_t c = 0; c < C; ++c) dr[c] = alpha[c] + beta[c] * (hr[c] - mean[c]);
+      }
+    });
+    at::parallel_for(0, N * Po, kRows, [&](int64_t lo, int64_t hi) {
+      for (int64_t r = lo; r < hi; ++r) {
+        const int64_t n = r / Po, o = r * C;
+        for (int64_t c = 0; c < C; ++c) {
+          const int64_t p = idx[o + c];
+          if (p < 0 || p >= P) { bad = true; continue; }
+          gh[(n * P + p) * C + c] += rw[c] * gu[o + c];
+        }
+      }
+    });
+  } else {
+    at::parallel_for(0, C, 1, [&](int64_t lo, int64_t hi) {
+      for (int64_t c = lo; c < hi; ++c) {
+        double sb = 0, sw = 0;
+        for (int64_t n = 0; n < N; ++n) {
+          const int64_t o = (n * C + c) * Po;
+          for (int64_t q = 0; q < Po; ++q) {
+            const T u = relu_pass(gy[o + q], y[o + q]);
+            gu[o + q] = u;
+            sb += static_cast<double>(u);
+            sw += static_cast<double>(u * xhat[o + q]);
+          }
+        }
+        gb[c] = static_cast<T>(sb);
+        gw[c] = static_cast<T>(sw);
+        const T alpha = kb[c] * gb[c], beta = kg[c] * gw[c], m = mean[c], s = rw[c];
+        for (int64_t n = 0; n < N; ++n) {
+          const T* hp = h + (n * C + c) * P;
+          T* dp = gh + (n * C + c) * P;
+          for (int64_t p = 0; p < P; ++p) dp[p] = alpha + beta * (hp[p] - m);
+          const int64_t o = (n * C + c) * Po;
+          for (int64_t q = 0; q < Po; ++q) {
+            const int64_t p = idx[o + q];
+            if (p < 0 || p >= P) { bad = true; continue; }
+            dp[p] += s * gu[o + q];
+          }
+        }
+      }
+    });
+  }
+  check_idx(bad, "pooled_bn_backward");
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pooled_bn_backward_cpu(
+    const at::Tensor& gy, const at::Tensor& y, const at::Tensor& xhat, const at::Tensor& h,
+    const at::Tensor& idx, const at::Tensor& mean, const at::Tensor& rw, const at::Tensor& kb,
+    const at::Tensor& kg, at::IntArrayRef kernel_size, at::IntArrayRef stride,
+    at::IntArrayRef padding, at::IntArrayRef dilation, bool ceil_mode) {
+  PooledBnBackward o = pooled_bn_backward_setup(gy, y, xhat, h, idx, mean, rw, kb, kg,
+                                                kernel_size, stride, padding, dilation, ceil_mode);
+  AT_DISPATCH_FLOATING_TYPES(h.scalar_type(), "pooled_bn_backward", [&] {
+    backward_kernel<scalar_t>(
+        o.g, gy.const_data_ptr<scalar_t>(), y.const_data_ptr<scalar_t>(),
+        xhat.const_data_ptr<scalar_t>(), h.const_data_ptr<scalar_t>(),
+        idx.const_data_ptr<int64_t>(), mean.const_data_ptr<scalar_t>(),
+        rw.const_data_ptr<scalar_t>(), kb.const_data_ptr<scalar_t>(),
+        kg.const_data_ptr<scalar_t>(), o.gh.data_ptr<scalar_t>(), o.gw.data_ptr<scalar_t>(),
+        o.gb.data_ptr<scalar_t>(), o.gu.data_ptr<scalar_t>());
+  });
+  return {o.gh, o.gw, o.gb, o.gu};
+}
+
+// (c0, c1, d_w, a1, a3, a4) of every channel from the sums K0, K1, Pc (each (C,)).
+template <typename T>
+std::vector<T> factors(const PooledBnDoubleArgs<T>& a, int64_t C, const double* K0,
+                       const double* K1, const double* Pc) {
+  std::vector<T> f(6 * C);
+  for (int64_t c = 0; c < C; ++c) {
+    const double k[5] = {K0 ? K0[c] : 0.0, K1 ? K1[c] : 0.0, Pc ? Pc[c] : 0.0,
+                         a.cw ? static_cast<double>(a.cw[c]) : 0.0,
+                         a.cb ? static_cast<double>(a.cb[c]) : 0.0};
+    double out[6];
+    pooled_bn_factors<double, T>(a.coef, C, c, k, out);
+    for (int i = 0; i < 6; ++i) f[i * C + c] = static_cast<T>(out[i]);
+  }
+  return f;
+}
+
+template <typename T>
+void double_backward_kernel(const PooledBnGeometry& g, const PooledBnDoubleArgs<T>& a) {
+  const int64_t N = g.N, C = g.C, P = g.P, Po = g.Po;
+  std::atomic<bool> bad{false};
+  if (g.channels_last) {
+    std::vector<T> f;
+    if (a.ch != nullptr) {
+      Partials sums(3 * C, at::get_num_threads());
+      at::parallel_for(0, N * P, kRows, [&](int64_t lo, int64_t hi) {
+        double* k0 = sums.row();
+        double* k1 = k0 + C;
+        for (int64_t r = lo; r < hi; ++r) {
+          const T* cr = a.ch + r * C;
+          const T* hr = a.h + r * C;
+          for (int64_t c = 0; c < C; ++c) {
+            k0[c] += static_cast<double>(cr[c]);
+            k1[c] += static_cast<double>(cr[c] * (hr[c] - a.mean[c]));
+          }
+        }
+      });
+      at::parallel_for(0, N * Po, kRows, [&](int64_t lo, int64_t hi) {
+        double* pc = sums.row() + 2 * C;
+        for (int64_t r = lo; r < hi; ++r) {
+          const int64_t n = r / Po, o = r * C;
+          for (int64_t c = 0; c < C; ++c) {
+            const int64_t p = a.idx[o + c];
+            if (p < 0 || p >= P) { bad = true; continue; }
+            pc[c] += static_cast<double>(a.ch[(n * P + p) * C + c] * a.gu[o + c]);
+          }
+        }
+      });
+      const double* tot = sums.total();
+      f = factors(a, C, tot, tot + C, tot + 2 * C);
+    } else {
+      f = factors<T>(a, C, nullptr, nullptr, nullptr);
+    }
+    const T *c0 = f.data(), *c1 = c0 + C, *dw = c1 + C, *a1 = dw + C, *a3 = a1 + C, *a4 = a3 + C;
+    std::copy(dw, dw + C, a.d_w);
+    if (a.d_gy != nullptr) {
+      at::parallel_for(0, N * Po, kRows, [&](int64_t lo, int64_t hi) {
+        for (int64_t r = lo; r < hi; ++r) {
+          const int64_t n = r / Po, o = r * C;
+          for (int64_t c = 0; c < C; ++c) {
+            T t = c0[c] + c1[c] * a.xhat[o + c];
+            if (a.ch != nullptr) {
+              const int64_t p = a.idx[o + c];
+              if (p >= 0 && p < P) t += a.rw[c] * a.ch[(n * P + p) * C + c];
+              else bad = true;
+            }
+            a.d_gy[o + c] = relu_pass(t, a.y[o + c]);
+          }
+        }
+      });
+    }
+    if (a.d_h != nullptr) {
+      at::parallel_for(0, N * P, kRows, [&](int64_t lo, int64_t hi) {
+        for (int64_t r = lo; r < hi; ++r) {
+          const T* hr = a.h + r * C;
+          T* dr = a.d_h + r * C;
+          if (a.ch != nullptr) {
+            const T* cr = a.ch + r * C;
+            for (int64_t c = 0; c < C; ++c)
+              dr[c] = a4[c] + a3[c] * (hr[c] - a.mean[c]) + a.a2[c] * cr[c];
+          } else {
+            for (int64_t c = 0; c < C; ++c) dr[c] = a4[c] + a3[c] * (hr[c] - a.mean[c]);
+          }
+        }
+      });
+      at::parallel_for(0, N * Po, kRows, [&](int64_t lo, int64_t hi) {
+        for (int64_t r = lo; r < hi; ++r) {
+          const int64_t n = r / Po, o = r * C;
+          for (int64_t c = 0; c < C; ++c) {
+            const int64_t p = a.idx[o + c];
+            if (p < 0 || p >= P) { bad = true; continue; }
+            a.d_h[(n * P + p) * C + c] += a1[c] * a.gu[o + c];
+          }
+        }
+      });
+    }
+  } else {
+    at::parallel_for(0, C, 1, [&](int64_t lo, int64_t hi) {
+      for (int64_t c = lo; c < hi; ++c) {
+        const T m = a.mean[c];
+        double k[5] = {0, 0, 0, a.cw ? static_cast<double>(a.cw[c]) : 0.0,
+                       a.cb ? static_cast<double>(a.cb[c]) : 0.0};
+        if (a.ch != nullptr) {
+          for (int64_t n = 0; n < N; ++n) {
+            const T* cp = a.ch + (n * C + c) * P;
+            const T* hp = a.h + (n * C + c) * P;
+            for (int64_t p = 0; p < P; ++p) {
+              k[0] += static_cast<double>(cp[p]);
+              k[1] += static_cast<double>(cp[p] * (hp[p] - m));
+            }
+            const int64_t o = (n * C + c) * Po;
+            for (int64_t q = 0; q < Po; ++q) {
+              const int64_t p = a.idx[o + q];
+              if (p < 0 || p >= P) { bad = true; continue; }
+              k[2] += static_cast<double>(cp[p] * a.gu[o + q]);
+            }
+          }
+        }
+        double f[6];
+        pooled_bn_factors<double, T>(a.coef, C, c, k, f);
+        const T c0 = static_cast<T>(f[0]), c1 = static_cast<T>(f[1]), a1 = static_cast<T>(f[3]);
+        const T a3 = static_cast<T>(f[4]), a4 = static_cast<T>(f[5]), a2 = a.a2[c];
+        a.d_w[c] = static_cast<T>(f[2]);
+        for (int64_t n = 0; n < N; ++n) {
+          const int64_t o = (n * C + c) * Po;
+          const T* cp = a.ch != nullptr ? a.ch + (n * C + c) * P : nullptr;
+          if (a.d_gy != nullptr) {
+            for (int64_t q = 0; q < Po; ++q) {
+              T t = c0 + c1 * a.xhat[o + q];
+              if (cp != nullptr) {
+                const int64_t p = a.idx[o + q];
+                if (p >= 0 && p < P) t += a.rw[c] * cp[p];
+                else bad = true;
+              }
+              a.d_gy[o + q] = relu_pass(t, a.y[o + q]);
+            }
+          }
+          if (a.d_h != nullptr) {
+            const T* hp = a.h + (n * C + c) * P;
+            T* dp = a.d_h + (n * C + c) * P;
+            if (cp != nullptr) {
+              for (int64_t p = 0; p < P; ++p) dp[p] = a4 + a3 * (hp[p] - m) + a2 * cp[p];
+            } else {
+              for (int64_t p = 0; p < P; ++p) dp[p] = a4 + a3 * (hp[p] - m);
+            }
+            for (int64_t q = 0; q < Po; ++q) {
+              const int64_t p = a.idx[o + q];
+              if (p < 0 || p >= P) { bad = true; continue; }
+              dp[p] += a1 * a.gu[o + q];
+            }
+          }
+        }
+      }
+    });
+  }
+  check_idx(bad, "pooled_bn_double_backward");
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> pooled_bn_double_backward_cpu(
+    const std::optional<at::Tensor>& ch, const std::optional<at::Tensor>& cw,
+    const std::optional<at::Tensor>& cb, const at::Tensor& gu, const at::Tensor& h,
+    const at::Tensor& xhat, const at::Tensor& idx, const at::Tensor& mean, const at::Tensor& y,
+    const at::Tensor& rw, const at::Tensor& coef, const at::Tensor& a2,
+    at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding,
+    at::IntArrayRef dilation, bool ceil_mode, bool need_gy, bool need_h) {
+  const PooledBnDouble d = pooled_bn_double_backward_setup(
+      ch, cw, cb, gu, h, xhat, idx, mean, y, rw, coef, a2, kernel_size, stride, padding,
+      dilation, ceil_mode, need_gy, need_h);
+  AT_DISPATCH_FLOATING_TYPES(h.scalar_type(), "pooled_bn_double_backward", [&] {
+    double_backward_kernel<scalar_t>(d.g, d.args<scalar_t>());
+  });
+  return {d.d_gy, d.d_h, d.d_w};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(imaml_ext, CPU, m) {
+  m.impl("pooled_bn_backward", &pooled_bn_backward_cpu);
+  m.impl("pooled_bn_double_backward", &pooled_bn_double_backward_cpu);
+}
+
+}  // namespace imaml_ext

@@ -1,0 +1,56 @@
+// The per-element and per-channel arithmetic of the pooled batch-norm block's derivatives
+// (imaml_ext.hvp._PooledBatchNormBackward; twins imaml_ext.reference.pooled_bn_backward and
+// pooled_bn_double_backward), shared by csrc/cpu/pooled_bn_cpu.cpp and
+// csrc/cuda/pooled_bn_cuda.cu.
+//
+// Layout: a map (N, C, H, W) is dense NCHW or dense channels-last; position (n, c, p), p a flat
+// H*W (or pooled Ho*Wo) index, lies at (n C + c) plane + p or (n plane + p) C + c.
+#pragma once
+
+#include <c10/macros/Macros.h>
+
+#include <cstdint>
+
+namespace imaml_ext {
+
+struct PooledBnGeometry {
+  int64_t N, C, P, Po;  // samples, channels, H*W, Ho*Wo
+  bool channels_last;
+
+  C10_HOST_DEVICE int64_t map(int64_t n, int64_t c, int64_t p) const {
+    return channels_last ? (n * P + p) * C + c : (n * C + c) * P + p;
+  }
+  C10_HOST_DEVICE int64_t pooled(int64_t n, int64_t c, int64_t q) const {
+    return channels_last ? (n * Po + q) * C + c : (n * C + c) * Po + q;
+  }
+};
+
+// The double backward's pointers: ch, cw, cb null for zero cotangents, d_gy / d_h null when not
+// needed.
+template <typename T>
+struct PooledBnDoubleArgs {
+  const T *ch, *cw, *cb, *gu, *h, *xhat;
+  const int64_t* idx;
+  const T *mean, *y, *rw, *coef, *a2;
+  T *d_gy, *d_h, *d_w;
+};
+
+// ATen's threshold_backward(g, y, 0): g where y > 0 or y is NaN, else 0.
+template <typename T>
+C10_HOST_DEVICE inline T relu_pass(T g, T y) {
+  return y <= T(0) ? T(0) : g;
+}
+
+// The double backward's six per-channel factors (c0, c1, d_w, a1, a3, a4) of channel c, each
+// sum_j coef[i, j, c] k[j] for the sums k = (K0, K1, P, cw, cb); coef (6, 5, C) contiguous.
+template <typename acc_t, typename T>
+C10_HOST_DEVICE inline void pooled_bn_factors(const T* coef, int64_t C, int64_t c,
+                                              const acc_t* k, acc_t* out) {
+  for (int i = 0; i < 6; ++i) {
+    acc_t s = 0;
+    for (int j = 0; j < 5; ++j) s += static_cast<acc_t>(coef[(i * 5 + j) * C + c]) * k[j];
+    out[i] = s;
+  }
+}
+
+}  // namespace imaml_ext
