@@ -139,6 +139,18 @@ class ParamSpec:
         return {k: p.view(flat.shape[0], *s) if p.is_contiguous() else
                 p.reshape(flat.shape[0], *s) for k, p, s in zip(self.names, parts, self.shapes)}
 
+    def unflatten_copy(self, flat: torch.Tensor) -> Params:
+        """(M, P) -> dict of contiguous (M, ...) copies of its pieces, made by one op
+        (split_with_sizes_copy). Not differentiable (out= copies): use unflatten under autograd
+        or torch.func transforms."""
+        if flat.dim() != 2 or flat.shape[1] != self.numel:
+            raise ValueError(f"unflatten_copy: expected (M, {self.numel}), got "
+                             f"{tuple(flat.shape)}")
+        M = flat.shape[0]
+        outs = [flat.new_empty((M, n)) for n in self.sizes]
+        torch.split_with_sizes_copy(flat, list(self.sizes), dim=1, out=outs)
+        return {k: o.view(M, *s) for k, o, s in zip(self.names, outs, self.shapes)}
+
     def flatten_one(self, params: Mapping[str, torch.Tensor], what: str = "params") -> torch.Tensor:
         """dict of unbatched leaves -> (P,)."""
         check_same_keys(params, self.names, what)
@@ -964,10 +976,14 @@ class BatchedHVP:
         return self._gauss_newton(v)
 
     def flat(self, v: torch.Tensor) -> torch.Tensor:
-        """(M, P) -> (M, P)."""
+        """(M, P) -> (M, P). The pieces of v go to the product as contiguous copies made by one
+        op (ParamSpec.unflatten_copy): as views of v (strided by P) the product's graph cloned
+        each one it reshapes, ~12 ops per product (each a launch on a GPU)."""
         if self._parts is not None:
             return torch.cat([H.flat(v[s]) for s, H in self._parts])
-        return self.spec.flatten(self(self.spec.unflatten(v)), "H v")
+        copy = not (v.requires_grad or _in_transform(v))
+        vs = self.spec.unflatten_copy(v) if copy else self.spec.unflatten(v)
+        return self.spec.flatten(self(vs), "H v")
 
     def value_and_grad(self) -> tuple[torch.Tensor, Params]:
         """((M,) losses, dict of (M, ...) gradients) at the params, detached; free (from the

@@ -76,6 +76,56 @@ def test_param_spec_roundtrip_and_views():
     torch.testing.assert_close(one["a"], params["a"][0])
 
 
+def test_param_spec_unflatten_copy():
+    params = {"a": torch.randn(4, 2, 3), "b": torch.randn(4, 5)}
+    flat, spec = flatten_params(params)
+    back = spec.unflatten_copy(flat)
+    assert_close_dict(back, params, rtol=0, atol=0)
+    assert all(t.is_contiguous() for t in back.values())
+    back["b"].zero_()  # copies, not views
+    assert flat[:, 6:].abs().sum() > 0
+    with pytest.raises(ValueError, match=r"unflatten_copy: expected \(M, 11\), got \(4, 10\)"):
+        spec.unflatten_copy(flat[:, :10])
+
+
+def test_flat_product_with_and_without_autograd():
+    """BatchedHVP.flat gives the dict product's values, also for a v that requires grad (then
+    it takes views: the one-op copies are out= ops, which autograd refuses)."""
+    model, params_b, x, y = conv_setup()
+    H = make_hvp(TaskLoss(model), params_b, x, y, "exact")
+    v = {k: torch.randn_like(t) for k, t in params_b.items()}
+    vf = H.spec.flatten(v)
+    want = H.spec.flatten(H(v))
+    torch.testing.assert_close(H.flat(vf), want)
+    vg = vf.clone().requires_grad_(True)
+    torch.testing.assert_close(H.flat(vg), want)
+    # ops: the copy of v's pieces and the concatenation of H v's, nothing per parameter (the
+    # graph cloned each strided view it reshaped: one launch each on a GPU)
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.__name__.split(".")[0]
+            if not func.is_view and name not in ("detach", "empty", "new_empty", "empty_like",
+                                                 "empty_strided", "new_empty_strided"):
+                Count.n += 1
+            return func(*args, **(kwargs or {}))
+
+    counts = []
+    for call in (lambda: H(v), lambda: H.flat(vf)):
+        call()
+        Count.n = 0
+        with Count():
+            call()
+        counts.append(Count.n)
+    # + the split copy, the cat, and a copy of each product output that is not contiguous in
+    # (M, ...) (channels-last weight gradients here: clone + _unsafe_view)
+    strided = sum(not t.is_contiguous() for t in H(v).values())
+    assert counts[1] <= counts[0] + 2 + 2 * strided, (counts, strided)
+
+
 def test_param_spec_names_mismatch_error():
     spec = ParamSpec.of({"a": torch.zeros(2, 3)})
     with pytest.raises(ValueError, match="v does not match.*missing \\['a'\\]"):

@@ -253,8 +253,8 @@ def test_third_order_raises_or_is_right(fuse):
         return out
 
     if fuse:
-        with pytest.raises(RuntimeError, match="a third derivative\) is not available; use "
-                                               "TaskLoss\(..., fuse_bn_pool=False\)"):
+        with pytest.raises(RuntimeError, match=r"a third derivative\) is not available; use "
+                                               r"TaskLoss\(..., fuse_bn_pool=False\)"):
             hv(h)
     else:
         assert torch.autograd.gradcheck(hv, (h,))
