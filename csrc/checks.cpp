@@ -247,4 +247,22 @@ PooledBnDouble pooled_bn_double_backward_setup(
   return d;
 }
 
+int64_t check_pooled_bn_coefficients(const at::Tensor& r, const at::Tensor& w,
+                                     const at::Tensor& rw, const at::Tensor& kb,
+                                     const at::Tensor& kg, const at::Tensor& gb,
+                                     const at::Tensor& gw, int64_t n) {
+  const char* op = "pooled_bn_coefficients";
+  check_float(op, "r", r);
+  TORCH_CHECK_VALUE(r.dim() == 1 && r.is_contiguous(), op,
+                    ": r must be a contiguous (C,) tensor, got ", r.sizes());
+  for (auto [name, t] : {std::pair<const char*, const at::Tensor&>{"w", w}, {"rw", rw},
+                         {"kb", kb}, {"kg", kg}, {"gb", gb}, {"gw", gw}}) {
+    check_same(op, name, t, "r", r);
+    TORCH_CHECK_VALUE(t.sizes() == r.sizes() && t.is_contiguous(), op, ": ", name,
+                      " must be a contiguous ", r.sizes(), " tensor like r, got ", t.sizes());
+  }
+  TORCH_CHECK_VALUE(n >= 1, op, ": n must be >= 1, got ", n);
+  return r.size(0);
+}
+
 }  // namespace imaml_ext

@@ -73,6 +73,10 @@ TORCH_LIBRARY(imaml_ext, m) {
   m.def("pooled_bn_backward(Tensor gy, Tensor y, Tensor xhat, Tensor h, Tensor idx, "
         "Tensor mean, Tensor rw, Tensor kb, Tensor kg, int[2] kernel_size, int[2] stride, "
         "int[2] padding, int[2] dilation, bool ceil_mode) -> (Tensor, Tensor, Tensor, Tensor)");
+  // The per-channel factor table of that product (coef (6, 5, C), a2 (C,)) from the point's
+  // r, w, rw, kb, kg, gb, gw (each (C,)) and n, the values per channel of the pre-pool map.
+  m.def("pooled_bn_coefficients(Tensor r, Tensor w, Tensor rw, Tensor kb, Tensor kg, "
+        "Tensor gb, Tensor gw, int n) -> (Tensor, Tensor)");
   // Its vector-Jacobian product for cotangents (ch, cw, cb) (None: zero) -> (d_gy pooled,
   // d_h like h, d_w (C,)); d_gy / d_h are empty unless need_gy / need_h. coef: (6, 5, C).
   m.def("pooled_bn_double_backward(Tensor? ch, Tensor? cw, Tensor? cb, Tensor gu, Tensor h, "

@@ -73,6 +73,13 @@ PooledBnDouble pooled_bn_double_backward_setup(
     at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding,
     at::IntArrayRef dilation, bool ceil_mode, bool need_gy, bool need_h);
 
+// pooled_bn_coefficients' checks: every argument a contiguous (C,) float tensor, one dtype and
+// device; n >= 1. Returns C.
+int64_t check_pooled_bn_coefficients(const at::Tensor& r, const at::Tensor& w,
+                                     const at::Tensor& rw, const at::Tensor& kb,
+                                     const at::Tensor& kg, const at::Tensor& gb,
+                                     const at::Tensor& gw, int64_t n);
+
 using SolveResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
 }  // namespace imaml_ext

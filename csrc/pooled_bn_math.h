@@ -41,6 +41,27 @@ C10_HOST_DEVICE inline T relu_pass(T g, T y) {
   return y <= T(0) ? T(0) : g;
 }
 
+// The double backward's factor table of channel c (imaml_ext.reference.pooled_bn_coefficients
+// has the derivation's names): coef (6, 5, C) rows c0, c1, d_w, A1, A3, A4 as combinations of
+// (K0, K1, P, cw, cb), and a2 = A2, from the point's r, w, rw = r w, kb = -rw / n, kg = kb r,
+// gb, gw and n (the values per channel of the pre-pool map). In T, in the reference's order.
+template <typename T>
+C10_HOST_DEVICE inline void pooled_bn_coefficients_at(T r, T w, T rw, T kb, T kg, T gb, T gw,
+                                                      T n, int64_t C, int64_t c, T* coef,
+                                                      T* a2) {
+  const T nq = r / -n;
+  const T nqgb = nq * gb, nqgw = nq * gw, nm = nq * r;
+  const T rows[30] = {
+      kb, T(0), T(0), T(0), T(1),                                          // c0
+      T(0), kg, T(0), T(1), T(0),                                          // c1
+      nqgb, nqgw * r, r, T(0), T(0),                                       // d w
+      T(0), kg * r, T(0), r, T(0),                                         // A1
+      nm * w * nqgb, (w * nqgw + T(2) * (gw * kb)) * (nm * r), nm * rw, nm * gw, T(0),  // A3
+      nqgw * kb, nqgb * kg, T(0), nqgb, T(0)};                             // A4
+  for (int i = 0; i < 30; ++i) coef[i * C + c] = rows[i];
+  a2[c] = kg * gw;
+}
+
 // The double backward's six per-channel factors (c0, c1, d_w, a1, a3, a4) of channel c, each
 // sum_j coef[i, j, c] k[j] for the sums k = (K0, K1, P, cw, cb); coef (6, 5, C) contiguous.
 template <typename acc_t, typename T>

@@ -147,9 +147,10 @@ class ParamSpec:
             raise ValueError(f"unflatten_copy: expected (M, {self.numel}), got "
                              f"{tuple(flat.shape)}")
         M = flat.shape[0]
-        outs = [flat.new_empty((M, n)) for n in self.sizes]
-        torch.split_with_sizes_copy(flat, list(self.sizes), dim=1, out=outs)
-        return {k: o.view(M, *s) for k, o, s in zip(self.names, outs, self.shapes)}
+        outs = [flat.new_empty((M, *s)) for s in self.shapes]
+        torch.split_with_sizes_copy(flat, list(self.sizes), dim=1,
+                                    out=[o.view(M, -1) for o in outs])
+        return dict(zip(self.names, outs))
 
     def flatten_one(self, params: Mapping[str, torch.Tensor], what: str = "params") -> torch.Tensor:
         """dict of unbatched leaves -> (P,)."""
@@ -407,30 +408,11 @@ class _PooledBatchNormBackward(torch.autograd.Function):
         if keep:
             n = h.numel() // h.shape[1]
             ctx.save_for_backward(gu, h, xhat, idx, mean, y, rw,
-                                  *_PooledBatchNormBackward._coefficients(r, w, rw, kb, kg, gb,
-                                                                          gw, n))
+                                  *ops.pooled_bn_coefficients(r, w, rw, kb, kg, gb, gw, n,
+                                                              use_ext=_pooled_bn_kernels(h)))
             ctx.cfg = cfg
         ctx.set_materialize_grads(False)
         return gh, gw, gb
-
-    @staticmethod
-    def _coefficients(r, w, rw, kb, kg, gb, gw, n):
-        """(coef (6, 5, C), a2 (C,)): rows c0, c1 (d gy = [y > 0] (c0 + c1 xhat + rw Cg)),
-        d w, A1, A3, A4 as combinations of (K0, K1 / r, P, Cw, Cb), and a2 = A2; from
-        u0 = rw / n = -kb, q = r / n, in few ops (kg = -u0 r, nq = -q, nm = -r q)."""
-        nq = r / -n
-        nqgb, nqgw, nm = nq * gb, nq * gw, nq * r
-        zero, one = torch.zeros_like(r), torch.ones_like(r)
-        coef = torch.stack([
-            kb, zero, zero, zero, one,                                          # c0
-            zero, kg, zero, one, zero,                                          # c1
-            nqgb, nqgw * r, r, zero, zero,                                      # d w
-            zero, kg * r, zero, r, zero,                                        # A1
-            nm * w * nqgb, torch.addcmul(w * nqgw, gw, kb, value=2) * (nm * r),  # A3
-            nm * rw, nm * gw, zero,
-            nqgw * kb, nqgb * kg, zero, nqgb, zero,                             # A4
-        ]).view(6, 5, -1)
-        return coef, kg * gw
 
     @staticmethod
     def backward(ctx, ch, cw, cb):
@@ -976,12 +958,15 @@ class BatchedHVP:
         return self._gauss_newton(v)
 
     def flat(self, v: torch.Tensor) -> torch.Tensor:
-        """(M, P) -> (M, P). The pieces of v go to the product as contiguous copies made by one
-        op (ParamSpec.unflatten_copy): as views of v (strided by P) the product's graph cloned
-        each one it reshapes, ~12 ops per product (each a launch on a GPU)."""
+        """(M, P) -> (M, P). For the double-backward and Gauss-Newton products the pieces of v
+        go in as contiguous copies made by one op (ParamSpec.unflatten_copy): as views of v
+        (strided by P) the product's graph cloned each one it reshapes, ~12 ops per product
+        (each a launch on a GPU)."""
         if self._parts is not None:
             return torch.cat([H.flat(v[s]) for s, H in self._parts])
-        copy = not (v.requires_grad or _in_transform(v))
+        # (forward-mode AD wants tangents laid out like the primals, which may be such views)
+        copy = self.kind in ("double_backward", "ggn") and not (v.requires_grad or
+                                                                 _in_transform(v))
         vs = self.spec.unflatten_copy(v) if copy else self.spec.unflatten(v)
         return self.spec.flatten(self(vs), "H v")
 

@@ -476,6 +476,16 @@ def pooled_bn_backward(gy, y, xhat, h, idx, mean, rw, kb, kg, pool, *,
                                                         *_pool_args(pool)))
 
 
+def pooled_bn_coefficients(r, w, rw, kb, kg, gb, gw, n: int, *, use_ext: bool | None = None):
+    """(coef (6, 5, C), a2 (C,)): pooled_bn_double_backward's per-channel factor table at the
+    point (r, w, rw, kb, kg, gb, gw: (C,); n the values per channel of the pre-pool map), as one
+    op (the reference takes about twenty). Not differentiable."""
+    if use_ext is not False and r.dtype in _FLOATS and use_ext_for(use_ext, r):
+        return tuple(torch.ops.imaml_ext.pooled_bn_coefficients(
+            *_as_format(torch.contiguous_format, r, w, rw, kb, kg, gb, gw), int(n)))
+    return reference.pooled_bn_coefficients(r, w, rw, kb, kg, gb, gw, n)
+
+
 def pooled_bn_double_backward(ch, cw, cb, gu, h, xhat, idx, mean, y, rw, coef, a2, pool,
                               need_gy: bool, need_h: bool, *, use_ext: bool | None = None):
     """(d gy, d h, d w): the vector-Jacobian product of pooled_bn_backward for cotangents
@@ -485,7 +495,7 @@ def pooled_bn_double_backward(ch, cw, cb, gu, h, xhat, idx, mean, y, rw, coef, a
     differentiable: use_ext=False (the reference, ATen's ops) where a graph is recorded.
 
     Args: as pooled_bn_backward, and gu its output, coef and a2 (C,) the factors of
-        hvp._PooledBatchNormBackward._coefficients.
+        pooled_bn_coefficients.
     """
     if not _pooled_bn_ext("pooled_bn_double_backward", h, pool, use_ext):
         return reference.pooled_bn_double_backward(ch, cw, cb, gu, h, xhat, idx, mean, y, rw,
@@ -505,6 +515,10 @@ if _C is not None:
         fmt = _map_format(h) or torch.contiguous_format
         return (torch.empty_like(h, memory_format=fmt), mean.new_empty(mean.shape),
                 mean.new_empty(mean.shape), torch.empty_like(gy, memory_format=fmt))
+
+    @torch.library.register_fake("imaml_ext::pooled_bn_coefficients")
+    def _pooled_bn_coefficients_fake(r, w, rw, kb, kg, gb, gw, n):
+        return r.new_empty((6, 5, r.shape[0])), r.new_empty(r.shape)
 
     @torch.library.register_fake("imaml_ext::pooled_bn_double_backward")
     def _pooled_bn_double_backward_fake(ch, cw, cb, gu, h, xhat, idx, mean, y, rw, coef, a2,

@@ -205,6 +205,27 @@ def pooled_bn_backward(gy, y, xhat, h, idx, mean, rw, kb, kg, pool):
     return gh, gw, gb, gu
 
 
+def pooled_bn_coefficients(r, w, rw, kb, kg, gb, gw, n: int):
+    """(coef (6, 5, C), a2 (C,)): the factor table of pooled_bn_double_backward: rows c0, c1
+    (d gy = [y > 0] (c0 + c1 xhat + rw Cg)), d w, A1, A3, A4 as combinations of
+    (K0, K1, P, Cw, Cb), and a2 = A2 (hvp._PooledBatchNormBackward has the formulas), from the
+    point's per-channel r, w, rw = r w, kb = -rw / n, kg = kb r, gb, gw and n (values per
+    channel), with u0 = rw / n = -kb, q = r / n (kg = -u0 r, nq = -q, nm = -r q)."""
+    nq = r / -n
+    nqgb, nqgw, nm = nq * gb, nq * gw, nq * r
+    zero, one = torch.zeros_like(r), torch.ones_like(r)
+    coef = torch.stack([
+        kb, zero, zero, zero, one,                                          # c0
+        zero, kg, zero, one, zero,                                          # c1
+        nqgb, nqgw * r, r, zero, zero,                                      # d w
+        zero, kg * r, zero, r, zero,                                        # A1
+        nm * w * nqgb, torch.addcmul(w * nqgw, gw, kb, value=2) * (nm * r),  # A3
+        nm * rw, nm * gw, zero,
+        nqgw * kb, nqgb * kg, zero, nqgb, zero,                             # A4
+    ]).view(6, 5, -1)
+    return coef, kg * gw
+
+
 def pooled_bn_double_backward(ch, cw, cb, gu, h, xhat, idx, mean, y, rw, coef, a2, pool,
                               need_gy: bool, need_h: bool):
     """(d gy, d h, d w): the vector-Jacobian product of pooled_bn_backward's (gh, gw, gb) in

@@ -107,6 +107,41 @@ def test_double_backward_absent_cotangents_and_outputs(drop, need, device):
     assert (got[0] is None) != need[0] and (got[1] is None) != need[1]
 
 
+def coefficient_inputs(C, dtype, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    r, w, gb, gw = (torch.randn(C, dtype=torch.float64, generator=g) for _ in range(4))
+    r = r.abs() + 0.5
+    n = 36
+    rw = r * w
+    kb = rw / -n
+    return [t.to(device, dtype) for t in (r, w, rw, kb, kb * r, gb, gw)], n
+
+
+@pytest.mark.parametrize("C", [1, 7, 300])
+def test_coefficients_match_reference(C, device, dtype):
+    args, n = coefficient_inputs(C, dtype, device)
+    got = ops.pooled_bn_coefficients(*args, n, use_ext=True)
+    want = reference.pooled_bn_coefficients(*args, n)
+    assert got[0].shape == (6, 5, C) and got[1].shape == (C,)
+    assert_same(got, want, dtype)
+
+
+def test_coefficients_bad_input(device):
+    args, n = coefficient_inputs(4, torch.float64, device)
+    op = torch.ops.imaml_ext.pooled_bn_coefficients
+    with pytest.raises(ValueError, match="pooled_bn_coefficients: n must be >= 1, got 0"):
+        op(*args, 0)
+    bad = list(args)
+    bad[5] = bad[5][:3]
+    with pytest.raises(ValueError, match=r"gb must be a contiguous \[4\] tensor like r, got \[3\]"):
+        op(*bad, n)
+    bad = list(args)
+    bad[2] = bad[2].float()
+    with pytest.raises(ValueError, match="rw must have dtype Double like r, got Float"):
+        op(*bad, n)
+    torch.library.opcheck(op.default, (*args, n))
+
+
 def test_mixed_layouts_are_converted(device):
     """The wrappers bring pooled tensors and ch to h's layout (the kernels need one layout)."""
     t, pool = problem(CASES[0], torch.float64, device, True)

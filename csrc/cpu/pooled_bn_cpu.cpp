@@ -325,9 +325,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pooled_bn_double_backward_cpu(
   return {d.d_gy, d.d_h, d.d_w};
 }
 
+std::tuple<at::Tensor, at::Tensor> pooled_bn_coefficients_cpu(
+    const at::Tensor& r, const at::Tensor& w, const at::Tensor& rw, const at::Tensor& kb,
+    const at::Tensor& kg, const at::Tensor& gb, const at::Tensor& gw, int64_t n) {
+  const int64_t C = check_pooled_bn_coefficients(r, w, rw, kb, kg, gb, gw, n);
+  at::Tensor coef = at::empty({6, 5, C}, r.options()), a2 = at::empty({C}, r.options());
+  AT_DISPATCH_FLOATING_TYPES(r.scalar_type(), "pooled_bn_coefficients", [&] {
+    const scalar_t *rp = r.const_data_ptr<scalar_t>(), *wp = w.const_data_ptr<scalar_t>();
+    const scalar_t *rwp = rw.const_data_ptr<scalar_t>(), *kbp = kb.const_data_ptr<scalar_t>();
+    const scalar_t *kgp = kg.const_data_ptr<scalar_t>(), *gbp = gb.const_data_ptr<scalar_t>();
+    const scalar_t* gwp = gw.const_data_ptr<scalar_t>();
+    for (int64_t c = 0; c < C; ++c)
+      pooled_bn_coefficients_at<scalar_t>(rp[c], wp[c], rwp[c], kbp[c], kgp[c], gbp[c], gwp[c],
+                                          static_cast<scalar_t>(n), C, c,
+                                          coef.data_ptr<scalar_t>(), a2.data_ptr<scalar_t>());
+  });
+  return {coef, a2};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(imaml_ext, CPU, m) {
+  m.impl("pooled_bn_coefficients", &pooled_bn_coefficients_cpu);
   m.impl("pooled_bn_backward", &pooled_bn_backward_cpu);
   m.impl("pooled_bn_double_backward", &pooled_bn_double_backward_cpu);
 }

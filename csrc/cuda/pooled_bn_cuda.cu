@@ -127,6 +127,39 @@ __global__ void __launch_bounds__(kBlockSize)
   }
 }
 
+template <typename T>
+__global__ void __launch_bounds__(kBlockSize)
+    pooled_bn_coefficients_kernel(const T* __restrict__ r, const T* __restrict__ w,
+                                  const T* __restrict__ rw, const T* __restrict__ kb,
+                                  const T* __restrict__ kg, const T* __restrict__ gb,
+                                  const T* __restrict__ gw, T n, int64_t C, T* __restrict__ coef,
+                                  T* __restrict__ a2) {
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * kBlockSize + threadIdx.x;
+  if (c < C) pooled_bn_coefficients_at<T>(r[c], w[c], rw[c], kb[c], kg[c], gb[c], gw[c], n, C, c,
+                                          coef, a2);
+}
+
+std::tuple<at::Tensor, at::Tensor> pooled_bn_coefficients_cuda(
+    const at::Tensor& r, const at::Tensor& w, const at::Tensor& rw, const at::Tensor& kb,
+    const at::Tensor& kg, const at::Tensor& gb, const at::Tensor& gw, int64_t n) {
+  const int64_t C = check_pooled_bn_coefficients(r, w, rw, kb, kg, gb, gw, n);
+  c10::cuda::OptionalCUDAGuard guard(r.device());
+  at::Tensor coef = at::empty({6, 5, C}, r.options()), a2 = at::empty({C}, r.options());
+  if (C == 0) return {coef, a2};
+  AT_DISPATCH_FLOATING_TYPES(r.scalar_type(), "pooled_bn_coefficients_cuda", [&] {
+    const auto blocks = static_cast<unsigned>((C + kBlockSize - 1) / kBlockSize);
+    pooled_bn_coefficients_kernel<scalar_t>
+        <<<blocks, kBlockSize, 0, at::cuda::getCurrentCUDAStream()>>>(
+            r.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(),
+            rw.const_data_ptr<scalar_t>(), kb.const_data_ptr<scalar_t>(),
+            kg.const_data_ptr<scalar_t>(), gb.const_data_ptr<scalar_t>(),
+            gw.const_data_ptr<scalar_t>(), static_cast<scalar_t>(n), C,
+            coef.data_ptr<scalar_t>(), a2.data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {coef, a2};
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pooled_bn_backward_cuda(
     const at::Tensor& gy, const at::Tensor& y, const at::Tensor& xhat, const at::Tensor& h,
     const at::Tensor& idx, const at::Tensor& mean, const at::Tensor& rw, const at::Tensor& kb,
@@ -176,6 +209,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pooled_bn_double_backward_cuda(
 }  // namespace
 
 TORCH_LIBRARY_IMPL(imaml_ext, CUDA, m) {
+  m.impl("pooled_bn_coefficients", &pooled_bn_coefficients_cuda);
   m.impl("pooled_bn_backward", &pooled_bn_backward_cuda);
   m.impl("pooled_bn_double_backward", &pooled_bn_double_backward_cuda);
 }
