@@ -35,11 +35,12 @@ CPU time of a product there 1.11x / 1.06x faster with _Conv (3 rounds, commit e2
 earlier runs of the same comparison 1.14x / 1.06x, 1.14x / 1.15x and 1.09x / 0.98x): the CPU
 is compute-bound; the counts are what matters on a GPU, where each op is a launch.
 
-With the block's two derivatives as one op each (ops.pooled_bn_backward /
-pooled_bn_double_backward: the "own_conv+bn_kernels" variant, hvp.POOLED_BN_KERNELS), on the same
-CPU (commit 140fa5d, `--rounds 3`): one product 74 ops (1.64x a gradient's 45; 4.11x before), the
-graph build 185; a product 1.20x / 1.36x a gradient's CPU time against 1.49x / 2.25x with
-own_conv alone, 1.22x / 1.61x faster.
+With the block's two derivatives and their factor table as one op each (ops.pooled_bn_backward,
+pooled_bn_double_backward, pooled_bn_coefficients: the "own_conv+bn_kernels" variant,
+hvp.POOLED_BN_KERNELS), on the same CPU (commit 6ba84bc, `--rounds 3`): one product 74 ops (1.64x
+a gradient's 45; 4.11x before), the graph build 109; a product 1.36x / 1.46x a gradient's CPU
+time against 1.59x / 2.31x with own_conv alone, 1.27x / 1.58x faster, the graph build 1.19x /
+1.18x.
 
 Kernel launches per op: views, detach and the like launch none (counted apart); a cuDNN
 convolution can launch more than one kernel, so on a GPU the counts are a lower bound.
