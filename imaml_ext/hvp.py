@@ -295,8 +295,9 @@ def _bn_relu_pool(h, w, b, eps, pool):
     where the work is the convolutions'). Each of the two derivatives is then one op of the
     extension (ops.pooled_bn_backward / pooled_bn_double_backward, on the devices in
     POOLED_BN_KERNELS; the build's factor table too, ops.pooled_bn_coefficients): a product
-    185 -> 74 ops, the graph build 225 -> 109 (benchmarks/probes/hvp_op_count.py). Derivatives to second order: a third (a create_graph
-    backward through the second) raises; _bn_relu_pool_composite (fuse_bn_pool=False) has all.
+    185 -> 74 ops, the graph build 225 -> 109 (benchmarks/probes/hvp_op_count.py).
+    Derivatives to second order: a third (a create_graph backward through the second) raises;
+    _bn_relu_pool_composite (TaskLoss(fuse_bn_pool=False)) has all.
     Inside transforms, _bn_relu_pool_composite (it has forward-mode rules too).
     """
     if not _in_transform(h):
