@@ -20,6 +20,7 @@ import torch
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from imaml_ext import hvp as hvp_mod
 from imaml_ext import implicit
 from imaml_ext.algorithms import make_algorithm
 from imaml_ext.hvp import ParamSpec, TaskLoss, make_hvp
@@ -300,8 +301,11 @@ def test_the_captured_step_reads_nothing_back_but_on_the_cpu(name):
 # ---- on a GPU: a real capture ------------------------------------------------------------------
 
 @cuda
+@pytest.mark.parametrize("kernels", [False, True], ids=["ref_block", "block_kernels"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_cuda_replay_matches_the_eager_solve_without_host_sync(dtype):
+def test_cuda_replay_matches_the_eager_solve_without_host_sync(dtype, kernels, monkeypatch):
+    # block_kernels: the pooled batch-norm block's derivative kernels on CUDA (opt-in there)
+    monkeypatch.setattr(hvp_mod, "POOLED_BN_KERNELS", ("cpu", "cuda") if kernels else ("cpu",))
     model, params, tasks = setup(device="cuda", dtype=dtype)
     tl = TaskLoss(model)
     phi1, b1 = point(params, tasks, 1)

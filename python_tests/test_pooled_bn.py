@@ -293,3 +293,17 @@ def test_third_order_raises_or_is_right(fuse):
             hv(h)
     else:
         assert torch.autograd.gradcheck(hv, (h,))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_cuda_ops_make_no_host_sync():
+    t, pool = problem(CASES[0], torch.float32, "cuda", False)
+    args, n = coefficient_inputs(t["h"].shape[1], torch.float32, "cuda")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        backward(t, pool, True)
+        double_backward(t, pool, True)
+        ops.pooled_bn_coefficients(*args, n, use_ext=True)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
