@@ -130,18 +130,26 @@ static int64_t pooled_size(int64_t in, int64_t k, int64_t s, int64_t p, int64_t 
   return out;
 }
 
-static PooledBnGeometry check_pooled_bn(
-    const char* op, const at::Tensor& h, const at::Tensor& idx,
-    std::initializer_list<std::pair<const char*, const at::Tensor*>> pooled,
-    std::initializer_list<std::pair<const char*, const at::Tensor*>> channel,
-    at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding,
-    at::IntArrayRef dilation, bool ceil_mode) {
+// h of the pooled block's ops: 4-d float, dense NCHW or channels-last; returns whether it is
+// taken as channels-last (NCHW when both hold).
+static bool check_pooled_bn_map_input(const char* op, const at::Tensor& h) {
   check_float(op, "h", h);
   TORCH_CHECK_VALUE(h.dim() == 4, op, ": h must be 4-d (N, C, H, W), got shape ", h.sizes());
   const bool nchw = h.is_contiguous();
   const bool cl = !nchw && h.is_contiguous(at::MemoryFormat::ChannelsLast);
   TORCH_CHECK_VALUE(nchw || cl, op, ": h must be dense NCHW or channels-last, got strides ",
                     h.strides());
+  return cl;
+}
+
+static PooledBnGeometry check_pooled_bn(
+    const char* op, const at::Tensor& h, const at::Tensor& idx,
+    std::initializer_list<std::pair<const char*, const at::Tensor*>> pooled,
+    std::initializer_list<std::pair<const char*, const at::Tensor*>> channel,
+    at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding,
+    at::IntArrayRef dilation, bool ceil_mode) {
+  const bool cl = check_pooled_bn_map_input(op, h);
+  const bool nchw = !cl;
   for (auto [name, a] : {std::pair<const char*, at::IntArrayRef>{"kernel_size", kernel_size},
                          {"stride", stride}, {"padding", padding}, {"dilation", dilation}}) {
     TORCH_CHECK_VALUE(a.size() == 2, op, ": ", name, " must have 2 entries, got ", a);
@@ -207,6 +215,43 @@ static void check_pooled_bn_coef(const char* op, const at::Tensor& coef, const a
 
 static at::MemoryFormat format_of(const PooledBnGeometry& g) {
   return g.channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+}
+
+PooledBnForward pooled_bn_forward_setup(const at::Tensor& h, const at::Tensor& weight,
+                                        const at::Tensor& bias, double eps,
+                                        at::IntArrayRef kernel_size, at::IntArrayRef stride) {
+  const char* op = "pooled_bn_forward";
+  const bool cl = check_pooled_bn_map_input(op, h);
+  const int64_t N = h.size(0), C = h.size(1);
+  for (auto [name, t] : {std::pair<const char*, const at::Tensor&>{"weight", weight},
+                         {"bias", bias}}) {
+    check_same(op, name, t, "h", h);
+    TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == C && t.is_contiguous(), op, ": ", name,
+                      " must be a contiguous (", C, ",) = (C,) tensor, got ", t.sizes());
+  }
+  TORCH_CHECK_VALUE(std::isfinite(eps) && eps >= 0, op, ": eps must be finite and >= 0, got ",
+                    eps);
+  TORCH_CHECK_VALUE(kernel_size.size() == 2 && stride.size() == 2 && kernel_size[0] >= 1 &&
+                        kernel_size[1] >= 1 && stride[0] >= kernel_size[0] &&
+                        stride[1] >= kernel_size[1],
+                    op, ": kernel_size must be >= 1 and stride >= kernel_size (disjoint "
+                    "windows), got kernel_size ", kernel_size, ", stride ", stride);
+  PooledBnForward f;
+  f.H = h.size(2), f.W = h.size(3), f.kH = kernel_size[0], f.kW = kernel_size[1];
+  f.sH = stride[0], f.sW = stride[1];
+  TORCH_CHECK_VALUE(N >= 1 && f.H >= f.kH && f.W >= f.kW, op,
+                    ": h must have a sample and a map of at least the kernel ", kernel_size,
+                    ", got shape ", h.sizes());
+  const int64_t Ho = (f.H - f.kH) / f.sH + 1;
+  f.Wo = (f.W - f.kW) / f.sW + 1;
+  f.g = {N, C, f.H * f.W, Ho * f.Wo, cl};
+  const auto fmt = format_of(f.g);
+  const std::vector<int64_t> pooled{N, C, Ho, f.Wo};
+  f.y = at::empty(pooled, h.options().memory_format(fmt));
+  f.xhat = at::empty(pooled, h.options().memory_format(fmt));
+  f.idx = at::empty(pooled, h.options().dtype(at::kLong).memory_format(fmt));
+  for (at::Tensor* t : {&f.mean, &f.r, &f.rw, &f.kb, &f.kg}) *t = at::empty({C}, h.options());
+  return f;
 }
 
 PooledBnBackward pooled_bn_backward_setup(

@@ -70,6 +70,13 @@ TORCH_LIBRARY(imaml_ext, m) {
   // plane) of the max-pooling with the given geometry, whose windows must be disjoint; the other
   // map-sized tensors pooled-size and in h's layout, the per-channel ones (C,). CPU and CUDA.
   // Not differentiable. pooled_bn_backward -> (gh like h, gw (C,), gb (C,), gu pooled).
+  // The block's forward (relu(w xhat + b), xhat the batch-normalised map at the arg-max of
+  // max-pooling s h, s = sign(w) with flip, else 1) for windows inside the map (no padding,
+  // dilation 1, floor mode, stride >= kernel) -> (y, xhat, idx (int64) pooled in h's layout,
+  // mean, r = 1 / sqrt(var + eps), rw = r w, kb = -rw / n, kg = kb r, each (C,)).
+  m.def("pooled_bn_forward(Tensor h, Tensor weight, Tensor bias, float eps, int[2] kernel_size, "
+        "int[2] stride, bool flip) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, "
+        "Tensor)");
   m.def("pooled_bn_backward(Tensor gy, Tensor y, Tensor xhat, Tensor h, Tensor idx, "
         "Tensor mean, Tensor rw, Tensor kb, Tensor kg, int[2] kernel_size, int[2] stride, "
         "int[2] padding, int[2] dilation, bool ceil_mode) -> (Tensor, Tensor, Tensor, Tensor)");

@@ -40,6 +40,15 @@ void check_softmax_head_flat(const char* op, const char* name, const at::Tensor&
 // (NCHW when both); the pooling geometry with disjoint windows; idx int64 of the pooled shape;
 // every pooled-size tensor in h's pooled shape, dtype, device and layout, ch in h's; every
 // per-channel one (C,) contiguous; coef (6, 5, C). Outputs are allocated in h's layout.
+struct PooledBnForward {
+  PooledBnGeometry g;
+  int64_t H, W, Wo, kH, kW, sH, sW;
+  at::Tensor y, xhat, idx, mean, r, rw, kb, kg;
+};
+PooledBnForward pooled_bn_forward_setup(const at::Tensor& h, const at::Tensor& weight,
+                                        const at::Tensor& bias, double eps,
+                                        at::IntArrayRef kernel_size, at::IntArrayRef stride);
+
 struct PooledBnBackward {
   PooledBnGeometry g;
   at::Tensor gh, gw, gb, gu;

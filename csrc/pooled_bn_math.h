@@ -9,6 +9,7 @@
 
 #include <c10/macros/Macros.h>
 
+#include <cmath>
 #include <cstdint>
 
 namespace imaml_ext {
@@ -34,6 +35,37 @@ struct PooledBnDoubleArgs {
   const T *mean, *y, *rw, *coef, *a2;
   T *d_gy, *d_h, *d_w;
 };
+
+// The block's forward at pooled position (oh, ow) of one channel's plane hp (H x W, element
+// (i, j) at hp[(i W + j) * step]): the arg-max of s * h over the window of kH x kW at
+// (oh sH, ow sW), windows inside the map (no padding, dilation 1, floor mode), ATen's rule
+// (a greater value or a NaN replaces the maximum, from -inf at the window's first position).
+// Returns the flat position; z = h there.
+template <typename T>
+C10_HOST_DEVICE inline int64_t pooled_argmax(const T* hp, int64_t step, int64_t W, int64_t oh,
+                                             int64_t ow, int64_t kH, int64_t kW, int64_t sH,
+                                             int64_t sW, T s) {
+  const int64_t p0 = oh * sH * W + ow * sW;
+  T best = -INFINITY;
+  int64_t at = p0;
+  for (int64_t i = 0; i < kH; ++i)
+    for (int64_t j = 0; j < kW; ++j) {
+      const int64_t p = p0 + i * W + j;
+      const T v = s * hp[p * step];
+      if (v > best || v != v) {
+        best = v;
+        at = p;
+      }
+    }
+  return at;
+}
+
+// relu(b + xhat w), NaN kept (torch.relu).
+template <typename T>
+C10_HOST_DEVICE inline T pooled_bn_out(T xhat, T w, T b) {
+  const T t = b + xhat * w;
+  return (t > T(0) || t != t) ? t : T(0);
+}
 
 // ATen's threshold_backward(g, y, 0): g where y > 0 or y is NaN, else 0.
 template <typename T>

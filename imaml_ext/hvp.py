@@ -328,11 +328,6 @@ def _bn_relu_pool_composite(h, w, b, eps, pool):
     return F.relu(z * (a * s).view(1, -1, 1, 1) + c.view(1, -1, 1, 1))
 
 
-def _ch(t: torch.Tensor) -> torch.Tensor:
-    """A per-channel (C,) vector as (1, C, 1, 1)."""
-    return t.view(1, -1, 1, 1)
-
-
 class _PooledBatchNorm(torch.autograd.Function):
     """y = relu(w * xhat + b), xhat = r (g - mean): g = h at the arg-max of max-pooling s * h
     (s = sign(w) when cfg says flip, else 1), mean and r = 1 / sqrt(var + eps) per channel over
@@ -347,21 +342,10 @@ class _PooledBatchNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h, w, b, cfg):
-        k, st, pad, dil, ceil, eps, flip = cfg
-        var, mean = torch.var_mean(h, dim=(0, 2, 3), unbiased=False)
-        r = torch.rsqrt(var + eps)
-        if flip:
-            s = _ch(torch.where(w < 0, -1.0, 1.0).to(h.dtype))
-            z, idx = F.max_pool2d(h * s, k, st, pad, dil, ceil, return_indices=True)
-            z = z * s
-        else:
-            z, idx = F.max_pool2d(h, k, st, pad, dil, ceil, return_indices=True)
-        xhat = (z - _ch(mean)) * _ch(r)
-        y = torch.relu(torch.addcmul(_ch(b), xhat, _ch(w)))
-        # per-channel factors of the backward, which a double-backward product re-runs each time
-        rw = r * w
-        kb = rw / -(h.numel() // h.shape[1])
-        ctx.save_for_backward(h, w, xhat, idx, mean, r, y, rw, kb, kb * r)
+        eps, flip = cfg[5], cfg[6]
+        y, xhat, idx, mean, r, rw, kb, kg = ops.pooled_bn_forward(
+            h, w, b, eps, cfg[:5], flip, use_ext=_pooled_bn_kernels(h))
+        ctx.save_for_backward(h, w, xhat, idx, mean, r, y, rw, kb, kg)
         ctx.cfg = cfg
         return y
 

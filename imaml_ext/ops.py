@@ -452,6 +452,35 @@ def _pool_args(pool):
         [int(v) for v in dil], bool(ceil)
 
 
+def pooled_bn_forward(h, weight, bias, eps: float, pool, flip: bool, *,
+                      use_ext: bool | None = None):
+    """(y, xhat, idx, mean, r, rw, kb, kg): the conv net's pooled batch-norm block
+    (imaml_ext.hvp._PooledBatchNorm) forward, in one kernel: per channel the mean and variance
+    of the map (two passes), then each window's arg-max, xhat and y = relu(w xhat + b); and the
+    backward's per-channel factors (reference.pooled_bn_forward has the definitions). The kernel
+    takes windows inside the map (padding 0, dilation 1, floor mode, stride >= kernel); other
+    geometries run the reference. Not differentiable (hvp._PooledBatchNorm writes out its
+    derivatives).
+
+    Args:
+        h: (N, C, H, W); weight, bias: (C,); eps: added to the variance; pool: (kernel_size,
+            stride, padding, dilation, ceil_mode); flip: pool s h with s = sign(weight).
+    """
+    k, st, pad, dil, ceil = pool
+    simple = (all(int(v) == 0 for v in pad) and all(int(v) == 1 for v in dil) and not ceil
+              and all(int(st[i]) >= int(k[i]) for i in range(2)) and h.dim() == 4
+              and all(h.shape[2 + i] >= int(k[i]) for i in range(2)) and h.shape[0] >= 1)
+    if use_ext is True and not simple:
+        raise RuntimeError(f"pooled_bn_forward: use_ext=True but the kernel takes windows "
+                           f"inside the map (padding 0, dilation 1, floor mode, stride >= "
+                           f"kernel), got {pool} for h {tuple(h.shape)}")
+    if not (simple and _pooled_bn_ext("pooled_bn_forward", h, pool, use_ext)):
+        return reference.pooled_bn_forward(h, weight, bias, eps, pool, flip)
+    weight, bias = _as_format(torch.contiguous_format, weight, bias)
+    return tuple(torch.ops.imaml_ext.pooled_bn_forward(
+        h, weight, bias, float(eps), [int(v) for v in k], [int(v) for v in st], bool(flip)))
+
+
 def pooled_bn_backward(gy, y, xhat, h, idx, mean, rw, kb, kg, pool, *,
                        use_ext: bool | None = None):
     """(gh, gw, gb, gu): the backward of the conv net's pooled batch-norm block
@@ -509,6 +538,16 @@ def pooled_bn_double_backward(ch, cw, cb, gu, h, xhat, idx, mean, y, rw, coef, a
 
 
 if _C is not None:
+    @torch.library.register_fake("imaml_ext::pooled_bn_forward")
+    def _pooled_bn_forward_fake(h, weight, bias, eps, kernel_size, stride, flip):
+        N, C, H, W = h.shape
+        fmt = _map_format(h) or torch.contiguous_format
+        pooled = (N, C, (H - kernel_size[0]) // stride[0] + 1,
+                  (W - kernel_size[1]) // stride[1] + 1)
+        maps = [h.new_empty(pooled).contiguous(memory_format=fmt) for _ in range(2)]
+        idx = h.new_empty(pooled, dtype=torch.int64).contiguous(memory_format=fmt)
+        return (*maps, idx, *(h.new_empty((C,)) for _ in range(5)))
+
     @torch.library.register_fake("imaml_ext::pooled_bn_backward")
     def _pooled_bn_backward_fake(gy, y, xhat, h, idx, mean, rw, kb, kg, kernel_size, stride,
                                  padding, dilation, ceil_mode):

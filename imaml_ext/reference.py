@@ -192,6 +192,27 @@ def gather_pooled(t, idx):
     return t.reshape(N, C, -1).gather(2, idx.reshape(N, C, -1)).view(idx.shape)
 
 
+def pooled_bn_forward(h, w, b, eps: float, pool, flip: bool):
+    """(y, xhat, idx, mean, r, rw, kb, kg) of the block y = relu(w xhat + b): mean and
+    r = 1 / sqrt(var + eps) per channel over the whole pre-pool map h, xhat = r (z - mean) with
+    z = h at the arg-max idx of max-pooling s h (s = sign(w) with flip, else 1; pool its
+    geometry), and the backward's per-channel factors rw = r w, kb = -rw / n, kg = kb r."""
+    k, st, pad, dil, ceil = pool
+    var, mean = torch.var_mean(h, dim=(0, 2, 3), unbiased=False)
+    r = torch.rsqrt(var + eps)
+    if flip:
+        s = _ch(torch.where(w < 0, -1.0, 1.0).to(h.dtype))
+        z, idx = torch.nn.functional.max_pool2d(h * s, k, st, pad, dil, ceil, return_indices=True)
+        z = z * s
+    else:
+        z, idx = torch.nn.functional.max_pool2d(h, k, st, pad, dil, ceil, return_indices=True)
+    xhat = (z - _ch(mean)) * _ch(r)
+    y = torch.relu(torch.addcmul(_ch(b), xhat, _ch(w)))
+    rw = r * w
+    kb = rw / -(h.numel() // h.shape[1])
+    return y, xhat, idx, mean, r, rw, kb, kb * r
+
+
 def pooled_bn_backward(gy, y, xhat, h, idx, mean, rw, kb, kg, pool):
     """(gh, gw, gb, gu) of the block y = relu(w xhat + b) for output gradient gy: per channel
     gu = gy [y > 0], gb = sum gu, gw = sum gu xhat, gh = rw unpool(gu) + kb gb + kg gw (h - mean)

@@ -30,6 +30,7 @@ CASES = [
     (3, 70, 4, 4, ((2, 2), (2, 2), (0, 0), (1, 1), False)),
 ]
 IDS = ["2x2", "odd", "1x1", "pad_ceil", "dilated", "rect", "wide"]
+SIMPLE_OUT = ("pad_ceil", "dilated")  # geometries the forward kernel leaves to the reference
 
 
 def problem(case, dtype, device, channels_last, seed=0):
@@ -53,6 +54,50 @@ def problem(case, dtype, device, channels_last, seed=0):
     return {k_: (v.to(device) if v.dtype == torch.int64 else v.to(device, dtype)).contiguous(
         memory_format=fmt if v.dim() == 4 else torch.contiguous_format)
         for k_, v in t.items()}, pool
+
+
+@pytest.mark.parametrize("flip", [False, True])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
+@pytest.mark.parametrize("case", [c for c, i in zip(CASES, IDS) if i not in SIMPLE_OUT],
+                         ids=[i for i in IDS if i not in SIMPLE_OUT])
+def test_forward_matches_reference(case, channels_last, flip, device, dtype):
+    t, pool = problem(case, dtype, device, channels_last)
+    g = torch.Generator().manual_seed(11)
+    w = torch.randn(case[1], dtype=torch.float64, generator=g).to(device, dtype)
+    b = torch.randn(case[1], dtype=torch.float64, generator=g).to(device, dtype)
+    h = t["h"]
+    if dtype == torch.float64:  # ties: the first maximum of the window wins in both
+        h = h.clone()
+        h[..., 0, :2] = 1.5
+    got = ops.pooled_bn_forward(h, w, b, 1e-5, pool, flip, use_ext=True)
+    want = reference.pooled_bn_forward(h, w, b, 1e-5, pool, flip)
+    assert torch.equal(got[2], want[2])  # the arg-max indices
+    assert_same(got[:2] + got[3:], want[:2] + want[3:], dtype)
+    fmt = torch.channels_last if channels_last and case[1] > 1 else torch.contiguous_format
+    assert got[0].is_contiguous(memory_format=fmt) and got[2].dtype == torch.int64
+
+
+def test_forward_takes_the_reference_outside_simple_windows(device):
+    t, pool = problem(CASES[3], torch.float64, device, False)  # padding and ceil mode
+    w, b = t["rw"], t["kb"]
+    with pytest.raises(RuntimeError, match="use_ext=True but the kernel takes windows inside"):
+        ops.pooled_bn_forward(t["h"], w, b, 1e-5, pool, True, use_ext=True)
+    got = ops.pooled_bn_forward(t["h"], w, b, 1e-5, pool, True)
+    want = reference.pooled_bn_forward(t["h"], w, b, 1e-5, pool, True)
+    assert_same(got, want, torch.float64)
+    h = t["h"].clone()
+    h[0, 0, 0, 0] = float("nan")  # a NaN is the window's maximum, as in ATen
+    simple = ((2, 2), (2, 2), (0, 0), (1, 1), False)
+    got = ops.pooled_bn_forward(h, w, b, 1e-5, simple, False, use_ext=True)
+    assert int(got[2][0, 0, 0, 0]) == 0 and torch.isnan(got[0][0, 0, 0, 0])
+    torch.testing.assert_close(got[2], reference.pooled_bn_forward(h, w, b, 1e-5, simple,
+                                                                   False)[2])
+    with pytest.raises(ValueError, match="stride >= kernel_size"):
+        torch.ops.imaml_ext.pooled_bn_forward(h, w, b, 1e-5, [3, 3], [2, 2], False)
+    with pytest.raises(ValueError, match=r"bias must be a contiguous \(3,\) = \(C,\) tensor"):
+        torch.ops.imaml_ext.pooled_bn_forward(h, w, b[:2], 1e-5, [2, 2], [2, 2], False)
+    torch.library.opcheck(torch.ops.imaml_ext.pooled_bn_forward.default,
+                          (t["h"], w, b, 1e-5, [2, 2], [2, 2], True))
 
 
 def backward(t, pool, use_ext):
@@ -305,5 +350,6 @@ def test_cuda_ops_make_no_host_sync():
         backward(t, pool, True)
         double_backward(t, pool, True)
         ops.pooled_bn_coefficients(*args, n, use_ext=True)
+        ops.pooled_bn_forward(t["h"], t["rw"], t["kb"], 1e-5, pool, True, use_ext=True)
     finally:
         torch.cuda.set_sync_debug_mode("default")

@@ -28,8 +28,8 @@ def test_hvp_op_count_probe(tmp_path, capsys):
     fused = e["counts"]["own_conv+bn_kernels"]
     assert fused["product"]["kernel_ops"] <= own["product"]["kernel_ops"] - 4 * 20
     assert fused["grad"]["kernel_ops"] == own["grad"]["kernel_ops"]
-    # and the graph build: the backward (one op) and the factor table (one op) per block
-    assert fused["graph_build"]["kernel_ops"] <= own["graph_build"]["kernel_ops"] - 4 * 25
+    # and the graph build: the forward, the backward and the factor table, one op each per block
+    assert fused["graph_build"]["kernel_ops"] <= own["graph_build"]["kernel_ops"] - 4 * 40
     assert e["rel_diff_vs_aten"]["own_conv+bn_kernels"] < 1e-5
     assert set(e["timing"]) == {"rounds", "aten_conv", "own_conv", "own_conv+bn_kernels"}
     assert set(e["profile"]) == {"grad", "product"}

@@ -26,6 +26,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <vector>
 
 #include "../ops.h"
@@ -52,6 +53,93 @@ struct Partials {
 
 void check_idx(bool bad, const char* op) {
   TORCH_CHECK_VALUE(!bad, op, ": idx holds a position outside the H x W plane");
+}
+
+// The forward: per-channel mean and variance (two passes, in double), then each window's
+// arg-max of s h, xhat and y; the per-channel factors.
+template <typename T>
+void forward_kernel(const PooledBnForward& f, const T* h, const T* w, const T* b, double eps,
+                    bool flip, T* y, T* xhat, int64_t* idx, T* mean, T* r, T* rw, T* kb, T* kg) {
+  const PooledBnGeometry& g = f.g;
+  const int64_t N = g.N, C = g.C, P = g.P, Po = g.Po;
+  const double n = static_cast<double>(N * P);
+  std::vector<double> mu(C, 0.0), var(C, 0.0);
+  if (g.channels_last) {
+    Partials sums(C, at::get_num_threads());
+    at::parallel_for(0, N * P, kRows, [&](int64_t lo, int64_t hi) {
+      double* acc = sums.row();
+      for (int64_t row = lo; row < hi; ++row)
+        for (int64_t c = 0; c < C; ++c) acc[c] += static_cast<double>(h[row * C + c]);
+    });
+    const double* tot = sums.total();
+    for (int64_t c = 0; c < C; ++c) mu[c] = tot[c] / n;
+    Partials sq(C, at::get_num_threads());
+    at::parallel_for(0, N * P, kRows, [&](int64_t lo, int64_t hi) {
+      double* acc = sq.row();
+      for (int64_t row = lo; row < hi; ++row)
+        for (int64_t c = 0; c < C; ++c) {
+          const double d = static_cast<double>(h[row * C + c]) - mu[c];
+          acc[c] += d * d;
+        }
+    });
+    const double* tsq = sq.total();
+    for (int64_t c = 0; c < C; ++c) var[c] = tsq[c] / n;
+  } else {
+    at::parallel_for(0, C, 1, [&](int64_t lo, int64_t hi) {
+      for (int64_t c = lo; c < hi; ++c) {
+        double s1 = 0, s2 = 0;
+        for (int64_t nn = 0; nn < N; ++nn)
+          for (int64_t p = 0; p < P; ++p) s1 += static_cast<double>(h[(nn * C + c) * P + p]);
+        mu[c] = s1 / n;
+        for (int64_t nn = 0; nn < N; ++nn)
+          for (int64_t p = 0; p < P; ++p) {
+            const double d = static_cast<double>(h[(nn * C + c) * P + p]) - mu[c];
+            s2 += d * d;
+          }
+        var[c] = s2 / n;
+      }
+    });
+  }
+  for (int64_t c = 0; c < C; ++c) {
+    mean[c] = static_cast<T>(mu[c]);
+    r[c] = T(1) / std::sqrt(static_cast<T>(var[c]) + static_cast<T>(eps));
+    rw[c] = r[c] * w[c];
+    kb[c] = rw[c] / -static_cast<T>(N * P);
+    kg[c] = kb[c] * r[c];
+  }
+  const int64_t step = g.channels_last ? C : 1;
+  at::parallel_for(0, N * Po, kRows, [&](int64_t lo, int64_t hi) {
+    for (int64_t row = lo; row < hi; ++row) {
+      const int64_t nn = row / Po, q = row % Po, oh = q / f.Wo, ow = q % f.Wo;
+      for (int64_t c = 0; c < C; ++c) {
+        const T s = flip && w[c] < T(0) ? T(-1) : T(1);
+        const T* hp = h + g.map(nn, c, 0);
+        const int64_t at = pooled_argmax(hp, step, f.W, oh, ow, f.kH, f.kW, f.sH, f.sW, s);
+        const int64_t o = g.pooled(nn, c, q);
+        const T x = (hp[at * step] - mean[c]) * r[c];
+        idx[o] = at;
+        xhat[o] = x;
+        y[o] = pooled_bn_out(x, w[c], b[c]);
+      }
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+           at::Tensor>
+pooled_bn_forward_cpu(const at::Tensor& h, const at::Tensor& weight, const at::Tensor& bias,
+                      double eps, at::IntArrayRef kernel_size, at::IntArrayRef stride,
+                      bool flip) {
+  PooledBnForward f = pooled_bn_forward_setup(h, weight, bias, eps, kernel_size, stride);
+  AT_DISPATCH_FLOATING_TYPES(h.scalar_type(), "pooled_bn_forward", [&] {
+    forward_kernel<scalar_t>(f, h.const_data_ptr<scalar_t>(), weight.const_data_ptr<scalar_t>(),
+                             bias.const_data_ptr<scalar_t>(), eps, flip,
+                             f.y.data_ptr<scalar_t>(), f.xhat.data_ptr<scalar_t>(),
+                             f.idx.data_ptr<int64_t>(), f.mean.data_ptr<scalar_t>(),
+                             f.r.data_ptr<scalar_t>(), f.rw.data_ptr<scalar_t>(),
+                             f.kb.data_ptr<scalar_t>(), f.kg.data_ptr<scalar_t>());
+  });
+  return {f.y, f.xhat, f.idx, f.mean, f.r, f.rw, f.kb, f.kg};
 }
 
 template <typename T>
@@ -346,6 +434,7 @@ std::tuple<at::Tensor, at::Tensor> pooled_bn_coefficients_cpu(
 }  // namespace
 
 TORCH_LIBRARY_IMPL(imaml_ext, CPU, m) {
+  m.impl("pooled_bn_forward", &pooled_bn_forward_cpu);
   m.impl("pooled_bn_coefficients", &pooled_bn_coefficients_cpu);
   m.impl("pooled_bn_backward", &pooled_bn_backward_cpu);
   m.impl("pooled_bn_double_backward", &pooled_bn_double_backward_cpu);

@@ -27,6 +27,53 @@ namespace {
 using cuda::block_sum;
 using cuda::kBlockSize;
 
+// The forward, one block per channel: mean and variance (two passes, block_sum), the factors
+// (thread 0), then each window's arg-max, xhat and y.
+template <typename T, typename acc_t>
+__global__ void __launch_bounds__(kBlockSize)
+    pooled_bn_forward_kernel(PooledBnGeometry g, int64_t W, int64_t Wo, int64_t kH, int64_t kW,
+                             int64_t sH, int64_t sW, const T* __restrict__ h,
+                             const T* __restrict__ w, const T* __restrict__ b, double eps,
+                             bool flip, T* __restrict__ y, T* __restrict__ xhat,
+                             int64_t* __restrict__ idx, T* __restrict__ mean, T* __restrict__ r,
+                             T* __restrict__ rw, T* __restrict__ kb, T* __restrict__ kg) {
+  const int64_t c = blockIdx.x;
+  const int64_t NP = g.N * g.P, NPo = g.N * g.Po;
+  acc_t s1 = 0;
+  for (int64_t i = threadIdx.x; i < NP; i += kBlockSize)
+    s1 += static_cast<acc_t>(h[g.map(i / g.P, c, i % g.P)]);
+  const acc_t mu = block_sum(s1) / static_cast<acc_t>(NP);
+  acc_t s2 = 0;
+  for (int64_t i = threadIdx.x; i < NP; i += kBlockSize) {
+    const acc_t d = static_cast<acc_t>(h[g.map(i / g.P, c, i % g.P)]) - mu;
+    s2 += d * d;
+  }
+  const acc_t var = block_sum(s2) / static_cast<acc_t>(NP);
+  const T m = static_cast<T>(mu);
+  const T rc = T(1) / sqrt(static_cast<T>(var) + static_cast<T>(eps));
+  const T wc = w[c], bc = b[c];
+  if (threadIdx.x == 0) {
+    mean[c] = m;
+    r[c] = rc;
+    const T rwc = rc * wc, kbc = rwc / -static_cast<T>(NP);
+    rw[c] = rwc;
+    kb[c] = kbc;
+    kg[c] = kbc * rc;
+  }
+  const T s = flip && wc < T(0) ? T(-1) : T(1);
+  const int64_t step = g.channels_last ? g.C : 1;
+  for (int64_t i = threadIdx.x; i < NPo; i += kBlockSize) {
+    const int64_t n = i / g.Po, q = i % g.Po;
+    const T* hp = h + g.map(n, c, 0);
+    const int64_t at = pooled_argmax(hp, step, W, q / Wo, q % Wo, kH, kW, sH, sW, s);
+    const int64_t o = g.pooled(n, c, q);
+    const T x = (hp[at * step] - m) * rc;
+    idx[o] = at;
+    xhat[o] = x;
+    y[o] = pooled_bn_out(x, wc, bc);
+  }
+}
+
 template <typename T, typename acc_t>
 __global__ void __launch_bounds__(kBlockSize)
     pooled_bn_backward_kernel(PooledBnGeometry g, const T* __restrict__ gy,
@@ -160,6 +207,29 @@ std::tuple<at::Tensor, at::Tensor> pooled_bn_coefficients_cuda(
   return {coef, a2};
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+           at::Tensor>
+pooled_bn_forward_cuda(const at::Tensor& h, const at::Tensor& weight, const at::Tensor& bias,
+                       double eps, at::IntArrayRef kernel_size, at::IntArrayRef stride,
+                       bool flip) {
+  c10::cuda::OptionalCUDAGuard guard(h.device());
+  PooledBnForward f = pooled_bn_forward_setup(h, weight, bias, eps, kernel_size, stride);
+  if (f.g.C > 0) {
+    AT_DISPATCH_FLOATING_TYPES(h.scalar_type(), "pooled_bn_forward_cuda", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      pooled_bn_forward_kernel<scalar_t, acc_t>
+          <<<static_cast<unsigned>(f.g.C), kBlockSize, 0, at::cuda::getCurrentCUDAStream()>>>(
+              f.g, f.W, f.Wo, f.kH, f.kW, f.sH, f.sW, h.const_data_ptr<scalar_t>(),
+              weight.const_data_ptr<scalar_t>(), bias.const_data_ptr<scalar_t>(), eps, flip,
+              f.y.data_ptr<scalar_t>(), f.xhat.data_ptr<scalar_t>(), f.idx.data_ptr<int64_t>(),
+              f.mean.data_ptr<scalar_t>(), f.r.data_ptr<scalar_t>(), f.rw.data_ptr<scalar_t>(),
+              f.kb.data_ptr<scalar_t>(), f.kg.data_ptr<scalar_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  }
+  return {f.y, f.xhat, f.idx, f.mean, f.r, f.rw, f.kb, f.kg};
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pooled_bn_backward_cuda(
     const at::Tensor& gy, const at::Tensor& y, const at::Tensor& xhat, const at::Tensor& h,
     const at::Tensor& idx, const at::Tensor& mean, const at::Tensor& rw, const at::Tensor& kb,
@@ -209,6 +279,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pooled_bn_double_backward_cuda(
 }  // namespace
 
 TORCH_LIBRARY_IMPL(imaml_ext, CUDA, m) {
+  m.impl("pooled_bn_forward", &pooled_bn_forward_cuda);
   m.impl("pooled_bn_coefficients", &pooled_bn_coefficients_cuda);
   m.impl("pooled_bn_backward", &pooled_bn_backward_cuda);
   m.impl("pooled_bn_double_backward", &pooled_bn_double_backward_cuda);
