@@ -292,10 +292,11 @@ def _bn_relu_pool(h, w, b, eps, pool):
     M=32, in the GPU's layout: 365 -> 185 ATen ops, i.e. kernel launches on a GPU, its graph
     build 211 -> 243, 225 without BatchedHVP's parameter copy; CPU time the same, a product
     1.03x / 1.02x and a graph build 1.01x / 0.98x at 5-way 1-shot M=32 / 20-way 5-shot M=8,
-    where the work is the convolutions'). Each of the two derivatives is then one op of the
-    extension (ops.pooled_bn_backward / pooled_bn_double_backward, on the devices in
-    POOLED_BN_KERNELS; the build's factor table too, ops.pooled_bn_coefficients): a product
-    185 -> 74 ops, the graph build 225 -> 109 (benchmarks/probes/hvp_op_count.py).
+    where the work is the convolutions'). The forward and each of the two derivatives are then
+    one op of the extension (ops.pooled_bn_forward / pooled_bn_backward /
+    pooled_bn_double_backward, on the devices in POOLED_BN_KERNELS; the build's factor table
+    too, ops.pooled_bn_coefficients): a product 185 -> 74 ops, the graph build 225 -> 45
+    (benchmarks/probes/hvp_op_count.py).
     Derivatives to second order: a third (a create_graph backward through the second) raises;
     _bn_relu_pool_composite (TaskLoss(fuse_bn_pool=False)) has all.
     Inside transforms, _bn_relu_pool_composite (it has forward-mode rules too).
@@ -417,9 +418,10 @@ class _PooledBatchNormBackward(torch.autograd.Function):
         return (d_gy, d_h, d_w if need_w else None) + (None,) * 10
 
 
-# The pooled block's two derivatives (_PooledBatchNormBackward's forward and backward) run as the
-# extension's kernels (imaml_ext.ops.pooled_bn_backward / pooled_bn_double_backward: one op each
-# instead of ~13 and ~19) on these devices. CUDA only with IMAML_CUDA_POOLED_BN=fused until the
+# The pooled block's forward and two derivatives (_PooledBatchNorm's forward,
+# _PooledBatchNormBackward's forward and backward) run as the extension's kernels
+# (imaml_ext.ops.pooled_bn_forward / pooled_bn_backward / pooled_bn_double_backward, and
+# pooled_bn_coefficients: one op each instead of ~16, ~13, ~19 and ~20) on these devices. CUDA only with IMAML_CUDA_POOLED_BN=fused until the
 # kernels have run on a GPU (gpu_suite.sh's CUDA tests and hvp_op_count probe).
 POOLED_BN_KERNELS = ("cpu", "cuda") if os.environ.get("IMAML_CUDA_POOLED_BN") == "fused" \
     else ("cpu",)

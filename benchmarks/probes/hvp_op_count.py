@@ -35,12 +35,13 @@ CPU time of a product there 1.11x / 1.06x faster with _Conv (3 rounds, commit e2
 earlier runs of the same comparison 1.14x / 1.06x, 1.14x / 1.15x and 1.09x / 0.98x): the CPU
 is compute-bound; the counts are what matters on a GPU, where each op is a launch.
 
-With the block's two derivatives and their factor table as one op each (ops.pooled_bn_backward,
-pooled_bn_double_backward, pooled_bn_coefficients: the "own_conv+bn_kernels" variant,
-hvp.POOLED_BN_KERNELS), on the same CPU (commit 6ba84bc, `--rounds 3`): one product 74 ops (1.64x
-a gradient's 45; 4.11x before), the graph build 109; a product 1.36x / 1.46x a gradient's CPU
-time against 1.59x / 2.31x with own_conv alone, 1.27x / 1.58x faster, the graph build 1.19x /
-1.18x.
+With the block's forward, its two derivatives and their factor table as one op each
+(ops.pooled_bn_forward, pooled_bn_backward, pooled_bn_double_backward, pooled_bn_coefficients:
+the "own_conv+bn_kernels" variant, hvp.POOLED_BN_KERNELS), on the same CPU (commit a3ee125,
+`--rounds 3`): one product 74 ops (1.64x a gradient's 45; 4.11x before), the graph build 45
+(225 before); a product 1.17x / 1.40x a gradient's CPU time against 1.71x / 2.02x with own_conv
+alone, 1.42x / 1.47x faster, the graph build 1.35x / 1.40x (the product's speed-up varies by
+run on this CPU: 1.22x-1.27x / 1.58x-1.61x in two earlier runs of the same product code).
 
 Kernel launches per op: views, detach and the like launch none (counted apart); a cuDNN
 convolution can launch more than one kernel, so on a GPU the counts are a lower bound.
