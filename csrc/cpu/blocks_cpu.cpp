@@ -75,6 +75,7 @@
 #include <vector>
 
 #include "../ops.h"
+#include "channel_sums.h"
 #include "simd_clones.h"
 #include "vec64.h"
 
@@ -124,14 +125,21 @@ IMAML_INLINE void stats_rows_impl(const T* __restrict__ h, int64_t rows, int64_t
   }
 }
 
-IMAML_SIMD void stats_rows(const float* h, int64_t rows, int64_t C, const float* center,
-                           double* acc) {
+}  // namespace
+
+IMAML_SIMD void cpu::stats_rows(const float* h, int64_t rows, int64_t C, const float* center,
+                                double* acc) {
   stats_rows_impl(h, rows, C, center, acc);
 }
-IMAML_SIMD void stats_rows(const double* h, int64_t rows, int64_t C, const double* center,
-                           double* acc) {
+IMAML_SIMD void cpu::stats_rows(const double* h, int64_t rows, int64_t C, const double* center,
+                                double* acc) {
   stats_rows_impl(h, rows, C, center, acc);
 }
+
+namespace {
+
+using cpu::stats_rows;
+using cpu::ThreadAcc;
 
 // One pooled position: the four window rows p[0..3] (row-major window order) of C channels.
 template <typename T>
@@ -275,18 +283,6 @@ IMAML_SIMD void sparse_window(double* d0, double* d1, double* d2, double* d3, in
                               const double* a, const double* b) {
   sparse_window_impl(d0, d1, d2, d3, C, g, hsel, idx, a, b);
 }
-
-// Per-thread accumulator rows of C doubles, summed into row 0 in thread order.
-struct ThreadAcc {
-  int64_t C;
-  std::vector<double> buf;
-  ThreadAcc(int64_t C_, int nthreads) : C(C_), buf(static_cast<size_t>(C_) * nthreads, 0.0) {}
-  double* row(int t) { return buf.data() + static_cast<size_t>(t) * C; }
-  void reduce(int nthreads) {
-    for (int t = 1; t < nthreads; ++t)
-      for (int64_t c = 0; c < C; ++c) buf[c] += buf[static_cast<size_t>(t) * C + c];
-  }
-};
 
 // The batch-norm backward's per-channel pieces, shared by the two block backwards: the affine
 // map at the pooled positions, a = weight * invstd and shift = bias - mean * a, and the sums

@@ -31,25 +31,21 @@
 
 #include "../ops.h"
 #include "../pooled_bn_math.h"
+#include "channel_sums.h"
 
 namespace imaml_ext {
 namespace {
 
 constexpr int64_t kRows = 64;  // channels-last positions per parallel_for task
 
-// Per-thread rows of `width` doubles, summed into row 0 in thread order.
-struct Partials {
-  int64_t width;
-  int nthreads;
-  std::vector<double> buf;
-  Partials(int64_t w, int n) : width(w), nthreads(n), buf(static_cast<size_t>(w) * n, 0.0) {}
-  double* row() { return buf.data() + static_cast<size_t>(at::get_thread_num()) * width; }
-  const double* total() {
-    for (int t = 1; t < nthreads; ++t)
-      for (int64_t i = 0; i < width; ++i) buf[i] += buf[static_cast<size_t>(t) * width + i];
-    return buf.data();
-  }
-};
+using cpu::ThreadAcc;
+
+// Sums into the calling thread's row of acc; total() adds the rows (in thread order).
+double* my_row(ThreadAcc& acc) { return acc.row(at::get_thread_num()); }
+const double* total(ThreadAcc& acc) {
+  acc.reduce(at::get_num_threads());
+  return acc.buf.data();
+}
 
 void check_idx(bool bad, const char* op) {
   TORCH_CHECK_VALUE(!bad, op, ": idx holds a position outside the H x W plane");
@@ -64,26 +60,19 @@ void forward_kernel(const PooledBnForward& f, const T* h, const T* w, const T* b
   const int64_t N = g.N, C = g.C, P = g.P, Po = g.Po;
   const double n = static_cast<double>(N * P);
   std::vector<double> mu(C, 0.0), var(C, 0.0);
-  if (g.channels_last) {
-    Partials sums(C, at::get_num_threads());
-    at::parallel_for(0, N * P, kRows, [&](int64_t lo, int64_t hi) {
-      double* acc = sums.row();
-      for (int64_t row = lo; row < hi; ++row)
-        for (int64_t c = 0; c < C; ++c) acc[c] += static_cast<double>(h[row * C + c]);
-    });
-    const double* tot = sums.total();
-    for (int64_t c = 0; c < C; ++c) mu[c] = tot[c] / n;
-    Partials sq(C, at::get_num_threads());
-    at::parallel_for(0, N * P, kRows, [&](int64_t lo, int64_t hi) {
-      double* acc = sq.row();
-      for (int64_t row = lo; row < hi; ++row)
-        for (int64_t c = 0; c < C; ++c) {
-          const double d = static_cast<double>(h[row * C + c]) - mu[c];
-          acc[c] += d * d;
-        }
-    });
-    const double* tsq = sq.total();
-    for (int64_t c = 0; c < C; ++c) var[c] = tsq[c] / n;
+  if (g.channels_last) {  // the statistics pass of the first-order block (blocks_cpu.cpp)
+    std::vector<T> center(C);
+    for (int pass = 0; pass < 2; ++pass) {
+      ThreadAcc acc(C, at::get_num_threads());
+      at::parallel_for(0, N * P, kRows, [&](int64_t lo, int64_t hi) {
+        cpu::stats_rows(h + lo * C, hi - lo, C, pass == 0 ? nullptr : center.data(),
+                        my_row(acc));
+      });
+      const double* tot = total(acc);
+      for (int64_t c = 0; c < C; ++c) (pass == 0 ? mu : var)[c] = tot[c] / n;
+      if (pass == 0)
+        for (int64_t c = 0; c < C; ++c) center[c] = static_cast<T>(mu[c]);
+    }
   } else {
     at::parallel_for(0, C, 1, [&](int64_t lo, int64_t hi) {
       for (int64_t c = lo; c < hi; ++c) {
@@ -149,9 +138,9 @@ void backward_kernel(const PooledBnGeometry& g, const T* gy, const T* y, const T
   const int64_t N = g.N, C = g.C, P = g.P, Po = g.Po;
   std::atomic<bool> bad{false};
   if (g.channels_last) {
-    Partials sums(2 * C, at::get_num_threads());
+    ThreadAcc sums(2 * C, at::get_num_threads());
     at::parallel_for(0, N * Po, kRows, [&](int64_t lo, int64_t hi) {
-      double* sb = sums.row();
+      double* sb = my_row(sums);
       double* sw = sb + C;
       for (int64_t r = lo; r < hi; ++r) {
         const int64_t o = r * C;
@@ -163,7 +152,7 @@ void backward_kernel(const PooledBnGeometry& g, const T* gy, const T* y, const T
         }
       }
     });
-    const double* tot = sums.total();
+    const double* tot = total(sums);
     std::vector<T> alpha(C), beta(C);
     for (int64_t c = 0; c < C; ++c) {
       gb[c] = static_cast<T>(tot[c]);
@@ -263,9 +252,9 @@ void double_backward_kernel(const PooledBnGeometry& g, const PooledBnDoubleArgs<
   if (g.channels_last) {
     std::vector<T> f;
     if (a.ch != nullptr) {
-      Partials sums(3 * C, at::get_num_threads());
+      ThreadAcc sums(3 * C, at::get_num_threads());
       at::parallel_for(0, N * P, kRows, [&](int64_t lo, int64_t hi) {
-        double* k0 = sums.row();
+        double* k0 = my_row(sums);
         double* k1 = k0 + C;
         for (int64_t r = lo; r < hi; ++r) {
           const T* cr = a.ch + r * C;
@@ -277,7 +266,7 @@ void double_backward_kernel(const PooledBnGeometry& g, const PooledBnDoubleArgs<
         }
       });
       at::parallel_for(0, N * Po, kRows, [&](int64_t lo, int64_t hi) {
-        double* pc = sums.row() + 2 * C;
+        double* pc = my_row(sums) + 2 * C;
         for (int64_t r = lo; r < hi; ++r) {
           const int64_t n = r / Po, o = r * C;
           for (int64_t c = 0; c < C; ++c) {
@@ -287,7 +276,7 @@ void double_backward_kernel(const PooledBnGeometry& g, const PooledBnDoubleArgs<
           }
         }
       });
-      const double* tot = sums.total();
+      const double* tot = total(sums);
       f = factors(a, C, tot, tot + C, tot + 2 * C);
     } else {
       f = factors<T>(a, C, nullptr, nullptr, nullptr);
