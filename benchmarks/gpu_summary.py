@@ -1,9 +1,15 @@
 """Prints the short table that ends benchmarks/gpu_suite.sh: one line per measured figure found
-in the JSON files under the given folder."""
+in the JSON files under the given folder, then issue 5's GPU targets judged from those files and
+the CUDA tests' junit file (MET / NOT MET with the figure and the path that reached it, or the
+file that was missing), and the opt-in CUDA path the op-count probe decides.
+
+    python benchmarks/gpu_summary.py OUT_DIR
+"""
 from __future__ import annotations
 
 import json
 import sys
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
 
@@ -51,6 +57,118 @@ def lines_for(name: str, data: dict):
                 yield f"{name}: {k} = {v}"
 
 
+# ---- issue 5's GPU targets, judged from the suite's files ----------------------------------------
+
+LSTSQ_FRACTION, CG_PHASE_RATIO, HVP_RATIO = 0.70, 1.1, 2.5
+# the CUDA tests that run a solve under torch.cuda.set_sync_debug_mode("error")
+SYNC_TESTS = ("no_host_sync", "does_not_sync", "without_host_sync", "make_no_host_sync")
+
+
+def _load(folder: Path, pattern: str) -> list[tuple[str, dict]]:
+    out = []
+    for path in sorted(folder.glob(pattern)):
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(data, dict):
+            out.append((path.stem, data))
+    return out
+
+
+def _verdict(ok: bool) -> str:
+    return "MET" if ok else "NOT MET"
+
+
+def target_lines(folder: str):
+    """One line per GPU target of issue 5 (and per opt-in path it decides), or a line saying
+    which file it needed and did not find. Judged, not assumed: every figure is read from the
+    suite's own JSON and junit files."""
+    folder = Path(folder)
+    # 1. whole-loop least-squares CG at >= 70% of the copy bandwidth, data larger than L2
+    kernels = [(n, d) for n, d in _load(folder, "kernels_cuda*.json")
+               if d.get("benchmark") == "bench_kernels" and d.get("device") == "cuda"]
+    rows = 0
+    for name, data in kernels:
+        l2 = ((data.get("machine") or {}).get("gpu") or {}).get("l2_MiB") or 50.0
+        for r in data.get("cg", []):
+            frac = r.get("fraction_of_copy") or {}
+            if r.get("op") != "cg_solve_lstsq" or not frac:
+                continue
+            if r.get("bytes_read_per_iteration", 0) <= l2 * 2**20:
+                continue
+            rows += 1
+            best, f = max(frac.items(), key=lambda kv: kv[1])
+            yield (f"TARGET lstsq CG >= {LSTSQ_FRACTION:.0%} of copy (B={r['B']} n={r['n']} "
+                   f"d={r['d']}, {r['bytes_read_per_iteration'] / 2**20:.0f} MiB > L2 "
+                   f"{l2:.0f} MiB): {_verdict(f >= LSTSQ_FRACTION)}, best {100 * f:.0f}% by "
+                   f"'{best}' (default 'imaml_ext' {100 * frac.get('imaml_ext', 0):.0f}%) [{name}]")
+    if not rows:
+        yield "TARGET lstsq CG: no kernels_cuda*.json with least-squares CG rows larger than L2"
+    # 2. CG phase <= 1.1x (CG steps x one HVP); 4. HVP <= 2.5x a gradient (eager and compiled)
+    metas = [(n, d) for n, d in _load(folder, "meta_gradient_cuda*.json")
+             if isinstance(d.get("settings"), list)]
+    for name, data in metas:
+        for r in data["settings"]:
+            h, ph = r.get("hvp_cost") or {}, r.get("imaml_gd_phases") or {}
+            head = f"{r.get('setting')} M={r.get('meta_batch')}"
+            one = (h.get(f"hvp_{h.get('exact_method')}") or {}).get("median_s")
+            cg = (ph.get("cg_with_hvps") or {}).get("median_s")
+            k = max(r.get("cg_steps") or 0, 1)
+            if one and cg:
+                ratio = cg / (k * one)
+                yield (f"TARGET CG phase <= {CG_PHASE_RATIO}x {k} HVPs ({head}): "
+                       f"{_verdict(ratio <= CG_PHASE_RATIO)}, {ratio:.2f}x [{name}]")
+            cap, build = ((ph.get(key) or {}).get("median_s")
+                          for key in ("captured_build_and_cg", "graph_build"))
+            if cap and build and one:
+                ratio = cap / (build + k * one)
+                yield (f"  (as one CUDA graph, build + CG against the build + {k} eager HVPs: "
+                       f"{ratio:.2f}x)")
+            eager = (h.get("ratio_to_grad") or {}).get("exact_per_cg_product")
+            if eager is not None:
+                yield (f"TARGET HVP <= {HVP_RATIO}x a gradient ({head}, eager exact product "
+                       f"inside CG): {_verdict(eager <= HVP_RATIO)}, {eager:.2f}x [{name}]")
+            comp = h.get("compiled") or {}
+            if "ratio_to_grad" in comp:
+                c = comp["ratio_to_grad"]
+                yield (f"TARGET HVP <= {HVP_RATIO}x a gradient ({head}, torch.compile'd "
+                       f"product, an option): {_verdict(c <= HVP_RATIO)}, {c:.2f}x [{name}]")
+    if not metas:
+        yield "TARGET CG phase / HVP: no meta_gradient_cuda*.json"
+    # 3. zero host synchronisations per solve: the sync-debug CUDA tests
+    xml = folder / "tests_cuda.xml"
+    try:
+        cases = [c for c in ET.parse(xml).iter("testcase")
+                 if any(w in c.get("name", "") for w in SYNC_TESTS)]
+    except (OSError, ET.ParseError):
+        cases = None
+    if cases is None:
+        yield f"TARGET zero host syncs per solve: no readable {xml.name}"
+    else:
+        ran = [c for c in cases if c.find("skipped") is None]
+        bad = [c.get("name") for c in ran
+               if c.find("failure") is not None or c.find("error") is not None]
+        if not ran:
+            yield f"TARGET zero host syncs per solve: none of its {len(cases)} tests ran"
+        else:
+            yield (f"TARGET zero host syncs per solve: {_verdict(not bad)}, {len(ran) - len(bad)} "
+                   f"of {len(ran)} sync-debug tests passed" + (f" (failed: {', '.join(bad)})"
+                                                              if bad else ""))
+    # The opt-in path the probe decides: the pooled block's kernels on CUDA (hvp.POOLED_BN_KERNELS)
+    for name, data in _load(folder, "hvp_op_count_cuda*.json"):
+        for setting, s in (data.get("settings") or {}).items():
+            t = s.get("timing") or {}
+            off, on = t.get("own_conv") or {}, t.get("own_conv+bn_kernels") or {}
+            if off.get("product_s") and on.get("product_s"):
+                p = off["product_s"] / on["product_s"]
+                b = off["graph_build_s"] / on["graph_build_s"]
+                yield (f"DECIDE pooled batch-norm kernels on CUDA ({setting}): product {p:.2f}x, "
+                       f"graph build {b:.2f}x faster with them: "
+                       + ("make them the CUDA default (hvp.POOLED_BN_KERNELS)"
+                          if p > 1 and b > 1 else "keep them off") + f" [{name}]")
+
+
 def main(folder: str) -> None:
     for path in sorted(Path(folder).glob("*.json")):
         try:
@@ -60,6 +178,9 @@ def main(folder: str) -> None:
         if isinstance(data, dict):
             for line in lines_for(path.stem, data):
                 print(line)
+    print("--- issue 5's GPU targets (from the files above and tests_cuda.xml)")
+    for line in target_lines(folder):
+        print(line)
 
 
 if __name__ == "__main__":
