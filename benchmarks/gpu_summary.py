@@ -167,6 +167,13 @@ def target_lines(folder: str):
                        f"graph build {b:.2f}x faster with them: "
                        + ("make them the CUDA default (hvp.POOLED_BN_KERNELS)"
                           if p > 1 and b > 1 else "keep them off") + f" [{name}]")
+            tuned = t.get("own_conv+bn_kernels+cudnn_benchmark") or {}
+            if on.get("grad_s") and tuned.get("grad_s"):
+                g, p = on["grad_s"] / tuned["grad_s"], on["product_s"] / tuned["product_s"]
+                yield (f"DECIDE cuDNN autotuning ({setting}): gradient {g:.2f}x, product {p:.2f}x "
+                       f"faster with torch.backends.cudnn.benchmark: "
+                       + ("worth turning on in training (--cudnn-benchmark)" if min(g, p) > 1.05
+                          else "little or no gain") + f" [{name}]")
 
 
 def main(folder: str) -> None:

@@ -89,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "meta-step: of the meta-gradient's solve (HVP set-up and CG; the default "
                    "when no value is given) or of the whole step ('step': inner solver, query "
                    "gradient and solve)")
+    g.add_argument("--cudnn-benchmark", action="store_true", default=argparse.SUPPRESS,
+                   help="on a GPU: let cuDNN time its convolution algorithms once per shape and "
+                   "keep the fastest (torch.backends.cudnn.benchmark; a run's shapes are fixed)")
     g = t.add_argument_group("meta-optimisation")
     g.add_argument("--steps", type=int, help="meta-steps (default 30000)")
     g.add_argument("--meta-batch", type=int)

@@ -102,6 +102,7 @@ class TrainConfig:
     use_ext: bool | None = None
     compile_hvp: bool = False
     cuda_graph: bool | str = False  # False, "solve" or "step" (True: "solve")
+    cudnn_benchmark: bool = False  # torch.backends.cudnn.benchmark for the run (CUDA only)
     # Meta-optimisation
     steps: int = 30000
     meta_batch: int | None = None
@@ -224,6 +225,9 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
                          f"with --adapt all on a GPU, without --compile-hvp; got --algo "
                          f"{out.algo} --adapt {out.adapt} --device {out.device}"
                          f"{' --compile-hvp' if out.compile_hvp else ''}")
+    if out.cudnn_benchmark and not str(out.device).startswith("cuda"):
+        raise UsageError(f"--cudnn-benchmark autotunes cuDNN's convolutions: it needs --device "
+                         f"cuda, got --device {out.device}")
     if ds == "miniimagenet" and out.protocol != "background":
         raise UsageError("--protocol applies to omniglot only")
     return out

@@ -422,6 +422,9 @@ class Trainer:
         train_data / val_data: data sets to use instead of loading them (tests).
         stop_after: leave (as if interrupted, without a signal) once this many steps are done;
             for tests of resume.
+
+    With ``cfg.cudnn_benchmark`` it sets ``torch.backends.cudnn.benchmark = True`` for the
+    process (a global switch of torch's; it stays on after the Trainer is gone).
     """
 
     def __init__(self, cfg: TrainConfig, resume: str | Path | None = None, algorithm=None,
@@ -448,6 +451,8 @@ class Trainer:
         self.run_dir = Path(cfg.out)
         self.device = torch.device(cfg.device)
         self.dtype = getattr(torch, cfg.dtype)
+        if cfg.cudnn_benchmark:
+            torch.backends.cudnn.benchmark = True
         self.stop_after = stop_after
 
         torch.manual_seed(cfg.seed)

@@ -91,6 +91,17 @@ def test_cuda_graph_flag(capsys, tmp_path):
     assert cfg.cuda_graph is False and cfg.algorithm_kwargs()["cuda_graph"] is False
 
 
+def test_cudnn_benchmark_flag(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "train", "--cudnn-benchmark", "--out", str(tmp_path / "r"))
+    assert_clean_error(code, err, "--cudnn-benchmark", "--device cpu")
+    cfg, _ = cli._config_from_args(cli.build_parser().parse_args(
+        ["train", "--cudnn-benchmark", "--device", "cuda"]))
+    assert cfg.cudnn_benchmark is True and "cudnn_benchmark" not in cfg.algorithm_kwargs()
+    assert "cudnn_benchmark" not in cfg.identity()  # a speed knob: a run resumes without it
+    cfg, _ = cli._config_from_args(cli.build_parser().parse_args(["train"]))
+    assert cfg.cudnn_benchmark is False
+
+
 def test_compile_hvp_flag_reaches_the_algorithm():
     ns = cli.build_parser().parse_args(["train", "--compile-hvp"])
     cfg, _ = cli._config_from_args(ns)

@@ -77,6 +77,9 @@ def test_target_verdicts_met_and_the_kernel_decision(tmp_path):
         r["imaml_gd_phases"]["cg_with_hvps"]["median_s"] = 1.05 * r["cg_steps"] * one
     (tmp_path / "meta_gradient_cuda.json").write_text(json.dumps(m))
     p = json.loads((results / "hvp_op_count_cpu.json").read_text())
+    t = p["settings"]["5w1s"]["timing"]
+    t["own_conv+bn_kernels+cudnn_benchmark"] = {k: v / 2 for k, v in
+                                                t["own_conv+bn_kernels"].items()}
     (tmp_path / "hvp_op_count_cuda.json").write_text(json.dumps(p))
     _junit(tmp_path / "tests_cuda.xml", [("test_callable_loop_makes_no_host_sync[None]", "")])
     lines = list(mod.target_lines(str(tmp_path)))
@@ -89,4 +92,6 @@ def test_target_verdicts_met_and_the_kernel_decision(tmp_path):
     assert sum("compile" in line and "NOT MET, 2.60x" in line for line in lines) == 2
     assert any(line.startswith("TARGET zero host syncs per solve: MET, 1 of 1") for line in lines)
     decide = [line for line in lines if line.startswith("DECIDE")]
-    assert len(decide) == 2 and all("make them the CUDA default" in line for line in decide)
+    assert len(decide) == 3 and sum("make them the CUDA default" in line for line in decide) == 2
+    assert [line for line in decide if "cuDNN" in line][0].startswith(
+        "DECIDE cuDNN autotuning (5w1s): gradient 2.00x, product 2.00x faster")

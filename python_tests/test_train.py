@@ -301,3 +301,12 @@ def test_max_time_stops_with_a_checkpoint(tmp_path):
     summary = t.run()
     assert summary["time_limited"] and summary["step"] == 1
     assert summary["checkpoint"].endswith("ckpt_00000001.pt")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_cuda_trainer_cudnn_benchmark_option_sets_the_switch(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    make_trainer(tmp_path, device="cuda")
+    assert torch.backends.cudnn.benchmark is False
+    make_trainer(tmp_path / "b", device="cuda", cudnn_benchmark=True)
+    assert torch.backends.cudnn.benchmark is True
