@@ -27,6 +27,9 @@
 # its rows are skipped unless its wheels travel too (2026-11-27: torchopt 0.7.3, optree 0.20.0,
 # graphviz 0.21 for cp312 in an ignored .whl/, installed with pip --target /tmp/site and
 # PYTHONPATH=/tmp/site before this script).
+# Checked on the CPU before a lease: python_tests/test_gpu_suite.py dry-runs this script with PY
+# set to a shim that records each Python command (every step's flags parsed by its script, the
+# preset's configurations validated, each gate's tests present in the -k selection).
 set -uo pipefail
 stages=("${@:-quick}")
 for s in "${stages[@]}"; do

@@ -1,0 +1,155 @@
+"""benchmarks/gpu_suite.sh, dry-run on the CPU: every command it would run on a lent GPU, checked
+here before a GPU's scarce minutes are spent on it.
+
+The suite runs with PY set to a shim that records each Python invocation's arguments and
+succeeds at once (no build, no CUDA). Then: the shell control flow finished with every step
+recorded "ok" and the results packed; each benchmark script accepts the exact flags the suite
+gives it (its own argparse, stopped after parsing); the training preset's `imaml train` / `eval`
+command lines are valid configurations (every recipe and CUDA-graph variant of
+gpu_train_preset.sh); and the CUDA-test selection (-k) collects the tests each opt-in gate reads,
+so a renamed test cannot switch a path's benchmark rows off unseen.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import load_benchmark
+from imaml_ext import cli
+
+ROOT = Path(__file__).resolve().parent.parent
+SUITE = ROOT / "benchmarks" / "gpu_suite.sh"
+PRESET = ROOT / "benchmarks" / "gpu_train_preset.sh"
+
+
+class _Parsed(Exception):
+    pass
+
+
+def _dry_run(tmp_path, script: Path, *args: str, env: dict | None = None):
+    """(completed process, [argv of each Python invocation]) of `script` run with the shim."""
+    log = tmp_path / "invocations.jsonl"
+    shim = tmp_path / "shim"
+    shim.write_text("#!/bin/sh\nexec " + shlex.quote(sys.executable) + " -c 'import json, os, "
+                    "sys; open(os.environ[\"SHIM_LOG\"], \"a\").write(json.dumps(sys.argv[1:]) "
+                    "+ \"\\n\")' \"$@\"\n")
+    shim.chmod(0o755)
+    full_env = {**os.environ, "PY": str(shim), "SHIM_LOG": str(log), "OUT": str(tmp_path / "out"),
+                **(env or {})}
+    full_env.pop("IMAML_DATA", None)
+    proc = subprocess.run(["bash", str(script), *args], cwd=ROOT, env=full_env,
+                          capture_output=True, text=True, timeout=120)
+    calls = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+    return proc, calls
+
+
+def _parses(script: str, argv: list[str], monkeypatch) -> None:
+    """Runs benchmarks/<script>'s main(argv) up to the end of its argument parsing."""
+    original = argparse.ArgumentParser.parse_args
+
+    def parse_then_stop(self, args=None, namespace=None):
+        original(self, args, namespace)
+        raise _Parsed
+
+    mod = load_benchmark(script[len("benchmarks/"):-len(".py")])
+    with monkeypatch.context() as m:
+        m.setattr(argparse.ArgumentParser, "parse_args", parse_then_stop)
+        with pytest.raises(_Parsed):
+            mod.main(argv)
+
+
+def _check_cli(argv: list[str]) -> None:
+    assert argv[:2] == ["-m", "imaml_ext.cli"], argv
+    ns = cli.build_parser().parse_args(argv[2:])
+    if ns.command == "train":
+        cfg, _ = cli._config_from_args(ns)  # the option combination checks (UsageError)
+        assert cfg.device == "cuda"
+
+
+def test_suite_dry_run_quick_full(tmp_path, monkeypatch):
+    pack = tmp_path / "pack"
+    proc, calls = _dry_run(tmp_path, SUITE, "quick", "full",
+                           env={"SUITE_PACK": str(pack), "SUITE_DEADLINE_S": "530"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    status = (tmp_path / "out" / "suite_status_quick_full.txt").read_text().splitlines()
+    steps = [line.split()[0] for line in status if line.endswith("s") and " ok " in line]
+    assert steps == ["build", "tests_cuda", "bench_kernels", "bench_cg", "bench_meta_gradient",
+                     "hvp_op_count", "root_graph", "train_preset", "head_only", "fig2b"], status
+    assert (pack / "suite_quick_full.tgz").is_file() and (pack / "summary_quick_full.txt").is_file()
+    scripts = [c for c in calls if c and c[0].startswith("benchmarks/")
+               and not c[0].endswith("gpu_summary.py")]
+    assert {c[0] for c in scripts} == {
+        "benchmarks/bench_kernels.py", "benchmarks/bench_cg.py",
+        "benchmarks/bench_meta_gradient.py", "benchmarks/probes/hvp_op_count.py",
+        "benchmarks/probes/root_graph.py", "benchmarks/bench_head_only.py",
+        "benchmarks/fig2b_compute_memory.py"}
+    for c in scripts:
+        _parses(c[0], c[1:], monkeypatch)
+    preset = [c for c in calls if c[:2] == ["-m", "imaml_ext.cli"]]
+    assert [c[2] for c in preset] == ["train", "eval"]
+    for c in preset:
+        _check_cli(c)
+    # a second call on the still-warm machine goes on where the first stopped: nothing reruns
+    log = tmp_path / "invocations.jsonl"
+    log.unlink()
+    proc, calls = _dry_run(tmp_path, SUITE, "full")
+    assert proc.returncode == 0
+    assert not [c for c in calls if c and c[0].startswith("benchmarks/bench")]
+    assert "done by an earlier call" in proc.stdout
+
+
+def test_suite_dry_run_quick_alone(tmp_path, monkeypatch):
+    proc, calls = _dry_run(tmp_path, SUITE, "quick")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    scripts = [c for c in calls if c and c[0].startswith("benchmarks/")
+               and not c[0].endswith("gpu_summary.py")]
+    assert {c[0] for c in scripts} == {
+        "benchmarks/probes/hvp_op_count.py", "benchmarks/probes/root_graph.py",
+        "benchmarks/bench_cg.py", "benchmarks/bench_kernels.py"}
+    for c in scripts:
+        _parses(c[0], c[1:], monkeypatch)
+    bad = subprocess.run(["bash", str(SUITE), "fast"], cwd=ROOT, capture_output=True, text=True)
+    assert bad.returncode == 2 and "usage" in bad.stderr
+
+
+@pytest.mark.parametrize("recipe,graph", [("authors", "0"), ("paper", "0"), ("authors", "1"),
+                                          ("authors", "step")])
+def test_train_preset_command_lines_are_valid(tmp_path, recipe, graph):
+    proc, calls = _dry_run(tmp_path, PRESET, env={"RECIPE": recipe, "CUDA_GRAPH": graph,
+                                                  "MAX_TIME": "80"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert [c[2] for c in calls] == ["train", "eval"]
+    for c in calls:
+        _check_cli(c)
+    train = cli._config_from_args(cli.build_parser().parse_args(calls[0][2:]))[0]
+    assert train.proximal == recipe and train.max_time == 80
+    assert train.cuda_graph == {"0": False, "1": "solve", "step": "step"}[graph]
+
+
+def test_cuda_selection_collects_what_each_gate_reads():
+    """The suite's `pytest -k "cuda or graph"` and its gates (gpu_suite.sh's `gate` calls: words
+    that a test's module::name must hold, and words it must not): each gate must find tests in
+    the selection, else its path's benchmark rows are skipped on the card for want of a test."""
+    text = SUITE.read_text()
+    k = shlex.split(text.split("-m pytest python_tests", 1)[1].split("\\\n", 1)[0])
+    assert k[k.index("-k") + 1] == "cuda or graph"
+    gates = [shlex.split(line.strip())[1:4] for line in text.splitlines()
+             if line.strip().startswith("gate IMAML_BENCH_")]
+    assert len(gates) == 4
+    out = subprocess.run([sys.executable, "-m", "pytest", "python_tests", "--collect-only", "-q",
+                          "-k", "cuda or graph", "-p", "no:cacheprovider"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    ids = [line.replace("/", ".").replace(".py::", "::") for line in out.stdout.splitlines()
+           if "::" in line]
+    assert len(ids) > 100, out.stdout[-2000:]
+    for want, avoid in ((g[1].split(), g[2].split()) for g in gates):
+        hits = [i for i in ids if all(w in i for w in want) and not any(w in i for w in avoid)]
+        assert hits, f"no collected CUDA test holds {want} without {avoid}"
