@@ -106,7 +106,7 @@ def evaluate_checkpoint(checkpoint: str | Path, tasks: int = 600, split: str = "
         cfg = cfg.replace(data_root=data_root)
     if overrides:
         cfg = cfg.replace(**overrides)
-    dev = torch.device(cfg.device)
+    dev = tr.usable_device(cfg.device)
     dtype = getattr(torch, cfg.dtype)
     model = tr.build_model(cfg).to(dev, dtype)
     params = {k: v.to(dev, dtype) for k, v in state["params"].items()}

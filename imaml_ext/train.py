@@ -80,6 +80,27 @@ class Interrupted(Exception):
 # Building blocks
 # --------------------------------------------------------------------------------------------
 
+def usable_device(device: str) -> torch.device:
+    """``torch.device(device)`` where this process can use it, else a UsageError that names the
+    option and says what is visible (a CUDA device asked for on a machine without one would
+    otherwise end in torch's traceback at the first tensor moved there)."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise UsageError(f"--device must be a torch device such as cpu, cuda or cuda:1, got "
+                         f"{device!r}") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {device}: no CUDA device is visible here "
+                             f"(torch.cuda.is_available() is False; torch {torch.__version__}, "
+                             f"built for CUDA {torch.version.cuda or 'none'}); use --device cpu")
+        n = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= n:
+            raise UsageError(f"--device {device}: only {n} CUDA device(s) are visible "
+                             f"(cuda:0 to cuda:{n - 1})")
+    return dev
+
+
 def build_model(cfg: TrainConfig) -> torch.nn.Module:
     from imaml_ext.models import make_model
     return make_model(cfg.dataset, cfg.ways, downsample=cfg.downsample)
@@ -431,6 +452,7 @@ class Trainer:
                  dist_info: DistInfo | None = None, train_data=None, val_data=None,
                  stop_after: int | None = None):
         cfg = resolve(cfg)
+        usable_device(cfg.device)
         if dist_info is None:
             dist_info, device = init_distributed(cfg.device)
             cfg = cfg.replace(device=device)

@@ -8,6 +8,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 from data_fixtures import make_omniglot_zips
 from imaml_ext import cli
@@ -91,6 +92,20 @@ def test_cuda_graph_flag(capsys, tmp_path):
     assert cfg.cuda_graph is False and cfg.algorithm_kwargs()["cuda_graph"] is False
 
 
+def test_device_that_is_not_there_is_a_clean_error(capsys, tmp_path):
+    """A device string torch does not know, or a CUDA device this process cannot see, is one
+    line naming --device before anything is written, not torch's traceback at the first tensor
+    moved there (train, and eval of a checkpoint)."""
+    code, _, err = run_cli(capsys, "train", "--device", "gpu", "--out", str(tmp_path / "r"))
+    assert_clean_error(code, err, "--device must be a torch device", "'gpu'")
+    assert not (tmp_path / "r").exists()
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    want = "only" if n else "no CUDA device is visible"
+    code, _, err = run_cli(capsys, "train", "--device", f"cuda:{n}", "--out", str(tmp_path / "r"))
+    assert_clean_error(code, err, f"--device cuda:{n}", want)
+    assert not (tmp_path / "r").exists()
+
+
 def test_cudnn_benchmark_flag(capsys, tmp_path):
     code, _, err = run_cli(capsys, "train", "--cudnn-benchmark", "--out", str(tmp_path / "r"))
     assert_clean_error(code, err, "--cudnn-benchmark", "--device cpu")
@@ -168,6 +183,9 @@ def test_eval_prints_accuracy_and_interval(capsys, tmp_path, monkeypatch):
     assert "accuracy" in out and "% +- " in out and "(95% CI, 7 test tasks" in out
     res = json.loads((tmp_path / "e.json").read_text())["result"]
     assert res["num_tasks"] == 7 and 0 <= res["accuracy"] <= 1 and res["ci95"] >= 0
+    code, _, err = run_cli(capsys, "eval", "--checkpoint", str(tmp_path / "run"), "--device",
+                           "gpu")
+    assert_clean_error(code, err, "--device must be a torch device", "'gpu'")
 
 
 def test_console_script_error_has_no_traceback(omniglot_root, tmp_path):
