@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 
 from imaml_ext.config import (ADAPT, ALGORITHM_NAMES, DTYPES, HVP_KINDS, LOG_FORMATS, META_OPTS,
-                              PROTOCOLS, PROXIMAL, TrainConfig, UsageError)
+                              PROTOCOLS, PROXIMAL, TrainConfig, UsageError, unused_fields)
 
 
 def _bool_or_none(s: str):
@@ -140,6 +140,8 @@ def _config_from_args(ns: argparse.Namespace) -> tuple[TrainConfig, str | None]:
     state = ck.load_latest(resume)
     saved = dict(state["config"])
     saved["out"] = None  # the checkpoint's own run directory, unless --out is given
+    for k in unused_fields(given.get("algo", saved.get("algo"))):
+        saved.pop(k, None)  # values a baseline never used (runs saved before resolve refused them)
     return TrainConfig.from_dict({**saved, **given}), state["path"]
 
 

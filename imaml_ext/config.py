@@ -163,6 +163,9 @@ IDENTITY_FIELDS = ("dataset", "ways", "shots", "queries", "algo", "loss", "lam",
                    "inner_lr", "cg_steps", "cg_damping", "cg_lam", "hf_cg_steps", "hvp",
                    "proximal", "adapt", "meta_batch", "meta_lr", "meta_opt", "protocol",
                    "val_classes", "downsample", "seed", "dtype")
+# Fields of the implicit meta-gradient (and of iMAML-HF's inner Newton-CG): a baseline refuses
+# values other than their defaults (resolve) and ignores them in a checkpoint it resumes.
+IMPLICIT_FIELDS = ("hvp", "cg_steps", "cg_damping", "cg_lam", "hf_cg_steps")
 # Identity fields added after checkpoints were first written: the value an older checkpoint,
 # which lacks the field, was trained with.
 IDENTITY_DEFAULTS = {"adapt": "all"}
@@ -182,6 +185,10 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
     if cfg.algo not in ALGORITHM_NAMES:
         raise UsageError(f"unknown algorithm {cfg.algo!r}; expected one of {ALGORITHM_NAMES}")
     _positive("ways", cfg.ways)
+    if cfg.ways < 2:
+        raise UsageError(f"--ways must be >= 2: a {cfg.ways}-way task has one class, whose "
+                         f"cross-entropy is 0 and accuracy 100% whatever the model; got "
+                         f"{cfg.ways}")
     _positive("shots", cfg.shots)
     d = paper_defaults(ds, cfg.ways)
     if cfg.algo == "imaml-hf":
@@ -208,6 +215,21 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
                          f"proximal term: it is for --algo imaml-gd (imaml-hf's Newton-CG "
                          f"minimises G itself; the baselines' inner loops have no proximal "
                          f"term), got --algo {out.algo}")
+    if out.algo not in HEAD_ALGORITHMS:
+        # options of the implicit meta-gradient (and of iMAML-HF's inner solver), which the
+        # baselines would silently ignore; their defaults pass (a resumed run's saved config
+        # holds them filled in)
+        ignored = [f"--{n.replace('_', '-')} {getattr(out, n)}" for n, default in
+                   (("hvp", "exact"), ("cg_steps", d["cg_steps"]), ("cg_damping", 0.0),
+                    ("cg_lam", None), ("hf_cg_steps", 5)) if getattr(out, n) != default]
+        if ignored:
+            raise UsageError(f"{', '.join(ignored)}: "
+                             f"{'these options set' if len(ignored) > 1 else 'this option sets'} "
+                             f"the implicit meta-gradient of imaml-gd / imaml-hf, which --algo "
+                             f"{out.algo} does not compute")
+    elif out.algo != "imaml-hf" and out.hf_cg_steps != 5:
+        raise UsageError(f"--hf-cg-steps sets iMAML-HF's Newton-CG inner solver; --algo "
+                         f"{out.algo} runs gradient descent, got --hf-cg-steps {out.hf_cg_steps}")
     if out.adapt == "head" and out.algo not in HEAD_ALGORITHMS:
         raise UsageError(f"--adapt head is implemented for {' and '.join(HEAD_ALGORITHMS)}, not "
                          f"{out.algo}")
@@ -233,10 +255,22 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
     return out
 
 
+def unused_fields(algo: str) -> tuple[str, ...]:
+    """The identity fields that `algo` does not use: the implicit meta-gradient's for the
+    baselines, the Newton-CG solver's for imaml-gd."""
+    if algo in HEAD_ALGORITHMS:
+        return () if algo == "imaml-hf" else ("hf_cg_steps",)
+    return IMPLICIT_FIELDS
+
+
 def identity_mismatch(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """Human-readable ``field: checkpoint X, requested Y`` for every differing identity field."""
+    """Human-readable ``field: checkpoint X, requested Y`` for every differing identity field
+    (fields the algorithm does not use excepted)."""
     diffs = []
+    skip = unused_fields(current.get("algo", saved.get("algo")))
     for k in IDENTITY_FIELDS:
+        if k in skip:
+            continue
         a = saved.get(k, IDENTITY_DEFAULTS.get(k, "<absent>"))
         b = current.get(k, IDENTITY_DEFAULTS.get(k, "<absent>"))
         if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
@@ -252,5 +286,6 @@ def field_names() -> list[str]:
     return [f.name for f in dataclasses.fields(TrainConfig)]
 
 
-__all__ = ["ALGORITHM_NAMES", "DATASET_NAMES", "IDENTITY_FIELDS", "TrainConfig", "UsageError",
-           "canonical_dataset", "field_names", "identity_mismatch", "paper_defaults", "resolve"]
+__all__ = ["ALGORITHM_NAMES", "DATASET_NAMES", "IDENTITY_FIELDS", "IMPLICIT_FIELDS", "TrainConfig",
+           "UsageError", "canonical_dataset", "field_names", "identity_mismatch", "paper_defaults",
+           "resolve", "unused_fields"]

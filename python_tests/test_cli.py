@@ -13,6 +13,7 @@ import torch
 from data_fixtures import make_omniglot_zips
 from imaml_ext import cli
 from imaml_ext import train as tr
+from imaml_ext.config import identity_mismatch, resolve
 from imaml_ext.evaluate import confidence_interval
 
 from test_train import QueryGradient, make_trainer, one_thread  # noqa: F401  (fixture reused)
@@ -106,6 +107,46 @@ def test_device_that_is_not_there_is_a_clean_error(capsys, tmp_path):
     assert not (tmp_path / "r").exists()
 
 
+def test_implicit_gradient_options_with_a_baseline_are_refused(capsys, tmp_path):
+    """--hvp / --cg-* / --hf-cg-steps would be ignored by an algorithm that does not compute
+    them: one line naming them; their defaults (a resumed baseline's saved config) pass."""
+    for algo, opts, named in (("maml", ["--hvp", "ggn"], "--hvp ggn: this option sets"),
+                              ("reptile", ["--cg-steps", "3", "--cg-lam", "12"],
+                               "--cg-steps 3, --cg-lam 12.0: these options set"),
+                              ("fomaml", ["--cg-damping", "1"], "--cg-damping 1.0"),
+                              ("imaml-gd", ["--hf-cg-steps", "3"], "--hf-cg-steps sets")):
+        code, _, err = run_cli(capsys, "train", "--algo", algo, *opts, "--out", str(tmp_path))
+        assert_clean_error(code, err, named, algo)
+    for algo in ("maml", "fomaml", "reptile"):
+        cfg, _ = cli._config_from_args(cli.build_parser().parse_args(
+            ["train", "--algo", algo, "--cg-steps", "5", "--hvp", "exact"]))
+        assert resolve(cfg).cg_steps == 5
+
+
+def test_a_baseline_saved_with_unused_implicit_options_still_resumes(tmp_path):
+    """A baseline's checkpoint written before those options were refused may hold them (they
+    had no effect on its run): resuming drops them and the identity check skips them; for
+    iMAML they stay identity fields."""
+    from imaml_ext import checkpoint as ck
+    t = make_trainer(tmp_path, steps=2, ckpt_every=2)
+    t.run()
+    run = tmp_path / "run"
+    state = ck.load_latest(run)
+    state.pop("path")
+    state["config"].update(hvp="ggn", cg_steps=1, cg_lam=12.0, hf_cg_steps=3)
+    ck.save_checkpoint(run, state)
+    cfg, _ = cli._config_from_args(cli.build_parser().parse_args(["train", "--resume",
+                                                                  str(run)]))
+    cfg = resolve(cfg)
+    assert (cfg.algo, cfg.hvp, cfg.cg_steps, cfg.cg_lam) == ("fomaml", "exact", 5, None)
+    ck.check_compatible(ck.load_latest(run), cfg.to_dict())
+    saved = dict(state["config"], algo="imaml-gd")
+    assert "cg_steps: checkpoint 1, requested 5" in " ".join(
+        identity_mismatch(saved, dict(cfg.to_dict(), algo="imaml-gd")))
+    assert not [d for d in identity_mismatch(saved, dict(cfg.to_dict(), algo="imaml-gd",
+                                                         hvp="ggn", cg_steps=1, cg_lam=12.0))]
+
+
 def test_cudnn_benchmark_flag(capsys, tmp_path):
     code, _, err = run_cli(capsys, "train", "--cudnn-benchmark", "--out", str(tmp_path / "r"))
     assert_clean_error(code, err, "--cudnn-benchmark", "--device cpu")
@@ -130,10 +171,11 @@ def test_compile_hvp_flag_reaches_the_algorithm():
     ("fomaml", "inner 1 x lr 0.1;", "CG"),
 ])
 def test_train_banner_names_the_inner_solver(capsys, omniglot_root, tmp_path, algo, want, absent):
-    extra = ["--hvp", "ggn", "--hf-cg-steps", "2"] if algo == "imaml-hf" else []
+    extra = ["--hvp", "ggn", "--hf-cg-steps", "2", "--cg-steps", "1"] if algo == "imaml-hf" \
+        else []
     code, _, err = run_cli(capsys, "train", "--data-root", str(omniglot_root), "--algo", algo,
                            "--ways", "2", "--queries", "1", "--val-classes", "2", "--steps", "1",
-                           "--meta-batch", "1", "--inner-steps", "1", "--cg-steps", "1",
+                           "--meta-batch", "1", "--inner-steps", "1",
                            "--val-every", "0", "--ckpt-every", "0", *extra,
                            "--out", str(tmp_path / "r"))
     banner = err.splitlines()[0].split("; run dir")[0]
