@@ -243,8 +243,24 @@ def _stack(field, what: str) -> torch.Tensor:
     raise ValueError(f"{what} must be a tensor (M, N, ...) or a list of per-task tensors")
 
 
-def check_tasks(tasks, params: Mapping[str, torch.Tensor], loss) -> TaskBatch:
-    """Validates a TaskBatch (or 4 per-task lists) against params; returns a stacked TaskBatch."""
+def _first_last(model: nn.Module | None):
+    """The model's first Conv2d, and its last leaf module if that is a Linear (the output
+    layer whose out_features the labels index); None where there is none."""
+    if model is None:
+        return None, None
+    mods = list(model.modules())
+    conv = next((m for m in mods if isinstance(m, nn.Conv2d)), None)
+    leaves = [m for m in mods if not any(True for _ in m.children())]
+    head = leaves[-1] if leaves and isinstance(leaves[-1], nn.Linear) else None
+    return conv, head
+
+
+def check_tasks(tasks, params: Mapping[str, torch.Tensor], loss,
+                model: nn.Module | None = None) -> TaskBatch:
+    """Validates a TaskBatch (or 4 per-task lists) against params (and, given the model, the
+    images' channels against its first convolution and, on the CPU where reading them costs no
+    device synchronisation, cross-entropy labels against its head's outputs); returns a stacked
+    TaskBatch."""
     if not isinstance(tasks, (TaskBatch, tuple, list)) or len(tasks) != 4:
         raise ValueError("tasks must be a TaskBatch(x_support, y_support, x_query, y_query)")
     names = ("x_support", "y_support", "x_query", "y_query")
@@ -270,6 +286,16 @@ def check_tasks(tasks, params: Mapping[str, torch.Tensor], loss) -> TaskBatch:
                              f"{y.dtype}")
         if loss in ("mse", "half_mse") and not y.is_floating_point():
             raise ValueError(f"tasks.{yn} must be float targets for {loss}, got {y.dtype}")
+        conv, head = _first_last(model)
+        if conv is not None and x.dim() == 5 and x.shape[2] != conv.in_channels:
+            raise ValueError(f"tasks.{xn} has {x.shape[2]} channels per image (shape "
+                             f"{tuple(x.shape)}), the model's first convolution takes "
+                             f"{conv.in_channels}")
+        if (head is not None and loss == "cross_entropy" and y.device.type == "cpu"
+                and y.numel() and not bool(((y >= 0) & (y < head.out_features)).all())):
+            raise ValueError(f"tasks.{yn} holds labels in [{int(y.min())}, {int(y.max())}]; the "
+                             f"model's head has {head.out_features} outputs, so labels must be "
+                             f"in [0, {head.out_features - 1}]")
     return t
 
 
@@ -351,7 +377,7 @@ class MetaAlgorithm:
         """Test-time adaptation of every task: dict of (M, ...) adapted params (no graph)."""
         params = check_params(model, params)
         t = check_tasks(TaskBatch(x_support, y_support, x_support, y_support), params,
-                        self.config.loss)
+                        self.config.loss, model)
         if self.config.adapt == "head":
             return head_adapt(self.head_model(model), params, t.x_support, t.y_support,
                               self._head_inner)
@@ -364,7 +390,7 @@ class MetaAlgorithm:
         """Adapts on the support sets, then (query loss (M,), query accuracy (M,) or None for
         regression losses)."""
         params = check_params(model, params)
-        t = check_tasks(tasks, params, self.config.loss)
+        t = check_tasks(tasks, params, self.config.loss, model)
         if self.config.adapt == "head":
             return head_evaluate(self.head_model(model), params, t, self._head_inner)
         tl = self.task_loss(model)
@@ -377,7 +403,7 @@ class MetaAlgorithm:
     def meta_gradient(self, model: nn.Module, params: Mapping[str, torch.Tensor], tasks):
         """(grads dict like params, metrics dict of tensors); see the module docstring."""
         params = check_params(model, params)
-        t = check_tasks(tasks, params, self.config.loss)
+        t = check_tasks(tasks, params, self.config.loss, model)
         spec = ParamSpec.of(params, batched=False)
         if self.config.adapt == "head":
             c = self.config

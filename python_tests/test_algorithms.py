@@ -379,3 +379,18 @@ def test_argument_errors():
                                                     *tasks[2:]))
     with pytest.raises(ValueError, match="tasks.x_support is torch.float32"):
         algo.meta_gradient(model, params, TaskBatch(tasks.x_support.float(), *tasks[1:]))
+    rgb = tasks.x_support.expand(-1, -1, 3, -1, -1)
+    for call in (lambda t: algo.meta_gradient(model, params, t),
+                 lambda t: algo.evaluate(model, params, t),
+                 lambda t: algo.adapt(model, params, t.x_support, t.y_support)):
+        with pytest.raises(ValueError, match=r"tasks.x_support has 3 channels per image .* the "
+                                             r"model's first convolution takes 1"):
+            call(TaskBatch(rgb, *tasks[1:]))
+        with pytest.raises(ValueError, match=r"tasks.y_support holds labels in \[1, 3\]; the "
+                                             r"model's head has 3 outputs, so labels must be in "
+                                             r"\[0, 2\]"):
+            call(TaskBatch(tasks.x_support, torch.ones_like(tasks.y_support).index_fill(
+                1, torch.tensor([0]), 3), *tasks[2:]))
+    with pytest.raises(ValueError, match=r"tasks.y_query holds labels in \[-1, 2\]"):
+        algo.meta_gradient(model, params, TaskBatch(*tasks[:3], torch.full_like(
+            tasks.y_query, 2).index_fill(1, torch.tensor([0]), -1)))
