@@ -354,7 +354,39 @@ class _RootFn(torch.autograd.Function):
             ga, res = _adjoint_grads(cfg, need, z, a, v)
         if cfg["diagnostics"] is not None:
             cfg["diagnostics"]["cg"] = res
+        _report_breakdown(res, ga, cfg["check"], cfg["solver"])
         return (None,) + (None,) * n + tuple(ga)
+
+
+def _report_breakdown(res: CGResult, grads, check: bool | None, solver: str) -> None:
+    """A RuntimeWarning when the backward's solve broke down in some system (negative
+    curvature, non-finite values) or the gradient it gives is not finite, so that a zero or NaN
+    gradient does not pass unremarked.
+    check None: where it costs nothing, i.e. on the CPU (on a GPU the read would synchronise
+    with the host every backward: check=True asks for it, diagnostics gives the statuses)."""
+    st = res.status
+    if check is False or (check is None and st.device.type != "cpu"):
+        return
+    neg = int((st == reference.NEGATIVE_CURVATURE).sum())
+    bad = int((st == reference.NONFINITE).sum())
+    total = st.numel()
+    if neg:
+        fix = ("solver='normal_cg' takes any invertible dF/dz" if solver == "cg" else
+               "J J^T lost definiteness to rounding: dF/dz is singular or nearly so there")
+        warnings.warn(f"implicit_root: the backward's CG met negative curvature in {neg} of "
+                      f"{total} system(s): dF/dz is not positive definite there ({fix}); their "
+                      f"gradients come from the iterate before it (zero when it was the first)",
+                      RuntimeWarning, stacklevel=3)
+    if bad:
+        warnings.warn(f"implicit_root: non-finite values in the backward's CG in {bad} of "
+                      f"{total} system(s) (NaN or Inf in the solution, the cotangent or "
+                      f"optimality_fn's derivatives): their gradients are not finite",
+                      RuntimeWarning, stacklevel=3)
+    elif not bool(torch.stack([torch.isfinite(g).all() for g in grads if g is not None]
+                              or [torch.tensor(True)]).all()):
+        warnings.warn("implicit_root: the gradient for args is not finite, though the backward's "
+                      "CG was (NaN or Inf in the solution or in optimality_fn's derivative in "
+                      "args)", RuntimeWarning, stacklevel=3)
 
 
 def _adjoint_grads(cfg, need, z_leaves, a_leaves, v):
@@ -515,7 +547,8 @@ def _solve_adjoint(cfg, F_leaves, z, v):
 def implicit_root(optimality_fn: Callable, solution, *args, solver: str = "cg",
                   max_iter: int | None = None, rtol: float = 1e-8, atol: float = 0.0,
                   batched: bool = False, use_ext: bool | None = None,
-                  diagnostics: dict | None = None, cuda_graph: bool = False):
+                  diagnostics: dict | None = None, cuda_graph: bool = False,
+                  check: bool | None = None):
     """Attaches a root z* of optimality_fn(z, *args) = 0 to autograd, as a function of args.
 
     The forward returns `solution` unchanged (a tensor or a pytree of tensors, computed any way,
@@ -534,6 +567,11 @@ def implicit_root(optimality_fn: Callable, solution, *args, solver: str = "cg",
             give max_iter: the solve runs exactly that many iterations without host reads).
         batched: the leading dimension of z's leaves indexes independent problems.
         diagnostics: a dict that receives "cg" (the backward solve's CGResult).
+        check: warn (RuntimeWarning) when the backward's CG breaks down in some system:
+            negative curvature (its gradient is then from the iterate before it, zero if none)
+            or non-finite values. None (default): on the CPU only, where reading the statuses
+            is free; True: on a GPU too (one host read per backward); False: never (read
+            diagnostics instead).
         cuda_graph: on a GPU, run each backward pass (optimality_fn's forward at z*, the
             adjoint CG solve, the gradient for args) as one CUDA graph: captured the first time
             for given shapes and constants and replayed after, so the backward makes one
@@ -554,6 +592,8 @@ def implicit_root(optimality_fn: Callable, solution, *args, solver: str = "cg",
         raise ValueError(f"solver must be 'cg' or 'normal_cg', got {solver!r}")
     if not isinstance(cuda_graph, bool):
         raise ValueError(f"cuda_graph must be True or False, got {cuda_graph!r}")
+    if check is not None and not isinstance(check, bool):
+        raise ValueError(f"check must be None, True or False, got {check!r}")
     if cuda_graph and max_iter is None:
         raise ValueError("cuda_graph=True records a fixed number of CG iterations: give max_iter "
                          "(an int >= 1), got None")
@@ -567,7 +607,7 @@ def implicit_root(optimality_fn: Callable, solution, *args, solver: str = "cg",
            "arg_leaves": arg_leaves, "arg_spec": arg_spec, "tensor_idx": tensor_idx,
            "solver": solver, "max_iter": max_iter, "rtol": rtol, "atol": atol,
            "batched": batched, "use_ext": use_ext, "diagnostics": diagnostics,
-           "cuda_graph": cuda_graph}
+           "cuda_graph": cuda_graph, "check": check}
     out = _RootFn.apply(cfg, *[t.detach() for t in sol_leaves],
                         *[arg_leaves[i] for i in tensor_idx])
     return pytree.tree_unflatten(list(out), sol_spec)

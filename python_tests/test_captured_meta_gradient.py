@@ -252,7 +252,8 @@ def test_algorithm_step_runs_eagerly_after_a_failed_capture(monkeypatch):
 # code makes on the CPU, each behind a device test: (file, function) of the read.
 CPU_ONLY_READS = {("hvp.py", "_bn_relu_pool"),  # skips a sign flip when BN scales are >= 0
                   ("linalg.py", "_cg_callable"),  # stops the loop when every system stopped
-                  ("inner.py", "hessian_free")}  # stops Newton-CG when every task converged
+                  ("inner.py", "hessian_free"),  # stops Newton-CG when every task converged
+                  ("implicit.py", "_report_breakdown")}  # implicit_root's warning (check=None)
 
 
 class HostReads(TorchDispatchMode):

@@ -212,6 +212,69 @@ def test_pytree_solution_and_nontensor_args():
     torch.testing.assert_close(ga, want, rtol=1e-8, atol=1e-10)
 
 
+def test_implicit_root_reports_a_broken_down_backward(recwarn):
+    """A backward CG that meets negative curvature (dF/dz not positive definite: here negative
+    definite, so CG stops at once and the gradient is zero) or NaN warns, naming the count and
+    the way out; a sound one, or check=False, stays silent."""
+    import warnings as _w
+    X, y, _, _ = ridge_problem(d=4)
+    n, d = X.shape
+    lam = torch.tensor(0.5, dtype=DT, requires_grad=True)
+    with torch.no_grad():
+        w_star = torch.linalg.solve(X.T @ X / n + 0.5 * torch.eye(d, dtype=DT), X.T @ y / n)
+
+    def good(w, lam):
+        return X.T @ (X @ w - y) / n + lam * w
+
+    def flipped(w, lam):  # the same root, dF/dz negative definite
+        return -good(w, lam)
+
+    def grad_of(fn, sol, **kw):
+        return torch.autograd.grad(implicit_root(fn, sol, lam, **kw).sum(), lam)[0]
+
+    with _w.catch_warnings():
+        _w.simplefilter("error")
+        grad_of(good, w_star)
+        grad_of(flipped, w_star, check=False)
+        grad_of(good, w_star * float("nan"), check=False)
+    with pytest.warns(RuntimeWarning, match=r"negative curvature in 1 of 1 system\(s\).*"
+                                            r"solver='normal_cg'"):
+        g = grad_of(flipped, w_star)
+    assert float(g) == 0.0  # what the warning says: no iterate before the first step
+    with pytest.warns(RuntimeWarning, match=r"gradient for args is not finite, though"):
+        assert not torch.isfinite(grad_of(good, w_star * float("nan")))  # F linear in w
+    with pytest.warns(RuntimeWarning, match=r"non-finite values in the backward's CG in 1 of 1"):
+        assert not torch.isfinite(grad_of(lambda w, lam: good(w, lam) + w.pow(3) * 0.1,
+                                          w_star * float("nan")))
+    # normal_cg handles the flipped Jacobian: the right gradient, no warning
+    with _w.catch_warnings():
+        _w.simplefilter("error")
+        torch.testing.assert_close(grad_of(flipped, w_star, solver="normal_cg", rtol=1e-12),
+                                   grad_of(good, w_star, rtol=1e-12), rtol=1e-7, atol=1e-10)
+    with pytest.raises(ValueError, match="check must be"):
+        implicit_root(good, w_star, lam, check="yes")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_cuda_implicit_root_checks_only_when_asked():
+    """On a GPU the statuses are read (a host synchronisation) only with check=True."""
+    import warnings as _w
+    X, y, _, _ = ridge_problem(d=4)
+    X, y = X.cuda(), y.cuda()
+    lam = torch.tensor(0.5, dtype=DT, device="cuda", requires_grad=True)
+    w_star = torch.zeros(4, dtype=DT, device="cuda")
+
+    def flipped(w, lam):
+        return -(X.T @ (X @ w - y) + lam * w)
+
+    with _w.catch_warnings():
+        _w.simplefilter("error")
+        torch.autograd.grad(implicit_root(flipped, w_star, lam, max_iter=5).sum(), lam)
+    with pytest.warns(RuntimeWarning, match="negative curvature"):
+        torch.autograd.grad(implicit_root(flipped, w_star, lam, max_iter=5, check=True).sum(),
+                            lam)
+
+
 def test_implicit_root_bad_arguments():
     with pytest.raises(ValueError, match="solver"):
         implicit_root(lambda z: z, torch.zeros(2), solver="lu")
