@@ -29,7 +29,7 @@ from torch.utils import _pytree as pytree
 
 from imaml_ext import reference
 from imaml_ext.hvp import HVP_KINDS, BatchedHVP, ParamSpec, Params, TaskLoss, make_hvp
-from imaml_ext.linalg import CGResult, LstsqOperator, _capture_graph, cg
+from imaml_ext.linalg import CGResult, LstsqOperator, _capture_graph, breakdown_counts, cg
 
 
 # ---- iMAML's meta-gradient -------------------------------------------------------------------
@@ -364,12 +364,10 @@ def _report_breakdown(res: CGResult, grads, check: bool | None, solver: str) -> 
     gradient does not pass unremarked.
     check None: where it costs nothing, i.e. on the CPU (on a GPU the read would synchronise
     with the host every backward: check=True asks for it, diagnostics gives the statuses)."""
-    st = res.status
-    if check is False or (check is None and st.device.type != "cpu"):
+    counts = breakdown_counts(res, check)
+    if counts is None:
         return
-    neg = int((st == reference.NEGATIVE_CURVATURE).sum())
-    bad = int((st == reference.NONFINITE).sum())
-    total = st.numel()
+    neg, bad, total = counts
     if neg:
         fix = ("solver='normal_cg' takes any invertible dF/dz" if solver == "cg" else
                "J J^T lost definiteness to rounding: dF/dz is singular or nearly so there")

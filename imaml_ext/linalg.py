@@ -418,15 +418,44 @@ def _capture_graph(run: Callable, device: torch.device, warmup: int):
     return graph.replay, out
 
 
+def breakdown_counts(res: CGResult, check: bool | None) -> tuple[int, int, int] | None:
+    """(systems that met negative curvature, systems with non-finite values, all systems) of a
+    solve, for a caller that warns about them; None when `check` says not to look: False, or
+    None on a device other than the CPU (the read would synchronise with the host)."""
+    st = res.status
+    if check is False or (check is None and st.device.type != "cpu"):
+        return None
+    if check is not None and not isinstance(check, bool):
+        _fail(f"check must be None, True or False, got {check!r}")
+    return (int((st == reference.NEGATIVE_CURVATURE).sum()),
+            int((st == reference.NONFINITE).sum()), st.numel())
+
+
 def solve_cg(**kwargs) -> Callable:
     """torchopt-style factory: `solve_cg(max_iter=...)(matvec, b)` returns x.
 
-    A one-line switch from `torchopt.linear_solve.solve_cg(maxiter=...)`.
+    A one-line switch from `torchopt.linear_solve.solve_cg(maxiter=...)`. It returns x alone,
+    so a system that met negative curvature (matvec not positive definite: x is the iterate
+    before it) or NaN/Inf warns (RuntimeWarning); check=None (default) looks on the CPU only,
+    where it is free, check=True on a GPU too (one host read per solve), check=False never.
     """
     if "maxiter" in kwargs:
         kwargs["max_iter"] = kwargs.pop("maxiter")
+    check = kwargs.pop("check", None)
+    if check is not None and not isinstance(check, bool):
+        _fail(f"check must be None, True or False, got {check!r}")
 
     def solve(matvec, b, x0=None):
-        return cg(matvec, b, x0, **kwargs).x
+        res = cg(matvec, b, x0, **kwargs)
+        counts = breakdown_counts(res, check)
+        if counts is not None and (counts[0] or counts[1]):
+            neg, bad, total = counts
+            what = "; ".join(m for m in (
+                f"negative curvature in {neg} (matvec is not positive definite there; x is the "
+                f"iterate before it)" if neg else "",
+                f"non-finite values in {bad}" if bad else "") if m)
+            warnings.warn(f"solve_cg: of {total} system(s), {what}", RuntimeWarning,
+                          stacklevel=2)
+        return res.x
 
     return solve

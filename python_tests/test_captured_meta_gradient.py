@@ -253,7 +253,8 @@ def test_algorithm_step_runs_eagerly_after_a_failed_capture(monkeypatch):
 CPU_ONLY_READS = {("hvp.py", "_bn_relu_pool"),  # skips a sign flip when BN scales are >= 0
                   ("linalg.py", "_cg_callable"),  # stops the loop when every system stopped
                   ("inner.py", "hessian_free"),  # stops Newton-CG when every task converged
-                  ("implicit.py", "_report_breakdown")}  # implicit_root's warning (check=None)
+                  ("implicit.py", "_report_breakdown"),  # implicit_root's warning (check=None)
+                  ("linalg.py", "breakdown_counts")}  # the same, its statuses
 
 
 class HostReads(TorchDispatchMode):

@@ -120,6 +120,26 @@ def test_torchopt_style_drop_in():
     torch.testing.assert_close(x, torch.linalg.solve(A, b))
 
 
+def test_torchopt_style_drop_in_warns_on_a_breakdown(recwarn):
+    """It returns x alone, so negative curvature and NaN (which cg() reports in its status) warn;
+    check=False keeps it quiet, a sound solve warns nothing."""
+    import warnings as _w
+    A = random_spd(1, 6)[0]
+    b = torch.randn(6, dtype=torch.float64)
+    with _w.catch_warnings():
+        _w.simplefilter("error")
+        solve_cg(maxiter=50)(lambda v: A @ v, b)
+        solve_cg(maxiter=50, check=False)(lambda v: -(A @ v), b)
+    with pytest.warns(RuntimeWarning, match=r"solve_cg: of 1 system\(s\), negative curvature "
+                                            r"in 1 \(matvec is not positive definite"):
+        x = solve_cg(maxiter=50)(lambda v: -(A @ v), b)
+    assert torch.equal(x, torch.zeros_like(b))  # stopped before its first step
+    with pytest.warns(RuntimeWarning, match=r"non-finite values in 1"):
+        solve_cg(maxiter=50)(lambda v: A @ v * float("nan"), b)
+    with pytest.raises(ValueError, match="check must be"):
+        solve_cg(check=1)
+
+
 def test_scipy_drop_in():
     scipy = pytest.importorskip("scipy.sparse.linalg")
     A = random_spd(1, 10)[0]
