@@ -6,8 +6,10 @@ succeeds at once (no build, no CUDA). Then: the shell control flow finished with
 recorded "ok" and the results packed; each benchmark script accepts the exact flags the suite
 gives it (its own argparse, stopped after parsing); the training preset's `imaml train` / `eval`
 command lines are valid configurations (every recipe and CUDA-graph variant of
-gpu_train_preset.sh); and the CUDA-test selection (-k) collects the tests each opt-in gate reads,
-so a renamed test cannot switch a path's benchmark rows off unseen.
+gpu_train_preset.sh); the CUDA-test selection (-k) collects the tests each opt-in gate reads,
+so a renamed test cannot switch a path's benchmark rows off unseen; and the gates themselves
+(the suite's Python snippets on stdin, which the shim runs for real) turn each path on or off
+from a junit file as its CUDA tests passed or failed.
 """
 from __future__ import annotations
 
@@ -33,21 +35,32 @@ class _Parsed(Exception):
     pass
 
 
-def _dry_run(tmp_path, script: Path, *args: str, env: dict | None = None):
-    """(completed process, [argv of each Python invocation]) of `script` run with the shim."""
+RECORD = ("import json, os, sys; open(os.environ['SHIM_LOG'], 'a').write(json.dumps({'argv': "
+          "sys.argv[1:], 'env': {k: v for k, v in os.environ.items() if k.startswith(("
+          "'IMAML_BENCH_', 'IMAML_CUDA_'))}}) + chr(10))")
+
+
+def _dry_run(tmp_path, script: Path, *args: str, env: dict | None = None, entries=None):
+    """(completed process, [argv of each Python invocation]) of `script` run with the shim; the
+    suite's own Python snippets on stdin (its gates: `"$PY" - ...`) run for real. `entries`, a
+    list, receives each invocation's argv and IMAML_BENCH_* / IMAML_CUDA_* environment."""
     log = tmp_path / "invocations.jsonl"
     shim = tmp_path / "shim"
-    shim.write_text("#!/bin/sh\nexec " + shlex.quote(sys.executable) + " -c 'import json, os, "
-                    "sys; open(os.environ[\"SHIM_LOG\"], \"a\").write(json.dumps(sys.argv[1:]) "
-                    "+ \"\\n\")' \"$@\"\n")
+    py = shlex.quote(sys.executable)
+    shim.write_text(f'#!/bin/sh\nif [ "$1" = "-" ]; then exec {py} "$@"; fi\n'
+                    f'exec {py} -c {shlex.quote(RECORD)} "$@"\n')
     shim.chmod(0o755)
     full_env = {**os.environ, "PY": str(shim), "SHIM_LOG": str(log), "OUT": str(tmp_path / "out"),
                 **(env or {})}
-    full_env.pop("IMAML_DATA", None)
+    for k in [k for k in full_env if k == "IMAML_DATA" or k.startswith(("IMAML_BENCH_",
+                                                                        "IMAML_CUDA_"))]:
+        full_env.pop(k)
     proc = subprocess.run(["bash", str(script), *args], cwd=ROOT, env=full_env,
                           capture_output=True, text=True, timeout=120)
-    calls = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
-    return proc, calls
+    logged = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+    if entries is not None:
+        entries.extend(logged)
+    return proc, [e["argv"] for e in logged]
 
 
 def _parses(script: str, argv: list[str], monkeypatch) -> None:
@@ -117,6 +130,41 @@ def test_suite_dry_run_quick_alone(tmp_path, monkeypatch):
         _parses(c[0], c[1:], monkeypatch)
     bad = subprocess.run(["bash", str(SUITE), "fast"], cwd=ROOT, capture_output=True, text=True)
     assert bad.returncode == 2 and "usage" in bad.stderr
+
+
+def _junit(path: Path, cases) -> None:
+    body = "".join(f'<testcase classname="python_tests.{mod}" name="{name}">{inner}</testcase>'
+                   for mod, name, inner in cases)
+    path.write_text(f'<testsuites><testsuite name="pytest">{body}</testsuite></testsuites>')
+
+
+@pytest.mark.parametrize("pooled_ok", [True, False])
+def test_suite_gates_follow_the_cuda_tests(tmp_path, pooled_ok):
+    """The gates read the CUDA tests' junit file for real: a path whose tests passed has its
+    benchmark rows on (IMAML_BENCH_*=1 in the benchmarks' environment), one whose tests failed
+    or did not run has them off, and the pooled block's kernels are switched on
+    (IMAML_CUDA_POOLED_BN=fused) only when their CUDA tests passed."""
+    out = tmp_path / "out"
+    out.mkdir()
+    fail = '<failure message="x"/>'
+    _junit(out / "tests_cuda.xml", [
+        ("test_cg_solve", "test_cuda_lstsq_product_kernels[f32-tiles]", ""),
+        ("test_cg_solve", "test_cuda_step_epilogue[f32]", fail),
+        ("test_cg_solve", "test_cuda_step_epilogue_tiles[f32]", '<skipped message="no"/>'),
+        ("test_pooled_bn", "test_backward_matches_twin[cuda-f64]", "" if pooled_ok else fail),
+        ("test_pooled_bn", "test_forward_matches_twin[cuda-f32]", "")])
+    entries = []
+    proc, _ = _dry_run(tmp_path, SUITE, "quick", "full", entries=entries)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    bench = [e for e in entries if e["argv"][:1] == ["benchmarks/bench_kernels.py"]]
+    assert len(bench) == 1
+    env = bench[0]["env"]
+    assert (env["IMAML_BENCH_TILES"], env["IMAML_BENCH_STEP_EPILOGUE"],
+            env["IMAML_BENCH_STEP_EPILOGUE_TILES"]) == ("1", "0", "0")
+    assert env["IMAML_BENCH_POOLED_BN"] == ("1" if pooled_ok else "0")
+    assert env.get("IMAML_CUDA_POOLED_BN") == ("fused" if pooled_ok else None)
+    status = (out / "suite_status_quick_full.txt").read_text()
+    assert ("pooled batch-norm derivative kernels: CUDA tests passed" in status) == pooled_ok
 
 
 @pytest.mark.parametrize("recipe,graph", [("authors", "0"), ("paper", "0"), ("authors", "1"),
