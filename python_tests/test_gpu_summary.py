@@ -95,3 +95,22 @@ def test_target_verdicts_met_and_the_kernel_decision(tmp_path):
     assert len(decide) == 3 and sum("make them the CUDA default" in line for line in decide) == 2
     assert [line for line in decide if "cuDNN" in line][0].startswith(
         "DECIDE cuDNN autotuning (5w1s): gradient 2.00x, product 2.00x faster")
+
+
+def test_sync_target_reads_every_sync_debug_test():
+    """The zero-host-sync verdict counts the tests that run under
+    torch.cuda.set_sync_debug_mode("error"): each such test's name must hold one of
+    gpu_summary.SYNC_TESTS, so a new or renamed one is not left out of the verdict."""
+    import ast
+    words = load_benchmark("gpu_summary").SYNC_TESTS
+    found = []
+    for path in sorted((ROOT / "python_tests").glob("test_*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.FunctionDef) and node.name.startswith("test_") and any(
+                    isinstance(c, ast.Call) and getattr(c.func, "attr", "") ==
+                    "set_sync_debug_mode" and c.args and getattr(c.args[0], "value", 0) == "error"
+                    for c in ast.walk(node)):
+                found.append(node.name)
+    assert len(found) >= 5, found
+    missed = [n for n in found if not any(w in n for w in words)]
+    assert not missed, missed
