@@ -919,6 +919,11 @@ class BatchedHVP:
         self.task_loss = task_loss
         self.params = {k: v.detach() for k, v in params_b.items()}
         self.spec = ParamSpec.of(self.params)
+        self.M = next(iter(self.params.values())).shape[0]
+        if x_b.dim() < 1 or y_b.dim() < 1 or x_b.shape[0] != self.M or y_b.shape[0] != self.M:
+            raise ValueError(f"make_hvp: x_b and y_b must hold the params' M={self.M} tasks along "
+                             f"their first dimension, got x_b {tuple(x_b.shape)} and y_b "
+                             f"{tuple(y_b.shape)}")
         self.x, self.y = x_b, y_b
         if kind == "exact":
             wrapped = any(torch._C._functorch.is_functorch_wrapped_tensor(t)
@@ -934,6 +939,17 @@ class BatchedHVP:
             for s in slices]
 
     def __call__(self, v: Mapping[str, torch.Tensor]) -> Params:
+        if not isinstance(v, Mapping):
+            raise ValueError(f"H(v): v must be a dict like the params, got {type(v).__name__} "
+                             f"(H.flat takes an (M, P) tensor)")
+        missing = [k for k in self.spec.names if k not in v]
+        if missing:
+            raise ValueError(f"H(v): v lacks {missing[:5]} (it needs every parameter's key)")
+        for k in self.spec.names:
+            if not isinstance(v[k], torch.Tensor) or v[k].shape != self.params[k].shape:
+                got = tuple(v[k].shape) if isinstance(v[k], torch.Tensor) else type(v[k]).__name__
+                raise ValueError(f"H(v): v[{k!r}] must have the parameter's shape "
+                                 f"{tuple(self.params[k].shape)}, got {got}")
         v = {k: v[k] for k in self.spec.names}
         if self._parts is not None:
             outs = [H(_slice(v, s)) for s, H in self._parts]
@@ -949,6 +965,9 @@ class BatchedHVP:
         go in as contiguous copies made by one op (ParamSpec.unflatten_copy): as views of v
         (strided by P) the product's graph cloned each one it reshapes, ~12 ops per product
         (each a launch on a GPU)."""
+        if v.dim() != 2 or tuple(v.shape) != (self.M, self.spec.numel):
+            raise ValueError(f"H.flat(v): v must be (M, P) = ({self.M}, {self.spec.numel}), got "
+                             f"{tuple(v.shape)}")
         if self._parts is not None:
             return torch.cat([H.flat(v[s]) for s, H in self._parts])
         # (forward-mode AD wants tangents laid out like the primals, which may be such views)

@@ -378,6 +378,23 @@ def test_bad_arguments():
         TaskLoss(model, "hinge")
     with pytest.raises(ValueError, match="model must be an nn.Module"):
         TaskLoss(lambda x: x)
+    M = x.shape[0]
+    with pytest.raises(ValueError, match=rf"x_b and y_b must hold the params' M={M} tasks"):
+        make_hvp(TaskLoss(model), params_b, x[:1], y[:1])
+    for kind in ("double_backward", "ggn", "forward_over_reverse"):
+        H = make_hvp(TaskLoss(model, task_chunk=1), params_b, x, y, kind)  # chunked: parts
+        v = {k: torch.randn_like(t) for k, t in params_b.items()}
+        first = next(iter(v))
+        with pytest.raises(ValueError, match=rf"H\(v\): v lacks \['{first}'\]"):
+            H({k: t for k, t in v.items() if k != first})
+        with pytest.raises(ValueError, match=rf"v\['{first}'\] must have the parameter's shape"):
+            H(dict(v, **{first: v[first][:1]}))
+        with pytest.raises(ValueError, match="v must be a dict like the params"):
+            H(torch.zeros(M, H.spec.numel))
+        for bad in ((M + 1, H.spec.numel), (M, H.spec.numel - 1), (H.spec.numel,)):
+            with pytest.raises(ValueError, match=rf"H.flat\(v\): v must be \(M, P\) = "
+                                                 rf"\({M}, {H.spec.numel}\)"):
+                H.flat(torch.zeros(bad))
 
 
 # ---- task chunks (the CPU evaluates a chunk of tasks at a time) ------------------------------------
