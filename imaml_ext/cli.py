@@ -183,6 +183,8 @@ def _eval(ns: argparse.Namespace) -> int:
         raise UsageError(f"--tasks must be > 0, got {ns.tasks}")
     if ns.meta_batch is not None and ns.meta_batch <= 0:
         raise UsageError(f"--meta-batch must be > 0, got {ns.meta_batch}")
+    if ns.json:  # before the evaluation, which can take minutes, not after it
+        _check_writable(ns.json, "--json")
     res, info = evaluate_checkpoint(ns.checkpoint, tasks=ns.tasks, split=ns.split,
                                     meta_batch=ns.meta_batch, seed=ns.seed, device=ns.device,
                                     data_root=ns.data_root, num_workers=ns.num_workers)
@@ -190,8 +192,27 @@ def _eval(ns: argparse.Namespace) -> int:
     what = f"{c['algo']} {c['dataset']} {c['ways']}-way {c['shots']}-shot, step {info['step']}"
     print(f"{info['checkpoint']}: {res.summary(what)}")
     if ns.json:
-        write_json(ns.json, res, info)
+        try:
+            write_json(ns.json, res, info)
+        except OSError as exc:
+            raise UsageError(f"--json {ns.json}: could not write it ({exc}); the result is the "
+                             f"line above") from None
     return 0
+
+
+def _check_writable(path: str, option: str) -> None:
+    """UsageError naming `option` unless a file can be written at `path` (its folder is made)."""
+    import tempfile
+    out = Path(path)
+    if out.is_dir():
+        raise UsageError(f"{option} {path}: is a folder, give a file name")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out.parent, prefix=f".{out.name}.probe."):
+            pass
+    except OSError as exc:
+        raise UsageError(f"{option} {path}: cannot write there ({exc.strerror or exc})") \
+            from None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -125,8 +125,12 @@ def evaluate_checkpoint(checkpoint: str | Path, tasks: int = 600, split: str = "
 
 
 def write_json(path: str | Path, res: EvalResult, info: dict[str, Any]) -> None:
-    Path(path).write_text(json.dumps({"result": res.to_dict(), **info}, indent=2, default=str)
-                          + "\n")
+    """The result and its description as JSON at `path` (its folder made if missing), written
+    atomically: a crash leaves the old file or the new one, never half of it."""
+    from imaml_ext.checkpoint import atomic_write_bytes
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, (json.dumps({"result": res.to_dict(), **info}, indent=2,
+                                         default=str) + "\n").encode())
 
 
 __all__ = ["EvalResult", "confidence_interval", "evaluate_checkpoint", "evaluate_tasks",

@@ -228,6 +228,19 @@ def test_eval_prints_accuracy_and_interval(capsys, tmp_path, monkeypatch):
     code, _, err = run_cli(capsys, "eval", "--checkpoint", str(tmp_path / "run"), "--device",
                            "gpu")
     assert_clean_error(code, err, "--device must be a torch device", "'gpu'")
+    # --json: a new folder is made; a folder or an unwritable place fails before evaluating
+    code, out, err = run_cli(capsys, "eval", "--checkpoint", str(tmp_path / "run"), "--tasks",
+                             "2", "--json", str(tmp_path / "new" / "sub" / "e.json"))
+    assert code == 0, err
+    assert json.loads((tmp_path / "new" / "sub" / "e.json").read_text())["result"]["num_tasks"] == 2
+    (tmp_path / "a_file").write_text("x")
+    import imaml_ext.evaluate as ev
+    monkeypatch.setattr(ev, "evaluate_checkpoint", lambda *a, **k: pytest.fail("evaluated"))
+    for dest, msg in ((tmp_path, "is a folder, give a file name"),
+                      (tmp_path / "a_file" / "e.json", "cannot write there")):
+        code, _, err = run_cli(capsys, "eval", "--checkpoint", str(tmp_path / "run"), "--json",
+                               str(dest))
+        assert_clean_error(code, err, f"--json {dest}: {msg}")
 
 
 def test_console_script_error_has_no_traceback(omniglot_root, tmp_path):
