@@ -177,14 +177,9 @@ def target_lines(folder: str):
 
 
 def main(folder: str) -> None:
-    for path in sorted(Path(folder).glob("*.json")):
-        try:
-            data = json.loads(path.read_text())
-        except ValueError:
-            continue
-        if isinstance(data, dict):
-            for line in lines_for(path.stem, data):
-                print(line)
+    for name, data in _load(Path(folder), "*.json"):
+        for line in lines_for(name, data):
+            print(line)
     print("--- issue 5's GPU targets (from the files above and tests_cuda.xml)")
     for line in target_lines(folder):
         print(line)

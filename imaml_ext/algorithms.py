@@ -274,6 +274,7 @@ def check_tasks(tasks, params: Mapping[str, torch.Tensor], loss,
             raise ValueError(f"tasks.{n} must be (M={M}, N, ...), got {tuple(f.shape)}")
         if f.device != ref.device:
             raise ValueError(f"tasks.{n} is on {f.device} but params are on {ref.device}")
+    conv, head = _first_last(model)
     for xn, yn, x, y in (("x_support", "y_support", t.x_support, t.y_support),
                          ("x_query", "y_query", t.x_query, t.y_query)):
         if x.shape[1] != y.shape[1]:
@@ -286,7 +287,6 @@ def check_tasks(tasks, params: Mapping[str, torch.Tensor], loss,
                              f"{y.dtype}")
         if loss in ("mse", "half_mse") and not y.is_floating_point():
             raise ValueError(f"tasks.{yn} must be float targets for {loss}, got {y.dtype}")
-        conv, head = _first_last(model)
         if conv is not None and x.dim() == 5 and x.shape[2] != conv.in_channels:
             raise ValueError(f"tasks.{xn} has {x.shape[2]} channels per image (shape "
                              f"{tuple(x.shape)}), the model's first convolution takes "

@@ -171,6 +171,9 @@ IMPLICIT_FIELDS = ("hvp", "cg_steps", "cg_damping", "cg_lam", "hf_cg_steps")
 IDENTITY_DEFAULTS = {"adapt": "all"}
 
 
+_FIELD_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+
+
 def _positive(name: str, v, allow_zero: bool = False) -> None:
     if v is None:
         return
@@ -219,15 +222,15 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
         # options of the implicit meta-gradient (and of iMAML-HF's inner solver), which the
         # baselines would silently ignore; their defaults pass (a resumed run's saved config
         # holds them filled in)
-        ignored = [f"--{n.replace('_', '-')} {getattr(out, n)}" for n, default in
-                   (("hvp", "exact"), ("cg_steps", d["cg_steps"]), ("cg_damping", 0.0),
-                    ("cg_lam", None), ("hf_cg_steps", 5)) if getattr(out, n) != default]
+        default = {**_FIELD_DEFAULTS, "cg_steps": d["cg_steps"]}
+        ignored = [f"--{n.replace('_', '-')} {getattr(out, n)}" for n in IMPLICIT_FIELDS
+                   if getattr(out, n) != default[n]]
         if ignored:
             raise UsageError(f"{', '.join(ignored)}: "
                              f"{'these options set' if len(ignored) > 1 else 'this option sets'} "
                              f"the implicit meta-gradient of imaml-gd / imaml-hf, which --algo "
                              f"{out.algo} does not compute")
-    elif out.algo != "imaml-hf" and out.hf_cg_steps != 5:
+    elif out.algo != "imaml-hf" and out.hf_cg_steps != _FIELD_DEFAULTS["hf_cg_steps"]:
         raise UsageError(f"--hf-cg-steps sets iMAML-HF's Newton-CG inner solver; --algo "
                          f"{out.algo} runs gradient descent, got --hf-cg-steps {out.hf_cg_steps}")
     if out.adapt == "head" and out.algo not in HEAD_ALGORITHMS:

@@ -29,7 +29,8 @@ from torch.utils import _pytree as pytree
 
 from imaml_ext import reference
 from imaml_ext.hvp import HVP_KINDS, BatchedHVP, ParamSpec, Params, TaskLoss, make_hvp
-from imaml_ext.linalg import CGResult, LstsqOperator, _capture_graph, breakdown_counts, cg
+from imaml_ext.linalg import (CGResult, LstsqOperator, _capture_graph, breakdown_counts, cg,
+                              check_flag)
 
 
 # ---- iMAML's meta-gradient -------------------------------------------------------------------
@@ -380,11 +381,13 @@ def _report_breakdown(res: CGResult, grads, check: bool | None, solver: str) -> 
                       f"{total} system(s) (NaN or Inf in the solution, the cotangent or "
                       f"optimality_fn's derivatives): their gradients are not finite",
                       RuntimeWarning, stacklevel=3)
-    elif not bool(torch.stack([torch.isfinite(g).all() for g in grads if g is not None]
-                              or [torch.tensor(True)]).all()):
-        warnings.warn("implicit_root: the gradient for args is not finite, though the backward's "
-                      "CG was (NaN or Inf in the solution or in optimality_fn's derivative in "
-                      "args)", RuntimeWarning, stacklevel=3)
+        return
+    for g in grads:
+        if g is not None and not bool(torch.isfinite(g).all()):
+            warnings.warn("implicit_root: the gradient for args is not finite, though the "
+                          "backward's CG was (NaN or Inf in the solution or in optimality_fn's "
+                          "derivative in args)", RuntimeWarning, stacklevel=3)
+            return
 
 
 def _adjoint_grads(cfg, need, z_leaves, a_leaves, v):
@@ -590,8 +593,7 @@ def implicit_root(optimality_fn: Callable, solution, *args, solver: str = "cg",
         raise ValueError(f"solver must be 'cg' or 'normal_cg', got {solver!r}")
     if not isinstance(cuda_graph, bool):
         raise ValueError(f"cuda_graph must be True or False, got {cuda_graph!r}")
-    if check is not None and not isinstance(check, bool):
-        raise ValueError(f"check must be None, True or False, got {check!r}")
+    check_flag(check)
     if cuda_graph and max_iter is None:
         raise ValueError("cuda_graph=True records a fixed number of CG iterations: give max_iter "
                          "(an int >= 1), got None")

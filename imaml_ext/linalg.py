@@ -418,6 +418,13 @@ def _capture_graph(run: Callable, device: torch.device, warmup: int):
     return graph.replay, out
 
 
+def check_flag(check) -> bool | None:
+    """`check` of solve_cg / implicit_root: None, True or False, else a ValueError."""
+    if check is not None and not isinstance(check, bool):
+        _fail(f"check must be None, True or False, got {check!r}")
+    return check
+
+
 def breakdown_counts(res: CGResult, check: bool | None) -> tuple[int, int, int] | None:
     """(systems that met negative curvature, systems with non-finite values, all systems) of a
     solve, for a caller that warns about them; None when `check` says not to look: False, or
@@ -439,9 +446,7 @@ def solve_cg(**kwargs) -> Callable:
     """
     if "maxiter" in kwargs:
         kwargs["max_iter"] = kwargs.pop("maxiter")
-    check = kwargs.pop("check", None)
-    if check is not None and not isinstance(check, bool):
-        _fail(f"check must be None, True or False, got {check!r}")
+    check = check_flag(kwargs.pop("check", None))
 
     def solve(matvec, b, x0=None):
         res = cg(matvec, b, x0, **kwargs)

@@ -31,6 +31,14 @@ def load_benchmark(name: str):
     return mod
 
 
+def write_junit(path, cases) -> None:
+    """A pytest junit file with one testcase per (module, name, inner XML) in `cases` (inner:
+    "" for a pass, '<failure message="x"/>', '<skipped message="x"/>')."""
+    body = "".join(f'<testcase classname="python_tests.{mod}" name="{name}">{inner}</testcase>'
+                   for mod, name, inner in cases)
+    Path(path).write_text(f'<testsuites><testsuite name="pytest">{body}</testsuite></testsuites>')
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """One intra-op thread for a module of tiny-tensor tests (``pytestmark =

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import load_benchmark
+from conftest import load_benchmark, write_junit
 from imaml_ext import cli
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -132,12 +132,6 @@ def test_suite_dry_run_quick_alone(tmp_path, monkeypatch):
     assert bad.returncode == 2 and "usage" in bad.stderr
 
 
-def _junit(path: Path, cases) -> None:
-    body = "".join(f'<testcase classname="python_tests.{mod}" name="{name}">{inner}</testcase>'
-                   for mod, name, inner in cases)
-    path.write_text(f'<testsuites><testsuite name="pytest">{body}</testsuite></testsuites>')
-
-
 @pytest.mark.parametrize("pooled_ok", [True, False])
 def test_suite_gates_follow_the_cuda_tests(tmp_path, pooled_ok):
     """The gates read the CUDA tests' junit file for real: a path whose tests passed has its
@@ -147,7 +141,7 @@ def test_suite_gates_follow_the_cuda_tests(tmp_path, pooled_ok):
     out = tmp_path / "out"
     out.mkdir()
     fail = '<failure message="x"/>'
-    _junit(out / "tests_cuda.xml", [
+    write_junit(out / "tests_cuda.xml", [
         ("test_cg_solve", "test_cuda_lstsq_product_kernels[f32-tiles]", ""),
         ("test_cg_solve", "test_cuda_step_epilogue[f32]", fail),
         ("test_cg_solve", "test_cuda_step_epilogue_tiles[f32]", '<skipped message="no"/>'),

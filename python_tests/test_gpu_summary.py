@@ -6,7 +6,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from conftest import load_benchmark
+from conftest import load_benchmark, write_junit
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -25,12 +25,6 @@ def test_summary_lines(tmp_path, capsys):
     assert len(lstsq) == 1 and "multi-launch" in lstsq[0] and "default" in lstsq[0]
 
 
-def _junit(path, cases):
-    body = "".join(f'<testcase classname="python_tests.t" name="{n}">{inner}</testcase>'
-                   for n, inner in cases)
-    path.write_text(f'<testsuites><testsuite name="pytest">{body}</testsuite></testsuites>')
-
-
 def test_target_verdicts_from_the_h100_run(tmp_path):
     """The verdicts on the committed H100 run (tree d17b06e) are the README's figures, read from
     the files: 38% / 30% of copy, CG phase 1.39x / 1.19x, eager HVP 4.48x / 3.69x; a failed
@@ -38,11 +32,11 @@ def test_target_verdicts_from_the_h100_run(tmp_path):
     results = ROOT / "benchmarks" / "results"
     shutil.copy(results / "kernels_cuda_h100.json", tmp_path / "kernels_cuda.json")
     shutil.copy(results / "meta_gradient_cuda_h100.json", tmp_path / "meta_gradient_cuda.json")
-    _junit(tmp_path / "tests_cuda.xml",
-           [("test_callable_loop_makes_no_host_sync[None]", ""),
-            ("test_cuda_ops_make_no_host_sync", '<failure message="x"/>'),
-            ("test_captured_graph_matches_and_does_not_sync", '<skipped message="no"/>'),
-            ("test_unrelated_cuda_case", '<failure message="x"/>')])
+    write_junit(tmp_path / "tests_cuda.xml",
+                [("t", "test_callable_loop_makes_no_host_sync[None]", ""),
+                 ("t", "test_cuda_ops_make_no_host_sync", '<failure message="x"/>'),
+                 ("t", "test_captured_graph_matches_and_does_not_sync", '<skipped message="no"/>'),
+                 ("t", "test_unrelated_cuda_case", '<failure message="x"/>')])
     lines = list(load_benchmark("gpu_summary").target_lines(str(tmp_path)))
     lstsq = [line for line in lines if line.startswith("TARGET lstsq")]
     assert len(lstsq) == 2 and all("NOT MET" in line for line in lstsq)
@@ -81,7 +75,8 @@ def test_target_verdicts_met_and_the_kernel_decision(tmp_path):
     t["own_conv+bn_kernels+cudnn_benchmark"] = {k: v / 2 for k, v in
                                                 t["own_conv+bn_kernels"].items()}
     (tmp_path / "hvp_op_count_cuda.json").write_text(json.dumps(p))
-    _junit(tmp_path / "tests_cuda.xml", [("test_callable_loop_makes_no_host_sync[None]", "")])
+    write_junit(tmp_path / "tests_cuda.xml",
+                [("t", "test_callable_loop_makes_no_host_sync[None]", "")])
     lines = list(mod.target_lines(str(tmp_path)))
     lstsq = [line for line in lines if line.startswith("TARGET lstsq")]
     assert len(lstsq) == 2 and all(": MET, best 81% by 'imaml_ext register tiles'" in line
