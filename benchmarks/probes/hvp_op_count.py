@@ -305,9 +305,11 @@ def main(argv=None):
                 print("  " + line)
                 summary.append(line)
         report["settings"][name] = entry
-    if args.out:
-        Path(args.out).write_text(json.dumps(report, indent=1))
-        print(f"wrote {args.out}")
+        if args.out:  # after every setting, so a run cut short by the suite's limit keeps it
+            tmp = Path(args.out).with_suffix(".tmp")
+            tmp.write_text(json.dumps(report, indent=1))
+            tmp.replace(args.out)
+            print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":
