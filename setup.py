@@ -15,8 +15,11 @@ import glob
 import json
 import os
 import re
+import shlex
 import shutil
+import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 
 from setuptools import find_packages, setup
@@ -95,6 +98,59 @@ def nvidia_wheel_includes() -> list[str]:
     return list(dict.fromkeys(dirs))
 
 
+# Symbols only the C++ runtime itself defines: in _C they mean a private, static copy of it.
+CXX_RUNTIME_SYMBOLS = ("_ZNSt6locale7classicEv", "_ZNSt8ios_base4InitC1Ev")
+
+
+def shared_libstdcxx() -> list[str]:
+    """The shared C++ runtime (libstdc++.so.6), to be named on the link line before the rest.
+
+    torch's libraries use the shared libstdc++. A second, static copy inside _C (which a
+    toolchain or Python build can bring: -static-libstdc++ in LDFLAGS or in the interpreter's
+    LDSHARED, a compiler without the shared library's link name) has its own locale tables, and
+    formatting any error message then breaks: on the lent H100 machine (torch 2.11, Python 3.12)
+    every argument error of an op ended the process with a segfault; here, with LDFLAGS=
+    -static-libstdc++, the messages came out cut at their first number. Named first, the shared
+    library resolves every runtime symbol _C uses, so no archive member is pulled in;
+    `Build.run` checks the result."""
+    if not sys.platform.startswith("linux"):
+        return []
+    try:
+        cxx = shlex.split(os.environ.get("CXX") or "c++")
+        path = subprocess.run(cxx + ["-print-file-name=libstdc++.so.6"], capture_output=True,
+                              text=True, timeout=60).stdout.strip()
+    except (OSError, ValueError, subprocess.SubprocessError):
+        path = ""
+    if not (os.path.isabs(path) and os.path.exists(path)):
+        # the one this process (torch) has loaded
+        maps = Path("/proc/self/maps")
+        found = re.findall(r"(/\S*/libstdc\+\+\.so\.6[\d.]*)$", maps.read_text(), re.M) \
+            if maps.exists() else []
+        path = found[0] if found else ""
+    return [os.path.normpath(path)] if path else []
+
+
+def check_cxx_runtime(so: Path) -> None:
+    """Refuses an extension that defines the C++ runtime's own symbols (see shared_libstdcxx)."""
+    nm = shutil.which("nm")
+    if nm is None or not so.exists():
+        return
+    defined = set()
+    for flags in (["--defined-only"], ["-D", "--defined-only"]):  # .symtab, or .dynsym if stripped
+        out = subprocess.run([nm, *flags, str(so)], capture_output=True, text=True)
+        defined |= {ln.split()[-1] for ln in out.stdout.splitlines() if ln.strip()}
+    bad = [s for s in CXX_RUNTIME_SYMBOLS if s in defined]
+    if bad:
+        env = {k: os.environ.get(k) for k in ("LDFLAGS", "CXX", "LDSHARED") if os.environ.get(k)}
+        raise RuntimeError(
+            f"{so.name} holds a private copy of the C++ runtime (libstdc++ linked statically: it "
+            f"defines {bad[0]}); with torch's shared one in the same process its error messages "
+            f"would crash or come out garbled. Link flags from the environment {env or '(none)'}, "
+            f"the interpreter's LDSHARED {sysconfig.get_config_var('LDSHARED')!r} and "
+            f"LDCXXSHARED {sysconfig.get_config_var('LDCXXSHARED')!r}: drop -static-libstdc++, "
+            f"or install the compiler's libstdc++ development files (libstdc++.so).")
+
+
 def make_extension():
     cpu_sources, cuda_sources = read_sources()
     with_cuda = want_cuda()
@@ -108,7 +164,7 @@ def make_extension():
     # with -fopenmp records libgomp.so.1, the soname torch's own bundled libgomp carries, so the
     # process keeps one OpenMP runtime.
     cxx = opt + ["-fno-math-errno", "-fopenmp"]
-    link = ["-fopenmp"]
+    link = ["-fopenmp"] + shared_libstdcxx()
     macros = [("IMAML_TORCH_VERSION", f'"{torch.__version__}"')]
     if not with_cuda:
         return CppExtension(
@@ -142,6 +198,8 @@ class Build(BuildExtension):
 
     def run(self):
         super().run()
+        for ext in self.extensions:
+            check_cxx_runtime(Path(self.get_ext_fullpath(ext.name)))
         meta = {"torch_version": torch.__version__, "cuda": WITH_CUDA, "cuda_archs": ARCHS}
         for target in {ROOT / "imaml_ext", Path(self.build_lib) / "imaml_ext"}:
             if target.is_dir():

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -71,3 +72,65 @@ print(imaml_ext.cg(lambda v: 4 * v, torch.ones(2, dtype=torch.float64)).x.tolist
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines() == ["False", "[0.25, 0.25]"]
     assert proc.stderr.count("using the pure-PyTorch reference ops") == 1
+
+
+# An op's argument error: the message formats numbers, which a private (static) copy of the C++
+# runtime inside _C breaks (see setup.py's shared_libstdcxx): on the lent H100 every such error
+# ended the process with a segfault, here (LDFLAGS=-static-libstdc++) it came out cut at "[".
+BAD_POOL = ("import sys, torch, imaml_ext\n"
+            "f = dict(dtype=torch.float64, device=sys.argv[1])\n"
+            "h, w, b = torch.randn(2, 3, 4, 4, **f), torch.ones(3, **f), torch.zeros(3, **f)\n"
+            "try:\n"
+            "    torch.ops.imaml_ext.pooled_bn_forward(h, w, b, 1e-5, [3, 3], [2, 2], False)\n"
+            "except ValueError as e:\n"
+            "    print(str(e).splitlines()[0])\n")
+
+
+@pytest.mark.skipif(not imaml_ext.extension_available(), reason="compiled extension not built")
+def test_op_errors_reach_python_whole(device):
+    # in a process of its own, so that a crash fails this test instead of ending the session
+    r = subprocess.run([sys.executable, "-c", BAD_POOL, device], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, f"the process died ({r.returncode}): {r.stderr[-3000:]}"
+    assert r.stdout.strip() == (
+        "pooled_bn_forward: kernel_size must be >= 1 and stride >= kernel_size (disjoint "
+        "windows), got kernel_size [3, 3], stride [2, 2]"), r.stdout
+
+
+def setup_functions(*names: str) -> dict:
+    """Functions of setup.py, without running its setup()."""
+    import ast
+    import re
+    import shlex
+    import sysconfig
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "setup.py"
+    ns = dict(os=os, re=re, shlex=shlex, shutil=shutil, subprocess=subprocess, sys=sys,
+              sysconfig=sysconfig, Path=Path)
+    for node in ast.parse(path.read_text()).body:
+        name = getattr(node, "name", None) or (
+            isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name)
+            and node.targets[0].id)
+        if name in names:
+            exec(compile(ast.Module([node], []), str(path), "exec"), ns)
+    return ns
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or shutil.which("nm") is None
+                    or shutil.which("c++") is None, reason="needs Linux, nm and a C++ compiler")
+def test_build_refuses_a_private_cxx_runtime(tmp_path):
+    ns = setup_functions("CXX_RUNTIME_SYMBOLS", "shared_libstdcxx", "check_cxx_runtime")
+    from pathlib import Path
+    shared = ns["shared_libstdcxx"]()
+    assert shared and Path(shared[0]).exists() and "libstdc++.so.6" in shared[0]
+    src = tmp_path / "t.cpp"
+    src.write_text('#include <sstream>\n#include <string>\n'
+                   'std::string f(long x) { std::ostringstream s; s << x; return s.str(); }\n')
+    for name, extra in (("static.so", []), ("fixed.so", shared)):
+        subprocess.run(["c++", "-shared", "-fPIC", "-static-libstdc++", str(src), "-o",
+                        str(tmp_path / name), *extra], check=True, timeout=120)
+    with pytest.raises(RuntimeError, match="holds a private copy of the C.. runtime"):
+        ns["check_cxx_runtime"](tmp_path / "static.so")
+    ns["check_cxx_runtime"](tmp_path / "fixed.so")  # the shared library named first: refused no more
+    if imaml_ext.extension_available():  # and this build passes it
+        ns["check_cxx_runtime"](Path(imaml_ext._ext._C.__file__))
