@@ -9,8 +9,9 @@ torch.utils.benchmark.Timer.blocked_autorange (which synchronises CUDA). float32
 Also reported: the achieved bandwidth of the least-squares product and CG (bytes of X read per
 product x products / time) against a copy's bandwidth measured in the same run, and each HVP's
 cost relative to one gradient of the same loss (torch.func, vmapped). On CUDA the least-squares
-rows also time the opt-in register-tiled product (IMAML_CUDA_XTXV=tiles) and the opt-in CG step
-in the product kernel's epilogue (IMAML_CUDA_CG_STEP=epilogue) beside the default.
+rows also time each path forced beside the default's choice: the register-tiled product
+(IMAML_CUDA_XTXV=tiles) or the row kernel (=rows), and the CG step in the product kernel's
+epilogue (IMAML_CUDA_CG_STEP=epilogue) or as launches of its own (=separate).
 
     python benchmarks/bench_kernels.py [--device cpu|cuda] [--quick] [--out results.json]
 """
@@ -110,18 +111,25 @@ def copy_bandwidth(device: str) -> float:
     return 2 * src.numel() * src.element_size() / t
 
 
-# The CUDA least-squares product that holds rows in registers (xtxv_tiles_kernel), opt-in through
-# IMAML_CUDA_XTXV=tiles until these rows show it beating the default kernel.
+# The CUDA least-squares paths, each forced by its switch beside the default's choice: the product
+# that holds rows in registers (xtxv_tiles_kernel, IMAML_CUDA_XTXV=tiles) or the row kernel
+# (=rows), and the multi-launch CG step in the product kernel's epilogue (IMAML_CUDA_CG_STEP=
+# epilogue) or as launches of its own (=separate). Until the H100 run of 2026-11-28 rows and
+# separate were the defaults; now tiles (in the CG loop, and for a lone product above L2) and the
+# epilogue are (csrc/cuda/cg_cuda.cu says why).
 TILES = "imaml_ext register tiles"
+ROWS = "imaml_ext row kernel"
 STEP_EPILOGUE = "imaml_ext multi-launch, step epilogue"
+ROWS_SEPARATE = "imaml_ext multi-launch, row kernel, separate step"
 # gpu_suite.sh sets IMAML_BENCH_TILES=0 (IMAML_BENCH_STEP_EPILOGUE=0, ..._TILES=0) when the
-# opt-in path's CUDA tests failed in the same run: a faulting kernel would end this process (a
-# CUDA error poisons its context) and every row with it.
+# path's CUDA tests failed in the same run: a faulting kernel would end this process (a CUDA
+# error poisons its context) and every row with it (the suite then also moves the defaults off
+# it: IMAML_CUDA_XTXV=rows, IMAML_CUDA_CG_STEP=separate).
 def gated(var: str, fn):
     """fn, or the reason its row is skipped when gpu_suite.sh's gate `var` is 0."""
     if os.environ.get(var, "1") != "0":
         return fn
-    return f"skipped: {var}=0 (this opt-in path failed its CUDA tests in this run)"
+    return f"skipped: {var}=0 (this path failed its CUDA tests in this run)"
 
 
 def rel_err(x: torch.Tensor, truth: torch.Tensor) -> float:
@@ -248,9 +256,12 @@ def bench_hvps(device, quick, min_run_time, bandwidth):
             "torch.func jvp(grad)": lambda: func_lstsq_hvp(X, y, w, v),
         }, truth, device, min_run_time)
         if device == "cuda":
+            lone = lambda: ops.lstsq_apply(X, v, 0.0, 1.0 / n, use_ext=True)  # noqa: E731
             with env("IMAML_CUDA_XTXV", "tiles"):
-                run_contenders(row, {TILES: gated("IMAML_BENCH_TILES", lambda: ops.lstsq_apply(
-                    X, v, 0.0, 1.0 / n, use_ext=True))}, truth, device, min_run_time)
+                run_contenders(row, {TILES: gated("IMAML_BENCH_TILES", lone)}, truth, device,
+                               min_run_time)
+            with env("IMAML_CUDA_XTXV", "rows"):
+                run_contenders(row, {ROWS: lone}, truth, device, min_run_time)
         t_grad = median_s(lambda: func_lstsq_grad(X, y, w), device, min_run_time)
         hvp_vs_grad(row, t_grad)
         row["bytes_read"] = X.numel() * X.element_size()
@@ -577,15 +588,23 @@ def bench_cg(device, quick, min_run_time, bandwidth):
         if device == "cuda":
             solve = (lambda: ops.cg_solve_lstsq(X, b, zeros(b), 1.0, scale, ITERS, 0.0, 0.0,
                                                 use_ext=True)[0])
-            with env("IMAML_CG_FUSED", "0"), env("IMAML_CUDA_XTXV", "tiles"):
+            # The multi-launch loop with each product kernel and step placement forced: the row
+            # kernel with separate steps (the defaults before 2026-11-28), tiles alone, the
+            # epilogue (one launch per iteration: the CG step in the product kernel's last block
+            # per system) alone, and both (today's default there).
+            with env("IMAML_CG_FUSED", "0"), env("IMAML_CUDA_XTXV", "rows"), \
+                    env("IMAML_CUDA_CG_STEP", "separate"):
+                run_contenders(row, {ROWS_SEPARATE: solve}, truth, device, min_run_time)
+            with env("IMAML_CG_FUSED", "0"), env("IMAML_CUDA_XTXV", "tiles"), \
+                    env("IMAML_CUDA_CG_STEP", "separate"):
                 run_contenders(row, {"imaml_ext multi-launch, " + TILES:
                                      gated("IMAML_BENCH_TILES", solve)},
                                truth, device, min_run_time)
-            # The opt-in one launch per iteration (IMAML_CUDA_CG_STEP=epilogue: the CG step in
-            # the product kernel's last block per system), with either product kernel.
             with env("IMAML_CG_FUSED", "0"), env("IMAML_CUDA_CG_STEP", "epilogue"):
-                run_contenders(row, {STEP_EPILOGUE: gated("IMAML_BENCH_STEP_EPILOGUE", solve)},
-                               truth, device, min_run_time)
+                with env("IMAML_CUDA_XTXV", "rows"):
+                    run_contenders(row, {STEP_EPILOGUE: gated("IMAML_BENCH_STEP_EPILOGUE",
+                                                              solve)},
+                                   truth, device, min_run_time)
                 with env("IMAML_CUDA_XTXV", "tiles"):
                     run_contenders(row, {STEP_EPILOGUE + ", " + TILES:
                                          gated("IMAML_BENCH_STEP_EPILOGUE_TILES", solve)},
@@ -654,10 +673,8 @@ def add_paths(row, device, truth, min_run_time, fn):
 def add_bandwidth(row, bandwidth, bytes_per_call):
     """Bytes of the operator's data read per call / time, against the copy."""
     row["achieved_GBps"] = {}
-    for name in ("imaml_ext", "imaml_ext single-launch", "imaml_ext multi-launch", TILES,
-                 "imaml_ext multi-launch, " + TILES, STEP_EPILOGUE, STEP_EPILOGUE + ", " + TILES):
-        t = row["times_s"].get(name)
-        if t:
+    for name, t in row["times_s"].items():
+        if name.startswith("imaml_ext") and t:
             gbps = bytes_per_call / t / 1e9
             row["achieved_GBps"][name] = gbps
     row["copy_GBps"] = bandwidth / 1e9

@@ -71,13 +71,13 @@ step() {  # step NAME TIMEOUT_S COMMAND... : runs, logs to $OUT/NAME.log, record
 
 have() { [ -f "$1" ]; }
 
-# The opt-in CUDA paths (the register-tiled product, IMAML_CUDA_XTXV=tiles; the CG step in the
-# product's epilogue, IMAML_CUDA_CG_STEP=epilogue; and the two together) are benchmarked only
-# when their CUDA tests passed in this run: a faulting kernel would end bench_kernels' process
-# and every row with it. A gate reads the tests whose module::name holds every word of its
-# first list and none of its second. The pooled batch-norm block's derivative kernels
-# (IMAML_CUDA_POOLED_BN=fused, off by default on CUDA until measured) are switched on for the
-# benchmarks after the gate when their CUDA tests passed; hvp_op_count times them on and off.
+# The CUDA paths that became defaults after the H100 run of 2026-11-28 (the register-tiled
+# least-squares product, IMAML_CUDA_XTXV; the CG step in the product's epilogue,
+# IMAML_CUDA_CG_STEP; the pooled batch-norm block's derivative kernels, IMAML_CUDA_POOLED_BN) are
+# benchmarked, forced, only when their CUDA tests passed in this run, and when they did not the
+# benchmarks' defaults are moved off them (rows / separate / reference): a faulting kernel would
+# end bench_kernels' process and every row with it. A gate reads the tests whose module::name
+# holds every word of its first list and none of its second.
 gate() {  # gate VAR "WORDS..." "EXCLUDED..." DESCRIPTION
   if "$PY" - "$OUT/tests_cuda.xml" "$2" "$3" <<'EOF'
 import sys, xml.etree.ElementTree as ET
@@ -101,13 +101,17 @@ tiles_gate() {
   gate IMAML_BENCH_STEP_EPILOGUE "epilogue" "tiles" "CG step epilogue"
   gate IMAML_BENCH_STEP_EPILOGUE_TILES "epilogue tiles" "" "CG step epilogue with register tiles"
   gate IMAML_BENCH_POOLED_BN "test_pooled_bn [cuda" "" "pooled batch-norm derivative kernels"
-  if [ "$IMAML_BENCH_POOLED_BN" = 1 ]; then
-    export IMAML_CUDA_POOLED_BN=fused
-    echo "pooled batch-norm derivative kernels: CUDA tests passed; on for the benchmarks" | tee -a "$status_file"
-  fi
+  off() {  # off VAR VALUE WHAT
+    export "$1=$2"
+    echo "$3: CUDA tests failed or did not run; off for the benchmarks ($1=$2)" | tee -a "$status_file"
+  }
+  [ "$IMAML_BENCH_TILES" = 1 ] || off IMAML_CUDA_XTXV rows "register-tiled product"
+  [ "$IMAML_BENCH_STEP_EPILOGUE" = 1 ] || off IMAML_CUDA_CG_STEP separate "CG step epilogue"
+  [ "$IMAML_BENCH_STEP_EPILOGUE_TILES" = 1 ] || off IMAML_CUDA_CG_STEP separate "CG step epilogue with register tiles"
+  [ "$IMAML_BENCH_POOLED_BN" = 1 ] || off IMAML_CUDA_POOLED_BN reference "pooled batch-norm derivative kernels"
 }
 
-# The probes (new: not yet run on a GPU). hvp_op_count: ATen ops of one conv-net gradient / HVP,
+# The probes. hvp_op_count: ATen ops of one conv-net gradient / HVP,
 # the HVP layout's convolution (ops._Conv against ATen's per-group double backward), the pooled
 # block's derivative kernels (on / off) and cuDNN autotuning, timed in interleaved rounds
 # (~5 min on the 2-core CPU). root_graph:

@@ -1,7 +1,7 @@
 """Prints the short table that ends benchmarks/gpu_suite.sh: one line per measured figure found
 in the JSON files under the given folder, then issue 5's GPU targets judged from those files and
 the CUDA tests' junit file (MET / NOT MET with the figure and the path that reached it, or the
-file that was missing), and the opt-in CUDA path the op-count probe decides.
+file that was missing), and the CUDA default the op-count probe decides.
 
     python benchmarks/gpu_summary.py OUT_DIR
 """
@@ -81,7 +81,7 @@ def _verdict(ok: bool) -> str:
 
 
 def target_lines(folder: str):
-    """One line per GPU target of issue 5 (and per opt-in path it decides), or a line saying
+    """One line per GPU target of issue 5 (and per CUDA default it decides), or a line saying
     which file it needed and did not find. Judged, not assumed: every figure is read from the
     suite's own JSON and junit files."""
     folder = Path(folder)
@@ -155,7 +155,8 @@ def target_lines(folder: str):
             yield (f"TARGET zero host syncs per solve: {_verdict(not bad)}, {len(ran) - len(bad)} "
                    f"of {len(ran)} sync-debug tests passed" + (f" (failed: {', '.join(bad)})"
                                                               if bad else ""))
-    # The opt-in path the probe decides: the pooled block's kernels on CUDA (hvp.POOLED_BN_KERNELS)
+    # The path the probe decides: the pooled block's kernels on CUDA (hvp.POOLED_BN_KERNELS; the
+    # CUDA default since the H100 run of 2026-11-28)
     for name, data in _load(folder, "hvp_op_count_cuda*.json"):
         for setting, s in (data.get("settings") or {}).items():
             t = s.get("timing") or {}
@@ -165,8 +166,10 @@ def target_lines(folder: str):
                 b = off["graph_build_s"] / on["graph_build_s"]
                 yield (f"DECIDE pooled batch-norm kernels on CUDA ({setting}): product {p:.2f}x, "
                        f"graph build {b:.2f}x faster with them: "
-                       + ("make them the CUDA default (hvp.POOLED_BN_KERNELS)"
-                          if p > 1 and b > 1 else "keep them off") + f" [{name}]")
+                       + ("keep them the CUDA default (hvp.POOLED_BN_KERNELS)"
+                          if p > 1 and b > 1 else
+                          "turn them off on CUDA (IMAML_CUDA_POOLED_BN=reference)")
+                       + f" [{name}]")
             tuned = t.get("own_conv+bn_kernels+cudnn_benchmark") or {}
             if on.get("grad_s") and tuned.get("grad_s"):
                 g, p = on["grad_s"] / tuned["grad_s"], on["product_s"] / tuned["product_s"]

@@ -306,7 +306,7 @@ def test_the_captured_step_reads_nothing_back_but_on_the_cpu(name):
 @pytest.mark.parametrize("kernels", [False, True], ids=["ref_block", "block_kernels"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_cuda_replay_matches_the_eager_solve_without_host_sync(dtype, kernels, monkeypatch):
-    # block_kernels: the pooled batch-norm block's derivative kernels on CUDA (opt-in there)
+    # block_kernels: the pooled batch-norm block's derivative kernels on CUDA (the default there)
     monkeypatch.setattr(hvp_mod, "POOLED_BN_KERNELS", ("cpu", "cuda") if kernels else ("cpu",))
     model, params, tasks = setup(device="cuda", dtype=dtype)
     tl = TaskLoss(model)

@@ -155,19 +155,30 @@ def check_lstsq_apply(X, X64, v64, dtype):
         assert_within_reference_error(ext, ref, truth)
 
 
+def set_env(monkeypatch, name, value):
+    """value, or unset (the default) for None."""
+    if value is None:
+        monkeypatch.delenv(name, raising=False)
+    else:
+        monkeypatch.setenv(name, value)
+
+
 @needs_ext
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
-@pytest.mark.parametrize("step", ["separate", "epilogue"])
-@pytest.mark.parametrize("kernel", ["rows", "tiles"])
+@pytest.mark.parametrize("step", ["separate", "epilogue", None], ids=["separate", "epilogue",
+                                                                     "default_step"])
+@pytest.mark.parametrize("kernel", ["rows", "tiles", None], ids=["rows", "tiles", "default"])
 def test_cuda_lstsq_product_kernels(kernel, step, dtype, monkeypatch):
     # IMAML_CUDA_XTXV selects the CUDA least-squares product: "tiles" (rows held in registers,
-    # read once) where it applies, else the row kernel. Shapes cover 1, 2 and 4 column groups per
+    # read once) where it applies, "rows" the row kernel, unset tiles in the CG loop and for a
+    # lone product larger than L2. Shapes cover 1, 2 and 4 column groups per
     # thread in both dtypes, row counts that leave a partial tile, blocks that stride over several
     # tiles (n = 5000), d too wide for the register kernel (float64 d = 4000), an unaligned X (the
     # scalar kernel), and the multi-launch solver with zero and nonzero starts (its mask skips
-    # systems). IMAML_CUDA_CG_STEP=epilogue runs that solver's CG step in the product kernel.
-    monkeypatch.setenv("IMAML_CUDA_XTXV", kernel)
-    monkeypatch.setenv("IMAML_CUDA_CG_STEP", step)
+    # systems). IMAML_CUDA_CG_STEP=epilogue (the default) runs that solver's CG step in the
+    # product kernel, "separate" as launches of its own.
+    set_env(monkeypatch, "IMAML_CUDA_XTXV", kernel)
+    set_env(monkeypatch, "IMAML_CUDA_CG_STEP", step)
     monkeypatch.setenv("IMAML_CG_FUSED", "0")
     for B, n, d in ((1, 1, 4), (3, 37, 1000), (2, 5, 2000), (1, 300, 4000), (2, 7, 36),
                     (1, 5000, 1000)):
@@ -195,6 +206,17 @@ def test_cuda_lstsq_product_kernels(kernel, step, dtype, monkeypatch):
     second = ops.lstsq_apply(X, v, 0.0, 1.0, use_ext=True)
     tol = 1e-12 if dtype == torch.float64 else 1e-5
     assert ((second - first).norm() <= tol * first.norm()).item()
+
+
+@needs_ext
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("name", ["IMAML_CUDA_XTXV", "IMAML_CUDA_CG_STEP", "IMAML_CG_FUSED"])
+def test_cuda_lstsq_path_switch_with_an_unknown_value_is_refused(name, monkeypatch):
+    monkeypatch.setenv("IMAML_CG_FUSED", "0")  # the multi-launch loop, where all are read
+    monkeypatch.setenv(name, "fast")
+    X, b = lstsq_problem(2, 30, 64, torch.float32, "cuda")
+    with pytest.raises(ValueError, match=f"{name} must be .* got 'fast'"):
+        ops.cg_solve_lstsq(X, b, torch.zeros_like(b), 1.0, 1.0 / 30, 5, 0.0, 0.0, use_ext=True)
 
 
 @needs_ext

@@ -136,8 +136,8 @@ def test_suite_dry_run_quick_alone(tmp_path, monkeypatch):
 def test_suite_gates_follow_the_cuda_tests(tmp_path, pooled_ok):
     """The gates read the CUDA tests' junit file for real: a path whose tests passed has its
     benchmark rows on (IMAML_BENCH_*=1 in the benchmarks' environment), one whose tests failed
-    or did not run has them off, and the pooled block's kernels are switched on
-    (IMAML_CUDA_POOLED_BN=fused) only when their CUDA tests passed."""
+    or did not run has them off, and the benchmarks' defaults are moved off such a path
+    (IMAML_CUDA_XTXV=rows, IMAML_CUDA_CG_STEP=separate, IMAML_CUDA_POOLED_BN=reference)."""
     out = tmp_path / "out"
     out.mkdir()
     fail = '<failure message="x"/>'
@@ -156,9 +156,11 @@ def test_suite_gates_follow_the_cuda_tests(tmp_path, pooled_ok):
     assert (env["IMAML_BENCH_TILES"], env["IMAML_BENCH_STEP_EPILOGUE"],
             env["IMAML_BENCH_STEP_EPILOGUE_TILES"]) == ("1", "0", "0")
     assert env["IMAML_BENCH_POOLED_BN"] == ("1" if pooled_ok else "0")
-    assert env.get("IMAML_CUDA_POOLED_BN") == ("fused" if pooled_ok else None)
+    assert "IMAML_CUDA_XTXV" not in env and env["IMAML_CUDA_CG_STEP"] == "separate"
+    assert env.get("IMAML_CUDA_POOLED_BN") == (None if pooled_ok else "reference")
     status = (out / "suite_status_quick_full.txt").read_text()
-    assert ("pooled batch-norm derivative kernels: CUDA tests passed" in status) == pooled_ok
+    assert ("pooled batch-norm derivative kernels: CUDA tests failed or did not run; off"
+            in status) == (not pooled_ok)
 
 
 @pytest.mark.parametrize("recipe,graph", [("authors", "0"), ("paper", "0"), ("authors", "1"),

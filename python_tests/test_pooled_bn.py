@@ -353,3 +353,22 @@ def test_cuda_ops_make_no_host_sync():
         ops.pooled_bn_forward(t["h"], t["rw"], t["kb"], 1e-5, pool, True, use_ext=True)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.parametrize("value,expect", [(None, "('cpu', 'cuda')"), ("fused", "('cpu', 'cuda')"),
+                                          ("reference", "('cpu',)"),
+                                          ("on", "IMAML_CUDA_POOLED_BN must be fused or "
+                                                 "reference (or unset), got 'on'")])
+def test_cuda_default_and_its_switch(value, expect):
+    # the kernels are the CUDA default since the H100 run of 2026-11-28; the switch turns them off
+    import os
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if k != "IMAML_CUDA_POOLED_BN"}
+    if value is not None:
+        env["IMAML_CUDA_POOLED_BN"] = value
+    r = subprocess.run([sys.executable, "-c", "import imaml_ext.hvp as h; "
+                        "print(h.POOLED_BN_KERNELS)"], capture_output=True, text=True, env=env,
+                       timeout=120)
+    assert expect in (r.stdout if r.returncode == 0 else r.stderr), (r.stdout, r.stderr[-2000:])
+    assert (r.returncode == 0) == (value != "on")

@@ -361,20 +361,33 @@ __global__ void __launch_bounds__(kBlockSize, 2)
   }
 }
 
-// Whether LstsqApply should use xtxv_tiles_kernel where it applies: IMAML_CUDA_XTXV=tiles
-// (anything else, or unset: xtxv_kernel). Off by default until timed on a GPU against
-// xtxv_kernel (bench_kernels reports both on CUDA).
-inline bool xtxv_tiles_requested() {
+// Which least-squares product kernel LstsqApply runs, IMAML_CUDA_XTXV: "tiles" (xtxv_tiles_kernel
+// where it applies), "rows" (xtxv_kernel), or unset / "auto": tiles inside the multi-launch CG
+// loop, and for a lone product (lstsq_apply) when X is larger than the L2 cache. Measured on an
+// H100 (2026-11-28, bench_kernels): in the CG loop tiles were 1.28x, 1.28x and 1.36x faster at
+// (32, 50, 200), (32, 500, 2000) and (1, 4000, 4000) with the step epilogue; a lone product was
+// 1.44x and 1.15x faster at the two sizes above L2 (122 and 61 MiB) and 1.46x slower at 1.3 MB,
+// where X stays in L2 and the row kernel's re-reads of it are cheap.
+enum class XtxvKernel { kAuto, kRows, kTiles };
+inline XtxvKernel xtxv_kernel_choice() {
   const char* e = std::getenv("IMAML_CUDA_XTXV");
-  return e != nullptr && std::strcmp(e, "tiles") == 0;
+  if (e == nullptr || *e == '\0' || std::strcmp(e, "auto") == 0) return XtxvKernel::kAuto;
+  if (std::strcmp(e, "tiles") == 0) return XtxvKernel::kTiles;
+  TORCH_CHECK_VALUE(std::strcmp(e, "rows") == 0,
+                    "IMAML_CUDA_XTXV must be auto, tiles or rows (or unset), got '", e, "'");
+  return XtxvKernel::kRows;
 }
 
 // Whether the multi-launch least-squares loop runs each CG step as its product kernel's
-// epilogue (one launch per iteration instead of four): IMAML_CUDA_CG_STEP=epilogue. Off by
-// default until timed on a GPU (bench_kernels' "step epilogue" rows) and tested there.
+// epilogue (one launch per iteration instead of four), IMAML_CUDA_CG_STEP: unset / "epilogue"
+// (the default since the H100 run of 2026-11-28: a solve 1.05x-1.41x faster with the row
+// kernel, 1.16x-1.91x with tiles, at the three bench_kernels sizes) or "separate" (the step as its own launches).
 inline bool step_epilogue_requested() {
   const char* e = std::getenv("IMAML_CUDA_CG_STEP");
-  return e != nullptr && std::strcmp(e, "epilogue") == 0;
+  if (e == nullptr || *e == '\0' || std::strcmp(e, "epilogue") == 0) return true;
+  TORCH_CHECK_VALUE(std::strcmp(e, "separate") == 0,
+                    "IMAML_CUDA_CG_STEP must be epilogue or separate (or unset), got '", e, "'");
+  return false;
 }
 
 struct DenseApply {
@@ -398,8 +411,15 @@ struct LstsqApply {
   at::Tensor X;
   double shift, scale;
   at::Tensor acc, counter;
-  LstsqApply(at::Tensor X_, double shift_, double scale_)
+  bool tiles;  // xtxv_tiles_kernel where it applies (see xtxv_kernel_choice)
+  // in_cg_loop: the products of a multi-launch CG solve (else a lone product, lstsq_apply)
+  LstsqApply(at::Tensor X_, double shift_, double scale_, bool in_cg_loop)
       : X(std::move(X_)), shift(shift_), scale(scale_) {
+    const XtxvKernel k = xtxv_kernel_choice();
+    tiles = k == XtxvKernel::kTiles ||
+            (k == XtxvKernel::kAuto &&
+             (in_cg_loop || X.numel() * static_cast<int64_t>(X.element_size()) >
+                                at::cuda::getCurrentDeviceProperties()->l2CacheSize));
     const int64_t B = X.size(0), d = X.size(2);
     acc = at::zeros({B, d}, X.options().dtype(X.scalar_type() == at::kDouble ? at::kDouble
                                                                              : at::kFloat));
@@ -457,7 +477,7 @@ struct LstsqApply {
         return;
       }
       stepped = step_status != nullptr;
-      if (xtxv_tiles_requested() && cuda::can_vec16<scalar_t>(X.data_ptr(), v.data_ptr(), d)) {
+      if (tiles && cuda::can_vec16<scalar_t>(X.data_ptr(), v.data_ptr(), d)) {
         const int64_t nv = d / cuda::Vec16<scalar_t>::kN;
         const int G = nv <= kBlockSize ? 1 : nv <= 2 * kBlockSize ? 2 : nv <= 4 * kBlockSize ? 4 : 0;
         if (G > 0) {
@@ -534,7 +554,7 @@ SolveResult cg_solve_lstsq_cuda(const at::Tensor& X, const at::Tensor& b, const 
   c10::cuda::OptionalCUDAGuard guard(b.device());
   SolveResult out;
   if (cuda::fused_cg_lstsq(X, b, x0, shift, scale, max_iter, rtol, atol, &out)) return out;
-  return cuda::solve_cuda(LstsqApply(X.contiguous(), shift, scale), b, x0, max_iter, rtol, atol);
+  return cuda::solve_cuda(LstsqApply(X.contiguous(), shift, scale, true), b, x0, max_iter, rtol, atol);
 }
 
 at::Tensor lstsq_apply_cuda(const at::Tensor& X, const at::Tensor& v, double shift, double scale) {
@@ -543,7 +563,7 @@ at::Tensor lstsq_apply_cuda(const at::Tensor& X, const at::Tensor& v, double shi
   c10::cuda::OptionalCUDAGuard guard(v.device());
   auto vc = v.contiguous();
   auto out = at::empty_like(vc);
-  LstsqApply(X.contiguous(), shift, scale)(vc, out, nullptr);
+  LstsqApply(X.contiguous(), shift, scale, false)(vc, out, nullptr);
   return out;
 }
 

@@ -395,6 +395,8 @@ constexpr size_t kStaticSmemReserve = 1024;
 inline int fused_mode() {
   const char* e = std::getenv("IMAML_CG_FUSED");
   if (e == nullptr || *e == '\0' || std::strcmp(e, "auto") == 0) return -1;
+  TORCH_CHECK_VALUE(std::strcmp(e, "0") == 0 || std::strcmp(e, "1") == 0,
+                    "IMAML_CG_FUSED must be auto, 1 or 0 (or unset), got '", e, "'");
   return std::strcmp(e, "0") == 0 ? 0 : 1;
 }
 
