@@ -86,10 +86,14 @@ def _check_cli(argv: list[str]) -> None:
         assert cfg.device == "cuda"
 
 
-def test_suite_dry_run_quick_full(tmp_path, monkeypatch):
+@pytest.mark.parametrize("compile_", ["", "1"])
+def test_suite_dry_run_quick_full(tmp_path, monkeypatch, compile_):
     pack = tmp_path / "pack"
     proc, calls = _dry_run(tmp_path, SUITE, "quick", "full",
-                           env={"SUITE_PACK": str(pack), "SUITE_DEADLINE_S": "530"})
+                           env={"SUITE_PACK": str(pack), "SUITE_DEADLINE_S": "530",
+                                "SUITE_COMPILE": compile_})
+    meta = [c for c in calls if c[:1] == ["benchmarks/bench_meta_gradient.py"]]
+    assert len(meta) == 1 and ("--compile-hvp" in meta[0]) == (compile_ == "1")
     assert proc.returncode == 0, proc.stderr[-2000:]
     status = (tmp_path / "out" / "suite_status_quick_full.txt").read_text().splitlines()
     steps = [line.split()[0] for line in status if line.endswith("s") and " ok " in line]
@@ -99,7 +103,7 @@ def test_suite_dry_run_quick_full(tmp_path, monkeypatch):
     scripts = [c for c in calls if c and c[0].startswith("benchmarks/")
                and not c[0].endswith("gpu_summary.py")]
     assert {c[0] for c in scripts} == {
-        "benchmarks/bench_kernels.py", "benchmarks/bench_cg.py",
+        "benchmarks/pytest_resilient.py", "benchmarks/bench_kernels.py", "benchmarks/bench_cg.py",
         "benchmarks/bench_meta_gradient.py", "benchmarks/probes/hvp_op_count.py",
         "benchmarks/probes/root_graph.py", "benchmarks/bench_head_only.py",
         "benchmarks/fig2b_compute_memory.py"}
@@ -124,6 +128,7 @@ def test_suite_dry_run_quick_alone(tmp_path, monkeypatch):
     scripts = [c for c in calls if c and c[0].startswith("benchmarks/")
                and not c[0].endswith("gpu_summary.py")]
     assert {c[0] for c in scripts} == {
+        "benchmarks/pytest_resilient.py",
         "benchmarks/probes/hvp_op_count.py", "benchmarks/probes/root_graph.py",
         "benchmarks/bench_cg.py", "benchmarks/bench_kernels.py"}
     for c in scripts:
@@ -182,7 +187,8 @@ def test_cuda_selection_collects_what_each_gate_reads():
     that a test's module::name must hold, and words it must not): each gate must find tests in
     the selection, else its path's benchmark rows are skipped on the card for want of a test."""
     text = SUITE.read_text()
-    k = shlex.split(text.split("-m pytest python_tests", 1)[1].split("\\\n", 1)[0])
+    k = shlex.split(text.split(" -- \\\n", 1)[1].split("\n", 1)[0])
+    assert k[0] == "python_tests"
     assert k[k.index("-k") + 1] == "cuda or graph"
     gates = [shlex.split(line.strip())[1:4] for line in text.splitlines()
              if line.strip().startswith("gate IMAML_BENCH_")]
