@@ -63,7 +63,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from common import (RESULTS, environment, fmt_table, machine_line, peak_memory,  # noqa: E402
                     pick_device, summarize, time_once, write_json)
 
-from imaml_ext.algorithms import make_algorithm  # noqa: E402
+from imaml_ext.algorithms import make_algorithm, options_for  # noqa: E402
 from imaml_ext.hvp import ParamSpec, TaskLoss, make_hvp  # noqa: E402
 from imaml_ext.implicit import CapturedMetaGradient, implicit_meta_gradient  # noqa: E402
 from imaml_ext.inner import batched_theta, gd  # noqa: E402
@@ -419,10 +419,9 @@ def run_setting(name, spec, args, device):
     for algo in OURS:
         if algo not in args.methods:
             continue
-        kw = dict(lam=lam, inner_lr=lr, cg_steps=cg_steps, hvp=args.hvp)
-        if algo.startswith("imaml"):
-            kw["cg_lam"] = cg_lam
-        kw["inner_steps"] = args.hf_steps if algo == "imaml-hf" else steps
+        kw = options_for(algo, lam=lam, inner_lr=lr, cg_steps=cg_steps, hvp=args.hvp,
+                         cg_lam=cg_lam,
+                         inner_steps=args.hf_steps if algo == "imaml-hf" else steps)
         a = make_algorithm(algo, **kw)
         n = min(M, nm) if algo == "maml" else M
         contenders[algo] = (n, lambda a=a, n=n: a.meta_gradient(model, params, subset(tasks, n)))
@@ -606,8 +605,10 @@ def _warm_fn(key, model, params, tasks, n, args, lam, lr, cg_steps):
     """One cheap call of a contender on the shapes it is timed on (1 inner step)."""
     part = subset(tasks, n)
     if key in OURS or key == ONE_FOLD:
-        a = make_algorithm("imaml-gd" if key == ONE_FOLD else key, lam=lam, inner_lr=lr,
-                           cg_steps=min(cg_steps, 1), hvp=args.hvp, inner_steps=1)
+        name = "imaml-gd" if key == ONE_FOLD else key
+        a = make_algorithm(name, **options_for(name, lam=lam, inner_lr=lr,
+                                               cg_steps=min(cg_steps, 1), hvp=args.hvp,
+                                               inner_steps=1))
         if key == ONE_FOLD:
             a = _one_fold(a, model, n)
         return lambda: a.meta_gradient(model, params, part)

@@ -37,6 +37,7 @@ on_nonfinite="raise" raises FloatingPointError instead, naming the tasks.
 """
 from __future__ import annotations
 
+import inspect
 import warnings
 from dataclasses import dataclass
 from typing import Callable, Mapping
@@ -45,6 +46,7 @@ import torch
 from torch import nn
 
 from imaml_ext import reference
+from imaml_ext.config import HEAD_ALGORITHMS, unused_fields
 from imaml_ext.head_only import (ADAPT, HEAD_HVP, HeadModel, head_adapt, head_evaluate, head_gd,
                                  head_hessian_free, head_meta_gradient)
 from imaml_ext.hvp import HVP_KINDS, LOSSES, ParamSpec, Params, TaskLoss, make_hvp
@@ -86,6 +88,20 @@ class AlgorithmConfig:
 
 
 CUDA_GRAPH = (False, True, "solve", "step")
+
+
+def unused_options(name: str) -> tuple[str, ...]:
+    """make_algorithm's options that `name` does not use: the implicit meta-gradient's (and the
+    CG tolerance) for the baselines, the Newton-CG solver's for imaml-gd."""
+    return unused_fields(name) + (() if name in HEAD_ALGORITHMS else ("cg_rtol",))
+
+
+def options_for(name: str, **kwargs) -> dict:
+    """kwargs less the options `name` does not use (unused_options), for code that builds
+    several algorithms from one set of options: make_algorithm(name, **options_for(name, **kw))."""
+    if name not in ALGORITHMS:
+        raise ValueError(f"name must be one of {ALGORITHMS}, got {name!r}")
+    return {k: v for k, v in kwargs.items() if k not in unused_options(name)}
 
 
 def make_algorithm(name: str, *, loss: str | Callable = "cross_entropy", lam: float = 2.0,
@@ -131,9 +147,11 @@ def make_algorithm(name: str, *, loss: str | Callable = "cross_entropy", lam: fl
         compile_hvp: imaml-gd / imaml-hf, hvp "exact": the meta-gradient's CG products are
             torch.compile's forward-over-reverse HVP over all tasks (make_hvp(compile=True)),
             compiled on the first meta-step (35 s on an H100, about a minute on a 2-core CPU;
-            again for new shapes). Measured on an H100 (Omniglot conv net, meta-batch 32): 3.8x
-            (5-way 1-shot) and 1.9x (20-way 5-shot) faster per CG product than the default;
-            on the 2-core CPU 0.6-0.7x, so off by default. iMAML-HF's Newton steps keep "exact".
+            again for new shapes). Measured on an H100 (Omniglot conv net, meta-batch 32,
+            2026-11-28): 1.99x (5-way 1-shot) and 1.15x (20-way 5-shot) faster per CG product
+            than the default, iMAML-GD 1.42x / 1.03x the tasks per second (before the pooled
+            batch-norm kernels became CUDA's default); on the 2-core CPU 0.6-0.7x, so off by
+            default. iMAML-HF's Newton steps keep "exact".
         cuda_graph: imaml-gd / imaml-hf on a GPU, adapt="all", hvp other than "lstsq".
             True or "solve": the meta-gradient's solve (the HVP's set-up at phi and the cg_steps
             CG iterations) runs as one CUDA graph, captured on the first meta-step and replayed
@@ -142,11 +160,14 @@ def make_algorithm(name: str, *, loss: str | Callable = "cross_entropy", lam: fl
             (inner solver, query gradient and solve, every task at once) as one CUDA graph
             (imaml_ext.implicit.CapturedFunction), so a meta-step is one launch and the mean
             over tasks. Needs CUDA tensors (ValueError otherwise). If a capture fails, a
-            RuntimeWarning says why and the work runs eagerly from then on. Off by default
-            until timed on a GPU.
+            RuntimeWarning says why and the work runs eagerly from then on. On an H100
+            (meta-batch 32) 1.41x / 4.20x ("solve" / "step") the default's tasks per second at
+            5-way 1-shot, 1.01x / 1.02x at 20-way 5-shot; off by default until a GPU training
+            run has used it.
 
     Raises:
-        ValueError naming the argument.
+        ValueError naming the argument; also for an option that `name` does not use (see
+        unused_options; options_for(name, **kw) keeps the ones that apply).
     """
     if name not in ALGORITHMS:
         raise ValueError(f"name must be one of {ALGORITHMS}, got {name!r}")
@@ -216,6 +237,18 @@ def make_algorithm(name: str, *, loss: str | Callable = "cross_entropy", lam: fl
                          "proximal term, so it needs a regularized GD inner loop (imaml-gd, or "
                          "maml / fomaml / reptile with regularized=True); imaml-hf's Newton-CG "
                          f"minimises G itself. Got name={name!r}, regularized={regularized!r}")
+    unused = {k: v for k, v in (("hvp", hvp), ("cg_steps", cg_steps), ("cg_damping", cg_damping),
+                                ("cg_lam", cg_lam), ("hf_cg_steps", hf_cg_steps),
+                                ("cg_rtol", cg_rtol))
+              if k in unused_options(name) and v != _DEFAULTS[k]}
+    if unused:
+        # as the CLI: an option the algorithm would ignore is refused, not silently dropped
+        what = ("the Newton-CG inner solver of imaml-hf" if name == "imaml-gd" else
+                "the implicit meta-gradient of imaml-gd / imaml-hf")
+        raise ValueError(
+            f"{name} does not use {', '.join(f'{k}={v!r}' for k, v in unused.items())} ({what}): "
+            "leave them at their defaults, or pass options_for(name, **kwargs), which keeps the "
+            "options an algorithm takes")
     cfg = AlgorithmConfig(name=name, loss=loss, lam=float(lam), inner_steps=inner_steps,
                           inner_lr=float(inner_lr), cg_steps=cg_steps,
                           cg_damping=float(cg_damping),
@@ -225,6 +258,9 @@ def make_algorithm(name: str, *, loss: str | Callable = "cross_entropy", lam: fl
                           on_nonfinite=on_nonfinite, cg_rtol=float(cg_rtol), backend=backend,
                           adapt=adapt, compile_hvp=compile_hvp, cuda_graph=cuda_graph)
     return _CLASSES[name](cfg)
+
+
+_DEFAULTS = {k: p.default for k, p in inspect.signature(make_algorithm).parameters.items()}
 
 
 # ---- input checks --------------------------------------------------------------------------------
@@ -647,4 +683,4 @@ _CLASSES = {"imaml-gd": IMAMLGD, "imaml-hf": IMAMLHF, "maml": MAML, "fomaml": FO
             "reptile": Reptile}
 
 __all__ = ["ALGORITHMS", "AlgorithmConfig", "MetaAlgorithm", "make_algorithm", "check_params",
-           "check_tasks", "NO_CG"]
+           "check_tasks", "NO_CG", "options_for", "unused_options"]

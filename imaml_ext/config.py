@@ -145,13 +145,18 @@ class TrainConfig:
         return {k: d[k] for k in IDENTITY_FIELDS}
 
     def algorithm_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments of ``imaml_ext.algorithms.make_algorithm`` (after :func:`resolve`)."""
-        return {"loss": self.loss, "lam": self.lam, "inner_steps": self.inner_steps,
-                "inner_lr": self.inner_lr, "cg_steps": self.cg_steps,
-                "cg_damping": self.cg_damping, "cg_lam": self.cg_lam,
-                "hf_cg_steps": self.hf_cg_steps, "hvp": self.hvp, "proximal": self.proximal,
-                "adapt": self.adapt, "use_ext": self.use_ext, "compile_hvp": self.compile_hvp,
-                "cuda_graph": self.cuda_graph}
+        """Keyword arguments of ``imaml_ext.algorithms.make_algorithm`` (after :func:`resolve`),
+        less the fields the algorithm does not use (make_algorithm refuses those; a baseline's
+        checkpoint written before resolve refused them may still hold one)."""
+        kw = {"loss": self.loss, "lam": self.lam, "inner_steps": self.inner_steps,
+              "inner_lr": self.inner_lr, "cg_steps": self.cg_steps,
+              "cg_damping": self.cg_damping, "cg_lam": self.cg_lam,
+              "hf_cg_steps": self.hf_cg_steps, "hvp": self.hvp, "proximal": self.proximal,
+              "adapt": self.adapt, "use_ext": self.use_ext, "compile_hvp": self.compile_hvp,
+              "cuda_graph": self.cuda_graph}
+        for name in unused_fields(self.algo):
+            kw.pop(name, None)
+        return kw
 
     def save(self, path: str | Path, extra: dict[str, Any] | None = None) -> None:
         data = {"config": self.to_dict(), **(extra or {})}

@@ -12,7 +12,7 @@ from torch.func import functional_call
 
 import imaml_ext
 from imaml_ext import synthetic as syn
-from imaml_ext.algorithms import ALGORITHMS, NO_CG, make_algorithm
+from imaml_ext.algorithms import ALGORITHMS, NO_CG, make_algorithm, options_for
 from imaml_ext.models import ConvNet
 from imaml_ext.types import TaskBatch
 
@@ -220,7 +220,7 @@ def test_imaml_closed_form_linear_regression():
 @pytest.mark.parametrize("name", ALGORITHMS)
 def test_batched_equals_per_task_and_vmap_backend(name):
     model, params, tasks = conv_setup()
-    algo = make_algorithm(name, inner_steps=2, inner_lr=0.1, cg_steps=2)
+    algo = make_algorithm(name, **options_for(name, inner_steps=2, inner_lr=0.1, cg_steps=2))
     g, m = algo.meta_gradient(model, params, tasks)
     singles = [algo.meta_gradient(model, params, task(tasks, i))[0] for i in range(3)]
     close(g, {k: torch.stack([s[k] for s in singles]).mean(0) for k in params}, rtol=1e-8,
@@ -264,7 +264,7 @@ def test_adapt_and_evaluate():
 def test_same_results_under_no_grad(name):
     # the trainer may call these under torch.no_grad(): the inner gradients must still flow
     model, params, tasks = conv_setup(M=2)
-    algo = make_algorithm(name, inner_steps=2, inner_lr=0.1, cg_steps=2)
+    algo = make_algorithm(name, **options_for(name, inner_steps=2, inner_lr=0.1, cg_steps=2))
     g, _ = algo.meta_gradient(model, params, tasks)
     with torch.no_grad():
         g0, _ = algo.meta_gradient(model, params, tasks)
@@ -284,7 +284,7 @@ def poisoned(tasks, which):
 @pytest.mark.parametrize("name", ALGORITHMS)
 def test_nonfinite_task_is_skipped_and_counted(name):
     model, params, tasks = conv_setup()
-    algo = make_algorithm(name, inner_steps=2, inner_lr=0.1, cg_steps=2)
+    algo = make_algorithm(name, **options_for(name, inner_steps=2, inner_lr=0.1, cg_steps=2))
     g, m = algo.meta_gradient(model, params, poisoned(tasks, 1))
     assert m["task_ok"].tolist() == [True, False, True] and int(m["num_ok"]) == 2
     assert all(torch.isfinite(v).all() for v in g.values())
@@ -394,3 +394,29 @@ def test_argument_errors():
     with pytest.raises(ValueError, match=r"tasks.y_query holds labels in \[-1, 2\]"):
         algo.meta_gradient(model, params, TaskBatch(*tasks[:3], torch.full_like(
             tasks.y_query, 2).index_fill(1, torch.tensor([0]), -1)))
+
+
+@pytest.mark.parametrize("name", ["maml", "fomaml", "reptile", "imaml-gd"])
+def test_options_the_algorithm_would_ignore_are_refused(name):
+    # as the CLI does: a baseline given the implicit solve's options (or imaml-gd the Newton-CG
+    # solver's) would run without them, silently
+    ignored = ({"hf_cg_steps": 3} if name == "imaml-gd" else
+               {"cg_steps": 2, "hvp": "ggn", "cg_damping": 1.0, "cg_lam": 3.0, "cg_rtol": 1e-6})
+    for k, v in ignored.items():
+        with pytest.raises(ValueError, match=f"{name} does not use {k}={v!r}"):
+            make_algorithm(name, **{k: v})
+    make_algorithm(name, **options_for(name, **ignored))  # the helper keeps what applies
+    assert set(options_for(name, lam=1.0, **ignored)) == {"lam"}
+    assert set(options_for("imaml-hf", lam=1.0, **ignored)) == {"lam", *ignored}
+    with pytest.raises(ValueError, match="name must be one of"):
+        options_for("anil", lam=1.0)
+
+
+def test_a_baseline_config_with_implicit_fields_still_builds():
+    # a checkpoint's config written before such options were refused
+    import dataclasses
+
+    from imaml_ext.config import TrainConfig, resolve
+    cfg = dataclasses.replace(resolve(TrainConfig(algo="maml")), cg_steps=9, hvp="ggn")
+    assert "cg_steps" not in cfg.algorithm_kwargs() and "hvp" not in cfg.algorithm_kwargs()
+    make_algorithm(cfg.algo, **cfg.algorithm_kwargs())

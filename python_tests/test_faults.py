@@ -358,9 +358,9 @@ def test_underflowing_norm_is_not_reported_converged(use_ext, dtype):
 # ---- algorithms: a task that goes bad is left out and counted, never averaged in --------------
 
 try:
-    from imaml_ext.algorithms import ALGORITHMS, make_algorithm
+    from imaml_ext.algorithms import ALGORITHMS, make_algorithm, options_for
 except ImportError:  # imaml_ext.algorithms has not landed
-    ALGORITHMS, make_algorithm = (), None
+    ALGORITHMS, make_algorithm, options_for = (), None, None
 needs_algorithms = pytest.mark.skipif(make_algorithm is None,
                                       reason="imaml_ext.algorithms has not landed")
 
@@ -390,7 +390,7 @@ def small_algorithm(name: str, **kw):
     if name == "imaml-hf":  # Newton-CG: one iteration of 2 CG steps is enough to go bad
         kw = {"inner_steps": 1, "hf_cg_steps": 2, **kw}
     kw = {"inner_steps": 2, **kw}
-    return make_algorithm(name, inner_lr=0.1, cg_steps=2, lam=2.0, **kw)
+    return make_algorithm(name, **options_for(name, inner_lr=0.1, cg_steps=2, lam=2.0, **kw))
 
 
 @needs_algorithms
