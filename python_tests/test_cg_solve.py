@@ -167,21 +167,24 @@ def set_env(monkeypatch, name, value):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 @pytest.mark.parametrize("step", ["separate", "epilogue", None], ids=["separate", "epilogue",
                                                                      "default_step"])
-@pytest.mark.parametrize("kernel", ["rows", "tiles", None], ids=["rows", "tiles", "default"])
+@pytest.mark.parametrize("kernel", ["rows", "tiles", "bulk", None],
+                         ids=["rows", "tiles", "bulk", "default"])
 def test_cuda_lstsq_product_kernels(kernel, step, dtype, monkeypatch):
     # IMAML_CUDA_XTXV selects the CUDA least-squares product: "tiles" (rows held in registers,
-    # read once) where it applies, "rows" the row kernel, unset tiles in the CG loop and for a
+    # read once) where it applies, "bulk" the same fed by the copy engine through a ring of
+    # shared-memory stages (sm_90), "rows" the row kernel, unset tiles in the CG loop and for a
     # lone product larger than L2. Shapes cover 1, 2 and 4 column groups per
     # thread in both dtypes, row counts that leave a partial tile, blocks that stride over several
-    # tiles (n = 5000), d too wide for the register kernel (float64 d = 4000), an unaligned X (the
-    # scalar kernel), and the multi-launch solver with zero and nonzero starts (its mask skips
-    # systems). IMAML_CUDA_CG_STEP=epilogue (the default) runs that solver's CG step in the
+    # tiles (n = 5000; n = 20000, d = 256: about ten tiles per block, so the bulk kernel's ring
+    # wraps several times), d too wide for the register kernels (float64 d = 4000), an unaligned X
+    # (the scalar kernel), and the multi-launch solver with zero and nonzero starts (its mask
+    # skips systems). IMAML_CUDA_CG_STEP=epilogue (the default) runs that solver's CG step in the
     # product kernel, "separate" as launches of its own.
     set_env(monkeypatch, "IMAML_CUDA_XTXV", kernel)
     set_env(monkeypatch, "IMAML_CUDA_CG_STEP", step)
     monkeypatch.setenv("IMAML_CG_FUSED", "0")
     for B, n, d in ((1, 1, 4), (3, 37, 1000), (2, 5, 2000), (1, 300, 4000), (2, 7, 36),
-                    (1, 5000, 1000)):
+                    (1, 5000, 1000), (1, 20000, 256)):
         X64, v64 = lstsq_problem(B, n, d, torch.float64, "cuda", seed=n + d)
         X, v = X64.to(dtype), v64.to(dtype)
         unaligned = torch.empty(X.numel() + 1, dtype=dtype, device="cuda")[1:].view(X.shape)
@@ -221,7 +224,7 @@ def test_cuda_lstsq_path_switch_with_an_unknown_value_is_refused(name, monkeypat
 
 @needs_ext
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
-@pytest.mark.parametrize("kernel", ["rows", "tiles"])
+@pytest.mark.parametrize("kernel", ["rows", "tiles", "bulk"])
 def test_cuda_lstsq_step_epilogue_stops_each_system(kernel, monkeypatch):
     # The CG step as the product's epilogue (IMAML_CUDA_CG_STEP=epilogue), systems converging
     # after different iteration counts: each stops on its own, with the reference's iteration

@@ -17,6 +17,8 @@
 #include <torch/library.h>
 #include <torch/types.h>
 
+#include <cuda/barrier>
+
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
@@ -252,9 +254,116 @@ __global__ void __launch_bounds__(kBlockSize)
   }
 }
 
-// The same product with each row of X read from memory once and never re-read (opt-in until
-// measured on a GPU: IMAML_CUDA_XTXV=tiles). Thread t keeps, in registers, the 16-byte column
-// groups q = t + g kBlockSize (g < G) of v and of its block's column sums. A tile of R rows is
+// The pieces xtxv_tiles_kernel and xtxv_bulk_kernel share. Thread t holds, in registers, the
+// 16-byte column groups q = t + g kBlockSize (g < G) of v (vr) and of its block's column sums
+// (cs), and a tile's R rows of X at those groups (xr).
+template <typename scalar_t, typename acc_t, int G>
+struct TileRegs {
+  using Vec = cuda::Vec16<scalar_t>;
+  using vec_t = typename Vec::type;
+  static constexpr int L = Vec::kN;
+  static constexpr int R = 16 / G;
+  vec_t vr[G];
+  acc_t cs[G][L];
+
+  __device__ __forceinline__ void start(const scalar_t* v, int64_t nv) {
+    const vec_t* v4 = reinterpret_cast<const vec_t*>(v);
+#pragma unroll
+    for (int g = 0; g < G; ++g) {
+      const int64_t q = threadIdx.x + g * kBlockSize;
+      vr[g] = q < nv ? v4[q] : vec_t{};
+#pragma unroll
+      for (int e = 0; e < L; ++e) cs[g][e] = acc_t(0);
+    }
+  }
+
+  // xr = rows r0.. of the tile whose row r starts at rows[r * nv] (vectors), zero past n
+  __device__ __forceinline__ static void load(vec_t (&xr)[R][G], const vec_t* rows, int64_t r0,
+                                              int64_t n, int64_t nv) {
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+#pragma unroll
+      for (int g = 0; g < G; ++g) {
+        const int64_t q = threadIdx.x + g * kBlockSize;
+        xr[r][g] = (r0 + r < n && q < nv) ? rows[r * nv + q] : vec_t{};
+      }
+    }
+  }
+
+  // Each warp's share of the tile's R row dot products with v, into partial[warp][.]
+  __device__ __forceinline__ void dots(const vec_t (&xr)[R][G], acc_t (*partial)[R]) const {
+    const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
+    acc_t t[R];
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      acc_t s = 0;
+#pragma unroll
+      for (int g = 0; g < G; ++g) s += Vec::dot(xr[r][g], vr[g]);
+      t[r] = cuda::warp_allsum(s);
+    }
+    if (lane == 0) {
+#pragma unroll
+      for (int r = 0; r < R; ++r) partial[warp][r] = t[r];
+    }
+  }
+
+  // After a barrier: the warps' partials summed in a fixed order, times the rows, into cs
+  __device__ __forceinline__ void accumulate(const vec_t (&xr)[R][G], const acc_t (*partial)[R]) {
+    acc_t t[R];
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      acc_t s = 0;
+#pragma unroll
+      for (int w = 0; w < kWarpsPerBlock; ++w) s += partial[w][r];
+      t[r] = s;
+    }
+#pragma unroll
+    for (int g = 0; g < G; ++g) {
+#pragma unroll
+      for (int r = 0; r < R; ++r) Vec::fma(cs[g], t[r], xr[r][g]);
+    }
+  }
+
+  // The block's column sums into system b's accumulator (16-byte vector atomics on sm_90); the
+  // last block of the system writes out[b] = shift v + scale acc and, with kStep, runs its CG step.
+  template <bool kStep>
+  __device__ __forceinline__ void finish(acc_t* acc, unsigned int* counter, scalar_t* out,
+                                         const scalar_t* v, int64_t b, int64_t d, double shift,
+                                         double scale, const cuda::CgStepArgs<scalar_t>& cg) {
+    const int64_t nv = d / L;
+    acc_t* accb = acc + b * d;
+#pragma unroll
+    for (int g = 0; g < G; ++g) {
+      const int64_t q = threadIdx.x + g * kBlockSize;
+      if (q >= nv) continue;
+      bool added = false;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+      if constexpr (std::is_same_v<acc_t, float> && L == 4) {
+        atomicAdd(reinterpret_cast<float4*>(accb) + q,
+                  make_float4(cs[g][0], cs[g][1], cs[g][2], cs[g][3]));
+        added = true;
+      }
+#endif
+      if (!added) {
+#pragma unroll
+        for (int e = 0; e < L; ++e) atomicAdd(accb + q * L + e, cs[g][e]);
+      }
+    }
+    scalar_t* ob = out + b * d;
+    const scalar_t* vb = v + b * d;
+    [[maybe_unused]] const bool last = cuda::last_block_epilogue(accb, counter + b, gridDim.x, d, [&](int64_t j, acc_t a) {
+      ob[j] = static_cast<scalar_t>(lstsq_combine<acc_t>(static_cast<acc_t>(vb[j]), a, shift, scale));
+    });
+    if constexpr (kStep) {
+      if (last) cuda::block_cg_step<scalar_t, acc_t>(cg, b, ob, d);
+    }
+  }
+};
+
+// The same product with each row of X read from memory once and never re-read (the default in
+// the CG loop since the H100 run of 2026-11-28; IMAML_CUDA_XTXV). Thread t keeps, in registers,
+// the 16-byte column groups q = t + g kBlockSize (g < G) of v and of its block's column sums
+// (TileRegs). A tile of R rows is
 // loaded into registers (R x G independent 16-byte loads in flight per thread); its R dot products
 // are reduced over the block (warp butterflies, then the warps' partials summed in a fixed order
 // through shared memory, double-buffered: one barrier per tile); the column sums then take
@@ -272,93 +381,111 @@ __global__ void __launch_bounds__(kBlockSize, 2)
                       unsigned int* __restrict__ counter, cuda::in_ptr<int32_t, !kStep> status,
                       int64_t n, int64_t d, double shift, double scale,
                       cuda::CgStepArgs<scalar_t> cg) {
-  using Vec = cuda::Vec16<scalar_t>;
-  using vec_t = typename Vec::type;
-  constexpr int L = Vec::kN;
-  constexpr int R = 16 / G;
+  using Regs = TileRegs<scalar_t, acc_t, G>;
+  using vec_t = typename Regs::vec_t;
+  constexpr int R = Regs::R;
   __shared__ acc_t partial[2][kWarpsPerBlock][R];
   const int64_t b = blockIdx.y;
   if (status != nullptr && status[b] != kRunning) return;
-  const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
-  const int64_t nv = d / L;
+  const int64_t nv = d / Regs::L;
   const vec_t* X4 = reinterpret_cast<const vec_t*>(X + b * n * d);
-  const vec_t* v4 = reinterpret_cast<const vec_t*>(v + b * d);
-  vec_t vr[G];
-  acc_t cs[G][L];
-#pragma unroll
-  for (int g = 0; g < G; ++g) {
-    const int64_t q = threadIdx.x + g * kBlockSize;
-    vr[g] = q < nv ? v4[q] : vec_t{};
-#pragma unroll
-    for (int e = 0; e < L; ++e) cs[g][e] = acc_t(0);
-  }
+  Regs regs;
+  regs.start(v + b * d, nv);
   const int64_t tiles = (n + R - 1) / R;
   int slot = 0;
   for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x, slot ^= 1) {
-    const int64_t r0 = tile * R;
     vec_t xr[R][G];
-#pragma unroll
-    for (int r = 0; r < R; ++r) {
-#pragma unroll
-      for (int g = 0; g < G; ++g) {
-        const int64_t q = threadIdx.x + g * kBlockSize;
-        xr[r][g] = (r0 + r < n && q < nv) ? X4[(r0 + r) * nv + q] : vec_t{};
-      }
-    }
-    acc_t t[R];
-#pragma unroll
-    for (int r = 0; r < R; ++r) {
-      acc_t s = 0;
-#pragma unroll
-      for (int g = 0; g < G; ++g) s += Vec::dot(xr[r][g], vr[g]);
-      t[r] = cuda::warp_allsum(s);
-    }
-    if (lane == 0) {
-#pragma unroll
-      for (int r = 0; r < R; ++r) partial[slot][warp][r] = t[r];
-    }
+    Regs::load(xr, X4 + tile * R * nv, tile * R, n, nv);
+    regs.dots(xr, partial[slot]);
     // The other slot is written by the next tile, so a fast warp cannot overwrite partials a slow
     // one is still reading: reaching the tile after next takes the next tile's barrier.
     __syncthreads();
-#pragma unroll
-    for (int r = 0; r < R; ++r) {
-      acc_t s = 0;
-#pragma unroll
-      for (int w = 0; w < kWarpsPerBlock; ++w) s += partial[slot][w][r];
-      t[r] = s;
-    }
-#pragma unroll
-    for (int g = 0; g < G; ++g) {
-#pragma unroll
-      for (int r = 0; r < R; ++r) Vec::fma(cs[g], t[r], xr[r][g]);
-    }
+    regs.accumulate(xr, partial[slot]);
   }
-  acc_t* accb = acc + b * d;
-#pragma unroll
-  for (int g = 0; g < G; ++g) {
-    const int64_t q = threadIdx.x + g * kBlockSize;
-    if (q >= nv) continue;
-    bool added = false;
+  regs.template finish<kStep>(acc, counter, out, v, b, d, shift, scale, cg);
+}
+
+// The register-tiled product fed by the copy engine (Hopper's bulk copies; opt-in,
+// IMAML_CUDA_XTXV=bulk, until timed on a GPU). On the H100 the register-tiled kernel reached 66%
+// and 46% of the copy bandwidth at (32, 500, 2000) and (1, 4000, 4000): each thread's loads are
+// in flight only until the tile's reduction, and two blocks per SM keep about 128 KB requested.
+// Here one thread per block hands whole tiles (R consecutive rows, contiguous in X) to the copy
+// engine, `stages` tiles ahead, into a ring of shared-memory stages, each completing on its own
+// mbarrier (transaction bytes); the threads read their 16-byte column groups of the tile from
+// shared memory into the same registers as xtxv_tiles_kernel and do the same arithmetic (dot
+// products, block reduction, column sums, atomics, last block's epilogue and CG step). One block
+// per SM (the ring takes up to 192 KB). Phases: tile k uses stage k % stages; thread 0 registers
+// its bytes (expect_tx) and issues its copy once every thread has passed the wait of tile
+// k - stages (the stage's previous phase) and read that tile (the barrier after the reads), and
+// before its own arrival on tile k's phase, so that phase cannot complete before the bytes land.
+template <typename scalar_t, typename acc_t, int G, bool kStep>
+__global__ void __launch_bounds__(kBlockSize, 1)
+    xtxv_bulk_kernel(const scalar_t* __restrict__ X, cuda::in_ptr<scalar_t, !kStep> v,
+                     scalar_t* __restrict__ out, acc_t* __restrict__ acc,
+                     unsigned int* __restrict__ counter, cuda::in_ptr<int32_t, !kStep> status,
+                     int64_t n, int64_t d, double shift, double scale,
+                     cuda::CgStepArgs<scalar_t> cg, int stages, int64_t stage_stride) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    if constexpr (std::is_same_v<acc_t, float> && L == 4) {
-      atomicAdd(reinterpret_cast<float4*>(accb) + q,
-                make_float4(cs[g][0], cs[g][1], cs[g][2], cs[g][3]));
-      added = true;
+  using barrier = ::cuda::barrier<::cuda::thread_scope_block>;
+  using Regs = TileRegs<scalar_t, acc_t, G>;
+  using vec_t = typename Regs::vec_t;
+  constexpr int R = Regs::R;
+  constexpr int kMaxStages = 4;
+#pragma nv_diag_suppress static_var_with_dynamic_init
+  __shared__ barrier bar[kMaxStages];
+  __shared__ acc_t partial[kWarpsPerBlock][R];
+  extern __shared__ __align__(128) unsigned char ring[];
+  const int64_t b = blockIdx.y;
+  if (status != nullptr && status[b] != kRunning) return;
+  const int64_t nv = d / Regs::L;
+  const int64_t tiles = (n + R - 1) / R;
+  const scalar_t* Xb = X + b * n * d;
+  auto issue = [&](int64_t tile) {  // thread 0: tile's rows into its stage
+    const int s = static_cast<int>(((tile - blockIdx.x) / gridDim.x) % stages);
+    const int64_t rows = std::min<int64_t>(R, n - tile * R);
+    const auto bytes = static_cast<uint32_t>(rows * d * static_cast<int64_t>(sizeof(scalar_t)));
+    ::cuda::device::barrier_expect_tx(bar[s], bytes);
+    ::cuda::device::memcpy_async_tx(reinterpret_cast<scalar_t*>(ring + s * stage_stride),
+                                    Xb + tile * R * d, ::cuda::aligned_size_t<16>(bytes), bar[s]);
+  };
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < stages; ++s) init(&bar[s], blockDim.x);
+    ::cuda::device::experimental::fence_proxy_async_shared_cta();  // the barriers, to the engine
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    for (int k = 0; k < stages; ++k) {
+      const int64_t tile = blockIdx.x + k * static_cast<int64_t>(gridDim.x);
+      if (tile < tiles) issue(tile);
     }
+  }
+  Regs regs;
+  regs.start(v + b * d, nv);
+  int64_t k = 0;
+  for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x, ++k) {
+    const int s = static_cast<int>(k % stages);
+    barrier::arrival_token token = bar[s].arrive();
+    bar[s].wait(std::move(token));
+    vec_t xr[R][G];
+    Regs::load(xr, reinterpret_cast<const vec_t*>(ring + s * stage_stride), tile * R, n, nv);
+    regs.dots(xr, partial);
+    // Every thread has read the stage (into xr) and written its partials: the stage can take
+    // tile k + stages. Nobody writes partial again before every thread has arrived at the next
+    // tile's barrier, i.e. has read these.
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      const int64_t next = tile + stages * static_cast<int64_t>(gridDim.x);
+      if (next < tiles) {
+        ::cuda::device::experimental::fence_proxy_async_shared_cta();
+        issue(next);
+      }
+    }
+    regs.accumulate(xr, partial);
+  }
+  regs.template finish<kStep>(acc, counter, out, v, b, d, shift, scale, cg);
+#else
+  __trap();  // launched only on sm_90 and later (LstsqApply checks the device)
 #endif
-    if (!added) {
-#pragma unroll
-      for (int e = 0; e < L; ++e) atomicAdd(accb + q * L + e, cs[g][e]);
-    }
-  }
-  scalar_t* ob = out + b * d;
-  const scalar_t* vb = v + b * d;
-  [[maybe_unused]] const bool last = cuda::last_block_epilogue(accb, counter + b, gridDim.x, d, [&](int64_t j, acc_t a) {
-    ob[j] = static_cast<scalar_t>(lstsq_combine<acc_t>(static_cast<acc_t>(vb[j]), a, shift, scale));
-  });
-  if constexpr (kStep) {
-    if (last) cuda::block_cg_step<scalar_t, acc_t>(cg, b, ob, d);
-  }
 }
 
 // Which least-squares product kernel LstsqApply runs, IMAML_CUDA_XTXV: "tiles" (xtxv_tiles_kernel
@@ -368,13 +495,28 @@ __global__ void __launch_bounds__(kBlockSize, 2)
 // (32, 50, 200), (32, 500, 2000) and (1, 4000, 4000) with the step epilogue; a lone product was
 // 1.44x and 1.15x faster at the two sizes above L2 (122 and 61 MiB) and 1.46x slower at 1.3 MB,
 // where X stays in L2 and the row kernel's re-reads of it are cheap.
-enum class XtxvKernel { kAuto, kRows, kTiles };
+// f(std::integral_constant<int, G>, std::bool_constant<step>) for the register kernels' column
+// groups per thread, G in {1, 2, 4}, and whether they run the CG step in their epilogue.
+template <typename F>
+void with_groups_and_step(int G, bool step, F&& f) {
+  auto by_step = [&](auto g) {
+    if (step) f(g, std::true_type{});
+    else f(g, std::false_type{});
+  };
+  if (G == 1) by_step(std::integral_constant<int, 1>{});
+  else if (G == 2) by_step(std::integral_constant<int, 2>{});
+  else by_step(std::integral_constant<int, 4>{});
+}
+
+// "bulk" (opt-in): xtxv_bulk_kernel where it applies (sm_90 and later), else as "tiles".
+enum class XtxvKernel { kAuto, kRows, kTiles, kBulk };
 inline XtxvKernel xtxv_kernel_choice() {
   const char* e = std::getenv("IMAML_CUDA_XTXV");
   if (e == nullptr || *e == '\0' || std::strcmp(e, "auto") == 0) return XtxvKernel::kAuto;
   if (std::strcmp(e, "tiles") == 0) return XtxvKernel::kTiles;
+  if (std::strcmp(e, "bulk") == 0) return XtxvKernel::kBulk;
   TORCH_CHECK_VALUE(std::strcmp(e, "rows") == 0,
-                    "IMAML_CUDA_XTXV must be auto, tiles or rows (or unset), got '", e, "'");
+                    "IMAML_CUDA_XTXV must be auto, tiles, bulk or rows (or unset), got '", e, "'");
   return XtxvKernel::kRows;
 }
 
@@ -411,15 +553,16 @@ struct LstsqApply {
   at::Tensor X;
   double shift, scale;
   at::Tensor acc, counter;
-  bool tiles;  // xtxv_tiles_kernel where it applies (see xtxv_kernel_choice)
+  XtxvKernel kernel;  // kRows, kTiles or kBulk (see xtxv_kernel_choice)
   // in_cg_loop: the products of a multi-launch CG solve (else a lone product, lstsq_apply)
   LstsqApply(at::Tensor X_, double shift_, double scale_, bool in_cg_loop)
-      : X(std::move(X_)), shift(shift_), scale(scale_) {
-    const XtxvKernel k = xtxv_kernel_choice();
-    tiles = k == XtxvKernel::kTiles ||
-            (k == XtxvKernel::kAuto &&
-             (in_cg_loop || X.numel() * static_cast<int64_t>(X.element_size()) >
-                                at::cuda::getCurrentDeviceProperties()->l2CacheSize));
+      : X(std::move(X_)), shift(shift_), scale(scale_), kernel(xtxv_kernel_choice()) {
+    if (kernel == XtxvKernel::kAuto) {
+      kernel = in_cg_loop || X.numel() * static_cast<int64_t>(X.element_size()) >
+                                 at::cuda::getCurrentDeviceProperties()->l2CacheSize
+                   ? XtxvKernel::kTiles
+                   : XtxvKernel::kRows;
+    }
     const int64_t B = X.size(0), d = X.size(2);
     acc = at::zeros({B, d}, X.options().dtype(X.scalar_type() == at::kDouble ? at::kDouble
                                                                              : at::kFloat));
@@ -477,9 +620,35 @@ struct LstsqApply {
         return;
       }
       stepped = step_status != nullptr;
-      if (tiles && cuda::can_vec16<scalar_t>(X.data_ptr(), v.data_ptr(), d)) {
+      if (kernel != XtxvKernel::kRows && cuda::can_vec16<scalar_t>(X.data_ptr(), v.data_ptr(), d)) {
         const int64_t nv = d / cuda::Vec16<scalar_t>::kN;
         const int G = nv <= kBlockSize ? 1 : nv <= 2 * kBlockSize ? 2 : nv <= 4 * kBlockSize ? 4 : 0;
+        const auto* prop = at::cuda::getCurrentDeviceProperties();
+        // xtxv_bulk_kernel: a ring of 2 or 3 stages of R rows each, one block per SM
+        const int64_t stride = (static_cast<int64_t>(16 / std::max(G, 1)) * d *
+                                    static_cast<int64_t>(sizeof(scalar_t)) + 127) / 128 * 128;
+        const int64_t room = static_cast<int64_t>(prop->sharedMemPerBlockOptin) - 4096;
+        const int stages = static_cast<int>(std::min<int64_t>(3, std::max<int64_t>(room, 0) / stride));
+        if (kernel == XtxvKernel::kBulk && G > 0 && prop->major >= 9 && stages >= 2) {
+          const int64_t R = 16 / G, tiles = (n + R - 1) / R;
+          // one wave: at most one block per SM over all systems (the ring keeps one per SM)
+          const int64_t per_system = std::max<int64_t>(
+              1, std::min<int64_t>(tiles, prop->multiProcessorCount / B));
+          const dim3 grid(static_cast<unsigned>(per_system), B);
+          const size_t ring = static_cast<size_t>(stages * stride);
+          auto launch = [&](auto kernel_fn) {
+            cuda::allow_smem(kernel_fn, ring);
+            kernel_fn<<<grid, kBlockSize, ring, stream>>>(
+                X.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
+                acc.data_ptr<acc_t>(), reinterpret_cast<unsigned int*>(counter.data_ptr<int32_t>()),
+                status, n, d, shift, scale, cg, stages, stride);
+            C10_CUDA_KERNEL_LAUNCH_CHECK();
+          };
+          with_groups_and_step(G, stepped, [&](auto g, auto step) {
+            launch(xtxv_bulk_kernel<scalar_t, acc_t, decltype(g)::value, decltype(step)::value>);
+          });
+          return;
+        }
         if (G > 0) {
           const int64_t R = 16 / G, tiles = (n + R - 1) / R;
           const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
@@ -492,15 +661,9 @@ struct LstsqApply {
                 status, n, d, shift, scale, cg);
             C10_CUDA_KERNEL_LAUNCH_CHECK();
           };
-          if (G == 1)
-            stepped ? launch(xtxv_tiles_kernel<scalar_t, acc_t, 1, true>)
-                    : launch(xtxv_tiles_kernel<scalar_t, acc_t, 1, false>);
-          else if (G == 2)
-            stepped ? launch(xtxv_tiles_kernel<scalar_t, acc_t, 2, true>)
-                    : launch(xtxv_tiles_kernel<scalar_t, acc_t, 2, false>);
-          else
-            stepped ? launch(xtxv_tiles_kernel<scalar_t, acc_t, 4, true>)
-                    : launch(xtxv_tiles_kernel<scalar_t, acc_t, 4, false>);
+          with_groups_and_step(G, stepped, [&](auto g, auto step) {
+            launch(xtxv_tiles_kernel<scalar_t, acc_t, decltype(g)::value, decltype(step)::value>);
+          });
           return;
         }
       }
