@@ -39,6 +39,22 @@ def test_hvp_op_count_probe(tmp_path, capsys):
     assert len(rep["summary_lines"]) == 3 and "the gradient's" in capsys.readouterr().out
 
 
+def test_hvp_op_count_busy_time_counts_each_kernel_once():
+    # the profiler lists a kernel twice: as the ATen op that launched it (CPU device type, its
+    # kernels' time as "self device time") and as itself (CUDA device type)
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+    busy_us = load_benchmark("probes/hvp_op_count").busy_us
+    ev = [SimpleNamespace(device_type=DeviceType.CPU, self_device_time_total=100.0,
+                          self_cpu_time_total=30.0, is_user_annotation=False),
+          SimpleNamespace(device_type=DeviceType.CUDA, self_device_time_total=100.0,
+                          self_cpu_time_total=0.0, is_user_annotation=False),
+          SimpleNamespace(device_type=DeviceType.CUDA, self_device_time_total=7.0,
+                          self_cpu_time_total=0.0, is_user_annotation=True)]
+    assert busy_us(ev, cuda=True) == 100.0 and busy_us(ev, cuda=False) == 30.0
+
+
 def test_root_graph_probe(tmp_path, capsys):
     probe = load_benchmark("probes/root_graph")
     out = tmp_path / "root.json"

@@ -181,6 +181,18 @@ def timed(tl, pb, x, y, v, own_conv, bn, cudnn_benchmark, device, products=3):
         hvp_mod.POOLED_BN_KERNELS = before_bn
 
 
+def busy_us(events, cuda: bool) -> float:
+    """Microseconds the device (the kernels: events of the GPU's device type) or, on the CPU, the
+    ops themselves (self time) were busy, as torch's table totals them. Summing every event's
+    self device time counts each kernel twice, once as the op that launched it (2026-11-28 H100
+    run: "kernel time" 2.03 ms where the table said 1.015 ms)."""
+    from torch.autograd import DeviceType
+    if not cuda:
+        return float(sum(e.self_cpu_time_total for e in events))
+    return float(sum(e.self_device_time_total for e in events
+                     if e.device_type == DeviceType.CUDA and not e.is_user_annotation))
+
+
 def profile_phases(tl, pb, x, y, v, device, top=12):
     """torch.profiler of one gradient and one product (default layout): where the time goes.
     On a GPU the sum of the kernels' device time against the wall time says whether the
@@ -201,7 +213,7 @@ def profile_phases(tl, pb, x, y, v, device, top=12):
             fn()
             sync(device)
         ka = prof.key_averages()
-        out[phase] = {"busy_ms": sum(getattr(e, key) for e in ka) / 1e3, "busy_of": key,
+        out[phase] = {"busy_ms": busy_us(ka, cuda) / 1e3, "busy_of": key,
                       "table": ka.table(sort_by=key, row_limit=top)}
     hvp_mod.POOLED_BN_KERNELS = before
     return out
