@@ -111,6 +111,8 @@ def test_suite_dry_run_quick_full(tmp_path, monkeypatch, compile_):
         _parses(c[0], c[1:], monkeypatch)
     preset = [c for c in calls if c[:2] == ["-m", "imaml_ext.cli"]]
     assert [c[2] for c in preset] == ["train", "eval"]
+    i = preset[0].index("--cuda-graph")  # the preset's default: the step graph
+    assert preset[0][i + 1] == "step"
     for c in preset:
         _check_cli(c)
     # a second call on the still-warm machine goes on where the first stopped: nothing reruns
