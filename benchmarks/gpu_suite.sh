@@ -23,8 +23,9 @@
 # of 353 by a segfault, since fixed; all 353 ~95 s), bench_kernels 91 s, bench_cg 17 s,
 # meta-gradient with compiling 204 s (~65 s without), hvp_op_count 17 s, root_graph 9 s; the
 # deadline then left out the training preset, head-only and Fig. 2b.
-# 'quick full' should fit SUITE_DEADLINE_S=530 in one call (a machine's start costs 1-2 device
-# minutes more). Full steps run in order of importance (kernels and CG, meta-gradient with the
+# 'quick full' takes about 560 s now (more CUDA tests and kernel rows, no compiling, the
+# training preset): SUITE_DEADLINE_S=560 with the device tool's timeout_s=600 in one call (a
+# machine's start costs 1-2 device minutes more; 15 minutes in all). Full steps run in order of importance (kernels and CG, meta-gradient with the
 # CUDA graph, the probes, training preset, head-only, Fig. 2b: the last two measured on an H100
 # already), so a deadline drops the least important.
 # Omniglot: IMAML_DATA if set, else .cache/gpu_data (an uncommitted copy carried to the machine,
