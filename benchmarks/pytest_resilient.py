@@ -86,7 +86,7 @@ def main(argv=None) -> int:
         env = {**os.environ, "IMAML_TEST_LOG": str(log), "IMAML_TEST_SKIP": str(skip),
                "PYTHONPATH": os.pathsep.join(filter(None, [str(HERE),
                                                            os.environ.get("PYTHONPATH")]))}
-        crashes = []
+        crashes, died_outside = [], False
         while True:
             rc = subprocess.run([sys.executable, "-m", "pytest", "-p", "crash_log_plugin",
                                  *pytest_args], env=env).returncode
@@ -94,6 +94,7 @@ def main(argv=None) -> int:
             running = [n for n in started if n not in done]
             died = rc < 0 or rc >= 128
             if not (died and running):
+                died_outside = died  # at collection or at exit
                 break
             signal_no = -rc if rc < 0 else rc - 128
             crashes.append(running[-1])
@@ -102,7 +103,6 @@ def main(argv=None) -> int:
             print(f"pytest_resilient: the process died (signal {signal_no}) in {running[-1]}; "
                   f"going on past it", file=sys.stderr, flush=True)
             if len(crashes) > args.max_crashes or left <= 0:  # no test left to run
-                died = False
                 break
             skip.write_text("\n".join(started) + "\n")
         started, done, _ = read_log(log)
@@ -115,7 +115,7 @@ def main(argv=None) -> int:
           + f"; junit {junit}", flush=True)
     if bad:
         return 1
-    if died:  # outside any test: at collection or at exit
+    if died_outside:
         print(f"pytest_resilient: the process died (return code {rc}) outside a test",
               file=sys.stderr, flush=True)
         return 1

@@ -488,13 +488,6 @@ __global__ void __launch_bounds__(kBlockSize, 1)
 #endif
 }
 
-// Which least-squares product kernel LstsqApply runs, IMAML_CUDA_XTXV: "tiles" (xtxv_tiles_kernel
-// where it applies), "rows" (xtxv_kernel), or unset / "auto": tiles inside the multi-launch CG
-// loop, and for a lone product (lstsq_apply) when X is larger than the L2 cache. Measured on an
-// H100 (2026-11-28, bench_kernels): in the CG loop tiles were 1.28x, 1.28x and 1.36x faster at
-// (32, 50, 200), (32, 500, 2000) and (1, 4000, 4000) with the step epilogue; a lone product was
-// 1.44x and 1.15x faster at the two sizes above L2 (122 and 61 MiB) and 1.46x slower at 1.3 MB,
-// where X stays in L2 and the row kernel's re-reads of it are cheap.
 // f(std::integral_constant<int, G>, std::bool_constant<step>) for the register kernels' column
 // groups per thread, G in {1, 2, 4}, and whether they run the CG step in their epilogue.
 template <typename F>
@@ -508,28 +501,27 @@ void with_groups_and_step(int G, bool step, F&& f) {
   else by_step(std::integral_constant<int, 4>{});
 }
 
+// Which least-squares product kernel LstsqApply runs, IMAML_CUDA_XTXV: "tiles" (xtxv_tiles_kernel
+// where it applies), "rows" (xtxv_kernel), or unset / "auto": tiles inside the multi-launch CG
+// loop, and for a lone product (lstsq_apply) when X is larger than the L2 cache. Measured on an
+// H100 (2026-11-28, bench_kernels): in the CG loop tiles were 1.28x, 1.28x and 1.36x faster at
+// (32, 50, 200), (32, 500, 2000) and (1, 4000, 4000) with the step epilogue; a lone product was
+// 1.44x and 1.15x faster at the two sizes above L2 (122 and 61 MiB) and 1.46x slower at 1.3 MB,
+// where X stays in L2 and the row kernel's re-reads of it are cheap.
 // "bulk" (opt-in): xtxv_bulk_kernel where it applies (sm_90 and later), else as "tiles".
-enum class XtxvKernel { kAuto, kRows, kTiles, kBulk };
+enum class XtxvKernel { kAuto, kTiles, kBulk, kRows };  // IMAML_CUDA_XTXV's values, in order
 inline XtxvKernel xtxv_kernel_choice() {
-  const char* e = std::getenv("IMAML_CUDA_XTXV");
-  if (e == nullptr || *e == '\0' || std::strcmp(e, "auto") == 0) return XtxvKernel::kAuto;
-  if (std::strcmp(e, "tiles") == 0) return XtxvKernel::kTiles;
-  if (std::strcmp(e, "bulk") == 0) return XtxvKernel::kBulk;
-  TORCH_CHECK_VALUE(std::strcmp(e, "rows") == 0,
-                    "IMAML_CUDA_XTXV must be auto, tiles, bulk or rows (or unset), got '", e, "'");
-  return XtxvKernel::kRows;
+  return static_cast<XtxvKernel>(
+      cuda::env_choice("IMAML_CUDA_XTXV", {"auto", "tiles", "bulk", "rows"}));
 }
 
 // Whether the multi-launch least-squares loop runs each CG step as its product kernel's
 // epilogue (one launch per iteration instead of four), IMAML_CUDA_CG_STEP: unset / "epilogue"
 // (the default since the H100 run of 2026-11-28: a solve 1.05x-1.41x faster with the row
-// kernel, 1.16x-1.91x with tiles, at the three bench_kernels sizes) or "separate" (the step as its own launches).
+// kernel, 1.16x-1.91x with tiles, at the three bench_kernels sizes) or "separate" (the step as
+// its own launches).
 inline bool step_epilogue_requested() {
-  const char* e = std::getenv("IMAML_CUDA_CG_STEP");
-  if (e == nullptr || *e == '\0' || std::strcmp(e, "epilogue") == 0) return true;
-  TORCH_CHECK_VALUE(std::strcmp(e, "separate") == 0,
-                    "IMAML_CUDA_CG_STEP must be epilogue or separate (or unset), got '", e, "'");
-  return false;
+  return cuda::env_choice("IMAML_CUDA_CG_STEP", {"epilogue", "separate"}) == 0;
 }
 
 struct DenseApply {

@@ -20,6 +20,8 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <initializer_list>
+#include <string>
 #include <type_traits>
 
 #include "../cg_math.h"
@@ -392,13 +394,24 @@ constexpr int64_t kFusedBlocksPerSm = 4;
 // Shared memory the fused kernels may ask for beyond their dynamic part (block_sum's arrays).
 constexpr size_t kStaticSmemReserve = 1024;
 
-inline int fused_mode() {
-  const char* e = std::getenv("IMAML_CG_FUSED");
-  if (e == nullptr || *e == '\0' || std::strcmp(e, "auto") == 0) return -1;
-  TORCH_CHECK_VALUE(std::strcmp(e, "0") == 0 || std::strcmp(e, "1") == 0,
-                    "IMAML_CG_FUSED must be auto, 1 or 0 (or unset), got '", e, "'");
-  return std::strcmp(e, "0") == 0 ? 0 : 1;
+// The index in `values` of the environment variable `name`'s value: 0 (the default) when it is
+// unset or empty; any other value is an error naming the variable and the values it takes.
+inline int env_choice(const char* name, std::initializer_list<const char*> values) {
+  const char* e = std::getenv(name);
+  if (e == nullptr || *e == '\0') return 0;
+  int i = 0;
+  for (const char* v : values) {
+    if (std::strcmp(e, v) == 0) return i;
+    ++i;
+  }
+  std::string all;
+  for (const char* v : values) all += (all.empty() ? "" : ", ") + std::string(v);
+  TORCH_CHECK_VALUE(false, name, " must be one of ", all, " (or unset), got '", e, "'");
+  return 0;
 }
+
+// -1: choose (use_fused), 0: the launch sequence, 1: one launch (IMAML_CG_FUSED=auto|0|1)
+inline int fused_mode() { return env_choice("IMAML_CG_FUSED", {"auto", "0", "1"}) - 1; }
 
 inline size_t max_dynamic_smem() {
   const auto* prop = at::cuda::getCurrentDeviceProperties();
