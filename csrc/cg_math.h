@@ -96,6 +96,34 @@ C10_HOST_DEVICE inline void cg_update_p(scalar_t* p, scalar_t r, acc_t beta) {
   *p = static_cast<scalar_t>(static_cast<acc_t>(r) + beta * static_cast<acc_t>(*p));
 }
 
+// The operator value one CG step uses for one element, A p = shift * p + scale * (M p), M p the
+// caller's product: an affine operator such as iMAML's (1 + damping) I + H / cg_lam is folded into
+// the step instead of costing two more elementwise passes (and launches) per iteration.
+// affine = false (shift 0, scale 1) passes the product through unchanged.
+template <typename acc_t>
+C10_HOST_DEVICE inline acc_t cg_affine(acc_t p, acc_t mp, acc_t shift, acc_t scale, bool affine) {
+  return affine ? shift * p + scale * mp : mp;
+}
+
+// The scale of one system's right-hand side: the power of two s with max|b_i| / s in [1, 2), so
+// that ||b / s||^2 can neither underflow to 0 (read as converged at x = 0) nor overflow; dividing
+// by s is exact, and so are the iterates (the unscaled ones over s). 1 when max|b_i| is 0 or any
+// entry is NaN/Inf (amax_or_inf = +Inf then: that system is flagged non-finite as it is). s <=
+// max|b_i|, so s is finite even for entries near the largest float (2^e with e from frexp would
+// overflow there).
+template <typename acc_t>
+C10_HOST_DEVICE inline acc_t cg_rhs_scale(acc_t amax_or_inf) {
+  if (!(amax_or_inf > acc_t(0)) || !cg_isfinite(amax_or_inf)) return acc_t(1);
+  int e = 0;
+#ifdef __CUDA_ARCH__
+  (void)::frexp(amax_or_inf, &e);  // amax = f 2^e, f in [0.5, 1)
+  return ::ldexp(acc_t(1), e - 1);
+#else
+  (void)std::frexp(amax_or_inf, &e);
+  return std::ldexp(acc_t(1), e - 1);
+#endif
+}
+
 // The structured least-squares operator: A v = shift * v + scale * X^T (X v). Element j of the
 // result from the accumulated (X^T X v)_j.
 template <typename acc_t>

@@ -29,7 +29,39 @@ void check_tolerances(const char* op, double rtol, double atol) {
   TORCH_CHECK_VALUE(std::isfinite(atol) && atol >= 0, op, ": atol must be finite and >= 0, got ", atol);
 }
 
+// status and iters of B systems: (B,) int32 on x's device, B = x.size(0).
+void check_status_and_iters(const char* op, const at::Tensor& status, const at::Tensor& iters,
+                            const at::Tensor& x) {
+  const auto B = x.size(0);
+  for (auto [name, t] :
+       {std::pair<const char*, const at::Tensor&>{"status", status}, {"iters", iters}}) {
+    TORCH_CHECK_VALUE(t.scalar_type() == at::kInt, op, ": ", name, " must be int32, got ",
+                      t.scalar_type());
+    TORCH_CHECK_VALUE(t.device() == x.device(), op, ": ", name, " must be on ", x.device(),
+                      ", got ", t.device());
+    TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == B, op, ": ", name, " must be (", B, ",), got ",
+                      t.sizes());
+  }
+}
+
 }  // namespace
+
+BeginResult empty_cg_begin(const at::Tensor& b) {
+  const int64_t B = b.size(0);
+  const auto i32 = b.options().dtype(at::kInt);
+  return {at::empty_like(b), at::empty_like(b), at::empty_like(b), at::empty({B}, b.options()),
+          at::empty({B}, b.options()), at::empty({B}, i32), at::empty({B}, i32),
+          at::empty({B}, b.options())};
+}
+
+EndArgs prepare_cg_end(const at::Tensor& x, const at::Tensor& rs, const at::Tensor& status,
+                       const at::Tensor& iters, const at::Tensor& scale,
+                       const std::optional<at::Tensor>& fallback) {
+  check_cg_end("cg_end", x, rs, status, iters, scale, fallback);
+  return {x.contiguous(),      rs.contiguous(),    status.contiguous(),
+          iters.contiguous(),  scale.contiguous(),
+          fallback.has_value() ? fallback->contiguous() : at::Tensor()};
+}
 
 void check_cg_state(const char* op, const at::Tensor& x, const at::Tensor& r, const at::Tensor& p,
                     const at::Tensor& Ap, const at::Tensor& rs, const at::Tensor& bnorm2,
@@ -47,21 +79,43 @@ void check_cg_state(const char* op, const at::Tensor& x, const at::Tensor& r, co
     TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == B, op, ": ", name, " must be (", B, ",), got ",
                 t.sizes());
   }
-  for (auto [name, t] :
-       {std::pair<const char*, const at::Tensor&>{"status", status}, {"iters", iters}}) {
-    TORCH_CHECK_VALUE(t.scalar_type() == at::kInt, op, ": ", name, " must be int32, got ",
-                t.scalar_type());
-    TORCH_CHECK_VALUE(t.device() == x.device(), op, ": ", name, " must be on ", x.device(), ", got ",
-                t.device());
-    TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == B, op, ": ", name, " must be (", B, ",), got ",
-                t.sizes());
-  }
+  check_status_and_iters(op, status, iters, x);
   // The mutated buffers are written in place, so they cannot be silently copied.
   for (auto [name, t] : {std::pair<const char*, const at::Tensor&>{"x", x}, {"r", r}, {"p", p},
                          {"rs", rs}, {"status", status}, {"iters", iters}}) {
     TORCH_CHECK_VALUE(t.is_contiguous(), op, ": ", name, " is written in place and must be contiguous");
   }
   check_tolerances(op, rtol, atol);
+}
+
+void check_affine(const char* op, double shift, double scale) {
+  TORCH_CHECK_VALUE(std::isfinite(shift) && std::isfinite(scale), op,
+                    ": shift and scale must be finite, got ", shift, " and ", scale);
+}
+
+void check_cg_begin(const char* op, const at::Tensor& b, double rtol, double atol) {
+  check_float(op, "b", b);
+  TORCH_CHECK_VALUE(b.dim() == 2, op, ": b must be (B, P), got ", b.sizes());
+  check_tolerances(op, rtol, atol);
+}
+
+void check_cg_end(const char* op, const at::Tensor& x, const at::Tensor& rs,
+                  const at::Tensor& status, const at::Tensor& iters, const at::Tensor& scale,
+                  const std::optional<at::Tensor>& fallback) {
+  check_float(op, "x", x);
+  TORCH_CHECK_VALUE(x.dim() == 2, op, ": x must be (B, P), got ", x.sizes());
+  const auto B = x.size(0);
+  for (auto [name, t] : {std::pair<const char*, const at::Tensor&>{"rs", rs}, {"scale", scale}}) {
+    check_same(op, name, t, "x", x);
+    TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == B, op, ": ", name, " must be (", B, ",), got ",
+                      t.sizes());
+  }
+  check_status_and_iters(op, status, iters, x);
+  if (fallback.has_value()) {
+    check_same(op, "fallback", *fallback, "x", x);
+    TORCH_CHECK_VALUE(fallback->sizes() == x.sizes(), op, ": fallback must be ", x.sizes(),
+                      " like x, got ", fallback->sizes());
+  }
 }
 
 void check_solve_args(const char* op, const at::Tensor& b, const at::Tensor& x0, int64_t max_iter,

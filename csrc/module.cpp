@@ -22,10 +22,27 @@ TORCH_LIBRARY(imaml_ext, m) {
   // One fused CG iteration for B independent systems, in place (see csrc/cg_math.h).
   // x, r, p, Ap: (B, P) float32/float64, Ap = A p for the current p; rs: (B,) r.r, updated;
   // bnorm2: (B,) ||b||^2 for the relative tolerance; status, iters: (B,) int32, updated.
-  // Systems whose status is not 0 (running) are left untouched. Not differentiable.
+  // Systems whose status is not 0 (running) are left untouched. With shift, scale other than
+  // (0, 1) the operator is affine: the step uses shift p + scale Ap for A p (cg_math.h
+  // cg_affine). Not differentiable.
   m.def(
       "cg_step(Tensor(a!) x, Tensor(b!) r, Tensor(c!) p, Tensor Ap, Tensor(d!) rs, "
-      "Tensor bnorm2, Tensor(e!) status, Tensor(f!) iters, float rtol, float atol) -> ()");
+      "Tensor bnorm2, Tensor(e!) status, Tensor(f!) iters, float rtol, float atol, "
+      "float shift=0., float scale=1.) -> ()");
+  // The state of B CG solves from x0 = 0 in one op (a solve's set-up is otherwise a dozen small
+  // ops, each a launch on a GPU). b: (B, P) float32/float64. With rescale each system is divided
+  // by the power of two s of cg_math.h cg_rhs_scale (else s = 1). Returns x = 0, r = p = b / s
+  // (B, P), rs = bnorm2 = ||b / s||^2 (B,), status (B,) int32 (converged, running or
+  // non-finite), iters = 0 (B,) int32, s (B,). Not differentiable.
+  m.def(
+      "cg_begin(Tensor b, float rtol, float atol, bool rescale) -> (Tensor, Tensor, Tensor, "
+      "Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // The end of such a solve: x s (B, P) and the residual norm sqrt(rs) s (B,); with a fallback
+  // (B, P), a system that met negative curvature before its first step (status 2, iters 0)
+  // returns its fallback row instead. Not differentiable.
+  m.def(
+      "cg_end(Tensor x, Tensor rs, Tensor status, Tensor iters, Tensor scale, Tensor? fallback) "
+      "-> (Tensor, Tensor)");
   // Whole-loop CG on a batch of dense symmetric matrices. A: (B, P, P); b, x0: (B, P).
   // Returns x (B, P), iters (B,) int32, residual norm (B,) (the recursive ||r||), status (B,)
   // int32. Not differentiable.

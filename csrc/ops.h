@@ -16,6 +16,18 @@ void check_cg_state(const char* op, const at::Tensor& x, const at::Tensor& r, co
                     const at::Tensor& Ap, const at::Tensor& rs, const at::Tensor& bnorm2,
                     const at::Tensor& status, const at::Tensor& iters, double rtol, double atol);
 
+// cg_step's affine operator: shift and scale finite.
+void check_affine(const char* op, double shift, double scale);
+
+// cg_begin: b (B, P) float32/float64; tolerances finite and >= 0.
+void check_cg_begin(const char* op, const at::Tensor& b, double rtol, double atol);
+
+// cg_end: x (B, P) float; rs, scale (B,) like x; status, iters (B,) int32 on x's device; fallback
+// absent or like x.
+void check_cg_end(const char* op, const at::Tensor& x, const at::Tensor& rs,
+                  const at::Tensor& status, const at::Tensor& iters, const at::Tensor& scale,
+                  const std::optional<at::Tensor>& fallback);
+
 void check_solve_args(const char* op, const at::Tensor& b, const at::Tensor& x0,
                       int64_t max_iter, double rtol, double atol);
 
@@ -90,5 +102,18 @@ int64_t check_pooled_bn_coefficients(const at::Tensor& r, const at::Tensor& w,
                                      const at::Tensor& gw, int64_t n);
 
 using SolveResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+// cg_begin's outputs (x, r, p, rs, bnorm2, status, iters, s), allocated like b (B, P), unfilled.
+using BeginResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                               at::Tensor, at::Tensor, at::Tensor>;
+BeginResult empty_cg_begin(const at::Tensor& b);
+
+// cg_end's arguments after check_cg_end, contiguous; fallback undefined when absent.
+struct EndArgs {
+  at::Tensor x, rs, status, iters, scale, fallback;
+};
+EndArgs prepare_cg_end(const at::Tensor& x, const at::Tensor& rs, const at::Tensor& status,
+                       const at::Tensor& iters, const at::Tensor& scale,
+                       const std::optional<at::Tensor>& fallback);
 
 }  // namespace imaml_ext

@@ -68,9 +68,9 @@ from torch import nn
 
 from imaml_ext import reference
 from imaml_ext.hvp import Params, TaskLoss
-from imaml_ext.implicit import _check_matrix_args, _keep_good, _no_solve
+from imaml_ext.implicit import _check_matrix_args, _no_solve
 from imaml_ext.inner import PROXIMAL, NewtonLog, _check, batched_theta, check_newton_args
-from imaml_ext.linalg import CGResult, cg
+from imaml_ext.linalg import CGResult, _cg
 from imaml_ext.structured import SoftmaxHeadOperator
 
 ADAPT = ("all", "head")
@@ -363,8 +363,9 @@ def head_implicit_solve(F_, W, bias, rhs, *, lam: float, cg_steps: int = 5,
         return b, _no_solve(b)
     op = SoftmaxHeadOperator(F_, W.contiguous(), bias.contiguous(), shift=1.0 + float(damping),
                              scale=1.0 / cg_lam)
-    res = cg(op, b, max_iter=cg_steps, rtol=rtol, atol=atol, batched=True, use_ext=use_ext)
-    return _keep_good(res.x, b, res), res
+    res = _cg(op, b, max_iter=cg_steps, rtol=rtol, atol=atol, batched=True, use_ext=use_ext,
+              fallback=b)
+    return res.x, res
 
 
 InnerFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], HeadInner]

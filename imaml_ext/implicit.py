@@ -27,10 +27,9 @@ from typing import Callable, Mapping
 import torch
 from torch.utils import _pytree as pytree
 
-from imaml_ext import reference
 from imaml_ext.hvp import HVP_KINDS, BatchedHVP, ParamSpec, Params, TaskLoss, make_hvp
-from imaml_ext.linalg import (CGResult, LstsqOperator, _capture_graph, breakdown_counts, cg,
-                              check_flag)
+from imaml_ext.linalg import (CGResult, LstsqOperator, ShiftedOperator, _capture_graph, _cg,
+                              breakdown_counts, cg, check_flag)
 
 
 # ---- iMAML's meta-gradient -------------------------------------------------------------------
@@ -68,13 +67,6 @@ def _no_solve(b: torch.Tensor) -> CGResult:
     M = b.shape[0]
     z = torch.zeros(M, dtype=torch.int32, device=b.device)
     return CGResult(b, z, b.new_zeros(M), z.clone())
-
-
-def _keep_good(x: torch.Tensor, b: torch.Tensor, res: CGResult) -> torch.Tensor:
-    """A system that met negative curvature before any step keeps b (the first-order gradient)
-    instead of the zero iterate; non-finite systems keep their (flagged) iterate."""
-    fallback = (res.status == reference.NEGATIVE_CURVATURE) & (res.iterations == 0)
-    return torch.where(fallback.unsqueeze(-1), b, x)
 
 
 def implicit_meta_gradient(task_loss: TaskLoss, phi: Mapping[str, torch.Tensor],
@@ -117,14 +109,13 @@ def implicit_meta_gradient(task_loss: TaskLoss, phi: Mapping[str, torch.Tensor],
     if cg_steps == 0:
         return ImplicitGradient(spec.unflatten(b), b, _no_solve(b))
     H = hvp if isinstance(hvp, BatchedHVP) else make_hvp(task_loss, phi, x_train, y_train, hvp)
-    shift, scale = 1.0 + float(damping), 1.0 / cg_lam
-
-    def matvec(v: torch.Tensor) -> torch.Tensor:
-        return H.flat(v).mul_(scale).add_(v, alpha=shift)
-
-    res = cg(matvec, b, max_iter=cg_steps, rtol=rtol, atol=atol, batched=True, use_ext=use_ext)
-    x = _keep_good(res.x, b, res)
-    return ImplicitGradient(spec.unflatten(x), x, res)
+    # The shift and scale go into the fused CG step, and a task that meets negative curvature
+    # before any step keeps b (its first-order gradient) by the solve's last op: the solve costs
+    # its cg_steps products plus cg_steps + 2 ops (each a launch on a GPU).
+    A = ShiftedOperator(H.flat, 1.0 + float(damping), 1.0 / cg_lam)
+    res = _cg(A, b, max_iter=cg_steps, rtol=rtol, atol=atol, batched=True, use_ext=use_ext,
+              fallback=b)
+    return ImplicitGradient(spec.unflatten(res.x), res.x, res)
 
 
 class CapturedMetaGradient:
@@ -319,8 +310,9 @@ def implicit_meta_gradient_lstsq(X: torch.Tensor, rhs: torch.Tensor, *, lam: flo
     if cg_steps == 0:
         return b, _no_solve(b)
     op = LstsqOperator(X.detach(), shift=1.0 + float(damping), scale=1.0 / (X.shape[1] * cg_lam))
-    res = cg(op, b, max_iter=cg_steps, rtol=rtol, atol=atol, batched=True, use_ext=use_ext)
-    return _keep_good(res.x, b, res), res
+    res = _cg(op, b, max_iter=cg_steps, rtol=rtol, atol=atol, batched=True, use_ext=use_ext,
+              fallback=b)
+    return res.x, res
 
 
 # ---- a root-solve autograd op for any bilevel code ----------------------------------------------

@@ -26,7 +26,7 @@ import torch
 
 from imaml_ext import reference
 from imaml_ext.hvp import ParamSpec, Params, TaskLoss, expand_params, make_hvp
-from imaml_ext.linalg import cg
+from imaml_ext.linalg import ShiftedOperator, cg
 
 PROXIMAL = ("paper", "authors")
 
@@ -277,10 +277,9 @@ def hessian_free(task_loss: TaskLoss, theta_b: Mapping[str, torch.Tensor], x: to
         log.objective.append(G0)
         finite &= torch.isfinite(G0) & torch.isfinite(g).all(1)
 
-        def matvec(v, H=H):
-            return H.flat(v).add_(v, alpha=lam)
-
-        d, slope = log.direction(matvec, g, cg_steps=cg_steps, cg_rtol=cg_rtol, use_ext=use_ext)
+        # (H + lam I) d = -g; the shift goes into the fused CG step (linalg.ShiftedOperator)
+        d, slope = log.direction(ShiftedOperator(H.flat, lam, 1.0), g, cg_steps=cg_steps,
+                                 cg_rtol=cg_rtol, use_ext=use_ext)
         # Backtracking over a fixed ladder of step sizes, all tasks at once; a task keeps the
         # first (largest) t that passes. On the CPU the ladder stops once every task has passed.
         t_sel = torch.zeros_like(G0)

@@ -6,12 +6,14 @@
 `A` is a callable (the matrix-vector product, over the same pytree structure as b), a dense
 tensor, an `LstsqOperator` (v -> shift v + scale X^T X v, never forming X^T X), or an
 `imaml_ext.structured.SoftmaxHeadOperator` (shift v + scale H v for a softmax head's
-cross-entropy Hessian H). `b` is a tensor
+cross-entropy Hessian H), or a `ShiftedOperator` (shift v + scale op(v) for a callable op, the
+shift and scale applied inside the fused iteration op). `b` is a tensor
 or a pytree (tuple/list/dict) of tensors. With `batched=True` the leading dimension of every leaf
 holds independent systems, each with its own step sizes, stopping and flags.
 
 Dense and structured operators run the whole loop inside one compiled op (per-system early
-stop). Callables run one fused iteration op per step after the user's product; on a GPU that
+stop). Callables run one fused iteration op per step after the user's product, between one op
+of set-up (cg_begin, from x0 = 0) and one of finish (cg_end); on a GPU that
 loop never synchronises with the host (stopped systems are masked), on the CPU it stops as soon as
 every system has stopped. Nothing returns NaN silently: a system that meets NaN/Inf stops and is
 flagged `nonfinite`; one that meets p^T A p <= 0 keeps its last good iterate and is flagged
@@ -102,6 +104,34 @@ class LstsqOperator:
         return out.reshape(v.shape)
 
 
+@dataclass(frozen=True)
+class ShiftedOperator:
+    """The operator v -> shift * v + scale * op(v), for a callable op over b's structure.
+
+    Equal to the callable `lambda v: shift * v + scale * op(v)`, but `cg` applies shift and scale
+    inside its fused iteration op instead of as two more elementwise passes per iteration (two
+    launches on a GPU, where a small solve is bound by launches). iMAML's matrix is
+    ShiftedOperator(hvp, 1 + damping, 1 / cg_lam); a damped Newton system (H + lam I) is
+    ShiftedOperator(hvp, lam, 1.0).
+    """
+
+    op: Callable
+    shift: float = 0.0
+    scale: float = 1.0
+
+    def __post_init__(self):
+        if not callable(self.op):
+            raise ValueError(f"ShiftedOperator: op must be callable, got {type(self.op).__name__}")
+        for name in ("shift", "scale"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise ValueError(f"ShiftedOperator: {name} must be a finite number, got {v!r}")
+
+    def __call__(self, v):
+        out = self.op(v)
+        return pytree.tree_map(lambda o, x: self.scale * o + self.shift * x, out, v)
+
+
 def _fail(msg: str):
     raise ValueError(f"cg: {msg}")
 
@@ -172,8 +202,8 @@ def cg(A: Callable | torch.Tensor | LstsqOperator, b, x0=None, *, max_iter: int 
 
     Args:
         A: a callable v -> A v over b's pytree structure (with batched=True it gets and returns
-            leaves with the leading batch dimension); or a dense tensor (P, P), or (B, P, P) with
-            batched=True; or an LstsqOperator. A must be symmetric; CG needs it positive definite
+            leaves with the leading batch dimension), or a ShiftedOperator around one; or a dense
+            tensor (P, P), or (B, P, P) with batched=True; or an LstsqOperator. A must be symmetric; CG needs it positive definite
             and flags each system where it is not.
         b: right-hand side, a tensor or a pytree of tensors (float32/float64, one device).
         x0: initial guess with b's structure; zeros by default.
@@ -198,19 +228,34 @@ def cg(A: Callable | torch.Tensor | LstsqOperator, b, x0=None, *, max_iter: int 
         ValueError naming the argument for wrong shapes, dtypes, devices, batch sizes, max_iter,
         tolerances.
     """
+    return _cg(A, b, x0, max_iter=max_iter, rtol=rtol, atol=atol, batched=batched,
+               use_ext=use_ext, cuda_graph=cuda_graph)
+
+
+def _cg(A, b, x0=None, *, max_iter: int | None = None, rtol: float = 1e-5, atol: float = 0.0,
+        batched: bool = False, use_ext: bool | None = None, cuda_graph: bool = False,
+        fallback: torch.Tensor | None = None) -> CGResult:
+    """cg, plus `fallback`: a flat (B, P) tensor (b flattened, with batched=True) whose row a
+    system returns instead of its iterate when it met negative curvature before any step
+    (status 2 after 0 iterations), as iMAML's first-order fallback; fused into the solve's last
+    op where the solve is step by step."""
     if not (isinstance(rtol, (int, float)) and math.isfinite(rtol) and rtol >= 0):
         _fail(f"rtol must be a finite number >= 0, got {rtol!r}")
     if not (isinstance(atol, (int, float)) and math.isfinite(atol) and atol >= 0):
         _fail(f"atol must be a finite number >= 0, got {atol!r}")
     bflat, spec, shapes = _flatten(b, batched, "b", copy=False)
     B, P = bflat.shape
+    if fallback is not None and (fallback.shape != bflat.shape or fallback.dtype != bflat.dtype
+                                 or fallback.device != bflat.device):
+        _fail(f"fallback must be like b flattened: {tuple(bflat.shape)} {bflat.dtype} on "
+              f"{bflat.device}, got {tuple(fallback.shape)} {fallback.dtype} on {fallback.device}")
     default_iters = max_iter is None
     if max_iter is None:
         max_iter = max(10 * P, 1)
     if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
         _fail(f"max_iter must be an int >= 1, got {max_iter!r}")
     if x0 is None:
-        xflat = None  # zeros, made after b's scaling below
+        xflat = None  # zeros
     else:
         xflat, xspec, xshapes = _flatten(x0, batched, "x0", copy=False)
         if xspec != spec or xshapes != shapes:
@@ -220,29 +265,81 @@ def cg(A: Callable | torch.Tensor | LstsqOperator, b, x0=None, *, max_iter: int 
                   f"({xflat.dtype}, {xflat.device})")
     reference_only = _needs_reference(bflat, xflat)
     ext = False if reference_only else use_ext_for(use_ext, bflat)
-    # Scale each system by a power of two near max|b| (exact in floating point: the iterates are
-    # the unscaled ones times that power), so that ||b||^2 can neither underflow to 0 (which
-    # would read as converged at x = 0) nor overflow. With atol > 0 the absolute test is kept
-    # as given, unscaled. A zero or non-finite max|b| gets the scale 1 (frexp(0) has exponent
-    # 0; nan_to_num maps NaN/Inf to 0 first). Few small ops: on a GPU each is a launch.
-    scale = None
-    if atol == 0.0 and B > 0 and P > 0:
-        amax = bflat.detach().abs().amax(dim=1).nan_to_num_(0.0, 0.0, 0.0)
-        scale = torch.ldexp(torch.ones_like(amax), torch.frexp(amax)[1])
-        bflat = bflat / scale.unsqueeze(1)
-        if xflat is not None:
-            xflat = xflat / scale.unsqueeze(1)
-    if xflat is None:
-        xflat = torch.zeros_like(bflat)
     if B == 0:
         empty = torch.zeros(0, dtype=torch.int32, device=bflat.device)
-        return CGResult(_unflatten(xflat.clone(), spec, shapes, batched), empty,
-                        bflat.new_zeros(0), empty.clone())
+        x = torch.zeros_like(bflat) if xflat is None else xflat.clone()
+        return CGResult(_unflatten(x, spec, shapes, batched), empty, bflat.new_zeros(0),
+                        empty.clone())
 
+    structured = isinstance(A, (SoftmaxHeadOperator, LstsqOperator, torch.Tensor))
+    if not structured and callable(A):
+        if cuda_graph:
+            if default_iters:  # 10 P unrolled iterations would make a graph as large as P allows
+                _fail("cuda_graph=True records exactly max_iter iterations: give max_iter (an "
+                      "int >= 1), got None")
+            if bflat.device.type != "cuda" or reference_only:
+                _fail("cuda_graph=True needs a CUDA right-hand side outside autograd and "
+                      f"torch.func transforms, got a {bflat.device.type} tensor")
+            solver = CapturedCG(A, b, x0, max_iter=max_iter, rtol=rtol, atol=atol,
+                                batched=batched, use_ext=use_ext)
+            res = solver()
+            if fallback is not None:
+                res = _with_fallback(res, fallback, spec, shapes, batched)
+            return res
+        if default_iters and bflat.device.type != "cpu":
+            warnings.warn(f"imaml_ext.cg: a callable operator on {bflat.device.type} runs "
+                          f"exactly max_iter iterations (stopped systems are masked, the loop "
+                          f"never reads back to the host); the default max_iter = 10 P = "
+                          f"{max_iter} products whatever the convergence: pass max_iter",
+                          RuntimeWarning, stacklevel=3)
+        x, iters, rnorm, status = _cg_callable(A, bflat, xflat, spec, shapes, batched, max_iter,
+                                               rtol, atol, ext, reference_only, fallback)
+    elif not structured:
+        _fail(f"A must be a callable, a tensor or an LstsqOperator, got {type(A).__name__}")
+    else:
+        # Scale each system by a power of two near max|b| (exact in floating point: the iterates
+        # are the unscaled ones times that power), so that ||b||^2 can neither underflow to 0
+        # (which would read as converged at x = 0) nor overflow. With atol > 0 the absolute
+        # test is kept as given, unscaled. (_cg_callable does the same, in cg_begin.)
+        scale = None
+        if atol == 0.0 and P > 0:
+            scale = reference.cg_rhs_scale(bflat)
+            bflat = bflat / scale.unsqueeze(1)
+            if xflat is not None:
+                xflat = xflat / scale.unsqueeze(1)
+        if xflat is None:
+            xflat = torch.zeros_like(bflat)
+        x, iters, rnorm, status = _solve_structured(A, bflat, xflat, B, P, batched, max_iter,
+                                                    rtol, atol, ext, reference_only)
+        if scale is not None:
+            x = x * scale.unsqueeze(1)
+            rnorm = rnorm * scale
+        if fallback is not None:
+            x = _fallback_rows(x, fallback, status, iters)
+    xs = _unflatten(x, spec, shapes, batched)
+    if not batched:
+        iters, rnorm, status = iters[0], rnorm[0], status[0]
+    return CGResult(xs, iters, rnorm, status)
+
+
+def _fallback_rows(x, fallback, status, iters):
+    fall = (status == reference.NEGATIVE_CURVATURE) & (iters == 0)
+    return torch.where(fall.unsqueeze(-1), fallback, x)
+
+
+def _with_fallback(res: CGResult, fallback, spec, shapes, batched) -> CGResult:
+    x, _, _ = _flatten(res.x, batched, "x")
+    x = _fallback_rows(x, fallback, res.status.reshape(-1), res.iterations.reshape(-1))
+    return CGResult(_unflatten(x, spec, shapes, batched), res.iterations, res.residual_norm,
+                    res.status)
+
+
+def _solve_structured(A, bflat, xflat, B, P, batched, max_iter, rtol, atol, ext, reference_only):
+    """The whole-loop solvers of the dense and structured operators (b, x0 scaled)."""
     if isinstance(A, SoftmaxHeadOperator):
-        out = A.solve_flat(bflat, xflat, max_iter=max_iter, rtol=rtol, atol=atol, use_ext=ext,
-                           reference_only=reference_only)
-    elif isinstance(A, LstsqOperator):
+        return A.solve_flat(bflat, xflat, max_iter=max_iter, rtol=rtol, atol=atol, use_ext=ext,
+                            reference_only=reference_only)
+    if isinstance(A, LstsqOperator):
         X = A.X if A.X.dim() == 3 else A.X.unsqueeze(0)
         if X.dim() != 3 or X.shape[0] != B or X.shape[2] != P:
             _fail(f"A.X must be ({B}, n, {P}) for b of {B} system(s) of size {P}, got "
@@ -251,88 +348,80 @@ def cg(A: Callable | torch.Tensor | LstsqOperator, b, x0=None, *, max_iter: int 
             _fail(f"A.X must have b's dtype and device ({bflat.dtype}, {bflat.device}), got "
                   f"({X.dtype}, {X.device})")
         if reference_only or _needs_reference(X):
-            out = reference.cg_solve_lstsq(X, bflat, xflat, A.shift, A.scale, max_iter, rtol, atol)
-        else:
-            out = ops.cg_solve_lstsq(X, bflat, xflat, float(A.shift), float(A.scale), max_iter,
-                                     rtol, atol, use_ext=ext)
-    elif isinstance(A, torch.Tensor):
-        Ab = A if batched else A.unsqueeze(0)
-        if Ab.shape != (B, P, P):
-            want = f"({B}, {P}, {P})" if batched else f"({P}, {P})"
-            _fail(f"A must be {want} for b with {B} system(s) of {P} unknowns, got "
-                  f"{tuple(A.shape)}")
-        if A.dtype != bflat.dtype or A.device != bflat.device:
-            _fail(f"A must have b's dtype and device ({bflat.dtype}, {bflat.device}), got "
-                  f"({A.dtype}, {A.device})")
-        if reference_only or _needs_reference(A):
-            out = reference.cg_solve_dense(Ab, bflat, xflat, max_iter, rtol, atol)
-        else:
-            out = ops.cg_solve_dense(Ab, bflat, xflat, max_iter, rtol, atol, use_ext=ext)
-    elif callable(A) and cuda_graph:
-        if default_iters:  # 10 P unrolled iterations would make a graph as large as P allows
-            _fail("cuda_graph=True records exactly max_iter iterations: give max_iter (an int "
-                  ">= 1), got None")
-        if bflat.device.type != "cuda" or reference_only:
-            _fail("cuda_graph=True needs a CUDA right-hand side outside autograd and torch.func "
-                  f"transforms, got a {bflat.device.type} tensor")
-        solver = CapturedCG(A, b, x0, max_iter=max_iter, rtol=rtol, atol=atol, batched=batched,
-                            use_ext=use_ext)
-        return solver()
-    elif callable(A):
-        if default_iters and bflat.device.type != "cpu":
-            warnings.warn(f"imaml_ext.cg: a callable operator on {bflat.device.type} runs "
-                          f"exactly max_iter iterations (stopped systems are masked, the loop "
-                          f"never reads back to the host); the default max_iter = 10 P = "
-                          f"{max_iter} products whatever the convergence: pass max_iter",
-                          RuntimeWarning, stacklevel=2)
-        out = _cg_callable(A, bflat, xflat, spec, shapes, batched, max_iter, rtol, atol,
-                           ext, reference_only, zero_start=x0 is None)
-    else:
-        _fail(f"A must be a callable, a tensor or an LstsqOperator, got {type(A).__name__}")
-    x, iters, rnorm, status = out
-    if scale is not None:
-        x = x * scale.unsqueeze(1)
-        rnorm = rnorm * scale
-    xs = _unflatten(x, spec, shapes, batched)
-    if not batched:
-        iters, rnorm, status = iters[0], rnorm[0], status[0]
-    return CGResult(xs, iters, rnorm, status)
+            return reference.cg_solve_lstsq(X, bflat, xflat, A.shift, A.scale, max_iter, rtol,
+                                            atol)
+        return ops.cg_solve_lstsq(X, bflat, xflat, float(A.shift), float(A.scale), max_iter,
+                                  rtol, atol, use_ext=ext)
+    Ab = A if batched else A.unsqueeze(0)
+    if Ab.shape != (B, P, P):
+        want = f"({B}, {P}, {P})" if batched else f"({P}, {P})"
+        _fail(f"A must be {want} for b with {B} system(s) of {P} unknowns, got "
+              f"{tuple(A.shape)}")
+    if A.dtype != bflat.dtype or A.device != bflat.device:
+        _fail(f"A must have b's dtype and device ({bflat.dtype}, {bflat.device}), got "
+              f"({A.dtype}, {A.device})")
+    if reference_only or _needs_reference(A):
+        return reference.cg_solve_dense(Ab, bflat, xflat, max_iter, rtol, atol)
+    return ops.cg_solve_dense(Ab, bflat, xflat, max_iter, rtol, atol, use_ext=ext)
 
 
 def _cg_callable(A, bflat, xflat, spec, shapes, batched, max_iter, rtol, atol, ext,
-                 functional, zero_start: bool = False):
-    """zero_start: x0 was not given, so r0 = b and the product A x0 is skipped (as SciPy's cg
-    and the compiled whole-loop solvers do). For an operator like iMAML's HVP that product is
-    one more HVP per solve: 1/6 of a 5-step solve. An operator that returns NaN/Inf is then
-    flagged at the first product, A p0, instead of at A x0."""
-    B, P = bflat.shape
+                 functional, fallback=None):
+    """A solve over a callable operator, from the unscaled b (B, P) and x0 (None: zeros).
+    Returns the unscaled (x, iters, residual norm, status).
 
-    def matvec(v: torch.Tensor) -> torch.Tensor:
-        out = A(_unflatten(v, spec, shapes, batched))
+    From zero the solve is cg_begin (x = 0, r0 = b, no product A x0, as SciPy's cg and the
+    compiled whole-loop solvers: for iMAML's HVP one product fewer, 1/6 of a 5-step solve; an
+    operator that returns NaN/Inf is then flagged at A p0 instead of A x0), then one cg_step per
+    iteration after the product, then cg_end (unscaling and the fallback rows): a solve costs
+    its products plus max_iter + 2 ops. A ShiftedOperator's shift and scale are applied inside
+    cg_step. Each system is scaled by cg_rhs_scale when atol == 0 (see cg)."""
+    shift, scale_op, inner = 0.0, 1.0, A
+    if isinstance(A, ShiftedOperator):
+        shift, scale_op, inner = float(A.shift), float(A.scale), A.op
+    rescale = atol == 0.0
+
+    def product(v: torch.Tensor) -> torch.Tensor:
+        out = inner(_unflatten(v, spec, shapes, batched))
         # A one-tensor output is used without a copy (3% of a 5-step iMAML solve on the CPU),
-        # even when it is v = p itself (A = identity): both step kernels read Ap before they
+        # even when it is v = p itself (A = identity): the step kernels read Ap before they
         # rewrite p (test_operator_returning_its_input_or_a_view_of_it holds them to it).
         oflat, ospec, oshapes = _flatten(out, batched, "A(v)", copy=False)
         if ospec != spec or oshapes != shapes:
             _fail(f"A(v) must return b's structure and shapes {shapes}, got {oshapes}")
         return oflat
 
-    if functional:
-        return reference._solve(matvec, bflat, xflat, max_iter, rtol, atol)
-    x = xflat.clone()
-    r = bflat.clone(memory_format=torch.contiguous_format) if zero_start \
-        else (bflat - matvec(x)).contiguous()
-    p = r.clone()
-    rs = (r * r).sum(-1)
-    bnorm2 = (bflat * bflat).sum(-1)
-    status = reference.cg_initial_status(rs, reference.cg_tol2(bnorm2, rtol, atol))
-    iters = torch.zeros_like(status)
+    if functional:  # torch.func transforms, autograd through the solve: the functional twin
+        s = reference.cg_rhs_scale(bflat) if rescale else torch.ones_like(bflat[:, 0])
+        x0 = torch.zeros_like(bflat) if xflat is None else xflat / s.unsqueeze(1)
+        x, iters, rnorm, status = reference._solve(
+            lambda v: reference.cg_affine(v, product(v), shift, scale_op),
+            bflat / s.unsqueeze(1), x0, max_iter, rtol, atol)
+        x, rnorm = x * s.unsqueeze(1), rnorm * s
+        if fallback is not None:
+            x = _fallback_rows(x, fallback, status, iters)
+        return x, iters, rnorm, status
+    if xflat is None:
+        x, r, p, rs, bnorm2, status, iters, s = ops.cg_begin(bflat, rtol, atol, rescale,
+                                                             use_ext=ext)
+    else:
+        s = reference.cg_rhs_scale(bflat) if rescale else torch.ones_like(bflat[:, 0])
+        b = bflat / s.unsqueeze(1)
+        x = (xflat / s.unsqueeze(1)).contiguous()
+        r = (b - reference.cg_affine(x, product(x), shift, scale_op)).contiguous()
+        p = r.clone()
+        rs = (r * r).sum(-1)
+        bnorm2 = (b * b).sum(-1)
+        status = reference.cg_initial_status(rs, reference.cg_tol2(bnorm2, rtol, atol))
+        iters = torch.zeros_like(status)
     on_cpu = bflat.device.type == "cpu"
     for _ in range(max_iter):
         if on_cpu and not bool((status == reference.RUNNING).any()):
             break  # free on the CPU; on a GPU stopped systems are masked instead
-        ops.cg_step_(x, r, p, matvec(p), rs, bnorm2, status, iters, rtol, atol, use_ext=ext)
-    return x, iters, rs.sqrt(), status
+        ops.cg_step_(x, r, p, product(p), rs, bnorm2, status, iters, rtol, atol, shift=shift,
+                     scale=scale_op, use_ext=ext)
+    x, rnorm = ops.cg_end(x, rs, status, iters, s, fallback, use_ext=ext)
+    return x, iters, rnorm, status
 
 
 class CapturedCG:
@@ -348,7 +437,8 @@ class CapturedCG:
 
     Built without x0, the capture starts every solve from zero with r0 = b and no product A x0
     (one product fewer; an iMAML solve of 5 steps then makes 5 HVPs, not 6), and a later call
-    cannot pass x0. Built with x0, each call may pass a new x0.
+    cannot pass x0. Built with x0, each call may pass a new x0. A may be a ShiftedOperator (its
+    shift and scale then go into the captured step ops), and b a pytree, as for `cg`.
     """
 
     def __init__(self, A: Callable, b, x0=None, *, max_iter: int = 10, rtol: float = 1e-5,
@@ -366,12 +456,9 @@ class CapturedCG:
         ext = use_ext_for(use_ext, bflat)
         spec, shapes = self._spec, self._shapes
 
-        def matvec(v):
-            return _flatten(A(_unflatten(v, spec, shapes, batched)), batched, "A(v)")[0]
-
         def run():
-            return _cg_callable(matvec, self._b, self._x0, spec, shapes, batched, max_iter, rtol,
-                                atol, ext, False, zero_start=self._zero_start)
+            return _cg_callable(A, self._b, None if self._zero_start else self._x0, spec, shapes,
+                                batched, max_iter, rtol, atol, ext, False)
 
         self._replay, self._out = _capture_graph(run, bflat.device, warmup=1)
 

@@ -48,6 +48,11 @@ def _check_tols(op, rtol, atol):
             _fail(op, f"{name} must be finite and >= 0, got {v}")
 
 
+def _check_affine(op, shift, scale):
+    if not (math.isfinite(shift) and math.isfinite(scale)):
+        _fail(op, f"shift and scale must be finite, got {shift} and {scale}")
+
+
 def check_solve(op, b, x0, max_iter, rtol, atol):
     _check_float(op, "b", b)
     if b.dim() != 2:
@@ -101,21 +106,67 @@ def check_step(op, x, r, p, Ap, rs, bnorm2, status, iters, rtol, atol):
 # ---- the ops --------------------------------------------------------------------------------
 
 def cg_step_(x, r, p, Ap, rs, bnorm2, status, iters, rtol: float, atol: float, *,
-             use_ext: bool | None = None) -> None:
+             shift: float = 0.0, scale: float = 1.0, use_ext: bool | None = None) -> None:
     """One fused CG iteration for B systems, in place. See csrc/cg_math.h for the arithmetic.
 
     Args:
         x, r, p: (B, P) float32/float64, contiguous; updated.
-        Ap: (B, P), the operator applied to the current p.
+        Ap: (B, P), the operator applied to the current p (or, with shift and scale, the
+            product M p of an affine operator A p = shift p + scale M p, applied in the step).
         rs: (B,) r.r, updated. bnorm2: (B,) ||b||^2.
         status, iters: (B,) int32, updated (status codes in imaml_ext.reference).
+        shift, scale: finite; (0, 1), the default, is the plain operator.
     Not differentiable.
     """
     if use_ext_for(use_ext, x):
-        torch.ops.imaml_ext.cg_step(x, r, p, Ap, rs, bnorm2, status, iters, rtol, atol)
+        torch.ops.imaml_ext.cg_step(x, r, p, Ap, rs, bnorm2, status, iters, rtol, atol, shift,
+                                    scale)
     else:
         check_step("cg_step", x, r, p, Ap, rs, bnorm2, status, iters, rtol, atol)
-        reference.cg_step_(x, r, p, Ap, rs, bnorm2, status, iters, rtol, atol)
+        _check_affine("cg_step", shift, scale)
+        reference.cg_step_(x, r, p, Ap, rs, bnorm2, status, iters, rtol, atol, shift, scale)
+
+
+def cg_begin(b, rtol: float, atol: float, rescale: bool = True, *, use_ext: bool | None = None):
+    """The state of B CG solves from x0 = 0 in one op: (x, r, p, rs, bnorm2, status, iters, s).
+
+    x = 0; r = p = b / s (B, P); rs = bnorm2 = ||b / s||^2 (B,); status (B,) int32 (converged
+    for a zero b, non-finite for NaN/Inf, else running); iters = 0; s (B,) the power-of-two scale
+    of each system (reference.cg_rhs_scale) with rescale, else ones. Not differentiable.
+    """
+    if use_ext_for(use_ext, b):
+        return torch.ops.imaml_ext.cg_begin(b, rtol, atol, rescale)
+    _check_float("cg_begin", "b", b)
+    if b.dim() != 2:
+        _fail("cg_begin", f"b must be (B, P), got {tuple(b.shape)}")
+    _check_tols("cg_begin", rtol, atol)
+    return reference.cg_begin(b, rtol, atol, rescale)
+
+
+def cg_end(x, rs, status, iters, scale, fallback=None, *, use_ext: bool | None = None):
+    """The end of a cg_begin solve: (x s (B, P), sqrt(rs) s (B,)); with `fallback` (B, P) the
+    systems that met negative curvature before their first step return its row. Not
+    differentiable."""
+    if use_ext_for(use_ext, x):
+        return torch.ops.imaml_ext.cg_end(x, rs, status, iters, scale, fallback)
+    _check_float("cg_end", "x", x)
+    if x.dim() != 2:
+        _fail("cg_end", f"x must be (B, P), got {tuple(x.shape)}")
+    for name, t in (("rs", rs), ("scale", scale)):
+        _check_like("cg_end", name, t, "x", x)
+        if t.shape != x.shape[:1]:
+            _fail("cg_end", f"{name} must be ({x.shape[0]},), got {tuple(t.shape)}")
+    for name, t in (("status", status), ("iters", iters)):
+        if t.dtype != torch.int32:
+            _fail("cg_end", f"{name} must be int32, got {t.dtype}")
+        if t.shape != x.shape[:1]:
+            _fail("cg_end", f"{name} must be ({x.shape[0]},), got {tuple(t.shape)}")
+    if fallback is not None:
+        _check_like("cg_end", "fallback", fallback, "x", x)
+        if fallback.shape != x.shape:
+            _fail("cg_end", f"fallback must be {tuple(x.shape)} like x, got "
+                            f"{tuple(fallback.shape)}")
+    return reference.cg_end(x, rs, status, iters, scale, fallback)
 
 
 def cg_solve_dense(A, b, x0, max_iter: int, rtol: float, atol: float, *,
@@ -159,8 +210,19 @@ def lstsq_apply(X, v, shift: float = 0.0, scale: float = 1.0, *, use_ext: bool |
 
 if _C is not None:
     @torch.library.register_fake("imaml_ext::cg_step")
-    def _cg_step_fake(x, r, p, Ap, rs, bnorm2, status, iters, rtol, atol):
+    def _cg_step_fake(x, r, p, Ap, rs, bnorm2, status, iters, rtol, atol, shift=0.0, scale=1.0):
         return None
+
+    @torch.library.register_fake("imaml_ext::cg_begin")
+    def _cg_begin_fake(b, rtol, atol, rescale):
+        B = b.shape[0]
+        vec = (torch.empty_like(b, memory_format=torch.contiguous_format) for _ in range(3))
+        i32 = (b.new_empty((B,), dtype=torch.int32) for _ in range(2))
+        return (*vec, b.new_empty((B,)), b.new_empty((B,)), *i32, b.new_empty((B,)))
+
+    @torch.library.register_fake("imaml_ext::cg_end")
+    def _cg_end_fake(x, rs, status, iters, scale, fallback):
+        return torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(rs)
 
     def _solve_fake(b):
         B = b.shape[0]

@@ -24,12 +24,22 @@ def cg_initial_status(rs: torch.Tensor, tol2: torch.Tensor) -> torch.Tensor:
     return torch.where(finite, st, NONFINITE).to(torch.int32)
 
 
-def cg_step(x, r, p, Ap, rs, bnorm2, status, iters, rtol: float, atol: float):
+def cg_affine(p, Ap, shift: float = 0.0, scale: float = 1.0):
+    """The operator value a CG step uses: shift p + scale Ap (Ap itself for shift 0, scale 1)."""
+    if shift == 0.0 and scale == 1.0:
+        return Ap
+    return shift * p + scale * Ap
+
+
+def cg_step(x, r, p, Ap, rs, bnorm2, status, iters, rtol: float, atol: float,
+            shift: float = 0.0, scale: float = 1.0):
     """One CG iteration for B systems, functional. Shapes: x, r, p, Ap (B, P); the rest (B,).
+    With shift, scale other than (0, 1) the operator is affine: A p = shift p + scale Ap.
 
     Returns the new (x, r, p, rs, status, iters). Systems whose status is not RUNNING are
     returned unchanged.
     """
+    Ap = cg_affine(p, Ap, shift, scale)
     tol2 = cg_tol2(bnorm2, rtol, atol)
     running = status == RUNNING
     pAp = (p * Ap).sum(-1)
@@ -55,11 +65,44 @@ def cg_step(x, r, p, Ap, rs, bnorm2, status, iters, rtol: float, atol: float):
     return x, r, p, rs_new, status, iters
 
 
-def cg_step_(x, r, p, Ap, rs, bnorm2, status, iters, rtol: float, atol: float) -> None:
+def cg_step_(x, r, p, Ap, rs, bnorm2, status, iters, rtol: float, atol: float,
+             shift: float = 0.0, scale: float = 1.0) -> None:
     """In-place form of cg_step, the twin of the op imaml_ext::cg_step."""
-    out = cg_step(x, r, p, Ap, rs, bnorm2, status, iters, rtol, atol)
+    out = cg_step(x, r, p, Ap, rs, bnorm2, status, iters, rtol, atol, shift, scale)
     for dst, src in zip((x, r, p, rs, status, iters), out):
         dst.copy_(src)
+
+
+def cg_rhs_scale(b):
+    """(B,) the power of two s per system with max|b_i| / s in [1, 2) (csrc/cg_math.h
+    cg_rhs_scale): ||b / s||^2 neither underflows nor overflows, and s itself stays finite for
+    entries near the largest float. 1 where max|b_i| is 0 or an entry is NaN/Inf."""
+    amax = b.detach().abs().amax(dim=1) if b.shape[1] else b.new_zeros(b.shape[0])
+    amax = amax.nan_to_num(0.0, 0.0, 0.0)
+    return torch.where(amax > 0, torch.ldexp(torch.ones_like(amax), torch.frexp(amax)[1] - 1),
+                       torch.ones_like(amax))
+
+
+def cg_begin(b, rtol: float, atol: float, rescale: bool):
+    """The state of B CG solves from x0 = 0, the twin of imaml_ext::cg_begin: (x = 0, r = b / s,
+    p = b / s, rs = ||b / s||^2, bnorm2 = rs, status, iters = 0, s), s = cg_rhs_scale(b) with
+    rescale, else ones."""
+    s = cg_rhs_scale(b) if rescale else torch.ones(b.shape[0], dtype=b.dtype, device=b.device)
+    r = b / s.unsqueeze(1)
+    rs = (r * r).sum(-1)
+    status = cg_initial_status(rs, cg_tol2(rs, rtol, atol))
+    return (torch.zeros_like(b), r, r.clone(), rs, rs.clone(), status,
+            torch.zeros_like(status), s)
+
+
+def cg_end(x, rs, status, iters, scale, fallback=None):
+    """(x s, sqrt(rs) s), the twin of imaml_ext::cg_end; with a fallback, the systems that met
+    negative curvature before any step (status 2, iters 0) return its row instead of x s."""
+    out = x * scale.unsqueeze(1)
+    if fallback is not None:
+        fall = (status == NEGATIVE_CURVATURE) & (iters == 0)
+        out = torch.where(fall.unsqueeze(-1), fallback, out)
+    return out, rs.sqrt() * scale
 
 
 def _solve(matvec, b, x0, max_iter: int, rtol: float, atol: float):

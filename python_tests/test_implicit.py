@@ -101,6 +101,43 @@ def test_negative_curvature_is_flagged_never_nan():
     torch.testing.assert_close(out.flat[fell_back], b[fell_back])
 
 
+@needs_ext
+def test_solve_costs_its_products_plus_one_op_per_step_and_two():
+    """Outside its cg_steps products an iMAML solve is cg_begin, one cg_step per product (the
+    matrix's shift 1 + damping and scale 1 / cg_lam folded in) and cg_end (with the first-order
+    fallback): the CG phase's overhead over k HVPs, which on a GPU is launches. It was 41 ops of
+    set-up, scaling and finish plus 2 elementwise ops per product."""
+    from imaml_ext.hvp import make_hvp
+    from test_linalg import _KernelOps
+    lt, model, phi, b = linear_setup()
+    t = lt.tasks
+    tl = TaskLoss(model, "half_mse")
+    H = make_hvp(tl, phi, t.x_support, t.y_support, "double_backward")
+    H.value_and_grad()
+    flat = H.flat
+    products = []
+    c = _KernelOps()
+
+    def counted(v):
+        products.append(1)
+        n = len(c.ops)
+        out = flat(v)
+        del c.ops[n:]  # the product's own ops (it copies v's pieces and concatenates H v's)
+        return out
+
+    H.flat = counted
+    with c:
+        out = implicit_meta_gradient(tl, phi, t.x_support, t.y_support, b, lam=1.0, cg_steps=4,
+                                     damping=0.5, cg_lam=3.0, hvp=H, rtol=0.0)
+    assert len(products) == 4 and (out.cg.iterations == 4).all()
+    assert c.solver_ops() == (["imaml_ext.cg_begin.default"] + ["imaml_ext.cg_step.default"] * 4
+                              + ["imaml_ext.cg_end.default"])
+    H.flat = flat
+    closure = imaml_ext.cg(lambda v: 1.5 * v + flat(v) / 3.0, b, batched=True, rtol=0.0,
+                           max_iter=4, use_ext=False)
+    torch.testing.assert_close(out.flat, closure.x, rtol=1e-10, atol=1e-13)
+
+
 def test_bad_arguments():
     lt, model, phi, b = linear_setup()
     t = lt.tasks

@@ -64,11 +64,14 @@ def test_cg_api_block():
 
     grads_dict = {"w": bs.clone(), "b": torch.ones(B, 2, dtype=DT)}
     X = torch.randn(B, n, P, dtype=DT, generator=torch.Generator().manual_seed(3))
+    def hvp(v):  # a batched Hessian-vector product on (B, P) tensors
+        return torch.bmm(As, v.unsqueeze(-1)).squeeze(-1)
+
     ns = {"A": A, "b": b, "As": As, "bs": bs, "hvp_on_param_dicts": hvp_on_param_dicts,
-          "grads_dict": grads_dict, "X": X, "n": n, "lam": lam}
+          "grads_dict": grads_dict, "X": X, "n": n, "lam": lam, "hvp": hvp}
     # Run it one paragraph at a time, checking each result against a dense solve.
     parts = block("import torch, imaml_ext").split("\n\n")
-    assert len(parts) == 5, "README's CG block changed: update this test"
+    assert len(parts) == 6, "README's CG block changed: update this test"
     exec(parts[0] + "\n" + parts[1], ns)
     assert bool(ns["res"].converged)
     torch.testing.assert_close(ns["res"].x, torch.linalg.solve(A, b), rtol=1e-5, atol=1e-6)
@@ -87,6 +90,12 @@ def test_cg_api_block():
     exec(parts[4], ns)
     H = torch.eye(P, dtype=DT) + X.transpose(1, 2) @ X / (n * lam)
     torch.testing.assert_close(ns["res"].x, torch.linalg.solve(H, bs), rtol=1e-5, atol=1e-6)
+    # 5 iterations on P = 6 unknowns of (I + As / lam): not solved, the reported residual true
+    exec(parts[5], ns)
+    x = ns["res"].x
+    r = (bs - x - hvp(x) / lam).norm(dim=1)
+    torch.testing.assert_close(ns["res"].residual_norm, r, rtol=1e-6, atol=1e-10)
+    assert bool((r < 1e-2 * bs.norm(dim=1)).all())
 
 
 def test_dropin_block():

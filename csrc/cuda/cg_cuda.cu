@@ -8,6 +8,9 @@
 //                           piece, writes a partial r.r; block 0 saves the old r.r
 //   3. cg_update_p_kernel:  every block sums the partials, takes beta, updates p; block 0 stores
 //                           r.r, status and the iteration count
+// cg_step's affine form (shift p + scale Ap for A p) is read inside launches 1 and 2, and a
+// step-by-step solve's set-up and finish are ops of their own (cg_begin, cg_end), so that a
+// solve over a callable operator costs its products plus one op per iteration and two in all.
 // Partials are summed in a fixed order (no atomics), so results are deterministic. Stopped
 // systems (status != running) return at once, which is the per-system early stop. Nothing is
 // read back to the host: the whole-loop solvers queue max_iter iterations of launches, or run
@@ -22,6 +25,8 @@
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <optional>
+#include <tuple>
 #include <type_traits>
 
 #include "../cg_math.h"
@@ -60,17 +65,28 @@ __device__ acc_t sum_partials(const acc_t* partial, int64_t b, int chunks) {
   return block_sum(v);
 }
 
+// The step's operator value (cg_math.h cg_affine): shift p + scale Ap, or Ap itself.
+template <typename acc_t>
+struct Affine {
+  acc_t shift, scale;
+  bool on;
+  template <typename scalar_t>
+  __device__ acc_t operator()(scalar_t p, scalar_t ap) const {
+    return cg_affine<acc_t>(static_cast<acc_t>(p), static_cast<acc_t>(ap), shift, scale, on);
+  }
+};
+
 template <typename scalar_t, typename acc_t>
 __global__ void cg_dot_kernel(const scalar_t* __restrict__ p, const scalar_t* __restrict__ ap,
                               const int32_t* __restrict__ status, acc_t* __restrict__ partial,
-                              Chunking ch) {
+                              Chunking ch, Affine<acc_t> op) {
   const int64_t b = blockIdx.y;
   if (status[b] != kRunning) return;
   const scalar_t* pb = p + b * ch.P;
   const scalar_t* ab = ap + b * ch.P;
   acc_t s = 0;
   for (int64_t i = ch.begin() + threadIdx.x; i < ch.end(); i += kBlockSize)
-    s += static_cast<acc_t>(pb[i]) * static_cast<acc_t>(ab[i]);
+    s += static_cast<acc_t>(pb[i]) * op(pb[i], ab[i]);
   s = block_sum(s);
   if (threadIdx.x == 0) partial[b * ch.chunks + blockIdx.x] = s;
 }
@@ -81,7 +97,8 @@ __global__ void cg_update_xr_kernel(scalar_t* __restrict__ x, scalar_t* __restri
                                     const scalar_t* __restrict__ ap, const scalar_t* __restrict__ rs,
                                     scalar_t* __restrict__ rs_prev, int32_t* __restrict__ status,
                                     const acc_t* __restrict__ pap_partial,
-                                    acc_t* __restrict__ rs_partial, Chunking ch) {
+                                    acc_t* __restrict__ rs_partial, Chunking ch,
+                                    Affine<acc_t> op) {
   const int64_t b = blockIdx.y;
   if (status[b] != kRunning) return;
   const acc_t pAp = sum_partials(pap_partial, b, ch.chunks);
@@ -99,8 +116,10 @@ __global__ void cg_update_xr_kernel(scalar_t* __restrict__ x, scalar_t* __restri
   const scalar_t* pb = p + b * ch.P;
   const scalar_t* ab = ap + b * ch.P;
   acc_t s = 0;
-  for (int64_t i = ch.begin() + threadIdx.x; i < ch.end(); i += kBlockSize)
-    s += cg_update_xr<scalar_t, acc_t>(xb + i, rb + i, pb[i], ab[i], alpha);
+  for (int64_t i = ch.begin() + threadIdx.x; i < ch.end(); i += kBlockSize) {
+    const scalar_t a = op.on ? static_cast<scalar_t>(op(pb[i], ab[i])) : ab[i];
+    s += cg_update_xr<scalar_t, acc_t>(xb + i, rb + i, pb[i], a, alpha);
+  }
   s = block_sum(s);
   if (threadIdx.x == 0) rs_partial[b * ch.chunks + blockIdx.x] = s;
 }
@@ -137,7 +156,8 @@ __global__ void cg_update_p_kernel(scalar_t* __restrict__ p, const scalar_t* __r
 // Queues one CG iteration (three launches) on the current stream (declared in solve.cuh).
 void cuda::launch_cg_step(const at::Tensor& x, const at::Tensor& r, const at::Tensor& p,
                     const at::Tensor& Ap, const at::Tensor& rs, const at::Tensor& bnorm2,
-                    const at::Tensor& status, const at::Tensor& iters, double rtol, double atol) {
+                    const at::Tensor& status, const at::Tensor& iters, double rtol, double atol,
+                    double shift, double scale) {
   const int64_t B = x.size(0), P = x.size(1);
   if (B == 0 || P == 0) return;
   TORCH_CHECK_VALUE(B <= 65535, "cg_step: at most 65535 systems per call on CUDA, got ", B);
@@ -150,14 +170,16 @@ void cuda::launch_cg_step(const at::Tensor& x, const at::Tensor& r, const at::Te
     auto rs_prev = at::empty_like(rs);
     acc_t* pap_partial = work.data_ptr<acc_t>();
     acc_t* rs_partial = pap_partial + B * ch.chunks;
+    const Affine<acc_t> op{static_cast<acc_t>(shift), static_cast<acc_t>(scale),
+                           !(shift == 0.0 && scale == 1.0)};
     cg_dot_kernel<scalar_t, acc_t><<<grid, kBlockSize, 0, stream>>>(
         p.data_ptr<scalar_t>(), Ap.data_ptr<scalar_t>(), status.data_ptr<int32_t>(), pap_partial,
-        ch);
+        ch, op);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     cg_update_xr_kernel<scalar_t, acc_t><<<grid, kBlockSize, 0, stream>>>(
         x.data_ptr<scalar_t>(), r.data_ptr<scalar_t>(), p.data_ptr<scalar_t>(),
         Ap.data_ptr<scalar_t>(), rs.data_ptr<scalar_t>(), rs_prev.data_ptr<scalar_t>(),
-        status.data_ptr<int32_t>(), pap_partial, rs_partial, ch);
+        status.data_ptr<int32_t>(), pap_partial, rs_partial, ch, op);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     cg_update_p_kernel<scalar_t, acc_t><<<grid, kBlockSize, 0, stream>>>(
         p.data_ptr<scalar_t>(), r.data_ptr<scalar_t>(), rs.data_ptr<scalar_t>(),
@@ -171,11 +193,156 @@ namespace {
 
 void cg_step_cuda(at::Tensor x, at::Tensor r, at::Tensor p, const at::Tensor& Ap_in, at::Tensor rs,
                   const at::Tensor& bnorm2_in, at::Tensor status, at::Tensor iters, double rtol,
-                  double atol) {
+                  double atol, double shift, double scale) {
   check_cg_state("cg_step", x, r, p, Ap_in, rs, bnorm2_in, status, iters, rtol, atol);
+  check_affine("cg_step", shift, scale);
   c10::cuda::OptionalCUDAGuard guard(x.device());
   cuda::launch_cg_step(x, r, p, Ap_in.contiguous(), rs, bnorm2_in.contiguous(), status, iters, rtol,
-                 atol);
+                 atol, shift, scale);
+}
+
+// ---- a step-by-step solve's set-up and finish (cg_begin, cg_end) -----------------------------
+// cg_begin is three launches over the same (chunks, B) grid as a step: the blocks' partial
+// max|b|, then every block sums them (fixed order) into the system's scale and writes its piece
+// of x = 0, r = p = b / s with a partial r.r, then one block per system sums those into rs,
+// bnorm2 and the status. Without rescale the first launch is skipped (s = 1).
+
+template <typename scalar_t>
+__global__ void cg_begin_max_kernel(const scalar_t* __restrict__ b, scalar_t* __restrict__ partial,
+                                    Chunking ch) {
+  const int64_t sys = blockIdx.y;
+  const scalar_t* bs = b + sys * ch.P;
+  scalar_t m = 0;
+  for (int64_t i = ch.begin() + threadIdx.x; i < ch.end(); i += kBlockSize) {
+    const scalar_t a = ::fabs(bs[i]);
+    m = cg_isfinite(a) ? ::fmax(m, a) : scalar_t(INFINITY);  // NaN/Inf: scale 1 (cg_rhs_scale)
+  }
+  m = cuda::block_max(m);
+  if (threadIdx.x == 0) partial[sys * ch.chunks + blockIdx.x] = m;
+}
+
+template <typename scalar_t, typename acc_t>
+__global__ void cg_begin_write_kernel(const scalar_t* __restrict__ b, scalar_t* __restrict__ x,
+                                      scalar_t* __restrict__ r, scalar_t* __restrict__ p,
+                                      scalar_t* __restrict__ scale,
+                                      const scalar_t* __restrict__ max_partial,
+                                      acc_t* __restrict__ rs_partial, Chunking ch) {
+  const int64_t sys = blockIdx.y;
+  scalar_t s = 1;
+  if (max_partial != nullptr) {
+    const scalar_t m = threadIdx.x < ch.chunks ? max_partial[sys * ch.chunks + threadIdx.x]
+                                               : scalar_t(0);
+    s = cg_rhs_scale<scalar_t>(cuda::block_max(m));
+  }
+  if (blockIdx.x == 0 && threadIdx.x == 0) scale[sys] = s;
+  const int64_t off = sys * ch.P;
+  acc_t rr = 0;
+  for (int64_t i = ch.begin() + threadIdx.x; i < ch.end(); i += kBlockSize) {
+    const scalar_t v = b[off + i] / s;
+    x[off + i] = scalar_t(0);
+    r[off + i] = v;
+    p[off + i] = v;
+    rr += static_cast<acc_t>(v) * static_cast<acc_t>(v);
+  }
+  rr = block_sum(rr);
+  if (threadIdx.x == 0) rs_partial[sys * ch.chunks + blockIdx.x] = rr;
+}
+
+template <typename scalar_t, typename acc_t>
+__global__ void cg_begin_status_kernel(scalar_t* __restrict__ rs, scalar_t* __restrict__ bnorm2,
+                                       int32_t* __restrict__ status, int32_t* __restrict__ iters,
+                                       const acc_t* __restrict__ rs_partial, int chunks,
+                                       double rtol, double atol) {
+  const int64_t sys = blockIdx.x;
+  const acc_t rr = sum_partials(rs_partial, sys, chunks);
+  if (threadIdx.x != 0) return;
+  rs[sys] = static_cast<scalar_t>(rr);
+  bnorm2[sys] = static_cast<scalar_t>(rr);
+  const acc_t stored = static_cast<acc_t>(static_cast<scalar_t>(rr));
+  status[sys] = cg_initial_status<acc_t>(stored, cg_tol2<acc_t>(stored, rtol, atol));
+  iters[sys] = 0;
+}
+
+BeginResult cg_begin_cuda(const at::Tensor& b_in, double rtol, double atol, bool rescale) {
+  check_cg_begin("cg_begin", b_in, rtol, atol);
+  c10::cuda::OptionalCUDAGuard guard(b_in.device());
+  const auto b = b_in.contiguous();
+  const int64_t B = b.size(0), P = b.size(1);
+  TORCH_CHECK_VALUE(B <= 65535, "cg_begin: at most 65535 systems per call on CUDA, got ", B);
+  auto out = empty_cg_begin(b);
+  // (named references, not a structured binding: the kernels' lambdas capture them)
+  at::Tensor &x = std::get<0>(out), &r = std::get<1>(out), &p = std::get<2>(out);
+  at::Tensor &rs = std::get<3>(out), &bnorm2 = std::get<4>(out), &status = std::get<5>(out);
+  at::Tensor &iters = std::get<6>(out), &s = std::get<7>(out);
+  if (B == 0) return out;
+  const Chunking ch = make_chunking(P);
+  const dim3 grid(ch.chunks, B);
+  auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(b.scalar_type(), "cg_begin_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    auto max_partial = rescale ? at::empty({B * ch.chunks}, b.options()) : at::Tensor();
+    auto rs_partial = at::empty({B * ch.chunks},
+                                b.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+    if (rescale) {
+      cg_begin_max_kernel<scalar_t><<<grid, kBlockSize, 0, stream>>>(
+          b.data_ptr<scalar_t>(), max_partial.data_ptr<scalar_t>(), ch);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+    cg_begin_write_kernel<scalar_t, acc_t><<<grid, kBlockSize, 0, stream>>>(
+        b.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), r.data_ptr<scalar_t>(),
+        p.data_ptr<scalar_t>(), s.data_ptr<scalar_t>(),
+        rescale ? max_partial.data_ptr<scalar_t>() : nullptr, rs_partial.data_ptr<acc_t>(), ch);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    cg_begin_status_kernel<scalar_t, acc_t><<<B, kBlockSize, 0, stream>>>(
+        rs.data_ptr<scalar_t>(), bnorm2.data_ptr<scalar_t>(), status.data_ptr<int32_t>(),
+        iters.data_ptr<int32_t>(), rs_partial.data_ptr<acc_t>(), ch.chunks, rtol, atol);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
+// cg_end: one launch; block 0 of each system also writes its residual norm.
+template <typename scalar_t>
+__global__ void cg_end_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ rs,
+                              const int32_t* __restrict__ status,
+                              const int32_t* __restrict__ iters,
+                              const scalar_t* __restrict__ scale,
+                              const scalar_t* __restrict__ fallback, scalar_t* __restrict__ out,
+                              scalar_t* __restrict__ rnorm, Chunking ch) {
+  const int64_t sys = blockIdx.y;
+  const scalar_t s = scale[sys];
+  if (blockIdx.x == 0 && threadIdx.x == 0) rnorm[sys] = ::sqrt(rs[sys]) * s;
+  const bool fall = fallback != nullptr && status[sys] == kNegativeCurvature && iters[sys] == 0;
+  const int64_t off = sys * ch.P;
+  for (int64_t i = ch.begin() + threadIdx.x; i < ch.end(); i += kBlockSize)
+    out[off + i] = fall ? fallback[off + i] : x[off + i] * s;
+}
+
+std::tuple<at::Tensor, at::Tensor> cg_end_cuda(const at::Tensor& x_in, const at::Tensor& rs_in,
+                                               const at::Tensor& status_in,
+                                               const at::Tensor& iters_in,
+                                               const at::Tensor& scale_in,
+                                               const std::optional<at::Tensor>& fallback_in) {
+  const EndArgs args = prepare_cg_end(x_in, rs_in, status_in, iters_in, scale_in, fallback_in);
+  const at::Tensor &x = args.x, &rs = args.rs, &status = args.status, &iters = args.iters;
+  const at::Tensor &sc = args.scale, &fallback = args.fallback;
+  c10::cuda::OptionalCUDAGuard guard(x_in.device());
+  const int64_t B = x.size(0), P = x.size(1);
+  TORCH_CHECK_VALUE(B <= 65535, "cg_end: at most 65535 systems per call on CUDA, got ", B);
+  auto out = at::empty_like(x);
+  auto rnorm = at::empty_like(rs);
+  if (B == 0) return {out, rnorm};
+  const Chunking ch = make_chunking(P);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "cg_end_cuda", [&] {
+    cg_end_kernel<scalar_t><<<dim3(ch.chunks, B), kBlockSize, 0,
+                              at::cuda::getCurrentCUDAStream()>>>(
+        x.data_ptr<scalar_t>(), rs.data_ptr<scalar_t>(), status.data_ptr<int32_t>(),
+        iters.data_ptr<int32_t>(), sc.data_ptr<scalar_t>(),
+        fallback.defined() ? fallback.data_ptr<scalar_t>() : nullptr, out.data_ptr<scalar_t>(),
+        rnorm.data_ptr<scalar_t>(), ch);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {out, rnorm};
 }
 
 // ---- operators ------------------------------------------------------------------------------
@@ -726,6 +893,8 @@ at::Tensor lstsq_apply_cuda(const at::Tensor& X, const at::Tensor& v, double shi
 
 TORCH_LIBRARY_IMPL(imaml_ext, CUDA, m) {
   m.impl("cg_step", &cg_step_cuda);
+  m.impl("cg_begin", &cg_begin_cuda);
+  m.impl("cg_end", &cg_end_cuda);
   m.impl("cg_solve_dense", &cg_solve_dense_cuda);
   m.impl("cg_solve_lstsq", &cg_solve_lstsq_cuda);
   m.impl("lstsq_apply", &lstsq_apply_cuda);

@@ -41,6 +41,29 @@ __device__ __forceinline__ T block_sum(T v) {
   return total;
 }
 
+// Maximum over the block (values >= 0, or +Inf); valid in every thread. Every thread must call
+// it (two __syncthreads), as block_sum.
+template <typename T>
+__device__ __forceinline__ T block_max(T v) {
+  __shared__ T warp_partials[kWarpsPerBlock];
+  __shared__ T total;
+  const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
+#pragma unroll
+  for (int offset = kWarpSize / 2; offset > 0; offset /= 2)
+    v = ::fmax(v, __shfl_down_sync(0xffffffffu, v, offset));
+  if (lane == 0) warp_partials[warp] = v;
+  __syncthreads();
+  if (warp == 0) {
+    T w = lane < kWarpsPerBlock ? warp_partials[lane] : T(0);
+#pragma unroll
+    for (int offset = kWarpSize / 2; offset > 0; offset /= 2)
+      w = ::fmax(w, __shfl_down_sync(0xffffffffu, w, offset));
+    if (lane == 0) total = w;
+  }
+  __syncthreads();
+  return total;
+}
+
 inline int chunks_for(int64_t P) {
   const int64_t per_block = static_cast<int64_t>(kBlockSize) * 8;
   int64_t c = (P + per_block - 1) / per_block;

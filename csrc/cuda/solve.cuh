@@ -36,7 +36,8 @@ namespace cuda {
 // Queues one CG iteration (three launches) on the current stream; defined in cg_cuda.cu.
 void launch_cg_step(const at::Tensor& x, const at::Tensor& r, const at::Tensor& p,
                     const at::Tensor& Ap, const at::Tensor& rs, const at::Tensor& bnorm2,
-                    const at::Tensor& status, const at::Tensor& iters, double rtol, double atol);
+                    const at::Tensor& status, const at::Tensor& iters, double rtol, double atol,
+                    double shift = 0.0, double scale = 1.0);
 
 // The whole loop as a fixed sequence of launches: init with ATen ops, then max_iter times
 // (operator, three CG launches). `apply(v, out, status)` queues out = A v, skipping systems whose

@@ -12,6 +12,7 @@
 #include <cmath>
 #include <cstdio>
 #include <functional>
+#include <optional>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -39,10 +40,21 @@ c10::OperatorHandle op(const char* name) {
 
 // The typed signature is the CPU kernel's own (mutated tensors by value), as the dispatcher
 // checks it against the registration.
-void cg_step(T x, T r, T p, CT Ap, T rs, CT bn, T st, T it, double rtol, double atol) {
+void cg_step(T x, T r, T p, CT Ap, T rs, CT bn, T st, T it, double rtol, double atol,
+             double shift = 0.0, double scale = 1.0) {
   static auto h = op("imaml_ext::cg_step")
-                      .typed<void(T, T, T, CT, T, CT, T, T, double, double)>();
-  h.call(x, r, p, Ap, rs, bn, st, it, rtol, atol);
+                      .typed<void(T, T, T, CT, T, CT, T, T, double, double, double, double)>();
+  h.call(x, r, p, Ap, rs, bn, st, it, rtol, atol, shift, scale);
+}
+using Begin = std::tuple<T, T, T, T, T, T, T, T>;
+Begin cg_begin(CT b, double rtol, double atol, bool rescale) {
+  static auto h = op("imaml_ext::cg_begin").typed<Begin(CT, double, double, bool)>();
+  return h.call(b, rtol, atol, rescale);
+}
+std::tuple<T, T> cg_end(CT x, CT rs, CT st, CT it, CT scale, const std::optional<T>& fallback) {
+  static auto h = op("imaml_ext::cg_end")
+                      .typed<std::tuple<T, T>(CT, CT, CT, CT, CT, const std::optional<T>&)>();
+  return h.call(x, rs, st, it, scale, fallback);
 }
 Solve solve_dense(CT A, CT b, CT x0, int64_t max_iter, double rtol, double atol) {
   static auto h = op("imaml_ext::cg_solve_dense")
@@ -223,6 +235,68 @@ void test_cg_step_sizes() {
       }
 }
 
+// The affine step (shift p + scale Ap folded in) against ATen's step on that product, and
+// cg_begin / cg_end against ATen, over the same sizes, on misaligned and transposed inputs.
+void test_cg_begin_end_affine_sizes() {
+  for (auto dt : {at::kFloat, at::kDouble})
+    for (int64_t B : kBatches)
+      for (int64_t P : kSizes) {
+        const auto t = tag("cg_begin", dt, B, P);
+        auto b = at::randn({B, P}, at::kDouble) * 1e3;
+        if (B > 1 && P > 0) b[1][P - 1] = NAN;
+        if (B > 2) b[2].zero_();
+        auto bd = b.to(dt);
+        auto [x, r, p, rs, bn, st, it, s] = cg_begin(transposed(bd.unsqueeze(0)).squeeze(0),
+                                                      1e-6, 0.0, true);
+        // s: a power of two with max|b| / s in [1, 2) (1 for the NaN and zero rows)
+        auto amax = B > 0 && P > 0 ? bd.abs().amax(1).to(at::kDouble)
+                                   : at::zeros({B}, at::kDouble);
+        auto ratio = amax / s.to(at::kDouble);
+        auto fin = at::isfinite(amax) & amax.gt(0);
+        expect(at::equal(at::where(fin, ratio.ge(1) & ratio.lt(2), s.eq(1)),
+                         at::ones({B}, at::kBool)), t + " scale");
+        auto want_r = bd / s.unsqueeze(1);
+        expect(at::equal(r.nan_to_num(7), want_r.nan_to_num(7)) && at::equal(p.nan_to_num(7),
+               want_r.nan_to_num(7)), t + " r/p");
+        expect(at::equal(x, at::zeros_like(bd)) && at::equal(it, at::zeros({B}, at::kInt)),
+               t + " x/iters");
+        auto want_rs = (want_r * want_r).sum(-1);
+        expect(close(rs.nan_to_num(7), want_rs.nan_to_num(7), dt) && at::equal(
+               rs.nan_to_num(7), bn.nan_to_num(7)), t + " rs");
+        auto want_st = at::where(at::isfinite(want_rs), at::where(want_rs.le(want_rs * 1e-12), 1,
+                                 0), 3).to(at::kInt);
+        expect(at::equal(st, want_st), t + " status");
+        // cg_end: x s, sqrt(rs) s, and the fallback rows (negative curvature after 0 steps)
+        auto xe = at::randn({B, P}, at::kDouble).to(dt);
+        auto st2 = at::randint(0, 4, {B}, at::kInt), it2 = at::randint(0, 2, {B}, at::kInt);
+        auto fb = at::randn({B, P}, at::kDouble).to(dt);
+        auto [out, rn] = cg_end(misaligned(xe), rs.abs().nan_to_num(1), st2, it2, s,
+                                transposed(fb.unsqueeze(0)).squeeze(0));
+        auto fall = (st2.eq(2) & it2.eq(0)).unsqueeze(1);
+        expect(at::equal(out, at::where(fall, fb, xe * s.unsqueeze(1))), tag("cg_end", dt, B, P));
+        expect(at::equal(rn, rs.abs().nan_to_num(1).sqrt() * s), tag("cg_end rnorm", dt, B, P));
+        // the affine step
+        auto A = spd(B, P, at::kDouble);
+        auto x0 = at::randn({B, P}, at::kDouble), r0 = at::randn({B, P}, at::kDouble);
+        auto p0 = at::randn({B, P}, at::kDouble);
+        auto Mp = at::bmm(A, p0.unsqueeze(-1)).squeeze(-1);
+        auto rs0 = (r0 * r0).sum(-1), bn0 = rs0 * 4;
+        auto kx = misaligned(x0.to(dt)), kr = misaligned(r0.to(dt)), kp = misaligned(p0.to(dt));
+        // (a copy: rs0.to(kDouble) would be rs0 itself, which the kernel writes)
+        auto krs = misaligned(rs0.to(dt)), kst = at::zeros({B}, at::kInt);
+        auto kit = at::zeros({B}, at::kInt);
+        cg_step(kx, kr, kp, transposed(Mp.to(dt).unsqueeze(0)).squeeze(0), krs, bn0.to(dt), kst,
+                kit, 1e-6, 0.0, 1.5, 0.25);
+        auto ax = x0.to(dt), ar = r0.to(dt), ap = p0.to(dt), ars = rs0.to(dt);
+        auto ast = at::zeros({B}, at::kInt), ait = at::zeros({B}, at::kInt);
+        cg_step_aten(ax, ar, ap, 1.5 * p0.to(dt) + 0.25 * Mp.to(dt), ars, bn0.to(dt), ast, ait,
+                     1e-6, 0.0);
+        const auto ta = tag("cg_step affine", dt, B, P);
+        expect(at::equal(kst, ast) && at::equal(kit, ait), ta + " status/iters");
+        expect(close(kx, ax, dt) && close(kr, ar, dt) && close(kp, ap, dt), ta + " x/r/p");
+      }
+}
+
 // ---- the softmax head ----------------------------------------------------------------------
 
 std::tuple<T, T> softmax_hvp_aten(const T& F, const T& W, const T& bias, const T& V, const T& vb,
@@ -326,6 +400,18 @@ void test_bad_inputs() {
                      "cg_step int64 status");
   expect_value_error(step(x, r, p, Ap, rs, bn, st, it.narrow(0, 0, 1)), "cg_step: iters must be",
                      "cg_step short iters");
+  expect_value_error([&] { cg_step(x, r, p, Ap, rs, bn, st, it, 1e-6, 0.0, NAN, 1.0); },
+                     "cg_step: shift and scale must be finite", "cg_step nan shift");
+  expect_value_error([&] { cg_begin(x.view({B * P}), 1e-6, 0.0, true); },
+                     "cg_begin: b must be (B, P)", "cg_begin 1-d b");
+  expect_value_error([&] { cg_begin(x, 1e-6, -1.0, true); }, "cg_begin: atol must be finite",
+                     "cg_begin negative atol");
+  expect_value_error([&] { cg_end(x, rs, st, it, bn.to(at::kFloat), std::nullopt); },
+                     "cg_end: scale must have dtype", "cg_end float scale");
+  expect_value_error([&] { cg_end(x, rs, st.to(at::kLong), it, bn, std::nullopt); },
+                     "cg_end: status must be int32", "cg_end int64 status");
+  expect_value_error([&] { cg_end(x, rs, st, it, bn, r.narrow(1, 0, 2)); },
+                     "cg_end: fallback must be", "cg_end short fallback");
   expect_value_error(step(at::zeros({P, B}, d).t(), r, p, Ap, rs, bn, st, it),
                      "cg_step: x is written in place and must be contiguous",
                      "cg_step transposed x");
@@ -409,6 +495,7 @@ int main() {
   for (auto [name, fn] : {std::pair<const char*, void (*)()>{"lstsq_apply", test_lstsq_apply_sizes},
                           {"solvers", test_solvers_sizes},
                           {"cg_step", test_cg_step_sizes},
+                          {"cg_begin/end", test_cg_begin_end_affine_sizes},
                           {"softmax head", test_softmax_sizes},
                           {"bad inputs", test_bad_inputs}}) {
     const auto t0 = std::chrono::steady_clock::now();
