@@ -36,7 +36,12 @@ def test_hvp_op_count_probe(tmp_path, capsys):
     prof = e["profile"]["product"]
     assert prof["busy_ms"] > 0 and "convolution" in prof["table"]
     assert "imaml_ext::pooled_bn_double_backward" in prof["table"]
-    assert len(rep["summary_lines"]) == 3 and "the gradient's" in capsys.readouterr().out
+    # the solve beyond its products: cg_begin, 5 cg_step, cg_end (the CPU's early-stop reads
+    # apart), and each product's 2 ops more than an HVP on dicts (copy in, concatenate out)
+    so = e["solve_overhead"]
+    assert so["solver_ops"] == 7 and so["ops"]["imaml_ext.cg_step.default"] == 5
+    assert so["product_kernel_ops"] == fused["product"]["kernel_ops"] + 2
+    assert len(rep["summary_lines"]) == 4 and "the gradient's" in capsys.readouterr().out
 
 
 def test_hvp_op_count_busy_time_counts_each_kernel_once():

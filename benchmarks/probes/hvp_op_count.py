@@ -43,6 +43,14 @@ the "own_conv+bn_kernels" variant, hvp.POOLED_BN_KERNELS), on the same CPU (comm
 alone, 1.42x / 1.47x faster, the graph build 1.35x / 1.40x (the product's speed-up varies by
 run on this CPU: 1.22x-1.27x / 1.58x-1.61x in two earlier runs of the same product code).
 
+It also counts the ops of an iMAML solve outside its products (solve_overhead): on the dev CPU
+(2026-11-28, M=32, 5 CG steps, 5-way 1-shot) 66 before the solve's set-up, scaling and finish
+became one op each (cg_begin, cg_end) and the matrix's shift and scale moved into cg_step: 41 of
+set-up and finish plus, per step, a scale, an add and the step; now 7 (cg_begin, 5 cg_step,
+cg_end). With the product's 76 ops on the flat buffer against one HVP's 74, the CG phase is then
+1.046x five HVPs in ops, against 1.18x before (the H100 measured 1.20x in time at 5-way 1-shot,
+where launches bound the phase).
+
 Kernel launches per op: views, detach and the like launch none (counted apart); a cuDNN
 convolution can launch more than one kernel, so on a GPU the counts are a lower bound.
 """
@@ -90,8 +98,12 @@ class OpCount(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
     def summary(self) -> dict:
+        return self.summarize(self.ops)
+
+    @staticmethod
+    def summarize(ops) -> dict:
         kernel, views, host = collections.Counter(), 0, 0
-        for name, n in self.ops.items():
+        for name, n in ops.items():
             op = eval("torch.ops." + name.split(".", 1)[0] + "." + name.split(".", 1)[1]) \
                 if name.startswith("aten.") else None
             if name in HOST_READS:
@@ -151,6 +163,44 @@ def measure(tl, pb, x, y, v, own_conv: bool, bn: bool):
     finally:
         hvp_mod.OWN_CONV_HVP = True
         hvp_mod.POOLED_BN_KERNELS = before
+
+
+def solve_overhead(tl, pb, x, y, v, steps: int = 5) -> dict:
+    """The ops of an iMAML solve (implicit_meta_gradient with the product built once, `steps` CG
+    steps, all of them run) outside its products, by name: what the CG phase costs beyond
+    `steps` HVPs, which on a GPU is launches (the CPU's early-stop status reads, 3 a step, are
+    counted apart: a GPU runs every step masked instead)."""
+    from imaml_ext.hvp import ParamSpec
+    from imaml_ext.implicit import implicit_meta_gradient
+    hvp_mod.POOLED_BN_KERNELS = bn_kernels(True, x.device)
+    try:
+        H = make_hvp(tl, pb, x, y, "double_backward")
+        H.value_and_grad()
+        counter = OpCount()
+        inner, flat = collections.Counter(), H.flat
+
+        def product(w):  # the product's own ops are moved out of the solve's count
+            before = collections.Counter(counter.ops)
+            out = flat(w)
+            inner.update(counter.ops - before)
+            counter.ops.subtract(counter.ops - before)
+            return out
+
+        H.flat = product
+        b = ParamSpec.of(pb).flatten(v)
+        with counter:  # cg_lam large and rtol 0: every step runs (no early stop on the CPU)
+            implicit_meta_gradient(tl, pb, x, y, b, lam=2.0, cg_lam=1e3, cg_steps=steps, hvp=H,
+                                   rtol=0.0)
+    finally:
+        hvp_mod.POOLED_BN_KERNELS = ()
+    counter.ops = +counter.ops
+    early = {"aten.eq.Scalar", "aten.any.default"}
+    s = counter.summary()
+    cpu_reads = sum(n for k, n in counter.ops.items() if k in early) + s["host_reads"]
+    return {"steps": steps, "kernel_ops": s["kernel_ops"], "cpu_early_stop_ops": cpu_reads,
+            "solver_ops": s["kernel_ops"] - sum(n for k, n in counter.ops.items() if k in early),
+            "ops": dict(counter.ops), "product_kernel_ops": OpCount.summarize(inner)["kernel_ops"]
+            / steps}
 
 
 def timed(tl, pb, x, y, v, own_conv, bn, cudnn_benchmark, device, products=3):
@@ -262,6 +312,19 @@ def main(argv=None):
                 f"{grad_ops} (was {ops_['own_conv'] / grad_ops:.2f}x, "
                 f"{ops_['aten_conv'] / grad_ops:.2f}x); relative differences of the products "
                 + ", ".join(f"{label} {r:.1e}" for label, r in rel.items()))
+        print("  " + line)
+        summary.append(line)
+        so = solve_overhead(tl, pb, x, y, v)
+        entry["solve_overhead"] = so
+        k, one = so["steps"], ops_["own_conv+bn_kernels"]
+        so["cg_phase_over_hvps_in_ops"] = (k * so["product_kernel_ops"] + so["solver_ops"]) / (
+            k * one)
+        line = (f"{name} M={args.tasks}: an iMAML solve of {k} CG steps: {so['solver_ops']} ops "
+                f"beyond its products, each product {so['product_kernel_ops']:.0f} ops on the "
+                f"flat (M, P) buffer (one HVP on parameter dicts: {one}), so the CG phase is "
+                f"{so['cg_phase_over_hvps_in_ops']:.3f}x {k} HVPs in ops (the target's ratio, "
+                f"where launches bound it); the CPU's early stop adds "
+                f"{so['cpu_early_stop_ops']} (none on a GPU)")
         print("  " + line)
         summary.append(line)
         if args.rounds:
