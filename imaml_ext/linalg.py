@@ -392,7 +392,7 @@ def _cg_callable(A, bflat, xflat, spec, shapes, batched, max_iter, rtol, atol, e
         return oflat
 
     if functional:  # torch.func transforms, autograd through the solve: the functional twin
-        s = reference.cg_rhs_scale(bflat) if rescale else torch.ones_like(bflat[:, 0])
+        s = reference.cg_rhs_scale(bflat) if rescale else bflat.new_ones(bflat.shape[0])
         x0 = torch.zeros_like(bflat) if xflat is None else xflat / s.unsqueeze(1)
         x, iters, rnorm, status = reference._solve(
             lambda v: reference.cg_affine(v, product(v), shift, scale_op),
@@ -405,7 +405,7 @@ def _cg_callable(A, bflat, xflat, spec, shapes, batched, max_iter, rtol, atol, e
         x, r, p, rs, bnorm2, status, iters, s = ops.cg_begin(bflat, rtol, atol, rescale,
                                                              use_ext=ext)
     else:
-        s = reference.cg_rhs_scale(bflat) if rescale else torch.ones_like(bflat[:, 0])
+        s = reference.cg_rhs_scale(bflat) if rescale else bflat.new_ones(bflat.shape[0])
         b = bflat / s.unsqueeze(1)
         x = (xflat / s.unsqueeze(1)).contiguous()
         r = (b - reference.cg_affine(x, product(x), shift, scale_op)).contiguous()

@@ -424,3 +424,16 @@ def test_entries_near_the_largest_float_are_solved(solver, use_ext, dtype):
     res = imaml_ext.cg(A, b, batched=True, use_ext=use_ext, max_iter=5)
     assert res.converged.all() and torch.isfinite(res.x).all()
     torch.testing.assert_close(res.x, b / 2)
+
+
+@pytest.mark.parametrize("use_ext", BOTH)
+@pytest.mark.parametrize("atol", [0.0, 1e-9], ids=["scaled", "unscaled"])
+@pytest.mark.parametrize("start", ["zero", "x0", "autograd"])
+def test_systems_of_no_unknowns_are_converged(use_ext, atol, start):
+    """(B, 0) right-hand sides on every callable path (cg_begin, an x0, the functional twin
+    under autograd): converged after 0 iterations, x of shape (B, 0)."""
+    b = torch.zeros(3, 0, dtype=torch.float64, requires_grad=start == "autograd")
+    x0 = torch.zeros(3, 0, dtype=torch.float64) if start == "x0" else None
+    res = imaml_ext.cg(lambda v: 2 * v, b, x0, batched=True, max_iter=2, atol=atol,
+                       use_ext=use_ext)
+    assert res.x.shape == (3, 0) and res.converged.all() and (res.iterations == 0).all()
