@@ -33,7 +33,11 @@ Failure policy: a task whose inner or query loss, parameters or meta-gradient is
 whose CG met NaN/Inf, is excluded from the average (metrics["task_ok"] False) and counted; if no
 task is ok the meta-gradient is zero. A CG system meeting negative curvature keeps its last good
 iterate (flagged in "cg_status" = 2 and "cg_negative_curvature") and stays in the average.
-on_nonfinite="raise" raises FloatingPointError instead, naming the tasks.
+on_nonfinite="raise" raises FloatingPointError instead, naming the tasks. Cross-entropy labels
+outside the head's classes are a ValueError where they are read on the host (CPU tensors, and
+adapt / evaluate anywhere); meta_gradient on a GPU does not read them (a synchronisation per
+step): it masks them, and such a task is excluded and counted the same way (metrics
+"bad_labels"), instead of the device-side assert that would end the CUDA context.
 """
 from __future__ import annotations
 
@@ -292,11 +296,12 @@ def _first_last(model: nn.Module | None):
 
 
 def check_tasks(tasks, params: Mapping[str, torch.Tensor], loss,
-                model: nn.Module | None = None) -> TaskBatch:
+                model: nn.Module | None = None, read_labels: bool = False) -> TaskBatch:
     """Validates a TaskBatch (or 4 per-task lists) against params (and, given the model, the
-    images' channels against its first convolution and, on the CPU where reading them costs no
-    device synchronisation, cross-entropy labels against its head's outputs); returns a stacked
-    TaskBatch."""
+    images' channels against its first convolution and cross-entropy labels against its head's
+    outputs: on the CPU, where reading them costs no device synchronisation, or anywhere with
+    read_labels, one host read; meta_gradient masks them on a GPU instead, mask_bad_labels);
+    returns a stacked TaskBatch."""
     if not isinstance(tasks, (TaskBatch, tuple, list)) or len(tasks) != 4:
         raise ValueError("tasks must be a TaskBatch(x_support, y_support, x_query, y_query)")
     names = ("x_support", "y_support", "x_query", "y_query")
@@ -327,12 +332,37 @@ def check_tasks(tasks, params: Mapping[str, torch.Tensor], loss,
             raise ValueError(f"tasks.{xn} has {x.shape[2]} channels per image (shape "
                              f"{tuple(x.shape)}), the model's first convolution takes "
                              f"{conv.in_channels}")
-        if (head is not None and loss == "cross_entropy" and y.device.type == "cpu"
+        if (head is not None and loss == "cross_entropy" and (y.device.type in HOST_LABELS
+                                                              or read_labels)
                 and y.numel() and not bool(((y >= 0) & (y < head.out_features)).all())):
             raise ValueError(f"tasks.{yn} holds labels in [{int(y.min())}, {int(y.max())}]; the "
                              f"model's head has {head.out_features} outputs, so labels must be "
                              f"in [0, {head.out_features - 1}]")
     return t
+
+
+# Devices whose labels check_tasks reads on the host (free there); elsewhere meta_gradient masks
+# out-of-range labels without a synchronisation (mask_bad_labels).
+HOST_LABELS = ("cpu",)
+
+
+def mask_bad_labels(t: TaskBatch, model: nn.Module, loss) -> tuple[TaskBatch, torch.Tensor | None]:
+    """For cross-entropy on a device whose labels check_tasks did not read: (t with every label
+    outside [0, classes) replaced by 0, (M,) bool: the tasks that had one), with no host
+    synchronisation; (t, None) where there is nothing to mask. A GPU's cross-entropy kernel
+    meets an out-of-range label with a device-side assert, which ends the process's CUDA
+    context; masked, such a task is left out of the average and counted instead (metrics
+    "bad_labels"), as a non-finite one is."""
+    _, head = _first_last(model)
+    if head is None or loss != "cross_entropy" or t.y_support.device.type in HOST_LABELS:
+        return t, None
+    C = head.out_features
+    ok_s = (t.y_support >= 0) & (t.y_support < C)
+    ok_q = (t.y_query >= 0) & (t.y_query < C)
+    bad = ~(ok_s.reshape(ok_s.shape[0], -1).all(1) & ok_q.reshape(ok_q.shape[0], -1).all(1))
+    t = t._replace(y_support=torch.where(ok_s, t.y_support, torch.zeros_like(t.y_support)),
+                   y_query=torch.where(ok_q, t.y_query, torch.zeros_like(t.y_query)))
+    return t, bad
 
 
 def check_params(model: nn.Module, params: Mapping[str, torch.Tensor]) -> Params:
@@ -413,7 +443,7 @@ class MetaAlgorithm:
         """Test-time adaptation of every task: dict of (M, ...) adapted params (no graph)."""
         params = check_params(model, params)
         t = check_tasks(TaskBatch(x_support, y_support, x_support, y_support), params,
-                        self.config.loss, model)
+                        self.config.loss, model, read_labels=True)
         if self.config.adapt == "head":
             return head_adapt(self.head_model(model), params, t.x_support, t.y_support,
                               self._head_inner)
@@ -426,7 +456,7 @@ class MetaAlgorithm:
         """Adapts on the support sets, then (query loss (M,), query accuracy (M,) or None for
         regression losses)."""
         params = check_params(model, params)
-        t = check_tasks(tasks, params, self.config.loss, model)
+        t = check_tasks(tasks, params, self.config.loss, model, read_labels=True)
         if self.config.adapt == "head":
             return head_evaluate(self.head_model(model), params, t, self._head_inner)
         tl = self.task_loss(model)
@@ -440,6 +470,7 @@ class MetaAlgorithm:
         """(grads dict like params, metrics dict of tensors); see the module docstring."""
         params = check_params(model, params)
         t = check_tasks(tasks, params, self.config.loss, model)
+        t, bad_labels = mask_bad_labels(t, model, self.config.loss)
         spec = ParamSpec.of(params, batched=False)
         if self.config.adapt == "head":
             c = self.config
@@ -447,12 +478,16 @@ class MetaAlgorithm:
                 self.head_model(model), params, t, self._head_inner, lam=c.lam,
                 cg_steps=c.cg_steps, damping=c.cg_damping, cg_lam=c.cg_lam, rtol=c.cg_rtol,
                 use_ext=c.use_ext)
-            return self._reduce(spec.flatten(grads, "meta-gradient"), finite, metrics, spec)
-        tl = self.task_loss(model)
-        if self.config.cuda_graph == "step":
-            flat, finite, metrics = self._graph_step(tl, params, t, spec)
+            flat = spec.flatten(grads, "meta-gradient")
         else:
-            flat, finite, metrics = self._per_task(tl, params, t, spec)
+            tl = self.task_loss(model)
+            if self.config.cuda_graph == "step":
+                flat, finite, metrics = self._graph_step(tl, params, t, spec)
+            else:
+                flat, finite, metrics = self._per_task(tl, params, t, spec)
+        if bad_labels is not None:
+            finite = finite & ~bad_labels
+            metrics["bad_labels"] = bad_labels
         return self._reduce(flat, finite, metrics, spec)
 
     def _graph_step(self, tl, params, t, spec):
@@ -522,9 +557,14 @@ class MetaAlgorithm:
                            metrics["cg_status"] == reference.NEGATIVE_CURVATURE)
         if self.config.on_nonfinite == "raise" and not bool(ok.all()):
             bad = (~ok).nonzero().flatten().tolist()
+            labels = ""
+            if "bad_labels" in metrics and bool(metrics["bad_labels"].any()):
+                lb = metrics["bad_labels"].nonzero().flatten().tolist()
+                labels = (f"; tasks {lb[:10]} hold labels outside the head's classes (masked "
+                          "on the device, never read by the loss)")
             raise FloatingPointError(f"{self.name}: {len(bad)} of {M} tasks non-finite "
                                      f"(tasks {bad[:10]}): inner loss, query loss, parameters or "
-                                     "CG met NaN/Inf")
+                                     f"CG met NaN/Inf{labels}")
         summed = torch.where(ok.unsqueeze(1), flat, torch.zeros_like(flat)).sum(0)
         mean = summed / n_ok.clamp(min=1).to(flat.dtype)
         return spec.unflatten_one(mean), metrics

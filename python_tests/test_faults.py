@@ -427,6 +427,45 @@ def test_raise_policy_names_the_task(name):
 
 
 @needs_algorithms
+@pytest.mark.parametrize("name,where,adapt", [("imaml-gd", "support", "all"),
+                                              ("imaml-gd", "query", "all"),
+                                              ("maml", "support", "all"),
+                                              ("imaml-hf", "query", "head")])
+def test_out_of_range_labels_on_a_device_are_masked_and_counted(monkeypatch, name, where,
+                                                                  adapt):
+    """On a GPU meta_gradient does not read the labels (a synchronisation per step); a label
+    outside the head's classes would meet cross-entropy's device-side assert, which ends the
+    CUDA context. Masked instead: that task is excluded and counted ("bad_labels"), the rest is
+    the meta-gradient of the good tasks alone. The CPU plays the device here (HOST_LABELS
+    empty, so check_tasks does not read them)."""
+    import imaml_ext.algorithms as alg
+    monkeypatch.setattr(alg, "HOST_LABELS", ())
+    model, params, tasks = tiny_problem()
+    y = getattr(tasks, f"y_{where}").clone()
+    y[2, 1] = 3 if where == "support" else -1  # 3 ways: labels 0..2
+    bad = tasks._replace(**{f"y_{where}": y})
+    kw = {"adapt": adapt} if adapt == "head" else {}
+    algo = small_algorithm(name, **kw)
+    grads, metrics = algo.meta_gradient(model, params, bad)
+    assert metrics["bad_labels"].tolist() == [False, False, True, False]
+    assert metrics["task_ok"].tolist() == [True, True, False, True]
+    assert all(torch.isfinite(g).all() for g in grads.values())
+    good, m_good = algo.meta_gradient(model, params, subset(tasks, [0, 1, 3]))
+    assert not m_good["bad_labels"].any()
+    for k in grads:
+        torch.testing.assert_close(grads[k], good[k], rtol=1e-9, atol=1e-12, msg=k)
+    with pytest.raises(FloatingPointError, match=r"tasks \[2\] hold labels outside the head's "
+                                                 r"classes"):
+        small_algorithm(name, on_nonfinite="raise", **kw).meta_gradient(model, params, bad)
+    # adapt and evaluate read them on the host wherever they are: a ValueError naming them
+    with pytest.raises(ValueError, match=rf"tasks.y_{where} holds labels in"):
+        algo.evaluate(model, params, bad)
+    if where == "support":
+        with pytest.raises(ValueError, match="tasks.y_support holds labels in"):
+            algo.adapt(model, params, bad.x_support, bad.y_support)
+
+
+@needs_algorithms
 @pytest.mark.parametrize("name", ["imaml-gd", "fomaml", "reptile"])
 def test_all_tasks_bad_gives_a_zero_finite_meta_gradient(name):
     model, params, tasks = tiny_problem()
