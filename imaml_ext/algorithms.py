@@ -261,7 +261,7 @@ def make_algorithm(name: str, *, loss: str | Callable = "cross_entropy", lam: fl
                           regularized=bool(regularized), use_ext=use_ext,
                           on_nonfinite=on_nonfinite, cg_rtol=float(cg_rtol), backend=backend,
                           adapt=adapt, compile_hvp=compile_hvp, cuda_graph=cuda_graph)
-    return _CLASSES[name](cfg)
+    return _CLASSES[name](cfg, _checked=True)
 
 
 _DEFAULTS = {k: p.default for k, p in inspect.signature(make_algorithm).parameters.items()}
@@ -393,7 +393,20 @@ def check_params(model: nn.Module, params: Mapping[str, torch.Tensor]) -> Params
 class MetaAlgorithm:
     """Base class: meta_gradient, adapt, evaluate (see the module docstring)."""
 
-    def __init__(self, config: AlgorithmConfig):
+    def __init__(self, config: AlgorithmConfig, *, _checked: bool = False):
+        """Built by make_algorithm; a config made by hand is checked (and normalised) by
+        make_algorithm's rules too, so that no setting an algorithm would refuse or ignore gets
+        through this door."""
+        if not _checked:
+            if not isinstance(config, AlgorithmConfig):
+                raise ValueError(f"config must be an AlgorithmConfig, got "
+                                 f"{type(config).__name__}")
+            d = {k: getattr(config, k) for k in AlgorithmConfig.__dataclass_fields__}
+            name = d.pop("name")
+            if name in _CLASSES and not isinstance(self, _CLASSES[name]):
+                raise ValueError(f"{type(self).__name__} cannot run config.name {name!r} (that is "
+                                 f"{_CLASSES[name].__name__}); use make_algorithm({name!r}, ...)")
+            config = make_algorithm(name, **d).config
         self.config = config
         self._tl_cache: tuple[nn.Module, TaskLoss] | None = None
         self._hm_cache: tuple[nn.Module, HeadModel] | None = None

@@ -420,3 +420,25 @@ def test_a_baseline_config_with_implicit_fields_still_builds():
     cfg = dataclasses.replace(resolve(TrainConfig(algo="maml")), cg_steps=9, hvp="ggn")
     assert "cg_steps" not in cfg.algorithm_kwargs() and "hvp" not in cfg.algorithm_kwargs()
     make_algorithm(cfg.algo, **cfg.algorithm_kwargs())
+
+
+def test_a_config_built_by_hand_is_checked_as_make_algorithm_checks_it():
+    """The classes take an AlgorithmConfig; one made by hand goes through make_algorithm's
+    rules (refusals and normalisation), so that door lets nothing through that make_algorithm
+    would refuse or ignore."""
+    from imaml_ext.algorithms import IMAMLGD, MAML, AlgorithmConfig
+    algo = IMAMLGD(AlgorithmConfig("imaml-gd", cuda_graph=True, lam=3))
+    assert algo.config.cuda_graph == "solve" and algo.config.lam == 3.0
+    assert isinstance(algo.config.lam, float)
+    with pytest.raises(ValueError, match=r"maml does not use cg_steps=10"):
+        MAML(AlgorithmConfig("maml", cg_steps=10))
+    with pytest.raises(ValueError, match=r"MAML cannot run config.name 'imaml-gd' \(that is "
+                                         r"IMAMLGD\)"):
+        MAML(AlgorithmConfig("imaml-gd"))
+    with pytest.raises(ValueError, match="lam must be a finite number > 0, got -1.0"):
+        IMAMLGD(AlgorithmConfig("imaml-gd", lam=-1.0))
+    with pytest.raises(ValueError, match="config must be an AlgorithmConfig, got dict"):
+        IMAMLGD({"name": "imaml-gd"})
+    # make_algorithm's own instances are built once, unchanged
+    a = make_algorithm("imaml-gd", lam=2.0)
+    assert IMAMLGD(a.config).config == a.config
