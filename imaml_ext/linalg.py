@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Callable
 
 import torch
@@ -315,21 +316,17 @@ def _cg(A, b, x0=None, *, max_iter: int | None = None, rtol: float = 1e-5, atol:
             x = x * scale.unsqueeze(1)
             rnorm = rnorm * scale
         if fallback is not None:
-            x = _fallback_rows(x, fallback, status, iters)
+            x = reference.first_order_fallback(x, fallback, status, iters)
     xs = _unflatten(x, spec, shapes, batched)
     if not batched:
         iters, rnorm, status = iters[0], rnorm[0], status[0]
     return CGResult(xs, iters, rnorm, status)
 
 
-def _fallback_rows(x, fallback, status, iters):
-    fall = (status == reference.NEGATIVE_CURVATURE) & (iters == 0)
-    return torch.where(fall.unsqueeze(-1), fallback, x)
-
-
 def _with_fallback(res: CGResult, fallback, spec, shapes, batched) -> CGResult:
     x, _, _ = _flatten(res.x, batched, "x")
-    x = _fallback_rows(x, fallback, res.status.reshape(-1), res.iterations.reshape(-1))
+    x = reference.first_order_fallback(x, fallback, res.status.reshape(-1),
+                                       res.iterations.reshape(-1))
     return CGResult(_unflatten(x, spec, shapes, batched), res.iterations, res.residual_norm,
                     res.status)
 
@@ -391,19 +388,11 @@ def _cg_callable(A, bflat, xflat, spec, shapes, batched, max_iter, rtol, atol, e
             _fail(f"A(v) must return b's structure and shapes {shapes}, got {oshapes}")
         return oflat
 
-    if functional:  # torch.func transforms, autograd through the solve: the functional twin
-        s = reference.cg_rhs_scale(bflat) if rescale else bflat.new_ones(bflat.shape[0])
-        x0 = torch.zeros_like(bflat) if xflat is None else xflat / s.unsqueeze(1)
-        x, iters, rnorm, status = reference._solve(
-            lambda v: reference.cg_affine(v, product(v), shift, scale_op),
-            bflat / s.unsqueeze(1), x0, max_iter, rtol, atol)
-        x, rnorm = x * s.unsqueeze(1), rnorm * s
-        if fallback is not None:
-            x = _fallback_rows(x, fallback, status, iters)
-        return x, iters, rnorm, status
+    # Under torch.func transforms or autograd through the solve (functional) the same loop runs
+    # on the functional twins of the ops.
     if xflat is None:
-        x, r, p, rs, bnorm2, status, iters, s = ops.cg_begin(bflat, rtol, atol, rescale,
-                                                             use_ext=ext)
+        begin = reference.cg_begin if functional else partial(ops.cg_begin, use_ext=ext)
+        x, r, p, rs, bnorm2, status, iters, s = begin(bflat, rtol, atol, rescale)
     else:
         s = reference.cg_rhs_scale(bflat) if rescale else bflat.new_ones(bflat.shape[0])
         b = bflat / s.unsqueeze(1)
@@ -414,13 +403,21 @@ def _cg_callable(A, bflat, xflat, spec, shapes, batched, max_iter, rtol, atol, e
         bnorm2 = (b * b).sum(-1)
         status = reference.cg_initial_status(rs, reference.cg_tol2(bnorm2, rtol, atol))
         iters = torch.zeros_like(status)
-    on_cpu = bflat.device.type == "cpu"
+    # the early stop reads the status: free on the CPU (not inside a transform); on a GPU stopped
+    # systems are masked instead
+    early = bflat.device.type == "cpu" and not reference._in_transform(bflat)
     for _ in range(max_iter):
-        if on_cpu and not bool((status == reference.RUNNING).any()):
-            break  # free on the CPU; on a GPU stopped systems are masked instead
-        ops.cg_step_(x, r, p, product(p), rs, bnorm2, status, iters, rtol, atol, shift=shift,
-                     scale=scale_op, use_ext=ext)
-    x, rnorm = ops.cg_end(x, rs, status, iters, s, fallback, use_ext=ext)
+        if early and not bool((status == reference.RUNNING).any()):
+            break
+        if functional:
+            x, r, p, rs, status, iters = reference.cg_step(x, r, p, product(p), rs, bnorm2,
+                                                           status, iters, rtol, atol, shift,
+                                                           scale_op)
+        else:
+            ops.cg_step_(x, r, p, product(p), rs, bnorm2, status, iters, rtol, atol,
+                         shift=shift, scale=scale_op, use_ext=ext)
+    end = reference.cg_end if functional else partial(ops.cg_end, use_ext=ext)
+    x, rnorm = end(x, rs, status, iters, s, fallback)
     return x, iters, rnorm, status
 
 

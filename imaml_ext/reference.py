@@ -100,9 +100,15 @@ def cg_end(x, rs, status, iters, scale, fallback=None):
     negative curvature before any step (status 2, iters 0) return its row instead of x s."""
     out = x * scale.unsqueeze(1)
     if fallback is not None:
-        fall = (status == NEGATIVE_CURVATURE) & (iters == 0)
-        out = torch.where(fall.unsqueeze(-1), fallback, out)
+        out = first_order_fallback(out, fallback, status, iters)
     return out, rs.sqrt() * scale
+
+
+def first_order_fallback(x, fallback, status, iters):
+    """x with the rows of the systems that met negative curvature before their first step
+    (status 2, iters 0) taken from `fallback` (iMAML's first-order meta-gradient b)."""
+    fall = (status == NEGATIVE_CURVATURE) & (iters == 0)
+    return torch.where(fall.unsqueeze(-1), fallback, x)
 
 
 def _solve(matvec, b, x0, max_iter: int, rtol: float, atol: float):

@@ -172,6 +172,7 @@ def solve_overhead(tl, pb, x, y, v, steps: int = 5) -> dict:
     counted apart: a GPU runs every step masked instead)."""
     from imaml_ext.hvp import ParamSpec
     from imaml_ext.implicit import implicit_meta_gradient
+    before = hvp_mod.POOLED_BN_KERNELS
     hvp_mod.POOLED_BN_KERNELS = bn_kernels(True, x.device)
     try:
         H = make_hvp(tl, pb, x, y, "double_backward")
@@ -192,7 +193,7 @@ def solve_overhead(tl, pb, x, y, v, steps: int = 5) -> dict:
             implicit_meta_gradient(tl, pb, x, y, b, lam=2.0, cg_lam=1e3, cg_steps=steps, hvp=H,
                                    rtol=0.0)
     finally:
-        hvp_mod.POOLED_BN_KERNELS = ()
+        hvp_mod.POOLED_BN_KERNELS = before
     counter.ops = +counter.ops
     early = {"aten.eq.Scalar", "aten.any.default"}
     s = counter.summary()

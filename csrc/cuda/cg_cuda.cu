@@ -117,8 +117,8 @@ __global__ void cg_update_xr_kernel(scalar_t* __restrict__ x, scalar_t* __restri
   const scalar_t* ab = ap + b * ch.P;
   acc_t s = 0;
   for (int64_t i = ch.begin() + threadIdx.x; i < ch.end(); i += kBlockSize) {
-    const scalar_t a = op.on ? static_cast<scalar_t>(op(pb[i], ab[i])) : ab[i];
-    s += cg_update_xr<scalar_t, acc_t>(xb + i, rb + i, pb[i], a, alpha);
+    s += cg_update_xr<scalar_t, acc_t>(xb + i, rb + i, pb[i],
+                                       static_cast<scalar_t>(op(pb[i], ab[i])), alpha);
   }
   s = block_sum(s);
   if (threadIdx.x == 0) rs_partial[b * ch.chunks + blockIdx.x] = s;
