@@ -129,13 +129,15 @@ void check_solve_args(const char* op, const at::Tensor& b, const at::Tensor& x0,
   check_tolerances(op, rtol, atol);
 }
 
-void check_lstsq_operator(const char* op, const at::Tensor& X, const at::Tensor& v, double shift,
-                          double scale) {
+void check_lstsq_operator(const char* op, const at::Tensor& X, const at::Tensor& v,
+                          const char* v_name, double shift, double scale) {
   check_float(op, "X", X);
   TORCH_CHECK_VALUE(X.dim() == 3, op, ": X must be (B, n, d), got ", X.sizes());
-  check_same(op, "X", X, "b", v);
-  TORCH_CHECK_VALUE(v.dim() == 2 && v.size(0) == X.size(0) && v.size(1) == X.size(2), op,
-              ": the vector must be (", X.size(0), ", ", X.size(2), ") to match X ", X.sizes(),
+  // A solve's X is checked against b (checked first, with x0); a product's v against X.
+  if (std::string(v_name) == "b") check_same(op, "X", X, "b", v);
+  else check_same(op, v_name, v, "X", X);
+  TORCH_CHECK_VALUE(v.dim() == 2 && v.size(0) == X.size(0) && v.size(1) == X.size(2), op, ": ",
+              v_name, " must be (", X.size(0), ", ", X.size(2), ") to match X ", X.sizes(),
               ", got ", v.sizes());
   TORCH_CHECK_VALUE(std::isfinite(shift) && std::isfinite(scale), op,
               ": shift and scale must be finite, got ", shift, " and ", scale);

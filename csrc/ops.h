@@ -31,8 +31,9 @@ void check_cg_end(const char* op, const at::Tensor& x, const at::Tensor& rs,
 void check_solve_args(const char* op, const at::Tensor& b, const at::Tensor& x0,
                       int64_t max_iter, double rtol, double atol);
 
-void check_lstsq_operator(const char* op, const at::Tensor& X, const at::Tensor& v, double shift,
-                          double scale);
+// v_name: "b" for a solve (X is then checked against b), "v" for a product (v against X).
+void check_lstsq_operator(const char* op, const at::Tensor& X, const at::Tensor& v,
+                          const char* v_name, double shift, double scale);
 
 // The softmax-head operator (csrc/hvp_math.h): F (B, n, f), W (B, c, f), bias (B, c), all of one
 // float dtype and device; shift and scale finite.

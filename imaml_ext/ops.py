@@ -65,12 +65,17 @@ def check_solve(op, b, x0, max_iter, rtol, atol):
     _check_tols(op, rtol, atol)
 
 
-def check_lstsq(op, X, v, shift, scale):
-    _check_like(op, "X", X, "b", v)
+def check_lstsq(op, X, v, v_name, shift, scale):
+    """v_name: "b" for a solve (X is then checked against b), "v" for a product (v against X)."""
+    if v_name == "b":
+        _check_like(op, "X", X, "b", v)
+    else:
+        _check_float(op, "X", X)
+        _check_like(op, v_name, v, "X", X)
     if X.dim() != 3:
         _fail(op, f"X must be (B, n, d), got {tuple(X.shape)}")
     if v.dim() != 2 or v.shape[0] != X.shape[0] or v.shape[1] != X.shape[2]:
-        _fail(op, f"the vector must be ({X.shape[0]}, {X.shape[2]}) to match X "
+        _fail(op, f"{v_name} must be ({X.shape[0]}, {X.shape[2]}) to match X "
                   f"{tuple(X.shape)}, got {tuple(v.shape)}")
     if not (math.isfinite(shift) and math.isfinite(scale)):
         _fail(op, f"shift and scale must be finite, got {shift} and {scale}")
@@ -191,7 +196,7 @@ def cg_solve_lstsq(X, b, x0, shift: float, scale: float, max_iter: int, rtol: fl
     if use_ext_for(use_ext, b):
         return torch.ops.imaml_ext.cg_solve_lstsq(X, b, x0, shift, scale, max_iter, rtol, atol)
     check_solve("cg_solve_lstsq", b, x0, max_iter, rtol, atol)
-    check_lstsq("cg_solve_lstsq", X, b, shift, scale)
+    check_lstsq("cg_solve_lstsq", X, b, "b", shift, scale)
     return reference.cg_solve_lstsq(X, b, x0, shift, scale, max_iter, rtol, atol)
 
 
@@ -202,7 +207,7 @@ def lstsq_apply(X, v, shift: float = 0.0, scale: float = 1.0, *, use_ext: bool |
     """
     if use_ext_for(use_ext, v):
         return torch.ops.imaml_ext.lstsq_apply(X, v, shift, scale)
-    check_lstsq("lstsq_apply", X, v, shift, scale)
+    check_lstsq("lstsq_apply", X, v, "v", shift, scale)
     return reference.lstsq_apply(X, v, shift, scale)
 
 

@@ -157,7 +157,7 @@ SolveResult cg_solve_lstsq_cpu(const at::Tensor& X_in, const at::Tensor& b, cons
                                double shift, double scale, int64_t max_iter, double rtol,
                                double atol) {
   check_solve_args("cg_solve_lstsq", b, x0, max_iter, rtol, atol);
-  check_lstsq_operator("cg_solve_lstsq", X_in, b, shift, scale);
+  check_lstsq_operator("cg_solve_lstsq", X_in, b, "b", shift, scale);
   const auto X = X_in.contiguous();
   const int64_t n = X.size(1), d = X.size(2);
   const int nthreads = at::get_num_threads();
@@ -174,7 +174,7 @@ SolveResult cg_solve_lstsq_cpu(const at::Tensor& X_in, const at::Tensor& b, cons
 
 at::Tensor lstsq_apply_cpu(const at::Tensor& X_in, const at::Tensor& v_in, double shift,
                            double scale) {
-  check_lstsq_operator("lstsq_apply", X_in, v_in, shift, scale);
+  check_lstsq_operator("lstsq_apply", X_in, v_in, "v", shift, scale);
   const auto X = X_in.contiguous();
   const auto v = v_in.contiguous();
   const int64_t B = X.size(0), n = X.size(1), d = X.size(2);

@@ -871,7 +871,7 @@ SolveResult cg_solve_lstsq_cuda(const at::Tensor& X, const at::Tensor& b, const 
                                 double shift, double scale, int64_t max_iter, double rtol,
                                 double atol) {
   check_solve_args("cg_solve_lstsq", b, x0, max_iter, rtol, atol);
-  check_lstsq_operator("cg_solve_lstsq", X, b, shift, scale);
+  check_lstsq_operator("cg_solve_lstsq", X, b, "b", shift, scale);
   TORCH_CHECK_VALUE(b.size(0) <= 65535, "cg_solve_lstsq: at most 65535 systems on CUDA, got ", b.size(0));
   c10::cuda::OptionalCUDAGuard guard(b.device());
   SolveResult out;
@@ -880,7 +880,7 @@ SolveResult cg_solve_lstsq_cuda(const at::Tensor& X, const at::Tensor& b, const 
 }
 
 at::Tensor lstsq_apply_cuda(const at::Tensor& X, const at::Tensor& v, double shift, double scale) {
-  check_lstsq_operator("lstsq_apply", X, v, shift, scale);
+  check_lstsq_operator("lstsq_apply", X, v, "v", shift, scale);
   TORCH_CHECK_VALUE(v.size(0) <= 65535, "lstsq_apply: at most 65535 systems on CUDA, got ", v.size(0));
   c10::cuda::OptionalCUDAGuard guard(v.device());
   auto vc = v.contiguous();

@@ -451,11 +451,14 @@ void test_bad_inputs() {
   expect_value_error([&] { solve_lstsq(X, b, at::zeros_like(b), NAN, 1.0, 5, 1e-6, 0.0); },
                      "cg_solve_lstsq: shift and scale must be finite", "lstsq NaN shift");
   expect_value_error([&] { solve_lstsq(X.narrow(0, 0, 2), b, at::zeros_like(b), 1.0, 1.0, 5, 1e-6, 0.0); },
-                     "cg_solve_lstsq: the vector must be", "lstsq batch mismatch");
+                     "cg_solve_lstsq: b must be (2, ", "lstsq batch mismatch");
   expect_value_error([&] { solve_lstsq(X[0], b, at::zeros_like(b), 1.0, 1.0, 5, 1e-6, 0.0); },
                      "cg_solve_lstsq: X must be (B, n, d)", "lstsq 2-d X");
   expect_value_error([&] { lstsq_apply(X, b.narrow(1, 0, P - 1), 0.0, 1.0); },
-                     "lstsq_apply: the vector must be", "lstsq_apply short v");
+                     "lstsq_apply: v must be (", "lstsq_apply short v");
+  expect_value_error([&] { lstsq_apply(X, b.to(at::kFloat), 0.0, 1.0); },
+                     "lstsq_apply: v must have dtype Double like X, got Float",
+                     "lstsq_apply v dtype");
   expect_value_error([&] { lstsq_apply(X.to(at::kHalf), b, 0.0, 1.0); },
                      "lstsq_apply: X must be float32", "lstsq_apply half X");
   expect_value_error([&] { lstsq_apply(X, b, 0.0, -INFINITY); },
