@@ -535,8 +535,9 @@ struct TileRegs {
 // are reduced over the block (warp butterflies, then the warps' partials summed in a fixed order
 // through shared memory, double-buffered: one barrier per tile); the column sums then take
 // t_i X_ij from the same registers, so nothing is re-read from L1/L2 and no shared-memory column
-// sums are needed. Blocks stride over their system's tiles (a persistent grid of about two blocks
-// per SM over all systems, so the global atomics at the end are few: blocks x d per system, as
+// sums are needed. Blocks stride over their system's tiles (a persistent grid: at most the
+// resident blocks, two per SM, over all systems, in one wave (persistent_blocks_per_system), so
+// the global atomics at the end are few: blocks x d per system, as
 // 16-byte vector atomics on sm_90), and the last block of a system writes out[b]
 // (last_block_epilogue). R x G = 16 vectors of X per thread (64 registers). Requires 16-byte
 // access (can_vec16) and d / L <= G kBlockSize.
@@ -790,13 +791,13 @@ struct LstsqApply {
         const int stages = static_cast<int>(std::min<int64_t>(3, std::max<int64_t>(room, 0) / stride));
         if (kernel == XtxvKernel::kBulk && G > 0 && prop->major >= 9 && stages >= 2) {
           const int64_t R = 16 / G, tiles = (n + R - 1) / R;
-          // one wave: at most one block per SM over all systems (the ring keeps one per SM)
-          const int64_t per_system = std::max<int64_t>(
-              1, std::min<int64_t>(tiles, prop->multiProcessorCount / B));
-          const dim3 grid(static_cast<unsigned>(per_system), B);
           const size_t ring = static_cast<size_t>(stages * stride);
           auto launch = [&](auto kernel_fn) {
             cuda::allow_smem(kernel_fn, ring);
+            // one wave over all systems (the ring keeps about one block per SM)
+            const dim3 grid(static_cast<unsigned>(persistent_blocks_per_system(
+                                cuda::resident_blocks(kernel_fn, ring), B, tiles)),
+                            B);
             kernel_fn<<<grid, kBlockSize, ring, stream>>>(
                 X.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
                 acc.data_ptr<acc_t>(), reinterpret_cast<unsigned int*>(counter.data_ptr<int32_t>()),
@@ -810,11 +811,12 @@ struct LstsqApply {
         }
         if (G > 0) {
           const int64_t R = 16 / G, tiles = (n + R - 1) / R;
-          const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-          const int64_t per_system = std::max<int64_t>(1, std::min<int64_t>(tiles, (2 * sms + B - 1) / B));
-          const dim3 grid(static_cast<unsigned>(per_system), B);
-          auto launch = [&](auto kernel) {
-            kernel<<<grid, kBlockSize, 0, stream>>>(
+          auto launch = [&](auto kernel_fn) {
+            // one wave over all systems (two blocks per SM by __launch_bounds__ and registers)
+            const dim3 grid(static_cast<unsigned>(persistent_blocks_per_system(
+                                cuda::resident_blocks(kernel_fn, 0), B, tiles)),
+                            B);
+            kernel_fn<<<grid, kBlockSize, 0, stream>>>(
                 X.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
                 acc.data_ptr<acc_t>(), reinterpret_cast<unsigned int*>(counter.data_ptr<int32_t>()),
                 status, n, d, shift, scale, cg);

@@ -21,10 +21,14 @@
 #include <cstdlib>
 #include <cstring>
 #include <initializer_list>
+#include <map>
+#include <mutex>
 #include <string>
+#include <tuple>
 #include <type_traits>
 
 #include "../cg_math.h"
+#include "../launch_math.h"
 #include "../ops.h"
 #include "common.cuh"
 
@@ -437,6 +441,29 @@ void allow_smem(Kernel kernel, size_t smem) {
   if (smem > 48 * 1024)
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                         static_cast<int>(smem)));
+}
+
+// Blocks of `kernel` (kBlockSize threads, `dyn_smem` bytes of dynamic shared memory, its limit
+// already raised by allow_smem) that the current device holds resident at once: the occupancy
+// calculator's blocks per SM (registers, shared memory, __launch_bounds__) times the SMs. Asked
+// once per kernel, size and device, then cached: it is a host query, never a device read or a
+// stream operation, so it is also safe while a CUDA graph is being captured.
+template <typename Kernel>
+int64_t resident_blocks(Kernel kernel, size_t dyn_smem) {
+  static std::mutex mu;
+  static std::map<std::tuple<const void*, size_t, int>, int64_t> cache;
+  const int device = c10::cuda::current_device();
+  const auto key = std::make_tuple(reinterpret_cast<const void*>(kernel), dyn_smem, device);
+  std::lock_guard<std::mutex> lock(mu);
+  auto it = cache.find(key);
+  if (it != cache.end()) return it->second;
+  int per_sm = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kBlockSize,
+                                                               dyn_smem));
+  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const int64_t resident = std::max<int64_t>(per_sm, 1) * sms;
+  cache.emplace(key, resident);
+  return resident;
 }
 
 // Chunks of one system's rows so that all systems together make about kWaves blocks per SM

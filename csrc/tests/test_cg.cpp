@@ -5,6 +5,7 @@
 #include <c10/util/Exception.h>
 
 #include <cmath>
+#include <algorithm>
 #include <cstdio>
 #include <functional>
 #include <string>
@@ -12,6 +13,7 @@
 #include <vector>
 
 #include "cg_math.h"
+#include "launch_math.h"
 
 namespace {
 
@@ -107,9 +109,39 @@ void test_errors() {
   expect(threw, "max_iter < 1 raises ValueError");
 }
 
+// The persistent grid of the register-tiled least-squares kernels: one wave, evened out.
+void test_persistent_grid() {
+  using imaml_ext::persistent_blocks_per_system;
+  // 132 SMs x 2 resident: at B = 32 and 63 tiles a system (n = 500 rows, 8-row tiles) ceil(264 /
+  // 32) = 9 blocks a system made 288 > 264 blocks, a second wave; 8 fit.
+  expect(persistent_blocks_per_system(264, 32, 63) == 8, "B=32: 8 blocks a system (256 <= 264)");
+  // B = 1, 1000 tiles: 264 fit, at most 4 tiles a block either way, and 250 blocks suffice.
+  expect(persistent_blocks_per_system(264, 1, 1000) == 250, "B=1: 250 blocks of 4 tiles");
+  expect(persistent_blocks_per_system(132, 32, 63) == 4, "one block per SM (bulk ring): 4 a system");
+  expect(persistent_blocks_per_system(264, 1000, 7) == 1, "B > resident: one block a system");
+  expect(persistent_blocks_per_system(264, 2, 3) == 3, "at most one block a tile");
+  expect(persistent_blocks_per_system(264, 4, 0) == 1, "no rows: one block");
+  expect(persistent_blocks_per_system(0, 4, 10) == 1, "no occupancy answer: one block");
+  // Over a grid of shapes: one wave whenever B fits, no more blocks than tiles, and the largest
+  // number of tiles a block takes is what the one-wave maximum gives.
+  bool ok = true;
+  for (int64_t resident : {132, 264, 396, 1})
+    for (int64_t B : {1, 2, 3, 7, 32, 33, 131, 132, 133, 264, 1000})
+      for (int64_t tiles : {1, 2, 5, 63, 64, 250, 1000, 1250}) {
+        const int64_t blocks = persistent_blocks_per_system(resident, B, tiles);
+        const int64_t most = std::max<int64_t>(1, std::min<int64_t>(tiles, resident / B));
+        const int64_t per_block = (tiles + blocks - 1) / blocks;
+        ok = ok && blocks >= 1 && blocks <= tiles && blocks <= most &&
+             (B > resident || blocks * B <= resident) &&
+             per_block == (tiles + most - 1) / most;
+      }
+  expect(ok, "one wave, at most a block a tile, the one-wave maximum of tiles a block");
+}
+
 }  // namespace
 
 int main() {
+  test_persistent_grid();
   test_math();
   test_dense();
   test_lstsq();
