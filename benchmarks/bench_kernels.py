@@ -10,8 +10,8 @@ Also reported: the achieved bandwidth of the least-squares product and CG (bytes
 product x products / time) against a copy's bandwidth measured in the same run, and each HVP's
 cost relative to one gradient of the same loss (torch.func, vmapped). On CUDA the least-squares
 rows also time each path forced beside the default's choice: the register-tiled product
-(IMAML_CUDA_XTXV=tiles), the same fed by the copy engine (=bulk, opt-in), or the row kernel
-(=rows), and the CG step in the product kernel's
+(IMAML_CUDA_XTXV=tiles), the same fed by the copy engine (=bulk, opt-in) or prefetching its next
+tile into L2 (=prefetch, opt-in), or the row kernel (=rows), and the CG step in the product kernel's
 epilogue (IMAML_CUDA_CG_STEP=epilogue) or as launches of its own (=separate).
 
     python benchmarks/bench_kernels.py [--device cpu|cuda] [--quick] [--out results.json]
@@ -120,6 +120,7 @@ def copy_bandwidth(device: str) -> float:
 # epilogue are (csrc/cuda/cg_cuda.cu says why).
 TILES = "imaml_ext register tiles"
 BULK = "imaml_ext bulk copies"  # the tiles fed by the copy engine (IMAML_CUDA_XTXV=bulk, opt-in)
+PREFETCH = "imaml_ext tiles, L2 prefetch"  # the tiles asking L2 for the next (=prefetch, opt-in)
 ROWS = "imaml_ext row kernel"
 STEP_EPILOGUE = "imaml_ext multi-launch, step epilogue"
 ROWS_SEPARATE = "imaml_ext multi-launch, row kernel, separate step"
@@ -267,6 +268,9 @@ def bench_hvps(device, quick, min_run_time, bandwidth):
             with env("IMAML_CUDA_XTXV", "bulk"):
                 run_contenders(row, {BULK: gated("IMAML_BENCH_BULK", lone)}, truth, device,
                                min_run_time)
+            with env("IMAML_CUDA_XTXV", "prefetch"):
+                run_contenders(row, {PREFETCH: gated("IMAML_BENCH_PREFETCH", lone)}, truth,
+                               device, min_run_time)
         t_grad = median_s(lambda: func_lstsq_grad(X, y, w), device, min_run_time)
         hvp_vs_grad(row, t_grad)
         row["bytes_read"] = X.numel() * X.element_size()
@@ -617,6 +621,10 @@ def bench_cg(device, quick, min_run_time, bandwidth):
                 with env("IMAML_CUDA_XTXV", "bulk"):
                     run_contenders(row, {STEP_EPILOGUE + ", " + BULK:
                                          gated("IMAML_BENCH_BULK", solve)},
+                                   truth, device, min_run_time)
+                with env("IMAML_CUDA_XTXV", "prefetch"):
+                    run_contenders(row, {STEP_EPILOGUE + ", " + PREFETCH:
+                                         gated("IMAML_BENCH_PREFETCH", solve)},
                                    truth, device, min_run_time)
         row["bytes_read_per_iteration"] = X.numel() * X.element_size()
         add_bandwidth(row, bandwidth, row["bytes_read_per_iteration"] * ITERS)

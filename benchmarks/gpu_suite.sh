@@ -108,6 +108,7 @@ tiles_gate() {
   gate IMAML_BENCH_STEP_EPILOGUE_TILES "epilogue tiles" "" "CG step epilogue with register tiles"
   gate IMAML_BENCH_POOLED_BN "test_pooled_bn [cuda" "" "pooled batch-norm derivative kernels"
   gate IMAML_BENCH_BULK "bulk" "" "bulk-copy product (opt-in)"
+  gate IMAML_BENCH_PREFETCH "prefetch" "" "register-tiled product with L2 prefetch (opt-in)"
   off() {  # off VAR VALUE WHAT
     export "$1=$2"
     echo "$3: CUDA tests failed or did not run; off for the benchmarks ($1=$2)" | tee -a "$status_file"

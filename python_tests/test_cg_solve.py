@@ -167,12 +167,14 @@ def set_env(monkeypatch, name, value):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 @pytest.mark.parametrize("step", ["separate", "epilogue", None], ids=["separate", "epilogue",
                                                                      "default_step"])
-@pytest.mark.parametrize("kernel", ["rows", "tiles", "bulk", None],
-                         ids=["rows", "tiles", "bulk", "default"])
+@pytest.mark.parametrize("kernel", ["rows", "tiles", "bulk", "prefetch", None],
+                         ids=["rows", "tiles", "bulk", "prefetch", "default"])
 def test_cuda_lstsq_product_kernels(kernel, step, dtype, monkeypatch):
     # IMAML_CUDA_XTXV selects the CUDA least-squares product: "tiles" (rows held in registers,
     # read once) where it applies, "bulk" the same fed by the copy engine through a ring of
-    # shared-memory stages (sm_90), "rows" the row kernel, unset tiles in the CG loop and for a
+    # shared-memory stages (sm_90), "prefetch" tiles asking L2 for each block's next tile (the
+    # n = 5000 and 20000 shapes stride over several; partial last tiles bound the prefetch), "rows"
+    # the row kernel, unset tiles in the CG loop and for a
     # lone product larger than L2. Shapes cover 1, 2 and 4 column groups per
     # thread in both dtypes, row counts that leave a partial tile, blocks that stride over several
     # tiles (n = 5000; n = 20000, d = 256: about ten tiles per block, so the bulk kernel's ring
@@ -224,7 +226,7 @@ def test_cuda_lstsq_path_switch_with_an_unknown_value_is_refused(name, monkeypat
 
 @needs_ext
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
-@pytest.mark.parametrize("kernel", ["rows", "tiles", "bulk"])
+@pytest.mark.parametrize("kernel", ["rows", "tiles", "bulk", "prefetch"])
 def test_cuda_lstsq_step_epilogue_stops_each_system(kernel, monkeypatch):
     # The CG step as the product's epilogue (IMAML_CUDA_CG_STEP=epilogue), systems converging
     # after different iteration counts: each stops on its own, with the reference's iteration

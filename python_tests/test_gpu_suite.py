@@ -151,6 +151,7 @@ def test_suite_gates_follow_the_cuda_tests(tmp_path, pooled_ok):
     write_junit(out / "tests_cuda.xml", [
         ("test_cg_solve", "test_cuda_lstsq_product_kernels[f32-tiles]", ""),
         ("test_cg_solve", "test_cuda_lstsq_product_kernels[f32-bulk-epilogue]", ""),
+        ("test_cg_solve", "test_cuda_lstsq_product_kernels[f32-prefetch-epilogue]", fail),
         ("test_cg_solve", "test_cuda_step_epilogue[f32]", fail),
         ("test_cg_solve", "test_cuda_step_epilogue_tiles[f32]", '<skipped message="no"/>'),
         ("test_pooled_bn", "test_backward_matches_twin[cuda-f64]", "" if pooled_ok else fail),
@@ -162,7 +163,8 @@ def test_suite_gates_follow_the_cuda_tests(tmp_path, pooled_ok):
     assert len(bench) == 1
     env = bench[0]["env"]
     assert (env["IMAML_BENCH_TILES"], env["IMAML_BENCH_STEP_EPILOGUE"],
-            env["IMAML_BENCH_STEP_EPILOGUE_TILES"], env["IMAML_BENCH_BULK"]) == ("1", "0", "0", "1")
+            env["IMAML_BENCH_STEP_EPILOGUE_TILES"], env["IMAML_BENCH_BULK"],
+            env["IMAML_BENCH_PREFETCH"]) == ("1", "0", "0", "1", "0")
     assert env["IMAML_BENCH_POOLED_BN"] == ("1" if pooled_ok else "0")
     assert "IMAML_CUDA_XTXV" not in env and env["IMAML_CUDA_CG_STEP"] == "separate"
     assert env.get("IMAML_CUDA_POOLED_BN") == (None if pooled_ok else "reference")
@@ -195,7 +197,7 @@ def test_cuda_selection_collects_what_each_gate_reads():
     assert k[k.index("-k") + 1] == "cuda or graph"
     gates = [shlex.split(line.strip())[1:4] for line in text.splitlines()
              if line.strip().startswith("gate IMAML_BENCH_")]
-    assert len(gates) == 5
+    assert len(gates) == 6
     out = subprocess.run([sys.executable, "-m", "pytest", "python_tests", "--collect-only", "-q",
                           "-k", "cuda or graph", "-p", "no:cacheprovider"], cwd=ROOT,
                          capture_output=True, text=True, timeout=300,

@@ -542,13 +542,18 @@ struct TileRegs {
 // (last_block_epilogue). R x G = 16 vectors of X per thread (64 registers). Requires 16-byte
 // access (can_vec16) and d / L <= G kBlockSize.
 // kStep: as in xtxv_kernel, the last block of a system runs its CG step.
+// prefetch (IMAML_CUDA_XTXV=prefetch, opt-in until timed on a GPU): once a tile's loads are
+// issued, the block asks L2 for its next tile (prefetch.global.L2, one per 128-byte line), so
+// that HBM streams that tile while the block waits on this one and reduces it, and the next
+// tile's loads then find it in L2. The tiles in flight (resident blocks x R rows x d, 17 MB for
+// 264 blocks of 64 KB) fit the 50 MB L2 of an H100 / H200.
 template <typename scalar_t, typename acc_t, int G, bool kStep>
 __global__ void __launch_bounds__(kBlockSize, 2)
     xtxv_tiles_kernel(const scalar_t* __restrict__ X, cuda::in_ptr<scalar_t, !kStep> v,
                       scalar_t* __restrict__ out, acc_t* __restrict__ acc,
                       unsigned int* __restrict__ counter, cuda::in_ptr<int32_t, !kStep> status,
                       int64_t n, int64_t d, double shift, double scale,
-                      cuda::CgStepArgs<scalar_t> cg) {
+                      cuda::CgStepArgs<scalar_t> cg, bool prefetch) {
   using Regs = TileRegs<scalar_t, acc_t, G>;
   using vec_t = typename Regs::vec_t;
   constexpr int R = Regs::R;
@@ -564,6 +569,17 @@ __global__ void __launch_bounds__(kBlockSize, 2)
   for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x, slot ^= 1) {
     vec_t xr[R][G];
     Regs::load(xr, X4 + tile * R * nv, tile * R, n, nv);
+    if (prefetch) {
+      const int64_t next = tile + gridDim.x;
+      if (next < tiles) {
+        // the next tile's rows are contiguous in X: R x d elements, fewer in the last tile
+        const char* base = reinterpret_cast<const char*>(X4 + next * R * nv);
+        const int64_t bytes = std::min<int64_t>(R, n - next * R) * d *
+                              static_cast<int64_t>(sizeof(scalar_t));
+        for (int64_t off = threadIdx.x * int64_t(128); off < bytes; off += kBlockSize * int64_t(128))
+          asm volatile("prefetch.global.L2 [%0];" ::"l"(base + off));
+      }
+    }
     regs.dots(xr, partial[slot]);
     // The other slot is written by the next tile, so a fast warp cannot overwrite partials a slow
     // one is still reading: reaching the tile after next takes the next tile's barrier.
@@ -677,10 +693,11 @@ void with_groups_and_step(int G, bool step, F&& f) {
 // 1.44x and 1.15x faster at the two sizes above L2 (122 and 61 MiB) and 1.46x slower at 1.3 MB,
 // where X stays in L2 and the row kernel's re-reads of it are cheap.
 // "bulk" (opt-in): xtxv_bulk_kernel where it applies (sm_90 and later), else as "tiles".
-enum class XtxvKernel { kAuto, kTiles, kBulk, kRows };  // IMAML_CUDA_XTXV's values, in order
+// "prefetch" (opt-in): xtxv_tiles_kernel prefetching each block's next tile into L2.
+enum class XtxvKernel { kAuto, kTiles, kBulk, kRows, kPrefetch };  // IMAML_CUDA_XTXV's values
 inline XtxvKernel xtxv_kernel_choice() {
   return static_cast<XtxvKernel>(
-      cuda::env_choice("IMAML_CUDA_XTXV", {"auto", "tiles", "bulk", "rows"}));
+      cuda::env_choice("IMAML_CUDA_XTXV", {"auto", "tiles", "bulk", "rows", "prefetch"}));
 }
 
 // Whether the multi-launch least-squares loop runs each CG step as its product kernel's
@@ -713,7 +730,7 @@ struct LstsqApply {
   at::Tensor X;
   double shift, scale;
   at::Tensor acc, counter;
-  XtxvKernel kernel;  // kRows, kTiles or kBulk (see xtxv_kernel_choice)
+  XtxvKernel kernel;  // kRows, kTiles, kBulk or kPrefetch (see xtxv_kernel_choice)
   // in_cg_loop: the products of a multi-launch CG solve (else a lone product, lstsq_apply)
   LstsqApply(at::Tensor X_, double shift_, double scale_, bool in_cg_loop)
       : X(std::move(X_)), shift(shift_), scale(scale_), kernel(xtxv_kernel_choice()) {
@@ -811,6 +828,7 @@ struct LstsqApply {
         }
         if (G > 0) {
           const int64_t R = 16 / G, tiles = (n + R - 1) / R;
+          const bool prefetch = kernel == XtxvKernel::kPrefetch;
           auto launch = [&](auto kernel_fn) {
             // one wave over all systems (two blocks per SM by __launch_bounds__ and registers)
             const dim3 grid(static_cast<unsigned>(persistent_blocks_per_system(
@@ -819,7 +837,7 @@ struct LstsqApply {
             kernel_fn<<<grid, kBlockSize, 0, stream>>>(
                 X.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
                 acc.data_ptr<acc_t>(), reinterpret_cast<unsigned int*>(counter.data_ptr<int32_t>()),
-                status, n, d, shift, scale, cg);
+                status, n, d, shift, scale, cg, prefetch);
             C10_CUDA_KERNEL_LAUNCH_CHECK();
           };
           with_groups_and_step(G, stepped, [&](auto g, auto step) {
