@@ -98,7 +98,7 @@ def test_suite_dry_run_quick_full(tmp_path, monkeypatch, compile_):
     status = (tmp_path / "out" / "suite_status_quick_full.txt").read_text().splitlines()
     steps = [line.split()[0] for line in status if line.endswith("s") and " ok " in line]
     assert steps == ["build", "tests_cuda", "bench_kernels", "bench_cg", "bench_meta_gradient",
-                     "hvp_op_count", "root_graph", "train_preset", "head_only", "fig2b"], status
+                     "train_preset", "hvp_op_count", "root_graph", "head_only", "fig2b"], status
     assert (pack / "suite_quick_full.tgz").is_file() and (pack / "summary_quick_full.txt").is_file()
     scripts = [c for c in calls if c and c[0].startswith("benchmarks/")
                and not c[0].endswith("gpu_summary.py")]
@@ -127,6 +127,8 @@ def test_suite_dry_run_quick_full(tmp_path, monkeypatch, compile_):
 def test_suite_dry_run_quick_alone(tmp_path, monkeypatch):
     proc, calls = _dry_run(tmp_path, SUITE, "quick")
     assert proc.returncode == 0, proc.stderr[-2000:]
+    # unset, the deadline keeps a call within the 8 minutes
+    assert "deadline 470 s" in proc.stdout, proc.stdout[:500]
     scripts = [c for c in calls if c and c[0].startswith("benchmarks/")
                and not c[0].endswith("gpu_summary.py")]
     assert {c[0] for c in scripts} == {
