@@ -19,6 +19,7 @@
 """
 from __future__ import annotations
 
+import math
 import warnings
 import weakref
 from dataclasses import dataclass
@@ -50,16 +51,21 @@ class ImplicitGradient:
     cg: CGResult
 
 
+def _number(v) -> bool:
+    """A real, finite Python number (bool excluded: True is not a strength or a damping)."""
+    return not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
+
+
 def _check_matrix_args(lam, cg_steps, damping, cg_lam):
-    if not (isinstance(lam, (int, float)) and lam > 0 and lam != float("inf")):
+    if not (_number(lam) and lam > 0):
         raise ValueError(f"lam must be a finite number > 0, got {lam!r}")
     if isinstance(cg_steps, bool) or not isinstance(cg_steps, int) or cg_steps < 0:
         raise ValueError(f"cg_steps must be an int >= 0, got {cg_steps!r}")
-    if not (isinstance(damping, (int, float)) and damping >= 0):
-        raise ValueError(f"damping must be a number >= 0, got {damping!r}")
+    if not (_number(damping) and damping >= 0):
+        raise ValueError(f"damping must be a finite number >= 0, got {damping!r}")
     cg_lam = lam if cg_lam is None else cg_lam
-    if not (isinstance(cg_lam, (int, float)) and cg_lam > 0):
-        raise ValueError(f"cg_lam must be a number > 0, got {cg_lam!r}")
+    if not (_number(cg_lam) and cg_lam > 0):
+        raise ValueError(f"cg_lam must be a finite number > 0, got {cg_lam!r}")
     return float(cg_lam)
 
 
@@ -103,9 +109,13 @@ def implicit_meta_gradient(task_loss: TaskLoss, phi: Mapping[str, torch.Tensor],
     spec = ParamSpec.of(phi)
     b = rhs if isinstance(rhs, torch.Tensor) else spec.flatten(rhs, "rhs")
     b = b.detach()
-    if b.dim() != 2 or b.shape != (next(iter(phi.values())).shape[0], spec.numel):
-        raise ValueError(f"rhs must be (M, P) = ({next(iter(phi.values())).shape[0]}, "
-                         f"{spec.numel}), got {tuple(b.shape)}")
+    p0 = next(iter(phi.values()))
+    if b.dim() != 2 or b.shape != (p0.shape[0], spec.numel):
+        raise ValueError(f"rhs must be (M, P) = ({p0.shape[0]}, {spec.numel}), got "
+                         f"{tuple(b.shape)}")
+    if b.dtype != p0.dtype or b.device != p0.device:
+        raise ValueError(f"rhs must have phi's dtype and device ({p0.dtype}, {p0.device}), got "
+                         f"({b.dtype}, {b.device})")
     if cg_steps == 0:
         return ImplicitGradient(spec.unflatten(b), b, _no_solve(b))
     H = hvp if isinstance(hvp, BatchedHVP) else make_hvp(task_loss, phi, x_train, y_train, hvp)
@@ -338,6 +348,11 @@ class _RootFn(torch.autograd.Function):
         z, a = list(tensors[:n]), list(tensors[n:])
         v = [torch.zeros_like(t) if c is None else c for t, c in zip(z, cotangents)]
         graph = None
+        if torch.is_grad_enabled():  # backward(create_graph=True)
+            warnings.warn("implicit_root: a backward with create_graph=True gives first-order "
+                          "gradients for args: the root's own second derivatives are not "
+                          "recorded (their gradients carry no graph)", RuntimeWarning,
+                          stacklevel=2)
         if cfg["cuda_graph"] and not torch.is_grad_enabled():  # not under create_graph
             args = (z, a, v, _root_key(cfg, need))
             graph = _root_graph(cfg, args)
@@ -406,6 +421,10 @@ def _adjoint_grads(cfg, need, z_leaves, a_leaves, v):
         out.append(None if g is None else -g)
     return out, res
 
+
+# Devices whose tensors implicit_root(cuda_graph=True) accepts (the CPU tests add "cpu" beside
+# an eager stand-in for _capture_graph)
+_CAPTURE_DEVICES = ("cuda",)
 
 # optimality_fn -> its captured backward passes (cuda_graph=True); weak, so a function that
 # goes away takes its graphs with it
@@ -576,10 +595,15 @@ def implicit_root(optimality_fn: Callable, solution, *args, solver: str = "cg",
             instead of its arguments are read at their addresses at capture time (change them
             in place, or pass them as args). A capture that fails warns once and that
             function's backward runs eagerly from then on; a backward with create_graph=True
-            always runs eagerly.
+            always runs eagerly. Needs a solution on a CUDA device (a ValueError otherwise).
 
     Returns:
-        z* with z's structure, differentiable with respect to args (first order).
+        z* with z's structure, differentiable with respect to args (first order: a backward
+        with create_graph=True warns that the gradient it gives carries no graph).
+
+    Raises:
+        ValueError for a bad solver, max_iter, rtol, atol, batched, use_ext, check or
+        cuda_graph, at the call (not at the first backward).
     """
     if solver not in ("cg", "normal_cg"):
         raise ValueError(f"solver must be 'cg' or 'normal_cg', got {solver!r}")
@@ -589,10 +613,24 @@ def implicit_root(optimality_fn: Callable, solution, *args, solver: str = "cg",
     if cuda_graph and max_iter is None:
         raise ValueError("cuda_graph=True records a fixed number of CG iterations: give max_iter "
                          "(an int >= 1), got None")
+    # The backward's solve settings, checked here rather than at the first backward.
+    if max_iter is not None and (isinstance(max_iter, bool) or not isinstance(max_iter, int)
+                                 or max_iter < 1):
+        raise ValueError(f"max_iter must be None or an int >= 1, got {max_iter!r}")
+    for name, v in (("rtol", rtol), ("atol", atol)):
+        if not (_number(v) and v >= 0):
+            raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
+    if not isinstance(batched, bool):
+        raise ValueError(f"batched must be True or False, got {batched!r}")
+    if use_ext is not None and not isinstance(use_ext, bool):
+        raise ValueError(f"use_ext must be None, True or False, got {use_ext!r}")
     sol_leaves, sol_spec = pytree.tree_flatten(solution)
     if not sol_leaves or not all(isinstance(t, torch.Tensor) and t.is_floating_point()
                                  for t in sol_leaves):
         raise ValueError("solution must be a floating-point tensor or a pytree of them")
+    if cuda_graph and sol_leaves[0].device.type not in _CAPTURE_DEVICES:
+        raise ValueError(f"cuda_graph=True captures the backward as a CUDA graph: it needs a "
+                         f"solution on a CUDA device, got {sol_leaves[0].device}")
     arg_leaves, arg_spec = pytree.tree_flatten(args)
     tensor_idx = [i for i, t in enumerate(arg_leaves) if isinstance(t, torch.Tensor)]
     cfg = {"fn": optimality_fn, "n_sol": len(sol_leaves), "sol_spec": sol_spec,

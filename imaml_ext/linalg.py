@@ -215,15 +215,16 @@ def cg(A: Callable | torch.Tensor | LstsqOperator, b, x0=None, *, max_iter: int 
         rtol, atol: a system has converged when ||r|| <= max(rtol * ||b||, atol).
         batched: the leading dimension of every leaf of b indexes independent systems.
         use_ext: None picks the compiled kernels when available; False forces the reference.
-            Inside torch.func transforms, or with autograd recording through b or x0, the
-            functional reference is used.
+            Inside torch.func transforms, or with autograd recording through b, x0 or the
+            operator's output (tensors a callable A reads), the functional reference is used.
         cuda_graph: for a callable A on a CUDA device, capture the whole loop (the products and
             the fused iteration ops) as one CUDA graph and replay it; needs max_iter (the graph
             holds exactly that many iterations). To reuse one capture across many right-hand
             sides, use `CapturedCG`.
 
     Returns:
-        CGResult. A zero right-hand side with x0 = 0 returns zeros after 0 iterations.
+        CGResult. A system whose right-hand side is zero returns zeros after 0 iterations,
+        converged, whatever its x0.
 
     Raises:
         ValueError naming the argument for wrong shapes, dtypes, devices, batch sizes, max_iter,
@@ -240,10 +241,10 @@ def _cg(A, b, x0=None, *, max_iter: int | None = None, rtol: float = 1e-5, atol:
     system returns instead of its iterate when it met negative curvature before any step
     (status 2 after 0 iterations), as iMAML's first-order fallback; fused into the solve's last
     op where the solve is step by step."""
-    if not (isinstance(rtol, (int, float)) and math.isfinite(rtol) and rtol >= 0):
-        _fail(f"rtol must be a finite number >= 0, got {rtol!r}")
-    if not (isinstance(atol, (int, float)) and math.isfinite(atol) and atol >= 0):
-        _fail(f"atol must be a finite number >= 0, got {atol!r}")
+    for name, v in (("rtol", rtol), ("atol", atol)):
+        if isinstance(v, bool) or not (isinstance(v, (int, float)) and math.isfinite(v)
+                                       and v >= 0):
+            _fail(f"{name} must be a finite number >= 0, got {v!r}")
     bflat, spec, shapes = _flatten(b, batched, "b", copy=False)
     B, P = bflat.shape
     if fallback is not None and (fallback.shape != bflat.shape or fallback.dtype != bflat.dtype
@@ -261,19 +262,29 @@ def _cg(A, b, x0=None, *, max_iter: int | None = None, rtol: float = 1e-5, atol:
         xflat, xspec, xshapes = _flatten(x0, batched, "x0", copy=False)
         if xspec != spec or xshapes != shapes:
             _fail(f"x0 must have b's structure and shapes {shapes}, got {xshapes}")
+        if xflat.shape[0] != B:
+            _fail(f"x0 must have b's {B} system(s) along the batch dimension, got "
+                  f"{xflat.shape[0]}")
         if xflat.dtype != bflat.dtype or xflat.device != bflat.device:
             _fail(f"x0 must have b's dtype and device ({bflat.dtype}, {bflat.device}), got "
                   f"({xflat.dtype}, {xflat.device})")
+        # A system whose b is zero has the exact solution 0: start it there. From any other x0
+        # its residual could only meet ||r|| <= rtol ||b|| = 0 by being exactly zero, so it
+        # would run every iteration and end reported as not converged.
+        if P > 0:
+            xflat = torch.where((bflat == 0).all(dim=1, keepdim=True), 0.0, xflat)
     reference_only = _needs_reference(bflat, xflat)
     ext = False if reference_only else use_ext_for(use_ext, bflat)
+    structured = isinstance(A, (SoftmaxHeadOperator, LstsqOperator, torch.Tensor))
+    if not structured and not callable(A):
+        _fail(f"A must be a callable, a tensor or an LstsqOperator, got {type(A).__name__}")
     if B == 0:
         empty = torch.zeros(0, dtype=torch.int32, device=bflat.device)
         x = torch.zeros_like(bflat) if xflat is None else xflat.clone()
         return CGResult(_unflatten(x, spec, shapes, batched), empty, bflat.new_zeros(0),
                         empty.clone())
 
-    structured = isinstance(A, (SoftmaxHeadOperator, LstsqOperator, torch.Tensor))
-    if not structured and callable(A):
+    if not structured:
         if cuda_graph:
             if default_iters:  # 10 P unrolled iterations would make a graph as large as P allows
                 _fail("cuda_graph=True records exactly max_iter iterations: give max_iter (an "
@@ -295,8 +306,6 @@ def _cg(A, b, x0=None, *, max_iter: int | None = None, rtol: float = 1e-5, atol:
                           RuntimeWarning, stacklevel=3)
         x, iters, rnorm, status = _cg_callable(A, bflat, xflat, spec, shapes, batched, max_iter,
                                                rtol, atol, ext, reference_only, fallback)
-    elif not structured:
-        _fail(f"A must be a callable, a tensor or an LstsqOperator, got {type(A).__name__}")
     else:
         # Scale each system by a power of two near max|b| (exact in floating point: the iterates
         # are the unscaled ones times that power), so that ||b||^2 can neither underflow to 0
@@ -385,7 +394,14 @@ def _cg_callable(A, bflat, xflat, spec, shapes, batched, max_iter, rtol, atol, e
         # rewrite p (test_operator_returning_its_input_or_a_view_of_it holds them to it).
         oflat, ospec, oshapes = _flatten(out, batched, "A(v)", copy=False)
         if ospec != spec or oshapes != shapes:
-            _fail(f"A(v) must return b's structure and shapes {shapes}, got {oshapes}")
+            _fail(f"A(v) must return b's structure {spec} and shapes {shapes}, got {ospec} "
+                  f"and {oshapes}")
+        if oflat.shape != bflat.shape:
+            _fail(f"A(v) must keep b's {bflat.shape[0]} system(s) along the batch dimension, "
+                  f"got {oflat.shape[0]}")
+        if oflat.dtype != bflat.dtype or oflat.device != bflat.device:
+            _fail(f"A(v) must return b's dtype and device ({bflat.dtype}, {bflat.device}), "
+                  f"got ({oflat.dtype}, {oflat.device})")
         return oflat
 
     # Under torch.func transforms or autograd through the solve (functional) the same loop runs
@@ -397,24 +413,31 @@ def _cg_callable(A, bflat, xflat, spec, shapes, batched, max_iter, rtol, atol, e
         s = reference.cg_rhs_scale(bflat) if rescale else bflat.new_ones(bflat.shape[0])
         b = bflat / s.unsqueeze(1)
         x = (xflat / s.unsqueeze(1)).contiguous()
-        r = (b - reference.cg_affine(x, product(x), shift, scale_op)).contiguous()
+        ax = product(x)
+        functional = functional or _needs_reference(ax)
+        r = (b - reference.cg_affine(x, ax, shift, scale_op)).contiguous()
         p = r.clone()
         rs = (r * r).sum(-1)
         bnorm2 = (b * b).sum(-1)
         status = reference.cg_initial_status(rs, reference.cg_tol2(bnorm2, rtol, atol))
         iters = torch.zeros_like(status)
-    # the early stop reads the status: free on the CPU (not inside a transform); on a GPU stopped
-    # systems are masked instead
-    early = bflat.device.type == "cpu" and not reference._in_transform(bflat)
+    # the early stop reads the status: free on the CPU (not inside a transform, which a status
+    # computed from a vmapped operator's output is); on a GPU stopped systems are masked instead
+    cpu = bflat.device.type == "cpu"
     for _ in range(max_iter):
-        if early and not bool((status == reference.RUNNING).any()):
+        if cpu and not reference._in_transform(status) and \
+                not bool((status == reference.RUNNING).any()):
             break
+        ap = product(p)
+        # An operator that reads tensors under autograd or a torch.func transform (vmap over the
+        # matrix a closure holds) makes an output the in-place ops cannot carry: the loop goes on
+        # with the functional twins, from the state so far (plain tensors until then).
+        functional = functional or _needs_reference(ap)
         if functional:
-            x, r, p, rs, status, iters = reference.cg_step(x, r, p, product(p), rs, bnorm2,
-                                                           status, iters, rtol, atol, shift,
-                                                           scale_op)
+            x, r, p, rs, status, iters = reference.cg_step(x, r, p, ap, rs, bnorm2, status,
+                                                           iters, rtol, atol, shift, scale_op)
         else:
-            ops.cg_step_(x, r, p, product(p), rs, bnorm2, status, iters, rtol, atol,
+            ops.cg_step_(x, r, p, ap, rs, bnorm2, status, iters, rtol, atol,
                          shift=shift, scale=scale_op, use_ext=ext)
     end = reference.cg_end if functional else partial(ops.cg_end, use_ext=ext)
     x, rnorm = end(x, rs, status, iters, s, fallback)
@@ -520,19 +543,43 @@ def breakdown_counts(res: CGResult, check: bool | None) -> tuple[int, int, int] 
             int((st == reference.NONFINITE).sum()), st.numel())
 
 
+_SOLVE_CG_KEYS = ("max_iter", "rtol", "atol", "batched", "use_ext", "cuda_graph")
+
+
 def solve_cg(**kwargs) -> Callable:
     """torchopt-style factory: `solve_cg(max_iter=...)(matvec, b)` returns x.
 
-    A one-line switch from `torchopt.linear_solve.solve_cg(maxiter=...)`. It returns x alone,
-    so a system that met negative curvature (matvec not positive definite: x is the iterate
-    before it) or NaN/Inf warns (RuntimeWarning); check=None (default) looks on the CPU only,
-    where it is free, check=True on a GPU too (one host read per solve), check=False never.
+    A one-line switch from `torchopt.linear_solve.solve_cg(maxiter=...)`, with its keywords:
+    `maxiter` (= max_iter), `ridge` (solve (matvec + ridge I) x = b, applied inside the fused
+    step) and `init` (the start, = x0), given to the factory or to the solve; and cg's own
+    (max_iter, rtol, atol, batched, use_ext, cuda_graph). Any other keyword is a ValueError
+    here, not at the first solve (torchopt's preconditioner M is not supported). It returns x
+    alone, so a system that met negative curvature (matvec not positive definite: x is the
+    iterate before it) or NaN/Inf warns (RuntimeWarning); check=None (default) looks on the
+    CPU only, where it is free, check=True on a GPU too (one host read per solve), check=False
+    never.
     """
     if "maxiter" in kwargs:
+        if "max_iter" in kwargs:
+            raise ValueError("solve_cg: give maxiter or max_iter, not both")
         kwargs["max_iter"] = kwargs.pop("maxiter")
     check = check_flag(kwargs.pop("check", None))
+    ridge0, init0 = kwargs.pop("ridge", None), kwargs.pop("init", None)
+    unknown = sorted(set(kwargs) - set(_SOLVE_CG_KEYS))
+    if unknown:
+        raise ValueError(f"solve_cg: unknown keyword(s) {unknown}; it takes maxiter, ridge, "
+                         f"init, check and {', '.join(_SOLVE_CG_KEYS)}")
 
-    def solve(matvec, b, x0=None):
+    def solve(matvec, b, x0=None, *, ridge=None, init=None):
+        ridge = ridge0 if ridge is None else ridge
+        if init is not None and x0 is not None:
+            raise ValueError("solve_cg: give the start as x0 or init, not both")
+        x0 = init if init is not None else (x0 if x0 is not None else init0)
+        if ridge is not None:
+            if isinstance(ridge, bool) or not isinstance(ridge, (int, float)) or \
+                    not math.isfinite(ridge):
+                raise ValueError(f"solve_cg: ridge must be a finite number, got {ridge!r}")
+            matvec = ShiftedOperator(matvec, float(ridge), 1.0)
         res = cg(matvec, b, x0, **kwargs)
         counts = breakdown_counts(res, check)
         if counts is not None and (counts[0] or counts[1]):

@@ -122,7 +122,8 @@ def _solve(matvec, b, x0, max_iter: int, rtol: float, atol: float):
     for _ in range(max_iter):
         # On the CPU this test costs no device synchronisation; elsewhere all max_iter run
         # (stopped systems are masked), so the loop never waits on the device.
-        if b.device.type == "cpu" and not _in_transform(b) and not bool((status == 0).any()):
+        if b.device.type == "cpu" and not _in_transform(status) and \
+                not bool((status == 0).any()):
             break
         x, r, p, rs, status, iters = cg_step(x, r, p, matvec(p), rs, bnorm2, status, iters,
                                              rtol, atol)

@@ -8,7 +8,8 @@ On the CPU the capture itself cannot run; there an eager stand-in for `_capture_
 output tensors, as a replay rewrites a graph's static outputs) checks everything around it:
 that each call's inputs reach the captured work, that results come back as fresh tensors, that
 the algorithm reuses one capture per shape, captures anew when shapes change, and runs eagerly
-when a capture fails. The CUDA tests replay a real graph."""
+when a capture fails (implicit_root, which refuses cuda_graph=True off CUDA at the call, is
+told the CPU is capturable here). The CUDA tests replay a real graph."""
 from __future__ import annotations
 
 import traceback
@@ -31,6 +32,11 @@ from imaml_ext.types import TaskBatch
 
 DT = torch.float64
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+
+
+@pytest.fixture(autouse=True)
+def _cpu_capturable(monkeypatch):
+    monkeypatch.setattr(implicit, "_CAPTURE_DEVICES", ("cuda", "cpu"))
 
 
 def setup(M=3, ways=3, shots=2, seed=0, device="cpu", dtype=DT):
@@ -435,7 +441,8 @@ def test_root_backward_replays_one_capture_per_shape_and_constants(monkeypatch):
     assert not torch.allclose(g3, g1)
     a = a1.clone().requires_grad_(True)
     w = implicit.implicit_root(F, solve(a), a, max_iter=20, cuda_graph=True)
-    torch.autograd.grad(w.sum(), a, create_graph=True)  # create_graph: eager, no capture
+    with pytest.warns(RuntimeWarning, match="create_graph=True gives first-order"):
+        torch.autograd.grad(w.sum(), a, create_graph=True)  # create_graph: eager, no capture
     assert len(calls) == 3
 
 

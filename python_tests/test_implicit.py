@@ -145,13 +145,22 @@ def test_bad_arguments():
     for kw, msg in ((dict(lam=0.0), "lam must be"), (dict(lam=-1.0), "lam must be"),
                     (dict(lam=1.0, cg_steps=-1), "cg_steps"),
                     (dict(lam=1.0, cg_lam=0.0), "cg_lam"),
-                    (dict(lam=1.0, damping=-1.0), "damping")):
+                    (dict(lam=1.0, damping=-1.0), "damping"),
+                    # non-finite or bool: damping=inf was reported as a ShiftedOperator shift,
+                    # cg_lam=inf silently dropped the Hessian, lam=True passed as 1
+                    (dict(lam=1.0, damping=float("inf")), "damping must be a finite number"),
+                    (dict(lam=1.0, cg_lam=float("inf")), "cg_lam must be a finite number"),
+                    (dict(lam=True), "lam must be a finite number"),
+                    (dict(lam=1.0, damping=True), "damping must be")):
         with pytest.raises(ValueError, match=msg):
             implicit_meta_gradient(tl, phi, t.x_support, t.y_support, b, **kw)
     with pytest.raises(ValueError, match="rhs must be"):
         implicit_meta_gradient(tl, phi, t.x_support, t.y_support, b[:, :3], lam=1.0)
     with pytest.raises(ValueError, match="rhs does not match"):
         implicit_meta_gradient(tl, phi, t.x_support, t.y_support, {"w": b}, lam=1.0)
+    # a float32 rhs for float64 phi: named rhs (it was "cg_step: Ap must have dtype Double")
+    with pytest.raises(ValueError, match=r"rhs must have phi's dtype and device \(torch.float64"):
+        implicit_meta_gradient(tl, phi, t.x_support, t.y_support, b.float(), lam=1.0)
 
 
 # ---- implicit_root: the README's ridge-regression example -----------------------------------------
@@ -317,4 +326,27 @@ def test_implicit_root_bad_arguments():
         implicit_root(lambda z: z, torch.zeros(2), solver="lu")
     with pytest.raises(ValueError, match="solution must be"):
         implicit_root(lambda z: z, [1, 2])
+    # the backward's settings are checked at the call, not at the first backward
+    a = torch.ones(3, dtype=DT, requires_grad=True)
+    z = (a / 2).detach()
+    for kw, msg in ((dict(max_iter=0), "max_iter must be None or an int >= 1, got 0"),
+                    (dict(max_iter=True), "max_iter must be"),
+                    (dict(rtol=-1.0), "rtol must be a finite number >= 0"),
+                    (dict(atol=float("nan")), "atol must be a finite number >= 0"),
+                    (dict(batched=1), "batched must be True or False"),
+                    (dict(use_ext="yes"), "use_ext must be None, True or False"),
+                    # off CUDA the capture was attempted at the backward, and its ValueError
+                    # escaped the documented "warns and runs eagerly"
+                    (dict(cuda_graph=True, max_iter=3), "cuda_graph=True .* needs a solution on "
+                                                        "a CUDA device, got cpu")):
+        with pytest.raises(ValueError, match=msg):
+            implicit_root(lambda w, a: 2 * w - a, z, a, **kw)
+
+
+def test_implicit_root_warns_that_create_graph_gives_first_order_gradients():
+    a = torch.ones(3, dtype=DT, requires_grad=True)
+    z = implicit_root(lambda w, a: 2 * w - a, (a / 2).detach(), a, max_iter=5)
+    with pytest.warns(RuntimeWarning, match="create_graph=True gives first-order gradients"):
+        (g,) = torch.autograd.grad((z ** 2).sum(), a, create_graph=True)
+    torch.testing.assert_close(g, a.detach() / 2)  # d/da sum((a/2)^2) = a/2
 

@@ -437,3 +437,110 @@ def test_systems_of_no_unknowns_are_converged(use_ext, atol, start):
     res = imaml_ext.cg(lambda v: 2 * v, b, x0, batched=True, max_iter=2, atol=atol,
                        use_ext=use_ext)
     assert res.x.shape == (3, 0) and res.converged.all() and (res.iterations == 0).all()
+
+
+# ---- found by review (2026-11-28): each failed before its fix ---------------------------------
+
+@pytest.mark.parametrize("use_ext", BOTH)
+@pytest.mark.parametrize("solver", ["callable", "dense", "lstsq"])
+def test_a_zero_right_hand_side_from_any_start_is_solved_at_once(solver, use_ext):
+    # x = 0 solves A x = 0 exactly; from x0 != 0 the test ||r|| <= rtol ||b|| = 0 could only
+    # pass at an exactly zero residual, so the solve ran every iteration and said "not converged"
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(3, 6, 4, generator=g, dtype=torch.float64)
+    A = torch.bmm(X.transpose(1, 2), X) / 6 + torch.eye(4, dtype=torch.float64)
+    b = torch.randn(3, 4, generator=g, dtype=torch.float64)
+    b[1] = 0.0
+    x0 = torch.ones(3, 4, dtype=torch.float64)
+    op = {"callable": lambda v: bmv(A, v), "dense": A,
+          "lstsq": LstsqOperator(X, shift=1.0, scale=1.0 / 6)}[solver]
+    res = imaml_ext.cg(op, b, x0, batched=True, max_iter=20, rtol=1e-10, use_ext=use_ext)
+    assert res.status.tolist() == [1, 1, 1]
+    assert int(res.iterations[1]) == 0 and bool((res.x[1] == 0).all())
+    torch.testing.assert_close(res.x, torch.linalg.solve(A, b), rtol=1e-8, atol=1e-12)
+
+
+@pytest.mark.parametrize("use_ext", [pytest.param(None, marks=needs_ext, id="default"),
+                                     pytest.param(False, id="ref")])
+def test_autograd_reaches_tensors_the_operator_reads(use_ext):
+    # The solve's output depended on M through A(v) = M v, but the compiled in-place steps
+    # dropped the graph (x.requires_grad False) and the reference's in-place copy broke it.
+    g = torch.Generator().manual_seed(1)
+    Q = torch.randn(4, 4, generator=g, dtype=torch.float64)
+    M = (Q @ Q.T + 4 * torch.eye(4, dtype=torch.float64)).requires_grad_(True)
+    b = torch.randn(4, generator=g, dtype=torch.float64)
+    x = imaml_ext.cg(lambda v: M @ v, b, max_iter=50, rtol=1e-14, use_ext=use_ext).x
+    assert x.requires_grad
+    (gM,) = torch.autograd.grad(x.sum(), M)
+    xs = torch.linalg.solve(M.detach(), b)
+    want = -torch.outer(torch.linalg.solve(M.detach().T, torch.ones(4, dtype=torch.float64)), xs)
+    # CG assumes A symmetric, so only the gradient's symmetric part (the directions that keep M
+    # symmetric) is the solve's: compare those
+    torch.testing.assert_close(gM + gM.T, want + want.T, rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("kind", ["dense", "callable"])
+def test_vmap_over_the_operator(kind):
+    # the CPU early stop read a status batched by vmap ("data-dependent control flow"); the
+    # callable loop then reached the in-place op, which has no batching rule
+    g = torch.Generator().manual_seed(2)
+    As = torch.stack([random_spd(1, 3, generator=g)[0] for _ in range(4)]).double()
+    b = torch.randn(3, generator=g, dtype=torch.float64)
+
+    def solve(M):
+        op = M if kind == "dense" else (lambda v: M @ v)
+        return imaml_ext.cg(op, b, max_iter=30, rtol=1e-13).x
+    got = torch.func.vmap(solve)(As)
+    torch.testing.assert_close(got, torch.linalg.solve(As, b.expand(4, 3)), rtol=1e-9, atol=1e-12)
+
+
+def test_the_operator_output_is_checked_on_every_path():
+    A = random_spd(1, 3)[0].double()
+    bb = torch.randn(3, 3, dtype=torch.float64, requires_grad=True)  # autograd: functional path
+    for b in (bb, bb.detach()):
+        with pytest.raises(ValueError, match=r"A\(v\) must keep b's 3 system\(s\) along the batch"):
+            imaml_ext.cg(lambda v: (v @ A)[:1], b, batched=True, max_iter=5)
+    b32 = torch.ones(3, requires_grad=True)
+    with pytest.raises(ValueError, match=r"A\(v\) must return b's dtype and device \(torch.float32"):
+        imaml_ext.cg(lambda v: A @ v.double(), b32, max_iter=5)
+    with pytest.raises(ValueError, match=r"A\(v\) must return b's dtype"):
+        imaml_ext.cg(lambda v: A @ v.double(), b32.detach(), max_iter=5)
+
+
+def test_x0_and_a_b_of_no_systems_are_checked():
+    b = torch.ones(3, 3, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"x0 must have b's 3 system\(s\) along the batch "
+                                         r"dimension, got 2"):
+        imaml_ext.cg(lambda v: 2 * v, b, torch.ones(2, 3, dtype=torch.float64), batched=True)
+    with pytest.raises(ValueError, match=r"x0 must have b's 3 system\(s\).*got 1"):
+        imaml_ext.cg(lambda v: 2 * v, b, torch.ones(1, 3, dtype=torch.float64), batched=True)
+    with pytest.raises(ValueError, match="A must be a callable, a tensor or an LstsqOperator"):
+        imaml_ext.cg("abc", torch.zeros(0, 3), batched=True)
+    for name in ("rtol", "atol"):
+        with pytest.raises(ValueError, match=f"{name} must be a finite number"):
+            imaml_ext.cg(lambda v: v, b, **{name: True})
+
+
+def test_solve_cg_takes_torchopts_keywords():
+    g = torch.Generator().manual_seed(3)
+    A = random_spd(1, 4, generator=g)[0].double()
+    b = torch.randn(4, generator=g, dtype=torch.float64)
+    I4 = torch.eye(4, dtype=torch.float64)
+    mv = lambda v: A @ v  # noqa: E731
+    # ridge: (A + ridge I) x = b, in the factory or the call
+    want = torch.linalg.solve(A + 0.7 * I4, b)
+    for x in (solve_cg(ridge=0.7, maxiter=50, rtol=1e-13)(mv, b),
+              solve_cg(maxiter=50, rtol=1e-13)(mv, b, ridge=0.7)):
+        torch.testing.assert_close(x, want, rtol=1e-9, atol=1e-12)
+    # init: the start (one iteration from the solution stays there)
+    xs = torch.linalg.solve(A, b)
+    torch.testing.assert_close(solve_cg(maxiter=1, init=xs)(mv, b), xs, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(solve_cg(maxiter=1)(mv, b, init=xs), xs, rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match=r"unknown keyword\(s\) \['M'\]"):
+        solve_cg(M=lambda v: v)
+    with pytest.raises(ValueError, match="maxiter or max_iter, not both"):
+        solve_cg(maxiter=3, max_iter=4)
+    with pytest.raises(ValueError, match="x0 or init, not both"):
+        solve_cg()(mv, b, xs, init=xs)
+    with pytest.raises(ValueError, match="ridge must be a finite number"):
+        solve_cg(ridge=float("nan"))(mv, b)
