@@ -58,6 +58,18 @@ inline Chunking make_chunking(int64_t P) {
   return {P, (P + chunks - 1) / chunks, chunks};
 }
 
+// Whether system b is still running, as one value for the whole block: read once and shared.
+// In cg_update_xr / cg_update_p block 0 of the system may write status[b] during the same
+// launch, so warps that each read it could disagree, and some would leave while the rest wait
+// at block_sum's barriers (partial sums from the warps that left: a wrong alpha applied to a
+// system that had just stopped). Every thread must call it (one barrier).
+__device__ __forceinline__ bool block_sees_running(const int32_t* status, int64_t b) {
+  __shared__ bool running;
+  if (threadIdx.x == 0) running = status[b] == kRunning;
+  __syncthreads();
+  return running;
+}
+
 // Sum of the `chunks` partials of system b, in a fixed order; valid in every thread.
 template <typename acc_t>
 __device__ acc_t sum_partials(const acc_t* partial, int64_t b, int chunks) {
@@ -100,7 +112,7 @@ __global__ void cg_update_xr_kernel(scalar_t* __restrict__ x, scalar_t* __restri
                                     acc_t* __restrict__ rs_partial, Chunking ch,
                                     Affine<acc_t> op) {
   const int64_t b = blockIdx.y;
-  if (status[b] != kRunning) return;
+  if (!block_sees_running(status, b)) return;
   const acc_t pAp = sum_partials(pap_partial, b, ch.chunks);
   int32_t st = kRunning;
   const acc_t rs_old = static_cast<acc_t>(rs[b]);
@@ -133,7 +145,7 @@ __global__ void cg_update_p_kernel(scalar_t* __restrict__ p, const scalar_t* __r
                                    Chunking ch) {
   const int64_t b = blockIdx.y;
   // Block 0 may already have stored this iteration's status: a stopped system needs no new p.
-  if (status[b] != kRunning) return;
+  if (!block_sees_running(status, b)) return;
   const acc_t rs_new = sum_partials(rs_partial, b, ch.chunks);
   const acc_t tol2 = cg_tol2<acc_t>(static_cast<acc_t>(bnorm2[b]), rtol, atol);
   int32_t st = kRunning;
@@ -573,11 +585,16 @@ __global__ void __launch_bounds__(kBlockSize, 2)
       const int64_t next = tile + gridDim.x;
       if (next < tiles) {
         // the next tile's rows are contiguous in X: R x d elements, fewer in the last tile
-        const char* base = reinterpret_cast<const char*>(X4 + next * R * nv);
-        const int64_t bytes = std::min<int64_t>(R, n - next * R) * d *
-                              static_cast<int64_t>(sizeof(scalar_t));
-        for (int64_t off = threadIdx.x * int64_t(128); off < bytes; off += kBlockSize * int64_t(128))
-          asm volatile("prefetch.global.L2 [%0];" ::"l"(base + off));
+        // from the 128-byte line holding its first byte (X is only 16-byte aligned) through the
+        // line holding its last
+        const char* first = reinterpret_cast<const char*>(X4 + next * R * nv);
+        const char* end = first + std::min<int64_t>(R, n - next * R) * d *
+                                      static_cast<int64_t>(sizeof(scalar_t));
+        const char* line0 = reinterpret_cast<const char*>(
+            reinterpret_cast<uintptr_t>(first) & ~uintptr_t(127));
+        for (const char* a = line0 + threadIdx.x * int64_t(128); a < end;
+             a += kBlockSize * int64_t(128))
+          asm volatile("prefetch.global.L2 [%0];" ::"l"(a));
       }
     }
     regs.dots(xr, partial[slot]);
@@ -670,6 +687,20 @@ __global__ void __launch_bounds__(kBlockSize, 1)
 #else
   __trap();  // launched only on sm_90 and later (LstsqApply checks the device)
 #endif
+}
+
+// Whether this build holds xtxv_bulk_kernel's sm_90 body: on a card of compute capability 9.x a
+// build for an older architecture only (its PTX JIT-compiled there) has the trapping stub, so
+// "bulk" then runs as "tiles". The PTX version of the code the device would run, asked once.
+template <typename scalar_t, typename acc_t>
+bool bulk_kernel_built_for_sm90() {
+  static const bool ok = [] {
+    cudaFuncAttributes attr{};
+    return cudaFuncGetAttributes(&attr, xtxv_bulk_kernel<scalar_t, acc_t, 1, false>) ==
+               cudaSuccess &&
+           attr.ptxVersion >= 90;
+  }();
+  return ok;
 }
 
 // f(std::integral_constant<int, G>, std::bool_constant<step>) for the register kernels' column
@@ -806,7 +837,8 @@ struct LstsqApply {
                                     static_cast<int64_t>(sizeof(scalar_t)) + 127) / 128 * 128;
         const int64_t room = static_cast<int64_t>(prop->sharedMemPerBlockOptin) - 4096;
         const int stages = static_cast<int>(std::min<int64_t>(3, std::max<int64_t>(room, 0) / stride));
-        if (kernel == XtxvKernel::kBulk && G > 0 && prop->major >= 9 && stages >= 2) {
+        if (kernel == XtxvKernel::kBulk && G > 0 && prop->major >= 9 && stages >= 2 &&
+            bulk_kernel_built_for_sm90<scalar_t, acc_t>()) {
           const int64_t R = 16 / G, tiles = (n + R - 1) / R;
           const size_t ring = static_cast<size_t>(stages * stride);
           auto launch = [&](auto kernel_fn) {

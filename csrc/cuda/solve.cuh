@@ -435,12 +435,22 @@ inline bool use_fused(int64_t B, int64_t work_per_system, size_t smem) {
   return work_per_system <= kFusedSmallWork || B >= kFusedBlocksPerSm * sms;
 }
 
-// Raises a kernel's dynamic shared-memory limit when it needs more than the default 48 KB.
+// Raises a kernel's dynamic shared-memory limit when it needs more than the default 48 KB: to
+// the device's most, once per kernel and device, and never lowers it. (Setting it to each
+// launch's own size let two host threads launching one kernel with different sizes lower it
+// under each other, and a launch then failed.)
 template <typename Kernel>
 void allow_smem(Kernel kernel, size_t smem) {
-  if (smem > 48 * 1024)
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        static_cast<int>(smem)));
+  if (smem <= 48 * 1024) return;
+  static std::mutex mu;
+  static std::map<std::pair<const void*, int>, bool> raised;
+  const auto key = std::make_pair(reinterpret_cast<const void*>(kernel),
+                                  static_cast<int>(c10::cuda::current_device()));
+  std::lock_guard<std::mutex> lock(mu);
+  if (raised.count(key)) return;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                      static_cast<int>(max_dynamic_smem())));
+  raised.emplace(key, true);
 }
 
 // Blocks of `kernel` (kBlockSize threads, `dyn_smem` bytes of dynamic shared memory, its limit
