@@ -42,6 +42,7 @@ step): it masks them, and such a task is excluded and counted the same way (metr
 from __future__ import annotations
 
 import inspect
+import math
 import warnings
 from dataclasses import dataclass
 from typing import Callable, Mapping
@@ -73,7 +74,7 @@ class AlgorithmConfig:
     name: str
     loss: str | Callable = "cross_entropy"
     lam: float = 2.0
-    inner_steps: int = _GD_DEFAULT_STEPS
+    inner_steps: int | None = None  # make_algorithm's default for the name
     inner_lr: float = 0.1
     cg_steps: int = 5
     cg_damping: float = 0.0
@@ -81,7 +82,7 @@ class AlgorithmConfig:
     hf_cg_steps: int = 5
     hvp: str = "exact"
     proximal: str = "paper"
-    regularized: bool = True
+    regularized: bool | None = None  # make_algorithm's default for the name
     use_ext: bool | None = None
     on_nonfinite: str = "skip"
     cg_rtol: float = 1e-10
@@ -106,6 +107,14 @@ def options_for(name: str, **kwargs) -> dict:
     if name not in ALGORITHMS:
         raise ValueError(f"name must be one of {ALGORITHMS}, got {name!r}")
     return {k: v for k, v in kwargs.items() if k not in unused_options(name)}
+
+
+BACKENDS = ("auto", "folded", "vmap")
+
+
+def _finite(v) -> bool:
+    """A finite real Python number (bool excluded)."""
+    return not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
 
 
 def make_algorithm(name: str, *, loss: str | Callable = "cross_entropy", lam: float = 2.0,
@@ -177,27 +186,35 @@ def make_algorithm(name: str, *, loss: str | Callable = "cross_entropy", lam: fl
         raise ValueError(f"name must be one of {ALGORITHMS}, got {name!r}")
     if not callable(loss) and loss not in LOSSES:
         raise ValueError(f"loss must be one of {LOSSES} or a callable, got {loss!r}")
-    if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not lam > 0 \
-            or lam == float("inf"):
+    if not (_finite(lam) and lam > 0):
         raise ValueError(f"lam must be a finite number > 0, got {lam!r}")
     if inner_steps is None:
         inner_steps = _DEFAULT_STEPS.get(name, _GD_DEFAULT_STEPS)
     if isinstance(inner_steps, bool) or not isinstance(inner_steps, int) or inner_steps < 0:
         raise ValueError(f"inner_steps must be an int >= 0, got {inner_steps!r}")
-    if not isinstance(inner_lr, (int, float)) or not inner_lr > 0:
-        raise ValueError(f"inner_lr must be a number > 0, got {inner_lr!r}")
+    if not (_finite(inner_lr) and inner_lr > 0):
+        raise ValueError(f"inner_lr must be a finite number > 0, got {inner_lr!r}")
     if isinstance(cg_steps, bool) or not isinstance(cg_steps, int) or cg_steps < 0:
         raise ValueError(f"cg_steps must be an int >= 0, got {cg_steps!r}")
     if isinstance(hf_cg_steps, bool) or not isinstance(hf_cg_steps, int) or hf_cg_steps < 1:
         raise ValueError(f"hf_cg_steps must be an int >= 1, got {hf_cg_steps!r}")
-    if not isinstance(cg_damping, (int, float)) or not cg_damping >= 0:
-        raise ValueError(f"cg_damping must be a number >= 0, got {cg_damping!r}")
-    if cg_lam is not None and (not isinstance(cg_lam, (int, float)) or not cg_lam > 0):
-        raise ValueError(f"cg_lam must be None or a number > 0, got {cg_lam!r}")
+    if not (_finite(cg_damping) and cg_damping >= 0):
+        raise ValueError(f"cg_damping must be a finite number >= 0, got {cg_damping!r}")
+    if cg_lam is not None and not (_finite(cg_lam) and cg_lam > 0):
+        raise ValueError(f"cg_lam must be None or a finite number > 0, got {cg_lam!r}")
+    if not (_finite(cg_rtol) and cg_rtol >= 0):
+        raise ValueError(f"cg_rtol must be a finite number >= 0, got {cg_rtol!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if use_ext is not None and not isinstance(use_ext, bool):
+        raise ValueError(f"use_ext must be None, True or False, got {use_ext!r}")
     if hvp not in HVP_KINDS + ("lstsq",):
         raise ValueError(f"hvp must be one of {HVP_KINDS + ('lstsq',)}, got {hvp!r}")
     if hvp == "lstsq" and name != "imaml-gd":
         raise ValueError("hvp='lstsq' is only for imaml-gd (a least-squares inner loss)")
+    if hvp == "lstsq" and loss != "half_mse":
+        raise ValueError(f"hvp='lstsq' is the Hessian of loss 'half_mse' (X^T X / n, a bias-free "
+                         f"nn.Linear(d, 1)): it needs loss='half_mse', got {loss!r}")
     if proximal not in PROXIMAL:
         raise ValueError(f"proximal must be one of {PROXIMAL}, got {proximal!r}")
     if on_nonfinite not in ("skip", "raise"):
@@ -326,8 +343,10 @@ def check_tasks(tasks, params: Mapping[str, torch.Tensor], loss,
         if loss == "cross_entropy" and y.dtype != torch.int64:
             raise ValueError(f"tasks.{yn} must be int64 class labels for cross_entropy, got "
                              f"{y.dtype}")
-        if loss in ("mse", "half_mse") and not y.is_floating_point():
-            raise ValueError(f"tasks.{yn} must be float targets for {loss}, got {y.dtype}")
+        if loss in ("mse", "half_mse") and y.dtype != ref.dtype:
+            # float64 targets with float32 params would make the losses float64
+            raise ValueError(f"tasks.{yn} must be float targets of the params' dtype "
+                             f"{ref.dtype} for {loss}, got {y.dtype}")
         if conv is not None and x.dim() == 5 and x.shape[2] != conv.in_channels:
             raise ValueError(f"tasks.{xn} has {x.shape[2]} channels per image (shape "
                              f"{tuple(x.shape)}), the model's first convolution takes "
@@ -423,6 +442,10 @@ class MetaAlgorithm:
     def with_options(self, **changes) -> "MetaAlgorithm":
         """A copy with some settings changed (validated by make_algorithm)."""
         d = {k: getattr(self.config, k) for k in AlgorithmConfig.__dataclass_fields__}
+        if changes.get("name", self.config.name) != self.config.name:
+            # another algorithm: its own defaults for the settings whose default depends on it
+            for k in ("inner_steps", "regularized"):
+                d.pop(k)
         d.update(changes)
         name = d.pop("name")
         return make_algorithm(name, **d)

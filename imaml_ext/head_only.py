@@ -298,8 +298,9 @@ def head_hessian_free(F_, y, W0, b0, *, lam: float, steps: int = 4, cg_steps: in
     M, c, f = W0.shape
     theta = _join(W0, b0)
     phi = theta.clone()
-    ts = torch.tensor([backtrack ** j for j in range(ls_steps)], dtype=phi.dtype,
-                      device=phi.device)
+    # made on the device (a tensor from a Python list would be a host-to-device copy per call)
+    ts = torch.full((ls_steps,), float(backtrack), dtype=phi.dtype, device=phi.device).pow(
+        torch.arange(ls_steps, dtype=phi.dtype, device=phi.device))
     finite = torch.ones(M, dtype=torch.bool, device=phi.device)
     log = NewtonLog(phi)
     for _ in range(steps):

@@ -660,6 +660,13 @@ class TaskLoss:
             raise ValueError(f"loss must be one of {LOSSES} or a callable, got {loss!r}")
         if backend not in ("auto", "folded", "vmap"):
             raise ValueError(f"backend must be 'auto', 'folded' or 'vmap', got {backend!r}")
+        for mname, m in model.named_modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats:
+                # train mode: vmap cannot update the shared running buffers per task; eval mode:
+                # every task would silently use those fixed buffers instead of its own batch
+                raise ValueError(f"model.{mname}: {type(m).__name__} must have "
+                                 f"track_running_stats=False (batch statistics in every "
+                                 f"forward pass, the MAML / iMAML convention), got True")
         if task_chunk is not None and (isinstance(task_chunk, bool) or
                                        not isinstance(task_chunk, int) or task_chunk < 1):
             raise ValueError(f"task_chunk must be None or an int >= 1, got {task_chunk!r}")
@@ -922,7 +929,9 @@ class BatchedHVP:
             raise ValueError(f"compile=True computes forward-over-reverse products: kind must be "
                              f"'exact' or 'forward_over_reverse', got {kind!r}")
         self.task_loss = task_loss
-        self.params = {k: v.detach() for k, v in params_b.items()}
+        # contiguous: phi straight from batched_theta (zero inner steps) is a stride-0 broadcast
+        # view, from which torch.func.jvp cannot make a forward-mode input (a copy only there)
+        self.params = {k: v.detach().contiguous() for k, v in params_b.items()}
         self.spec = ParamSpec.of(self.params)
         self.M = next(iter(self.params.values())).shape[0]
         if x_b.dim() < 1 or y_b.dim() < 1 or x_b.shape[0] != self.M or y_b.shape[0] != self.M:

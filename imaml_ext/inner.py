@@ -282,7 +282,7 @@ def hessian_free(task_loss: TaskLoss, theta_b: Mapping[str, torch.Tensor], x: to
                                  cg_rtol=cg_rtol, use_ext=use_ext)
         # Backtracking over a fixed ladder of step sizes, all tasks at once; a task keeps the
         # first (largest) t that passes. On the CPU the ladder stops once every task has passed.
-        t_sel = torch.zeros_like(G0)
+        t_sel = torch.zeros(M, dtype=phi_flat.dtype, device=dev)
         found = torch.zeros(M, dtype=torch.bool, device=dev)
         for t in ts:
             trial = phi_flat + t * d

@@ -396,6 +396,77 @@ def test_argument_errors():
             tasks.y_query, 2).index_fill(1, torch.tensor([0]), -1)))
 
 
+def test_settings_are_checked_when_the_algorithm_is_made():
+    # each was accepted and failed later, under another name, or silently (review, 2026-11-28):
+    # inner_lr=inf made every task non-finite and the meta-gradient zero
+    for kw, msg in ((dict(inner_lr=float("inf")), "inner_lr must be a finite number > 0"),
+                    (dict(inner_lr=True), "inner_lr must be"),
+                    (dict(cg_damping=float("inf")), "cg_damping must be a finite number >= 0"),
+                    (dict(cg_damping=True), "cg_damping must be"),
+                    (dict(cg_lam=float("inf")), "cg_lam must be None or a finite number > 0"),
+                    (dict(cg_rtol=-1.0), "cg_rtol must be a finite number >= 0"),
+                    (dict(cg_rtol="x"), "cg_rtol must be"),
+                    (dict(backend="bogus"), r"backend must be one of \('auto', 'folded', 'vmap'\)"),
+                    (dict(use_ext="yes"), "use_ext must be None, True or False"),
+                    (dict(hvp="lstsq"), "hvp='lstsq' is the Hessian of loss 'half_mse'")):
+        with pytest.raises(ValueError, match=msg):
+            make_algorithm("imaml-gd", **kw)
+    assert make_algorithm("imaml-gd", hvp="lstsq", loss="half_mse").config.hvp == "lstsq"
+
+
+def test_a_hand_built_config_and_another_name_get_that_algorithms_defaults():
+    from imaml_ext.algorithms import IMAMLHF, MAML, AlgorithmConfig
+    # the dataclass's own defaults (regularized=True, inner_steps=16) used to win
+    assert MAML(AlgorithmConfig("maml")).config == make_algorithm("maml").config
+    assert IMAMLHF(AlgorithmConfig("imaml-hf")).config.inner_steps == 4
+    moved = make_algorithm("imaml-gd").with_options(name="maml")
+    assert moved.config == make_algorithm("maml").config
+    assert make_algorithm("imaml-gd", inner_steps=3).with_options(lam=1.0).config.inner_steps == 3
+
+
+def test_zero_inner_steps_with_forward_over_reverse_products():
+    # phi is then theta broadcast to the tasks (stride 0), from which torch.func.jvp could not
+    # make a forward-mode input: RuntimeError "more than one element of the written-to tensor"
+    lt = syn.make_linear_tasks(2, d=5, n_train=10, n_test=10, seed=0)
+    model = syn.linear_model(5)
+    params = {"weight": torch.zeros(1, 5, dtype=torch.float64)}
+    want = make_algorithm("imaml-gd", loss="half_mse", inner_steps=0, hvp="exact")
+    got = make_algorithm("imaml-gd", loss="half_mse", inner_steps=0, hvp="forward_over_reverse")
+    torch.testing.assert_close(got.meta_gradient(model, params, lt.tasks)[0]["weight"],
+                               want.meta_gradient(model, params, lt.tasks)[0]["weight"])
+
+
+def test_regression_targets_must_have_the_params_dtype():
+    # float64 targets with float32 params made the losses float64, and imaml-hf's Newton step
+    # then turned phi float64: "expected scalar type Float but found Double"
+    lt = syn.make_linear_tasks(2, d=5, n_train=10, n_test=10, seed=0)
+    t = lt.tasks
+    t32 = TaskBatch(t.x_support.float(), t.y_support.double(), t.x_query.float(),
+                    t.y_query.float())
+    model = syn.linear_model(5, dtype=torch.float32)
+    params = {"weight": torch.zeros(1, 5)}
+    for name in ("imaml-gd", "imaml-hf"):
+        with pytest.raises(ValueError, match=r"tasks.y_support must be float targets of the "
+                                             r"params' dtype torch.float32 for half_mse, got "
+                                             r"torch.float64"):
+            make_algorithm(name, loss="half_mse").meta_gradient(model, params, t32)
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_batch_norm_with_running_statistics_is_refused(mode):
+    # eval mode silently used the never-updated running buffers for every task instead of its
+    # own batch statistics; train mode failed inside vmap
+    net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+                        nn.Linear(144, 3))
+    getattr(net, mode)()
+    params = {k: v.detach() for k, v in net.named_parameters()}
+    tasks = TaskBatch(torch.randn(2, 6, 1, 8, 8), torch.randint(0, 3, (2, 6)),
+                      torch.randn(2, 9, 1, 8, 8), torch.randint(0, 3, (2, 9)))
+    with pytest.raises(ValueError, match=r"model.1: BatchNorm2d must have "
+                                         r"track_running_stats=False"):
+        make_algorithm("fomaml").meta_gradient(net, params, tasks)
+
+
 @pytest.mark.parametrize("name", ["maml", "fomaml", "reptile", "imaml-gd"])
 def test_options_the_algorithm_would_ignore_are_refused(name):
     # as the CLI does: a baseline given the implicit solve's options (or imaml-gd the Newton-CG

@@ -191,7 +191,7 @@ def test_algorithm_errors():
     with pytest.raises(ValueError, match="CUDA graph capture needs CUDA tensors"):
         make_algorithm("imaml-gd", cuda_graph=True, inner_steps=1).meta_gradient(
             model, params, tasks)
-    for kw in (dict(name="maml"), dict(adapt="head"), dict(hvp="lstsq"),
+    for kw in (dict(name="maml"), dict(adapt="head"), dict(hvp="lstsq", loss="half_mse"),
                dict(compile_hvp=True)):
         for mode in (True, "step"):
             with pytest.raises(ValueError, match="cuda_graph='(solve|step)' captures"):
