@@ -113,6 +113,7 @@ def evaluate_checkpoint(checkpoint: str | Path, tasks: int = 600, split: str = "
     ck.check_compatible(state, cfg.to_dict(), ck.model_signature(params, model))
     algorithm = tr.build_algorithm(cfg)
     dataset = tr.load_split(cfg, split)
+    tr.check_trained_classes(state, dataset, split)
     sampler = tr.make_sampler(cfg, dataset, meta_batch or cfg.meta_batch,
                               seed=cfg.seed if seed is None else seed, num_workers=num_workers)
     try:

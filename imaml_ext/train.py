@@ -114,7 +114,48 @@ def build_algorithm(cfg: TrainConfig):
 def load_split(cfg: TrainConfig, split: str):
     from imaml_ext.data import load_dataset
     kw = {"protocol": cfg.protocol, "seed": cfg.seed} if cfg.dataset == "omniglot" else {}
-    return load_dataset(cfg.dataset, split, root=cfg.data_root, val_classes=cfg.val_classes, **kw)
+    if cfg.dataset == "omniglot":
+        # The shipped subset stands in only when no data root was named: a root given with
+        # --data-root or IMAML_DATA that holds no Omniglot (a typo) is an error, not a quiet
+        # training run on 200 characters.
+        kw["allow_embedded"] = cfg.data_root is None and not os.environ.get("IMAML_DATA")
+    try:
+        return load_dataset(cfg.dataset, split, root=cfg.data_root, val_classes=cfg.val_classes,
+                            **kw)
+    except ValueError as exc:
+        if "val_classes" in str(exc):  # a user's flag: named as one, not a traceback
+            raise UsageError(f"--val-classes: {exc}") from None
+        raise
+
+
+def check_trained_classes(state: dict[str, Any], dataset, what: str) -> None:
+    """Refuses data that contradicts the classes a checkpoint was trained on (checkpoints of
+    2026-11-28 on; older ones carry no record): for "resume", a training split with other
+    classes; for an evaluation split, any class the run trained on. A different data root (the
+    shipped subset against full Omniglot, another IMAML_DATA) otherwise passes unseen, and an
+    evaluation would score characters the model was trained on."""
+    rec = state.get("data")
+    if not rec:
+        return
+    trained = rec["train_classes"]
+    if what in ("resume", "train"):  # the training split itself: the same classes
+        if list(dataset.class_names) != list(trained):
+            head = "--resume" if what == "resume" else "the train split"
+            raise UsageError(
+                f"{head}: this run trained on {len(trained)} classes from {rec['source']}; the "
+                f"training split found now has {dataset.num_classes} from {dataset.source}, not "
+                f"the same classes: point --data-root (or IMAML_DATA) at the data it trained on")
+        return
+    shared = sorted(set(dataset.class_names) & set(trained))
+    if shared:
+        raise UsageError(
+            f"the {what} split ({dataset.num_classes} classes from {dataset.source}) shares "
+            f"{len(shared)} classes with the {len(trained)} this checkpoint trained on (from "
+            f"{rec['source']}), e.g. {shared[0]!r}: its accuracy would not be held out; evaluate "
+            f"on the data it trained on (--data-root or IMAML_DATA)")
+    if (rec["source"] == "embedded") != (dataset.source == "embedded"):
+        log.warning("imaml_ext: the checkpoint trained on %s; the %s split comes from %s",
+                    rec["source"], what, dataset.source)
 
 
 def make_sampler(cfg: TrainConfig, dataset, meta_batch: int, seed: int | None = None,
@@ -360,9 +401,9 @@ class _Progress:
             text = (f"step {row['step']}: val acc {100 * row['val_acc']:.2f}% +- "
                     f"{100 * row['val_ci95']:.2f}%")
             if self.bar is not None:
-                self.bar.write(text)
+                self.bar.write(text, file=sys.stderr)
             else:
-                print(text, flush=True)
+                print(text, file=sys.stderr, flush=True)  # stdout holds the JSON summary
             return
         post = {"loss": f"{row['meta_loss']:.3f}", "acc": f"{100 * row['query_acc']:.1f}%"}
         if row.get("cg_iterations", 0) > 0:  # algorithms without CG report 0 iterations
@@ -375,7 +416,7 @@ class _Progress:
             self.bar.set_postfix(post, refresh=False)
         else:
             print(f"step {row['step']}: " + " ".join(f"{k} {v}" for k, v in post.items())
-                  + f" ({row['tasks_per_s']:.1f} tasks/s)", flush=True)
+                  + f" ({row['tasks_per_s']:.1f} tasks/s)", file=sys.stderr, flush=True)
 
     def close(self) -> None:
         if self.bar is not None:
@@ -494,6 +535,11 @@ class Trainer:
             self.step = int(self.state["step"])
             self.counters.update(self.state.get("counters", {}))
             log_pos = self.state.get("log", {}).get("position")
+            log_file = self.state.get("log", {}).get("file")
+            if log_file and log_file != f"metrics.{cfg.log_format}":
+                # the other file would start at the resumed step: the log split in two
+                raise UsageError(f"--log-format {cfg.log_format}: this run logs to {log_file}; "
+                                 f"resume it with --log-format {log_file.rsplit('.', 1)[-1]}")
             rng = self.state.get("rng", {})
             if "torch" in rng:
                 torch.set_rng_state(rng["torch"])
@@ -501,6 +547,8 @@ class Trainer:
                 torch.cuda.set_rng_state_all(rng["cuda"])
 
         self.train_data = train_data if train_data is not None else load_split(cfg, "train")
+        if self.state is not None:
+            check_trained_classes(self.state, self.train_data, "resume")
         self.sampler = make_sampler(cfg, self.train_data, cfg.meta_batch)
         self.val_sampler = None
         if cfg.val_every and self.info.is_main:
@@ -565,6 +613,9 @@ class Trainer:
             "log": {"file": self.log.path.name, "position": self.log.position()},
             "counters": dict(self.counters),
             "versions": _versions(),
+            # what it trained on: resume and evaluation refuse data that contradicts it
+            "data": {"source": self.train_data.source,
+                     "train_classes": list(self.train_data.class_names)},
         }
         self.last_checkpoint = ck.save_checkpoint(self.run_dir, state, keep=self.cfg.keep_ckpts)
         return self.last_checkpoint

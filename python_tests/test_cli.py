@@ -250,3 +250,45 @@ def test_console_script_error_has_no_traceback(omniglot_root, tmp_path):
                        timeout=120)
     assert p.returncode == 2, p.stderr
     assert "Traceback" not in p.stderr and "imaml: error: TaskSampler: ways=40" in p.stderr
+
+
+# ---- found by review (2026-11-28): each failed before its fix ---------------------------------
+
+def test_an_out_of_range_val_classes_is_a_clean_error(capsys, omniglot_root, tmp_path):
+    # it was a traceback ending in "ValueError: val_classes=500 must be in [0, 7)"
+    code, _, err = run_cli(capsys, "train", "--data-root", str(omniglot_root), "--val-classes",
+                           "500", "--out", str(tmp_path / "r"))
+    assert_clean_error(code, err, "--val-classes: val_classes=500 must be in [0, ")
+
+
+def test_gpu_only_options_can_be_switched_off_on_resume(capsys):
+    # a GPU run's saved config (cudnn_benchmark, cuda_graph) could not be resumed on a CPU:
+    # there was no way to switch them off
+    p = cli.build_parser()
+    ns = p.parse_args(["train", "--no-cudnn-benchmark", "--no-compile-hvp", "--cuda-graph",
+                       "off", "--device", "cpu"])
+    cfg, _ = cli._config_from_args(ns)
+    assert (cfg.cudnn_benchmark, cfg.compile_hvp, cfg.cuda_graph) == (False, False, False)
+    ns = p.parse_args(["train", "--cudnn-benchmark", "--compile-hvp", "--cuda-graph"])
+    cfg, _ = cli._config_from_args(ns)
+    assert (cfg.cudnn_benchmark, cfg.compile_hvp, cfg.cuda_graph) == (True, True, "solve")
+    assert "cudnn_benchmark" not in vars(p.parse_args(["train"]))  # unset: the saved value
+
+
+def test_resume_keeps_the_log_format(capsys, tmp_path):
+    # resumed with another --log-format, the log was split over two files from the resumed step
+    make_trainer(tmp_path, steps=2, ckpt_every=2).run()
+    from imaml_ext.config import UsageError
+    from test_train import synthetic_dataset, tiny_config
+    cfg = tiny_config(tmp_path, steps=4, log_format="jsonl")
+    with pytest.raises(UsageError, match=r"--log-format jsonl: this run logs to metrics.csv; "
+                                         r"resume it with --log-format csv"):
+        tr.Trainer(cfg, resume=str(tmp_path / "run"), algorithm=QueryGradient(),
+                   dist_info=tr.DistInfo(), train_data=synthetic_dataset())
+
+
+def test_progress_goes_to_stderr_and_stdout_holds_the_summary(capsys, tmp_path):
+    # `imaml train ... > out` mixed "step N: ..." lines into the JSON summary
+    make_trainer(tmp_path, steps=2, quiet=False).run()  # stderr is no tty here: plain lines
+    out, err = capsys.readouterr()
+    assert "step 1:" in err and "step 1:" not in out

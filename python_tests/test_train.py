@@ -40,7 +40,10 @@ def synthetic_dataset(classes: int = 12, per_class: int = 6, seed: int = 0,
     proto = (torch.rand(classes, 1, 1, 28, 28, generator=g) < 0.3)
     noise = torch.rand(classes, per_class, 1, 28, 28, generator=g) < 0.05
     images = ((proto ^ noise).to(torch.uint8) * 255)
-    return FewShotDataset(images=images, class_names=[f"c{i}" for i in range(classes)],
+    # the training split's classes are c0..; other splits' are named apart (the checks of
+    # resume and evaluation compare class names with the ones a checkpoint trained on)
+    prefix = "c" if split == "train" else f"{split}-c"
+    return FewShotDataset(images=images, class_names=[f"{prefix}{i}" for i in range(classes)],
                           name="omniglot", split=split, mean=(0.0,), std=(1.0,), rotate=True,
                           source="synthetic")
 
@@ -310,3 +313,64 @@ def test_cuda_trainer_cudnn_benchmark_option_sets_the_switch(tmp_path, monkeypat
     assert torch.backends.cudnn.benchmark is False
     make_trainer(tmp_path / "b", device="cuda", cudnn_benchmark=True)
     assert torch.backends.cudnn.benchmark is True
+
+
+# ---- what a checkpoint trained on (review, 2026-11-28) ----------------------------------------
+
+def test_resume_and_evaluation_refuse_data_that_contradicts_the_training_classes(tmp_path,
+                                                                                monkeypatch):
+    # Checkpoints did not record their data: trained on the shipped subset and evaluated with
+    # IMAML_DATA set, 33 of the 128 training characters were in the test split, scored silently;
+    # a resume switched from 128 to 1,100 training classes without a word.
+    from imaml_ext.config import UsageError
+    from imaml_ext.evaluate import evaluate_checkpoint
+    make_trainer(tmp_path, steps=2, ckpt_every=2).run()
+    run = tmp_path / "run"
+    state = torch.load(run / "checkpoints" / "ckpt_00000002.pt", weights_only=False)
+    assert state["data"] == {"source": "synthetic",
+                             "train_classes": [f"c{i}" for i in range(12)]}
+    cfg = tiny_config(tmp_path, steps=4)
+    with pytest.raises(UsageError, match=r"--resume: this run trained on 12 classes from "
+                                         r"synthetic; the training split found now has 10"):
+        tr.Trainer(cfg, resume=str(run), algorithm=QueryGradient(), dist_info=tr.DistInfo(),
+                   train_data=synthetic_dataset(classes=10))
+    monkeypatch.setattr(tr, "build_algorithm", lambda cfg: QueryGradient())
+    leaky = synthetic_dataset(split="test")
+    leaky.class_names[3] = "c3"  # one training class in the test split
+    monkeypatch.setattr(tr, "load_split", lambda cfg, split: leaky)
+    with pytest.raises(UsageError, match=r"the test split \(12 classes from synthetic\) shares 1 "
+                                         r"classes with the 12 this checkpoint trained on"):
+        evaluate_checkpoint(run, tasks=2, meta_batch=2)
+    monkeypatch.setattr(tr, "load_split", lambda cfg, split: synthetic_dataset(split=split))
+    res, _ = evaluate_checkpoint(run, tasks=2, meta_batch=2)  # held out: fine
+    assert res.num_tasks == 2
+    # a checkpoint written before the record (no "data") is not checked
+    del state["data"]
+    monkeypatch.setattr(tr.ck, "load_latest", lambda path: dict(state, path=str(path)))
+    monkeypatch.setattr(tr, "load_split", lambda cfg, split: leaky)
+    evaluate_checkpoint(run, tasks=2, meta_batch=2)
+
+
+def test_a_named_data_root_without_omniglot_is_an_error_not_the_shipped_subset(tmp_path,
+                                                                              monkeypatch):
+    # a mistyped --data-root trained on the 200-character subset with a warning and exit 0
+    import imaml_ext.data as data_mod
+    from imaml_ext.data import DatasetNotFoundError
+    monkeypatch.delenv("IMAML_DATA", raising=False)
+    empty = tmp_path / "typo"
+    empty.mkdir()
+    monkeypatch.setattr("imaml_ext.data.omniglot.download_omniglot",
+                        lambda *a, **k: (_ for _ in ()).throw(OSError("no network")))
+    with pytest.raises(DatasetNotFoundError):
+        tr.load_split(tiny_config(tmp_path, data_root=str(empty)), "train")
+    seen = []
+    real = data_mod.load_dataset
+    monkeypatch.setattr(data_mod, "load_dataset",
+                        lambda *a, **k: seen.append(k["allow_embedded"]) or real(*a, **k))
+    monkeypatch.setenv("IMAML_DATA", str(empty))
+    with pytest.raises(DatasetNotFoundError):
+        tr.load_split(tiny_config(tmp_path), "train")
+    monkeypatch.delenv("IMAML_DATA")
+    monkeypatch.setattr(data_mod, "load_dataset", lambda *a, **k: seen.append(k["allow_embedded"]))
+    tr.load_split(tiny_config(tmp_path), "train")  # no root named: the demo's fallback stays
+    assert seen == [False, True]
