@@ -191,7 +191,7 @@ def train_and_eval(args, runs: Path) -> dict:
 
     def evaluate(trainer) -> torch.Tensor:
         sampler = tr.make_sampler(trainer.cfg, test_data, args.eval_meta_batch, seed=12345,
-                                  num_workers=0)
+                                  num_workers=0, per_task_seed=True)
         t0 = time.perf_counter()
         a = per_task_accuracy(trainer.algorithm, trainer.model, trainer.params, sampler,
                               args.eval_tasks)

@@ -103,8 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-bad-steps", type=int,
                    help="abort after this many consecutive non-finite meta-gradients (10)")
     g.add_argument("--seed", type=int)
-    g.add_argument("--max-time", type=float, help="stop (with a checkpoint) after this many "
-                   "seconds of training, whatever --steps says (0: no limit)")
+    g.add_argument("--max-time", type=float, help="stop (with a checkpoint) before a step that "
+                   "would end past this many seconds of training (judged by the last step's "
+                   "time), whatever --steps says (0: no limit)")
     g = t.add_argument_group("run")
     g.add_argument("--device")
     g.add_argument("--dtype", choices=DTYPES)

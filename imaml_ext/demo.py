@@ -112,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"demo: Omniglot from {trainer.train_data.source}", flush=True)
         summary = trainer.run()
         test = tr.load_split(trainer.cfg, "test")
-        sampler = tr.make_sampler(trainer.cfg, test, min(cfg.meta_batch * 4, 32))
+        sampler = tr.make_sampler(trainer.cfg, test, min(cfg.meta_batch * 4, 32),
+                                  per_task_seed=True)
         res = evaluate_tasks(trainer.algorithm, trainer.model, trainer.params, sampler,
                              args.eval_tasks, split="test")
     except (UsageError, DatasetError) as exc:

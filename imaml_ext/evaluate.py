@@ -59,8 +59,9 @@ def evaluate_tasks(algorithm, model: torch.nn.Module, params: dict[str, torch.Te
     """Adapts to and scores ``num_tasks`` tasks drawn by ``sampler`` (its meta-batch at a time).
 
     Batches ``start_step, start_step + 1, ...`` of the sampler are used, so a given sampler seed
-    always evaluates on the same tasks. Per-task accuracies are read to the host once per
-    meta-batch.
+    always evaluates on the same tasks (with ``per_task_seed=True``, as evaluate_checkpoint and
+    the trainer's validation build it, whatever the meta-batch). Per-task accuracies are read to
+    the host once per meta-batch.
     """
     if num_tasks <= 0:
         raise ValueError(f"num_tasks must be > 0, got {num_tasks}")
@@ -115,7 +116,8 @@ def evaluate_checkpoint(checkpoint: str | Path, tasks: int = 600, split: str = "
     dataset = tr.load_split(cfg, split)
     tr.check_trained_classes(state, dataset, split)
     sampler = tr.make_sampler(cfg, dataset, meta_batch or cfg.meta_batch,
-                              seed=cfg.seed if seed is None else seed, num_workers=num_workers)
+                              seed=cfg.seed if seed is None else seed, num_workers=num_workers,
+                              per_task_seed=True)
     try:
         res = evaluate_tasks(algorithm, model, params, sampler, tasks, dtype=dtype, split=split)
     finally:

@@ -159,13 +159,16 @@ def check_trained_classes(state: dict[str, Any], dataset, what: str) -> None:
 
 
 def make_sampler(cfg: TrainConfig, dataset, meta_batch: int, seed: int | None = None,
-                 num_workers: int | None = None, device: str | None = None):
+                 num_workers: int | None = None, device: str | None = None,
+                 per_task_seed: bool = False):
+    """per_task_seed: evaluation's draw, the same tasks whatever meta_batch (TaskSampler)."""
     from imaml_ext.data import TaskSampler
     try:
         return TaskSampler(dataset, cfg.ways, cfg.shots, cfg.queries, meta_batch,
                            seed=cfg.seed if seed is None else seed,
                            device=device or cfg.device,
-                           num_workers=cfg.num_workers if num_workers is None else num_workers)
+                           num_workers=cfg.num_workers if num_workers is None else num_workers,
+                           per_task_seed=per_task_seed)
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
 
@@ -555,7 +558,7 @@ class Trainer:
             vd = val_data if val_data is not None else self._load_val()
             if vd is not None:
                 self.val_sampler = make_sampler(cfg, vd, min(cfg.meta_batch, cfg.val_tasks),
-                                                num_workers=0)
+                                                num_workers=0, per_task_seed=True)
         # Built last, so bad data or a bad checkpoint is reported before any heavier set-up.
         self.algorithm = algorithm if algorithm is not None else build_algorithm(cfg)
         self.log: MetricsLog | None = None
@@ -641,6 +644,7 @@ class Trainer:
         # skipped tasks. Bad-step counters are the same on every rank and kept apart.
         window = torch.zeros(2 * nm + 2, dtype=torch.float64, device=dev)
         bad = torch.zeros(3, dtype=torch.int64, device=dev)  # bad steps, consecutive, max consec
+        bad[1:] = int(self.counters.get("consecutive_bad_steps", 0))  # a resumed run's run of them
         self._bad_base = int(self.counters["bad_steps"])
         t_start = time.perf_counter()
         t_window, steps_window, last_val = t_start, 0, None
@@ -649,10 +653,16 @@ class Trainer:
         try:
             with _signal_flag(True) as sig:
                 batches = self.sampler.iter_batches(self.step, max(cfg.steps - self.step, 0))
+                t_prev = None
                 for batch in batches:
-                    timed_out = bool(cfg.max_time) and time.perf_counter() - t_start > cfg.max_time
+                    now = time.perf_counter()
+                    step_s = 0.0 if t_prev is None else now - t_prev  # the last step's time
+                    t_prev = now
                     # Checked before the step and acted on after it (all ranks agree through
-                    # the all-reduce): a run overshoots --max-time by at most one step.
+                    # the all-reduce): stop after this step when the next one, as long as the
+                    # last, would end past --max-time, so that no step ends after it (with
+                    # steady step times; the first step always runs).
+                    timed_out = bool(cfg.max_time) and now - t_start + 2 * step_s > cfg.max_time
                     want_stop = sig["signum"] != 0 or timed_out
                     metrics, ok, _, stop = self.meta_step(batch, float(want_stop))
                     self.step += 1
@@ -670,7 +680,10 @@ class Trainer:
                                 else want_stop or sig["signum"] != 0)
                     if self.stop_after is not None and self.step >= self.stop_after:
                         stopping = True
-                    if self.step % cfg.log_every == 0 or last or stopping:
+                    ckpt_now = (cfg.ckpt_every and self.step % cfg.ckpt_every == 0) or last \
+                        or stopping
+                    # a checkpoint step logs too: its window goes into the counters it saves
+                    if self.step % cfg.log_every == 0 or ckpt_now:
                         row = self._log_row(window, bad, steps_window,
                                             time.perf_counter() - t_window, t_start)
                         window.zero_()
@@ -686,7 +699,7 @@ class Trainer:
                         progress.show(last_val)
                         if on_log:
                             on_log(last_val)
-                    if (cfg.ckpt_every and self.step % cfg.ckpt_every == 0) or last or stopping:
+                    if ckpt_now:
                         self.checkpoint()
                     if stopping:
                         if sig["signum"]:
@@ -709,6 +722,7 @@ class Trainer:
         b = bad.tolist()
         bad[2] = bad[1]
         self.counters["bad_steps"] = self._bad_base + int(b[0])
+        self.counters["consecutive_bad_steps"] = int(b[1])
         self.counters["skipped_tasks"] += int(w[2 * nm + 1])
         self.counters["tasks"] += int(w[2 * nm])
         if b[2] >= self.cfg.max_bad_steps:

@@ -212,7 +212,8 @@ def test_nan_policy_skips_bad_steps_and_counts_tasks(tmp_path):
 def test_consecutive_bad_steps_abort(tmp_path):
     algo = QueryGradient(bad_calls=set(range(100)))
     t = make_trainer(tmp_path, algorithm=algo, steps=20, max_bad_steps=3, log_every=5)
-    with pytest.raises(tr.TrainingDivergedError, match="3 consecutive|5 consecutive"):
+    # judged where a window is logged: at step 4 (a checkpoint step, log_every 5, ckpt_every 2)
+    with pytest.raises(tr.TrainingDivergedError, match="[345] consecutive"):
         t.run()
 
 
@@ -374,3 +375,47 @@ def test_a_named_data_root_without_omniglot_is_an_error_not_the_shipped_subset(t
     monkeypatch.setattr(data_mod, "load_dataset", lambda *a, **k: seen.append(k["allow_embedded"]))
     tr.load_split(tiny_config(tmp_path), "train")  # no root named: the demo's fallback stays
     assert seen == [False, True]
+
+
+def test_evaluation_scores_the_same_tasks_whatever_its_meta_batch(tmp_path, monkeypatch):
+    from imaml_ext.evaluate import evaluate_checkpoint
+    make_trainer(tmp_path, steps=2, ckpt_every=2).run()
+    monkeypatch.setattr(tr, "build_algorithm", lambda cfg: QueryGradient())
+    monkeypatch.setattr(tr, "load_split", lambda cfg, split: synthetic_dataset(split=split))
+    got = [evaluate_checkpoint(tmp_path / "run", tasks=8, meta_batch=m)[0] for m in (2, 4, 8)]
+    assert len({(r.accuracy, r.ci95, r.loss) for r in got}) == 1, got
+
+
+def test_checkpoint_counters_include_the_window_in_flight(tmp_path):
+    # counters were saved as of the last metrics row: with --log-every 2 --ckpt-every 3,
+    # ckpt_00000003 said 4 tasks for 6, and a resumed run lost the difference for good
+    t = make_trainer(tmp_path, steps=5, log_every=2, ckpt_every=3)
+    t.run()
+    state = torch.load(tmp_path / "run" / "checkpoints" / "ckpt_00000003.pt", weights_only=False)
+    assert state["counters"]["tasks"] == 3 * 2  # 3 steps of meta-batch 2
+
+
+def test_consecutive_bad_steps_survive_a_resume(tmp_path):
+    # the run of non-finite steps restarted from zero on resume, so an abort never came
+    algo = QueryGradient(bad_calls=set(range(100)))
+    t = make_trainer(tmp_path, algorithm=algo, steps=2, max_bad_steps=3, ckpt_every=2)
+    t.run()
+    t2 = make_trainer(tmp_path, algorithm=QueryGradient(bad_calls=set(range(100))), steps=6,
+                      max_bad_steps=3, resume=str(tmp_path / "run"))
+    with pytest.raises(tr.TrainingDivergedError, match="3 consecutive meta-steps .* up to step 3"):
+        t2.run()
+
+
+def test_max_time_does_not_start_a_step_that_would_end_past_it(tmp_path, monkeypatch):
+    # a step started after the limit had nearly passed: 1 s steps, --max-time 2.5 ended at 3.9 s
+    clock = [0.0]
+    monkeypatch.setattr(tr.time, "perf_counter", lambda: clock[0])
+
+    class Slow(QueryGradient):
+        def meta_gradient(self, *a, **k):
+            clock[0] += 1.0
+            return super().meta_gradient(*a, **k)
+    t = make_trainer(tmp_path, algorithm=Slow(), steps=10, max_time=2.5)
+    summary = t.run()
+    assert t.step == 2 and clock[0] <= 2.5 + 1e-9, (t.step, clock[0])
+    assert summary["time_limited"] and summary["step"] == 2

@@ -41,7 +41,7 @@ class _TaskDrawer:
     """
 
     def __init__(self, images: torch.Tensor, ways: int, shots: int, queries: int,
-                 meta_batch: int, seed: int, rotate: bool):
+                 meta_batch: int, seed: int, rotate: bool, per_task: bool = False):
         num_classes, per_class = images.shape[:2]
         self.num_classes, self.per_class = num_classes, per_class
         self.item_shape = tuple(images.shape[2:])
@@ -53,13 +53,11 @@ class _TaskDrawer:
             self.table = images.reshape(rows, -1)
         self.ways, self.shots, self.queries = ways, shots, queries
         self.meta_batch, self.seed, self.rotate = meta_batch, seed, rotate
+        self.per_task = per_task
 
-    def draw(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """uint8 support (M, N*K, C, H, W) and query (M, N*Q, C, H, W), rotation applied."""
-        if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
-            raise ValueError(f"step must be a non-negative int, got {step!r}")
-        g = torch.Generator().manual_seed(step_seed(self.seed, int(step)))
-        m, n, k, q = self.meta_batch, self.ways, self.shots, self.queries
+    def _rows(self, g: torch.Generator, m: int) -> torch.Tensor:
+        """Table rows (m, N, K+Q) of m tasks drawn from g."""
+        n, k, q = self.ways, self.shots, self.queries
         # Random keys + argsort: a uniformly random subset, in random order, per task (classes)
         # and per chosen class (images), for all tasks at once. Drawn on the CPU so the tasks
         # do not depend on the device.
@@ -70,6 +68,20 @@ class _TaskDrawer:
             # One angle per class per task, shared by its support and query images.
             rot = torch.randint(0, 4, (m, n), generator=g)
             row = row + (rot * (self.num_classes * self.per_class))[:, :, None]
+        return row
+
+    def draw(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """uint8 support (M, N*K, C, H, W) and query (M, N*Q, C, H, W), rotation applied."""
+        if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
+            raise ValueError(f"step must be a non-negative int, got {step!r}")
+        m, n, k, q = self.meta_batch, self.ways, self.shots, self.queries
+        if self.per_task:
+            # task i = step * M + j from its own seed: the same tasks whatever M (evaluation,
+            # where M only says how many tasks are adapted at once); a loop of M small draws
+            row = torch.cat([self._rows(torch.Generator().manual_seed(
+                step_seed(self.seed, int(step) * m + j)), 1) for j in range(m)])
+        else:
+            row = self._rows(torch.Generator().manual_seed(step_seed(self.seed, int(step))), m)
         dev = self.table.device
         xs = self.table.index_select(0, row[:, :, :k].reshape(-1).to(dev))
         xq = self.table.index_select(0, row[:, :, k:].reshape(-1).to(dev))
@@ -115,6 +127,9 @@ class TaskSampler:
         images_on_device: keep the whole uint8 image table on ``device`` and index there (the
             default on CUDA with ``num_workers=0``; Omniglot's training characters with their
             four rotations take 60 MB, Mini-ImageNet's training split 0.8 GB).
+        per_task_seed: draw task i (= step * meta_batch + j) from (seed, i) alone, so that the
+            tasks do not depend on meta_batch (evaluation); by default a batch is drawn at once
+            from (seed, step) (training: one generator per meta-step).
 
     Images come out float32: Omniglot in [0, 1] (ink 1), Mini-ImageNet normalised per channel
     (see ``dataset.mean`` / ``dataset.std``). Labels are int64, class-contiguous (module doc).
@@ -123,7 +138,7 @@ class TaskSampler:
     def __init__(self, dataset: FewShotDataset, ways: int, shots: int, queries: int,
                  meta_batch: int, seed: int = 0, rotate: bool | None = None,
                  device: str | torch.device = "cpu", num_workers: int = 0,
-                 images_on_device: bool | None = None):
+                 images_on_device: bool | None = None, per_task_seed: bool = False):
         for arg, v in (("ways", ways), ("shots", shots), ("queries", queries),
                        ("meta_batch", meta_batch)):
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v <= 0:
@@ -154,7 +169,7 @@ class TaskSampler:
                              "draw on the CPU)")
         images = dataset.images.to(self.device) if images_on_device else dataset.images
         self._drawer = _TaskDrawer(images, self.ways, self.shots, self.queries,
-                                   self.meta_batch, self.seed, rotate)
+                                   self.meta_batch, self.seed, rotate, per_task=per_task_seed)
         n, k, q = self.ways, self.shots, self.queries
         self._y_support = torch.arange(n).repeat_interleave(k).expand(meta_batch, -1).contiguous()
         self._y_query = torch.arange(n).repeat_interleave(q).expand(meta_batch, -1).contiguous()
