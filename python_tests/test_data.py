@@ -165,6 +165,23 @@ def test_cache_beside_data_reused_and_rebuilt_on_change(tmp_path, monkeypatch):
     assert len(calls) == 2
 
 
+def test_cache_key_sees_changes_behind_symlinked_folders(tmp_path):
+    # the key walked folders without following links while the loaders read through them: an
+    # edit inside a linked alphabet kept serving the old pixels from the cache
+    from imaml_ext.data.common import source_key
+    real = tmp_path / "elsewhere" / "Alphabet"
+    (real / "character01").mkdir(parents=True)
+    png = real / "character01" / "a.png"
+    png.write_bytes(b"one")
+    root = tmp_path / "images_background"
+    root.mkdir()
+    (root / "Alphabet").symlink_to(real, target_is_directory=True)
+    (root / "loop").symlink_to(root, target_is_directory=True)  # a cycle still ends
+    before = source_key([root])
+    png.write_bytes(b"other bytes")
+    assert source_key([root]) != before
+
+
 def test_cache_goes_to_user_cache_when_data_is_read_only(tmp_path, monkeypatch):
     root = make_omniglot_zips(tmp_path / "data")
     d = root / "omniglot"
@@ -311,13 +328,27 @@ def test_empty_class_folder(tmp_path):
         load_omniglot("test", root=tmp_path / "z", cache_dir=tmp_path / "c")
 
 
-def test_uneven_class_sizes_truncate_with_warning(tmp_path, caplog):
+def test_a_missing_drawing_is_an_error_naming_its_character(tmp_path):
+    # one missing file used to cut every character to one drawing fewer (with a log line), and
+    # a 5-shot 15-query run then failed blaming its shots + queries
     members = omniglot_members("images_evaluation")
-    del members[sorted(members)[0]]
+    gone = sorted(members)[0]
+    del members[gone]
     write_zip(tmp_path / "omniglot" / "images_evaluation.zip", members)
+    alpha, char = gone.split("/")[-3:-1]
+    with pytest.raises(DatasetFormatError, match=rf"character images_evaluation/{alpha}/{char} "
+                                                 rf"has {OMNIGLOT_DRAWINGS - 1} drawings where "
+                                                 rf"the others have {OMNIGLOT_DRAWINGS}"):
+        load_omniglot("test", root=tmp_path, cache_dir=tmp_path / "c")
+
+
+def test_uneven_class_sizes_truncate_with_warning(caplog):
+    # the general rule for other data sets (stack_classes): the smallest count, with a warning
+    from imaml_ext.data.common import stack_classes
+    per_class = [np.zeros((n, 1, 2, 2), np.uint8) for n in (3, 2, 3)]
     with caplog.at_level(logging.WARNING, logger="imaml_ext.data"):
-        ds = load_omniglot("test", root=tmp_path, cache_dir=tmp_path / "c")
-    assert ds.per_class == OMNIGLOT_DRAWINGS - 1 and "using the first" in caplog.text
+        out = stack_classes(per_class, ["a", "b", "c"], "x")
+    assert out.shape[:2] == (3, 2) and "using the first 2" in caplog.text
 
 
 # ------------------------------------------------------------------------------------------------

@@ -142,7 +142,16 @@ def source_key(paths: Iterable[Path], extra: str = "") -> str:
     for path in paths:
         path = Path(path).resolve()
         if path.is_dir():
-            for dirpath, dirnames, filenames in os.walk(path):
+            # Through symlinked folders too, as the loaders read them (a set assembled from
+            # links, say to leave alphabets out): otherwise an edit behind a link kept the old
+            # cache. Each real folder once, so a link cycle ends.
+            seen: set[str] = set()
+            for dirpath, dirnames, filenames in os.walk(path, followlinks=True):
+                real = os.path.realpath(dirpath)
+                if real in seen:
+                    dirnames[:] = []
+                    continue
+                seen.add(real)
                 dirnames.sort()
                 for fn in sorted(filenames):
                     fp = Path(dirpath) / fn

@@ -164,6 +164,18 @@ def list_omniglot_set(src: OmniglotSource) -> tuple[list[str], list[list[str]]]:
             raise DatasetFormatError(
                 f"{src.path}: character folder {src.set_name}/{k[0]}/{k[1]} is empty; expected "
                 f"its drawings (20 .png files) - the data set is incomplete: get it again")
+    # Every character has the same number of drawings (20 in Omniglot): one missing file would
+    # otherwise cut every character to 19 (tasks need a rectangular array) and surface later as
+    # a shots + queries error that blames the arguments.
+    counts = {k: len(classes[k]) for k in keys}
+    usual = max(set(counts.values()), key=list(counts.values()).count)
+    odd = [k for k in keys if counts[k] != usual]
+    if odd:
+        a, c = odd[0]
+        raise DatasetFormatError(
+            f"{src.path}: character {src.set_name}/{a}/{c} has {counts[odd[0]]} drawings where "
+            f"the others have {usual} ({len(odd)} character(s) differ) - a file is missing or "
+            f"extra: get the data set again")
     return ([f"{src.set_name}/{a}/{c}" for a, c in keys], [sorted(classes[k]) for k in keys])
 
 
