@@ -42,7 +42,6 @@ step): it masks them, and such a task is excluded and counted the same way (metr
 from __future__ import annotations
 
 import inspect
-import math
 import warnings
 from dataclasses import dataclass
 from typing import Callable, Mapping
@@ -54,7 +53,8 @@ from imaml_ext import reference
 from imaml_ext.config import HEAD_ALGORITHMS, unused_fields
 from imaml_ext.head_only import (ADAPT, HEAD_HVP, HeadModel, head_adapt, head_evaluate, head_gd,
                                  head_hessian_free, head_meta_gradient)
-from imaml_ext.hvp import HVP_KINDS, LOSSES, ParamSpec, Params, TaskLoss, make_hvp
+from imaml_ext.hvp import BACKENDS, HVP_KINDS, LOSSES, ParamSpec, Params, TaskLoss, make_hvp
+from imaml_ext.linalg import finite_number
 from imaml_ext.implicit import (CapturedFunction, CapturedMetaGradient, implicit_meta_gradient,
                                 implicit_meta_gradient_lstsq)
 from imaml_ext.inner import PROXIMAL, batched_theta, gd, hessian_free, train_loss
@@ -107,14 +107,6 @@ def options_for(name: str, **kwargs) -> dict:
     if name not in ALGORITHMS:
         raise ValueError(f"name must be one of {ALGORITHMS}, got {name!r}")
     return {k: v for k, v in kwargs.items() if k not in unused_options(name)}
-
-
-BACKENDS = ("auto", "folded", "vmap")
-
-
-def _finite(v) -> bool:
-    """A finite real Python number (bool excluded)."""
-    return not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
 
 
 def make_algorithm(name: str, *, loss: str | Callable = "cross_entropy", lam: float = 2.0,
@@ -186,23 +178,23 @@ def make_algorithm(name: str, *, loss: str | Callable = "cross_entropy", lam: fl
         raise ValueError(f"name must be one of {ALGORITHMS}, got {name!r}")
     if not callable(loss) and loss not in LOSSES:
         raise ValueError(f"loss must be one of {LOSSES} or a callable, got {loss!r}")
-    if not (_finite(lam) and lam > 0):
+    if not (finite_number(lam) and lam > 0):
         raise ValueError(f"lam must be a finite number > 0, got {lam!r}")
     if inner_steps is None:
         inner_steps = _DEFAULT_STEPS.get(name, _GD_DEFAULT_STEPS)
     if isinstance(inner_steps, bool) or not isinstance(inner_steps, int) or inner_steps < 0:
         raise ValueError(f"inner_steps must be an int >= 0, got {inner_steps!r}")
-    if not (_finite(inner_lr) and inner_lr > 0):
+    if not (finite_number(inner_lr) and inner_lr > 0):
         raise ValueError(f"inner_lr must be a finite number > 0, got {inner_lr!r}")
     if isinstance(cg_steps, bool) or not isinstance(cg_steps, int) or cg_steps < 0:
         raise ValueError(f"cg_steps must be an int >= 0, got {cg_steps!r}")
     if isinstance(hf_cg_steps, bool) or not isinstance(hf_cg_steps, int) or hf_cg_steps < 1:
         raise ValueError(f"hf_cg_steps must be an int >= 1, got {hf_cg_steps!r}")
-    if not (_finite(cg_damping) and cg_damping >= 0):
+    if not (finite_number(cg_damping) and cg_damping >= 0):
         raise ValueError(f"cg_damping must be a finite number >= 0, got {cg_damping!r}")
-    if cg_lam is not None and not (_finite(cg_lam) and cg_lam > 0):
+    if cg_lam is not None and not (finite_number(cg_lam) and cg_lam > 0):
         raise ValueError(f"cg_lam must be None or a finite number > 0, got {cg_lam!r}")
-    if not (_finite(cg_rtol) and cg_rtol >= 0):
+    if not (finite_number(cg_rtol) and cg_rtol >= 0):
         raise ValueError(f"cg_rtol must be a finite number >= 0, got {cg_rtol!r}")
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")

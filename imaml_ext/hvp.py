@@ -83,6 +83,7 @@ Params = dict[str, torch.Tensor]
 
 LOSSES = ("cross_entropy", "mse", "half_mse")
 HVP_KINDS = ("exact", "forward_over_reverse", "double_backward", "ggn")
+BACKENDS = ("auto", "folded", "vmap")  # batched model execution (TaskLoss)
 # CPU task chunks: the largest activation of a chunk stays under this. Measured on the Omniglot
 # conv net, 5-way 1-shot, M=32 (CPU seconds of one iMAML-GD meta-gradient, one thread, against
 # all 32 tasks in one fold): 4 MiB 0.83x, 8 MiB 0.76x, 12 MiB 0.81x; 20-way 5-shot tasks
@@ -242,9 +243,7 @@ def _plan_seq(seq: nn.Sequential, prefix: str):
             if m.groups != 1 or m.padding_mode != "zeros" or isinstance(m.padding, str):
                 return None
             out.append((f"{prefix}{name}.", m))
-        elif type(m) is nn.BatchNorm2d:
-            if m.track_running_stats:
-                return None  # running buffers would be updated: not a pure function of params
+        elif type(m) is nn.BatchNorm2d:  # running statistics: refused by TaskLoss
             out.append((f"{prefix}{name}.", m))
         elif type(m) is nn.Linear:
             out.append((f"{prefix}{name}.", m))
@@ -658,7 +657,7 @@ class TaskLoss:
             raise ValueError(f"model must be an nn.Module, got {type(model).__name__}")
         if not callable(loss) and loss not in LOSSES:
             raise ValueError(f"loss must be one of {LOSSES} or a callable, got {loss!r}")
-        if backend not in ("auto", "folded", "vmap"):
+        if backend not in BACKENDS:
             raise ValueError(f"backend must be 'auto', 'folded' or 'vmap', got {backend!r}")
         for mname, m in model.named_modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats:

@@ -19,7 +19,6 @@
 """
 from __future__ import annotations
 
-import math
 import warnings
 import weakref
 from dataclasses import dataclass
@@ -30,7 +29,7 @@ from torch.utils import _pytree as pytree
 
 from imaml_ext.hvp import HVP_KINDS, BatchedHVP, ParamSpec, Params, TaskLoss, make_hvp
 from imaml_ext.linalg import (CGResult, LstsqOperator, ShiftedOperator, _capture_graph, _cg,
-                              breakdown_counts, cg, check_flag)
+                              breakdown_counts, cg, check_flag, finite_number)
 
 
 # ---- iMAML's meta-gradient -------------------------------------------------------------------
@@ -51,20 +50,15 @@ class ImplicitGradient:
     cg: CGResult
 
 
-def _number(v) -> bool:
-    """A real, finite Python number (bool excluded: True is not a strength or a damping)."""
-    return not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
-
-
 def _check_matrix_args(lam, cg_steps, damping, cg_lam):
-    if not (_number(lam) and lam > 0):
+    if not (finite_number(lam) and lam > 0):
         raise ValueError(f"lam must be a finite number > 0, got {lam!r}")
     if isinstance(cg_steps, bool) or not isinstance(cg_steps, int) or cg_steps < 0:
         raise ValueError(f"cg_steps must be an int >= 0, got {cg_steps!r}")
-    if not (_number(damping) and damping >= 0):
+    if not (finite_number(damping) and damping >= 0):
         raise ValueError(f"damping must be a finite number >= 0, got {damping!r}")
     cg_lam = lam if cg_lam is None else cg_lam
-    if not (_number(cg_lam) and cg_lam > 0):
+    if not (finite_number(cg_lam) and cg_lam > 0):
         raise ValueError(f"cg_lam must be a finite number > 0, got {cg_lam!r}")
     return float(cg_lam)
 
@@ -618,7 +612,7 @@ def implicit_root(optimality_fn: Callable, solution, *args, solver: str = "cg",
                                  or max_iter < 1):
         raise ValueError(f"max_iter must be None or an int >= 1, got {max_iter!r}")
     for name, v in (("rtol", rtol), ("atol", atol)):
-        if not (_number(v) and v >= 0):
+        if not (finite_number(v) and v >= 0):
             raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
     if not isinstance(batched, bool):
         raise ValueError(f"batched must be True or False, got {batched!r}")

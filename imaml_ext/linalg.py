@@ -125,12 +125,17 @@ class ShiftedOperator:
             raise ValueError(f"ShiftedOperator: op must be callable, got {type(self.op).__name__}")
         for name in ("shift", "scale"):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            if not finite_number(v):
                 raise ValueError(f"ShiftedOperator: {name} must be a finite number, got {v!r}")
 
     def __call__(self, v):
         out = self.op(v)
         return pytree.tree_map(lambda o, x: self.scale * o + self.shift * x, out, v)
+
+
+def finite_number(v) -> bool:
+    """A finite real Python number (bool excluded: True is not a tolerance or a strength)."""
+    return not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
 
 
 def _fail(msg: str):
@@ -242,8 +247,7 @@ def _cg(A, b, x0=None, *, max_iter: int | None = None, rtol: float = 1e-5, atol:
     (status 2 after 0 iterations), as iMAML's first-order fallback; fused into the solve's last
     op where the solve is step by step."""
     for name, v in (("rtol", rtol), ("atol", atol)):
-        if isinstance(v, bool) or not (isinstance(v, (int, float)) and math.isfinite(v)
-                                       and v >= 0):
+        if not (finite_number(v) and v >= 0):
             _fail(f"{name} must be a finite number >= 0, got {v!r}")
     bflat, spec, shapes = _flatten(b, batched, "b", copy=False)
     B, P = bflat.shape
@@ -576,8 +580,7 @@ def solve_cg(**kwargs) -> Callable:
             raise ValueError("solve_cg: give the start as x0 or init, not both")
         x0 = init if init is not None else (x0 if x0 is not None else init0)
         if ridge is not None:
-            if isinstance(ridge, bool) or not isinstance(ridge, (int, float)) or \
-                    not math.isfinite(ridge):
+            if not finite_number(ridge):
                 raise ValueError(f"solve_cg: ridge must be a finite number, got {ridge!r}")
             matvec = ShiftedOperator(matvec, float(ridge), 1.0)
         res = cg(matvec, b, x0, **kwargs)
