@@ -60,6 +60,10 @@ def lines_for(name: str, data: dict):
 # ---- issue 5's GPU targets, judged from the suite's files ----------------------------------------
 
 LSTSQ_FRACTION, CG_PHASE_RATIO, HVP_RATIO = 0.70, 1.1, 2.5
+# the largest median-task relative difference from the eager product at which the compiled
+# product's timing is judged (float32 rounding at a ReLU / max-pool kink moves a few tasks past
+# 1e-4, benchmarks/probes/hvp_kinks.py; a median past 1e-3 is a different computation)
+COMPILED_REL_ERR = 1e-3
 # the CUDA tests that run a solve under torch.cuda.set_sync_debug_mode("error")
 SYNC_TESTS = ("no_host_sync", "does_not_sync", "without_host_sync", "make_no_host_sync")
 
@@ -99,10 +103,23 @@ def target_lines(folder: str):
                 continue
             rows += 1
             best, f = max(frac.items(), key=lambda kv: kv[1])
-            yield (f"TARGET lstsq CG >= {LSTSQ_FRACTION:.0%} of copy (B={r['B']} n={r['n']} "
-                   f"d={r['d']}, {r['bytes_read_per_iteration'] / 2**20:.0f} MiB > L2 "
-                   f"{l2:.0f} MiB): {_verdict(f >= LSTSQ_FRACTION)}, best {100 * f:.0f}% by "
-                   f"'{best}' (default 'imaml_ext' {100 * frac.get('imaml_ext', 0):.0f}%) [{name}]")
+            size = (f"B={r['B']} n={r['n']} d={r['d']}, {r['bytes_read_per_iteration'] / 2**20:.0f}"
+                    f" MiB > L2 {l2:.0f} MiB")
+            if "imaml_ext" not in frac:
+                yield (f"TARGET lstsq CG >= {LSTSQ_FRACTION:.0%} of copy ({size}): not judged, the "
+                       f"default path 'imaml_ext' has no figure; best forced path {100 * f:.0f}% "
+                       f"by '{best}' [{name}]")
+                continue
+            # Judged on what a user gets (the default path); a forced path that does better is
+            # a candidate for the default, said beside the verdict, not counted as the verdict.
+            d = frac["imaml_ext"]
+            other = ""
+            if best != "imaml_ext":
+                other = f"; best forced path {100 * f:.0f}% by '{best}'"
+                if f >= LSTSQ_FRACTION:
+                    other += " (reaches the target: a candidate for the default)"
+            yield (f"TARGET lstsq CG >= {LSTSQ_FRACTION:.0%} of copy ({size}): "
+                   f"{_verdict(d >= LSTSQ_FRACTION)}, default {100 * d:.0f}%{other} [{name}]")
     if not rows:
         yield "TARGET lstsq CG: no kernels_cuda*.json with least-squares CG rows larger than L2"
     # 2. CG phase <= 1.1x (CG steps x one HVP); 4. HVP <= 2.5x a gradient (eager and compiled)
@@ -112,13 +129,20 @@ def target_lines(folder: str):
         for r in data["settings"]:
             h, ph = r.get("hvp_cost") or {}, r.get("imaml_gd_phases") or {}
             head = f"{r.get('setting')} M={r.get('meta_batch')}"
-            one = (h.get(f"hvp_{h.get('exact_method')}") or {}).get("median_s")
-            cg = (ph.get("cg_with_hvps") or {}).get("median_s")
             k = max(r.get("cg_steps") or 0, 1)
-            if one and cg:
-                ratio = cg / (k * one)
+            pr = ph.get("cg_phase_ratio")
+            one = pr and pr.get("one_hvp_median_s")
+            if pr:  # the solve and its products alone, at the same point, in the same rounds
+                ratio = pr["median"]
                 yield (f"TARGET CG phase <= {CG_PHASE_RATIO}x {k} HVPs ({head}): "
-                       f"{_verdict(ratio <= CG_PHASE_RATIO)}, {ratio:.2f}x [{name}]")
+                       f"{_verdict(ratio <= CG_PHASE_RATIO)}, {ratio:.2f}x (median of "
+                       f"{len(pr['per_round'])} rounds, {pr['min']:.2f}-{pr['max']:.2f}x) "
+                       f"[{name}]")
+            elif ph.get("cg_with_hvps"):
+                # An older suite divided the phase (at the adapted parameters) by one product
+                # timed elsewhere (hvp_cost, at the initial parameters): not a like-for-like ratio.
+                yield (f"TARGET CG phase <= {CG_PHASE_RATIO}x {k} HVPs ({head}): not judged, "
+                       f"this file has no same-round products timing (cg_phase_ratio) [{name}]")
             cap, build = ((ph.get(key) or {}).get("median_s")
                           for key in ("captured_build_and_cg", "graph_build"))
             if cap and build and one:
@@ -130,7 +154,13 @@ def target_lines(folder: str):
                 yield (f"TARGET HVP <= {HVP_RATIO}x a gradient ({head}, eager exact product "
                        f"inside CG): {_verdict(eager <= HVP_RATIO)}, {eager:.2f}x [{name}]")
             comp = h.get("compiled") or {}
-            if "ratio_to_grad" in comp:
+            err = comp.get("rel_err_vs_eager_median_task")
+            if "ratio_to_grad" in comp and err is not None and not err <= COMPILED_REL_ERR:
+                # A product that computes something else is not timed against the target.
+                yield (f"TARGET HVP <= {HVP_RATIO}x a gradient ({head}, torch.compile'd "
+                       f"product, an option): not judged, its product differs from eager by "
+                       f"{err:.1e} (median task; more than {COMPILED_REL_ERR:.0e}) [{name}]")
+            elif "ratio_to_grad" in comp:
                 c = comp["ratio_to_grad"]
                 yield (f"TARGET HVP <= {HVP_RATIO}x a gradient ({head}, torch.compile'd "
                        f"product, an option): {_verdict(c <= HVP_RATIO)}, {c:.2f}x [{name}]")

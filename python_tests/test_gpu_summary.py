@@ -27,9 +27,12 @@ def test_summary_lines(tmp_path, capsys):
 
 def test_target_verdicts_from_the_h100_run(tmp_path):
     """The verdicts on the committed H100 run (2026-11-28, tree 1c9644e) are the README's
-    figures, read from the files: 58% / 43% of copy (the register tiles with the step epilogue),
-    CG phase 1.20x (NOT MET) / 0.97x (MET), eager HVP 2.40x / 2.29x (MET); a failed sync-debug
-    test makes that target NOT MET, a skipped one does not count."""
+    figures, read from the files: the lstsq target judged on the default path (37% / 30% of
+    copy), the best forced path (58% / 43%, the register tiles with the step epilogue) said
+    beside it; the CG phase not judged (that suite timed the phase and the product apart);
+    eager HVP 2.40x / 2.29x (MET); the compiled product judged at 5-way 1-shot only (at 20-way
+    5-shot its median task differs from eager by 1.3e-2); a failed sync-debug test makes that
+    target NOT MET, a skipped one does not count."""
     results = ROOT / "benchmarks" / "results"
     shutil.copy(results / "kernels_cuda_h100.json", tmp_path / "kernels_cuda.json")
     shutil.copy(results / "meta_gradient_cuda_h100.json", tmp_path / "meta_gradient_cuda.json")
@@ -40,14 +43,18 @@ def test_target_verdicts_from_the_h100_run(tmp_path):
                  ("t", "test_unrelated_cuda_case", '<failure message="x"/>')])
     lines = list(load_benchmark("gpu_summary").target_lines(str(tmp_path)))
     lstsq = [line for line in lines if line.startswith("TARGET lstsq")]
-    assert len(lstsq) == 2 and all("NOT MET" in line for line in lstsq)
-    assert "best 58% by 'imaml_ext multi-launch, step epilogue, imaml_ext register tiles'" \
-        in lstsq[0] and "best 43%" in lstsq[1]
+    assert len(lstsq) == 2 and all("NOT MET, default " in line for line in lstsq)
+    assert ("NOT MET, default 37%; best forced path 58% by 'imaml_ext multi-launch, step "
+            "epilogue, imaml_ext register tiles' [") in lstsq[0]
+    assert "NOT MET, default 30%; best forced path 43% by" in lstsq[1]
     phase = [line for line in lines if line.startswith("TARGET CG phase")]
-    assert [line.split(": ")[1].split(",")[0] for line in phase] == ["NOT MET", "MET"]
-    assert [line.split(", ")[-1].split()[0] for line in phase] == ["1.20x", "0.97x"]
-    hvp = [line for line in lines if line.startswith("TARGET HVP") and "eager" in line]
+    assert len(phase) == 2 and all(": not judged, this file has no same-round" in line
+                                   for line in phase)
+    hvp = [line for line in lines if line.startswith("TARGET HVP") and "eager exact" in line]
     assert len(hvp) == 2 and ": MET, 2.40x" in hvp[0] and ": MET, 2.29x" in hvp[1]
+    comp = [line for line in lines if line.startswith("TARGET HVP") and "compile" in line]
+    assert len(comp) == 2 and ": MET, 1.21x" in comp[0]
+    assert ": not judged, its product differs from eager by 1.3e-02" in comp[1]
     sync = [line for line in lines if line.startswith("TARGET zero host syncs")]
     assert sync == ["TARGET zero host syncs per solve: NOT MET, 1 of 2 sync-debug tests passed "
                     "(failed: test_cuda_ops_make_no_host_sync)"]
@@ -62,16 +69,21 @@ def test_target_verdicts_met_and_the_kernel_decision(tmp_path):
     assert any("no kernels_cuda" in line for line in mod.target_lines(str(tmp_path)))
     results = ROOT / "benchmarks" / "results"
     k = json.loads((results / "kernels_cuda_h100.json").read_text())
-    for r in k["cg"]:
-        if r["op"] == "cg_solve_lstsq":
-            r["fraction_of_copy"]["imaml_ext register tiles"] = 0.81
+    for i, r in enumerate(r for r in k["cg"] if r["op"] == "cg_solve_lstsq"):
+        # the first large row: the default meets it; the second: only a forced path does
+        r["fraction_of_copy"]["imaml_ext register tiles"] = 0.81
+        r["fraction_of_copy"]["imaml_ext"] = 0.75 if i < 2 else 0.69
     (tmp_path / "kernels_cuda.json").write_text(json.dumps(k))
     m = json.loads((results / "meta_gradient_cuda_h100.json").read_text())
     for r in m["settings"]:
         r["hvp_cost"]["ratio_to_grad"]["exact_per_cg_product"] = 2.4
         r["hvp_cost"]["compiled"] = {"ratio_to_grad": 2.6}
+        # the cross-measured ratio (phase / hvp_cost's product) would read 2x: not what counts
         one = r["hvp_cost"][f"hvp_{r['hvp_cost']['exact_method']}"]["median_s"]
-        r["imaml_gd_phases"]["cg_with_hvps"]["median_s"] = 1.05 * r["cg_steps"] * one
+        r["imaml_gd_phases"]["cg_with_hvps"]["median_s"] = 2 * r["cg_steps"] * one
+        r["imaml_gd_phases"]["cg_phase_ratio"] = {"per_round": [1.02, 1.05, 1.09],
+                                                  "median": 1.05, "min": 1.02, "max": 1.09,
+                                                  "one_hvp_median_s": one}
     (tmp_path / "meta_gradient_cuda.json").write_text(json.dumps(m))
     p = json.loads((results / "hvp_op_count_cpu.json").read_text())
     t = p["settings"]["5w1s"]["timing"]
@@ -82,11 +94,14 @@ def test_target_verdicts_met_and_the_kernel_decision(tmp_path):
                 [("t", "test_callable_loop_makes_no_host_sync[None]", "")])
     lines = list(mod.target_lines(str(tmp_path)))
     lstsq = [line for line in lines if line.startswith("TARGET lstsq")]
-    assert len(lstsq) == 2 and all(": MET, best 81% by 'imaml_ext register tiles'" in line
-                                   for line in lstsq)
-    assert sum(line.startswith("TARGET CG phase") and ": MET, 1.05x" in line
-               for line in lines) == 2
-    assert sum("eager" in line and ": MET, 2.40x" in line for line in lines) == 2
+    assert len(lstsq) == 2
+    assert ": MET, default 75%; best forced path 81% by 'imaml_ext register tiles' (reaches " \
+        "the target: a candidate for the default) [" in lstsq[0]
+    assert ": NOT MET, default 69%; best forced path 81% by 'imaml_ext register tiles'" \
+        in lstsq[1]
+    assert sum(line.startswith("TARGET CG phase") and ": MET, 1.05x (median of 3 rounds, "
+               "1.02-1.09x)" in line for line in lines) == 2
+    assert sum("eager exact" in line and ": MET, 2.40x" in line for line in lines) == 2
     assert sum("compile" in line and "NOT MET, 2.60x" in line for line in lines) == 2
     assert any(line.startswith("TARGET zero host syncs per solve: MET, 1 of 1") for line in lines)
     decide = [line for line in lines if line.startswith("DECIDE")]
