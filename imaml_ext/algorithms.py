@@ -125,7 +125,8 @@ def make_algorithm(name: str, *, loss: str | Callable = "cross_entropy", lam: fl
             (outputs (M, N, ...), targets) -> per-sample losses (M, N).
         lam: proximal strength lam > 0 of G = L_train + lam/2 ||phi - theta||^2.
         inner_steps: GD steps K (default 16), or Newton iterations for imaml-hf (default 4).
-        inner_lr: GD step size alpha (not used by imaml-hf, which line-searches). With
+        inner_lr: GD step size alpha (imaml-hf line-searches and takes none: a value other
+            than the default is refused). With
             adapt="head", task i steps by min(inner_lr, 1 / (lam + L_i)), L_i a bound on its
             head Hessian's norm (imaml_ext.head_only.head_gd), so that G always decreases.
         cg_steps: CG iterations of the meta-gradient solve (iMAML; 0: no solve).
@@ -252,12 +253,13 @@ def make_algorithm(name: str, *, loss: str | Callable = "cross_entropy", lam: fl
                          f"minimises G itself. Got name={name!r}, regularized={regularized!r}")
     unused = {k: v for k, v in (("hvp", hvp), ("cg_steps", cg_steps), ("cg_damping", cg_damping),
                                 ("cg_lam", cg_lam), ("hf_cg_steps", hf_cg_steps),
-                                ("cg_rtol", cg_rtol))
+                                ("cg_rtol", cg_rtol), ("inner_lr", inner_lr))
               if k in unused_options(name) and v != _DEFAULTS[k]}
     if unused:
         # as the CLI: an option the algorithm would ignore is refused, not silently dropped
-        what = ("the Newton-CG inner solver of imaml-hf" if name == "imaml-gd" else
-                "the implicit meta-gradient of imaml-gd / imaml-hf")
+        what = {"imaml-gd": "the Newton-CG inner solver of imaml-hf",
+                "imaml-hf": "the GD inner loop's step size; imaml-hf line-searches its Newton "
+                            "steps"}.get(name, "the implicit meta-gradient of imaml-gd / imaml-hf")
         raise ValueError(
             f"{name} does not use {', '.join(f'{k}={v!r}' for k, v in unused.items())} ({what}): "
             "leave them at their defaults, or pass options_for(name, **kwargs), which keeps the "

@@ -235,6 +235,10 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
                              f"{'these options set' if len(ignored) > 1 else 'this option sets'} "
                              f"the implicit meta-gradient of imaml-gd / imaml-hf, which --algo "
                              f"{out.algo} does not compute")
+    elif out.algo == "imaml-hf" and out.inner_lr != d["inner_lr"]:
+        raise UsageError(f"--inner-lr sets the GD inner loop's step size; --algo imaml-hf runs "
+                         f"Newton-CG with a line search and takes none, got --inner-lr "
+                         f"{out.inner_lr}")
     elif out.algo != "imaml-hf" and out.hf_cg_steps != _FIELD_DEFAULTS["hf_cg_steps"]:
         raise UsageError(f"--hf-cg-steps sets iMAML-HF's Newton-CG inner solver; --algo "
                          f"{out.algo} runs gradient descent, got --hf-cg-steps {out.hf_cg_steps}")
@@ -265,9 +269,10 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
 
 def unused_fields(algo: str) -> tuple[str, ...]:
     """The identity fields that `algo` does not use: the implicit meta-gradient's for the
-    baselines, the Newton-CG solver's for imaml-gd."""
+    baselines, the Newton-CG solver's for imaml-gd, the GD step size for imaml-hf."""
     if algo in HEAD_ALGORITHMS:
-        return () if algo == "imaml-hf" else ("hf_cg_steps",)
+        # imaml-hf's inner solver is Newton-CG with a line search: it takes no GD step size
+        return ("inner_lr",) if algo == "imaml-hf" else ("hf_cg_steps",)
     return IMPLICIT_FIELDS
 
 

@@ -467,18 +467,19 @@ def test_batch_norm_with_running_statistics_is_refused(mode):
         make_algorithm("fomaml").meta_gradient(net, params, tasks)
 
 
-@pytest.mark.parametrize("name", ["maml", "fomaml", "reptile", "imaml-gd"])
+@pytest.mark.parametrize("name", ["maml", "fomaml", "reptile", "imaml-gd", "imaml-hf"])
 def test_options_the_algorithm_would_ignore_are_refused(name):
-    # as the CLI does: a baseline given the implicit solve's options (or imaml-gd the Newton-CG
-    # solver's) would run without them, silently
-    ignored = ({"hf_cg_steps": 3} if name == "imaml-gd" else
-               {"cg_steps": 2, "hvp": "ggn", "cg_damping": 1.0, "cg_lam": 3.0, "cg_rtol": 1e-6})
+    # as the CLI does: a baseline given the implicit solve's options (imaml-gd the Newton-CG
+    # solver's, imaml-hf a GD step size) would run without them, silently
+    ignored = {"imaml-gd": {"hf_cg_steps": 3}, "imaml-hf": {"inner_lr": 0.05}}.get(
+        name, {"cg_steps": 2, "hvp": "ggn", "cg_damping": 1.0, "cg_lam": 3.0, "cg_rtol": 1e-6})
     for k, v in ignored.items():
         with pytest.raises(ValueError, match=f"{name} does not use {k}={v!r}"):
             make_algorithm(name, **{k: v})
     make_algorithm(name, **options_for(name, **ignored))  # the helper keeps what applies
     assert set(options_for(name, lam=1.0, **ignored)) == {"lam"}
-    assert set(options_for("imaml-hf", lam=1.0, **ignored)) == {"lam", *ignored}
+    if name != "imaml-hf":
+        assert set(options_for("imaml-hf", lam=1.0, **ignored)) == {"lam", *ignored}
     with pytest.raises(ValueError, match="name must be one of"):
         options_for("anil", lam=1.0)
 

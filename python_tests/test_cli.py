@@ -114,7 +114,9 @@ def test_implicit_gradient_options_with_a_baseline_are_refused(capsys, tmp_path)
                               ("reptile", ["--cg-steps", "3", "--cg-lam", "12"],
                                "--cg-steps 3, --cg-lam 12.0: these options set"),
                               ("fomaml", ["--cg-damping", "1"], "--cg-damping 1.0"),
-                              ("imaml-gd", ["--hf-cg-steps", "3"], "--hf-cg-steps sets")):
+                              ("imaml-gd", ["--hf-cg-steps", "3"], "--hf-cg-steps sets"),
+                              ("imaml-hf", ["--inner-lr", "0.05"],
+                               "--inner-lr sets the GD inner loop's step size")):
         code, _, err = run_cli(capsys, "train", "--algo", algo, *opts, "--out", str(tmp_path))
         assert_clean_error(code, err, named, algo)
     for algo in ("maml", "fomaml", "reptile"):
