@@ -72,10 +72,23 @@ def fsync_dir(path: str | Path) -> None:
             os.close(fd)
 
 
+def _umask() -> int:
+    """The process's umask, read without changing it where Linux says it (/proc, 4.7+)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    old = os.umask(0o022)  # elsewhere: set and restore (not thread-safe, hence the above first)
+    os.umask(old)
+    return old
+
+
 def atomic_write(path: str | Path, write: Callable[[BinaryIO], None], *, suffix: str = ".tmp",
-                 mode: int | None = 0o644, validate: Callable[[Path], None] | None = None) -> None:
+                 mode: int | None = None, validate: Callable[[Path], None] | None = None) -> None:
     """Writes ``path`` atomically: ``write(f)`` fills an open binary temp file; ``validate(tmp)``,
-    if given, may raise to reject the complete temp file before it takes the name."""
+    if given, may raise to reject the complete temp file before it takes the name. The file
+    gets ``mode``, by default what a plain ``open(path, "w")`` would give it (0o666 less the
+    umask; the temp file itself is created 0o600)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     sweep_stale_temps(path, suffix)
@@ -88,8 +101,7 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], None], *, suffix:
             os.fsync(f.fileno())
         if validate is not None:
             validate(Path(tmp))
-        if mode is not None:
-            os.chmod(tmp, mode)
+        os.chmod(tmp, 0o666 & ~_umask() if mode is None else mode)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):

@@ -52,7 +52,7 @@ def ckpt_name(step: int) -> str:
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Writes ``data`` to ``path`` via a temp file in the same directory + fsync + os.replace
     (imaml_ext._atomic; temp files of killed writers are swept on the next write)."""
-    atomic_write(path, lambda f: f.write(data), mode=None)
+    atomic_write(path, lambda f: f.write(data))
 
 
 def atomic_torch_save(obj: Any, path: str | Path) -> None:

@@ -67,3 +67,23 @@ def test_rejected_file_keeps_the_old_one_and_no_temp(tmp_path):
     assert list(tmp_path.iterdir()) == [target] and target.read_bytes() == b"old"
     _atomic.atomic_write(target, lambda f: f.write(b"new"), suffix=".part")
     assert target.read_bytes() == b"new" and oct(target.stat().st_mode & 0o777) == "0o644"
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002, 0o077])
+def test_written_files_get_the_umask_mode_not_the_temp_files(tmp_path, umask):
+    """A checkpoint, a cache file or a download gets the mode a plain open() would give it
+    (0o666 less the umask), not the 0o600 of mkstemp's temp file: another user of a shared run
+    directory (or an evaluation job under another account) can read a checkpoint as it could
+    read the metrics beside it."""
+    old = os.umask(umask)
+    try:
+        assert _atomic._umask() == umask
+        checkpoint.atomic_torch_save({"w": torch.zeros(2)}, tmp_path / "ckpt.pt")
+        common.atomic_save({"x": torch.ones(1)}, tmp_path / "cache.pt")
+        _atomic.atomic_write(tmp_path / "explicit", lambda f: f.write(b"x"), mode=0o640)
+    finally:
+        os.umask(old)
+    want = oct(0o666 & ~umask)
+    assert oct((tmp_path / "ckpt.pt").stat().st_mode & 0o777) == want
+    assert oct((tmp_path / "cache.pt").stat().st_mode & 0o777) == want
+    assert oct((tmp_path / "explicit").stat().st_mode & 0o777) == "0o640"
