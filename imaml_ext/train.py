@@ -112,7 +112,7 @@ def build_algorithm(cfg: TrainConfig):
 
 
 def load_split(cfg: TrainConfig, split: str):
-    from imaml_ext.data import load_dataset
+    from imaml_ext.data import SplitOptionError, load_dataset
     kw = {"protocol": cfg.protocol, "seed": cfg.seed} if cfg.dataset == "omniglot" else {}
     if cfg.dataset == "omniglot":
         # The shipped subset stands in only when no data root was named: a root given with
@@ -122,10 +122,8 @@ def load_split(cfg: TrainConfig, split: str):
     try:
         return load_dataset(cfg.dataset, split, root=cfg.data_root, val_classes=cfg.val_classes,
                             **kw)
-    except ValueError as exc:
-        if "val_classes" in str(exc):  # a user's flag: named as one, not a traceback
-            raise UsageError(f"--val-classes: {exc}") from None
-        raise
+    except SplitOptionError as exc:  # a user's flag: named as one, not a traceback
+        raise UsageError(f"--{exc.option.replace('_', '-')}: {exc}") from None
 
 
 def check_trained_classes(state: dict[str, Any], dataset, what: str) -> None:

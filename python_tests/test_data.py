@@ -20,6 +20,7 @@ from data_fixtures import (MINI_CLASSES, MINI_PER_CLASS, OMNIGLOT_DRAWINGS, OMNI
                            make_omniglot_folders, make_omniglot_zips, omniglot_members, write_tree,
                            write_zip)
 from imaml_ext.data import (DatasetError, DatasetFormatError, DatasetNotFoundError, FewShotDataset,
+                            SplitOptionError,
                             MINIIMAGENET_MEAN, MINIIMAGENET_STD, TaskSampler, load_dataset,
                             load_miniimagenet, load_omniglot, resolve_data_root)
 from imaml_ext.data import common
@@ -126,10 +127,13 @@ def test_bad_split_arguments(tmp_path):
         load_omniglot("dev", root=root)
     with pytest.raises(ValueError, match="protocol"):
         load_omniglot("train", root=root, protocol="mine")
-    with pytest.raises(ValueError, match="val_classes"):
-        load_omniglot("train", root=root, val_classes=N_BG, cache_dir=tmp_path / "c")
-    with pytest.raises(ValueError, match="empty"):
-        load_omniglot("val", root=root, val_classes=0, cache_dir=tmp_path / "c")
+    # SplitOptionError (a ValueError) names the option, so the CLI names its flag
+    for kw, msg in (({"split": "train", "val_classes": N_BG}, "val_classes"),
+                    ({"split": "train", "val_classes": -1}, "val_classes must be >= 0"),
+                    ({"split": "val", "val_classes": 0}, "empty")):
+        with pytest.raises(SplitOptionError, match=msg) as e:
+            load_omniglot(root=root, cache_dir=tmp_path / "c", **kw)
+        assert e.value.option == "val_classes" and isinstance(e.value, ValueError)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -521,8 +525,9 @@ def test_miniimagenet_not_found_and_arguments(tmp_path):
     for needle in ("no official download", "train.csv", "mini-imagenet-cache-train.pkl",
                    "IMAML_DATA", "--data-root"):
         assert needle in str(e.value)
-    with pytest.raises(ValueError, match="val_classes"):
+    with pytest.raises(SplitOptionError, match="val_classes must be None") as e:
         load_dataset("miniimagenet", "train", root=tmp_path, val_classes=3)
+    assert e.value.option == "val_classes"
     with pytest.raises(ValueError, match="unknown data set"):
         load_dataset("cifar", "train")
 

@@ -13,6 +13,7 @@ Where the data is: ``root`` (``--data-root``), else ``$IMAML_DATA``, else
 from __future__ import annotations
 
 from .common import (DatasetError, DatasetFormatError, DatasetNotFoundError, FewShotDataset,
+                     SplitOptionError,
                      resolve_data_root, user_cache_dir, user_data_dir)
 from .miniimagenet import MINIIMAGENET_MEAN, MINIIMAGENET_STD, load_miniimagenet
 from .omniglot import load_embedded_omniglot, load_omniglot, resolve_omniglot
@@ -22,6 +23,7 @@ DATASETS = ("omniglot", "miniimagenet")
 
 __all__ = [
     "DATASETS", "DatasetError", "DatasetFormatError", "DatasetNotFoundError", "FewShotDataset",
+    "SplitOptionError",
     "MINIIMAGENET_MEAN", "MINIIMAGENET_STD", "TaskSampler", "load_dataset",
     "load_embedded_omniglot", "load_miniimagenet", "load_omniglot", "resolve_data_root",
     "resolve_omniglot", "user_cache_dir", "user_data_dir",

@@ -59,6 +59,15 @@ class DatasetFormatError(DatasetError, ValueError):
     """A data set is there but malformed: corrupt image, truncated zip, wrong layout, bad csv."""
 
 
+class SplitOptionError(DatasetError, ValueError):
+    """A split option out of range for the data set found (``option`` names it, e.g.
+    "val_classes"): the range depends on the data, so only the loader can check it."""
+
+    def __init__(self, option: str, message: str):
+        super().__init__(message)
+        self.option = option
+
+
 # --------------------------------------------------------------------------------------------
 # Locations
 # --------------------------------------------------------------------------------------------

@@ -36,8 +36,8 @@ from pathlib import Path
 import numpy as np
 
 from .common import (DatasetFormatError, DatasetNotFoundError, DecodeSpec, FewShotDataset,
-                     cached_decode, check_split, decode_images, open_zip, resolve_data_root,
-                     source_key, stack_classes)
+                     SplitOptionError, cached_decode, check_split, decode_images, open_zip,
+                     resolve_data_root, source_key, stack_classes)
 
 logger = logging.getLogger("imaml_ext.data")
 
@@ -261,7 +261,8 @@ def load_miniimagenet(split: str = "train", root=None, cache_dir=None,
     """
     check_split(split)
     if val_classes is not None:
-        raise ValueError("val_classes must be None for miniimagenet: its val split is val.csv")
+        raise SplitOptionError("val_classes", "val_classes must be None for miniimagenet: its "
+                               "val split is val.csv")
     src = find_miniimagenet(resolve_data_root(root), split)
     if src.standin:
         logger.warning("imaml_ext: using the Mini-ImageNet STAND-IN %s (100 Tiny-ImageNet classes, "

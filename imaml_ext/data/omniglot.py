@@ -39,7 +39,7 @@ import torch
 
 from imaml_ext._atomic import atomic_write
 
-from .common import (DatasetFormatError, DatasetNotFoundError, DecodeSpec,
+from .common import (DatasetFormatError, DatasetNotFoundError, DecodeSpec, SplitOptionError,
                      FewShotDataset, cached_decode, check_split, decode_images, is_writable_dir,
                      open_zip, resolve_data_root, source_key, stack_classes)
 
@@ -345,8 +345,9 @@ def split_class_indices(class_names: list[str], protocol: str, seed: int,
     else:
         raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
     if pool and not 0 <= val_classes < len(pool):
-        raise ValueError(f"val_classes={val_classes} must be in [0, {len(pool)}) for the "
-                         f"{len(pool)} training characters of protocol {protocol!r}")
+        raise SplitOptionError("val_classes", f"val_classes={val_classes} must be in [0, "
+                               f"{len(pool)}) for the {len(pool)} training characters of "
+                               f"protocol {protocol!r}")
     return {"train": sorted(pool[val_classes:]), "val": sorted(pool[:val_classes]),
             "test": sorted(test)}
 
@@ -403,14 +404,14 @@ def load_omniglot(split: str = "train", root=None, protocol: str = "background",
     if val_classes is None:
         val_classes = default_val
     if val_classes < 0:
-        raise ValueError(f"val_classes must be >= 0, got {val_classes}")
+        raise SplitOptionError("val_classes", f"val_classes must be >= 0, got {val_classes}")
     # The background protocol's test split loads no background characters; its val draw only
     # depends on the background names, so train and val match whichever splits were loaded.
     idx = split_class_indices(names, protocol, seed, val_classes)
     chosen = idx[split]
     if not chosen:
-        raise ValueError(f"omniglot split {split!r} is empty (val_classes={val_classes}, "
-                         f"protocol={protocol!r})")
+        raise SplitOptionError("val_classes", f"omniglot split {split!r} is empty "
+                               f"(val_classes={val_classes}, protocol={protocol!r})")
     full = FewShotDataset(images=images, class_names=names, name="omniglot", split=split,
                           mean=OMNIGLOT_MEAN, std=OMNIGLOT_STD, rotate=True, source=source)
     return full.subset(chosen, split)
