@@ -246,6 +246,39 @@ def test_cuda_lstsq_step_epilogue_stops_each_system(kernel, monkeypatch):
     torch.testing.assert_close(got[2], want[2], rtol=1e-6, atol=1e-14)
 
 
+@needs_ext
+@pytest.mark.parametrize("d", [700, 70000], ids=["kernels", "wide"])
+def test_non_finite_operator_from_zero_and_nonzero_starts(d, device):
+    """An operator with an Inf, systems started from x0 = 0 and from x0 != 0: the ops and the
+    twin agree on status, count and residual norm. From x0 = 0 nobody forms A x0 (r0 = b), so
+    the Inf is met at the first product: non-finite after 0 iterations, ||r|| = ||b||, x = 0.
+    d = 70000 is wider than the CUDA kernels' shared memory (two batched products instead,
+    which once formed A x0 for every system and reported a NaN norm)."""
+    X, b = lstsq_problem(3, 3, d, torch.float64, device, seed=d)
+    X[0, 1, 5] = float("inf")
+    x0 = torch.randn_like(b)
+    x0[0] = 0.0
+    x0[2] = 0.0
+    args = (1.0, 1.0 / 3, 5, 0.0, 0.0)
+    got = ops.cg_solve_lstsq(X, b, x0, *args, use_ext=True)
+    want = ops.cg_solve_lstsq(X, b, x0, *args, use_ext=False)
+    assert got[1].tolist() == want[1].tolist() == [0, 5, 5]
+    assert got[3].tolist() == want[3].tolist() == [reference.NONFINITE, 0, 0]
+    for res in (got, want):
+        assert res[2][0].item() == pytest.approx(b[0].norm().item(), rel=1e-12)
+        assert (res[0][0] == 0).all() and torch.isfinite(res[2]).all()
+    torch.testing.assert_close(got[0], want[0], rtol=1e-8, atol=1e-10)
+    # the dense op through the same solver set-up
+    A = X.transpose(1, 2)[:, :40, :] @ X[:, :, :40] / 3 + torch.eye(40, dtype=X.dtype,
+                                                                      device=device)
+    bd, xd = b[:, :40].contiguous(), x0[:, :40].contiguous()
+    A[1, 0, 0] = float("nan")
+    got = ops.cg_solve_dense(A, bd, xd, 5, 0.0, 0.0, use_ext=True)
+    want = ops.cg_solve_dense(A, bd, xd, 5, 0.0, 0.0, use_ext=False)
+    assert got[1].tolist() == want[1].tolist() and got[3].tolist() == want[3].tolist()
+    torch.testing.assert_close(got[2], want[2], rtol=1e-8, atol=1e-10, equal_nan=True)
+
+
 @pytest.mark.parametrize("use_ext", BOTH)
 def test_non_contiguous_inputs(device, use_ext):
     X, b = lstsq_problem(2, 30, 12, torch.float64, device)

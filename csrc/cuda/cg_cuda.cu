@@ -823,8 +823,19 @@ struct LstsqApply {
         // over X).
         auto xv = at::bmm(X, v.unsqueeze(-1));
         auto xtxv = at::bmm(X.transpose(1, 2), xv).squeeze(-1);
-        // Stopped systems get a fresh product too; the CG kernels never read it.
-        out.copy_(at::add(at::mul(v, shift), xtxv, scale));
+        auto prod = at::add(at::mul(v, shift), xtxv, scale);
+        if (status == nullptr) {
+          out.copy_(prod);
+          return;
+        }
+        // As the kernels: a system the mask does not mark running keeps its out (the set-up's
+        // zeros where x0 = 0, so a non-finite X is met at the first iteration's product, as in
+        // the kernels and the CPU solvers, not in r0). Read on the device: no host sync.
+        auto running = at::from_blob(const_cast<int32_t*>(status), {B},
+                                     X.options().dtype(at::kInt))
+                           .eq(static_cast<int32_t>(kRunning))
+                           .unsqueeze(-1);
+        out.copy_(at::where(running, prod, out));
         return;
       }
       stepped = step_status != nullptr;
