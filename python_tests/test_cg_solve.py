@@ -379,3 +379,35 @@ def test_bad_arguments(use_ext, call, match):
     X, b = lstsq_problem(2, 4, 6, torch.float64, "cpu")
     with pytest.raises(ValueError, match=match):
         call(X, b, use_ext)
+
+
+@needs_ext
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_cuda_float_atomics_honour_deterministic_mode():
+    """The CUDA least-squares and softmax-head products add per-block sums with float atomics
+    when a system has several blocks: under torch.use_deterministic_algorithms(True) they raise
+    (warn with warn_only=True), as ATen's own such ops do; one block per system, the two-bmm
+    route and the PyTorch twin run."""
+    X, v = lstsq_problem(2, 5000, 256, torch.float32, "cuda")
+    c, f = 5, 64
+    F = torch.randn(2, 5000, f, device="cuda")
+    W, bias = torch.randn(2, c, f, device="cuda"), torch.randn(2, c, device="cuda")
+    V, vb = torch.randn_like(W), torch.randn_like(bias)
+    was, warn_only = (torch.are_deterministic_algorithms_enabled(),
+                      torch.is_deterministic_algorithms_warn_only_enabled())
+    try:
+        torch.use_deterministic_algorithms(True)
+        with pytest.raises(RuntimeError, match="least-squares product .* deterministic"):
+            ops.lstsq_apply(X, v, 0.0, 1.0, use_ext=True)
+            torch.cuda.synchronize()
+        with pytest.raises(RuntimeError, match="softmax-head Hessian product .* deterministic"):
+            ops.softmax_head_hvp(F, W, bias, V, vb, 0.0, 1.0, use_ext=True)
+        ops.lstsq_apply(X, v, 0.0, 1.0, use_ext=False)
+        ops.lstsq_apply(X[:, :3], v, 0.0, 1.0, use_ext=True)  # one block per system
+        wide, vw = lstsq_problem(1, 2, 70000, torch.float32, "cuda")  # the two-bmm route
+        ops.lstsq_apply(wide, vw, 0.0, 1.0, use_ext=True)
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        with pytest.warns(UserWarning, match="least-squares product"):
+            ops.lstsq_apply(X, v, 0.0, 1.0, use_ext=True)
+    finally:
+        torch.use_deterministic_algorithms(was, warn_only=warn_only)

@@ -15,6 +15,7 @@
 // systems (status != running) return at once, which is the per-system early stop. Nothing is
 // read back to the host: the whole-loop solvers queue max_iter iterations of launches, or run
 // all of them inside one launch (cg_fused_cuda.cu) when solve.cuh's use_fused() says so.
+#include <ATen/Context.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <torch/library.h>
@@ -757,6 +758,17 @@ struct DenseApply {
 
 // shift v + scale X^T X v for the multi-launch loop and lstsq_apply: one xtxv_kernel launch per
 // product. acc and counter are made zero once and left zero by every launch.
+// The least-squares product kernels add each block's column sums with float atomics, in no
+// fixed order, when a system has several blocks (one block, or the two-bmm route, is
+// deterministic): under torch.use_deterministic_algorithms(True) that raises (or warns), as
+// ATen's own such ops do.
+inline void alert_atomics(const dim3& grid) {
+  if (grid.x > 1)
+    at::globalContext().alertNotDeterministic(
+        "imaml_ext least-squares product X^T X v on CUDA (float atomics across blocks; "
+        "use_ext=False runs the PyTorch twin)");
+}
+
 struct LstsqApply {
   at::Tensor X;
   double shift, scale;
@@ -858,6 +870,7 @@ struct LstsqApply {
             const dim3 grid(static_cast<unsigned>(persistent_blocks_per_system(
                                 cuda::resident_blocks(kernel_fn, ring), B, tiles)),
                             B);
+            alert_atomics(grid);
             kernel_fn<<<grid, kBlockSize, ring, stream>>>(
                 X.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
                 acc.data_ptr<acc_t>(), reinterpret_cast<unsigned int*>(counter.data_ptr<int32_t>()),
@@ -877,6 +890,7 @@ struct LstsqApply {
             const dim3 grid(static_cast<unsigned>(persistent_blocks_per_system(
                                 cuda::resident_blocks(kernel_fn, 0), B, tiles)),
                             B);
+            alert_atomics(grid);
             kernel_fn<<<grid, kBlockSize, 0, stream>>>(
                 X.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
                 acc.data_ptr<acc_t>(), reinterpret_cast<unsigned int*>(counter.data_ptr<int32_t>()),
@@ -895,6 +909,7 @@ struct LstsqApply {
       const dim3 grid((n + rows_per_block - 1) / rows_per_block, B);
       auto launch = [&](auto kernel) {
         cuda::allow_smem(kernel, smem);
+        alert_atomics(grid);
         kernel<<<grid, kBlockSize, smem, stream>>>(
             X.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
             acc.data_ptr<acc_t>(), reinterpret_cast<unsigned int*>(counter.data_ptr<int32_t>()),

@@ -20,6 +20,7 @@
 //     reads them from a buffer made once by head_probs_kernel.
 //   cg_fused_softmax_head_kernel: one block per system, all CG iterations inside (solve.cuh's
 //     block_cg); probabilities computed once at its start into a global buffer.
+#include <ATen/Context.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <torch/library.h>
@@ -330,6 +331,12 @@ void launch_head_apply(const at::Tensor& F, int64_t c, const at::Tensor& W,
   // n == 0 still takes one block per system: it writes out = shift v.
   const int64_t spb = cuda::rows_per_block_for(B, n, 2 * kWarpsPerBlock);
   const dim3 grid(n > 0 ? (n + spb - 1) / spb : 1, B);
+  // Several blocks of a system add their sums with float atomics, in no fixed order: under
+  // torch.use_deterministic_algorithms(True) this raises (or warns), as ATen's own such ops do.
+  if (grid.x > 1)
+    at::globalContext().alertNotDeterministic(
+        "imaml_ext softmax-head Hessian product on CUDA (float atomics across blocks; "
+        "use_ext=False runs the PyTorch twin)");
   // + 4: ptxas may widen unrolled reads of U past its end.
   const size_t scr_bytes = static_cast<size_t>((spb + kWarpsPerBlock) * c + 4) * as;
   const bool shared_scr = scr_bytes <= cuda::max_dynamic_smem();
