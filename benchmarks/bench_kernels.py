@@ -3,7 +3,9 @@ squares, softmax head) against, in the same run: their pure-PyTorch reference tw
 (imaml_ext.reference), torch.compile of the reference, the plain torch.func route for the HVPs
 (jvp of grad of the loss, vmapped over systems), and for CG the peers torchopt's solve_cg,
 linear_operator's linear_cg and scipy's cg per system. Every contender's answer is checked
-against a float64 reference before it is timed; times are medians of
+against a float64 reference before it is timed (for CG: the reference's iterate after the same
+ITERS iterations from the same x0, to CG_TOL, and the contender's own iteration count where it
+reports one); times are medians of
 torch.utils.benchmark.Timer.blocked_autorange (which synchronises CUDA). float32 throughout.
 
 Also reported: the achieved bandwidth of the least-squares product and CG (bytes of X read per
@@ -37,6 +39,21 @@ from imaml_ext import ops, reference
 
 ITERS = 20  # CG iterations, fixed (rtol = atol = 0) so every contender does the same work
 LAM = 0.5   # (I + H / lam)
+
+# The whole-loop CG rows' correctness bar: relative 2-norm error of x against the float64
+# reference's iterate after the same ITERS iterations from x0 = 0. Measured on the 2-core CPU
+# (2026-11-28) at every CG size below (and the quick ones): float32 rounding errs 8.7e-8 to 1.2e-6
+# for imaml_ext, at most 1.2e-6 for the float32 reference and SciPy (and at the quick sizes at
+# most 6.2e-7 for torchopt, linear_operator and the compiled reference); a run of 8 of the 20
+# iterations errs 8.7e-4 to 4.9e-3 (the former bar of 1e-3 passed it at both dense sizes), except
+# at the softmax head 32 x 100 x 64 x 20, which converges so fast that 8 iterations err 8.7e-7:
+# there no bar tells a short run from rounding, only an iteration count does (the row says so).
+# 2e-5 leaves >= 16x either way elsewhere; it catches a stop after 11 iterations or fewer at the
+# dense and least-squares sizes (after 15 at 1 x 4000 x 4000, 19 at the head 32 x 25 x 800 x 5).
+CG_TOL = 2e-5
+EARLY = 8  # each CG row records the float64 error of a run this short against the bar
+# The single-pass ops (HVPs, the conv net's blocks): nothing to stop early; the former bar.
+OP_TOL = 1e-3
 
 LSTSQ = [(32, 50, 200), (32, 500, 2000), (1, 4000, 4000)]
 HEAD = [(32, 100, 64, 20), (32, 25, 800, 5)]   # 20-way 5-shot Omniglot, 5-way 5-shot Mini-ImageNet
@@ -139,6 +156,18 @@ def rel_err(x: torch.Tensor, truth: torch.Tensor) -> float:
     return ((x.double() - truth.double()).norm() / truth.double().norm().clamp_min(1e-300)).item()
 
 
+class Solved:
+    """A CG contender's answer: x and the iterations it reports having run (per system)."""
+
+    def __init__(self, x: torch.Tensor, iterations):
+        self.x, self.iterations = x, iterations
+
+
+def solved(out) -> Solved:
+    """Solved from an op's (x, iterations, residual norm, status)."""
+    return Solved(out[0], out[1])
+
+
 @contextlib.contextmanager
 def env(name: str, value: str | None):
     old = os.environ.get(name)
@@ -155,10 +184,12 @@ def env(name: str, value: str | None):
             os.environ[name] = old
 
 
-def run_contenders(row: dict, contenders: dict, truth, device: str, min_run_time: float,
-                   tol: float = 1e-3) -> None:
+def run_contenders(row: dict, contenders: dict, truth, device: str, min_run_time: float) -> None:
     """Checks then times each contender into row['times_s'] / ['errors'] / ['skipped'].
-    A contender given as a string is skipped with that string as the reason."""
+    A contender given as a string is skipped with that string as the reason. The bar is
+    row['tolerance'] (cg_check sets CG_TOL on the CG rows; OP_TOL where a row has none yet); a
+    contender that returns a Solved is also skipped where it ran fewer than row['iterations']."""
+    tol = row.setdefault("tolerance", OP_TOL)
     for name, fn in contenders.items():
         if isinstance(fn, str):
             row["skipped"][name] = fn
@@ -170,11 +201,20 @@ def run_contenders(row: dict, contenders: dict, truth, device: str, min_run_time
                 out = fn()
                 sync(device)
                 first = time.perf_counter() - t0
+                ran = None
+                if isinstance(out, Solved):
+                    out, ran = out.x, int(torch.as_tensor(out.iterations).min())
+                    row.setdefault("iterations_run", {})[name] = ran
                 err = max(rel_err(o, t) for o, t in zip(out, truth)) if isinstance(out, tuple) \
                     else rel_err(out, truth)
                 row["errors"][name] = err
+                if ran is not None and ran < row["iterations"]:
+                    row["skipped"][name] = (f"ran {ran} of {row['iterations']} iterations (its "
+                                            f"own count)")
+                    continue
                 if not err < tol:
-                    row["skipped"][name] = f"wrong answer: relative error {err:.2e} vs float64"
+                    row["skipped"][name] = (f"wrong answer: relative error {err:.2e} vs float64 "
+                                            f"(bar {tol:.0e})")
                     continue
                 if "compile" in name:
                     row.setdefault("first_call_s", {})[name] = first
@@ -487,7 +527,7 @@ def linear_operator_cg(matvec, b):
 def scipy_cg(matvec1, b, device):
     import numpy as np
     from scipy.sparse.linalg import LinearOperator, cg
-    out = []
+    out, iters = [], []
     for i in range(b.shape[0]):
         P = b.shape[1]
 
@@ -495,9 +535,12 @@ def scipy_cg(matvec1, b, device):
             t = torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32)).to(device)
             return matvec1(i, t).cpu().numpy()
         op = LinearOperator((P, P), matvec=mv, dtype=np.float32)
-        x, _ = cg(op, b[i].cpu().numpy(), rtol=0.0, atol=0.0, maxiter=ITERS)
+        ran = [0]  # counted by cg's per-iteration callback
+        x, _ = cg(op, b[i].cpu().numpy(), rtol=0.0, atol=0.0, maxiter=ITERS,
+                  callback=lambda _x, ran=ran: ran.__setitem__(0, ran[0] + 1))
         out.append(torch.from_numpy(x))
-    return torch.stack(out).to(device)
+        iters.append(ran[0])
+    return Solved(torch.stack(out).to(device), iters)
 
 
 def cg_peers(matvec, matvec1, b, device, skip_scipy: str | None = None):
@@ -522,7 +565,20 @@ def compiled_call(fn, device, quick, *args):
     if not COMPILE_CG["on"]:
         return "not compiled: --no-compile-cg"
     compiled = try_compile(fn, device, quick)
-    return compiled if isinstance(compiled, str) else (lambda: compiled(*args))
+    return compiled if isinstance(compiled, str) else (lambda: solved(compiled(*args)))
+
+
+def cg_check(row: dict, solve64) -> torch.Tensor:
+    """The truth for a CG row, solve64(ITERS): the float64 reference's x after ITERS iterations
+    from the contenders' x0. Sets row's bar (CG_TOL) and records how far solve64(EARLY) lands
+    from it, and whether the bar catches a run that short."""
+    truth = solve64(ITERS)
+    early = rel_err(solve64(EARLY), truth)
+    row["tolerance"] = CG_TOL
+    row["check"] = {"truth": f"float64 reference, the same {ITERS} iterations from x0 = 0",
+                    f"error_after_{EARLY}_iterations": early,
+                    f"bar_catches_{EARLY}_iterations": early >= CG_TOL}
+    return truth
 
 
 def bench_cg(device, quick, min_run_time, bandwidth):
@@ -537,10 +593,10 @@ def bench_cg(device, quick, min_run_time, bandwidth):
         Xg = torch.randn(B, 2 * P, P, generator=g)
         A = (torch.eye(P) + Xg.transpose(1, 2) @ Xg / (2 * P * LAM)).to(device)
         b = torch.randn(B, P, generator=g).to(device)
-        truth = reference.cg_solve_dense(A.double(), b.double(), zeros(b).double(), ITERS, 0.0,
-                                         0.0)[0]
         row = {"op": "cg_solve_dense", "B": B, "P": P, "iterations": ITERS, "times_s": {},
                "errors": {}, "skipped": {}}
+        truth = cg_check(row, lambda k, A=A, b=b: reference.cg_solve_dense(
+            A.double(), b.double(), zeros(b).double(), k, 0.0, 0.0)[0])
 
         def mv(v, A=A):
             return torch.bmm(A, v.unsqueeze(-1)).squeeze(-1)
@@ -548,16 +604,18 @@ def bench_cg(device, quick, min_run_time, bandwidth):
         def mv1(i, v, A=A):
             return A[i] @ v
         run_contenders(row, {
-            "imaml_ext": lambda: ops.cg_solve_dense(A, b, zeros(b), ITERS, 0.0, 0.0,
-                                                    use_ext=True)[0],
-            "reference": lambda: reference.cg_solve_dense(A, b, zeros(b), ITERS, 0.0, 0.0)[0],
+            "imaml_ext": lambda: solved(ops.cg_solve_dense(A, b, zeros(b), ITERS, 0.0, 0.0,
+                                                           use_ext=True)),
+            "reference": lambda: solved(reference.cg_solve_dense(A, b, zeros(b), ITERS, 0.0,
+                                                                 0.0)),
             "torch.compile(reference)": compiled_call(
-                lambda A, b, x0: reference.cg_solve_dense(A, b, x0, ITERS, 0.0, 0.0)[0],
+                lambda A, b, x0: reference.cg_solve_dense(A, b, x0, ITERS, 0.0, 0.0),
                 device, quick, A, b, zeros(b)),
             **cg_peers(mv, mv1, b, device),
         }, truth, device, min_run_time)
         add_paths(row, device, truth, min_run_time,
-                  lambda: ops.cg_solve_dense(A, b, zeros(b), ITERS, 0.0, 0.0, use_ext=True)[0])
+                  lambda: solved(ops.cg_solve_dense(A, b, zeros(b), ITERS, 0.0, 0.0,
+                                                    use_ext=True)))
         row["bytes_read_per_iteration"] = A.numel() * A.element_size()
         add_bandwidth(row, bandwidth, row["bytes_read_per_iteration"] * ITERS)
         rows.append(row)
@@ -568,10 +626,10 @@ def bench_cg(device, quick, min_run_time, bandwidth):
         X = torch.randn(B, n, d, generator=g).to(device)
         b = torch.randn(B, d, generator=g).to(device)
         scale = 1.0 / (n * LAM)
-        truth = reference.cg_solve_lstsq(X.double(), b.double(), zeros(b).double(), 1.0, scale,
-                                         ITERS, 0.0, 0.0)[0]
         row = {"op": "cg_solve_lstsq", "B": B, "n": n, "d": d, "iterations": ITERS,
                "times_s": {}, "errors": {}, "skipped": {}}
+        truth = cg_check(row, lambda k, X=X, b=b, scale=scale: reference.cg_solve_lstsq(
+            X.double(), b.double(), zeros(b).double(), 1.0, scale, k, 0.0, 0.0)[0])
         Xt = X.transpose(1, 2)
 
         def mv(v, X=X, Xt=Xt, scale=scale):
@@ -581,22 +639,22 @@ def bench_cg(device, quick, min_run_time, bandwidth):
             return v + scale * (X[i].T @ (X[i] @ v))
         big = B * n * d > 4_000_000 and device == "cpu"
         run_contenders(row, {
-            "imaml_ext": lambda: ops.cg_solve_lstsq(X, b, zeros(b), 1.0, scale, ITERS, 0.0, 0.0,
-                                                    use_ext=True)[0],
-            "reference": lambda: reference.cg_solve_lstsq(X, b, zeros(b), 1.0, scale, ITERS, 0.0,
-                                                          0.0)[0],
+            "imaml_ext": lambda: solved(ops.cg_solve_lstsq(X, b, zeros(b), 1.0, scale, ITERS,
+                                                           0.0, 0.0, use_ext=True)),
+            "reference": lambda: solved(reference.cg_solve_lstsq(X, b, zeros(b), 1.0, scale,
+                                                                 ITERS, 0.0, 0.0)),
             "torch.compile(reference)": compiled_call(
                 lambda X, b, x0, scale: reference.cg_solve_lstsq(X, b, x0, 1.0, scale, ITERS, 0.0,
-                                                                 0.0)[0],
+                                                                 0.0),
                 device, quick, X, b, zeros(b), scale),
             **cg_peers(mv, mv1, b, device),
         }, truth, device, 0.3 if big else min_run_time)
         add_paths(row, device, truth, min_run_time,
-                  lambda: ops.cg_solve_lstsq(X, b, zeros(b), 1.0, scale, ITERS, 0.0, 0.0,
-                                             use_ext=True)[0])
+                  lambda: solved(ops.cg_solve_lstsq(X, b, zeros(b), 1.0, scale, ITERS, 0.0, 0.0,
+                                                    use_ext=True)))
         if device == "cuda":
-            solve = (lambda: ops.cg_solve_lstsq(X, b, zeros(b), 1.0, scale, ITERS, 0.0, 0.0,
-                                                use_ext=True)[0])
+            solve = (lambda: solved(ops.cg_solve_lstsq(X, b, zeros(b), 1.0, scale, ITERS, 0.0,
+                                                       0.0, use_ext=True)))
             # The multi-launch loop with each product kernel and step placement forced: the row
             # kernel with separate steps (the defaults before 2026-11-28), tiles alone, the
             # epilogue (one launch per iteration: the CG step in the product kernel's last block
@@ -638,11 +696,12 @@ def bench_cg(device, quick, min_run_time, bandwidth):
         bias = torch.randn(B, c, generator=g).to(device)
         b = torch.randn(B, c * (f + 1), generator=g).to(device)
         scale = 1.0 / LAM
-        truth = reference.cg_solve_softmax_head(F.double(), W.double(), bias.double(), b.double(),
-                                                zeros(b).double(), 1.0, scale, ITERS, 0.0,
-                                                0.0)[0]
         row = {"op": "cg_solve_softmax_head", "B": B, "n": n, "f": f, "c": c,
                "iterations": ITERS, "times_s": {}, "errors": {}, "skipped": {}}
+        truth = cg_check(row, lambda k, F=F, W=W, bias=bias, b=b, scale=scale:
+                         reference.cg_solve_softmax_head(F.double(), W.double(), bias.double(),
+                                                         b.double(), zeros(b).double(), 1.0,
+                                                         scale, k, 0.0, 0.0)[0])
         probs = reference.softmax_head_probs(F, W, bias)
         factor = scale / n
 
@@ -655,19 +714,19 @@ def bench_cg(device, quick, min_run_time, bandwidth):
                                                   *reference.softmax_head_split(v[None], c, f))
             return v + factor * reference.softmax_head_join(sW, sb)[0]
         run_contenders(row, {
-            "imaml_ext": lambda: ops.cg_solve_softmax_head(F, W, bias, b, zeros(b), 1.0, scale,
-                                                           ITERS, 0.0, 0.0, use_ext=True)[0],
-            "reference": lambda: reference.cg_solve_softmax_head(F, W, bias, b, zeros(b), 1.0,
-                                                                 scale, ITERS, 0.0, 0.0)[0],
+            "imaml_ext": lambda: solved(ops.cg_solve_softmax_head(
+                F, W, bias, b, zeros(b), 1.0, scale, ITERS, 0.0, 0.0, use_ext=True)),
+            "reference": lambda: solved(reference.cg_solve_softmax_head(
+                F, W, bias, b, zeros(b), 1.0, scale, ITERS, 0.0, 0.0)),
             "torch.compile(reference)": compiled_call(
                 lambda F, W, bias, b, x0: reference.cg_solve_softmax_head(
-                    F, W, bias, b, x0, 1.0, scale, ITERS, 0.0, 0.0)[0],
+                    F, W, bias, b, x0, 1.0, scale, ITERS, 0.0, 0.0),
                 device, quick, F, W, bias, b, zeros(b)),
             **cg_peers(mv, mv1, b, device),
         }, truth, device, min_run_time)
         add_paths(row, device, truth, min_run_time,
-                  lambda: ops.cg_solve_softmax_head(F, W, bias, b, zeros(b), 1.0, scale, ITERS,
-                                                    0.0, 0.0, use_ext=True)[0])
+                  lambda: solved(ops.cg_solve_softmax_head(F, W, bias, b, zeros(b), 1.0, scale,
+                                                           ITERS, 0.0, 0.0, use_ext=True)))
         row["bytes_read_per_iteration"] = F.numel() * F.element_size()
         add_bandwidth(row, bandwidth, row["bytes_read_per_iteration"] * ITERS)
         rows.append(row)
@@ -702,6 +761,13 @@ def add_bandwidth(row, bandwidth, bytes_per_call):
 
 def print_row(row, title):
     print(f"\n{title}")
+    if "check" in row:
+        early = row["check"][f"error_after_{EARLY}_iterations"]
+        print(f"  check: relative error < {row['tolerance']:.0e} against the float64 "
+              f"{row['iterations']}-iteration reference (a run of {EARLY} iterations errs "
+              f"{early:.1e}" + ("" if row["check"][f"bar_catches_{EARLY}_iterations"] else
+                                ": NOT caught by the bar here; only reported iteration counts "
+                                "catch a short run") + ")")
     base = row["times_s"].get("imaml_ext")
     for name, t in sorted(row["times_s"].items(), key=lambda kv: kv[1]):
         ratio = f"{t / base:7.2f}x" if base else "    n/a"

@@ -1,6 +1,7 @@
 """benchmarks/bench_cg.py on a tiny size: every contender that runs agrees with the float64
-reference, the speedups are the per-round ratios, and the one-pass probe (the price of the one
-pass over X per iteration that bounds any CG on this operator) is measured in the same rounds."""
+reference of the same iterations (to a bar that a run cut short fails), the speedups are the
+per-round ratios, and the one-pass probe (ITERS bmm passes over X: a reference point for our
+iteration's cost, not a bound) is measured in the same rounds."""
 from __future__ import annotations
 
 import json
@@ -9,6 +10,7 @@ import pytest
 import torch
 
 from conftest import load_benchmark
+from imaml_ext import reference
 
 
 @pytest.fixture(scope="module")
@@ -70,3 +72,29 @@ def test_no_other_contender_is_reported_not_a_crash(bench, monkeypatch, capsys):
     assert row["fastest_other"] is None and row["speedup_vs_fastest_other"] is None
     assert "wrong answer" in row["skipped"]["torch (two bmm)"]
     assert "no other contender ran" in capsys.readouterr().out
+
+
+def test_a_contender_cut_short_is_not_timed(bench, monkeypatch):
+    # 8 of the 20 iterations: at 2 x 40 x 30 that errs ~1e-4 against the 20-iteration float64
+    # iterate, which the former bar of 1e-3 passed and timed as a "faster" contender.
+    def short(X, b, n):
+        return reference.cg_solve_lstsq(X, b, torch.zeros_like(b), 1.0, 1.0 / n, 8, 0.0, 0.0)[0]
+
+    def short_counted(X, b, n):  # one that says how many it ran
+        return reference.cg_solve_lstsq(X, b, torch.zeros_like(b), 1.0, 1.0 / n, 8, 0.0,
+                                        0.0)[:2]
+    monkeypatch.setattr(bench, "torch_two_bmm", short)
+    monkeypatch.setattr(bench, "torch_gram", short_counted)
+    (row,) = bench.run([(2, 40, 30)], "cpu", min_time=0.0)
+    assert row["skipped"]["torch (two bmm)"].startswith("wrong answer"), row["skipped"]
+    assert "torch (two bmm)" not in row["times_s"]
+    assert row["tolerance"] == bench.TOL
+    assert row["check"]["bar_catches_8_iterations"]
+    assert 1e-5 < row["check"]["error_after_8_iterations"] < 1e-3
+    assert row["iterations_run"]["torch (Gram matrix)"] == 8
+    assert row["skipped"]["torch (Gram matrix)"] == "ran 8 of 20 iterations (its own count)"
+    # the honest ones, counted where they count: all 20, within the bar, timed
+    assert row["iterations_run"]["imaml_ext"] == bench.ITERS
+    assert row["iterations_run"][bench.RAW_OP] == bench.ITERS
+    assert row["iterations_run"].get("scipy cg (per system)", bench.ITERS) == bench.ITERS
+    assert row["errors"]["imaml_ext"] < bench.TOL and "imaml_ext" in row["times_s"]
