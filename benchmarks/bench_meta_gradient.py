@@ -579,10 +579,8 @@ def imaml_gd_phases(model, params, tasks, device, steps, lam, lr, cg_steps, cg_l
                                               cg_steps=cg_steps, hvp=H)
 
         def products():  # what the solve would cost if it were its products alone
-            v = b
-            for _ in range(n_hvp):
-                v = H.flat(v)
-            box["Hv"] = v
+            for _ in range(n_hvp):  # on b each time: no drift in magnitude over the chain
+                box["Hv"] = H.flat(b)
         # The solve and its k products alone, at the same phi, in the same round (order
         # alternating between rounds): the ratio the issue's "CG phase <= 1.1x (CG steps x HVP
         # time)" names, free of drift between measurements made apart.
@@ -619,8 +617,8 @@ def imaml_gd_phases(model, params, tasks, device, steps, lam, lr, cg_steps, cg_l
             "per_round": ratios, "median": statistics.median(ratios), "min": min(ratios),
             "max": max(ratios), "hvps": n_hvp,
             "one_hvp_median_s": out["hvps_alone"]["median_s"] / n_hvp,
-            "what": f"cg_with_hvps / hvps_alone in each round: the CG solve against its {n_hvp} "
-                    "products H.flat(v) chained alone, at the same phi, same BatchedHVP"}
+            "what": f"cg_with_hvps / hvps_alone in each round: the CG solve against {n_hvp} "
+                    "products H.flat(b) alone, at the same phi, with the same BatchedHVP"}
     if diffs:
         out["captured_max_rel_diff"] = max(diffs)
     out["task_chunk"] = {"support": tl.chunk_size(x), "query": tl.chunk_size(tasks.x_query)}
