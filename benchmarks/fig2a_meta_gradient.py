@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from common import RESULTS, fmt_table, machine_line, pick_device, write_json  # noqa: E402
 
 from imaml_ext import synthetic as syn  # noqa: E402
-from imaml_ext.algorithms import make_algorithm  # noqa: E402
+from imaml_ext.algorithms import make_algorithm, options_for  # noqa: E402
 
 STEPS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 QUICK_STEPS = (1, 4, 16, 64, 256)
@@ -80,8 +80,9 @@ def compute(steps=STEPS, *, num_tasks: int = 16, d: int = 10, n_train: int = 20,
             if name == "imaml-hf" and K > HF_MAX_STEPS:
                 errors[c].append(None)
                 continue
-            algo = make_algorithm(name, loss="half_mse", lam=lam, inner_steps=K, inner_lr=lr,
-                                  **opts)
+            # options_for: imaml-hf line-searches, so it takes no inner_lr
+            algo = make_algorithm(name, **options_for(name, loss="half_mse", lam=lam,
+                                                      inner_steps=K, inner_lr=lr, **opts))
             grads, metrics = algo.meta_gradient(model, {"weight": theta}, lt.tasks)
             errors[c].append(syn.relative_error(grads["weight"].reshape(-1), exact))
     return {"steps": list(steps), "errors": errors, "lr": lr,
