@@ -130,7 +130,8 @@ def _series(rows, algo, key):
 
 def shape_checks(rows) -> dict:
     """The expected shape: MAML's memory grows with inner steps; iMAML's (and first-order
-    MAML's) is flat within FLAT_TOL from 5 inner steps on, and iMAML-GD's flat in CG steps."""
+    MAML's) is flat within FLAT_TOL from 5 inner steps on, and iMAML-GD's from 5 CG steps on
+    (the summary gives the whole range's ratio too)."""
     checks = {}
     s = _series(rows, "maml", "inner_steps")
     if len(s) > 1:
@@ -140,7 +141,8 @@ def shape_checks(rows) -> dict:
             "peak_bytes": mem, "inner_steps": [r["inner_steps"] for r in s]}
     flat = [(a, "inner_steps") for a in ("fomaml", "imaml-gd", "imaml-hf")]
     for algo, key in flat + [("imaml-gd", "cg_steps")]:
-        s = [r for r in _series(rows, algo, key) if key == "cg_steps" or r["inner_steps"] >= 5]
+        # the issue's criterion: flat "from 5 to 100 steps", in inner and in CG steps alike
+        s = [r for r in _series(rows, algo, key) if r[key] >= 5]
         if len(s) > 1:
             mem = [r["peak_bytes"] for r in s]
             spread = max(mem) / max(min(mem), 1) - 1
