@@ -419,6 +419,9 @@ def _cg_callable(A, bflat, xflat, spec, shapes, batched, max_iter, rtol, atol, e
         x = (xflat / s.unsqueeze(1)).contiguous()
         ax = product(x)
         functional = functional or _needs_reference(ax)
+        # a system started at zero has r0 = b, as from cg_begin and in the whole-loop solvers
+        # (an operator with a NaN/Inf is then met at A p0, with ||r|| = ||b||, not NaN)
+        ax = torch.where((x == 0).all(-1, keepdim=True), torch.zeros_like(ax), ax)
         r = (b - reference.cg_affine(x, ax, shift, scale_op)).contiguous()
         p = r.clone()
         rs = (r * r).sum(-1)

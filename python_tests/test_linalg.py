@@ -211,19 +211,23 @@ def test_softmax_head_operator_dispatch_matches_callable(use_ext):
     assert fused.converged.all()
 
 
-@pytest.mark.parametrize("use_ext", BOTH)
-def test_callable_zero_start_makes_no_initial_product(use_ext):
-    # With no x0, r0 = b: a k-iteration solve calls the operator k times (one HVP fewer per
-    # iMAML solve), and gives what an explicit zero x0 (k + 1 calls) gives (to rounding: the
-    # zero start's set-up is one op, cg_begin, whose r.r sums in another order than torch's).
-    A = random_spd(3, 9)
-    b = torch.randn(3, 9, dtype=torch.float64)
+def counting_matvec(A):
+    """v -> A v for batched A, and the one-element list counting its calls."""
     calls = [0]
 
     def matvec(v):
         calls[0] += 1
         return torch.bmm(A, v.unsqueeze(-1)).squeeze(-1)
+    return matvec, calls
 
+
+@pytest.mark.parametrize("use_ext", BOTH)
+def test_callable_zero_start_makes_no_initial_product(use_ext):
+    # With no x0, r0 = b: a k-iteration solve calls the operator k times (one HVP fewer per
+    # iMAML solve), and gives what an explicit zero x0 (k + 1 calls) gives (to rounding: the
+    # zero start's set-up is one op, cg_begin, whose r.r sums in another order than torch's).
+    b = torch.randn(3, 9, dtype=torch.float64)
+    matvec, calls = counting_matvec(random_spd(3, 9))
     res = imaml_ext.cg(matvec, b, batched=True, rtol=0.0, max_iter=4, use_ext=use_ext)
     assert calls[0] == 4
     calls[0] = 0
@@ -233,6 +237,38 @@ def test_callable_zero_start_makes_no_initial_product(use_ext):
     assert torch.equal(res.iterations, ref.iterations)
     torch.testing.assert_close(res.x, ref.x, rtol=1e-12, atol=0.0)
     torch.testing.assert_close(res.residual_norm, ref.residual_norm, rtol=1e-10, atol=0.0)
+
+
+@pytest.mark.parametrize("use_ext", BOTH)
+def test_a_system_started_at_zero_meets_a_non_finite_operator_at_its_first_product(use_ext):
+    # An explicit x0 with one system at zero: that system's r0 is b, as from no x0 and in the
+    # tensor / structured solvers, so an Inf in its operator is met at A p0 (non-finite after 0
+    # iterations, ||r|| = ||b||), not at A x0 (a NaN residual norm).
+    A = random_spd(2, 6)
+    A[0, 2, 3] = float("inf")
+    b = torch.randn(2, 6, dtype=torch.float64)
+    x0 = torch.randn_like(b)
+    x0[0] = 0.0
+    for op in (A, lambda v: torch.bmm(A, v.unsqueeze(-1)).squeeze(-1)):
+        res = imaml_ext.cg(op, b, x0, batched=True, rtol=1e-12, max_iter=20, use_ext=use_ext)
+        assert res.iterations[0].item() == 0 and not res.converged[0]
+        assert res.residual_norm[0].item() == pytest.approx(b[0].norm().item(), rel=1e-12)
+        assert res.converged[1] and (res.x[0] == 0).all()
+
+
+def test_the_reference_solver_makes_max_iter_products_from_a_zero_start():
+    # the twin of the whole-loop ops: no product A x0 from x0 = 0 on the CPU (the kernels make
+    # max_iter; a twin making one more would time slower than it should)
+    from imaml_ext import reference
+    b = torch.randn(2, 6, dtype=torch.float64)
+    matvec, calls = counting_matvec(random_spd(2, 6))
+    reference._solve(matvec, b, torch.zeros_like(b), 4, 0.0, 0.0)
+    assert calls[0] == 4
+    x0 = torch.zeros_like(b)
+    x0[1, 0] = 1.0  # one system from elsewhere: the product, masked for the zero one
+    calls[0] = 0
+    reference._solve(matvec, b, x0, 4, 0.0, 0.0)
+    assert calls[0] == 5
 
 
 @pytest.mark.parametrize("use_ext", BOTH)
