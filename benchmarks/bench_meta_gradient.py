@@ -560,7 +560,7 @@ def imaml_gd_phases(model, params, tasks, device, steps, lam, lr, cg_steps, cg_l
     x, y = tasks.x_support, tasks.y_support
     times = {k: [] for k in ("inner_gd", "graph_build", "query_grad", "cg_with_hvps", "total",
                              "hvps_alone")}
-    n_hvp, ratios = cg_steps, []
+    n_hvp, ratios, iters = cg_steps, [], []
     for rep in range(max(repeats, 1) + 1):  # the first pass warms up (allocator, kernels), untimed
         box = {}
         t = {"inner_gd": time_once(lambda: box.setdefault("inner", gd(
@@ -592,6 +592,9 @@ def imaml_gd_phases(model, params, tasks, device, steps, lam, lr, cg_steps, cg_l
         if rep and n_hvp:
             times["hvps_alone"].append(t_hvps)
             ratios.append(t["cg_with_hvps"] / t_hvps)
+            # the ratio prices n_hvp products: say how many iterations the solve ran (on the
+            # CPU the loop stops once every task has stopped, which would flatter it)
+            iters.append(int(box["g"].cg.iterations.max()))
         if cuda_graph and cg_steps > 0:
             if captured is None:
                 captured = CapturedMetaGradient(tl, phi, x, y, b, lam=lam, cg_lam=cg_lam,
@@ -615,7 +618,7 @@ def imaml_gd_phases(model, params, tasks, device, steps, lam, lr, cg_steps, cg_l
     if ratios:
         out["cg_phase_ratio"] = {
             "per_round": ratios, "median": statistics.median(ratios), "min": min(ratios),
-            "max": max(ratios), "hvps": n_hvp,
+            "max": max(ratios), "hvps": n_hvp, "solve_iterations_max_per_round": iters,
             "one_hvp_median_s": out["hvps_alone"]["median_s"] / n_hvp,
             "what": f"cg_with_hvps / hvps_alone in each round: the CG solve against {n_hvp} "
                     "products H.flat(b) alone, at the same phi, with the same BatchedHVP"}

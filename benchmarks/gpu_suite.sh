@@ -170,7 +170,7 @@ elif [ "$stage" = full ]; then
   # With --cuda-graph: iMAML-GD with cuda_graph=True (the meta-gradient solve replayed as one
   # CUDA graph) and cuda_graph="step" (the whole per-task meta-gradient as one) against the
   # default, and the captured solve against its eager phases.
-  have benchmarks/bench_meta_gradient.py && step bench_meta_gradient 220 "$PY" benchmarks/bench_meta_gradient.py --device cuda --settings 5w1s,20w5s --rounds 3 --hvp-repeats 3 $compile_flag --cuda-graph --out "$OUT/meta_gradient_cuda.json"
+  have benchmarks/bench_meta_gradient.py && step bench_meta_gradient 280 "$PY" benchmarks/bench_meta_gradient.py --device cuda --settings 5w1s,20w5s --rounds 3 --hvp-repeats 3 $compile_flag --cuda-graph --out "$OUT/meta_gradient_cuda.json"
   have benchmarks/gpu_train_preset.sh && step train_preset 150 env MAX_TIME="${PRESET_MAX_TIME:-80}" bash benchmarks/gpu_train_preset.sh
   probes
   # Head-only (ANIL-style) against full adaptation, timing only, the paper's meta-batch.

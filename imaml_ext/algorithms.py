@@ -97,7 +97,8 @@ CUDA_GRAPH = (False, True, "solve", "step")
 
 def unused_options(name: str) -> tuple[str, ...]:
     """make_algorithm's options that `name` does not use: the implicit meta-gradient's (and the
-    CG tolerance) for the baselines, the Newton-CG solver's for imaml-gd."""
+    CG tolerance) for the baselines, the Newton-CG solver's for imaml-gd, the GD step size
+    (inner_lr) for imaml-hf."""
     return unused_fields(name) + (() if name in HEAD_ALGORITHMS else ("cg_rtol",))
 
 

@@ -51,6 +51,7 @@ def test_cg_phase_ratio_is_timed_in_the_same_rounds():
     assert r["per_round"] == [a / b for a, b in zip(cg, alone)]
     assert r["median"] == sorted(r["per_round"])[1]
     assert r["one_hvp_median_s"] == ph["hvps_alone"]["median_s"] / args.cg_steps
+    assert r["solve_iterations_max_per_round"] == [args.cg_steps] * 3
     assert "hvps_alone" not in ph["share_of_total"]
     line = [ln for ln in bench._meta_lines(out) if "CG phase" in ln]
     assert len(line) == 1 and f"= {r['median']:.2f}x its {args.cg_steps} products alone" \

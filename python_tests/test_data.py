@@ -134,6 +134,10 @@ def test_bad_split_arguments(tmp_path):
         with pytest.raises(SplitOptionError, match=msg) as e:
             load_omniglot(root=root, cache_dir=tmp_path / "c", **kw)
         assert e.value.option == "val_classes" and isinstance(e.value, ValueError)
+    import pickle  # it crosses process boundaries (loader workers, ranks) intact
+    back = pickle.loads(pickle.dumps(e.value))
+    assert type(back) is SplitOptionError and back.option == "val_classes"
+    assert str(back) == str(e.value)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -843,8 +843,11 @@ struct LstsqApply {
         // As the kernels: a system the mask does not mark running keeps its out (the set-up's
         // zeros where x0 = 0, so a non-finite X is met at the first iteration's product, as in
         // the kernels and the CPU solvers, not in r0). Read on the device: no host sync.
-        auto running = at::from_blob(const_cast<int32_t*>(status), {B},
-                                     X.options().dtype(at::kInt))
+        // target_device: no pointer query (cudaPointerGetAttributes) per product
+        auto running = at::for_blob(const_cast<int32_t*>(status), {B})
+                           .options(X.options().dtype(at::kInt))
+                           .target_device(X.device())
+                           .make_tensor()
                            .eq(static_cast<int32_t>(kRunning))
                            .unsqueeze(-1);
         out.copy_(at::where(running, prod, out));

@@ -67,6 +67,9 @@ class SplitOptionError(DatasetError, ValueError):
         super().__init__(message)
         self.option = option
 
+    def __reduce__(self):  # pickles (a data-loader worker, another rank) with both arguments
+        return type(self), (self.option, str(self))
+
 
 # --------------------------------------------------------------------------------------------
 # Locations
