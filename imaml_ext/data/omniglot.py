@@ -410,8 +410,11 @@ def load_omniglot(split: str = "train", root=None, protocol: str = "background",
     idx = split_class_indices(names, protocol, seed, val_classes)
     chosen = idx[split]
     if not chosen:
-        raise SplitOptionError("val_classes", f"omniglot split {split!r} is empty "
-                               f"(val_classes={val_classes}, protocol={protocol!r})")
+        msg = (f"omniglot split {split!r} is empty (val_classes={val_classes}, "
+               f"protocol={protocol!r})")
+        if split == "val":  # the one split that --val-classes alone can leave empty
+            raise SplitOptionError("val_classes", msg)
+        raise DatasetFormatError(f"{msg}: the data under {source} hold no such characters")
     full = FewShotDataset(images=images, class_names=names, name="omniglot", split=split,
                           mean=OMNIGLOT_MEAN, std=OMNIGLOT_STD, rotate=True, source=source)
     return full.subset(chosen, split)
