@@ -81,7 +81,17 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def interleaved_times(fns: dict, device, min_time=1.0, max_rounds=50) -> dict:
+# Contenders whose threads are not torch's: SciPy's cg runs OpenBLAS, whose idle threads spin
+# for 0.1-0.3 s after a call (and torch's OpenMP threads after torch's). Measured on the 2-core
+# EPYC (2026-11-28, a 32 x 500 x 2000 solve): ours 25.8 ms alone, 66-71 ms right after OpenBLAS
+# gemv calls (10-30 ms of sleep between them changed nothing, 100 ms left 39 ms, 300 ms 26.0 ms);
+# OpenBLAS's calls 2.4 ms alone, 5.5 ms right after ours. In one process, rounds would time each
+# contender partly against the other pool's spinning threads.
+OTHER_POOL = {"scipy cg (per system)": "openblas"}
+SETTLE_S = 0.3
+
+
+def interleaved_times(fns: dict, device, min_time=1.0, max_rounds=50, pools=None) -> dict:
     """Seconds per call of each fn, in rounds: every round calls each fn once, in turn, so that a
     change of load on a shared machine affects all of them alike. One warm-up call each; at least
     5 rounds, then rounds until min_time has passed (or max_rounds). Each round starts one
@@ -92,21 +102,32 @@ def interleaved_times(fns: dict, device, min_time=1.0, max_rounds=50) -> dict:
     reported 345 MHz idle), and a sub-millisecond solve timed from there would time the clocks'
     ramp. A suspect, not a finding: on an H100 (2026-11-27, before this warm call) our call
     measured 0.91 ms in these rounds against 0.10 ms for the op back to back in bench_kernels;
-    the RAW_OP row and this warm call tell the wrapper's share from the clocks' next time."""
+    the RAW_OP row and this warm call tell the wrapper's share from the clocks' next time.
+
+    On the CPU, where a call's thread pool (pools[name], default torch's) differs from the last
+    call's, the other pool's threads are given SETTLE_S to stop spinning and the fn one untimed
+    call before its timed one (OTHER_POOL)."""
+    pools = pools or {}
     for fn in fns.values():
         fn()
     sync(device)
     times = {k: [] for k in fns}
     order = list(fns.items())
+    last_pool = pools.get(order[-1][0], "torch")  # the warm-up's last call
     start = time.perf_counter()
     while (len(times[order[0][0]]) < 5
            or (time.perf_counter() - start < min_time * len(fns)
                and len(times[order[0][0]]) < max_rounds)):
         k = len(times[order[0][0]]) % len(order)
         for name, fn in order[k:] + order[:k]:
+            pool = pools.get(name, "torch")
             if device == "cuda":
                 fn()
                 sync(device)
+            elif pool != last_pool:
+                time.sleep(SETTLE_S)
+                fn()
+            last_pool = pool
             t0 = time.perf_counter()
             fn()
             sync(device)
@@ -263,10 +284,14 @@ def run(sizes, device, min_time):
         timed[PROBE] = lambda: [torch.bmm(X, v1) for _ in range(ITERS)]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            rounds = interleaved_times(timed, device, min_time=min_time)
+            rounds = interleaved_times(timed, device, min_time=min_time, pools=OTHER_POOL)
         probe = rounds.pop(PROBE)
         raw = rounds.pop(RAW_OP, None)
         row["rounds"] = len(rounds["imaml_ext"])
+        if device != "cuda":
+            row["pool_switch"] = {"settle_s": SETTLE_S, "other_pools": OTHER_POOL,
+                                  "what": "on a change of thread pool between calls: a sleep, "
+                                          "then one untimed call of the next contender"}
         row["times_s"] = {k: statistics.median(v) for k, v in rounds.items()}
         row["min_times_s"] = {k: min(v) for k, v in rounds.items()}
         # Each round times every contender once, back to back, so a load change on a shared

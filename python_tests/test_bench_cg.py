@@ -47,6 +47,25 @@ def test_rounds_rotate_the_order(bench):
     assert all(sorted(r) == ["a", "b", "c"] for r in rounds)
 
 
+def test_a_change_of_thread_pool_gets_a_settle_and_an_untimed_call(bench, monkeypatch):
+    """SciPy's OpenBLAS threads spin after a call, torch's after torch's: on a switch of pool
+    between calls the rounds sleep SETTLE_S and call the next contender once untimed, so no
+    timed call runs against the other pool's spinning threads; within a pool, nothing."""
+    calls, sleeps = [], []
+    monkeypatch.setattr(bench.time, "sleep", lambda s: sleeps.append(s))
+    fns = {k: (lambda k=k: calls.append(k)) for k in "abc"}
+    times = bench.interleaved_times(fns, "cpu", min_time=0.0, pools={"b": "openblas"})
+    assert all(len(v) == 5 for v in times.values())
+    # round orders abc bca cab abc bca after the warm-up's c: b is entered or left 10 times,
+    # and each of those calls comes twice (the untimed one, then the timed one)
+    assert sleeps == [bench.SETTLE_S] * 10
+    assert "".join(calls[3:]) == "abbcc" + "bbcca" + "cabb" + "aabbcc" + "bbcca"
+    # no pools given: torch's alone, no sleep, no extra call
+    sleeps.clear(), calls.clear()
+    bench.interleaved_times(fns, "cpu", min_time=0.0)
+    assert sleeps == [] and len(calls) == 3 + 15
+
+
 def test_bad_sizes_rejected(bench):
     with pytest.raises(SystemExit):
         bench.main(["--sizes", "2,3"])
