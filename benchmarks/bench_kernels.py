@@ -112,8 +112,17 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+# On the CPU, idle threads of the pool the last contender used spin for 0.1-0.3 s (OpenBLAS's
+# after SciPy's calls, torch's OpenMP after torch's; bench_cg.OTHER_POOL has the measurements):
+# each contender's timing starts after they have stopped.
+SETTLE_S = 0.3
+
+
 def median_s(fn, device: str, min_run_time: float) -> float:
-    """Median seconds per call after a warm-up call (blocked_autorange, all CPU threads)."""
+    """Median seconds per call after a settle (CPU) and a warm-up call (blocked_autorange, all
+    CPU threads)."""
+    if device != "cuda":
+        time.sleep(SETTLE_S)
     fn()
     sync(device)
     timer = tbench.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
