@@ -6,6 +6,7 @@
 #pragma once
 
 #include <cstdint>
+#include <initializer_list>
 
 // The clones are declared on the definitions only (simd.cpp): callers in other translation units
 // then call the plain symbol, which is the resolver-backed ifunc.
@@ -51,6 +52,19 @@ void xtxv_rows(const float* X, int64_t d, int64_t row_begin, int64_t row_end,
                           const float* v, float* acc, bool reverse = false);
 void xtxv_rows(const double* X, int64_t d, int64_t row_begin, int64_t row_end,
                           const double* v, double* acc, bool reverse = false);
+
+// The rows per block of xtxv_rows (8, 4 or 2) for rows of d elements of elem_bytes each and an
+// L1 data cache of l1_bytes: the most rows whose two blocks in flight (this one's, re-read by
+// the update, and the next one's, read for its dot products) fit in L1 beside v and acc, so that
+// the re-read comes from L1; where even two rows' do not fit, eight (the re-read comes from L2
+// whatever the block, and eight rows halve the loads of v and acc).
+inline int xtxv_block_rows(int64_t d, int64_t elem_bytes, int64_t l1_bytes) {
+  for (int r : {8, 4, 2})
+    if ((2 * r + 2) * d * elem_bytes <= l1_bytes) return r;
+  return 8;
+}
+// This processor's L1 data cache per core in bytes (sysconf; 32 KiB where it is not known).
+int64_t l1d_bytes();
 
 // ---- the softmax cross-entropy head (csrc/hvp_math.h), definitions in hvp_simd.cpp ----------
 // Rows [row_begin, row_end) of one system's features F (n, f), row-major; W, V (c, f); bias,

@@ -14,6 +14,7 @@
 
 #include "cg_math.h"
 #include "launch_math.h"
+#include "cpu/simd.h"
 
 namespace {
 
@@ -109,6 +110,32 @@ void test_errors() {
   expect(threw, "max_iter < 1 raises ValueError");
 }
 
+// The CPU least-squares product's rows per block: two where only two keep the re-read rows in
+// L1, else eight; the blocks change the speed, not the result.
+void test_xtxv_block_rows() {
+  using imaml_ext::simd::xtxv_block_rows;
+  const int64_t l1 = 48 * 1024;  // an AMD EPYC's (and recent Xeons') L1d
+  expect(xtxv_block_rows(2000, 4, l1) == 2, "d = 2000 float, 48 KB: two rows (6 x 8 KB fit)");
+  expect(xtxv_block_rows(500, 4, l1) == 8, "d = 500 float: eight rows fit (36 KB)");
+  expect(xtxv_block_rows(200, 4, l1) == 8, "d = 200: eight");
+  expect(xtxv_block_rows(1000, 4, l1) == 4, "d = 1000 float: four rows (40 KB)");
+  expect(xtxv_block_rows(4000, 4, l1) == 8, "d = 4000: none fits L1, eight (from L2 anyway)");
+  expect(xtxv_block_rows(2000, 8, l1) == 8, "d = 2000 double: none fits, eight");
+  expect(xtxv_block_rows(2000, 4, 32 * 1024) == 8, "32 KB L1: d = 2000 does not fit, eight");
+  expect(imaml_ext::simd::l1d_bytes() > 0, "an L1d size");
+  // the same product whatever the block: X^T X v of 37 rows (a tail for every R) through the
+  // public kernel against a double loop, for d whose blocks are 8, 4 and 2 on this machine's L1
+  for (int64_t d : {64, 1000, 2000, 5000}) {
+    auto X = at::randn({37, d}, at::kFloat), v = at::randn({d}, at::kFloat);
+    auto acc = at::zeros({d}, at::kFloat);
+    imaml_ext::simd::xtxv_rows(X.data_ptr<float>(), d, 0, 37, v.data_ptr<float>(),
+                               acc.data_ptr<float>());
+    auto want = at::mv(X.t().to(at::kDouble), at::mv(X.to(at::kDouble), v.to(at::kDouble)));
+    expect(at::allclose(acc.to(at::kDouble), want, 1e-4, 1e-3),
+           "xtxv_rows d=" + std::to_string(d));
+  }
+}
+
 // The persistent grid of the register-tiled least-squares kernels: one wave, evened out.
 void test_persistent_grid() {
   using imaml_ext::persistent_blocks_per_system;
@@ -142,6 +169,7 @@ void test_persistent_grid() {
 
 int main() {
   test_persistent_grid();
+  test_xtxv_block_rows();
   test_math();
   test_dense();
   test_lstsq();
