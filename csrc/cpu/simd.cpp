@@ -139,8 +139,11 @@ IMAML_INLINE void matvec_rows_impl(const T* __restrict__ A, int64_t d, int64_t r
 // 20 iterations, float32, interleaved): 1.03-1.13x at (B, n, d) = (1, 4000, 4000), (32, 500,
 // 2000) and (32, 50, 200); twelve and sixteen rows were slower (register pressure). Two rows
 // where only they keep the re-read rows in L1: on an AMD EPYC (48 KB L1d), one 500 x 2000
-// system's CG iteration 52 us against 76 us with eight (1 thread), 32 against 39 us (2
-// threads). The rows are summed in the same order whatever R: results are identical.
+// system's CG iteration 53.6 us against 76 us with eight (1 thread), 28.6 against 39.2 us (2
+// threads). R changes the rounding, not the accuracy: a reverse sweep visits the blocks last to
+// first but each block's rows first to last, so the order rows are added in depends on R (and
+// the compiler may contract each instantiation's a += t x differently); results can differ in
+// the last bits between hosts whose L1d sizes pick different R for the same d.
 template <int R, typename T>
 IMAML_INLINE void xtxv_rows_impl(const T* __restrict__ X, int64_t d, int64_t row_begin,
                                  int64_t row_end, const T* __restrict__ v, T* __restrict__ acc,
@@ -174,8 +177,11 @@ IMAML_INLINE void xtxv_rows_impl(const T* __restrict__ X, int64_t d, int64_t row
 
 int64_t l1d_bytes() {
   static const int64_t bytes = [] {
+#ifdef _SC_LEVEL1_DCACHE_SIZE  // glibc; elsewhere (macOS, musl, BSDs) the 32 KiB default
     const long v = sysconf(_SC_LEVEL1_DCACHE_SIZE);
-    return v > 0 ? static_cast<int64_t>(v) : int64_t{32768};
+    if (v > 0) return static_cast<int64_t>(v);
+#endif
+    return int64_t{32768};
   }();
   return bytes;
 }

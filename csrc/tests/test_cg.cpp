@@ -111,7 +111,7 @@ void test_errors() {
 }
 
 // The CPU least-squares product's rows per block: two where only two keep the re-read rows in
-// L1, else eight; the blocks change the speed, not the result.
+// L1, else eight; the blocks change the speed and the last bits, not the accuracy.
 void test_xtxv_block_rows() {
   using imaml_ext::simd::xtxv_block_rows;
   const int64_t l1 = 48 * 1024;  // an AMD EPYC's (and recent Xeons') L1d
@@ -123,17 +123,19 @@ void test_xtxv_block_rows() {
   expect(xtxv_block_rows(2000, 8, l1) == 8, "d = 2000 double: none fits, eight");
   expect(xtxv_block_rows(2000, 4, 32 * 1024) == 8, "32 KB L1: d = 2000 does not fit, eight");
   expect(imaml_ext::simd::l1d_bytes() > 0, "an L1d size");
-  // the same product whatever the block: X^T X v of 37 rows (a tail for every R) through the
-  // public kernel against a double loop, for d whose blocks are 8, 4 and 2 on this machine's L1
-  for (int64_t d : {64, 1000, 2000, 5000}) {
-    auto X = at::randn({37, d}, at::kFloat), v = at::randn({d}, at::kFloat);
-    auto acc = at::zeros({d}, at::kFloat);
-    imaml_ext::simd::xtxv_rows(X.data_ptr<float>(), d, 0, 37, v.data_ptr<float>(),
-                               acc.data_ptr<float>());
-    auto want = at::mv(X.t().to(at::kDouble), at::mv(X.to(at::kDouble), v.to(at::kDouble)));
-    expect(at::allclose(acc.to(at::kDouble), want, 1e-4, 1e-3),
-           "xtxv_rows d=" + std::to_string(d));
-  }
+  // the product, forward and reverse, whatever the block: X^T X v of 37 rows (a tail for every
+  // R) through the public kernel against double, for d whose blocks are 8, 4 and 2 on a 48 KB
+  // L1 (on a 32 KB one: 8, 2 and 8)
+  for (int64_t d : {64, 1000, 2000, 5000})
+    for (bool reverse : {false, true}) {
+      auto X = at::randn({37, d}, at::kFloat), v = at::randn({d}, at::kFloat);
+      auto acc = at::zeros({d}, at::kFloat);
+      imaml_ext::simd::xtxv_rows(X.data_ptr<float>(), d, 0, 37, v.data_ptr<float>(),
+                                 acc.data_ptr<float>(), reverse);
+      auto want = at::mv(X.t().to(at::kDouble), at::mv(X.to(at::kDouble), v.to(at::kDouble)));
+      expect(at::allclose(acc.to(at::kDouble), want, 1e-4, 1e-3),
+             "xtxv_rows d=" + std::to_string(d) + (reverse ? " reverse" : ""));
+    }
 }
 
 // The persistent grid of the register-tiled least-squares kernels: one wave, evened out.

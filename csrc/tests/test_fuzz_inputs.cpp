@@ -275,8 +275,8 @@ void test_cg_begin_end_affine_sizes() {
         auto fall = (st2.eq(2) & it2.eq(0)).unsqueeze(1);
         expect(at::equal(out, at::where(fall, fb, xe * s.unsqueeze(1))), tag("cg_end", dt, B, P));
         // against a correctly rounded square root (float: rounded from double's, which is
-        // exact to well past float's half ulp): ATen's vectorised float sqrt is not bit-exact on
-        // every host (it failed this test on an AMD EPYC, not on a Xeon), std::sqrt is
+        // exact to well past float's half ulp): ATen's float sqrt is not bit-exact on every host
+        // (it failed this test on an AMD EPYC, not on a Xeon), std::sqrt is
         auto want_rn = rs.abs().nan_to_num(1).to(at::kDouble).sqrt().to(dt) * s;
         expect(at::equal(rn, want_rn), tag("cg_end rnorm", dt, B, P));
         // the affine step
