@@ -10,7 +10,9 @@ reference point, not a bound: it gives the cost of ITERS bmm passes over X, agai
 iteration's cost is stated in passes and the two-bmm CG's in a speedup. A fused kernel can beat
 it, since torch.bmm computing a matrix-vector product need not run at the memory's bandwidth
 either: results/cg_cpu.json has our whole iteration at 0.87 and 0.20 such passes at the two
-smaller sizes.
+smaller sizes. A second probe, ITERS reads X.sum(), gives our iteration in reads of X and the
+fastest peer's time over ITERS reads: about the most a CG reading X once per iteration could
+beat that peer by on this host, where X overflows the caches (READ_PROBE).
 
     python benchmarks/bench_cg.py [--quick] [--device cpu|cuda] [--out benchmarks/results/cg_cpu.json]
 """
@@ -52,6 +54,12 @@ EARLY = 8  # each row records the float64 error of a run this short, to show the
 SIZES = [(32, 50, 200), (32, 500, 2000), (1, 4000, 4000)]
 QUICK_SIZES = [(32, 50, 200), (8, 500, 2000)]
 PROBE = "probe: one pass over X per product"
+# A second probe, ITERS reductions X.sum() (one read of X each, torch's reduction, which streams
+# at about the memory's read bandwidth): where X overflows the last-level cache, no CG that reads
+# X once per iteration runs much faster than it, so the fastest peer's time over this probe's is
+# about the most any one-pass CG can beat that peer by on this host (torch.sum need not reach
+# the hardware's peak, so the ceiling is an estimate, not a bound).
+READ_PROBE = "probe: one read of X (X.sum())"
 # The same solve through the op alone (imaml_ext.ops.cg_solve_lstsq, no imaml_ext.cg wrapper),
 # timed in the same rounds: what the public call adds. On an H100 (2026-11-27) the public call
 # cost about 1 ms more per solve here than bench_kernels' back-to-back timing of the op.
@@ -282,10 +290,12 @@ def run(sizes, device, min_time):
         # results/cg_cpu.json has our iteration at 0.87 and 0.20 passes at the smaller sizes).
         v1 = b.unsqueeze(-1)
         timed[PROBE] = lambda: [torch.bmm(X, v1) for _ in range(ITERS)]
+        timed[READ_PROBE] = lambda: [X.sum() for _ in range(ITERS)]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             rounds = interleaved_times(timed, device, min_time=min_time, pools=OTHER_POOL)
         probe = rounds.pop(PROBE)
+        reads = rounds.pop(READ_PROBE)
         raw = rounds.pop(RAW_OP, None)
         row["rounds"] = len(rounds["imaml_ext"])
         if device != "cuda":
@@ -298,6 +308,13 @@ def run(sizes, device, min_time):
         # machine hits all of them; the speedup is the median of the per-round ratios.
         row["speedups"] = {k: statistics.median(o / t for o, t in zip(v, rounds["imaml_ext"]))
                            for k, v in rounds.items() if k != "imaml_ext"}
+        def ratio(a, b):  # median of per-round ratios
+            return statistics.median(x / y for x, y in zip(a, b))
+
+        # None when no other contender gave a finite answer (printed as such, not a crash)
+        fastest = min(row["speedups"], key=row["speedups"].get) if row["speedups"] else None
+        row["fastest_other"] = fastest
+        row["speedup_vs_fastest_other"] = row["speedups"].get(fastest)
         row["one_pass_probe"] = {
             "what": f"{ITERS} x torch.bmm(X, v): one pass over X per product",
             "meaning": "a reference point, not a bound: imaml_ext's iteration in such passes "
@@ -305,20 +322,24 @@ def run(sizes, device, min_time):
                        "CG's time over the probe's (the speedup of a CG costing exactly one such "
                        "pass per iteration)",
             "time_s": statistics.median(probe),
-            "imaml_ext_passes_per_iteration": statistics.median(
-                t / p for t, p in zip(rounds["imaml_ext"], probe)),
-        }
+            "imaml_ext_passes_per_iteration": ratio(rounds["imaml_ext"], probe)}
+        if "torch (two bmm)" in rounds:
+            row["one_pass_probe"]["two_bmm_speedup_at_one_pass"] = ratio(
+                rounds["torch (two bmm)"], probe)
+        row["read_probe"] = {
+            "what": f"{ITERS} x X.sum(): one read of X each",
+            "meaning": "imaml_ext's iteration in reads of X (about 1 where X overflows the "
+                       "last-level cache and the loop runs at the memory's read rate), and the "
+                       "fastest other's time over the probe's: an estimate of the most a CG "
+                       "reading X once per iteration could beat it by on this host",
+            "time_s": statistics.median(reads),
+            "imaml_ext_reads_per_iteration": ratio(rounds["imaml_ext"], reads)}
+        if fastest is not None:
+            row["read_probe"]["one_read_ceiling_vs_fastest_other"] = ratio(rounds[fastest], reads)
         if raw is not None:
             row["raw_op"] = {"what": RAW_OP, "time_s": statistics.median(raw),
                              "wrapper_s": statistics.median(
                                  t - r for t, r in zip(rounds["imaml_ext"], raw))}
-        if "torch (two bmm)" in rounds:
-            row["one_pass_probe"]["two_bmm_speedup_at_one_pass"] = statistics.median(
-                o / p for o, p in zip(rounds["torch (two bmm)"], probe))
-        # None when no other contender gave a finite answer (printed as such, not a crash)
-        fastest = min(row["speedups"], key=row["speedups"].get) if row["speedups"] else None
-        row["fastest_other"] = fastest
-        row["speedup_vs_fastest_other"] = row["speedups"].get(fastest)
         rows.append(row)
         print_row(row)
     return rows
@@ -343,14 +364,19 @@ def print_row(row):
     else:
         print(f"  -> imaml_ext is {row['speedup_vs_fastest_other']:.2f}x faster than the fastest "
               f"other ({row['fastest_other']})")
-    probe = row.get("one_pass_probe")
-    if probe:
-        line = (f"  probe: {probe['what']}: {probe['time_s'] * 1e3:.2f} ms; imaml_ext's iteration"
-                f" costs {probe['imaml_ext_passes_per_iteration']:.2f} such passes")
-        if "two_bmm_speedup_at_one_pass" in probe:
-            line += (f"; a CG at exactly one such pass per iteration would be "
-                     f"{probe['two_bmm_speedup_at_one_pass']:.2f}x the two-bmm CG")
-        print(line)
+    for key, unit, cost, at_one, what in (
+            ("one_pass_probe", "passes", "imaml_ext_passes_per_iteration",
+             "two_bmm_speedup_at_one_pass", "pass per iteration would be {:.2f}x the two-bmm CG"),
+            ("read_probe", "reads", "imaml_ext_reads_per_iteration",
+             "one_read_ceiling_vs_fastest_other",
+             "read per iteration would be {:.2f}x the fastest other")):
+        probe = row.get(key)
+        if probe:
+            line = (f"  probe: {probe['what']}: {probe['time_s'] * 1e3:.2f} ms; imaml_ext's "
+                    f"iteration costs {probe[cost]:.2f} such {unit}")
+            if at_one in probe:
+                line += "; a CG at exactly one such " + what.format(probe[at_one])
+            print(line)
     raw = row.get("raw_op")
     if raw:
         print(f"  {raw['what']}: {raw['time_s'] * 1e3:.3f} ms; the wrapper adds "

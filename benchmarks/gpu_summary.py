@@ -19,6 +19,9 @@ def lines_for(name: str, data: dict):
             probe = r.get("one_pass_probe", {})
             extra = (f"; {probe['imaml_ext_passes_per_iteration']:.2f} X-passes per iteration"
                      if "imaml_ext_passes_per_iteration" in probe else "")
+            reads = r.get("read_probe", {})
+            if "imaml_ext_reads_per_iteration" in reads:
+                extra += f", {reads['imaml_ext_reads_per_iteration']:.2f} X.sum() reads"
             if "raw_op" in r:
                 extra += (f"; the op alone {r['raw_op']['time_s'] * 1e3:.3f} ms (cg() wrapper "
                           f"{r['raw_op']['wrapper_s'] * 1e3:+.3f} ms)")

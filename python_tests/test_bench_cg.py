@@ -1,7 +1,8 @@
 """benchmarks/bench_cg.py on a tiny size: every contender that runs agrees with the float64
 reference of the same iterations (to a bar that a run cut short fails), the speedups are the
 per-round ratios, and the one-pass probe (ITERS bmm passes over X: a reference point for our
-iteration's cost, not a bound) is measured in the same rounds."""
+iteration's cost, not a bound) and the read probe (ITERS reads of X) are measured in the same
+rounds."""
 from __future__ import annotations
 
 import json
@@ -31,10 +32,15 @@ def test_rows_and_probe(bench, capsys):
     assert probe["time_s"] > 0
     assert probe["imaml_ext_passes_per_iteration"] > 0
     assert probe["two_bmm_speedup_at_one_pass"] > 0
+    assert bench.READ_PROBE not in timed and bench.READ_PROBE not in row["speedups"]
+    reads = row["read_probe"]
+    assert reads["time_s"] > 0 and reads["imaml_ext_reads_per_iteration"] > 0
+    assert reads["one_read_ceiling_vs_fastest_other"] > 0
     assert bench.RAW_OP not in timed and bench.RAW_OP not in row["speedups"]
     assert row["raw_op"]["time_s"] > 0 and "wrapper_s" in row["raw_op"]
     out = capsys.readouterr().out
     assert "probe:" in out and "two-bmm CG" in out and "the wrapper adds" in out
+    assert "such reads" in out and "the fastest other" in out
 
 
 def test_rounds_rotate_the_order(bench):
