@@ -90,6 +90,9 @@ def use_ext_for(use_ext: bool | None, *tensors: torch.Tensor) -> bool:
     None picks the compiled kernel when it is loaded and has a kernel for the tensors' device;
     True insists (an error says why it cannot); False forces the reference.
     """
+    if use_ext is not None and not isinstance(use_ext, bool):
+        # `is False` below would take 0 or "no" for True
+        raise ValueError(f"use_ext must be None, True or False, got {use_ext!r}")
     if use_ext is False:
         return False
     device_ok = all(t.device.type == "cpu" or (t.device.type == "cuda" and build_info()["cuda"])

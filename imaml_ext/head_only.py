@@ -354,7 +354,7 @@ def head_implicit_solve(F_, W, bias, rhs, *, lam: float, cg_steps: int = 5,
         (u (M, c*(f+1)), CGResult); a system that meets negative curvature before any step keeps
         rhs (as in imaml_ext.implicit).
     """
-    cg_lam = _check_matrix_args(lam, cg_steps, damping, cg_lam)
+    cg_lam = _check_matrix_args(lam, cg_steps, damping, cg_lam, rtol, atol)
     b = rhs.detach()
     M, c, f = W.shape
     if b.shape != (M, c * (f + 1)):

@@ -27,9 +27,11 @@ from typing import Callable, Mapping
 import torch
 from torch.utils import _pytree as pytree
 
+from imaml_ext import reference
 from imaml_ext.hvp import HVP_KINDS, BatchedHVP, ParamSpec, Params, TaskLoss, make_hvp
 from imaml_ext.linalg import (CGResult, LstsqOperator, ShiftedOperator, _capture_graph, _cg,
-                              breakdown_counts, cg, check_flag, finite_number)
+                              breakdown_counts, cg, check_flag, check_leaves, finite_number,
+                              not_converged)
 
 
 # ---- iMAML's meta-gradient -------------------------------------------------------------------
@@ -50,7 +52,10 @@ class ImplicitGradient:
     cg: CGResult
 
 
-def _check_matrix_args(lam, cg_steps, damping, cg_lam):
+def _check_matrix_args(lam, cg_steps, damping, cg_lam, rtol=0.0, atol=0.0):
+    for name, v in (("rtol", rtol), ("atol", atol)):  # checked even when cg_steps=0 runs no CG
+        if not (finite_number(v) and v >= 0):
+            raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
     if not (finite_number(lam) and lam > 0):
         raise ValueError(f"lam must be a finite number > 0, got {lam!r}")
     if isinstance(cg_steps, bool) or not isinstance(cg_steps, int) or cg_steps < 0:
@@ -64,9 +69,43 @@ def _check_matrix_args(lam, cg_steps, damping, cg_lam):
 
 
 def _no_solve(b: torch.Tensor) -> CGResult:
+    """cg_steps=0: g = b, 0 iterations, status 0; a row of b with NaN/Inf is status 3 (as a
+    solve would flag it), computed on b's device (no host read)."""
     M = b.shape[0]
     z = torch.zeros(M, dtype=torch.int32, device=b.device)
-    return CGResult(b, z, b.new_zeros(M), z.clone())
+    finite = torch.isfinite(b).all(dim=1) if b.shape[1] else torch.ones_like(z, dtype=torch.bool)
+    status = torch.where(finite, 0, reference.NONFINITE).to(torch.int32)
+    return CGResult(b, z, b.new_zeros(M), status)
+
+
+def _check_meta_inputs(phi, x_train, y_train, rhs) -> None:
+    """implicit_meta_gradient's tensors, named, before anything runs on them."""
+    if not isinstance(phi, Mapping) or not phi:
+        raise ValueError(f"phi must be a non-empty dict of (M, ...) parameter tensors, got "
+                         f"{phi!r:.80}")
+    p0 = next(iter(phi.values()))
+    for k, t in phi.items():
+        if not isinstance(t, torch.Tensor) or t.dtype not in (torch.float32, torch.float64) or \
+                t.dim() == 0:
+            got = (f"{t.dtype} {tuple(t.shape)}" if isinstance(t, torch.Tensor)
+                   else type(t).__name__)
+            raise ValueError(f"phi[{k!r}] must be a float32/float64 tensor (M, ...), got {got}")
+        if t.dtype != p0.dtype or t.device != p0.device or t.shape[0] != p0.shape[0]:
+            raise ValueError(f"phi's tensors must share dtype, device and M: phi[{k!r}] is "
+                             f"{t.dtype} {tuple(t.shape)} on {t.device}, the first "
+                             f"{p0.dtype} {tuple(p0.shape)} on {p0.device}")
+    M = p0.shape[0]
+    for name, t in (("x_train", x_train), ("y_train", y_train)):
+        if not isinstance(t, torch.Tensor) or t.dim() == 0 or t.shape[0] != M:
+            got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"{name} must be a tensor (M, N, ...) with phi's M = {M}, got {got}")
+        if t.device != p0.device:
+            raise ValueError(f"{name} must be on phi's device {p0.device}, got {t.device}")
+    if x_train.is_floating_point() and x_train.dtype != p0.dtype:
+        raise ValueError(f"x_train must have phi's dtype {p0.dtype}, got {x_train.dtype}")
+    if not isinstance(rhs, (torch.Tensor, Mapping)):
+        raise ValueError(f"rhs must be an (M, P) tensor or a dict like phi, got "
+                         f"{type(rhs).__name__}")
 
 
 def implicit_meta_gradient(task_loss: TaskLoss, phi: Mapping[str, torch.Tensor],
@@ -99,7 +138,8 @@ def implicit_meta_gradient(task_loss: TaskLoss, phi: Mapping[str, torch.Tensor],
         ImplicitGradient. A task whose CG meets negative curvature keeps its last good iterate
         (or rhs when there is none) and is flagged status 2; one that meets NaN/Inf is status 3.
     """
-    cg_lam = _check_matrix_args(lam, cg_steps, damping, cg_lam)
+    cg_lam = _check_matrix_args(lam, cg_steps, damping, cg_lam, rtol, atol)
+    _check_meta_inputs(phi, x_train, y_train, rhs)
     spec = ParamSpec.of(phi)
     b = rhs if isinstance(rhs, torch.Tensor) else spec.flatten(rhs, "rhs")
     b = b.detach()
@@ -162,7 +202,7 @@ class CapturedMetaGradient:
                  cg_steps: int = 5, damping: float = 0.0, cg_lam: float | None = None,
                  hvp: str = "exact", rtol: float = 1e-10, atol: float = 0.0,
                  use_ext: bool | None = None, warmup: int = 2):
-        _check_matrix_args(lam, cg_steps, damping, cg_lam)
+        _check_matrix_args(lam, cg_steps, damping, cg_lam, rtol, atol)
         if cg_steps < 1:
             raise ValueError("cg_steps must be >= 1 for a captured solve (0 is no solve), got 0")
         if not isinstance(hvp, str) or hvp not in HVP_KINDS:
@@ -306,10 +346,20 @@ def implicit_meta_gradient_lstsq(X: torch.Tensor, rhs: torch.Tensor, *, lam: flo
     Returns:
         (g (M, d), CGResult).
     """
-    cg_lam = _check_matrix_args(lam, cg_steps, damping, cg_lam)
+    cg_lam = _check_matrix_args(lam, cg_steps, damping, cg_lam, rtol, atol)
+    for name, t in (("X", X), ("rhs", rhs)):
+        if not isinstance(t, torch.Tensor) or t.dtype not in (torch.float32, torch.float64):
+            got = t.dtype if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"{name} must be a float32/float64 tensor, got {got}")
     if X.dim() != 3 or rhs.shape != (X.shape[0], X.shape[2]):
         raise ValueError(f"X must be (M, n, d) and rhs (M, d); got X {tuple(X.shape)}, rhs "
                          f"{tuple(rhs.shape)}")
+    if X.shape[1] == 0:
+        raise ValueError("X must hold at least one sample per task (n >= 1): H = X^T X / n, "
+                         f"got X {tuple(X.shape)}")
+    if rhs.dtype != X.dtype or rhs.device != X.device:
+        raise ValueError(f"rhs must have X's dtype and device ({X.dtype}, {X.device}), got "
+                         f"({rhs.dtype}, {rhs.device})")
     b = rhs.detach()
     if cg_steps == 0:
         return b, _no_solve(b)
@@ -356,20 +406,26 @@ class _RootFn(torch.autograd.Function):
             ga, res = _adjoint_grads(cfg, need, z, a, v)
         if cfg["diagnostics"] is not None:
             cfg["diagnostics"]["cg"] = res
-        _report_breakdown(res, ga, cfg["check"], cfg["solver"])
+        _report_breakdown(res, ga, cfg)
         return (None,) + (None,) * n + tuple(ga)
 
 
-def _report_breakdown(res: CGResult, grads, check: bool | None, solver: str) -> None:
+def _report_breakdown(res: CGResult, grads, cfg) -> None:
     """A RuntimeWarning when the backward's solve broke down in some system (negative
-    curvature, non-finite values) or the gradient it gives is not finite, so that a zero or NaN
-    gradient does not pass unremarked.
+    curvature, non-finite values), ran out of iterations short of the tolerance, or the gradient
+    it gives is not finite, so that a zero, approximate or NaN gradient does not pass unremarked.
     check None: where it costs nothing, i.e. on the CPU (on a GPU the read would synchronise
     with the host every backward: check=True asks for it, diagnostics gives the statuses)."""
-    counts = breakdown_counts(res, check)
+    solver = cfg["solver"]
+    counts = breakdown_counts(res, cfg["check"])
     if counts is None:
         return
-    neg, bad, total = counts
+    neg, bad, stopped, total = counts
+    if stopped:
+        warnings.warn(f"implicit_root: the backward's CG did not converge in {stopped} of "
+                      f"{total} system(s), so their gradients are approximate: "
+                      f"{not_converged(res, stopped, cfg['rtol'], cfg['atol'])}",
+                      RuntimeWarning, stacklevel=3)
     if neg:
         fix = ("solver='normal_cg' takes any invertible dF/dz" if solver == "cg" else
                "J J^T lost definiteness to rounding: dF/dz is singular or nearly so there")
@@ -575,7 +631,8 @@ def implicit_root(optimality_fn: Callable, solution, *args, solver: str = "cg",
         diagnostics: a dict that receives "cg" (the backward solve's CGResult).
         check: warn (RuntimeWarning) when the backward's CG breaks down in some system:
             negative curvature (its gradient is then from the iterate before it, zero if none)
-            or non-finite values. None (default): on the CPU only, where reading the statuses
+            or non-finite values, or stops at max_iter short of rtol / atol (its gradient is
+            then approximate). None (default): on the CPU only, where reading the statuses
             is free; True: on a GPU too (one host read per backward); False: never (read
             diagnostics instead).
         cuda_graph: on a GPU, run each backward pass (optimality_fn's forward at z*, the
@@ -597,7 +654,9 @@ def implicit_root(optimality_fn: Callable, solution, *args, solver: str = "cg",
 
     Raises:
         ValueError for a bad solver, max_iter, rtol, atol, batched, use_ext, check or
-        cuda_graph, at the call (not at the first backward).
+        cuda_graph, or a solution the backward's CG cannot take (leaves of mixed dtypes or
+        devices, not float32/float64, or with batched=True without a common leading batch
+        size), at the call (not at the first backward).
     """
     if solver not in ("cg", "normal_cg"):
         raise ValueError(f"solver must be 'cg' or 'normal_cg', got {solver!r}")
@@ -622,6 +681,8 @@ def implicit_root(optimality_fn: Callable, solution, *args, solver: str = "cg",
     if not sol_leaves or not all(isinstance(t, torch.Tensor) and t.is_floating_point()
                                  for t in sol_leaves):
         raise ValueError("solution must be a floating-point tensor or a pytree of them")
+    # what the backward's solve will ask of its right-hand side (the solution's structure)
+    check_leaves(sol_leaves, batched, "solution", caller="implicit_root")
     if cuda_graph and sol_leaves[0].device.type not in _CAPTURE_DEVICES:
         raise ValueError(f"cuda_graph=True captures the backward as a CUDA graph: it needs a "
                          f"solution on a CUDA device, got {sol_leaves[0].device}")

@@ -142,30 +142,41 @@ def _fail(msg: str):
     raise ValueError(f"cg: {msg}")
 
 
+def check_leaves(leaves, batched: bool, what: str, caller: str = "cg") -> None:
+    """The leaves of a right-hand side or solution: tensors, float32/float64, one dtype and
+    device, and with batched=True a common leading batch size; else a ValueError from `caller`
+    naming `what`."""
+    def fail(msg):
+        raise ValueError(f"{caller}: {msg}")
+    if not leaves:
+        fail(f"{what} has no tensors")
+    for i, leaf in enumerate(leaves):
+        if not isinstance(leaf, torch.Tensor):
+            fail(f"{what} leaf {i} must be a tensor, got {type(leaf).__name__}")
+        if not leaf.is_floating_point() or leaf.dtype not in (torch.float32, torch.float64):
+            fail(f"{what} leaf {i} must be float32 or float64, got {leaf.dtype}")
+        if leaf.dtype != leaves[0].dtype or leaf.device != leaves[0].device:
+            fail(f"{what} leaves must share dtype and device: leaf 0 is {leaves[0].dtype} on "
+                 f"{leaves[0].device}, leaf {i} is {leaf.dtype} on {leaf.device}")
+    if batched:
+        if any(leaf.dim() == 0 for leaf in leaves):
+            fail(f"batched=True needs a leading batch dimension on every leaf of {what}")
+        B = leaves[0].shape[0]
+        for i, leaf in enumerate(leaves):
+            if leaf.shape[0] != B:
+                fail(f"batched=True: every leaf of {what} must have the batch size {B} of leaf "
+                     f"0, leaf {i} has {leaf.shape[0]}")
+
+
 def _flatten(tree, batched: bool, what: str, copy: bool = True):
     """Leaves of a pytree -> one contiguous (B, P) buffer, with what is needed to undo it.
 
     copy=False: a single batched leaf comes back as a view of itself where it is contiguous (no
     copy), for what the caller only reads: b, x0 and an operator's output A(v)."""
     leaves, spec = pytree.tree_flatten(tree)
-    if not leaves:
-        _fail(f"{what} has no tensors")
-    for i, leaf in enumerate(leaves):
-        if not isinstance(leaf, torch.Tensor):
-            _fail(f"{what} leaf {i} must be a tensor, got {type(leaf).__name__}")
-        if not leaf.is_floating_point() or leaf.dtype not in (torch.float32, torch.float64):
-            _fail(f"{what} leaf {i} must be float32 or float64, got {leaf.dtype}")
-        if leaf.dtype != leaves[0].dtype or leaf.device != leaves[0].device:
-            _fail(f"{what} leaves must share dtype and device: leaf 0 is {leaves[0].dtype} on "
-                  f"{leaves[0].device}, leaf {i} is {leaf.dtype} on {leaf.device}")
+    check_leaves(leaves, batched, what)
     if batched:
-        if any(leaf.dim() == 0 for leaf in leaves):
-            _fail(f"batched=True needs a leading batch dimension on every leaf of {what}")
         B = leaves[0].shape[0]
-        for i, leaf in enumerate(leaves):
-            if leaf.shape[0] != B:
-                _fail(f"batched=True: every leaf of {what} must have the batch size {B} of leaf "
-                      f"0, leaf {i} has {leaf.shape[0]}")
         shapes = [leaf.shape[1:] for leaf in leaves]
         if len(leaves) == 1 and not copy:
             flat = leaves[0].reshape(B, math.prod(shapes[0])).contiguous()
@@ -249,6 +260,9 @@ def _cg(A, b, x0=None, *, max_iter: int | None = None, rtol: float = 1e-5, atol:
     for name, v in (("rtol", rtol), ("atol", atol)):
         if not (finite_number(v) and v >= 0):
             _fail(f"{name} must be a finite number >= 0, got {v!r}")
+    for name, v in (("batched", batched), ("cuda_graph", cuda_graph)):
+        if not isinstance(v, bool):
+            _fail(f"{name} must be True or False, got {v!r}")
     bflat, spec, shapes = _flatten(b, batched, "b", copy=False)
     B, P = bflat.shape
     if fallback is not None and (fallback.shape != bflat.shape or fallback.dtype != bflat.dtype
@@ -539,15 +553,28 @@ def check_flag(check) -> bool | None:
     return check
 
 
-def breakdown_counts(res: CGResult, check: bool | None) -> tuple[int, int, int] | None:
-    """(systems that met negative curvature, systems with non-finite values, all systems) of a
-    solve, for a caller that warns about them; None when `check` says not to look: False, or
-    None on a device other than the CPU (the read would synchronise with the host)."""
+def breakdown_counts(res: CGResult, check: bool | None) -> tuple[int, int, int, int] | None:
+    """(systems that met negative curvature, systems with non-finite values, systems that
+    stopped at max_iter short of the tolerance, all systems) of a solve, for a caller that warns
+    about them; None when `check` says not to look: False, or None on a device other than the
+    CPU (the read would synchronise with the host)."""
     st = res.status
     if check is False or (check is None and st.device.type != "cpu"):
         return None
     return (int((st == reference.NEGATIVE_CURVATURE).sum()),
-            int((st == reference.NONFINITE).sum()), st.numel())
+            int((st == reference.NONFINITE).sum()), int((st == reference.RUNNING).sum()),
+            st.numel())
+
+
+def not_converged(res: CGResult, stopped: int, rtol: float, atol: float) -> str:
+    """The words of a warning about `stopped` systems that ran out of iterations (host reads:
+    for a warning already decided on)."""
+    mask = res.status == reference.RUNNING
+    worst = float(torch.where(mask, res.residual_norm, 0).max())
+    return (f"no convergence in {stopped}: stopped after max_iter = "
+            f"{int(res.iterations.max())} iterations with residual norm up to {worst:.3g} "
+            f"(rtol={rtol:g}, atol={atol:g}; raise max_iter, or check=False where a truncated "
+            f"solve is meant)")
 
 
 _SOLVE_CG_KEYS = ("max_iter", "rtol", "atol", "batched", "use_ext", "cuda_graph")
@@ -562,9 +589,11 @@ def solve_cg(**kwargs) -> Callable:
     (max_iter, rtol, atol, batched, use_ext, cuda_graph). Any other keyword is a ValueError
     here, not at the first solve (torchopt's preconditioner M is not supported). It returns x
     alone, so a system that met negative curvature (matvec not positive definite: x is the
-    iterate before it) or NaN/Inf warns (RuntimeWarning); check=None (default) looks on the
-    CPU only, where it is free, check=True on a GPU too (one host read per solve), check=False
-    never.
+    iterate before it) or NaN/Inf warns (RuntimeWarning), and so does one that stopped at
+    max_iter short of the tolerance (x is then CG's approximation after max_iter iterations:
+    raise max_iter, or pass check=False where a truncated solve is meant); check=None (default)
+    looks on the CPU only, where it is free, check=True on a GPU too (one host read per solve),
+    check=False never.
     """
     if "maxiter" in kwargs:
         if "max_iter" in kwargs:
@@ -588,12 +617,14 @@ def solve_cg(**kwargs) -> Callable:
             matvec = ShiftedOperator(matvec, float(ridge), 1.0)
         res = cg(matvec, b, x0, **kwargs)
         counts = breakdown_counts(res, check)
-        if counts is not None and (counts[0] or counts[1]):
-            neg, bad, total = counts
+        if counts is not None and any(counts[:3]):
+            neg, bad, stopped, total = counts
             what = "; ".join(m for m in (
                 f"negative curvature in {neg} (matvec is not positive definite there; x is the "
                 f"iterate before it)" if neg else "",
-                f"non-finite values in {bad}" if bad else "") if m)
+                f"non-finite values in {bad}" if bad else "",
+                not_converged(res, stopped, kwargs.get("rtol", 1e-5), kwargs.get("atol", 0.0))
+                if stopped else "") if m)
             warnings.warn(f"solve_cg: of {total} system(s), {what}", RuntimeWarning,
                           stacklevel=2)
         return res.x

@@ -11,6 +11,7 @@ its second-order form) carry autograd.
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 from torch.nn.modules.utils import _pair
@@ -60,7 +61,9 @@ def check_solve(op, b, x0, max_iter, rtol, atol):
     _check_like(op, "x0", x0, "b", b)
     if x0.shape != b.shape:
         _fail(op, f"x0 must be {tuple(b.shape)} like b, got {tuple(x0.shape)}")
-    if int(max_iter) < 1:
+    if isinstance(max_iter, bool) or not isinstance(max_iter, numbers.Integral):
+        _fail(op, f"max_iter must be an int, got {max_iter!r}")  # int() took 2.5 as 2
+    if max_iter < 1:
         _fail(op, f"max_iter must be >= 1, got {max_iter}")
     _check_tols(op, rtol, atol)
 
@@ -105,6 +108,12 @@ def check_step(op, x, r, p, Ap, rs, bnorm2, status, iters, rtol, atol):
             _fail(op, f"{name} must be int32, got {t.dtype}")
         if t.shape != x.shape[:1]:
             _fail(op, f"{name} must be ({x.shape[0]},), got {tuple(t.shape)}")
+    # updated in place: the kernels write through their memory, the reference through views
+    for name, t in (("x", x), ("r", r), ("p", p), ("rs", rs), ("status", status),
+                    ("iters", iters)):
+        if not t.is_contiguous():
+            _fail(op, f"{name} is written in place and must be contiguous (the compiled op's "
+                      f"words), got strides {t.stride()}")
     _check_tols(op, rtol, atol)
 
 

@@ -381,6 +381,13 @@ def test_bad_arguments(use_ext, call, match):
         call(X, b, use_ext)
 
 
+def test_reference_refuses_a_fractional_max_iter():
+    # int(2.5) ran 2 iterations; the compiled op's schema refuses a float (RuntimeError)
+    X, b = lstsq_problem(2, 4, 6, torch.float64, "cpu")
+    with pytest.raises(ValueError, match="cg_solve_lstsq: max_iter must be an int, got 2.5"):
+        ops.cg_solve_lstsq(X, b, torch.zeros_like(b), 1.0, 1.0, 2.5, 1e-6, 0.0, use_ext=False)
+
+
 @needs_ext
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 def test_cuda_float_atomics_honour_deterministic_mode():

@@ -118,6 +118,10 @@ def test_opcheck(device):
     ("rs", lambda s: s["rs"][:-1], r"rs must be \(3,\)"),
     ("status", lambda s: s["status"].long(), r"status must be int32"),
     ("Ap", lambda s: s["Ap"].float(), r"Ap must have dtype"),
+    # written in place: the reference took a non-contiguous x or an expanded status silently
+    ("x", lambda s: s["x"].t().contiguous().t(), r"x is written in place and must be contiguous"),
+    ("status", lambda s: s["status"][:1].expand(3),
+     r"status is written in place and must be contiguous"),
 ])
 def test_bad_arguments_name_the_argument(use_ext, field, bad, match):
     s = make_state(3, 5, torch.float64, "cpu")

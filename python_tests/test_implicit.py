@@ -161,6 +161,51 @@ def test_bad_arguments():
     # a float32 rhs for float64 phi: named rhs (it was "cg_step: Ap must have dtype Double")
     with pytest.raises(ValueError, match=r"rhs must have phi's dtype and device \(torch.float64"):
         implicit_meta_gradient(tl, phi, t.x_support, t.y_support, b.float(), lam=1.0)
+    # a dict rhs whose leaf has phi's size but not its shape was flattened into the wrong
+    # coordinates without a word (a transposed weight gradient, say)
+    w = phi["weight"]
+    with pytest.raises(ValueError, match=r"rhs\['weight'\] must be \(M, 1, 10\) with M = 4.*"
+                                         r"got \(4, 10, 1\)"):
+        implicit_meta_gradient(tl, phi, t.x_support, t.y_support,
+                               {"weight": torch.randn_like(w).transpose(1, 2)}, lam=1.0)
+    # named, not a deep RuntimeError / StopIteration / AttributeError
+    for args, msg in (((phi, t.x_support.float(), t.y_support, b), "x_train must have phi's dtype"),
+                      (({}, t.x_support, t.y_support, b), "phi must be a non-empty dict"),
+                      ((phi, t.x_support[:2], t.y_support, b), "x_train must be a tensor .* M = 4"),
+                      ((phi, t.x_support, t.y_support, b.tolist()), r"rhs must be an \(M, P\) "
+                                                                    "tensor or a dict")):
+        with pytest.raises(ValueError, match=msg):
+            implicit_meta_gradient(tl, *args, lam=1.0)
+    # the tolerances are checked even when cg_steps=0 runs no CG
+    with pytest.raises(ValueError, match="rtol must be a finite number >= 0"):
+        implicit_meta_gradient(tl, phi, t.x_support, t.y_support, b, lam=1.0, cg_steps=0,
+                               rtol=-1.0)
+
+
+def test_no_solve_flags_a_non_finite_rhs():
+    # cg_steps=0 returns rhs; a row with NaN was status 0 ("max_iter"), where a solve says 3
+    lt, model, phi, b = linear_setup()
+    t = lt.tasks
+    tl = TaskLoss(model, "half_mse")
+    b[1, 3] = float("nan")
+    for steps in (0, 3):
+        out = implicit_meta_gradient(tl, phi, t.x_support, t.y_support, b, lam=1.0,
+                                     cg_steps=steps)
+        assert out.cg.status.tolist()[1] == 3 and out.cg.status.tolist()[0] != 3, steps
+    X = t.x_support
+    g, res = implicit_meta_gradient_lstsq(X, b, lam=1.0, cg_steps=0)
+    assert res.status.tolist() == [0, 3, 0, 0] and g is not None
+
+
+def test_lstsq_bad_arguments():
+    lt, model, phi, b = linear_setup()
+    X = lt.tasks.x_support
+    for args, msg in (((X[:, :0], b), r"at least one sample per task \(n >= 1\)"),
+                      ((X, b.float()), r"rhs must have X's dtype and device \(torch.float64"),
+                      ((X.long(), b.long()), "X must be a float32/float64 tensor"),
+                      ((X, b.tolist()), "rhs must be a float32/float64 tensor, got list")):
+        with pytest.raises(ValueError, match=msg):
+            implicit_meta_gradient_lstsq(*args, lam=1.0)
 
 
 # ---- implicit_root: the README's ridge-regression example -----------------------------------------
@@ -301,6 +346,34 @@ def test_implicit_root_reports_a_broken_down_backward(recwarn):
         implicit_root(good, w_star, lam, check="yes")
 
 
+def test_implicit_root_reports_a_backward_that_did_not_converge():
+    """A backward CG that runs out of iterations short of rtol gives an approximate gradient:
+    on the CPU it warns with the residual and the way out (here 2 iterations on a 6-dimensional
+    ill-conditioned system: the gradient is far off); enough iterations, or check=False, and
+    it is silent."""
+    import warnings as _w
+    g = torch.Generator().manual_seed(0)
+    Q, _ = torch.linalg.qr(torch.randn(6, 6, generator=g, dtype=DT))
+    A = Q @ torch.diag(torch.logspace(0, 3, 6, dtype=DT)) @ Q.T
+    bvec = torch.randn(6, generator=g, dtype=DT)
+    z = torch.linalg.solve(A, bvec)
+    a = torch.tensor(1.0, dtype=DT, requires_grad=True)
+
+    def grad(**kw):
+        return torch.autograd.grad(implicit_root(lambda z, a: A @ z - a * bvec, z, a,
+                                                 **kw).sum(), a)[0]
+
+    exact = z.sum()
+    with pytest.warns(RuntimeWarning, match=r"did not converge in 1 of 1 system\(s\).*stopped "
+                                            r"after max_iter = 2 iterations.*raise max_iter"):
+        rough = grad(max_iter=2)
+    assert not torch.allclose(rough, exact, rtol=1e-2)  # what the warning is for
+    with _w.catch_warnings():
+        _w.simplefilter("error")
+        grad(max_iter=2, check=False)
+        torch.testing.assert_close(grad(rtol=1e-12), exact)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 def test_cuda_implicit_root_checks_only_when_asked():
     """On a GPU the statuses are read (a host synchronisation) only with check=True."""
@@ -341,6 +414,16 @@ def test_implicit_root_bad_arguments():
                                                         "a CUDA device, got cpu")):
         with pytest.raises(ValueError, match=msg):
             implicit_root(lambda w, a: 2 * w - a, z, a, **kw)
+    # a solution the backward's CG cannot take is refused at the call too (it was accepted, and
+    # the first backward raised)
+    for sol, kw, msg in (
+            ((z, torch.tensor(1.0, dtype=DT)), dict(batched=True),
+             "implicit_root: batched=True needs a leading batch dimension on every leaf of "
+             "solution"),
+            ((z, z[:2]), dict(batched=True), "every leaf of solution must have the batch size 3"),
+            ((z, z.float()), {}, "solution leaves must share dtype and device")):
+        with pytest.raises(ValueError, match=msg):
+            implicit_root(lambda w, a: w, sol, a, **kw)
 
 
 def test_implicit_root_warns_that_create_graph_gives_first_order_gradients():

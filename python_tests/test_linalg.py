@@ -140,6 +140,38 @@ def test_torchopt_style_drop_in_warns_on_a_breakdown(recwarn):
         solve_cg(check=1)
 
 
+def test_torchopt_style_drop_in_warns_when_it_stops_short():
+    """A solve that ran out of iterations short of the tolerance returns CG's approximation:
+    x alone says nothing, so it warns with the residual (check=False for a truncation that is
+    meant); cg() itself reports it in the status (0) and stays silent."""
+    import warnings as _w
+    g = torch.Generator().manual_seed(0)
+    Q, _ = torch.linalg.qr(torch.randn(8, 8, generator=g, dtype=torch.float64))
+    A = Q @ torch.diag(torch.logspace(0, 4, 8, dtype=torch.float64)) @ Q.T
+    b = torch.randn(8, generator=g, dtype=torch.float64)
+    with pytest.warns(RuntimeWarning, match=r"solve_cg: of 1 system\(s\), no convergence in 1: "
+                                            r"stopped after max_iter = 3 iterations with residual "
+                                            r"norm up to \S+ \(rtol=1e-05"):
+        solve_cg(maxiter=3)(lambda v: A @ v, b)
+    with _w.catch_warnings():
+        _w.simplefilter("error")
+        solve_cg(maxiter=3, check=False)(lambda v: A @ v, b)
+        assert int(imaml_ext.cg(lambda v: A @ v, b, max_iter=3).status) == 0
+        solve_cg(maxiter=100, rtol=1e-10)(lambda v: A @ v, b)
+
+
+def test_flags_are_bools_not_truthy_values():
+    # use_ext=0 or "no" resolved to True (`is False` only), batched="yes" was taken as True
+    A = random_spd(1, 4)[0]
+    b = torch.randn(4, dtype=torch.float64)
+    for kw, msg in ((dict(use_ext=0), "use_ext must be None, True or False, got 0"),
+                    (dict(use_ext="no"), "use_ext must be None, True or False"),
+                    (dict(batched="yes"), "cg: batched must be True or False"),
+                    (dict(cuda_graph=1), "cg: cuda_graph must be True or False")):
+        with pytest.raises(ValueError, match=msg):
+            imaml_ext.cg(A, b, **kw)
+
+
 def test_scipy_drop_in():
     scipy = pytest.importorskip("scipy.sparse.linalg")
     A = random_spd(1, 10)[0]
