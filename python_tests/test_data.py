@@ -375,12 +375,22 @@ def test_data_root_resolution(tmp_path, monkeypatch):
 
 def test_not_found_message(tmp_path):
     with pytest.raises(DatasetNotFoundError) as e:
-        load_omniglot("train", root=tmp_path / "nothing", allow_embedded=False)
+        load_omniglot("train", root=tmp_path / "nothing", allow_embedded=False, download=True)
     msg = str(e.value)
     assert isinstance(e.value, FileNotFoundError) and isinstance(e.value, DatasetError)
     for needle in ("images_background.zip", str(tmp_path / "nothing" / "omniglot"), "IMAML_DATA",
-                   "--data-root", "network disabled in tests"):
+                   "--data-root", "download_omniglot(", "network disabled in tests"):
         assert needle in msg
+
+
+def test_nothing_is_downloaded_unless_asked(tmp_path, monkeypatch):
+    # download=True was the default: a mistyped root got a fresh ~14 MB copy (with a network)
+    calls = []
+    monkeypatch.setattr(omniglot_mod, "download_omniglot", lambda *a, **k: calls.append(a))
+    with pytest.raises(DatasetNotFoundError) as e:
+        load_omniglot("train", root=tmp_path / "typo", allow_embedded=False)
+    assert calls == [] and not (tmp_path / "typo").exists()
+    assert "Automatic download failed" not in str(e.value)
 
 
 def test_download_used_when_nothing_found(tmp_path, monkeypatch):
@@ -391,7 +401,8 @@ def test_download_used_when_nothing_found(tmp_path, monkeypatch):
         for s in sets:
             write_zip(Path(dest) / f"{s}.zip", omniglot_members(s))
     monkeypatch.setattr(omniglot_mod, "download_omniglot", fake_download)
-    ds = load_omniglot("test", root=tmp_path, cache_dir=tmp_path / "c", allow_embedded=False)
+    ds = load_omniglot("test", root=tmp_path, cache_dir=tmp_path / "c", allow_embedded=False,
+                       download=True)
     assert calls == [(tmp_path / "omniglot", ("images_evaluation",))]
     assert ds.num_classes == N_EV
 

@@ -19,10 +19,12 @@ Splits (all seeded by ONE ``seed``, so train, val and test are disjoint by const
   * ``protocol="paper"``: all 1,623 characters pooled and permuted with ``seed``; the first 1,200
     are the training pool (val = its first ``val_classes``, train = the rest), the other 423 test.
 
-If no Omniglot is found, the two zips are downloaded from the brendenlake/omniglot repository
-(short timeout); if that fails too, the small subset shipped in ``imaml_ext/data/embedded`` is
-used (``allow_embedded=True``, with a warning), else :class:`DatasetNotFoundError` says what to put
-where.
+Nothing is downloaded unless asked: if no Omniglot is found, ``download=True`` (or
+:func:`download_omniglot`) fetches the two zips from the brendenlake/omniglot repository (short
+timeout); otherwise, or if that fails too, the small subset shipped in ``imaml_ext/data/embedded``
+is used (``allow_embedded=True``, with a warning), else :class:`DatasetNotFoundError` says what to
+put where. The trainer and the CLI never download (a mistyped data root must not fill up with a
+fresh copy).
 """
 from __future__ import annotations
 
@@ -265,7 +267,9 @@ def _not_found_message(root: Path, root_origin: str, needed: list[str], reason: 
     lines.append(
         f"Fix: put {' and '.join(s + '.zip' for s in needed)} (from "
         f"https://github.com/brendenlake/omniglot, folder python/) into {root / 'omniglot'}/, or "
-        f"point IMAML_DATA (or --data-root) at the folder that holds them.")
+        f"point IMAML_DATA (or --data-root) at the folder that holds them; or, with a "
+        f"network, fetch them with imaml_ext.data.omniglot.download_omniglot("
+        f"'{root / 'omniglot'}').")
     if reason:
         lines.append(f"Automatic download failed: {reason}")
     return "\n".join(lines)
@@ -279,13 +283,13 @@ def _root_origin(root) -> str:
     return "the default user data dir; set IMAML_DATA or --data-root to change it"
 
 
-def resolve_omniglot(root=None, needed=SETS, download: bool = True,
+def resolve_omniglot(root=None, needed=SETS, download: bool = False,
                      allow_embedded: bool = True) -> dict[str, OmniglotSource] | str:
     """Finds Omniglot: the sources of the ``needed`` sets, or ``"embedded"``.
 
     Order: the data root's layouts; a download into ``<root>/omniglot/`` when nothing is found
-    (``download=True``); the shipped subset when no Omniglot set at all is found and the download
-    failed (``allow_embedded=True``, logged as a warning).
+    and ``download=True`` (off by default); the shipped subset when no Omniglot set at all is
+    found (``allow_embedded=True``, logged as a warning).
 
     Raises:
         DatasetNotFoundError: with the files to put where.
@@ -306,8 +310,6 @@ def resolve_omniglot(root=None, needed=SETS, download: bool = True,
             missing = [s for s in needed if s not in found]
             if not missing:
                 return found
-    else:
-        reason = "download=False"
     message = _not_found_message(data_root, _root_origin(root), missing, reason)
     if allow_embedded and not found:
         logger.warning("imaml_ext: %s\nUSING THE SMALL OMNIGLOT SUBSET SHIPPED WITH THE PACKAGE "
@@ -354,7 +356,7 @@ def split_class_indices(class_names: list[str], protocol: str, seed: int,
 
 def load_omniglot(split: str = "train", root=None, protocol: str = "background", seed: int = 0,
                   val_classes: int | None = None, allow_embedded: bool = True,
-                  download: bool = True, cache_dir=None, image_size: int = IMAGE_SIZE,
+                  download: bool = False, cache_dir=None, image_size: int = IMAGE_SIZE,
                   decode_workers: int | None = None) -> FewShotDataset:
     """One split of Omniglot as a :class:`FewShotDataset` of uint8 (C, 20, 1, 28, 28) images.
 
@@ -367,7 +369,8 @@ def load_omniglot(split: str = "train", root=None, protocol: str = "background",
         val_classes: training characters moved to the val split (default 100; 20 for the
             embedded subset; 0 for none).
         allow_embedded: fall back to the shipped subset when no Omniglot is found.
-        download: try the official zips when no Omniglot is found.
+        download: fetch the official zips into ``<root>/omniglot/`` when no Omniglot is found
+            (default False: nothing goes over the network unless asked).
         cache_dir: where the decoded cache goes (default: beside the data, else ``IMAML_CACHE``).
         image_size: side of the resized images.
         decode_workers: processes decoding the PNGs on a cache miss (default: all CPUs).
