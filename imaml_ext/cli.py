@@ -25,7 +25,8 @@ import sys
 from pathlib import Path
 
 from imaml_ext.config import (ADAPT, ALGORITHM_NAMES, DTYPES, HVP_KINDS, LOG_FORMATS, META_OPTS,
-                              PROTOCOLS, PROXIMAL, TrainConfig, UsageError, unused_fields)
+                              PROTOCOLS, PROXIMAL, TrainConfig, UsageError,
+                              run_unused_fields)
 
 
 def _bool_or_none(s: str):
@@ -103,7 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--meta-opt", choices=META_OPTS,
                    help="adam (default; Reptile's direction fed to Adam) or sgd")
     g.add_argument("--max-bad-steps", type=int,
-                   help="abort after this many consecutive non-finite meta-gradients (10)")
+                   help="abort after this many consecutive non-finite meta-gradients (10; "
+                   "judged at each logged step)")
     g.add_argument("--seed", type=int)
     g.add_argument("--max-time", type=float, help="stop (with a checkpoint) before a step that "
                    "would end past this many seconds of training (judged by the last step's "
@@ -147,7 +149,8 @@ def _config_from_args(ns: argparse.Namespace) -> tuple[TrainConfig, str | None]:
     state = ck.load_latest(resume)
     saved = dict(state["config"])
     saved["out"] = None  # the checkpoint's own run directory, unless --out is given
-    for k in unused_fields(given.get("algo", saved.get("algo"))):
+    saved.pop("quiet", None)  # how this session prints, not the run's: --quiet is not sticky
+    for k in run_unused_fields(given.get("algo", saved.get("algo"))):
         saved.pop(k, None)  # values a baseline never used (runs saved before resolve refused them)
     return TrainConfig.from_dict({**saved, **given}), state["path"]
 

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -171,6 +172,9 @@ IDENTITY_FIELDS = ("dataset", "ways", "shots", "queries", "algo", "loss", "lam",
 # Fields of the implicit meta-gradient (and of iMAML-HF's inner Newton-CG): a baseline refuses
 # values other than their defaults (resolve) and ignores them in a checkpoint it resumes.
 IMPLICIT_FIELDS = ("hvp", "cg_steps", "cg_damping", "cg_lam", "hf_cg_steps")
+# What a baseline (MAML, first-order MAML, Reptile: plain GD inner loops) does not use: those,
+# and the proximal strength lam of the iMAML inner objective.
+BASELINE_UNUSED = IMPLICIT_FIELDS + ("lam",)
 # Identity fields added after checkpoints were first written: the value an older checkpoint,
 # which lacks the field, was trained with.
 IDENTITY_DEFAULTS = {"adapt": "all"}
@@ -182,9 +186,11 @@ _FIELD_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
 def _positive(name: str, v, allow_zero: bool = False) -> None:
     if v is None:
         return
-    if isinstance(v, bool) or (v < 0 if allow_zero else v <= 0):
-        raise UsageError(f"--{name.replace('_', '-')} must be {'>= 0' if allow_zero else '> 0'}, "
-                         f"got {v}")
+    # not v > 0 rather than v <= 0: NaN compares False both ways (--meta-lr nan trained and
+    # checkpointed NaN parameters)
+    if isinstance(v, bool) or not math.isfinite(v) or not (v >= 0 if allow_zero else v > 0):
+        raise UsageError(f"--{name.replace('_', '-')} must be a finite number "
+                         f"{'>= 0' if allow_zero else '> 0'}, got {v}")
 
 
 def resolve(cfg: TrainConfig) -> TrainConfig:
@@ -227,14 +233,14 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
         # options of the implicit meta-gradient (and of iMAML-HF's inner solver), which the
         # baselines would silently ignore; their defaults pass (a resumed run's saved config
         # holds them filled in)
-        default = {**_FIELD_DEFAULTS, "cg_steps": d["cg_steps"]}
-        ignored = [f"--{n.replace('_', '-')} {getattr(out, n)}" for n in IMPLICIT_FIELDS
+        default = {**_FIELD_DEFAULTS, "cg_steps": d["cg_steps"], "lam": d["lam"]}
+        ignored = [f"--{n.replace('_', '-')} {getattr(out, n)}" for n in BASELINE_UNUSED
                    if getattr(out, n) != default[n]]
         if ignored:
             raise UsageError(f"{', '.join(ignored)}: "
                              f"{'these options set' if len(ignored) > 1 else 'this option sets'} "
-                             f"the implicit meta-gradient of imaml-gd / imaml-hf, which --algo "
-                             f"{out.algo} does not compute")
+                             f"the proximal inner objective or the implicit meta-gradient of "
+                             f"imaml-gd / imaml-hf, which --algo {out.algo} does not use")
     elif out.algo == "imaml-hf" and out.inner_lr != d["inner_lr"]:
         raise UsageError(f"--inner-lr sets the GD inner loop's step size; --algo imaml-hf runs "
                          f"Newton-CG with a line search and takes none, got --inner-lr "
@@ -276,11 +282,18 @@ def unused_fields(algo: str) -> tuple[str, ...]:
     return IMPLICIT_FIELDS
 
 
+def run_unused_fields(algo: str) -> tuple[str, ...]:
+    """unused_fields, plus lam for the baselines: a training run (TrainConfig, the CLI) has no
+    regularized baseline, whose GD inner loop alone would use lam (make_algorithm's
+    regularized=True)."""
+    return BASELINE_UNUSED if algo not in HEAD_ALGORITHMS else unused_fields(algo)
+
+
 def identity_mismatch(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """Human-readable ``field: checkpoint X, requested Y`` for every differing identity field
     (fields the algorithm does not use excepted)."""
     diffs = []
-    skip = unused_fields(current.get("algo", saved.get("algo")))
+    skip = run_unused_fields(current.get("algo", saved.get("algo")))
     for k in IDENTITY_FIELDS:
         if k in skip:
             continue
@@ -301,4 +314,4 @@ def field_names() -> list[str]:
 
 __all__ = ["ALGORITHM_NAMES", "DATASET_NAMES", "IDENTITY_FIELDS", "IMPLICIT_FIELDS", "TrainConfig",
            "UsageError", "canonical_dataset", "field_names", "identity_mismatch", "paper_defaults",
-           "resolve", "unused_fields"]
+           "resolve", "run_unused_fields", "unused_fields"]

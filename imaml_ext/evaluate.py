@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -53,15 +54,32 @@ def confidence_interval(values) -> tuple[float, float]:
     return float(v.mean()), float(1.96 * v.std() / math.sqrt(v.size))
 
 
+def _progress_line(split, accs, num_tasks, t0, t_shown, every_s) -> float:
+    """Prints one progress line when every_s has passed since the last (and the evaluation is
+    not done); returns the time of the last line shown."""
+    now = time.perf_counter()
+    done = min(sum(a.numel() for a in accs), num_tasks)
+    if now - t_shown < every_s or done >= num_tasks:
+        return t_shown
+    acc = torch.cat(accs)[:done]
+    acc = torch.where(torch.isfinite(acc), acc, torch.zeros_like(acc))
+    el = now - t0
+    print(f"eval {split}: {done}/{num_tasks} tasks, accuracy so far {100 * float(acc.mean()):.2f}%, "
+          f"{el:.0f} s elapsed, ~{el * (num_tasks - done) / done:.0f} s to go", file=sys.stderr,
+          flush=True)
+    return now
+
+
 def evaluate_tasks(algorithm, model: torch.nn.Module, params: dict[str, torch.Tensor], sampler,
                    num_tasks: int, dtype: torch.dtype | None = None, split: str = "test",
-                   start_step: int = 0) -> EvalResult:
+                   start_step: int = 0, progress_every_s: float | None = None) -> EvalResult:
     """Adapts to and scores ``num_tasks`` tasks drawn by ``sampler`` (its meta-batch at a time).
 
     Batches ``start_step, start_step + 1, ...`` of the sampler are used, so a given sampler seed
     always evaluates on the same tasks (with ``per_task_seed=True``, as evaluate_checkpoint and
     the trainer's validation build it, whatever the meta-batch). Per-task accuracies are read to
-    the host once per meta-batch.
+    the host once per meta-batch. progress_every_s: print a progress line to stderr (tasks done,
+    accuracy so far, elapsed and remaining time) at most this often; None: silent.
     """
     if num_tasks <= 0:
         raise ValueError(f"num_tasks must be > 0, got {num_tasks}")
@@ -69,6 +87,7 @@ def evaluate_tasks(algorithm, model: torch.nn.Module, params: dict[str, torch.Te
     num_batches = -(-num_tasks // m)
     accs, losses = [], []
     t0 = time.perf_counter()
+    t_shown = t0
     for batch in sampler.iter_batches(start_step, num_batches):
         batch = batch.to(dtype=dtype) if dtype is not None else batch
         # No torch.no_grad(): adaptation differentiates the inner loss (the algorithm manages
@@ -76,6 +95,8 @@ def evaluate_tasks(algorithm, model: torch.nn.Module, params: dict[str, torch.Te
         loss, acc = algorithm.evaluate(model, params, batch)
         losses.append(loss.detach().double().cpu())
         accs.append(acc.detach().double().cpu())
+        if progress_every_s is not None:
+            t_shown = _progress_line(split, accs, num_tasks, t0, t_shown, progress_every_s)
     acc = torch.cat(accs)[:num_tasks]
     loss = torch.cat(losses)[:num_tasks]
     finite = torch.isfinite(loss) & torch.isfinite(acc)
@@ -92,8 +113,10 @@ def evaluate_checkpoint(checkpoint: str | Path, tasks: int = 600, split: str = "
                         meta_batch: int | None = None, seed: int | None = None,
                         device: str | None = None, data_root: str | None = None,
                         num_workers: int = 0, overrides: dict[str, Any] | None = None,
+                        progress_every_s: float | None = 10.0,
                         ) -> tuple[EvalResult, dict[str, Any]]:
     """Loads a checkpoint (file or run directory) and evaluates it on ``tasks`` tasks of ``split``.
+    A progress line goes to stderr every ``progress_every_s`` seconds (None: none).
 
     Returns the result and a description dict (checkpoint path, step, config).
     """
@@ -119,7 +142,8 @@ def evaluate_checkpoint(checkpoint: str | Path, tasks: int = 600, split: str = "
                               seed=cfg.seed if seed is None else seed, num_workers=num_workers,
                               per_task_seed=True)
     try:
-        res = evaluate_tasks(algorithm, model, params, sampler, tasks, dtype=dtype, split=split)
+        res = evaluate_tasks(algorithm, model, params, sampler, tasks, dtype=dtype, split=split,
+                             progress_every_s=progress_every_s)
     finally:
         sampler.close()
     info = {"checkpoint": state["path"], "step": int(state["step"]), "config": cfg.to_dict(),

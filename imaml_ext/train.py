@@ -14,7 +14,9 @@ stops at the same step; that one scalar is read every step there.
 NaN policy: tasks the algorithm flags (``task_ok`` False) are left out of its meta-gradient and
 counted (``skipped_tasks``); a meta-gradient that is non-finite anyway (or has no finite task)
 skips the meta-optimizer step entirely (``bad_steps``; Adam's moments and step count untouched);
-``--max-bad-steps`` consecutive bad steps abort the run with :class:`TrainingDivergedError`.
+``--max-bad-steps`` consecutive bad steps abort the run with :class:`TrainingDivergedError`
+(checked when the counters are read, at each logged step: a run of bad steps can exceed it by up
+to ``--log-every`` - 1 steps, which changed nothing since a bad step takes no optimizer step).
 
 Multi-process: ``torchrun --nproc_per_node=N -m imaml_ext.train ...``. Every rank draws the same
 meta-batch and keeps its shard (``TaskBatch.shard(rank, world)``); the per-rank meta-gradients,
@@ -312,8 +314,21 @@ class MetricsLog:
         self.fmt = fmt
         self.path = run_dir / f"metrics.{fmt}"
         if truncate_at is not None and self.path.exists():
-            with open(self.path, "r+b") as f:
-                f.truncate(truncate_at)
+            size = self.path.stat().st_size
+            if size >= truncate_at:
+                with open(self.path, "r+b") as f:
+                    f.truncate(truncate_at)
+            else:
+                # Shorter than the checkpoint's position (rows lost in a crash before they
+                # reached the disk, or another run's log): truncate() would pad it with NUL
+                # bytes. Keep the complete rows it has and say what is missing.
+                with open(self.path, "r+b") as f:
+                    data = f.read()
+                    f.truncate(data.rfind(b"\n") + 1)
+                log.warning("imaml_ext: %s is %d bytes, shorter than the %d the checkpoint "
+                            "recorded: the rows of the last steps before the checkpoint are "
+                            "missing from it (resuming after its last complete row)", self.path,
+                            size, truncate_at)
         new = not self.path.exists() or self.path.stat().st_size == 0
         self.f = open(self.path, "a", encoding="utf-8", newline="")
         if new and fmt == "csv":
@@ -344,7 +359,10 @@ class MetricsLog:
                     self.tb.add_scalar(f"{row['kind']}/{k}", v, row["step"])
 
     def position(self) -> int:
+        """The offset after the last row, once the rows are on disk (fsync: the checkpoint that
+        records it is fsynced too, so a crash cannot leave the log shorter than its position)."""
         self.f.flush()
+        os.fsync(self.f.fileno())
         return self.f.tell()
 
     def close(self) -> None:
@@ -569,7 +587,8 @@ class Trainer:
                 "resumed_from": self.state["path"] if self.state else None,
                 "start_step": self.step, "train_data": self.train_data.source,
                 "train_classes": self.train_data.num_classes})
-        self.last_checkpoint: Path | None = None
+        # the newest checkpoint on disk: the one resumed from until this run writes its own
+        self.last_checkpoint: Path | None = Path(self.state["path"]) if self.state else None
         self._warned_curvature = False
 
     def _load_val(self):
@@ -625,7 +644,8 @@ class Trainer:
         if self.val_sampler is None:
             return None
         res = evaluate_tasks(self.algorithm, self.model, self.params, self.val_sampler,
-                             self.cfg.val_tasks, dtype=self.dtype, split="val")
+                             self.cfg.val_tasks, dtype=self.dtype, split="val",
+                             progress_every_s=None if self.cfg.quiet else 30.0)
         return {"kind": "val", "step": self.step, "val_loss": res.loss, "val_acc": res.accuracy,
                 "val_ci95": res.ci95}
 
@@ -727,7 +747,8 @@ class Trainer:
             raise TrainingDivergedError(
                 f"{b[2]} consecutive meta-steps had a non-finite meta-gradient (or no finite "
                 f"task) up to step {self.step}; aborting (--max-bad-steps "
-                f"{self.cfg.max_bad_steps}). Lower --meta-lr / --inner-lr or raise --lam; the "
+                f"{self.cfg.max_bad_steps}, checked at each logged step: the bad steps left the "
+                f"parameters unchanged). Lower --meta-lr / --inner-lr or raise --lam; the "
                 f"last checkpoint is {self.last_checkpoint}")
         if not self.info.is_main:
             return None

@@ -77,9 +77,9 @@ def test_config_mismatch_names_the_fields(tmp_path):
     t = make_trainer(tmp_path, steps=2, ckpt_every=2)
     t.run()
     with pytest.raises(ck.ConfigMismatchError) as info:
-        make_trainer(tmp_path, steps=4, resume=tmp_path / "run", algo="maml", lam=0.5)
+        make_trainer(tmp_path, steps=4, resume=tmp_path / "run", algo="imaml-gd", lam=0.5)
     msg = str(info.value)
-    assert "algo: checkpoint 'fomaml', requested 'maml'" in msg
+    assert "algo: checkpoint 'fomaml', requested 'imaml-gd'" in msg
     assert "lam: checkpoint 2.0, requested 0.5" in msg
     with pytest.raises(ck.ConfigMismatchError, match="ways"):
         make_trainer(tmp_path, steps=4, resume=tmp_path / "run", ways=4)

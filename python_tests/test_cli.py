@@ -57,7 +57,20 @@ def test_shots_plus_queries_larger_than_images(capsys, omniglot_root, tmp_path):
 
 def test_bad_values_and_unknown_options(capsys, tmp_path):
     code, _, err = run_cli(capsys, "train", "--lam", "-1", "--out", str(tmp_path / "r"))
-    assert_clean_error(code, err, "--lam must be > 0")
+    assert_clean_error(code, err, "--lam must be a finite number > 0")
+    # NaN passed `v <= 0` (--meta-lr nan trained and checkpointed NaN parameters, --lam nan
+    # crashed with a traceback and exit 1, the code of a diverged run); inf likewise
+    for opt, v, what in (("--meta-lr", "nan", "> 0"), ("--lam", "nan", "> 0"),
+                         ("--inner-lr", "inf", "> 0"), ("--cg-damping", "nan", ">= 0"),
+                         ("--cg-lam", "nan", "> 0")):
+        code, _, err = run_cli(capsys, "train", opt, v, "--out", str(tmp_path / "r"))
+        assert_clean_error(code, err, f"{opt} must be a finite number {what}, got {v}")
+    # a baseline does not use lam: refused like the implicit meta-gradient's options (it was
+    # printed, saved and part of the run's identity, and changed nothing)
+    code, _, err = run_cli(capsys, "train", "--algo", "maml", "--lam", "1000", "--out",
+                           str(tmp_path / "r"))
+    assert_clean_error(code, err, "--lam 1000.0", "the proximal inner objective",
+                       "--algo maml does not use")
     code, _, err = run_cli(capsys, "train", "--algo", "imaml-hf", "--proximal", "authors",
                            "--out", str(tmp_path / "r"))
     assert_clean_error(code, err, "--proximal authors", "is for --algo imaml-gd",
@@ -135,18 +148,22 @@ def test_a_baseline_saved_with_unused_implicit_options_still_resumes(tmp_path):
     run = tmp_path / "run"
     state = ck.load_latest(run)
     state.pop("path")
-    state["config"].update(hvp="ggn", cg_steps=1, cg_lam=12.0, hf_cg_steps=3)
+    state["config"].update(hvp="ggn", cg_steps=1, cg_lam=12.0, hf_cg_steps=3, lam=1000.0)
     ck.save_checkpoint(run, state)
     cfg, _ = cli._config_from_args(cli.build_parser().parse_args(["train", "--resume",
                                                                   str(run)]))
     cfg = resolve(cfg)
     assert (cfg.algo, cfg.hvp, cfg.cg_steps, cfg.cg_lam) == ("fomaml", "exact", 5, None)
+    assert cfg.lam == 2.0  # the paper default: a baseline never used it
     ck.check_compatible(ck.load_latest(run), cfg.to_dict())
     saved = dict(state["config"], algo="imaml-gd")
     assert "cg_steps: checkpoint 1, requested 5" in " ".join(
         identity_mismatch(saved, dict(cfg.to_dict(), algo="imaml-gd")))
     assert not [d for d in identity_mismatch(saved, dict(cfg.to_dict(), algo="imaml-gd",
-                                                         hvp="ggn", cg_steps=1, cg_lam=12.0))]
+                                                         hvp="ggn", cg_steps=1, cg_lam=12.0,
+                                                         lam=1000.0))]
+    assert "lam: checkpoint 1000.0, requested 2.0" in " ".join(  # lam is iMAML's identity
+        identity_mismatch(saved, dict(cfg.to_dict(), algo="imaml-gd")))
 
 
 def test_cudnn_benchmark_flag(capsys, tmp_path):
@@ -275,6 +292,15 @@ def test_gpu_only_options_can_be_switched_off_on_resume(capsys):
     cfg, _ = cli._config_from_args(ns)
     assert (cfg.cudnn_benchmark, cfg.compile_hvp, cfg.cuda_graph) == (True, True, "solve")
     assert "cudnn_benchmark" not in vars(p.parse_args(["train"]))  # unset: the saved value
+
+
+def test_quiet_is_not_carried_over_by_a_resume(tmp_path):
+    # --quiet was saved with the run and, a store_true with no negation, could not be undone
+    make_trainer(tmp_path, steps=2, ckpt_every=2).run()  # tiny_config: quiet=True
+    run = str(tmp_path / "run")
+    parse = cli.build_parser().parse_args
+    assert cli._config_from_args(parse(["train", "--resume", run]))[0].quiet is False
+    assert cli._config_from_args(parse(["train", "--resume", run, "--quiet"]))[0].quiet is True
 
 
 def test_resume_keeps_the_log_format(capsys, tmp_path):

@@ -406,6 +406,50 @@ def test_consecutive_bad_steps_survive_a_resume(tmp_path):
         t2.run()
 
 
+def test_an_abort_right_after_a_resume_names_the_checkpoint_it_resumed_from(tmp_path):
+    # "the last checkpoint is None" though the run had one (it had not written its own yet)
+    algo = QueryGradient(bad_calls=set(range(100)))
+    make_trainer(tmp_path, algorithm=algo, steps=2, max_bad_steps=3, ckpt_every=2).run()
+    t2 = make_trainer(tmp_path, algorithm=QueryGradient(bad_calls=set(range(100))), steps=6,
+                      max_bad_steps=3, ckpt_every=0, resume=str(tmp_path / "run"))
+    with pytest.raises(tr.TrainingDivergedError, match=r"checked at each logged step.*the last "
+                                                       r"checkpoint is .*ckpt_00000002\.pt"):
+        t2.run()
+
+
+def test_a_resume_never_pads_a_short_log_with_nul_bytes(tmp_path, caplog):
+    # The log was only flushed, not fsynced, while its checkpoint was: after a power loss the
+    # saved position could lie past the log's end, and truncate() extended it with NUL bytes
+    # (read_metrics then failed on the row). Now: the complete rows kept, a warning, no NUL.
+    make_trainer(tmp_path, steps=4, ckpt_every=4).run()
+    log_path = tmp_path / "run" / "metrics.csv"
+    data = log_path.read_bytes()
+    log_path.write_bytes(data[:-40])  # the last row's tail never reached the disk
+    with caplog.at_level(logging.WARNING, logger="imaml_ext"):
+        r = make_trainer(tmp_path, steps=6, resume=str(tmp_path / "run"))
+    assert "shorter than the" in caplog.text
+    r.run()
+    data = log_path.read_bytes()
+    assert b"\0" not in data
+    steps = [row["step"] for row in tr.read_metrics(tmp_path / "run")]
+    assert steps == [1, 2, 3, 5, 6]  # step 4's row was the one cut
+
+
+def test_validation_prints_progress_unless_quiet(tmp_path, capsys, monkeypatch):
+    from imaml_ext import evaluate as ev
+    loud = make_trainer(tmp_path, steps=1, quiet=False, val_tasks=6, val_every=1)
+    quiet = make_trainer(tmp_path / "q", steps=1, quiet=True, val_tasks=6, val_every=1)
+    clock = iter(range(0, 10_000, 40))  # each reading 40 s after the last
+    monkeypatch.setattr(ev.time, "perf_counter", lambda: float(next(clock)))
+    assert loud.validate() is not None
+    quiet.validate()
+    monkeypatch.undo()
+    err = capsys.readouterr().err
+    # meta-batch 2: lines after 2 and 4 tasks, none at the end (the result says it)
+    assert err.count("eval val: ") == 2, err
+    assert "eval val: 2/6 tasks, accuracy so far" in err and "s to go" in err
+
+
 def test_max_time_does_not_start_a_step_that_would_end_past_it(tmp_path, monkeypatch):
     # a step started after the limit had nearly passed: 1 s steps, --max-time 2.5 ended at 3.9 s
     clock = [0.0]
