@@ -12,7 +12,7 @@ it, since torch.bmm computing a matrix-vector product need not run at the memory
 either: results/cg_cpu.json has our whole iteration at 0.87 and 0.20 such passes at the two
 smaller sizes. A second probe, ITERS reads X.sum(), gives our iteration in reads of X and the
 fastest peer's time over ITERS reads: about the most a CG reading X once per iteration could
-beat that peer by on this host, where X overflows the caches (READ_PROBE).
+beat that peer by on this host, where X overflows the caches (READ_PROBE; at B = 1 only).
 
     python benchmarks/bench_cg.py [--quick] [--device cpu|cuda] [--out benchmarks/results/cg_cpu.json]
 """
@@ -58,7 +58,9 @@ PROBE = "probe: one pass over X per product"
 # at about the memory's read bandwidth): where X overflows the last-level cache, no CG that reads
 # X once per iteration runs much faster than it, so the fastest peer's time over this probe's is
 # about the most any one-pass CG can beat that peer by on this host (torch.sum need not reach
-# the hardware's peak, so the ceiling is an estimate, not a bound).
+# the hardware's peak, so the ceiling is an estimate, not a bound). Timed at B = 1 only: with
+# several systems the solver reads each system ITERS times before the next (so a system that fits
+# in cache is read from cache), which ITERS reads of the whole batch are not comparable with.
 READ_PROBE = "probe: one read of X (X.sum())"
 # The same solve through the op alone (imaml_ext.ops.cg_solve_lstsq, no imaml_ext.cg wrapper),
 # timed in the same rounds: what the public call adds. On an H100 (2026-11-27) the public call
@@ -290,12 +292,13 @@ def run(sizes, device, min_time):
         # results/cg_cpu.json has our iteration at 0.87 and 0.20 passes at the smaller sizes).
         v1 = b.unsqueeze(-1)
         timed[PROBE] = lambda: [torch.bmm(X, v1) for _ in range(ITERS)]
-        timed[READ_PROBE] = lambda: [X.sum() for _ in range(ITERS)]
+        if B == 1:  # see READ_PROBE
+            timed[READ_PROBE] = lambda: [X.sum() for _ in range(ITERS)]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             rounds = interleaved_times(timed, device, min_time=min_time, pools=OTHER_POOL)
         probe = rounds.pop(PROBE)
-        reads = rounds.pop(READ_PROBE)
+        reads = rounds.pop(READ_PROBE, None)
         raw = rounds.pop(RAW_OP, None)
         row["rounds"] = len(rounds["imaml_ext"])
         if device != "cuda":
@@ -326,16 +329,18 @@ def run(sizes, device, min_time):
         if "torch (two bmm)" in rounds:
             row["one_pass_probe"]["two_bmm_speedup_at_one_pass"] = ratio(
                 rounds["torch (two bmm)"], probe)
-        row["read_probe"] = {
-            "what": f"{ITERS} x X.sum(): one read of X each",
-            "meaning": "imaml_ext's iteration in reads of X (about 1 where X overflows the "
-                       "last-level cache and the loop runs at the memory's read rate), and the "
-                       "fastest other's time over the probe's: an estimate of the most a CG "
-                       "reading X once per iteration could beat it by on this host",
-            "time_s": statistics.median(reads),
-            "imaml_ext_reads_per_iteration": ratio(rounds["imaml_ext"], reads)}
-        if fastest is not None:
-            row["read_probe"]["one_read_ceiling_vs_fastest_other"] = ratio(rounds[fastest], reads)
+        if reads is not None:  # one system: the probe reads X in the solver's order
+            row["read_probe"] = {
+                "what": f"{ITERS} x X.sum(): one read of X each",
+                "meaning": "imaml_ext's iteration in reads of X (about 1 where X overflows the "
+                           "last-level cache and the loop runs at the memory's read rate), and "
+                           "the fastest other's time over the probe's: an estimate of the most a "
+                           "CG reading X once per iteration could beat it by on this host",
+                "time_s": statistics.median(reads),
+                "imaml_ext_reads_per_iteration": ratio(rounds["imaml_ext"], reads)}
+            if fastest is not None:
+                row["read_probe"]["one_read_ceiling_vs_fastest_other"] = ratio(rounds[fastest],
+                                                                               reads)
         if raw is not None:
             row["raw_op"] = {"what": RAW_OP, "time_s": statistics.median(raw),
                              "wrapper_s": statistics.median(
