@@ -41,6 +41,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from imaml_ext._atomic import atomic_write
+
 ALGORITHM_NAMES = ("imaml-gd", "imaml-hf", "maml", "fomaml", "reptile")
 DATASET_NAMES = ("omniglot", "miniimagenet")
 HVP_KINDS = ("exact", "ggn", "double_backward")
@@ -160,8 +162,10 @@ class TrainConfig:
         return kw
 
     def save(self, path: str | Path, extra: dict[str, Any] | None = None) -> None:
+        """Writes the config dump atomically (a crash mid-write leaves the old one whole)."""
         data = {"config": self.to_dict(), **(extra or {})}
-        Path(path).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+        text = (json.dumps(data, indent=2, sort_keys=True) + "\n").encode()
+        atomic_write(path, lambda f: f.write(text))
 
 
 # The fields that fix the model, the algorithm, the task stream and the meta-optimizer.

@@ -228,7 +228,11 @@ def cg(A: Callable | torch.Tensor | LstsqOperator, b, x0=None, *, max_iter: int 
             For a callable A on a GPU the loop runs exactly max_iter iterations (converged
             systems are masked: no host synchronisation), so give max_iter there; the default
             warns (RuntimeWarning), as it then makes 10 P products whatever the convergence.
-        rtol, atol: a system has converged when ||r|| <= max(rtol * ||b||, atol).
+        rtol, atol: a system has converged when ||r|| <= max(rtol * ||b||, atol). With
+            atol = 0 each system is rescaled by a power of two first, so ||b||^2 neither
+            overflows nor underflows; with atol > 0 it is not (atol is an absolute bound), and
+            a float32 b beyond about 1e19 in norm is then flagged non-finite (status 3), one
+            below about 1e-19 can read as converged at x = 0: use atol = 0, or scale b, there.
         batched: the leading dimension of every leaf of b indexes independent systems.
         use_ext: None picks the compiled kernels when available; False forces the reference.
             Inside torch.func transforms, or with autograd recording through b, x0 or the

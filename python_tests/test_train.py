@@ -417,6 +417,23 @@ def test_an_abort_right_after_a_resume_names_the_checkpoint_it_resumed_from(tmp_
         t2.run()
 
 
+def test_the_config_dump_is_written_atomically(tmp_path, monkeypatch):
+    # Path.write_text: a crash mid-write (each resume rewrites it) left a torn config.json
+    cfg = tiny_config(tmp_path)
+    path = tmp_path / "config.json"
+    cfg.save(path, extra={"argv": ["first"]})
+    before = path.read_bytes()
+
+    def failing_fsync(fd):
+        raise OSError("disk full")
+    monkeypatch.setattr(os, "fsync", failing_fsync)
+    with pytest.raises(OSError, match="disk full"):
+        cfg.save(path, extra={"argv": ["second"]})
+    monkeypatch.undo()
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["config.json"]  # no temp file left
+
+
 def test_a_resume_never_pads_a_short_log_with_nul_bytes(tmp_path, caplog):
     # The log was only flushed, not fsynced, while its checkpoint was: after a power loss the
     # saved position could lie past the log's end, and truncate() extended it with NUL bytes
