@@ -231,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
     from imaml_ext.checkpoint import CheckpointError
     from imaml_ext.data import DatasetError
-    from imaml_ext.train import Interrupted, TrainingDivergedError
+    from imaml_ext.train import ForcedStop, Interrupted, TrainingDivergedError
     debug = os.environ.get("IMAML_TRACEBACK", "") not in ("", "0")
     try:
         return _train(ns) if ns.command == "train" else _eval(ns)
@@ -250,6 +250,10 @@ def main(argv: list[str] | None = None) -> int:
     except Interrupted as exc:
         print(f"imaml: {exc}; continue with: imaml train --resume "
               f"{Path(exc.path).parent.parent if exc.path else '<run dir>'}", file=sys.stderr)
+        return 128 + exc.signum
+    except ForcedStop as exc:  # a second signal: no traceback, the signal's exit code
+        print(f"\nimaml: {exc}; resume from the last checkpoint with: imaml train --resume "
+              f"<run dir>", file=sys.stderr)
         return 128 + exc.signum
     finally:
         _shutdown_distributed()

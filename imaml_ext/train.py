@@ -78,6 +78,16 @@ class Interrupted(Exception):
         super().__init__(f"{name} received: stopped after meta-step {step}{where}")
 
 
+class ForcedStop(KeyboardInterrupt):
+    """A second SIGINT / SIGTERM: the run quits at once, without a new checkpoint (the last one
+    written stays whole: checkpoints are written atomically)."""
+
+    def __init__(self, signum: int):
+        self.signum = signum
+        super().__init__(f"{signal.Signals(signum).name} received twice: quit at once, without a "
+                         f"new checkpoint")
+
+
 # --------------------------------------------------------------------------------------------
 # Building blocks
 # --------------------------------------------------------------------------------------------
@@ -453,7 +463,7 @@ def _signal_flag(enabled: bool):
     def handler(signum, frame):  # noqa: ARG001
         if box["signum"]:
             # A second signal while the checkpoint is written: leave now.
-            raise KeyboardInterrupt
+            raise ForcedStop(signum)
         box["signum"] = signum
         print(f"\nimaml: {signal.Signals(signum).name} received; finishing this meta-step and "
               f"writing a checkpoint (send it again to quit at once)", file=sys.stderr, flush=True)
@@ -855,7 +865,7 @@ def main(argv: list[str] | None = None) -> int:
     return cli_main(["train", *(sys.argv[1:] if argv is None else argv)])
 
 
-__all__ = ["DistInfo", "Interrupted", "MetaOptimizer", "MetricsLog", "Trainer",
+__all__ = ["DistInfo", "ForcedStop", "Interrupted", "MetaOptimizer", "MetricsLog", "Trainer",
            "TrainingDivergedError", "build_algorithm", "build_model", "init_distributed",
            "load_split", "main", "make_sampler", "read_metrics", "reduce_meta_gradient", "train"]
 

@@ -294,6 +294,16 @@ def test_gpu_only_options_can_be_switched_off_on_resume(capsys):
     assert "cudnn_benchmark" not in vars(p.parse_args(["train"]))  # unset: the saved value
 
 
+def test_a_second_signal_exits_with_its_code_and_no_traceback(capsys, monkeypatch):
+    import signal as _signal
+    def forced(ns):
+        raise tr.ForcedStop(_signal.SIGTERM)
+    monkeypatch.setattr(cli, "_train", forced)
+    code, _, err = run_cli(capsys, "train")
+    assert code == 128 + _signal.SIGTERM and "Traceback" not in err
+    assert "SIGTERM received twice: quit at once" in err and "--resume" in err
+
+
 def test_quiet_is_not_carried_over_by_a_resume(tmp_path):
     # --quiet was saved with the run and, a store_true with no negation, could not be undone
     make_trainer(tmp_path, steps=2, ckpt_every=2).run()  # tiny_config: quiet=True

@@ -239,6 +239,22 @@ def test_sigint_finishes_step_writes_checkpoint_and_resumes_exactly(tmp_path):
     assert steps == [1, 2, 3, 4, 5]
 
 
+def test_a_second_signal_quits_at_once_with_its_own_exception(tmp_path):
+    # it raised a bare KeyboardInterrupt: a traceback, and exit 130 even after SIGTERM
+    t = make_trainer(tmp_path, steps=5, ckpt_every=0)
+    before = signal.getsignal(signal.SIGTERM)
+
+    def on_log(row):
+        if row["step"] == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    with pytest.raises(tr.ForcedStop) as info:
+        t.run(on_log=on_log)
+    assert info.value.signum == signal.SIGTERM and isinstance(info.value, KeyboardInterrupt)
+    assert signal.getsignal(signal.SIGTERM) is before  # the handlers were restored
+
+
 class FakeSummaryWriter:
     """Records what the trainer sends to TensorBoard (tensorboard itself is not a dependency)."""
     made: list = []
