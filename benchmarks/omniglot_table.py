@@ -67,8 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--inner-steps", type=int, default=None, help="default: the paper's")
     p.add_argument("--eval-tasks", type=int, default=600)
     p.add_argument("--extra", default="", help="more `imaml train` options, one string, given to every "
-                   "algorithm (the implicit-gradient options --hvp / --cg-* are refused by the "
-                   "baselines)")
+                   "algorithm (the implicit-gradient options --lam / --hvp / --cg-* are refused by "
+                   "the baselines)")
     p.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of the runs")
     p.add_argument("--runs-dir", default=str(ROOT / "runs" / "table"))
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "omniglot_5w1s_cpu"))

@@ -4,8 +4,8 @@ Trains for a few minutes on a CPU, evaluates on test tasks (mean accuracy and 95
 interval), and writes a learning-curve PNG (matplotlib, if installed; the metrics CSV always).
 
 Data: Omniglot from ``--data-root`` / ``$IMAML_DATA`` / ``~/.cache/imaml_ext/data``; where none
-is found and none can be downloaded, the small subset shipped with the package (and the demo says
-so: its accuracies are not comparable with published ones).
+is found (the demo downloads nothing), the small subset shipped with the package (and the demo
+says so: its accuracies are not comparable with published ones).
 
 The budget is far below the paper's (which trains for many thousands of meta-steps with 32 tasks
 each): a smaller meta-batch, fewer query images and fewer inner steps, so that the run ends in a
@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         trainer = tr.Trainer(cfg, dist_info=tr.DistInfo())
         embedded = trainer.train_data.source == "embedded"
         if embedded:
-            print("demo: NO OMNIGLOT FOUND (and none could be downloaded): using the small "
+            print("demo: NO OMNIGLOT FOUND (nothing is downloaded): using the small "
                   "subset shipped with the package; accuracies are not comparable with "
                   "published ones.", flush=True)
         else:

@@ -129,15 +129,18 @@ class ParamSpec:
         """dict of (M, ...) -> (M, P) (one copy, in the order of `names`)."""
         check_same_keys(params, self.names, what)
         leaves = [params[k] for k in self.names]
-        M = leaves[0].shape[0] if leaves[0].dim() else None
         # Each leaf's own shape, not just its size: a transposed or re-shaped leaf of the same
         # size would flatten into the wrong coordinates without a word.
         for k, t, s in zip(self.names, leaves, self.shapes):
-            if not isinstance(t, torch.Tensor) or t.dim() != len(s) + 1 or t.shape[1:] != s or \
-                    t.shape[0] != M:
+            if not isinstance(t, torch.Tensor) or t.dim() != len(s) + 1:
                 got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+                raise ValueError(f"{what}[{k!r}] must be a tensor (M, {', '.join(map(str, s))}) "
+                                 f"with a leading task dimension M, got {got}")
+        M = leaves[0].shape[0]
+        for k, t, s in zip(self.names, leaves, self.shapes):
+            if t.shape[1:] != s or t.shape[0] != M:
                 raise ValueError(f"{what}[{k!r}] must be (M, {', '.join(map(str, s))}) with M = "
-                                 f"{M} (the first leaf's), got {got}")
+                                 f"{M} (the first leaf's), got {tuple(t.shape)}")
         return torch.cat([t.reshape(M, -1) for t in leaves], dim=1)
 
     def unflatten(self, flat: torch.Tensor) -> Params:

@@ -565,18 +565,20 @@ def breakdown_counts(res: CGResult, check: bool | None) -> tuple[int, int, int, 
     st = res.status
     if check is False or (check is None and st.device.type != "cpu"):
         return None
-    return (int((st == reference.NEGATIVE_CURVATURE).sum()),
-            int((st == reference.NONFINITE).sum()), int((st == reference.RUNNING).sum()),
-            st.numel())
+    counts = torch.stack([(st == reference.NEGATIVE_CURVATURE).sum(),
+                          (st == reference.NONFINITE).sum(),
+                          (st == reference.RUNNING).sum()]).tolist()  # the one host read
+    return (int(counts[0]), int(counts[1]), int(counts[2]), st.numel())
 
 
 def not_converged(res: CGResult, stopped: int, rtol: float, atol: float) -> str:
     """The words of a warning about `stopped` systems that ran out of iterations (host reads:
     for a warning already decided on)."""
     mask = res.status == reference.RUNNING
-    worst = float(torch.where(mask, res.residual_norm, 0).max())
+    worst, iters = torch.stack([torch.where(mask, res.residual_norm, 0).max().double(),
+                                res.iterations.max().double()]).tolist()
     return (f"no convergence in {stopped}: stopped after max_iter = "
-            f"{int(res.iterations.max())} iterations with residual norm up to {worst:.3g} "
+            f"{int(iters)} iterations with residual norm up to {worst:.3g} "
             f"(rtol={rtol:g}, atol={atol:g}; raise max_iter, or check=False where a truncated "
             f"solve is meant)")
 

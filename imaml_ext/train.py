@@ -758,8 +758,9 @@ class Trainer:
                 f"{b[2]} consecutive meta-steps had a non-finite meta-gradient (or no finite "
                 f"task) up to step {self.step}; aborting (--max-bad-steps "
                 f"{self.cfg.max_bad_steps}, checked at each logged step: the bad steps left the "
-                f"parameters unchanged). Lower --meta-lr / --inner-lr or raise --lam; the "
-                f"last checkpoint is {self.last_checkpoint}")
+                f"parameters unchanged). Lower --meta-lr / --inner-lr"
+                f"{' or raise --lam' if self.cfg.algo in ('imaml-gd', 'imaml-hf') else ''}; "
+                f"the last checkpoint is {self.last_checkpoint}")
         if not self.info.is_main:
             return None
 

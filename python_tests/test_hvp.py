@@ -88,6 +88,21 @@ def test_param_spec_unflatten_copy():
         spec.unflatten_copy(flat[:, :10])
 
 
+def test_param_spec_flatten_names_the_bad_leaf():
+    """A list, a 0-d tensor first or a leaf with another task count or shape: a ValueError that
+    names the leaf, never an AttributeError or a silent reshape into the wrong coordinates."""
+    params = {"a": torch.randn(4, 2, 3), "b": torch.randn(4, 5)}
+    _, spec = flatten_params(params)
+    with pytest.raises(ValueError, match=r"params\['a'\] must be a tensor \(M, 2, 3\).*got list"):
+        spec.flatten({"a": [1.0], "b": params["b"]})
+    with pytest.raises(ValueError, match=r"params\['a'\] must be a tensor .*got \(\)"):
+        spec.flatten({"a": torch.tensor(1.0), "b": params["b"]})
+    with pytest.raises(ValueError, match=r"v\['b'\] must be \(M, 5\) with M = 4 .*got \(3, 5\)"):
+        spec.flatten({"a": params["a"], "b": params["b"][:3]}, what="v")
+    with pytest.raises(ValueError, match=r"params\['a'\] must be \(M, 2, 3\).*got \(4, 3, 2\)"):
+        spec.flatten({"a": params["a"].transpose(1, 2), "b": params["b"]})
+
+
 def test_flat_product_with_and_without_autograd():
     """BatchedHVP.flat gives the dict product's values, also for a v that requires grad (then
     it takes views: the one-op copies are out= ops, which autograd refuses)."""

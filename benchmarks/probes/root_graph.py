@@ -48,7 +48,8 @@ def problem(B, n, d, device, seed=0):
 
 def step(w, X, y, log_alpha, iters, graph):
     la = log_alpha.detach().requires_grad_(True)
-    z = implicit_root(F, w, X, y, la, batched=True, max_iter=iters, rtol=0.0, cuda_graph=graph)
+    z = implicit_root(F, w, X, y, la, batched=True, max_iter=iters, rtol=0.0,
+                      cuda_graph=graph, check=False)
     (g,) = torch.autograd.grad(z.pow(2).sum(), la)
     return g
 
