@@ -208,6 +208,10 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
                          f"cross-entropy is 0 and accuracy 100% whatever the model; got "
                          f"{cfg.ways}")
     _positive("shots", cfg.shots)
+    if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int) or \
+            not 0 <= cfg.seed < 2 ** 64:
+        raise UsageError(f"--seed must be an int in [0, 2**64) (a torch generator seed), got "
+                         f"{cfg.seed!r}")
     d = paper_defaults(ds, cfg.ways)
     if cfg.algo == "imaml-hf":
         d["inner_steps"] = HF_NEWTON_STEPS

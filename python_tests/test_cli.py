@@ -65,6 +65,13 @@ def test_bad_values_and_unknown_options(capsys, tmp_path):
                          ("--cg-lam", "nan", "> 0")):
         code, _, err = run_cli(capsys, "train", opt, v, "--out", str(tmp_path / "r"))
         assert_clean_error(code, err, f"{opt} must be a finite number {what}, got {v}")
+    # a seed beyond torch's 64-bit generator state was an OverflowError traceback
+    for seed in ("-1", str(2 ** 64)):
+        code, _, err = run_cli(capsys, "train", "--seed", seed, "--out", str(tmp_path / "r"))
+        assert_clean_error(code, err, "--seed must be an int in [0, 2**64)", f"got {seed}")
+        code, _, err = run_cli(capsys, "eval", "--checkpoint", str(tmp_path / "none.pt"),
+                               "--seed", seed)
+        assert_clean_error(code, err, "--seed must be an int in [0, 2**64)", f"got {seed}")
     # a baseline does not use lam: refused like the implicit meta-gradient's options (it was
     # printed, saved and part of the run's identity, and changed nothing)
     code, _, err = run_cli(capsys, "train", "--algo", "maml", "--lam", "1000", "--out",

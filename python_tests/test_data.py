@@ -8,6 +8,9 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+import signal
+import sys
+import time
 import zipfile
 from pathlib import Path
 
@@ -660,6 +663,32 @@ def test_sampler_prefetching_workers_give_the_same_batches():
         assert len(got) == 6 and all(_same(a, b) for a, b in zip(got, want))
     finally:
         s.close()
+
+
+def test_sampler_workers_leave_stop_signals_to_the_main_process(capfd):
+    """A SIGINT that reaches a prefetching worker (Ctrl-C signals the whole process group)
+    neither runs the trainer's handler there (inherited through fork: its message printed once
+    per worker) nor kills the worker: the batches keep coming until the trainer stops."""
+    def handler(signum, frame):  # noqa: ARG001
+        print(f"handler ran in {os.getpid()}", file=sys.stderr, flush=True)
+
+    ds = _toy()
+    s = TaskSampler(ds, 3, 2, 2, meta_batch=2, seed=4, num_workers=1)
+    ref = TaskSampler(ds, 3, 2, 2, meta_batch=2, seed=4)
+    old = signal.signal(signal.SIGINT, handler)
+    try:
+        it = s.iter_batches(0, 6)
+        got = [next(it)]
+        (worker,) = s._loader._iterator._workers
+        os.kill(worker.pid, signal.SIGINT)
+        time.sleep(0.5)
+        got += list(it)
+        assert worker.is_alive()
+        assert len(got) == 6 and all(_same(a, ref.batch(t)) for t, a in enumerate(got))
+    finally:
+        signal.signal(signal.SIGINT, old)
+        s.close()
+    assert "handler ran" not in capfd.readouterr().err
 
 
 def test_sampler_miniimagenet_normalised_no_rotation():

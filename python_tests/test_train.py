@@ -239,6 +239,24 @@ def test_sigint_finishes_step_writes_checkpoint_and_resumes_exactly(tmp_path):
     assert steps == [1, 2, 3, 4, 5]
 
 
+def test_ctrl_c_with_prefetching_workers_still_checkpoints(tmp_path, capfd):
+    """Ctrl-C signals the whole process group: the DataLoader workers as well. They leave it to
+    the trainer (they inherited its handler and printed its message, or with the default one
+    died while the step still needed a batch): the run stops after the step, checkpointed."""
+    t = make_trainer(tmp_path, steps=6, ckpt_every=0, num_workers=1)
+
+    def on_log(row):
+        if row["step"] == 2:
+            (worker,) = t.sampler._loader._iterator._workers
+            os.kill(worker.pid, signal.SIGINT)  # the group, without pytest's parents
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(tr.Interrupted) as info:
+        t.run(on_log=on_log)
+    assert info.value.step == 3 and info.value.path.is_file()
+    assert capfd.readouterr().err.count("SIGINT received") == 1  # the trainer's, not the worker's
+
+
 def test_a_second_signal_quits_at_once_with_its_own_exception(tmp_path):
     # it raised a bare KeyboardInterrupt: a traceback, and exit 130 even after SIGTERM
     t = make_trainer(tmp_path, steps=5, ckpt_every=0)

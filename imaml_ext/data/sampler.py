@@ -14,6 +14,7 @@ not see the order; shuffle yourself if a model does.
 from __future__ import annotations
 
 import itertools
+import signal
 from typing import Iterator
 
 import numpy as np
@@ -88,6 +89,17 @@ class _TaskDrawer:
         return xs.view(m, n * k, *self.item_shape), xq.view(m, n * q, *self.item_shape)
 
 
+def _ignore_stop_signals(worker_id: int) -> None:  # noqa: ARG001 (DataLoader's signature)
+    """worker_init_fn: a Ctrl-C (SIGINT, sent to the whole process group) is the training
+    process's to act on. A forked worker inherits its handler (which printed the stop message
+    once more per worker), and with the default one a Ctrl-C killed the workers while the main
+    process still needed batches to finish its meta-step and checkpoint. SIGTERM gets its
+    default back, not SIG_IGN: the DataLoader's shutdown (and multiprocessing's at exit) stops
+    a worker that does not leave in time with SIGTERM, and waits for it."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 class _StepDataset(torch.utils.data.Dataset):
     """Map-style dataset whose index is the training step (for DataLoader prefetching)."""
 
@@ -143,6 +155,9 @@ class TaskSampler:
                        ("meta_batch", meta_batch)):
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v <= 0:
                 raise ValueError(f"TaskSampler: {arg} must be a positive int, got {v!r}")
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or \
+                not 0 <= seed < 2 ** 64:
+            raise ValueError(f"TaskSampler: seed must be an int in [0, 2**64), got {seed!r}")
         if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
             raise ValueError(f"TaskSampler: num_workers must be an int >= 0, got {num_workers!r}")
         what = f"{dataset.name}/{dataset.split}"
@@ -219,6 +234,7 @@ class TaskSampler:
             self._loader = torch.utils.data.DataLoader(
                 _StepDataset(self._drawer), batch_size=None, sampler=self._steps,
                 num_workers=self.num_workers, persistent_workers=True,
+                worker_init_fn=_ignore_stop_signals,
                 pin_memory=self.device.type == "cuda",
                 prefetch_factor=2)
         self._steps.steps = steps
