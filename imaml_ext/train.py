@@ -674,6 +674,9 @@ class Trainer:
         bad = torch.zeros(3, dtype=torch.int64, device=dev)  # bad steps, consecutive, max consec
         bad[1:] = int(self.counters.get("consecutive_bad_steps", 0))  # a resumed run's run of them
         self._bad_base = int(self.counters["bad_steps"])
+        # training wall time over the run's processes: a resumed run goes on from its
+        # checkpoint's (the steps a crash lost after it are run, and counted, again)
+        self._elapsed_base = float(self.counters.get("elapsed_s", 0.0))
         t_start = time.perf_counter()
         t_window, steps_window, last_val = t_start, 0, None
         progress = _Progress(cfg.steps, self.step, cfg.quiet or not self.info.is_main,
@@ -753,6 +756,7 @@ class Trainer:
         self.counters["consecutive_bad_steps"] = int(b[1])
         self.counters["skipped_tasks"] += int(w[2 * nm + 1])
         self.counters["tasks"] += int(w[2 * nm])
+        self.counters["elapsed_s"] = self._elapsed_base + time.perf_counter() - t_start
         if b[2] >= self.cfg.max_bad_steps:
             raise TrainingDivergedError(
                 f"{b[2]} consecutive meta-steps had a non-finite meta-gradient (or no finite "
@@ -772,7 +776,7 @@ class Trainer:
                "cg_negative_curvature": mean(5),
                "skipped_tasks": self.counters["skipped_tasks"],
                "bad_steps": self.counters["bad_steps"],
-               "elapsed_s": time.perf_counter() - t_start,
+               "elapsed_s": self.counters["elapsed_s"],
                "tasks_per_s": steps_window * self.cfg.meta_batch / max(dt, 1e-9)}
         self.log.write(row)
         self._warn_negative_curvature(row)

@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import signal
+import time
 
 import pytest
 import torch
@@ -224,6 +225,8 @@ def test_sigint_finishes_step_writes_checkpoint_and_resumes_exactly(tmp_path):
     t = make_trainer(tmp_path / "b", steps=5, ckpt_every=0)
 
     def on_log(row):
+        if row["step"] == 1:
+            time.sleep(0.3)  # the first process's training time: far above a tiny step's
         if row["step"] == 2:
             os.kill(os.getpid(), signal.SIGINT)
 
@@ -235,8 +238,11 @@ def test_sigint_finishes_step_writes_checkpoint_and_resumes_exactly(tmp_path):
     r.run()
     for k, v in ref.params.items():
         assert torch.equal(v, r.params[k]), k
-    steps = [row["step"] for row in tr.read_metrics(tmp_path / "b" / "run")]
-    assert steps == [1, 2, 3, 4, 5]
+    rows = tr.read_metrics(tmp_path / "b" / "run")
+    assert [row["step"] for row in rows] == [1, 2, 3, 4, 5]
+    # elapsed_s goes on from the checkpoint's after the resume (it restarted at 0)
+    elapsed = [row["elapsed_s"] for row in rows]
+    assert elapsed[2] >= 0.3 and elapsed == sorted(elapsed), elapsed
 
 
 def test_ctrl_c_with_prefetching_workers_still_checkpoints(tmp_path, capfd):
