@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 
 from imaml_ext.config import (ADAPT, ALGORITHM_NAMES, DTYPES, HVP_KINDS, LOG_FORMATS, META_OPTS,
-                              PROTOCOLS, PROXIMAL, TrainConfig, UsageError,
+                              PROTOCOLS, PROXIMAL, TrainConfig, UsageError, check_seed,
                               run_unused_fields)
 
 
@@ -193,9 +193,8 @@ def _eval(ns: argparse.Namespace) -> int:
         raise UsageError(f"--tasks must be > 0, got {ns.tasks}")
     if ns.meta_batch is not None and ns.meta_batch <= 0:
         raise UsageError(f"--meta-batch must be > 0, got {ns.meta_batch}")
-    if ns.seed is not None and not 0 <= ns.seed < 2 ** 64:
-        raise UsageError(f"--seed must be an int in [0, 2**64) (a torch generator seed), got "
-                         f"{ns.seed}")
+    if ns.seed is not None:
+        check_seed(ns.seed)
     if ns.json:  # before the evaluation, which can take minutes, not after it
         _check_writable(ns.json, "--json")
     res, info = evaluate_checkpoint(ns.checkpoint, tasks=ns.tasks, split=ns.split,

@@ -197,6 +197,13 @@ def _positive(name: str, v, allow_zero: bool = False) -> None:
                          f"{'>= 0' if allow_zero else '> 0'}, got {v}")
 
 
+def check_seed(seed) -> None:
+    """UsageError unless --seed (train's, or eval's task draw) fits a torch generator."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 64:
+        raise UsageError(f"--seed must be an int in [0, 2**64) (a torch generator seed), got "
+                         f"{seed!r}")
+
+
 def resolve(cfg: TrainConfig) -> TrainConfig:
     """Fills the ``None`` fields with the paper defaults and checks every value."""
     ds = canonical_dataset(cfg.dataset)
@@ -208,10 +215,7 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
                          f"cross-entropy is 0 and accuracy 100% whatever the model; got "
                          f"{cfg.ways}")
     _positive("shots", cfg.shots)
-    if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int) or \
-            not 0 <= cfg.seed < 2 ** 64:
-        raise UsageError(f"--seed must be an int in [0, 2**64) (a torch generator seed), got "
-                         f"{cfg.seed!r}")
+    check_seed(cfg.seed)
     d = paper_defaults(ds, cfg.ways)
     if cfg.algo == "imaml-hf":
         d["inner_steps"] = HF_NEWTON_STEPS

@@ -565,10 +565,10 @@ def breakdown_counts(res: CGResult, check: bool | None) -> tuple[int, int, int, 
     st = res.status
     if check is False or (check is None and st.device.type != "cpu"):
         return None
-    counts = torch.stack([(st == reference.NEGATIVE_CURVATURE).sum(),
-                          (st == reference.NONFINITE).sum(),
-                          (st == reference.RUNNING).sum()]).tolist()  # the one host read
-    return (int(counts[0]), int(counts[1]), int(counts[2]), st.numel())
+    neg, nonfinite, running = torch.stack([(st == reference.NEGATIVE_CURVATURE).sum(),
+                                           (st == reference.NONFINITE).sum(),
+                                           (st == reference.RUNNING).sum()]).tolist()  # 1 read
+    return neg, nonfinite, running, st.numel()
 
 
 def not_converged(res: CGResult, stopped: int, rtol: float, atol: float) -> str:

@@ -47,7 +47,7 @@ import torch
 import torch.distributed as dist
 
 from imaml_ext import checkpoint as ck
-from imaml_ext.config import TrainConfig, UsageError, resolve
+from imaml_ext.config import HEAD_ALGORITHMS, TrainConfig, UsageError, resolve
 from imaml_ext.evaluate import evaluate_tasks
 from imaml_ext.types import TaskBatch
 
@@ -763,7 +763,7 @@ class Trainer:
                 f"task) up to step {self.step}; aborting (--max-bad-steps "
                 f"{self.cfg.max_bad_steps}, checked at each logged step: the bad steps left the "
                 f"parameters unchanged). Lower --meta-lr / --inner-lr"
-                f"{' or raise --lam' if self.cfg.algo in ('imaml-gd', 'imaml-hf') else ''}; "
+                f"{' or raise --lam' if self.cfg.algo in HEAD_ALGORITHMS else ''}; "
                 f"the last checkpoint is {self.last_checkpoint}")
         if not self.info.is_main:
             return None

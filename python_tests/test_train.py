@@ -210,12 +210,16 @@ def test_nan_policy_skips_bad_steps_and_counts_tasks(tmp_path):
     assert all(torch.isfinite(v).all() for v in t.params.values())
 
 
-def test_consecutive_bad_steps_abort(tmp_path):
+@pytest.mark.parametrize("algo_name", ["fomaml", "imaml-gd"])
+def test_consecutive_bad_steps_abort(tmp_path, algo_name):
     algo = QueryGradient(bad_calls=set(range(100)))
-    t = make_trainer(tmp_path, algorithm=algo, steps=20, max_bad_steps=3, log_every=5)
+    t = make_trainer(tmp_path, algorithm=algo, steps=20, max_bad_steps=3, log_every=5,
+                     algo=algo_name)
     # judged where a window is logged: at step 4 (a checkpoint step, log_every 5, ckpt_every 2)
-    with pytest.raises(tr.TrainingDivergedError, match="[345] consecutive"):
+    with pytest.raises(tr.TrainingDivergedError, match="[345] consecutive") as info:
         t.run()
+    # the advice names --lam only where it is an option (the baselines refuse it)
+    assert ("raise --lam" in str(info.value)) == (algo_name == "imaml-gd")
 
 
 def test_sigint_finishes_step_writes_checkpoint_and_resumes_exactly(tmp_path):
