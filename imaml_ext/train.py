@@ -26,7 +26,9 @@ checkpoints and the config dump; validation runs on rank 0.
 
 Signals: SIGINT / SIGTERM finish the current meta-step, write a checkpoint and leave
 (:class:`Interrupted`, exit code 128 + signal on the command line); an interrupted run loses at
-most the steps since its last checkpoint, and ``--resume RUN_DIR`` continues it exactly.
+most the steps since its last checkpoint, and ``--resume RUN_DIR`` continues it exactly. The
+prefetching workers leave the signals to the trainer (SIGINT ignored, SIGTERM a quiet exit); a
+stop that took them before the next step's batch came stops after the last whole step.
 """
 from __future__ import annotations
 
@@ -41,7 +43,7 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -476,6 +478,26 @@ def _signal_flag(enabled: bool):
             signal.signal(s, h)
 
 
+def _until_workers_stop(batches: Iterator[Any], sig: dict[str, Any], distributed: bool
+                        ) -> Iterator[Any]:
+    """The batches, ending early (``sig["workers_gone"]`` set) when the DataLoader reports a
+    worker gone after a stop signal came: the signal reached the workers too (they leave at once
+    on SIGTERM, see data.sampler), and the batch waited for will never come. Anything else, or
+    with several processes (the others would wait for this one in their all-reduce), raises."""
+    it = iter(batches)
+    while True:
+        try:
+            batch = next(it)
+        except StopIteration:
+            return
+        except RuntimeError as e:
+            if sig["signum"] and not distributed and str(e).startswith("DataLoader worker"):
+                sig["workers_gone"] = str(e)
+                return
+            raise
+        yield batch
+
+
 def _in_main_thread() -> bool:
     import threading  # noqa: PLC0415
     return threading.current_thread() is threading.main_thread()
@@ -683,8 +705,10 @@ class Trainer:
                              f"{cfg.algo} {cfg.dataset} {cfg.ways}w{cfg.shots}s")
         try:
             with _signal_flag(True) as sig:
-                batches = self.sampler.iter_batches(self.step, max(cfg.steps - self.step, 0))
-                t_prev = None
+                batches = _until_workers_stop(
+                    self.sampler.iter_batches(self.step, max(cfg.steps - self.step, 0)),
+                    sig, self.info.active)
+                t_prev, ckpt_step = None, None
                 for batch in batches:
                     now = time.perf_counter()
                     step_s = 0.0 if t_prev is None else now - t_prev  # the last step's time
@@ -732,6 +756,7 @@ class Trainer:
                             on_log(last_val)
                     if ckpt_now:
                         self.checkpoint()
+                        ckpt_step = self.step
                     if stopping:
                         if sig["signum"]:
                             raise Interrupted(sig["signum"], self.step, self.last_checkpoint)
@@ -740,6 +765,19 @@ class Trainer:
                         # Another rank was signalled, or a rank hit --max-time.
                         return self._summary(t_start, last_val, time_limited=timed_out,
                                              interrupted=not timed_out)
+                if sig.get("workers_gone"):
+                    # The signal stopped the prefetching workers too, before the batch of the
+                    # next step came: stop here, after the last whole step.
+                    if steps_window:
+                        row = self._log_row(window, bad, steps_window,
+                                            time.perf_counter() - t_window, t_start)
+                        if row is not None:
+                            progress.show(row)
+                            if on_log:
+                                on_log(row)
+                    if ckpt_step != self.step:
+                        self.checkpoint()
+                    raise Interrupted(sig["signum"], self.step, self.last_checkpoint)
         finally:
             progress.close()
             self.sampler.close()

@@ -267,6 +267,65 @@ def test_ctrl_c_with_prefetching_workers_still_checkpoints(tmp_path, capfd):
     assert capfd.readouterr().err.count("SIGINT received") == 1  # the trainer's, not the worker's
 
 
+def test_sigterm_to_the_workers_too_still_checkpoints(tmp_path):
+    """A scheduler's time limit (Slurm signals every process of the job) or `timeout` (the whole
+    group) sends SIGTERM to the DataLoader workers as well as the trainer. A worker killed by it
+    made torch's SIGCHLD handler raise in the trainer mid-step: no checkpoint, a traceback."""
+    t = make_trainer(tmp_path, steps=6, ckpt_every=0, num_workers=1)
+
+    def on_log(row):
+        if row["step"] == 2:
+            (worker,) = t.sampler._loader._iterator._workers
+            os.kill(worker.pid, signal.SIGTERM)
+            worker.join(10)  # gone before the trainer goes on
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    with pytest.raises(tr.Interrupted) as info:
+        t.run(on_log=on_log)
+    assert info.value.signum == signal.SIGTERM
+    # step 3 when its batch was drawn before the worker left, else the stop comes before it
+    assert info.value.step in (2, 3)
+    assert torch.load(info.value.path, weights_only=False)["step"] == info.value.step
+
+
+def test_workers_gone_with_the_signal_before_the_next_batch_still_checkpoint(tmp_path):
+    # The signal came while the trainer waited for a batch that a worker, stopped by the same
+    # signal, will never send: the DataLoader's "exited unexpectedly" error is that stop.
+    t = make_trainer(tmp_path, steps=6, ckpt_every=0, log_every=5)
+    drawn = t.sampler.iter_batches
+
+    def iter_batches(start, num):
+        for i, batch in enumerate(drawn(start, num)):
+            if i == 2:
+                os.kill(os.getpid(), signal.SIGTERM)
+                raise RuntimeError("DataLoader worker (pid(s) 12345) exited unexpectedly")
+            yield batch
+
+    t.sampler.iter_batches = iter_batches
+    with pytest.raises(tr.Interrupted) as info:
+        t.run()
+    assert info.value.signum == signal.SIGTERM and info.value.step == 2
+    state = torch.load(info.value.path, weights_only=False)
+    # steps 1 and 2 were not logged yet (log_every 5): their window is logged and saved
+    assert state["step"] == 2 and state["counters"]["tasks"] == 2 * 2
+    assert [r["step"] for r in tr.read_metrics(tmp_path / "run") if r["kind"] == "train"] == [2]
+
+
+def test_a_worker_failure_without_a_signal_is_not_taken_for_a_stop(tmp_path):
+    t = make_trainer(tmp_path, steps=6, ckpt_every=0)
+    drawn = t.sampler.iter_batches
+
+    def iter_batches(start, num):
+        for i, batch in enumerate(drawn(start, num)):
+            if i == 2:
+                raise RuntimeError("DataLoader worker (pid(s) 12345) exited unexpectedly")
+            yield batch
+
+    t.sampler.iter_batches = iter_batches
+    with pytest.raises(RuntimeError, match="exited unexpectedly"):
+        t.run()
+
+
 def test_a_second_signal_quits_at_once_with_its_own_exception(tmp_path):
     # it raised a bare KeyboardInterrupt: a traceback, and exit 130 even after SIGTERM
     t = make_trainer(tmp_path, steps=5, ckpt_every=0)

@@ -14,6 +14,7 @@ not see the order; shuffle yourself if a model does.
 from __future__ import annotations
 
 import itertools
+import os
 import signal
 from typing import Iterator
 
@@ -90,14 +91,23 @@ class _TaskDrawer:
 
 
 def _ignore_stop_signals(worker_id: int) -> None:  # noqa: ARG001 (DataLoader's signature)
-    """worker_init_fn: a Ctrl-C (SIGINT, sent to the whole process group) is the training
-    process's to act on. A forked worker inherits its handler (which printed the stop message
-    once more per worker), and with the default one a Ctrl-C killed the workers while the main
-    process still needed batches to finish its meta-step and checkpoint. SIGTERM gets its
-    default back, not SIG_IGN: the DataLoader's shutdown (and multiprocessing's at exit) stops
-    a worker that does not leave in time with SIGTERM, and waits for it."""
+    """worker_init_fn: the stop signals are the training process's to act on.
+
+    A Ctrl-C (SIGINT, sent to the whole process group): a forked worker inherits the trainer's
+    handler (which printed the stop message once more per worker), and with the default one a
+    Ctrl-C killed the workers while the trainer still needed batches to finish its meta-step and
+    checkpoint; so workers ignore it (the trainer stops them after its checkpoint).
+    SIGTERM (a scheduler's time limit signals every process of the job, `timeout` the whole
+    group; the DataLoader's shutdown and multiprocessing's at exit stop a late worker with it and
+    then wait): the worker leaves at once with status 0. Killed by the signal, torch's SIGCHLD
+    handler raised in the trainer in the middle of its step (no checkpoint); ignoring it hung the
+    shutdown. A batch the trainer then still waits for is its stop (Trainer.run)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, _leave_quietly)
+
+
+def _leave_quietly(signum, frame) -> None:  # noqa: ARG001
+    os._exit(0)
 
 
 class _StepDataset(torch.utils.data.Dataset):
