@@ -4,8 +4,8 @@ squares, softmax head) against, in the same run: their pure-PyTorch reference tw
 (jvp of grad of the loss, vmapped over systems), and for CG the peers torchopt's solve_cg,
 linear_operator's linear_cg and scipy's cg per system. Every contender's answer is checked
 against a float64 reference before it is timed (for CG: the reference's iterate after the same
-ITERS iterations from the same x0, to CG_TOL, and the contender's own iteration count where it
-reports one); times are medians of
+ITERS iterations from the same x0, to CG_TOL, and the iterations it ran: its own count, or for
+torchopt and linear_operator, which report none, its operator calls less the set-up one); times are medians of
 torch.utils.benchmark.Timer.blocked_autorange (which synchronises CUDA). float32 throughout.
 
 Also reported: the achieved bandwidth of the least-squares product and CG (bytes of X read per
@@ -47,7 +47,8 @@ LAM = 0.5   # (I + H / lam)
 # most 6.2e-7 for torchopt, linear_operator and the compiled reference); a run of 8 of the 20
 # iterations errs 8.7e-4 to 4.9e-3 (the former bar of 1e-3 passed it at both dense sizes), except
 # at the softmax head 32 x 100 x 64 x 20, which converges so fast that 8 iterations err 8.7e-7:
-# there no bar tells a short run from rounding, only an iteration count does (the row says so).
+# there no bar tells a short run from rounding, only an iteration count does (the row says so;
+# every CG contender's is checked, see counted()).
 # 2e-5 leaves >= 16x either way elsewhere; it catches a stop after 11 iterations or fewer at the
 # dense and least-squares sizes (after 15 at 1 x 4000 x 4000, 19 at the head 32 x 25 x 800 x 5).
 CG_TOL = 2e-5
@@ -518,19 +519,36 @@ def hvp_vs_grad(row, t_grad):
 
 # ---- whole-loop CG ----------------------------------------------------------------------------
 
+def counted(fn):
+    """fn, and a list whose item counts its calls (a peer that reports no iteration count: both
+    torchopt's solve_cg and linear_operator's linear_cg apply the operator once to set up,
+    r0 = b - A x0, then once an iteration; checked against their max_iter when this was written)."""
+    calls = [0]
+
+    def wrapped(*args):
+        calls[0] += 1
+        return fn(*args)
+    return wrapped, calls
+
+
 def torchopt_cg(matvec1, b):
     """torchopt's solve_cg, one system at a time (its dot products span the whole pytree)."""
     from torchopt.linear_solve import solve_cg
     solve = solve_cg(maxiter=ITERS, rtol=0.0, atol=0.0)
-    return torch.stack([solve(lambda v, i=i: matvec1(i, v), b[i]) for i in range(b.shape[0])])
+    out, iters = [], []
+    for i in range(b.shape[0]):
+        mv, calls = counted(lambda v, i=i: matvec1(i, v))
+        out.append(solve(mv, b[i]))
+        iters.append(calls[0] - 1)
+    return Solved(torch.stack(out), iters)
 
 
 def linear_operator_cg(matvec, b):
     from linear_operator.utils import linear_cg
-    x = linear_cg(lambda V: matvec(V.squeeze(-1)).unsqueeze(-1), b.unsqueeze(-1),
-                  max_iter=ITERS, tolerance=0.0, eps=0.0, stop_updating_after=0.0,
-                  max_tridiag_iter=0)
-    return x.squeeze(-1)
+    mv, calls = counted(lambda V: matvec(V.squeeze(-1)).unsqueeze(-1))
+    x = linear_cg(mv, b.unsqueeze(-1), max_iter=ITERS, tolerance=0.0, eps=0.0,
+                  stop_updating_after=0.0, max_tridiag_iter=0)
+    return Solved(x.squeeze(-1), [calls[0] - 1])
 
 
 def scipy_cg(matvec1, b, device):
