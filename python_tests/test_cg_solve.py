@@ -215,6 +215,43 @@ def test_cuda_lstsq_product_kernels(kernel, step, dtype, monkeypatch):
 
 @needs_ext
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("case", ["row product", "fused lstsq", "fused dense"])
+def test_cuda_kernels_just_under_the_default_shared_memory_limit(case, dtype, monkeypatch):
+    # Dynamic shared memory at or just under 48 KB, which with the kernel's static arrays is over
+    # the default limit: the launch failed ("invalid argument") where the limit was raised only
+    # above 48 KB of dynamic memory (found by reading, 2026-11-29; not yet seen on a card).
+    f32 = dtype == torch.float32
+    if case == "row product":  # (d + 12) * 4 or 8 bytes, odd d: the row kernel
+        monkeypatch.setenv("IMAML_CUDA_XTXV", "rows")
+        X64, v64 = lstsq_problem(2, 8, 12251 if f32 else 6125, torch.float64, "cuda", seed=3)
+        check_lstsq_apply(X64.to(dtype), X64, v64, dtype)
+        return
+    monkeypatch.setenv("IMAML_CG_FUSED", "1")
+    args = (4, 0.0, 0.0)  # iterations, no tolerance: both run them all
+    if case == "fused lstsq":  # (d + n + 4) * 4 or 8 bytes
+        X64, b64 = lstsq_problem(2, 12, 12264 if f32 else 6130, torch.float64, "cuda", seed=4)
+        run = lambda X, b, ext: ops.cg_solve_lstsq(X, b, torch.zeros_like(b), 1.0,  # noqa: E731
+                                                   1.0 / 12, *args, use_ext=ext)
+        inputs = (X64, b64)
+    else:  # P * 4 or 8 bytes: exactly 48 KB
+        P = 12288 if f32 else 6144
+        g = torch.Generator(device="cuda").manual_seed(5)
+        M = torch.randn(1, P, P, dtype=torch.float64, device="cuda", generator=g)
+        A64 = torch.eye(P, dtype=torch.float64, device="cuda") + (M + M.mT) * (0.125 / P ** 0.5)
+        del M
+        b64 = torch.randn(1, P, dtype=torch.float64, device="cuda", generator=g)
+        run = lambda A, b, ext: ops.cg_solve_dense(A, b, torch.zeros_like(b), *args,  # noqa: E731
+                                                   use_ext=ext)
+        inputs = (A64, b64)
+    got = run(*(t.to(dtype) for t in inputs), True)
+    want = run(*inputs, False)
+    assert torch.equal(got[1], want[1]) and torch.equal(got[3], want[3])
+    tol = 1e-10 if dtype == torch.float64 else 1e-4
+    assert ((got[0].double() - want[0]).norm() <= tol * want[0].norm()).item(), case
+
+
+@needs_ext
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 @pytest.mark.parametrize("name", ["IMAML_CUDA_XTXV", "IMAML_CUDA_CG_STEP", "IMAML_CG_FUSED"])
 def test_cuda_lstsq_path_switch_with_an_unknown_value_is_refused(name, monkeypatch):
     monkeypatch.setenv("IMAML_CG_FUSED", "0")  # the multi-launch loop, where all are read

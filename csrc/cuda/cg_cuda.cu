@@ -697,9 +697,11 @@ template <typename scalar_t, typename acc_t>
 bool bulk_kernel_built_for_sm90() {
   static const bool ok = [] {
     cudaFuncAttributes attr{};
-    return cudaFuncGetAttributes(&attr, xtxv_bulk_kernel<scalar_t, acc_t, 1, false>) ==
-               cudaSuccess &&
-           attr.ptxVersion >= 90;
+    if (cudaFuncGetAttributes(&attr, xtxv_bulk_kernel<scalar_t, acc_t, 1, false>) != cudaSuccess) {
+      (void)cudaGetLastError();  // not left for the next launch check to report as its own
+      return false;
+    }
+    return attr.ptxVersion >= 90;
   }();
   return ok;
 }

@@ -396,7 +396,10 @@ __device__ void block_cg(const Op& op, const scalar_t* b, scalar_t* x, scalar_t*
 constexpr int64_t kFusedSmallWork = int64_t(128) << 10;
 constexpr int64_t kFusedBlocksPerSm = 4;
 
-// Shared memory the fused kernels may ask for beyond their dynamic part (block_sum's arrays).
+// Static shared memory (block_sum's arrays, a few hundred bytes at most) that the kernels whose
+// route is chosen against max_dynamic_smem() may hold beside their dynamic part. allow_smem
+// checks each kernel's own (the bulk product's, up to 1152 bytes, sizes its ring from the
+// opt-in most less 4 KB).
 constexpr size_t kStaticSmemReserve = 1024;
 
 // The index in `values` of the environment variable `name`'s value: 0 (the default) when it is
@@ -435,22 +438,41 @@ inline bool use_fused(int64_t B, int64_t work_per_system, size_t smem) {
   return work_per_system <= kFusedSmallWork || B >= kFusedBlocksPerSm * sms;
 }
 
-// Raises a kernel's dynamic shared-memory limit when it needs more than the default 48 KB: to
-// the device's most, once per kernel and device, and never lowers it. (Setting it to each
-// launch's own size let two host threads launching one kernel with different sizes lower it
-// under each other, and a launch then failed.)
+// Raises a kernel's dynamic shared-memory limit when `smem` bytes do not fit under the default
+// (48 KB for dynamic and static shared memory together): to the device's opt-in most less the
+// kernel's own static shared memory (its __shared__ arrays; CUDA refuses a limit that leaves no
+// room for them), once per kernel and device, and never lowers it. (Setting it to each launch's
+// own size let two host threads launching one kernel with different sizes lower it under each
+// other, and a launch then failed.) A size that cannot fit is an error naming the sizes, not a
+// failed launch. Host queries only: also safe while a CUDA graph is being captured.
 template <typename Kernel>
 void allow_smem(Kernel kernel, size_t smem) {
-  if (smem <= 48 * 1024) return;
+  struct Limit {
+    size_t static_bytes;
+    bool raised;
+  };
   static std::mutex mu;
-  static std::map<std::pair<const void*, int>, bool> raised;
+  static std::map<std::pair<const void*, int>, Limit> limits;
   const auto key = std::make_pair(reinterpret_cast<const void*>(kernel),
                                   static_cast<int>(c10::cuda::current_device()));
+  const auto* prop = at::cuda::getCurrentDeviceProperties();
   std::lock_guard<std::mutex> lock(mu);
-  if (raised.count(key)) return;
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                      static_cast<int>(max_dynamic_smem())));
-  raised.emplace(key, true);
+  auto it = limits.find(key);
+  if (it == limits.end()) {
+    cudaFuncAttributes attr{};
+    C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
+    it = limits.emplace(key, Limit{attr.sharedSizeBytes, false}).first;
+  }
+  Limit& limit = it->second;
+  const size_t need = smem + limit.static_bytes;
+  TORCH_CHECK(need <= prop->sharedMemPerBlockOptin, "imaml_ext: a kernel needs ", smem,
+              " bytes of dynamic shared memory beside its ", limit.static_bytes,
+              " static ones; the device allows ", prop->sharedMemPerBlockOptin, " per block");
+  if (need <= prop->sharedMemPerBlock || limit.raised) return;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(
+      kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+      static_cast<int>(prop->sharedMemPerBlockOptin - limit.static_bytes)));
+  limit.raised = true;
 }
 
 // Blocks of `kernel` (kBlockSize threads, `dyn_smem` bytes of dynamic shared memory, its limit
