@@ -748,6 +748,9 @@ class TaskLoss:
         Chunked (see the module docstring) by torch.split and torch.cat, so that autograd
         and torch.func see one function of all M tasks.
         """
+        # the folded layout reads a missing key as "no such parameter", vmap's functional_call
+        # as the module's own: either is a different function, silently
+        check_same_keys(params_b, self.param_shapes, "params_b")
         if not self._folds(x_b):
             return self._vmapped(dict(params_b), x_b)
         c = self.chunk_size(x_b)
@@ -917,6 +920,11 @@ class BatchedHVP:
       passes through it; `value_and_grad()` reuses its forward.
     Where the TaskLoss chunks the tasks (on the CPU), one BatchedHVP per chunk does the work,
     each with its own graph, and the products are concatenated.
+    Every kind is differentiable in v (autograd through a v that requires grad: cg over a b
+    that does, say; the double-backward and Gauss-Newton products by a backward that applies H
+    again, H being symmetric), not in the params, which it holds detached. make_hvp checks its
+    arguments against the model: params_b's keys, each leaf (M, *shape) for x_b's M tasks, y_b
+    with x_b's tasks and samples, x_b in the params' dtype.
 
     compile=True (kinds "exact" and "forward_over_reverse"): each product is one call of
     `TaskLoss.compiled_hvp()`, torch.compile (Inductor) of the forward-over-reverse product over
@@ -939,15 +947,12 @@ class BatchedHVP:
             raise ValueError(f"compile=True computes forward-over-reverse products: kind must be "
                              f"'exact' or 'forward_over_reverse', got {kind!r}")
         self.task_loss = task_loss
+        _check_hvp_inputs(task_loss, params_b, x_b, y_b)
         # contiguous: phi straight from batched_theta (zero inner steps) is a stride-0 broadcast
         # view, from which torch.func.jvp cannot make a forward-mode input (a copy only there)
         self.params = {k: v.detach().contiguous() for k, v in params_b.items()}
         self.spec = ParamSpec.of(self.params)
-        self.M = next(iter(self.params.values())).shape[0]
-        if x_b.dim() < 1 or y_b.dim() < 1 or x_b.shape[0] != self.M or y_b.shape[0] != self.M:
-            raise ValueError(f"make_hvp: x_b and y_b must hold the params' M={self.M} tasks along "
-                             f"their first dimension, got x_b {tuple(x_b.shape)} and y_b "
-                             f"{tuple(y_b.shape)}")
+        self.M = x_b.shape[0]
         self.x, self.y = x_b, y_b
         if kind == "exact":
             wrapped = any(torch._C._functorch.is_functorch_wrapped_tensor(t)
@@ -980,9 +985,20 @@ class BatchedHVP:
             return {k: torch.cat([o[k] for o in outs]) for k in self.spec.names}
         if self.kind == "forward_over_reverse":
             return self._forward_over_reverse(v)
-        if self.kind == "double_backward":
-            return self._double_backward(v)
-        return self._gauss_newton(v)
+        vs = list(v.values())
+        if self.kind == "double_backward" and _in_transform(*vs):
+            # v from a torch.func transform (vmap over v): the cached graph's ops have no
+            # batching rules, forward-over-reverse does
+            return self._forward_over_reverse(v)
+        product = self._double_backward if self.kind == "double_backward" else self._gauss_newton
+        if torch.is_grad_enabled() and any(t.requires_grad for t in vs) and \
+                not _in_transform(*vs):
+            # Both products are backward passes through a graph that v is not part of: with
+            # autograd recording v (cg through b, say) they would hand back a constant. H is
+            # symmetric, so its backward is H again (to v; the params are held detached).
+            return dict(zip(self.spec.names,
+                            _SymmetricProduct.apply(product, self.spec.names, *vs)))
+        return product(v)
 
     def flat(self, v: torch.Tensor) -> torch.Tensor:
         """(M, P) -> (M, P). For the double-backward and Gauss-Newton products the pieces of v
@@ -1103,6 +1119,53 @@ class BatchedHVP:
                                             create_graph=True)
             self._ggn = (p, out, u, jtu, o, lg)
         return self._ggn
+
+
+class _SymmetricProduct(torch.autograd.Function):
+    """v -> H v for a symmetric H computed by `product` (a dict -> dict map that autograd cannot
+    see through): the backward of a cotangent g is H g, itself differentiable in g."""
+
+    @staticmethod
+    def forward(ctx, product, names, *vs):
+        ctx.product, ctx.names = product, names
+        out = product(dict(zip(names, vs)))
+        return tuple(out[k] for k in names)
+
+    @staticmethod
+    def backward(ctx, *gs):
+        if torch.is_grad_enabled() and any(g.requires_grad for g in gs):
+            hg = _SymmetricProduct.apply(ctx.product, ctx.names, *gs)
+        else:
+            out = ctx.product(dict(zip(ctx.names, gs)))
+            hg = tuple(out[k] for k in ctx.names)
+        return (None, None, *hg)
+
+
+def _check_hvp_inputs(task_loss: TaskLoss, params_b, x_b, y_b) -> None:
+    """make_hvp's arguments, each error naming the one at fault: params_b's keys are the model's,
+    each leaf (M, *the parameter's shape) for x_b's M tasks, y_b with x_b's tasks and samples,
+    x_b in the params' dtype."""
+    if not isinstance(task_loss, TaskLoss):
+        raise ValueError(f"make_hvp: task_loss must be a TaskLoss, got {type(task_loss).__name__}")
+    for name, t in (("x_b", x_b), ("y_b", y_b)):
+        if not isinstance(t, torch.Tensor) or t.dim() < 2:
+            got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"make_hvp: {name} must be a tensor (M, N, ...) of M tasks' N "
+                             f"samples, got {got}")
+    check_same_keys(params_b, task_loss.param_shapes, "make_hvp: params_b")
+    M = x_b.shape[0]
+    for k, shape in task_loss.param_shapes.items():
+        t = params_b[k]
+        if not isinstance(t, torch.Tensor) or tuple(t.shape) != (M, *shape):
+            got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"make_hvp: params_b[{k!r}] must be (M, *{tuple(shape)}) = "
+                             f"{(M, *shape)} for x_b's M={M} tasks, got {got}")
+        if x_b.is_floating_point() and t.dtype != x_b.dtype:
+            raise ValueError(f"make_hvp: x_b must have the params' dtype {t.dtype} "
+                             f"(params_b[{k!r}]), got {x_b.dtype}")
+    if tuple(y_b.shape[:2]) != tuple(x_b.shape[:2]):
+        raise ValueError(f"make_hvp: y_b must have x_b's (M, N) = {tuple(x_b.shape[:2])} tasks and "
+                         f"samples first, got {tuple(y_b.shape)}")
 
 
 def make_hvp(task_loss: TaskLoss, params_b: Mapping[str, torch.Tensor], x_b: torch.Tensor,

@@ -97,5 +97,7 @@ def make_model(dataset: str, ways: int, downsample: str = "pool") -> ConvNet:
     if key not in _PAPER:
         raise ValueError(f"make_model: unknown data set {dataset!r}; expected one of "
                          f"{tuple(_PAPER)}")
+    if isinstance(ways, bool) or not isinstance(ways, int) or ways < 1:
+        raise ValueError(f"make_model: ways must be an int >= 1, got {ways!r}")
     c, hidden, side = _PAPER[key]
     return ConvNet(c, ways, hidden=hidden, image_size=side, downsample=downsample)

@@ -10,7 +10,7 @@ from torch.func import functional_call, vmap
 
 import imaml_ext
 from imaml_ext.hvp import (ParamSpec, TaskLoss, expand_params, flatten_params, hvp_single,
-                           make_hvp, unflatten_params)
+                           make_hvp, shifted_operator, unflatten_params)
 from imaml_ext.models import ConvNet
 
 DT = torch.float64
@@ -394,7 +394,9 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="model must be an nn.Module"):
         TaskLoss(lambda x: x)
     M = x.shape[0]
-    with pytest.raises(ValueError, match=rf"x_b and y_b must hold the params' M={M} tasks"):
+    first = next(iter(params_b))
+    with pytest.raises(ValueError, match=rf"params_b\['{first}'\] must be .* for x_b's M=1 "
+                                         rf"tasks, got \({M}, "):
         make_hvp(TaskLoss(model), params_b, x[:1], y[:1])
     for kind in ("double_backward", "ggn", "forward_over_reverse"):
         H = make_hvp(TaskLoss(model, task_chunk=1), params_b, x, y, kind)  # chunked: parts
@@ -410,6 +412,77 @@ def test_bad_arguments():
             with pytest.raises(ValueError, match=rf"H.flat\(v\): v must be \(M, P\) = "
                                                  rf"\({M}, {H.spec.numel}\)"):
                 H.flat(torch.zeros(bad))
+
+
+@pytest.mark.parametrize("case", ["misspelt key", "one task's leaf", "y_b samples",
+                                  "x_b dtype", "outputs"])
+def test_make_hvp_names_the_argument_at_fault(case):
+    # each was accepted: the folded layout ran a misspelt key's layer without it (vmap with the
+    # module's own), an M=1 leaf broadcast over the tasks (one product block for all), and the
+    # other two failed deep inside with messages about internal ops
+    model, params_b, x, y = conv_setup()
+    tl = TaskLoss(model)
+    bad = dict(params_b)
+    bad["head.bais"] = bad.pop("head.bias")
+    if case == "outputs":
+        with pytest.raises(ValueError, match=r"params_b does not match .* missing \['head.bias'\], "
+                                             r"unexpected \['head.bais'\]"):
+            tl.outputs(bad, x)
+        return
+    args, match = {
+        "misspelt key": ((bad, x, y), r"make_hvp: params_b does not match .*head.bais"),
+        "one task's leaf": (({**params_b, "head.bias": params_b["head.bias"][:1]}, x, y),
+                            r"params_b\['head.bias'\] must be \(M, \*\(3,\)\) = \(3, 3\) .* "
+                            r"got \(1, 3\)"),
+        "y_b samples": ((params_b, x, y[:, :2]), r"y_b must have x_b's \(M, N\) = \(3, 6\)"),
+        "x_b dtype": ((params_b, x.float(), y), r"x_b must have the params' dtype torch.float64"),
+    }[case]
+    with pytest.raises(ValueError, match=match):
+        make_hvp(tl, *args)
+
+
+@pytest.mark.parametrize("kind", ["exact", "double_backward", "ggn", "forward_over_reverse"])
+def test_products_are_differentiable_in_v(kind):
+    # The double-backward and Gauss-Newton products are backward passes through a graph v is not
+    # part of: they handed back a constant, so autograd through v (cg over a b that requires
+    # grad, say) silently lost every H term.
+    model, params_b, x, y = conv_setup(M=2)
+    H = make_hvp(TaskLoss(model), params_b, x, y, kind)
+    g = torch.Generator().manual_seed(1)
+    v = torch.randn(2, H.spec.numel, dtype=DT, generator=g).requires_grad_(True)
+    w = torch.randn(2, H.spec.numel, dtype=DT, generator=g)
+    Hw = H.flat(w)
+    out = H.flat(v)
+    (gv,) = torch.autograd.grad((out * w).sum(), v)
+    torch.testing.assert_close(gv, Hw, rtol=1e-9, atol=1e-12)  # H symmetric: d<Hv, w>/dv = H w
+    (g2,) = torch.autograd.grad((H.flat(v) * v).sum(), v, create_graph=True)  # 2 H v
+    (g3,) = torch.autograd.grad((g2 * w).sum(), v)
+    torch.testing.assert_close(g3, 2 * Hw, rtol=1e-9, atol=1e-12)
+
+
+def test_cg_through_b_over_the_exact_product():
+    # x = A^-1 b: the gradient of <x, c> in b is A^-1 c (was 7% off, with every system converged)
+    model, params_b, x, y = conv_setup(M=2)
+    H = make_hvp(TaskLoss(model), params_b, x, y, "exact")
+    A = shifted_operator(H, 1.0, 0.01)
+    g = torch.Generator().manual_seed(2)
+    b = torch.randn(2, H.spec.numel, dtype=DT, generator=g).requires_grad_(True)
+    c = torch.randn(2, H.spec.numel, dtype=DT, generator=g)
+    res = imaml_ext.cg(A, b, max_iter=300, rtol=1e-12)
+    assert (res.status == 1).all()
+    (gb,) = torch.autograd.grad((res.x * c).sum(), b)
+    torch.testing.assert_close(gb, imaml_ext.cg(A, c, max_iter=300, rtol=1e-12).x,
+                               rtol=1e-8, atol=1e-10)
+
+
+def test_vmap_over_v_with_the_exact_kind():
+    # built outside any transform, the exact kind is the double backward, whose cached graph's
+    # ops have no batching rules: vmap over v failed
+    model, params_b, x, y = conv_setup(M=2)
+    H = make_hvp(TaskLoss(model), params_b, x, y, "exact")
+    V = torch.randn(3, 2, H.spec.numel, dtype=DT)
+    torch.testing.assert_close(vmap(H.flat)(V), torch.stack([H.flat(u) for u in V]),
+                               rtol=1e-9, atol=1e-12)
 
 
 # ---- task chunks (the CPU evaluates a chunk of tasks at a time) ------------------------------------

@@ -38,6 +38,10 @@ def test_stride_variant_and_sizes():
         ConvNet(1, 5, image_size=8)
     with pytest.raises(ValueError, match="unknown data set"):
         make_model("cifar", 5)
+    for ways in (0, 2.0, True):  # was "ConvNet: num_classes must be positive", or a TypeError
+        with pytest.raises(ValueError, match=rf"make_model: ways must be an int >= 1, got "
+                                             rf"{ways!r}"):
+            make_model("omniglot", ways)
 
 
 def test_batchnorm_uses_batch_statistics_always():
