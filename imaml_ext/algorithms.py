@@ -13,7 +13,9 @@ Meta-gradients (the average over the ok tasks of the per-task g_i):
 - imaml-gd / imaml-hf: g_i = ((1 + cg_damping) I + H_i / cg_lam)^-1 grad L_test_i(phi_i), phi_i
   from K GD steps on G_i (imaml-gd) or Newton-CG on G_i (imaml-hf), solved by `cg_steps` CG
   iterations. Defaults (cg_damping=0, cg_lam=lam): the paper's (I + H/lam). The authors' code:
-  cg_damping=1, cg_lam=lam + 10. cg_steps=0: no solve, g_i = grad L_test_i(phi_i).
+  cg_damping=1, cg_lam=lam + 10. cg_steps=0: no solve, g_i = grad L_test_i(phi_i) (with
+  adapt="head" the matrix is taken as I: the body still gets the support term
+  -(1/lam) u^T dC/dtheta with u the head's query gradient, see imaml_ext.head_only).
 - maml: d L_test_i(phi_K(theta)) / d theta by backpropagation through the K inner steps.
 - fomaml: grad L_test_i(phi_K).
 - reptile: theta - phi_K (plain SGD on L_train), so that an optimizer step with learning rate

@@ -184,6 +184,8 @@ def check_newton_args(steps, lam, cg_steps, armijo, backtrack, ls_steps) -> None
         raise ValueError(f"lam must be > 0 for the Hessian-free solver, got {lam!r}")
     if isinstance(cg_steps, bool) or not isinstance(cg_steps, int) or cg_steps < 1:
         raise ValueError(f"hf_cg_steps must be an int >= 1, got {cg_steps!r}")
+    if isinstance(ls_steps, bool) or not isinstance(ls_steps, int):
+        raise ValueError(f"ls_steps must be an int >= 1, got {ls_steps!r}")
     if not (0 < backtrack < 1) or not (0 < armijo < 1) or ls_steps < 1:
         raise ValueError("line search needs 0 < backtrack < 1, 0 < armijo < 1, ls_steps >= 1")
 

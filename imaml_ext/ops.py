@@ -312,7 +312,8 @@ def softmax_head_hvp(F, W, bias, V, vb, shift: float = 0.0, scale: float = 1.0, 
         return torch.ops.imaml_ext.softmax_head_hvp(F, W, bias, V, vb, shift, scale)
     check_softmax_head("softmax_head_hvp", F, W, bias, shift, scale)
     check_softmax_head_direction("softmax_head_hvp", W, bias, V, vb)
-    return reference.softmax_head_hvp(F, W, bias, V, vb, shift, scale)
+    outW, outb = reference.softmax_head_hvp(F, W, bias, V, vb, shift, scale)
+    return outW.contiguous(), outb.contiguous()  # as the kernels' (V's strides otherwise)
 
 
 def cg_solve_softmax_head(F, W, bias, b, x0, shift: float, scale: float, max_iter: int,

@@ -241,6 +241,81 @@ def test_gd_step_safeguard():
     assert bool((fixed[1:] > fixed[:-1]).any())  # the fixed step overshoots here
 
 
+def test_hessian_free_line_search_failure_takes_the_safeguarded_gradient_step():
+    # Features so large that every step of the ladder overshoots: such a task stayed at theta
+    # (G end / start 1.000 for every task at scale 100), its meta-gradient taken there as if at
+    # the minimiser, with task_ok True.
+    torch.manual_seed(6)
+    M, n, f, c = 8, 5, 64, 5
+    F_ = torch.rand(M, n, f, dtype=DT) * 100
+    y = torch.arange(n).remainder(c).expand(M, n).contiguous()
+    W0, b0 = torch.randn(M, c, f, dtype=DT) * 0.01, torch.zeros(M, c, dtype=DT)
+    r = head_hessian_free(F_, y, W0, b0, lam=LAM, steps=4, cg_steps=5)
+    assert int(r.metrics["hf_ls_failures"].sum()) > 0  # the case is exercised
+    G = r.metrics["hf_objective"]
+    assert bool((G[1:] <= G[:-1]).all()) and bool((G[-1] < 0.99 * G[0]).all()), G
+    assert bool((r.metrics["head_grad_ratio"] < 1).all())
+
+
+def test_head_grad_ratio_reports_how_far_from_the_minimiser():
+    torch.manual_seed(7)
+    M, n, f, c = 4, 10, 6, 5
+    y = torch.randint(0, c, (M, n))
+    W0, b0 = torch.randn(M, c, f, dtype=DT) * 0.1, torch.zeros(M, c, dtype=DT)
+    small = head_gd(torch.randn(M, n, f, dtype=DT), y, W0, b0, lam=LAM, steps=200, lr=0.1)
+    assert bool((small.metrics["head_grad_ratio"] < 1e-3).all())
+    # large features: the safeguarded step is tiny and 16 steps stay far from argmin G
+    large = head_gd(torch.rand(M, n, f, dtype=DT) * 30, y, W0, b0, lam=LAM, steps=16, lr=0.1)
+    assert bool((large.metrics["head_grad_ratio"] > 0.1).all())
+    # the authors' steps minimise L_train, then one proximal step: not argmin G, and it says so
+    authors = head_gd(torch.randn(M, n, f, dtype=DT), y, W0, b0, lam=LAM, steps=200, lr=0.1,
+                      proximal="authors")
+    assert bool((authors.metrics["head_grad_ratio"] > 1e-2).all())
+    hf = head_hessian_free(torch.rand(M, n, f, dtype=DT) * 30, y, W0, b0, lam=LAM, steps=8,
+                           cg_steps=20)
+    assert bool((hf.metrics["head_grad_ratio"] < 1e-3).all())
+    assert bool((head_gd(torch.randn(M, n, f, dtype=DT), y, W0, b0, lam=LAM, steps=0, lr=0.1)
+                 .metrics["head_grad_ratio"] == 1).all())
+
+
+@pytest.mark.parametrize("case", ["y range", "W0 shape", "F_ dtype", "y dtype", "rhs dtype",
+                                  "ls_steps"])
+def test_head_solvers_name_the_argument(case):
+    # were raw torch errors ("index 5 is out of bounds", "Expected size for first two
+    # dimensions of batch2", "full(): argument 'size'") or "cg: A.F must have b's dtype"
+    from imaml_ext.head_only import head_implicit_solve
+    M, n, f, c = 2, 4, 3, 3
+    F_, y = torch.randn(M, n, f, dtype=DT), torch.randint(0, c, (M, n))
+    W0, b0 = torch.zeros(M, c, f, dtype=DT), torch.zeros(M, c, dtype=DT)
+    call, match = {
+        "y range": (lambda: head_gd(F_, y + c, W0, b0, lam=LAM, steps=1, lr=0.1),
+                    r"head_gd: y must hold labels in \[0, 3\)"),
+        "W0 shape": (lambda: head_gd(F_, y, W0[:, :, :2], b0, lam=LAM, steps=1, lr=0.1),
+                     r"head_gd: W0 must be \(M, c, f\) with F_'s M=2 and f=3, got \(2, 3, 2\)"),
+        "F_ dtype": (lambda: head_hessian_free(F_.float(), y, W0, b0, lam=LAM),
+                     r"head_hessian_free: W0 must have F_'s dtype and device \(torch.float32"),
+        "y dtype": (lambda: head_hessian_free(F_, y.int(), W0, b0, lam=LAM),
+                    r"head_hessian_free: y must be \(M, n\) = \(2, 4\) int64 labels"),
+        "rhs dtype": (lambda: head_implicit_solve(F_, W0, b0, torch.zeros(M, c * (f + 1)),
+                                                  lam=LAM),
+                      r"head_implicit_solve: rhs must have F_'s dtype and device"),
+        "ls_steps": (lambda: head_hessian_free(F_, y, W0, b0, lam=LAM, ls_steps=2.5),
+                     r"ls_steps must be an int >= 1, got 2.5"),
+    }[case]
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+def test_softmax_head_hvp_twin_returns_contiguous_outputs():
+    from imaml_ext import ops
+    M, n, f, c = 2, 4, 5, 3
+    F_ = torch.randn(M, n, f, dtype=DT)
+    W, bias = torch.randn(M, c, f, dtype=DT), torch.randn(M, c, dtype=DT)
+    V, vb = torch.randn(M, f, c, dtype=DT).mT, torch.randn(c, M, dtype=DT).T  # strided
+    outW, outb = ops.softmax_head_hvp(F_, W, bias, V, vb, 1.0, 0.5, use_ext=False)
+    assert outW.is_contiguous() and outb.is_contiguous()  # as documented, and as the kernels'
+
+
 @pytest.mark.parametrize("name", ["imaml-gd", "imaml-hf"])
 def test_adapt_and_evaluate_match_the_model_forward(name):
     model, params, tasks = setup("conv", M=2)
