@@ -250,8 +250,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"imaml: error: {exc}", file=sys.stderr)
         return 1
     except Interrupted as exc:
-        print(f"imaml: {exc}; continue with: imaml train --resume "
-              f"{Path(exc.path).parent.parent if exc.path else '<run dir>'}", file=sys.stderr)
+        if os.environ.get("RANK", "0") in ("", "0"):  # under torchrun: rank 0 wrote it
+            print(f"imaml: {exc}; continue with: imaml train --resume "
+                  f"{Path(exc.path).parent.parent if exc.path else '<run dir>'}", file=sys.stderr)
         return 128 + exc.signum
     except ForcedStop as exc:  # a second signal: no traceback, the signal's exit code
         print(f"\nimaml: {exc}; resume from the last checkpoint with: imaml train --resume "

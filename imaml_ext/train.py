@@ -28,7 +28,10 @@ Signals: SIGINT / SIGTERM finish the current meta-step, write a checkpoint and l
 (:class:`Interrupted`, exit code 128 + signal on the command line); an interrupted run loses at
 most the steps since its last checkpoint, and ``--resume RUN_DIR`` continues it exactly. The
 prefetching workers leave the signals to the trainer (SIGINT ignored, SIGTERM a quiet exit); a
-stop that took them before the next step's batch came stops after the last whole step.
+batch lost with them is drawn in the training process (it depends on (seed, step) alone). Under
+torch.distributed the stop flags (SIGINT, SIGTERM, --max-time) are all-reduced with the
+meta-gradient, so every rank stops after the same step for the same reason; the same signal
+again within 3 s (torchrun forwards what a scheduler sent to every process) is the same stop.
 """
 from __future__ import annotations
 
@@ -455,18 +458,22 @@ class _Progress:
 
 
 @contextlib.contextmanager
-def _signal_flag(enabled: bool):
-    """Installs SIGINT/SIGTERM handlers that record the signal; restores the old ones after."""
-    box = {"signum": 0}
+def _signal_flag(enabled: bool, repeat_s: float = 0.0):
+    """Installs SIGINT/SIGTERM handlers that record the signal; restores the old ones after. A
+    second signal quits at once (ForcedStop), except the same one again within ``repeat_s``
+    seconds of the first, which is taken for the same stop."""
+    box = {"signum": 0, "at": 0.0}
     if not enabled or not _in_main_thread():
         yield box
         return
 
     def handler(signum, frame):  # noqa: ARG001
         if box["signum"]:
+            if signum == box["signum"] and time.monotonic() - box["at"] < repeat_s:
+                return  # the same stop, delivered twice (torchrun forwards what it received)
             # A second signal while the checkpoint is written: leave now.
             raise ForcedStop(signum)
-        box["signum"] = signum
+        box["signum"], box["at"] = signum, time.monotonic()
         print(f"\nimaml: {signal.Signals(signum).name} received; finishing this meta-step and "
               f"writing a checkpoint (send it again to quit at once)", file=sys.stderr, flush=True)
 
@@ -478,24 +485,30 @@ def _signal_flag(enabled: bool):
             signal.signal(s, h)
 
 
-def _until_workers_stop(batches: Iterator[Any], sig: dict[str, Any], distributed: bool
-                        ) -> Iterator[Any]:
-    """The batches, ending early (``sig["workers_gone"]`` set) when the DataLoader reports a
-    worker gone after a stop signal came: the signal reached the workers too (they leave at once
-    on SIGTERM, see data.sampler), and the batch waited for will never come. Anything else, or
-    with several processes (the others would wait for this one in their all-reduce), raises."""
-    it = iter(batches)
-    while True:
+def _batches(sampler, start: int, num: int, sig: dict[str, Any]) -> Iterator[Any]:
+    """``sampler.iter_batches(start, num)``; when the DataLoader reports a worker gone after a
+    stop signal (the signal reached the prefetching workers too: they leave at once on SIGTERM,
+    see data.sampler; torchrun signals each rank's whole process group), the remaining batches
+    are drawn in this process: a batch depends on (seed, step) alone, so the step in flight runs
+    on the same tasks and every rank reaches the all-reduce that stops the run. Anything else
+    raises."""
+    it = sampler.iter_batches(start, num)
+    step, end = start, start + num
+    while step < end:
         try:
             batch = next(it)
         except StopIteration:
             return
         except RuntimeError as e:
-            if sig["signum"] and not distributed and str(e).startswith("DataLoader worker"):
-                sig["workers_gone"] = str(e)
-                return
-            raise
+            if not (sig["signum"] and str(e).startswith("DataLoader worker")):
+                raise
+            log.info("imaml_ext: the prefetching workers left with the signal (%s); drawing "
+                        "the batches in the training process", e)
+            for s in range(step, end):
+                yield sampler.batch(s)
+            return
         yield batch
+        step += 1
 
 
 def _in_main_thread() -> bool:
@@ -632,17 +645,17 @@ class Trainer:
 
     # ----------------------------------------------------------------------------------------
 
-    def meta_step(self, batch: TaskBatch, stop_flag: float = 0.0):
+    def meta_step(self, batch: TaskBatch, stop_flags: tuple[float, ...] = (0.0, 0.0, 0.0)):
         """One meta-step on ``batch`` (the full meta-batch; sharded here under torch.distributed).
 
-        Returns (metrics of this rank's tasks, ok flag (0-d bool), finite-task count, stop flag
-        summed over ranks or None).
+        Returns (metrics of this rank's tasks, ok flag (0-d bool), finite-task count, the stop
+        flags (SIGINT, SIGTERM, --max-time) summed over ranks, or None with one process).
         """
         local = batch.shard(self.info.rank, self.info.world) if self.info.active else batch
         local = local.to(self.device, self.dtype)
         grads, metrics = self.algorithm.meta_gradient(self.model, self.params, local)
         task_ok = metrics["task_ok"]
-        extra = (torch.tensor([stop_flag], device=self.device, dtype=self.dtype)
+        extra = (torch.tensor(list(stop_flags), device=self.device, dtype=self.dtype)
                  if self.info.active else None)
         grads, n_ok, extra = reduce_meta_gradient(grads, task_ok, self.info, extra)
         norms = torch._foreach_norm([g.reshape(-1) for g in grads.values()])
@@ -699,16 +712,18 @@ class Trainer:
         # training wall time over the run's processes: a resumed run goes on from its
         # checkpoint's (the steps a crash lost after it are run, and counted, again)
         self._elapsed_base = float(self.counters.get("elapsed_s", 0.0))
+        if self.info.active:
+            dist.barrier()  # every rank's --max-time clock from the same moment
         t_start = time.perf_counter()
         t_window, steps_window, last_val = t_start, 0, None
         progress = _Progress(cfg.steps, self.step, cfg.quiet or not self.info.is_main,
                              f"{cfg.algo} {cfg.dataset} {cfg.ways}w{cfg.shots}s")
         try:
-            with _signal_flag(True) as sig:
-                batches = _until_workers_stop(
-                    self.sampler.iter_batches(self.step, max(cfg.steps - self.step, 0)),
-                    sig, self.info.active)
-                t_prev, ckpt_step = None, None
+            # Under torchrun a scheduler's signal comes twice (to every process, and forwarded
+            # by torchrun's agent): a repeat within a few seconds is the same stop.
+            with _signal_flag(True, repeat_s=3.0 if self.info.active else 0.0) as sig:
+                batches = _batches(self.sampler, self.step, max(cfg.steps - self.step, 0), sig)
+                t_prev = None
                 for batch in batches:
                     now = time.perf_counter()
                     step_s = 0.0 if t_prev is None else now - t_prev  # the last step's time
@@ -718,8 +733,9 @@ class Trainer:
                     # last, would end past --max-time, so that no step ends after it (with
                     # steady step times; the first step always runs).
                     timed_out = bool(cfg.max_time) and now - t_start + 2 * step_s > cfg.max_time
-                    want_stop = sig["signum"] != 0 or timed_out
-                    metrics, ok, _, stop = self.meta_step(batch, float(want_stop))
+                    want = (float(sig["signum"] == signal.SIGINT),
+                            float(sig["signum"] == signal.SIGTERM), float(timed_out))
+                    metrics, ok, _, stop = self.meta_step(batch, want)
                     self.step += 1
                     steps_window += 1
                     window += _metric_sums(metrics, dev)
@@ -730,9 +746,14 @@ class Trainer:
                     progress.update()
                     last = self.step == cfg.steps
                     # One process: a signal that came during the step stops after it. Several:
-                    # the flags all-reduced with the meta-gradient, so every rank agrees.
-                    stopping = (bool(stop.item() > 0) if stop is not None
-                                else want_stop or sig["signum"] != 0)
+                    # the flags (SIGINT, SIGTERM, --max-time) all-reduced with the
+                    # meta-gradient, so every rank agrees on whether and why.
+                    if stop is not None:
+                        s_int, s_term, s_time = (v > 0 for v in stop.tolist())
+                    else:
+                        s_int, s_term, s_time = (sig["signum"] == signal.SIGINT,
+                                                 sig["signum"] == signal.SIGTERM, timed_out)
+                    stopping = s_int or s_term or s_time
                     if self.stop_after is not None and self.step >= self.stop_after:
                         stopping = True
                     ckpt_now = (cfg.ckpt_every and self.step % cfg.ckpt_every == 0) or last \
@@ -756,28 +777,15 @@ class Trainer:
                             on_log(last_val)
                     if ckpt_now:
                         self.checkpoint()
-                        ckpt_step = self.step
                     if stopping:
-                        if sig["signum"]:
-                            raise Interrupted(sig["signum"], self.step, self.last_checkpoint)
-                        if self.stop_after is not None and self.step >= self.stop_after:
-                            return self._summary(t_start, last_val, interrupted=True)
-                        # Another rank was signalled, or a rank hit --max-time.
-                        return self._summary(t_start, last_val, time_limited=timed_out,
-                                             interrupted=not timed_out)
-                if sig.get("workers_gone"):
-                    # The signal stopped the prefetching workers too, before the batch of the
-                    # next step came: stop here, after the last whole step.
-                    if steps_window:
-                        row = self._log_row(window, bad, steps_window,
-                                            time.perf_counter() - t_window, t_start)
-                        if row is not None:
-                            progress.show(row)
-                            if on_log:
-                                on_log(row)
-                    if ckpt_step != self.step:
-                        self.checkpoint()
-                    raise Interrupted(sig["signum"], self.step, self.last_checkpoint)
+                        # this rank's signal, else another rank's (the same exit code everywhere)
+                        signum = sig["signum"] if sig["signum"] and (s_int or s_term) else (
+                            signal.SIGTERM if s_term else signal.SIGINT if s_int else 0)
+                        if signum:
+                            raise Interrupted(signum, self.step, self.last_checkpoint)
+                        if s_time:
+                            return self._summary(t_start, last_val, time_limited=True)
+                        return self._summary(t_start, last_val, interrupted=True)  # stop_after
         finally:
             progress.close()
             self.sampler.close()

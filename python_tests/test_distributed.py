@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -118,3 +120,63 @@ def test_torchrun_two_processes_match_one(tmp_path):
     rows = tr.read_metrics(tmp_path / "two")
     assert [r["step"] for r in rows] == [1, 2]
     assert not (tmp_path / "two" / "metrics.csv.rank1").exists()
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        kids += [int(k) for k in (task / "children").read_text().split()]
+    return kids
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs /proc")
+@pytest.mark.parametrize("who", ["every process", "rank 1"])
+def test_torchrun_sigterm_stops_every_rank_with_a_checkpoint(tmp_path, who):
+    # "every process" (a scheduler's time limit signals the whole job; torchrun forwards it to
+    # each rank's process group, DataLoader workers included): every rank got it twice, took the
+    # second for "quit at once", and the workers' exit lost even prefetched batches: no
+    # checkpoint. "rank 1": rank 0 stopped with it but reported "done", exit 0.
+    data = tmp_path / "data"
+    make_omniglot_zips(data)
+    out = tmp_path / "run"
+    args = ["--data-root", str(data), "--val-classes", "2", "--ways", "3", "--shots", "1",
+            "--queries", "2", "--algo", "fomaml", "--inner-steps", "1", "--meta-batch", "4",
+            "--steps", "100000", "--val-every", "0", "--ckpt-every", "0", "--log-every", "1",
+            "--num-workers", "1", "--quiet", "--out", str(out)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1",
+               GLOO_SOCKET_IFNAME="lo", PYTHONPATH=str(ROOT))
+    torchrun = Path(sys.executable).with_name("torchrun")
+    proc = subprocess.Popen([str(torchrun), "--nnodes=1", "--nproc_per_node=2",
+                             "--master_addr=127.0.0.1", f"--master_port={free_port()}",
+                             "-m", "imaml_ext.train", *args], env=env, cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and proc.poll() is None:
+            log = out / "metrics.csv"
+            if log.is_file() and len(log.read_text().splitlines()) > 3:
+                break
+            time.sleep(0.5)
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        ranks = sorted(_children(proc.pid))
+        assert len(ranks) == 2, ranks
+        if who == "every process":
+            for pid in [proc.pid, *ranks]:
+                os.kill(pid, signal.SIGTERM)
+        else:
+            rank1 = [p for p in ranks
+                     if b"RANK=1" in Path(f"/proc/{p}/environ").read_bytes().split(b"\0")]
+            os.kill(rank1[0], signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode != 0  # stopped, not done: a scheduler requeues it
+    assert "received twice" not in err and "exited unexpectedly" not in err, err[-3000:]
+    (ckpt,) = (out / "checkpoints").glob("ckpt_*.pt")
+    step = torch.load(ckpt, weights_only=False)["step"]
+    assert f"SIGTERM received: stopped after meta-step {step}; checkpoint" in err, err[-3000:]
+    assert "imaml: done" not in err
+    assert tr.read_metrics(out)[-1]["step"] == step

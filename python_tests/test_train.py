@@ -268,9 +268,10 @@ def test_ctrl_c_with_prefetching_workers_still_checkpoints(tmp_path, capfd):
 
 
 def test_sigterm_to_the_workers_too_still_checkpoints(tmp_path):
-    """A scheduler's time limit (Slurm signals every process of the job) or `timeout` (the whole
-    group) sends SIGTERM to the DataLoader workers as well as the trainer. A worker killed by it
-    made torch's SIGCHLD handler raise in the trainer mid-step: no checkpoint, a traceback."""
+    """A scheduler's time limit (Slurm signals every process of the job), `timeout` (the whole
+    group) or torchrun (each rank's group) sends SIGTERM to the DataLoader workers as well as the
+    trainer. A worker killed by it made torch's SIGCHLD handler raise in the trainer mid-step:
+    no checkpoint, a traceback."""
     t = make_trainer(tmp_path, steps=6, ckpt_every=0, num_workers=1)
 
     def on_log(row):
@@ -282,16 +283,15 @@ def test_sigterm_to_the_workers_too_still_checkpoints(tmp_path):
 
     with pytest.raises(tr.Interrupted) as info:
         t.run(on_log=on_log)
-    assert info.value.signum == signal.SIGTERM
-    # step 3 when its batch was drawn before the worker left, else the stop comes before it
-    assert info.value.step in (2, 3)
-    assert torch.load(info.value.path, weights_only=False)["step"] == info.value.step
+    assert info.value.signum == signal.SIGTERM and info.value.step == 3
+    assert torch.load(info.value.path, weights_only=False)["step"] == 3
 
 
-def test_workers_gone_with_the_signal_before_the_next_batch_still_checkpoint(tmp_path):
+def test_a_batch_lost_with_the_workers_is_drawn_in_the_trainer(tmp_path):
     # The signal came while the trainer waited for a batch that a worker, stopped by the same
-    # signal, will never send: the DataLoader's "exited unexpectedly" error is that stop.
-    t = make_trainer(tmp_path, steps=6, ckpt_every=0, log_every=5)
+    # signal, will never send (under torchrun even prefetched ones are lost with it): the batch
+    # is drawn in the training process, the same tasks, and the step in flight completes.
+    t = make_trainer(tmp_path / "a", steps=6, ckpt_every=0, log_every=5)
     drawn = t.sampler.iter_batches
 
     def iter_batches(start, num):
@@ -304,11 +304,13 @@ def test_workers_gone_with_the_signal_before_the_next_batch_still_checkpoint(tmp
     t.sampler.iter_batches = iter_batches
     with pytest.raises(tr.Interrupted) as info:
         t.run()
-    assert info.value.signum == signal.SIGTERM and info.value.step == 2
+    assert info.value.signum == signal.SIGTERM and info.value.step == 3
     state = torch.load(info.value.path, weights_only=False)
-    # steps 1 and 2 were not logged yet (log_every 5): their window is logged and saved
-    assert state["step"] == 2 and state["counters"]["tasks"] == 2 * 2
-    assert [r["step"] for r in tr.read_metrics(tmp_path / "run") if r["kind"] == "train"] == [2]
+    assert state["step"] == 3 and state["counters"]["tasks"] == 3 * 2
+    straight = make_trainer(tmp_path / "b", steps=3, ckpt_every=0)
+    straight.run()
+    for k, v in straight.params.items():
+        assert torch.equal(state["params"][k], v.cpu()), k
 
 
 def test_a_worker_failure_without_a_signal_is_not_taken_for_a_stop(tmp_path):
@@ -340,6 +342,21 @@ def test_a_second_signal_quits_at_once_with_its_own_exception(tmp_path):
         t.run(on_log=on_log)
     assert info.value.signum == signal.SIGTERM and isinstance(info.value, KeyboardInterrupt)
     assert signal.getsignal(signal.SIGTERM) is before  # the handlers were restored
+
+
+def test_the_same_signal_again_within_the_repeat_window_is_the_same_stop():
+    # under torchrun a scheduler's SIGTERM reaches each rank twice (directly, and forwarded by
+    # torchrun's agent): the second was taken for "quit at once", no checkpoint
+    with tr._signal_flag(True, repeat_s=30.0) as sig:
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert sig["signum"] == signal.SIGTERM
+        with pytest.raises(tr.ForcedStop):  # another signal still quits at once
+            os.kill(os.getpid(), signal.SIGINT)
+    with tr._signal_flag(True) as sig:  # one process: no window, the second quits
+        os.kill(os.getpid(), signal.SIGTERM)
+        with pytest.raises(tr.ForcedStop):
+            os.kill(os.getpid(), signal.SIGTERM)
 
 
 class FakeSummaryWriter:
