@@ -263,15 +263,27 @@ class DistInfo:
 def init_distributed(device: str) -> tuple[DistInfo, str]:
     """Joins the torchrun job if its environment is set (WORLD_SIZE > 1); returns the info and
     the device this rank uses (``cuda:LOCAL_RANK`` when training on CUDA)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    try:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        raise UsageError(f"WORLD_SIZE must be an int, got {os.environ['WORLD_SIZE']!r}") from None
     if world <= 1:
         return DistInfo(), device
+    missing = [k for k in ("RANK", "MASTER_ADDR", "MASTER_PORT") if not os.environ.get(k)]
+    if missing and not dist.is_initialized():
+        raise UsageError(f"WORLD_SIZE={world} but {', '.join(missing)} not set: start several "
+                         f"processes with torchrun (torchrun --nproc_per_node={world} -m "
+                         f"imaml_ext.train ...), which sets them all, or unset WORLD_SIZE")
+    cuda = torch.device(device).type == "cuda"
+    local = int(os.environ.get("LOCAL_RANK", "0") or 0)
+    if cuda and local >= torch.cuda.device_count():
+        raise UsageError(f"--device cuda: this process is LOCAL_RANK {local}, but only "
+                         f"{torch.cuda.device_count()} CUDA device(s) are visible: one process "
+                         f"per GPU (torchrun --nproc_per_node <= the GPU count)")
     if not dist.is_initialized():
-        backend = "nccl" if torch.device(device).type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend)
+        dist.init_process_group(backend="nccl" if cuda else "gloo")
     rank = dist.get_rank()
-    if torch.device(device).type == "cuda":
-        local = int(os.environ.get("LOCAL_RANK", "0"))
+    if cuda:
         torch.cuda.set_device(local)
         device = f"cuda:{local}"
     return DistInfo(rank, dist.get_world_size()), device

@@ -600,3 +600,20 @@ def test_max_time_does_not_start_a_step_that_would_end_past_it(tmp_path, monkeyp
     summary = t.run()
     assert t.step == 2 and clock[0] <= 2.5 + 1e-9, (t.step, clock[0])
     assert summary["time_limited"] and summary["step"] == 2
+
+
+def test_a_half_set_torchrun_environment_is_a_usage_error(monkeypatch):
+    # was torch's traceback ("environment variable RANK expected, but not set"), exit 1
+    from imaml_ext.config import UsageError
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for k in ("RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(k, raising=False)
+    with pytest.raises(UsageError, match=r"WORLD_SIZE=2 but RANK, MASTER_ADDR, MASTER_PORT not "
+                                         r"set: start several processes with torchrun"):
+        tr.init_distributed("cpu")
+    monkeypatch.setenv("WORLD_SIZE", "two")
+    with pytest.raises(UsageError, match="WORLD_SIZE must be an int, got 'two'"):
+        tr.init_distributed("cpu")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    info, device = tr.init_distributed("cpu")
+    assert (info.rank, info.world, device) == (0, 1, "cpu")
