@@ -515,7 +515,7 @@ def _batches(sampler, start: int, num: int, sig: dict[str, Any]) -> Iterator[Any
             if not (sig["signum"] and str(e).startswith("DataLoader worker")):
                 raise
             log.info("imaml_ext: the prefetching workers left with the signal (%s); drawing "
-                        "the batches in the training process", e)
+                     "the batches in the training process", e)
             for s in range(step, end):
                 yield sampler.batch(s)
             return

@@ -101,7 +101,7 @@ def _ignore_stop_signals(worker_id: int) -> None:  # noqa: ARG001 (DataLoader's 
     group; the DataLoader's shutdown and multiprocessing's at exit stop a late worker with it and
     then wait): the worker leaves at once with status 0. Killed by the signal, torch's SIGCHLD
     handler raised in the trainer in the middle of its step (no checkpoint); ignoring it hung the
-    shutdown. A batch the trainer then still waits for is its stop (Trainer.run)."""
+    shutdown. A batch lost with the workers is drawn in the trainer (train._batches)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _leave_quietly)
 
