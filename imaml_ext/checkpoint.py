@@ -77,13 +77,19 @@ def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
 
 def save_checkpoint(run_dir: str | Path, state: dict[str, Any], keep: int = 3) -> Path:
     """Writes ``state`` (which must hold ``step``) as the run's newest checkpoint, atomically,
-    points ``latest`` at it, and deletes all but the ``keep`` newest checkpoint files."""
+    points ``latest`` at it, and deletes all but the ``keep`` newest checkpoint files up to its
+    step. It never deletes the file just written, and leaves files of later steps alone (a run
+    resumed from an older checkpoint: they belonged to the abandoned continuation, and counted
+    as newest they made the rotation delete the new file, ``latest`` then naming a missing
+    one)."""
     d = Path(run_dir) / CKPT_DIR
     d.mkdir(parents=True, exist_ok=True)
-    path = d / ckpt_name(int(state["step"]))
+    step = int(state["step"])
+    path = d / ckpt_name(step)
     atomic_torch_save({"format": FORMAT, **state}, path)
     atomic_write_bytes(d / LATEST, (path.name + "\n").encode())
-    for _, old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
+    upto = [(s, p) for s, p in list_checkpoints(run_dir) if s <= step and p != path]
+    for _, old in upto[:max(len(upto) - (keep - 1), 0)] if keep > 0 else []:
         try:
             old.unlink()
         except OSError as exc:
@@ -123,7 +129,11 @@ def find_checkpoint(path: str | Path) -> Path:
     ckdir = p / CKPT_DIR if (p / CKPT_DIR).is_dir() else p
     latest = ckdir / LATEST
     if latest.is_file():
-        name = latest.read_text().strip()
+        try:
+            name = latest.read_text().strip()
+        except (OSError, UnicodeDecodeError) as exc:  # damaged: the highest step instead
+            log.warning("imaml_ext: ignoring unreadable %s (%s)", latest, exc)
+            name = ""
         if name and (ckdir / name).is_file():
             return ckdir / name
     found = list_checkpoints(ckdir.parent if ckdir.name == CKPT_DIR else p)
@@ -178,6 +188,17 @@ def check_compatible(state: dict[str, Any], config: dict[str, Any],
         for k in sorted(set(a) | set(b)):
             if a.get(k) != b.get(k):
                 diffs.append(f"parameter {k}: checkpoint shape {a.get(k)}, requested {b.get(k)}")
+    if model_sig is not None and not diffs:
+        # the tensors themselves, not only the signature saved beside them (a resume copied
+        # whatever keys the file held: a missing one kept its fresh initialisation, a [1] one
+        # was broadcast)
+        params, want = state.get("params", {}), model_sig["shapes"]
+        for k in sorted(set(params) | set(want)):
+            got = list(params[k].shape) if isinstance(params.get(k), torch.Tensor) else None
+            if got != want.get(k):
+                diffs.append(f"params[{k!r}]: checkpoint holds "
+                             f"{'nothing' if k not in params else got}, the model needs "
+                             f"{want.get(k, 'no such parameter')}")
     if diffs:
         raise ConfigMismatchError(f"checkpoint {state.get('path', '?')} was written by another "
                                   f"model or algorithm: " + "; ".join(diffs))

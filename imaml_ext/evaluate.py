@@ -100,8 +100,9 @@ def evaluate_tasks(algorithm, model: torch.nn.Module, params: dict[str, torch.Te
     acc = torch.cat(accs)[:num_tasks]
     loss = torch.cat(losses)[:num_tasks]
     finite = torch.isfinite(loss) & torch.isfinite(acc)
-    # A task whose adaptation diverged counts as wrong (accuracy 0 if NaN), not as missing.
-    acc = torch.where(torch.isfinite(acc), acc, torch.zeros_like(acc))
+    # A task whose adaptation diverged counts as wrong (accuracy 0), not as missing, and not as
+    # the chance score its NaN logits' argmax (index 0, the first class) would give it.
+    acc = torch.where(finite, acc, torch.zeros_like(acc))
     mean, ci = confidence_interval(acc.numpy())
     lmean = float(loss[finite].mean()) if finite.any() else float("nan")
     return EvalResult(accuracy=mean, ci95=ci, loss=lmean, num_tasks=int(acc.numel()),
@@ -133,8 +134,10 @@ def evaluate_checkpoint(checkpoint: str | Path, tasks: int = 600, split: str = "
     dev = tr.usable_device(cfg.device)
     dtype = getattr(torch, cfg.dtype)
     model = tr.build_model(cfg).to(dev, dtype)
+    # the model's own shapes (the checkpoint's params against its own signature always match)
+    ck.check_compatible(state, cfg.to_dict(), ck.model_signature(dict(model.named_parameters()),
+                                                                 model))
     params = {k: v.to(dev, dtype) for k, v in state["params"].items()}
-    ck.check_compatible(state, cfg.to_dict(), ck.model_signature(params, model))
     algorithm = tr.build_algorithm(cfg)
     dataset = tr.load_split(cfg, split)
     tr.check_trained_classes(state, dataset, split)

@@ -694,8 +694,16 @@ class Trainer:
             "data": {"source": self.train_data.source,
                      "train_classes": list(self.train_data.class_names)},
         }
-        self.last_checkpoint = ck.save_checkpoint(self.run_dir, state, keep=self.cfg.keep_ckpts)
-        return self.last_checkpoint
+        try:
+            path = ck.save_checkpoint(self.run_dir, state, keep=self.cfg.keep_ckpts)
+        except OSError as exc:  # disk full, I/O error: the previous checkpoint is intact
+            raise ck.CheckpointError(
+                f"could not write the checkpoint of step {self.step} under "
+                f"{self.run_dir / ck.CKPT_DIR} ({exc.strerror or exc}); the last good one is "
+                f"{self.last_checkpoint or 'none (this run wrote none yet)'}: free space and "
+                f"resume with imaml train --resume {self.run_dir}") from exc
+        self.last_checkpoint = path
+        return path
 
     def validate(self) -> dict[str, Any] | None:
         if self.val_sampler is None:

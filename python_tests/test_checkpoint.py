@@ -105,3 +105,86 @@ def test_resume_equals_uninterrupted_run(tmp_path):
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
     full_rows = tr.read_metrics(tmp_path / "full" / "run")
     assert [r["meta_loss"] for r in rows] == [r["meta_loss"] for r in full_rows]
+
+
+def test_rotation_after_resuming_from_an_older_step_keeps_the_new_file(tmp_path):
+    # steps 200 and 300 on disk, the run resumed from 200: with keep=1 the rotation counted 300
+    # as the newest and deleted the step-210 file just written, latest naming a missing file
+    for s in (200, 300):
+        ck.save_checkpoint(tmp_path, _state(s), keep=5)
+    path = ck.save_checkpoint(tmp_path, _state(210), keep=1)
+    assert path.is_file() and ck.find_checkpoint(tmp_path) == path
+    assert [s for s, _ in ck.list_checkpoints(tmp_path)] == [210, 300]  # 200 rotated out
+    ck.save_checkpoint(tmp_path, _state(220), keep=2)
+    assert [s for s, _ in ck.list_checkpoints(tmp_path)] == [210, 220, 300]
+    ck.save_checkpoint(tmp_path, _state(230), keep=3)  # fewer old files than keep: none go
+    assert [s for s, _ in ck.list_checkpoints(tmp_path)] == [210, 220, 230, 300]
+
+
+def test_an_unreadable_latest_pointer_falls_back_to_the_highest_step(tmp_path):
+    for s in (1, 2):
+        ck.save_checkpoint(tmp_path, _state(s))
+    (tmp_path / "checkpoints" / "latest").write_bytes(b"\xff\xfe\x00")  # was UnicodeDecodeError
+    assert ck.find_checkpoint(tmp_path).name == ck.ckpt_name(2)
+
+
+def test_a_failed_checkpoint_write_names_the_last_good_one(tmp_path, monkeypatch):
+    t = make_trainer(tmp_path, steps=4, ckpt_every=2)
+    calls = []
+
+    def full_disk(obj, path):
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        return real(obj, path)
+    real = ck.atomic_torch_save
+    monkeypatch.setattr(ck, "atomic_torch_save", full_disk)
+    with pytest.raises(ck.CheckpointError, match=r"could not write the checkpoint of step 4 .*No "
+                                                 r"space left on device.*the last good one is .*"
+                                                 r"ckpt_00000002.pt.*--resume"):
+        t.run()
+    assert ck.load_latest(tmp_path / "run")["step"] == 2  # intact
+
+
+@pytest.mark.parametrize("damage", ["missing", "broadcastable", "other model"])
+def test_params_that_do_not_fit_the_model_are_refused(tmp_path, damage):
+    # resume copied whatever the file held (a missing key kept its fresh initialisation, a [1]
+    # tensor was broadcast); eval compared the checkpoint's params with their own signature
+    t = make_trainer(tmp_path, steps=2, ckpt_every=2)
+    t.run()
+    path = tmp_path / "run" / "checkpoints" / ck.ckpt_name(2)
+    state = torch.load(path, weights_only=False)
+    if damage == "missing":
+        del state["params"]["head.bias"]
+    elif damage == "broadcastable":
+        state["params"]["head.bias"] = torch.zeros(1)
+    else:  # a consistent 20-way head and signature under a 3-way config
+        state["params"]["head.weight"] = torch.zeros(20, state["params"]["head.weight"].shape[1])
+        state["model"]["shapes"]["head.weight"] = list(state["params"]["head.weight"].shape)
+    torch.save(state, path)
+    with pytest.raises(ck.ConfigMismatchError, match=r"head\.(bias|weight)"):
+        make_trainer(tmp_path, resume=str(tmp_path / "run"), steps=4)
+    if damage == "other model":
+        from imaml_ext.evaluate import evaluate_checkpoint
+        with pytest.raises(ck.ConfigMismatchError, match=r"head\.weight: checkpoint shape \[20, "):
+            evaluate_checkpoint(tmp_path / "run", tasks=2)
+
+
+def test_a_diverged_task_scores_zero_not_chance():
+    # NaN logits' argmax is class 0, the first label of every task: a diverged task scored 1/N
+    from imaml_ext.data import TaskSampler
+    from imaml_ext.evaluate import evaluate_tasks
+    from test_train import synthetic_dataset
+
+    class Diverges:
+        def evaluate(self, model, params, batch):
+            M = batch.num_tasks
+            loss = torch.full((M,), float("nan"), dtype=torch.float64)
+            loss[0] = 0.5  # the first task of each batch adapted fine, scored 1.0
+            acc = torch.full((M,), 0.2, dtype=torch.float64)
+            acc[0] = 1.0
+            return loss, acc
+
+    sampler = TaskSampler(synthetic_dataset(), 5, 1, 2, 4, seed=0, per_task_seed=True)
+    res = evaluate_tasks(Diverges(), None, {}, sampler, 8)
+    assert res.nonfinite_tasks == 6 and res.accuracy == pytest.approx(2 / 8)
