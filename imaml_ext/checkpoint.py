@@ -103,8 +103,16 @@ def load_checkpoint_file(path: str | Path, map_location="cpu") -> dict[str, Any]
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=False)
+        # weights_only: tensors and plain data only, so that a foreign file cannot run code on
+        # load (TorchVersion: the version string of checkpoints written before 2026-11-29)
+        from torch.torch_version import TorchVersion  # noqa: PLC0415
+        with torch.serialization.safe_globals([TorchVersion]):
+            state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unpickling failure means a corrupt file
+        if "Unsupported global" in str(exc):  # a class or function, not damage
+            raise CheckpointError(
+                f"checkpoint {path} holds Python objects beyond tensors and plain data, which "
+                f"imaml_ext never writes; refused (loading it would run its code)") from exc
         raise CheckpointError(f"checkpoint {path} is corrupt or truncated ({type(exc).__name__}: "
                               f"{exc}); delete it or resume from an older one") from exc
     if not isinstance(state, dict) or state.get("format") != FORMAT:

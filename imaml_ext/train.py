@@ -534,7 +534,7 @@ def _versions() -> dict[str, Any]:
         build = imaml_ext.build_info()
     except Exception:  # noqa: BLE001
         build = {}
-    return {"imaml_ext": imaml_ext.__version__, "torch": torch.__version__,
+    return {"imaml_ext": imaml_ext.__version__, "torch": str(torch.__version__),
             "python": platform.python_version(), "platform": platform.platform(),
             "extension": build}
 

@@ -188,3 +188,29 @@ def test_a_diverged_task_scores_zero_not_chance():
     sampler = TaskSampler(synthetic_dataset(), 5, 1, 2, 4, seed=0, per_task_seed=True)
     res = evaluate_tasks(Diverges(), None, {}, sampler, 8)
     assert res.nonfinite_tasks == 6 and res.accuracy == pytest.approx(2 / 8)
+
+
+class _RunsCode:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))  # loading it creates the marker file
+
+
+def test_a_checkpoint_holding_code_is_refused_without_running_it(tmp_path):
+    marker = tmp_path / "ran"
+    path = tmp_path / "checkpoints" / ck.ckpt_name(1)
+    path.parent.mkdir()
+    torch.save({"format": ck.FORMAT, **_state(1), "payload": _RunsCode(str(marker))}, path)
+    with pytest.raises(ck.CheckpointError, match="holds Python objects beyond tensors"):
+        ck.load_checkpoint_file(path)
+    assert not marker.exists()
+
+
+def test_a_checkpoint_written_with_torchs_version_object_still_loads(tmp_path):
+    # written before 2026-11-29: versions["torch"] was a TorchVersion, not a str
+    path = tmp_path / ck.ckpt_name(1)
+    torch.save({"format": ck.FORMAT, **_state(1), "versions": {"torch": torch.__version__}},
+               path)
+    assert ck.load_checkpoint_file(path)["versions"]["torch"] == str(torch.__version__)
