@@ -511,8 +511,11 @@ def _batches(sampler, start: int, num: int, sig: dict[str, Any]) -> Iterator[Any
             batch = next(it)
         except StopIteration:
             return
-        except RuntimeError as e:
-            if not (sig["signum"] and str(e).startswith("DataLoader worker")):
+        except (RuntimeError, ConnectionError, EOFError) as e:
+            # "DataLoader worker ... exited unexpectedly", or a prefetched batch whose shared
+            # memory the gone worker can no longer hand over (resource_sharer's connection)
+            lost = not isinstance(e, RuntimeError) or str(e).startswith("DataLoader worker")
+            if not (sig["signum"] and lost):
                 raise
             log.info("imaml_ext: the prefetching workers left with the signal (%s); drawing "
                      "the batches in the training process", e)

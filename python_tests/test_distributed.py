@@ -175,7 +175,9 @@ def test_torchrun_sigterm_stops_every_rank_with_a_checkpoint(tmp_path, who):
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode != 0  # stopped, not done: a scheduler requeues it
     assert "received twice" not in err and "exited unexpectedly" not in err, err[-3000:]
-    (ckpt,) = (out / "checkpoints").glob("ckpt_*.pt")
+    ckpts = list((out / "checkpoints").glob("ckpt_*.pt"))
+    assert len(ckpts) == 1, err[-4000:]
+    (ckpt,) = ckpts
     step = torch.load(ckpt, weights_only=False)["step"]
     assert f"SIGTERM received: stopped after meta-step {step}; checkpoint" in err, err[-3000:]
     assert "imaml: done" not in err

@@ -287,7 +287,11 @@ def test_sigterm_to_the_workers_too_still_checkpoints(tmp_path):
     assert torch.load(info.value.path, weights_only=False)["step"] == 3
 
 
-def test_a_batch_lost_with_the_workers_is_drawn_in_the_trainer(tmp_path):
+@pytest.mark.parametrize("lost", [
+    RuntimeError("DataLoader worker (pid(s) 12345) exited unexpectedly"),
+    ConnectionResetError(104, "Connection reset by peer"),  # a prefetched batch's shared memory
+])
+def test_a_batch_lost_with_the_workers_is_drawn_in_the_trainer(tmp_path, lost):
     # The signal came while the trainer waited for a batch that a worker, stopped by the same
     # signal, will never send (under torchrun even prefetched ones are lost with it): the batch
     # is drawn in the training process, the same tasks, and the step in flight completes.
@@ -298,7 +302,7 @@ def test_a_batch_lost_with_the_workers_is_drawn_in_the_trainer(tmp_path):
         for i, batch in enumerate(drawn(start, num)):
             if i == 2:
                 os.kill(os.getpid(), signal.SIGTERM)
-                raise RuntimeError("DataLoader worker (pid(s) 12345) exited unexpectedly")
+                raise lost
             yield batch
 
     t.sampler.iter_batches = iter_batches
