@@ -67,6 +67,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from imaml_ext import reference
+from imaml_ext.ops import check_softmax_head
 from imaml_ext.hvp import Params, TaskLoss
 from imaml_ext.implicit import _check_matrix_args, _no_solve
 from imaml_ext.inner import PROXIMAL, NewtonLog, _check, batched_theta, check_newton_args
@@ -234,28 +235,13 @@ def head_smoothness(F_: torch.Tensor) -> torch.Tensor:
 
 def _check_head_inputs(who: str, F_, W, b, y=None, names=("F_", "W0", "b0")) -> None:
     """ValueError naming the argument unless F_ (M, n, f), W (M, c, f) and b (M, c) are one
-    floating dtype on one device and y, if given, is (M, n) int64 (in [0, c) on the CPU; on a
-    GPU that would be a host read: the algorithms mask such labels on the device)."""
-    fn, wn, bn = names
-    for name, t, dims in ((fn, F_, 3), (wn, W, 3), (bn, b, 2)):
-        if not isinstance(t, torch.Tensor) or t.dim() != dims or not t.is_floating_point():
-            got = (f"{t.dtype} {tuple(t.shape)}" if isinstance(t, torch.Tensor)
-                   else type(t).__name__)
-            raise ValueError(f"{who}: {name} must be a floating-point tensor of {dims} "
-                             f"dimensions, got {got}")
-    M, n, f = F_.shape
-    c = W.shape[1]
-    if tuple(W.shape) != (M, c, f):
-        raise ValueError(f"{who}: {wn} must be (M, c, f) with {fn}'s M={M} and f={f}, got "
-                         f"{tuple(W.shape)}")
-    if tuple(b.shape) != (M, c):
-        raise ValueError(f"{who}: {bn} must be (M, c) = ({M}, {c}), got {tuple(b.shape)}")
-    for name, t in ((wn, W), (bn, b)):
-        if t.dtype != F_.dtype or t.device != F_.device:
-            raise ValueError(f"{who}: {name} must have {fn}'s dtype and device ({F_.dtype}, "
-                             f"{F_.device}), got ({t.dtype}, {t.device})")
+    floating dtype on one device (ops.check_softmax_head) and y, if given, is (M, n) int64 (in
+    [0, c) on the CPU; on a GPU that would be a host read: the algorithms mask such labels on
+    the device)."""
+    check_softmax_head(who, F_, W, b, 0.0, 1.0, names=names)
     if y is None:
         return
+    (M, n, _), c = F_.shape, W.shape[1]
     if not isinstance(y, torch.Tensor) or y.dtype != torch.int64 or tuple(y.shape) != (M, n) \
             or y.device != F_.device:
         got = f"{y.dtype} {tuple(y.shape)} on {y.device}" if isinstance(y, torch.Tensor) \
@@ -263,8 +249,13 @@ def _check_head_inputs(who: str, F_, W, b, y=None, names=("F_", "W0", "b0")) -> 
         raise ValueError(f"{who}: y must be (M, n) = ({M}, {n}) int64 labels on {F_.device}, "
                          f"got {got}")
     if y.device.type == "cpu" and y.numel() and not bool(((y >= 0) & (y < c)).all()):
-        raise ValueError(f"{who}: y must hold labels in [0, {c}) ({wn} has c={c} classes), got "
-                         f"{int(y.min())}..{int(y.max())}")
+        raise ValueError(f"{who}: y must hold labels in [0, {c}) ({names[1]} has c={c} "
+                         f"classes), got {int(y.min())}..{int(y.max())}")
+
+
+def _norm(gW, gb) -> torch.Tensor:
+    """(M,) norm of the head gradient (gW, gb)."""
+    return torch.sqrt(gW.square().sum((1, 2)) + gb.square().sum(1))
 
 
 def _grad_norm(F_, W, b, y, W0, b0, lam_in: float) -> torch.Tensor:
@@ -273,7 +264,7 @@ def _grad_norm(F_, W, b, y, W0, b0, lam_in: float) -> torch.Tensor:
     if lam_in:
         gW = gW + lam_in * (W - W0)
         gb = gb + lam_in * (b - b0)
-    return torch.sqrt(gW.square().sum((1, 2)) + gb.square().sum(1))
+    return _norm(gW, gb)
 
 
 def head_gd(F_, y, W0, b0, *, lam: float, steps: int, lr: float, proximal: str = "paper",
@@ -320,7 +311,7 @@ def head_gd(F_, y, W0, b0, *, lam: float, steps: int, lr: float, proximal: str =
         loss, gW, gb, _ = head_loss_grad(F_, W, b, y)
         if loss_first is None:
             loss_first = loss
-            g_first = torch.sqrt(gW.square().sum((1, 2)) + gb.square().sum(1))  # at W0, b0
+            g_first = _norm(gW, gb)  # at W0, b0, where the proximal term's gradient is 0
         if lam_in:
             gW = gW + lam_in * (W - W0)
             gb = gb + lam_in * (b - b0)

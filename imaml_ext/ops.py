@@ -258,17 +258,20 @@ if _C is not None:
 
 # ---- the softmax cross-entropy head (csrc/hvp_math.h) ----------------------------------------
 
-def check_softmax_head(op, F, W, bias, shift, scale):
-    _check_float(op, "F", F)
+def check_softmax_head(op, F, W, bias, shift, scale, names=("F", "W", "bias")):
+    """F (B, n, f), W (B, c, f), bias (B, c) alike; `names` are the caller's for them."""
+    fn, wn, bn = names
+    _check_float(op, fn, F)
     if F.dim() != 3:
-        _fail(op, f"F must be (B, n, f), got {tuple(F.shape)}")
+        _fail(op, f"{fn} must be (B, n, f), got {tuple(F.shape)}")
     B, _, f = F.shape
-    _check_like(op, "W", W, "F", F)
+    _check_like(op, wn, W, fn, F)
     if W.dim() != 3 or W.shape[0] != B or W.shape[2] != f:
-        _fail(op, f"W must be ({B}, c, {f}) to match F {tuple(F.shape)}, got {tuple(W.shape)}")
-    _check_like(op, "bias", bias, "F", F)
+        _fail(op, f"{wn} must be ({B}, c, {f}) to match {fn} {tuple(F.shape)}, got "
+                  f"{tuple(W.shape)}")
+    _check_like(op, bn, bias, fn, F)
     if bias.dim() != 2 or bias.shape[0] != B or bias.shape[1] != W.shape[1]:
-        _fail(op, f"bias must be ({B}, {W.shape[1]}) to match W {tuple(W.shape)}, got "
+        _fail(op, f"{bn} must be ({B}, {W.shape[1]}) to match {wn} {tuple(W.shape)}, got "
                   f"{tuple(bias.shape)}")
     if not (math.isfinite(shift) and math.isfinite(scale)):
         _fail(op, f"shift and scale must be finite, got {shift} and {scale}")

@@ -291,9 +291,10 @@ def test_head_solvers_name_the_argument(case):
         "y range": (lambda: head_gd(F_, y + c, W0, b0, lam=LAM, steps=1, lr=0.1),
                     r"head_gd: y must hold labels in \[0, 3\)"),
         "W0 shape": (lambda: head_gd(F_, y, W0[:, :, :2], b0, lam=LAM, steps=1, lr=0.1),
-                     r"head_gd: W0 must be \(M, c, f\) with F_'s M=2 and f=3, got \(2, 3, 2\)"),
+                     r"head_gd: W0 must be \(2, c, 3\) to match F_ \(2, 4, 3\), got \(2, 3, 2\)"),
         "F_ dtype": (lambda: head_hessian_free(F_.float(), y, W0, b0, lam=LAM),
-                     r"head_hessian_free: W0 must have F_'s dtype and device \(torch.float32"),
+                     r"head_hessian_free: W0 must have dtype torch.float32 like F_, got "
+                     r"torch.float64"),
         "y dtype": (lambda: head_hessian_free(F_, y.int(), W0, b0, lam=LAM),
                     r"head_hessian_free: y must be \(M, n\) = \(2, 4\) int64 labels"),
         "rhs dtype": (lambda: head_implicit_solve(F_, W0, b0, torch.zeros(M, c * (f + 1)),
