@@ -40,10 +40,15 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def sweep_stale_temps(path: str | Path, suffix: str = ".tmp") -> list[Path]:
-    """Removes the temp files of ``path`` left by killed writers of this host; returns them."""
+def sweep_stale_temps(path: str | Path, suffix: str = ".tmp", *,
+                      names: str | None = None) -> list[Path]:
+    """Removes the temp files of ``path`` left by killed writers of this host; returns them.
+    With ``names`` (a regular expression), those of every file in ``path``'s directory whose
+    name matches it instead (checkpoints: each step writes a new name, so a writer killed at
+    one step left a temp file that no later write of that same name would sweep)."""
     path = Path(path)
-    pattern = re.compile(rf"^\.{re.escape(path.name)}\.{re.escape(_host())}\.(\d+)\."
+    target = re.escape(path.name) if names is None else f"(?:{names})"
+    pattern = re.compile(rf"^\.{target}\.{re.escape(_host())}\.(\d+)\."
                          rf"[A-Za-z0-9_]+{re.escape(suffix)}$")
     removed = []
     try:

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from imaml_ext._atomic import atomic_write
+from imaml_ext._atomic import atomic_write, sweep_stale_temps
 from imaml_ext.config import identity_mismatch
 
 log = logging.getLogger("imaml_ext.checkpoint")
@@ -51,7 +51,8 @@ def ckpt_name(step: int) -> str:
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Writes ``data`` to ``path`` via a temp file in the same directory + fsync + os.replace
-    (imaml_ext._atomic; temp files of killed writers are swept on the next write)."""
+    (imaml_ext._atomic; temp files of killed writers are swept on the next write of that name,
+    and :func:`save_checkpoint` sweeps those of every checkpoint name)."""
     atomic_write(path, lambda f: f.write(data))
 
 
@@ -88,6 +89,8 @@ def save_checkpoint(run_dir: str | Path, state: dict[str, Any], keep: int = 3) -
     path = d / ckpt_name(step)
     atomic_torch_save({"format": FORMAT, **state}, path)
     atomic_write_bytes(d / LATEST, (path.name + "\n").encode())
+    # a writer killed at another step left its temp file (as large as a checkpoint) there
+    sweep_stale_temps(path, names=r"ckpt_\d{8,}\.pt")
     upto = [(s, p) for s, p in list_checkpoints(run_dir) if s <= step and p != path]
     for _, old in upto[:max(len(upto) - (keep - 1), 0)] if keep > 0 else []:
         try:

@@ -133,7 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seed", type=int, default=None, help="task draw seed (default: the run's)")
     e.add_argument("--device", default=None)
     e.add_argument("--data-root", default=None)
-    e.add_argument("--num-workers", type=int, default=0)
+    e.add_argument("--num-workers", type=int, default=0,
+                   help="task-prefetching processes (default 0: none)")
     e.add_argument("--json", default=None, help="also write the result here")
     return p
 
@@ -193,6 +194,9 @@ def _eval(ns: argparse.Namespace) -> int:
         raise UsageError(f"--tasks must be > 0, got {ns.tasks}")
     if ns.meta_batch is not None and ns.meta_batch <= 0:
         raise UsageError(f"--meta-batch must be > 0, got {ns.meta_batch}")
+    if ns.num_workers < 0:
+        raise UsageError(f"--num-workers must be >= 0 (0: tasks drawn in this process), got "
+                         f"{ns.num_workers}")
     if ns.seed is not None:
         check_seed(ns.seed)
     if ns.json:  # before the evaluation, which can take minutes, not after it

@@ -88,3 +88,23 @@ def test_written_files_get_the_umask_mode_not_the_temp_files(tmp_path, umask):
     assert oct((tmp_path / "ckpt.pt").stat().st_mode & 0o777) == want
     assert oct((tmp_path / "cache.pt").stat().st_mode & 0o777) == want
     assert oct((tmp_path / "explicit").stat().st_mode & 0o777) == "0o640"
+
+
+def test_save_checkpoint_sweeps_killed_writers_temps_of_every_step(tmp_path):
+    """A writer killed while writing step 20's checkpoint leaves a temp file as large as a
+    checkpoint; the run resumed from step 10 writes steps 15, 25, ... and never step 20's name
+    again, so the sweep of the same name alone would keep it for good."""
+    d = tmp_path / "checkpoints"
+    checkpoint.save_checkpoint(tmp_path, {"step": 10, "params": {}, "optimizer": {},
+                                          "config": {}})
+    host = _atomic._host()
+    stale = temp_name(d / "ckpt_00000020.pt", host, dead_pid())
+    live = temp_name(d / "ckpt_00000030.pt", host, os.getppid())
+    remote = temp_name(d / "ckpt_00000040.pt", "another-host", dead_pid())
+    foreign = temp_name(d / "notes.txt", host, dead_pid())
+    for p in (stale, live, remote, foreign):
+        p.write_bytes(b"half a checkpoint")
+    checkpoint.save_checkpoint(tmp_path, {"step": 15, "params": {}, "optimizer": {},
+                                          "config": {}})
+    assert not stale.exists()
+    assert live.exists() and remote.exists() and foreign.exists()

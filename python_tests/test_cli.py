@@ -267,6 +267,9 @@ def test_eval_prints_accuracy_and_interval(capsys, tmp_path, monkeypatch):
         code, _, err = run_cli(capsys, "eval", "--checkpoint", str(tmp_path / "run"), "--json",
                                str(dest))
         assert_clean_error(code, err, f"--json {dest}: {msg}")
+    code, _, err = run_cli(capsys, "eval", "--checkpoint", str(tmp_path / "run"),
+                           "--num-workers", "-1")
+    assert_clean_error(code, err, "--num-workers must be >= 0", "got -1")
 
 
 def test_console_script_error_has_no_traceback(omniglot_root, tmp_path):
