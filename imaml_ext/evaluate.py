@@ -17,7 +17,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -72,7 +72,9 @@ def _progress_line(split, accs, num_tasks, t0, t_shown, every_s) -> float:
 
 def evaluate_tasks(algorithm, model: torch.nn.Module, params: dict[str, torch.Tensor], sampler,
                    num_tasks: int, dtype: torch.dtype | None = None, split: str = "test",
-                   start_step: int = 0, progress_every_s: float | None = None) -> EvalResult:
+                   start_step: int = 0, progress_every_s: float | None = None,
+                   shard: tuple[int, int] = (0, 1),
+                   gather: Callable[[torch.Tensor], torch.Tensor] | None = None) -> EvalResult:
     """Adapts to and scores ``num_tasks`` tasks drawn by ``sampler`` (its meta-batch at a time).
 
     Batches ``start_step, start_step + 1, ...`` of the sampler are used, so a given sampler seed
@@ -80,23 +82,46 @@ def evaluate_tasks(algorithm, model: torch.nn.Module, params: dict[str, torch.Te
     the trainer's validation build it, whatever the meta-batch). Per-task accuracies are read to
     the host once per meta-batch. progress_every_s: print a progress line to stderr (tasks done,
     accuracy so far, elapsed and remaining time) at most this often; None: silent.
+
+    Over several processes (the trainer's validation under torchrun): ``shard=(rank, world)``
+    makes this process adapt batches ``start_step + rank``, ``+ rank + world``, ... only, and
+    ``gather`` (required then) maps this process's (K, 2) tensor of per-task (loss, accuracy),
+    K = the same count on every process, to the (world, K, 2) stack of every process's; the
+    result is every process's, equal to the one-process evaluation of the same tasks.
     """
     if num_tasks <= 0:
         raise ValueError(f"num_tasks must be > 0, got {num_tasks}")
+    rank, world = shard
+    if not (isinstance(world, int) and world >= 1 and isinstance(rank, int)
+            and 0 <= rank < world):
+        raise ValueError(f"shard must be (rank, world) with 0 <= rank < world, got {shard!r}")
+    if world > 1 and gather is None:
+        raise ValueError(f"shard={shard!r}: evaluating over {world} processes needs gather")
     m = sampler.meta_batch
     num_batches = -(-num_tasks // m)
+    per_rank = -(-num_batches // world)  # batches of every process, the last ones padded
+    mine = len(range(rank, num_batches, world))
     accs, losses = [], []
     t0 = time.perf_counter()
     t_shown = t0
-    for batch in sampler.iter_batches(start_step, num_batches):
+    for batch in sampler.iter_batches(start_step + rank, mine, stride=world):
         batch = batch.to(dtype=dtype) if dtype is not None else batch
         # No torch.no_grad(): adaptation differentiates the inner loss (the algorithm manages
         # its own autograd), so evaluation runs with grad mode on.
         loss, acc = algorithm.evaluate(model, params, batch)
         losses.append(loss.detach().double().cpu())
         accs.append(acc.detach().double().cpu())
-        if progress_every_s is not None:
-            t_shown = _progress_line(split, accs, num_tasks, t0, t_shown, progress_every_s)
+        if progress_every_s is not None:  # this process's share
+            t_shown = _progress_line(split, accs, min(num_tasks, mine * m), t0, t_shown,
+                                     progress_every_s)
+    if world > 1:
+        local = torch.full((per_rank * m, 2), float("nan"), dtype=torch.float64)
+        if accs:
+            local[:mine * m] = torch.stack([torch.cat(losses), torch.cat(accs)], 1)
+        every = gather(local).cpu().reshape(world, per_rank, m, 2)
+        # batch k * world + r is process r's k-th: the stack's (k, r) order is the batches'
+        ordered = every.transpose(0, 1).reshape(-1, 2)
+        losses, accs = [ordered[:, 0]], [ordered[:, 1]]
     acc = torch.cat(accs)[:num_tasks]
     loss = torch.cat(losses)[:num_tasks]
     finite = torch.isfinite(loss) & torch.isfinite(acc)

@@ -630,8 +630,16 @@ class Trainer:
             check_trained_classes(self.state, self.train_data, "resume")
         self.sampler = make_sampler(cfg, self.train_data, cfg.meta_batch)
         self.val_sampler = None
-        if cfg.val_every and self.info.is_main:
+        if cfg.val_every:
+            # every rank validates its share of the tasks (see validate)
             vd = val_data if val_data is not None else self._load_val()
+            if self.info.active:  # all or none: a rank without the split would hang the others
+                have = torch.tensor([float(vd is not None)], device=self.device)
+                dist.all_reduce(have, op=dist.ReduceOp.MIN)
+                if vd is not None and not bool(have.item()):
+                    log.warning("imaml_ext: another process has no validation split; "
+                                "validation disabled")
+                    vd = None
             if vd is not None:
                 self.val_sampler = make_sampler(cfg, vd, min(cfg.meta_batch, cfg.val_tasks),
                                                 num_workers=0, per_task_seed=True)
@@ -709,11 +717,25 @@ class Trainer:
         return path
 
     def validate(self) -> dict[str, Any] | None:
+        """Scores ``val_tasks`` validation tasks (the same ones at every validation). Under
+        torchrun each rank adapts every world-th meta-batch of them and the per-task results are
+        gathered (no rank waits on another's whole evaluation, as the collective's timeout would
+        otherwise bound it); the figures equal a one-process validation's."""
         if self.val_sampler is None:
             return None
+        shard, gather = (0, 1), None
+        if self.info.active:
+            shard = (self.info.rank, self.info.world)
+
+            def gather(local: torch.Tensor) -> torch.Tensor:
+                mine = local.to(self.device)
+                every = [torch.empty_like(mine) for _ in range(self.info.world)]
+                dist.all_gather(every, mine)
+                return torch.stack(every)
         res = evaluate_tasks(self.algorithm, self.model, self.params, self.val_sampler,
                              self.cfg.val_tasks, dtype=self.dtype, split="val",
-                             progress_every_s=None if self.cfg.quiet else 30.0)
+                             progress_every_s=None if self.cfg.quiet or not self.info.is_main
+                             else 30.0, shard=shard, gather=gather)
         return {"kind": "val", "step": self.step, "val_loss": res.loss, "val_acc": res.accuracy,
                 "val_ci95": res.ci95}
 
@@ -793,11 +815,13 @@ class Trainer:
                                 on_log(row)
                     if cfg.val_every and (self.step % cfg.val_every == 0 or last) \
                             and self.val_sampler is not None:
-                        last_val = self.validate()
-                        self.log.write(last_val)
-                        progress.show(last_val)
-                        if on_log:
-                            on_log(last_val)
+                        val = self.validate()  # every rank takes part
+                        if self.info.is_main:
+                            last_val = val
+                            self.log.write(last_val)
+                            progress.show(last_val)
+                            if on_log:
+                                on_log(last_val)
                     if ckpt_now:
                         self.checkpoint()
                     if stopping:

@@ -659,8 +659,11 @@ def test_sampler_prefetching_workers_give_the_same_batches():
     try:
         got = list(s.iter_batches(10, 4))
         got += list(s.iter_batches(50, 2))      # the persistent workers serve a second pass
-        want = [ref.batch(t) for t in (10, 11, 12, 13, 50, 51)]
-        assert len(got) == 6 and all(_same(a, b) for a, b in zip(got, want))
+        got += list(s.iter_batches(3, 3, stride=4))  # every 4th batch (a shard of them)
+        want = [ref.batch(t) for t in (10, 11, 12, 13, 50, 51, 3, 7, 11)]
+        assert len(got) == 9 and all(_same(a, b) for a, b in zip(got, want))
+        assert all(_same(a, ref.batch(t)) for a, t in zip(ref.iter_batches(2, 2, stride=3),
+                                                           (2, 5)))
     finally:
         s.close()
 
@@ -721,6 +724,8 @@ def test_sampler_step_errors():
         s.batch(-1)
     with pytest.raises(ValueError, match="start_step"):
         next(s.iter_batches(-2, 1))
+    with pytest.raises(ValueError, match="stride must be an int >= 1, got 0"):
+        next(s.iter_batches(0, 1, stride=0))
 
 
 @pytest.mark.cuda

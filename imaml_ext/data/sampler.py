@@ -221,9 +221,10 @@ class TaskSampler:
         """
         return self._finish(self._drawer.draw(step))
 
-    def iter_batches(self, start_step: int = 0, num_steps: int | None = None
-                     ) -> Iterator[TaskBatch]:
-        """Yields ``batch(s)`` for s = start_step, start_step + 1, ... (forever if num_steps is None).
+    def iter_batches(self, start_step: int = 0, num_steps: int | None = None,
+                     stride: int = 1) -> Iterator[TaskBatch]:
+        """Yields ``batch(s)`` for s = start_step, start_step + stride, ... (``num_steps`` of
+        them, forever if None; a stride > 1 shares an evaluation's batches out over processes).
 
         With ``num_workers > 0`` the batches are drawn ahead in worker processes (a DataLoader
         with persistent workers reused across calls); the results equal ``batch(s)``. Use one
@@ -233,8 +234,10 @@ class TaskSampler:
             raise ValueError(f"start_step must be an int >= 0, got {start_step!r}")
         if num_steps is not None and num_steps < 0:
             raise ValueError(f"num_steps must be >= 0 or None, got {num_steps!r}")
-        steps = (itertools.count(start_step) if num_steps is None
-                 else range(start_step, start_step + num_steps))
+        if isinstance(stride, bool) or not isinstance(stride, int) or stride < 1:
+            raise ValueError(f"stride must be an int >= 1, got {stride!r}")
+        steps = (itertools.count(start_step, stride) if num_steps is None
+                 else range(start_step, start_step + num_steps * stride, stride))
         if self.num_workers == 0:
             for s in steps:
                 yield self.batch(s)
