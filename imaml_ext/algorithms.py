@@ -55,7 +55,8 @@ from imaml_ext import reference
 from imaml_ext.config import HEAD_ALGORITHMS, unused_fields
 from imaml_ext.head_only import (ADAPT, HEAD_HVP, HeadModel, head_adapt, head_evaluate, head_gd,
                                  head_hessian_free, head_meta_gradient)
-from imaml_ext.hvp import BACKENDS, HVP_KINDS, LOSSES, ParamSpec, Params, TaskLoss, make_hvp
+from imaml_ext.hvp import (BACKENDS, HVP_KINDS, LOSSES, ParamSpec, Params, TaskLoss,
+                          check_no_dropout, make_hvp)
 from imaml_ext.linalg import finite_number
 from imaml_ext.implicit import (CapturedFunction, CapturedMetaGradient, implicit_meta_gradient,
                                 implicit_meta_gradient_lstsq)
@@ -309,6 +310,15 @@ def _first_last(model: nn.Module | None):
     return conv, head
 
 
+def _first_layer(model: nn.Module | None) -> nn.Module | None:
+    """The model's first leaf module that holds parameters (None without a model)."""
+    if model is None:
+        return None
+    return next((m for m in model.modules()
+                 if not any(True for _ in m.children()) and any(True for _ in m.parameters())),
+                None)
+
+
 def check_tasks(tasks, params: Mapping[str, torch.Tensor], loss,
                 model: nn.Module | None = None, read_labels: bool = False) -> TaskBatch:
     """Validates a TaskBatch (or 4 per-task lists) against params (and, given the model, the
@@ -330,11 +340,22 @@ def check_tasks(tasks, params: Mapping[str, torch.Tensor], loss,
         if f.device != ref.device:
             raise ValueError(f"tasks.{n} is on {f.device} but params are on {ref.device}")
     conv, head = _first_last(model)
+    first = _first_layer(model)
     for xn, yn, x, y in (("x_support", "y_support", t.x_support, t.y_support),
                          ("x_query", "y_query", t.x_query, t.y_query)):
         if x.shape[1] != y.shape[1]:
             raise ValueError(f"tasks.{xn} has {x.shape[1]} samples per task but tasks.{yn} has "
                              f"{y.shape[1]}")
+        if x.shape[1] == 0:
+            raise ValueError(f"tasks.{xn} holds no samples (shape {tuple(x.shape)}): every task "
+                             f"needs at least one support and one query sample")
+        if conv is not None and x.dim() != 5:
+            raise ValueError(f"tasks.{xn} must be images (M, N, C, H, W) for a model with a "
+                             f"convolution, got shape {tuple(x.shape)}")
+        if isinstance(first, nn.Linear) and x.shape[-1] != first.in_features:
+            raise ValueError(f"tasks.{xn} has {x.shape[-1]} features per sample (shape "
+                             f"{tuple(x.shape)}), the model's first layer takes "
+                             f"{first.in_features}")
         if x.dtype != ref.dtype:
             raise ValueError(f"tasks.{xn} is {x.dtype} but params are {ref.dtype}")
         if loss == "cross_entropy" and y.dtype != torch.int64:
@@ -448,12 +469,14 @@ class MetaAlgorithm:
         return make_algorithm(name, **d)
 
     def task_loss(self, model: nn.Module) -> TaskLoss:
+        check_no_dropout(model)
         if self._tl_cache is None or self._tl_cache[0] is not model:
             self._tl_cache = (model, TaskLoss(model, self.config.loss, self.config.backend))
         return self._tl_cache[1]
 
     def head_model(self, model: nn.Module) -> HeadModel:
         """The model split into body and head (adapt="head"), cached per model."""
+        check_no_dropout(model)
         if self._hm_cache is None or self._hm_cache[0] is not model:
             self._hm_cache = (model, HeadModel(model, self.config.backend))
         return self._hm_cache[1]

@@ -213,10 +213,25 @@ def _per_sample(loss: str | Callable, out: torch.Tensor, y: torch.Tensor) -> tor
         return F.cross_entropy(out.reshape(-1, K), y.reshape(-1), reduction="none").view(y.shape)
     if out.dim() == y.dim() + 1 and out.shape[-1] == 1:
         out = out.squeeze(-1)
+    if out.shape != y.shape:
+        # broadcasting would pair outputs with other samples' (or other tasks') targets
+        raise ValueError(f"loss {loss!r}: the model's outputs {tuple(out.shape)} do not match "
+                         f"the targets {tuple(y.shape)} (tasks, samples, ...; a single output "
+                         f"may also be matched by targets without its last axis)")
     sq = (out - y) ** 2
-    if sq.dim() > y.dim():
-        sq = sq.flatten(y.dim()).mean(-1)
     return 0.5 * sq if loss == "half_mse" else sq
+
+
+def check_no_dropout(model: nn.Module) -> None:
+    """ValueError when a dropout layer with p > 0 is in training mode: every forward would draw
+    a new mask, so the inner problem, the Hessian inside CG and the meta-gradient would each see
+    a different network (and repeated calls give different results)."""
+    for name, m in model.named_modules():
+        if isinstance(m, nn.modules.dropout._DropoutNd) and m.training and m.p > 0:
+            raise ValueError(f"model.{name or 'self'} is {type(m).__name__}(p={m.p}) in training "
+                             f"mode: each forward would draw a new mask, so the inner problem and "
+                             f"the Hessian in CG would not be one function; call model.eval() "
+                             f"(dropout off) or remove it")
 
 
 # ---- the folded (tasks-in-channels) forward -------------------------------------------------------
@@ -677,6 +692,7 @@ class TaskLoss:
                 raise ValueError(f"model.{mname}: {type(m).__name__} must have "
                                  f"track_running_stats=False (batch statistics in every "
                                  f"forward pass, the MAML / iMAML convention), got True")
+        check_no_dropout(model)
         if task_chunk is not None and (isinstance(task_chunk, bool) or
                                        not isinstance(task_chunk, int) or task_chunk < 1):
             raise ValueError(f"task_chunk must be None or an int >= 1, got {task_chunk!r}")

@@ -514,3 +514,66 @@ def test_a_config_built_by_hand_is_checked_as_make_algorithm_checks_it():
     # make_algorithm's own instances are built once, unchanged
     a = make_algorithm("imaml-gd", lam=2.0)
     assert IMAMLGD(a.config).config == a.config
+
+
+def test_input_errors_found_by_the_review_name_the_argument():
+    # each ran silently or failed deep inside a product (review, 2026-11-29)
+    model, params, tasks = conv_setup()
+    algo = make_algorithm("imaml-gd", inner_steps=1, cg_steps=1)
+    empty = TaskBatch(tasks.x_support, tasks.y_support, tasks.x_query[:, :0],
+                      tasks.y_query[:, :0])
+    with pytest.raises(ValueError, match=r"tasks.x_query holds no samples \(shape \(3, 0, 1, 16, "
+                                         r"16\)\)"):
+        algo.meta_gradient(model, params, empty)  # was a NaN query loss and a zero gradient
+    flat = TaskBatch(tasks.x_support.flatten(2), *tasks[1:])
+    with pytest.raises(ValueError, match=r"tasks.x_support must be images \(M, N, C, H, W\) for "
+                                         r"a model with a convolution, got shape \(3, 6, 256\)"):
+        algo.meta_gradient(model, params, flat)
+    mlp = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)).to(DT)
+    mp = {k: v.detach() for k, v in mlp.named_parameters()}
+    wide = TaskBatch(torch.randn(2, 3, 6, dtype=DT), torch.randint(0, 3, (2, 3)),
+                     torch.randn(2, 3, 6, dtype=DT), torch.randint(0, 3, (2, 3)))
+    with pytest.raises(ValueError, match=r"tasks.x_support has 6 features per sample \(shape "
+                                         r"\(2, 3, 6\)\), the model's first layer takes 5"):
+        algo.meta_gradient(mlp, mp, wide)
+
+
+def test_regression_outputs_and_targets_of_other_shapes_are_refused():
+    # (M, N, 3) outputs minus (M, N) targets broadcast: with M = N = 3 task i's loss used the
+    # targets of the other tasks, silently
+    mlp = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).to(DT)
+    params = {k: v.detach() for k, v in mlp.named_parameters()}
+    x = torch.randn(3, 3, 4, dtype=DT)
+    tasks = TaskBatch(x, torch.randn(3, 3, dtype=DT), x, torch.randn(3, 3, dtype=DT))
+    for name in ("fomaml", "imaml-gd"):
+        with pytest.raises(ValueError, match=r"loss 'mse': the model's outputs \(3, 3, 3\) do not "
+                                             r"match the targets \(3, 3\)"):
+            make_algorithm(name, loss="mse", inner_steps=1).meta_gradient(mlp, params, tasks)
+    # a single output against targets without its axis, and matching shapes, still work
+    one = nn.Sequential(nn.Linear(4, 1)).to(DT)
+    p1 = {k: v.detach() for k, v in one.named_parameters()}
+    g, m = make_algorithm("imaml-gd", loss="mse", inner_steps=1).meta_gradient(one, p1, tasks)
+    assert bool(m["task_ok"].all())
+    t3 = TaskBatch(x, torch.randn(3, 3, 3, dtype=DT), x, torch.randn(3, 3, 3, dtype=DT))
+    g, m = make_algorithm("imaml-gd", loss="mse", inner_steps=1).meta_gradient(mlp, params, t3)
+    assert bool(m["task_ok"].all())
+
+
+@pytest.mark.parametrize("name", ["fomaml", "imaml-gd"])
+def test_dropout_in_training_mode_is_refused(name):
+    # each forward drew a new mask: two identical calls gave different meta-gradients, and the
+    # Hessian inside CG was a different network at every product
+    net = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Dropout(0.3), nn.Linear(5, 3)).to(DT)
+    params = {k: v.detach() for k, v in net.named_parameters()}
+    tasks = TaskBatch(torch.randn(2, 3, 4, dtype=DT), torch.randint(0, 3, (2, 3)),
+                      torch.randn(2, 3, 4, dtype=DT), torch.randint(0, 3, (2, 3)))
+    algo = make_algorithm(name, inner_steps=1)
+    with pytest.raises(ValueError, match=r"model.2 is Dropout\(p=0.3\) in training mode"):
+        algo.meta_gradient(net, params, tasks)
+    net.eval()
+    a = algo.meta_gradient(net, params, tasks)[0]
+    b = algo.meta_gradient(net, params, tasks)[0]
+    close(a, b, rtol=0, atol=0)
+    net.train()  # the same model again, after the cached TaskLoss was made
+    with pytest.raises(ValueError, match="in training mode"):
+        algo.meta_gradient(net, params, tasks)
