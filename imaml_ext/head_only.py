@@ -383,10 +383,12 @@ def head_hessian_free(F_, y, W0, b0, *, lam: float, steps: int = 4, cg_steps: in
         Lt = _ce(z0.unsqueeze(0) + ts.view(-1, 1, 1, 1) * zd.unsqueeze(0), y)[0]  # (T, M)
         tt = ts.view(-1, 1)
         Gt = Lt + 0.5 * lam * (dd + 2 * tt * (delta * d).sum(1) + tt * tt * (d * d).sum(1))
-        ok = torch.isfinite(Gt) & (Gt <= G0 + armijo * tt * slope)
-        found = ok.any(0)
+        ok = torch.isfinite(Gt) & (Gt <= G0 + log.rounding(G0) + armijo * tt * slope)
         first = ok.to(torch.int8).argmax(0)  # the largest passing t (ts is decreasing)
-        t_sel = torch.where(found, ts[first], torch.zeros_like(G0))
+        t_sel = torch.where(ok.any(0), ts[first], torch.zeros_like(G0))
+        # stationary to working precision: no step (t = 0), and neither a failure nor the
+        # fallback step
+        found = ok.any(0) | log.stationary(slope, G0)
         log.line_search(found, t_sel)
         move = torch.where(found.unsqueeze(1), t_sel.unsqueeze(1) * d, -fallback_t * g)
         phi = phi + torch.where(finite.unsqueeze(1), move, torch.zeros_like(d))

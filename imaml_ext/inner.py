@@ -51,9 +51,9 @@ class InnerResult:
 def _check(steps, lr, lam, name_steps="steps"):
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
         raise ValueError(f"{name_steps} must be an int >= 0, got {steps!r}")
-    if not (isinstance(lr, (int, float)) and lr > 0):
-        raise ValueError(f"inner_lr must be a number > 0, got {lr!r}")
-    if not (isinstance(lam, (int, float)) and lam >= 0 and lam != float("inf")):
+    if isinstance(lr, bool) or not (isinstance(lr, (int, float)) and 0 < lr < float("inf")):
+        raise ValueError(f"inner_lr must be a finite number > 0, got {lr!r}")
+    if isinstance(lam, bool) or not (isinstance(lam, (int, float)) and 0 <= lam < float("inf")):
         raise ValueError(f"lam must be a finite number >= 0, got {lam!r}")
 
 
@@ -222,6 +222,20 @@ class NewtonLog:
         d = torch.where(bad.unsqueeze(1), -g, d)
         return d, torch.where(bad, -(g * g).sum(1), slope)
 
+    @staticmethod
+    def rounding(G0: torch.Tensor) -> torch.Tensor:
+        """(M,) the rounding of G's values, 10 eps |G|: the line search's Armijo test allows
+        G(phi + t d) to exceed its target by this much (else, near a minimum, the test failed
+        on rounding alone, or passed by luck where two values rounded alike)."""
+        return 10 * torch.finfo(G0.dtype).eps * G0.abs()
+
+    @staticmethod
+    def stationary(slope: torch.Tensor, G0: torch.Tensor) -> torch.Tensor:
+        """(M,) bool: tasks whose descent along d, |grad G . d|, is below G's rounding:
+        stationary to working precision. A line search that finds no t there is no failure
+        (no step, t = 0)."""
+        return -slope <= NewtonLog.rounding(G0)
+
     def line_search(self, found: torch.Tensor, t_sel: torch.Tensor) -> None:
         """Records one line search: found (M,) bool, the accepted step sizes t_sel (M,)."""
         self.ls_fail += (~found).to(torch.int32)
@@ -244,8 +258,13 @@ def hessian_free(task_loss: TaskLoss, theta_b: Mapping[str, torch.Tensor], x: to
     d0 = 0. Where CG meets negative curvature it keeps its last good iterate (steepest descent
     -grad G when it has none); a direction that is not a descent direction is replaced by -grad G.
     Step size: the largest t in {1, backtrack, ..., backtrack^(ls_steps-1)} with
-    G(phi + t d) <= G(phi) + armijo * t * grad G . d; if none qualifies the task does not move
-    (counted in "hf_ls_failures"), so G never increases.
+    G(phi + t d) <= G(phi) + armijo * t * grad G . d (+ G's rounding, 10 eps |G|); if none
+    qualifies the task does not move in this iteration (counted in "hf_ls_failures"), so G never
+    increases beyond rounding, and takes steepest descent d = -grad G in the next one (before
+    2026-11-29 it computed the same failing direction again and ended at theta, its
+    meta-gradient taken there as if theta were the minimiser). A task whose descent along d is
+    below G's rounding is stationary to working precision: if no t qualifies, no step and no
+    failure counted.
 
     Args:
         task_loss, theta_b, x, y: as in `gd`. lam: > 0.
@@ -269,6 +288,7 @@ def hessian_free(task_loss: TaskLoss, theta_b: Mapping[str, torch.Tensor], x: to
     log = NewtonLog(phi_flat)
     ts = [backtrack ** j for j in range(ls_steps)]
     on_cpu = dev.type == "cpu"
+    failed = torch.zeros(M, dtype=torch.bool, device=dev)  # the last line search found no t
     for _ in range(steps):
         phi = spec.unflatten(phi_flat)
         H = make_hvp(task_loss, phi, x, y, hvp)
@@ -282,19 +302,26 @@ def hessian_free(task_loss: TaskLoss, theta_b: Mapping[str, torch.Tensor], x: to
         # (H + lam I) d = -g; the shift goes into the fused CG step (linalg.ShiftedOperator)
         d, slope = log.direction(ShiftedOperator(H.flat, lam, 1.0), g, cg_steps=cg_steps,
                                  cg_rtol=cg_rtol, use_ext=use_ext)
+        # where the last ladder failed along the Newton direction: steepest descent (a failure
+        # there means the quadratic model was wrong beyond the ladder's shortest step)
+        d = torch.where(failed.unsqueeze(1), -g, d)
+        slope = torch.where(failed, -(g * g).sum(1), slope)
         # Backtracking over a fixed ladder of step sizes, all tasks at once; a task keeps the
         # first (largest) t that passes. On the CPU the ladder stops once every task has passed.
         t_sel = torch.zeros(M, dtype=phi_flat.dtype, device=dev)
         found = torch.zeros(M, dtype=torch.bool, device=dev)
+        target = G0 + log.rounding(G0)
         for t in ts:
             trial = phi_flat + t * d
             Gt = objective(task_loss, spec.unflatten(trial), theta, x, y, lam)
-            ok = ~found & torch.isfinite(Gt) & (Gt <= G0 + armijo * t * slope)
+            ok = ~found & torch.isfinite(Gt) & (Gt <= target + armijo * t * slope)
             t_sel = torch.where(ok, torch.full_like(t_sel, t), t_sel)
             found |= ok
             if on_cpu and bool(found.all()):  # CPU values: no device synchronisation
                 break
+        found |= log.stationary(slope, G0)  # nothing left to gain: t = 0, not a failure
         log.line_search(found, t_sel)
+        failed = ~found
         phi_flat = phi_flat + t_sel.unsqueeze(1) * torch.where(finite.unsqueeze(1), d,
                                                                 torch.zeros_like(d))
     phi = spec.unflatten(phi_flat)

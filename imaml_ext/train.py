@@ -59,12 +59,14 @@ from imaml_ext.types import TaskBatch
 log = logging.getLogger("imaml_ext.train")
 
 METRIC_KEYS = ("query_loss", "query_acc", "inner_loss", "cg_residual", "cg_iterations",
-               "cg_negative_curvature")
-# cg_negative_curvature (the fraction of tasks whose CG met p^T A p <= 0) is last, so a run
-# resumed from an older log appends rows whose leading columns still match its header.
+               "cg_negative_curvature", "inner_ls_failures")
+# cg_negative_curvature (the fraction of tasks whose CG met p^T A p <= 0) and
+# inner_ls_failures (the fraction whose Newton-CG inner solver, iMAML-HF, had a line search
+# that found no step: see imaml_ext.inner.hessian_free; 0 for the other algorithms) came
+# later: a run resumed from an older log keeps writing that log's own columns.
 LOG_FIELDS = ("kind", "step", "meta_loss", "query_acc", "inner_loss", "cg_residual",
               "cg_iterations", "skipped_tasks", "bad_steps", "val_loss", "val_acc", "val_ci95",
-              "elapsed_s", "tasks_per_s", "cg_negative_curvature")
+              "elapsed_s", "tasks_per_s", "cg_negative_curvature", "inner_ls_failures")
 # The share of tasks with negative curvature in one log window above which the run warns (once).
 NEGATIVE_CURVATURE_WARN = 0.5
 
@@ -357,6 +359,12 @@ class MetricsLog:
                             "missing from it (resuming after its last complete row)", self.path,
                             size, truncate_at)
         new = not self.path.exists() or self.path.stat().st_size == 0
+        self.fields = LOG_FIELDS
+        if not new and fmt == "csv":  # an older run's log: its own columns, in its order
+            with open(self.path, encoding="utf-8", newline="") as f:
+                header = f.readline().strip()
+            if header:
+                self.fields = tuple(header.split(","))
         self.f = open(self.path, "a", encoding="utf-8", newline="")
         if new and fmt == "csv":
             self.f.write(",".join(LOG_FIELDS) + "\n")
@@ -372,7 +380,7 @@ class MetricsLog:
     def write(self, row: dict[str, Any]) -> None:
         if self.fmt == "csv":
             vals = []
-            for k in LOG_FIELDS:
+            for k in self.fields:
                 v = row.get(k, "")
                 vals.append(f"{v:.6g}" if isinstance(v, float) else str(v))
             self.f.write(",".join(vals) + "\n")
@@ -456,6 +464,8 @@ class _Progress:
             post["cg_res"] = f"{row['cg_residual']:.2e}"
             if row.get("cg_negative_curvature", 0) > 0:
                 post["neg_curv"] = f"{100 * row['cg_negative_curvature']:.0f}%"
+        if row.get("inner_ls_failures", 0) > 0:
+            post["ls_fail"] = f"{100 * row['inner_ls_failures']:.0f}%"
         if row.get("skipped_tasks"):
             post["skipped"] = str(row["skipped_tasks"])
         if self.bar is not None:
@@ -866,7 +876,7 @@ class Trainer:
 
         row = {"kind": "train", "step": self.step, "meta_loss": mean(0), "query_acc": mean(1),
                "inner_loss": mean(2), "cg_residual": mean(3), "cg_iterations": mean(4),
-               "cg_negative_curvature": mean(5),
+               "cg_negative_curvature": mean(5), "inner_ls_failures": mean(6),
                "skipped_tasks": self.counters["skipped_tasks"],
                "bad_steps": self.counters["bad_steps"],
                "elapsed_s": self.counters["elapsed_s"],
@@ -926,6 +936,9 @@ def _metric_sums(metrics: dict[str, torch.Tensor], device) -> torch.Tensor:
     parts = []
     for k in METRIC_KEYS:
         v = metrics.get(k)
+        if k == "inner_ls_failures":  # per task: had one; no line search, none
+            ls = metrics.get("hf_ls_failures")
+            v = (ls > 0) if ls is not None else torch.zeros_like(ok)
         if v is None:
             parts += [torch.zeros((), dtype=torch.float64, device=device)] * 2
             continue

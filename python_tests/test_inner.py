@@ -186,3 +186,54 @@ def test_multi_tensor_step_is_bitwise_the_plain_step(lam, owned):
         # not ours (e.g. theta itself): left untouched; ours: updated in place
         assert (got[k] is start[k]) == owned and torch.equal(start[k], want[k] if owned
                                                                else phi[k]), k
+
+
+def test_gd_refuses_infinite_lr_and_boolean_lam():
+    from imaml_ext.inner import gd
+    from imaml_ext.hvp import TaskLoss
+    net = torch.nn.Linear(3, 2).double()
+    tl = TaskLoss(net)
+    theta = {k: v.detach().unsqueeze(0) for k, v in net.named_parameters()}
+    x, y = torch.randn(1, 4, 3, dtype=torch.float64), torch.zeros(1, 4, dtype=torch.int64)
+    with pytest.raises(ValueError, match=r"inner_lr must be a finite number > 0, got inf"):
+        gd(tl, theta, x, y, steps=1, lr=float("inf"))
+    with pytest.raises(ValueError, match=r"lam must be a finite number >= 0, got True"):
+        gd(tl, theta, x, y, steps=1, lr=0.1, lam=True)
+
+
+def test_hf_after_a_failed_line_search_takes_steepest_descent():
+    # w x with per-sample loss cos(10 w x) at a w where H + lam = 1e-6 > 0: the Newton step is
+    # huge and every t of the ladder overshoots. The task then computed the same direction in
+    # every iteration and ended at theta (task ok, its meta-gradient taken there); now the
+    # iteration after a failure goes along -grad G.
+    import math
+    model = torch.nn.Linear(1, 1, bias=False).double()
+    lam = 1e-3
+    w0 = math.acos((lam - 1e-6) / 100) / 10
+    tl = TaskLoss(model, lambda out, y: torch.cos(10 * out.squeeze(-1)))
+    tb = batched_theta({"weight": torch.tensor([[w0]], dtype=DT)}, 2)
+    x, y = torch.ones(2, 1, 1, dtype=DT), torch.zeros(2, 1, dtype=DT)
+    res = hessian_free(tl, tb, x, y, lam=lam, steps=4, cg_steps=5)
+    G = res.metrics["hf_objective"]
+    assert res.metrics["hf_ls_failures"].tolist() == [1, 1]  # the first Newton step only
+    assert bool((G[1] == G[0]).all())                           # no move at the failure
+    assert bool((G[2:] < G[1:-1]).all()) and bool((G[-1] < -0.9).all()), G
+
+
+def test_hf_at_a_minimum_counts_no_line_search_failures():
+    # Converged tasks: G's changes are below its rounding, the Armijo test failed (or passed by
+    # luck) on rounding alone and counted failures; they are stationary, not failed, and the
+    # Newton steps go on to |grad G| at rounding level.
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.Tanh(),
+                                torch.nn.Linear(5, 3)).double()
+    theta = {k: v.detach() for k, v in model.named_parameters()}
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 6, 3, generator=g, dtype=DT)
+    y = torch.randint(0, 3, (3, 6), generator=g)
+    tl = TaskLoss(model)
+    res = hessian_free(tl, batched_theta(theta, 3), x, y, lam=2.0, steps=8, cg_steps=5)
+    assert res.metrics["hf_ls_failures"].tolist() == [0, 0, 0]
+    gs, _, _ = tl.grad(res.params, x, y)
+    gG = torch.cat([(gs[k] + 2.0 * (res.params[k] - theta[k])).reshape(3, -1) for k in theta], 1)
+    assert float(gG.norm(dim=1).max()) < 1e-13

@@ -187,6 +187,44 @@ def test_negative_curvature_is_logged_and_warned_once(tmp_path, caplog, from_cal
         assert not warned
 
 
+class FailingLineSearch(QueryGradient):
+    """QueryGradient whose first task reports Newton-CG line-search failures (iMAML-HF's)."""
+
+    def meta_gradient(self, model, params, tasks):
+        grads, metrics = super().meta_gradient(model, params, tasks)
+        m = metrics["task_ok"].shape[0]
+        metrics["hf_ls_failures"] = torch.zeros(m, dtype=torch.int32).index_fill(
+            0, torch.tensor([0]), 2)
+        return grads, metrics
+
+
+def test_inner_line_search_failures_are_logged_and_an_older_log_keeps_its_columns(tmp_path):
+    t = make_trainer(tmp_path, algorithm=FailingLineSearch(), steps=2, ckpt_every=2)
+    t.run()
+    rows = tr.read_metrics(tmp_path / "run")
+    m = t.cfg.meta_batch
+    assert [r["inner_ls_failures"] for r in rows] == [pytest.approx(1 / m)] * 2
+    # algorithms without a line search log 0
+    t = make_trainer(tmp_path / "plain", steps=1, ckpt_every=1)
+    t.run()
+    assert [r["inner_ls_failures"] for r in tr.read_metrics(tmp_path / "plain" / "run")] == [0.0]
+    # a log written before the column existed: the resumed run writes the log's own columns
+    log = tmp_path / "run" / "metrics.csv"
+    lines = log.read_text().splitlines()
+    old = [",".join(ln.split(",")[:-1]) for ln in lines]
+    log.write_text("\n".join(old) + "\n")
+    state = torch.load(tmp_path / "run" / "checkpoints" / "ckpt_00000002.pt", weights_only=False)
+    state["log"]["position"] = log.stat().st_size
+    torch.save(state, tmp_path / "run" / "checkpoints" / "ckpt_00000002.pt")
+    t = make_trainer(tmp_path, algorithm=FailingLineSearch(), steps=3, ckpt_every=0,
+                     resume=tmp_path / "run")
+    t.run()
+    header, *body = log.read_text().splitlines()
+    assert "inner_ls_failures" not in header
+    assert all(len(b.split(",")) == len(header.split(",")) for b in body) and len(body) == 3
+    assert [r["step"] for r in tr.read_metrics(tmp_path / "run")] == [1, 2, 3]
+
+
 def test_negative_curvature_warning_names_what_applies_to_imaml_hf(tmp_path, caplog):
     t = make_trainer(tmp_path, algorithm=CurvedQueryGradient(0), steps=2, ckpt_every=0,
                      algo="imaml-hf")
