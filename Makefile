@@ -1,7 +1,7 @@
 # Two commands do everything, each doing all of its own set-up and safe to run again:
 #   make demo   create .venv, install torch + this package (compiling the extension), run the demo
 #   make test   the same set-up, then the whole test suite (Python and C++)
-# Other targets: build, cpp-test, sanitize, bench, gpu-suite, clean.
+# Other targets: build, cpp-test, sanitize, bench, gpu-data, clean.
 # Build switches pass through: USE_CUDA=0 (CPU only), FORCE_CUDA=1 (compile CUDA with no GPU),
 # TORCH_CUDA_ARCH_LIST, MAX_JOBS, CUDA_HOME.
 

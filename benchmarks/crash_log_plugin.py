@@ -3,7 +3,9 @@
 Logs the number of tests collected, then each test's start and outcome, one flushed line each, to the file named by IMAML_TEST_LOG,
 so a process that dies mid-test leaves a record of what finished and which test was running; and
 deselects the node ids listed (one per line) in the file named by IMAML_TEST_SKIP, so a rerun
-goes on past them.
+goes on past them. IMAML_TEST_LAST (words, space-separated) moves the tests whose node id holds
+one of them to the end: kernels never yet run on a card go last, so that a hang or a sticky
+CUDA fault there cannot take the other tests along.
 """
 from __future__ import annotations
 
@@ -24,6 +26,11 @@ def _write(*fields: str) -> None:
 
 
 def pytest_collection_modifyitems(config, items):
+    last = os.environ.get("IMAML_TEST_LAST", "").split()
+    if last:  # a stable partition: the others first, in pytest's order
+        late = [any(w in it.nodeid for w in last) for it in items]
+        items[:] = [it for it, x in zip(items, late) if not x] + \
+            [it for it, x in zip(items, late) if x]
     path = os.environ.get("IMAML_TEST_SKIP")
     if not path or not os.path.exists(path):
         return

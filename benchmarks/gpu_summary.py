@@ -108,6 +108,9 @@ def target_lines(folder: str):
             best, f = max(frac.items(), key=lambda kv: kv[1])
             size = (f"B={r['B']} n={r['n']} d={r['d']}, {r['bytes_read_per_iteration'] / 2**20:.0f}"
                     f" MiB > L2 {l2:.0f} MiB")
+            if r["bytes_read_per_iteration"] < 2 * l2 * 2**20:
+                # e.g. (1, 4000, 4000): 61 MiB against an H200's 60 MiB of L2
+                size += ", under twice L2: partly served from L2, the fraction flattered"
             if "imaml_ext" not in frac:
                 yield (f"TARGET lstsq CG >= {LSTSQ_FRACTION:.0%} of copy ({size}): not judged, the "
                        f"default path 'imaml_ext' has no figure; best forced path {100 * f:.0f}% "

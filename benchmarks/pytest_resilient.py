@@ -8,14 +8,17 @@ happens. When the process dies by a signal, the test that had started and not fi
 recorded as an error ("the test process died: signal N") and pytest is run again with every
 test already done deselected, up to --max-crashes times. The junit file is written from the log
 (classname / name as pytest's own, a <failure>, <error> or <skipped> element where due), so
-gpu_suite.sh's gates and its zero-host-sync verdict can read it after a crash. Exit status: 0
-when every test passed or was skipped, 1 when one failed or crashed (or the process died outside
-a test), pytest's own otherwise (e.g. 2: a collection error, 5: none collected).
+gpu_suite.sh's gates and its zero-host-sync verdict can read it after a crash. SIGTERM (a
+`timeout` that ran out, which signals pytest too) still writes the junit file of what finished,
+the running test as an error, and exits 124. Exit status: 0 when every test passed or was
+skipped, 1 when one failed or crashed (or the process died outside a test), 124 when stopped by
+SIGTERM, pytest's own otherwise (e.g. 2: a collection error, 5: none collected).
 """
 from __future__ import annotations
 
 import argparse
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -70,6 +73,14 @@ def write_junit(path: Path, started: list[str], done: dict[str, tuple[str, str]]
     tmp.replace(path)
 
 
+class _Terminated(Exception):
+    """SIGTERM arrived (raised from the handler; subprocess.run then kills and reaps pytest)."""
+
+
+def _on_sigterm(signum, frame):
+    raise _Terminated(signum)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--junitxml", required=True, help="the junit file to write")
@@ -86,25 +97,14 @@ def main(argv=None) -> int:
         env = {**os.environ, "IMAML_TEST_LOG": str(log), "IMAML_TEST_SKIP": str(skip),
                "PYTHONPATH": os.pathsep.join(filter(None, [str(HERE),
                                                            os.environ.get("PYTHONPATH")]))}
-        crashes, died_outside = [], False
-        while True:
-            rc = subprocess.run([sys.executable, "-m", "pytest", "-p", "crash_log_plugin",
-                                 *pytest_args], env=env).returncode
-            started, done, left = read_log(log)
-            running = [n for n in started if n not in done]
-            died = rc < 0 or rc >= 128
-            if not (died and running):
-                died_outside = died  # at collection or at exit
-                break
-            signal_no = -rc if rc < 0 else rc - 128
-            crashes.append(running[-1])
-            with open(log, "a") as f:
-                f.write(f"crashed\t{running[-1]}\tcall\tthe test process died: signal {signal_no}\n")
-            print(f"pytest_resilient: the process died (signal {signal_no}) in {running[-1]}; "
-                  f"going on past it", file=sys.stderr, flush=True)
-            if len(crashes) > args.max_crashes or left <= 0:  # no test left to run
-                break
-            skip.write_text("\n".join(started) + "\n")
+        crashes, ended = [], None
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
+        try:
+            ended = _loop(pytest_args, env, log, skip, crashes, args.max_crashes)
+        except _Terminated:
+            pass
+        finally:
+            signal.signal(signal.SIGTERM, previous)
         started, done, _ = read_log(log)
         write_junit(junit, started, done)
     outcomes = [done.get(n, ("crashed",))[0] for n in started]
@@ -113,6 +113,11 @@ def main(argv=None) -> int:
           f"{outcomes.count('skipped')} skipped, {bad} failed or crashed"
           + (f" (the process died in: {', '.join(crashes)})" if crashes else "")
           + f"; junit {junit}", flush=True)
+    if ended is None:
+        print("pytest_resilient: stopped by SIGTERM; the junit file holds the tests that "
+              "finished (the running one as an error)", file=sys.stderr, flush=True)
+        return 124
+    rc, died_outside = ended
     if bad:
         return 1
     if died_outside:
@@ -120,6 +125,30 @@ def main(argv=None) -> int:
               file=sys.stderr, flush=True)
         return 1
     return rc
+
+
+def _loop(pytest_args, env, log: Path, skip: Path, crashes: list,
+          max_crashes: int) -> tuple[int, bool]:
+    """Runs pytest until it ends without dying in a test (or too many deaths), appending the
+    node ids it died in to `crashes`; returns the last run's return code and whether that run
+    died outside a test."""
+    while True:
+        rc = subprocess.run([sys.executable, "-m", "pytest", "-p", "crash_log_plugin",
+                             *pytest_args], env=env).returncode
+        started, done, left = read_log(log)
+        running = [n for n in started if n not in done]
+        died = rc < 0 or rc >= 128
+        if not (died and running):
+            return rc, died  # died: at collection or at exit
+        signal_no = -rc if rc < 0 else rc - 128
+        crashes.append(running[-1])
+        with open(log, "a") as f:
+            f.write(f"crashed\t{running[-1]}\tcall\tthe test process died: signal {signal_no}\n")
+        print(f"pytest_resilient: the process died (signal {signal_no}) in {running[-1]}; "
+              f"going on past it", file=sys.stderr, flush=True)
+        if len(crashes) > max_crashes or left <= 0:  # no test left to run
+            return rc, False
+        skip.write_text("\n".join(started) + "\n")
 
 
 if __name__ == "__main__":

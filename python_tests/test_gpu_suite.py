@@ -52,8 +52,11 @@ def _dry_run(tmp_path, script: Path, *args: str, env: dict | None = None, entrie
     shim.chmod(0o755)
     full_env = {**os.environ, "PY": str(shim), "SHIM_LOG": str(log), "OUT": str(tmp_path / "out"),
                 **(env or {})}
+    # the caller's suite settings too: on a card this test runs inside the suite, whose
+    # SUITE_PACK would otherwise receive this dry run's fake archive
     for k in [k for k in full_env if k == "IMAML_DATA" or k.startswith(("IMAML_BENCH_",
-                                                                        "IMAML_CUDA_"))]:
+                                                                        "IMAML_CUDA_", "SUITE_"))
+              and k not in (env or {})]:
         full_env.pop(k)
     proc = subprocess.run(["bash", str(script), *args], cwd=ROOT, env=full_env,
                           capture_output=True, text=True, timeout=120)
@@ -173,6 +176,51 @@ def test_suite_gates_follow_the_cuda_tests(tmp_path, pooled_ok):
     status = (out / "suite_status_quick_full.txt").read_text()
     assert ("pooled batch-norm derivative kernels: CUDA tests failed or did not run; off"
             in status) == (not pooled_ok)
+
+
+def test_opt_in_kernels_failing_leave_the_default_paths_on(tmp_path):
+    # the bulk-copy and prefetch kernels' epilogue tests hold "epilogue" too: one failing moved
+    # the real default (the CG step in the tiled product's epilogue) off for every benchmark
+    out = tmp_path / "out"
+    out.mkdir()
+    fail = '<failure message="x"/>'
+    write_junit(out / "tests_cuda.xml", [
+        ("test_cg_solve", "test_cuda_lstsq_product_kernels[f32-tiles]", ""),
+        ("test_cg_solve", "test_cuda_lstsq_product_kernels[f32-bulk-epilogue]", fail),
+        ("test_cg_solve", "test_cuda_lstsq_product_kernels[f32-prefetch-epilogue]", fail),
+        ("test_cg_solve", "test_cuda_lstsq_product_kernels[f32-tiles-bulk]", fail),
+        ("test_cg_solve", "test_cuda_step_epilogue[f32]", ""),
+        ("test_cg_solve", "test_cuda_step_epilogue_tiles[f32]", ""),
+        ("test_pooled_bn", "test_backward_matches_twin[cuda-f64]", "")])
+    entries = []
+    proc, _ = _dry_run(tmp_path, SUITE, "quick", "full", entries=entries)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    env = [e for e in entries if e["argv"][:1] == ["benchmarks/bench_kernels.py"]][0]["env"]
+    assert (env["IMAML_BENCH_TILES"], env["IMAML_BENCH_STEP_EPILOGUE"],
+            env["IMAML_BENCH_STEP_EPILOGUE_TILES"], env["IMAML_BENCH_BULK"],
+            env["IMAML_BENCH_PREFETCH"]) == ("1", "1", "1", "0", "0")
+    assert "IMAML_CUDA_CG_STEP" not in env and "IMAML_CUDA_XTXV" not in env
+
+
+def test_suite_fits_the_training_preset_to_the_deadline_and_packs_as_it_goes(tmp_path):
+    # The preset trained its full PRESET_MAX_TIME even when the deadline left less, and its step
+    # was then killed before the evaluation; the pack was made only at the very end.
+    pack = tmp_path / "out"  # the tool's $OUT as both: the archive must not hold itself
+    proc, calls = _dry_run(tmp_path, SUITE, "quick", "full",
+                           env={"SUITE_DEADLINE_S": "125", "SUITE_PACK": str(pack)})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    preset = [c for c in calls if c[:3] == ["-m", "imaml_ext.cli", "train"]]
+    assert len(preset) == 1
+    max_time = float(preset[0][preset[0].index("--max-time") + 1])
+    assert 30 <= max_time <= 125 - 30 - 40, max_time
+    import tarfile
+    with tarfile.open(pack / "suite_quick_full.tgz") as tar:
+        names = tar.getnames()
+    assert "./tests_cuda.log" in names and not [n for n in names if ".tgz" in n], names
+    (tmp_path / "again").mkdir()
+    proc, calls = _dry_run(tmp_path / "again", SUITE, "full", env={"SUITE_DEADLINE_S": "85"})
+    assert "train_preset skipped" in proc.stdout, proc.stdout[-2000:]
+    assert not [c for c in calls if c[:3] == ["-m", "imaml_ext.cli", "train"]]
 
 
 @pytest.mark.parametrize("recipe,graph", [("authors", "0"), ("paper", "0"), ("authors", "1"),

@@ -47,6 +47,8 @@ def test_target_verdicts_from_the_h100_run(tmp_path):
     assert ("NOT MET, default 37%; best forced path 58% by 'imaml_ext multi-launch, step "
             "epilogue, imaml_ext register tiles' [") in lstsq[0]
     assert "NOT MET, default 30%; best forced path 43% by" in lstsq[1]
+    # 128 MiB against the H100's 50 MiB of L2; 61 MiB would be mostly in an H200's 60 MiB
+    assert "under twice L2" not in lstsq[0] and "under twice L2" in lstsq[1]
     phase = [line for line in lines if line.startswith("TARGET CG phase")]
     assert len(phase) == 2 and all(": not judged, this file has no same-round" in line
                                    for line in phase)

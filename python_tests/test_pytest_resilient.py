@@ -77,3 +77,39 @@ def test_crash_budget(tmp_path):
     assert proc.returncode == 1
     assert cases["test_demo::test_b_segfault"][0] == "error"
     assert "test_demo::test_c_fails" not in cases
+
+
+HANGS = '''
+import time
+def test_a(): pass
+def test_b_hangs(): time.sleep(300)
+def test_c(): pass
+'''
+
+
+def test_a_timeout_still_writes_the_junit_file(tmp_path):
+    # `timeout` signals the runner and pytest (its process group): the runner died without a
+    # junit file, and every gate of the GPU suite went off with it
+    (tmp_path / "test_demo.py").write_text(HANGS)
+    junit = tmp_path / "out" / "junit.xml"
+    proc = subprocess.run(["timeout", "8", sys.executable, str(RUNNER), "--junitxml", str(junit),
+                           "--", "-q", "-p", "no:cacheprovider", "test_demo.py"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 124, proc.stderr[-2000:]
+    cases = {c.get("name"): [e.tag for e in c] for c in ET.parse(junit).iter("testcase")}
+    assert cases == {"test_a": [], "test_b_hangs": ["error"]}
+    assert "stopped by SIGTERM" in proc.stderr
+
+
+def test_named_tests_run_last(tmp_path):
+    import os
+    (tmp_path / "test_demo.py").write_text("def test_bulk_x(): pass\ndef test_a(): pass\n"
+                                           "def test_prefetch_y(): pass\ndef test_b(): pass\n")
+    junit = tmp_path / "junit.xml"
+    proc = subprocess.run([sys.executable, str(RUNNER), "--junitxml", str(junit), "--", "-q",
+                           "-p", "no:cacheprovider", "test_demo.py"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "IMAML_TEST_LAST": "bulk prefetch"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert [c.get("name") for c in ET.parse(junit).iter("testcase")] == [
+        "test_a", "test_b", "test_bulk_x", "test_prefetch_y"]
