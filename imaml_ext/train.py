@@ -670,9 +670,12 @@ class Trainer:
         self._warned_curvature = False
 
     def _load_val(self):
+        """The validation split, or None (a warning) where the data set has none; damaged
+        validation data is an error, as damaged training data is (DatasetFormatError)."""
+        from imaml_ext.data import DatasetNotFoundError, SplitOptionError
         try:
             return load_split(self.cfg, "val")
-        except (ValueError, OSError) as exc:
+        except (DatasetNotFoundError, SplitOptionError) as exc:
             log.warning("imaml_ext: no validation split (%s); validation disabled", exc)
             return None
 

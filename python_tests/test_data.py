@@ -20,8 +20,8 @@ import torch
 
 from data_fixtures import (MINI_CLASSES, MINI_PER_CLASS, OMNIGLOT_DRAWINGS, OMNIGLOT_LAYOUT,
                            REAL_DATA, make_mini_folder, make_mini_pickles, make_mini_zip,
-                           make_omniglot_folders, make_omniglot_zips, omniglot_members, write_tree,
-                           write_zip)
+                           make_omniglot_folders, make_omniglot_zips, mini_files, omniglot_members,
+                           write_tree, write_zip)
 from imaml_ext.data import (DatasetError, DatasetFormatError, DatasetNotFoundError, FewShotDataset,
                             SplitOptionError,
                             MINIIMAGENET_MEAN, MINIIMAGENET_STD, TaskSampler, load_dataset,
@@ -320,6 +320,18 @@ def test_wrong_folder_layout(tmp_path):
     assert str(stray) in str(e.value)
 
 
+def test_folder_extracted_one_level_too_deep(tmp_path):
+    # omniglot/images_background/images_background/<Alphabet>/...: each "character" folder holds
+    # folders; it was reported as an empty character, "the data set is incomplete: get it again"
+    root = make_omniglot_folders(tmp_path / "src")
+    deep = tmp_path / "deep" / "omniglot-py" / "images_evaluation"
+    deep.mkdir(parents=True)
+    (root / "omniglot-py" / "images_evaluation").rename(deep / "images_evaluation")
+    with pytest.raises(DatasetFormatError, match="extracted one level too deep") as e:
+        load_omniglot("test", root=tmp_path / "deep", cache_dir=tmp_path / "c")
+    assert "expected the original Omniglot layout" in str(e.value)
+
+
 def test_no_images_in_set(tmp_path):
     write_zip(tmp_path / "omniglot" / "images_evaluation.zip", {"README.txt": b"hi"})
     with pytest.raises(DatasetFormatError, match="no character folders"):
@@ -417,13 +429,22 @@ def test_partial_data_is_an_error_not_the_embedded_subset(tmp_path):
         load_omniglot("test", root=tmp_path, cache_dir=tmp_path / "c", allow_embedded=True)
 
 
-def test_embedded_fallback(tmp_path, caplog):
+def test_embedded_fallback(tmp_path, caplog, monkeypatch):
+    # with no data root named (the default user data dir) the shipped subset stands in; a root
+    # that was named and holds no Omniglot (a typo) is an error, unless allow_embedded=True
+    monkeypatch.delenv("IMAML_DATA", raising=False)
+    monkeypatch.setattr(omniglot_mod, "resolve_data_root", lambda root=None: tmp_path / "nothing")
     with caplog.at_level(logging.WARNING, logger="imaml_ext.data"):
-        tr = load_dataset("omniglot", "train", root=tmp_path / "nothing")
+        tr = load_dataset("omniglot", "train")
     assert "SUBSET SHIPPED WITH THE PACKAGE" in caplog.text
     assert "images_background.zip" in caplog.text  # says what to put where
-    va = load_dataset("omniglot", "val", root=tmp_path / "nothing")
-    te = load_dataset("omniglot", "test", root=tmp_path / "nothing")
+    with pytest.raises(DatasetNotFoundError, match=r"not found under the data root .*nothing"):
+        load_dataset("omniglot", "train", root=tmp_path / "nothing")
+    monkeypatch.setenv("IMAML_DATA", str(tmp_path / "nothing"))
+    with pytest.raises(DatasetNotFoundError, match="from IMAML_DATA"):
+        load_dataset("omniglot", "train")
+    va = load_dataset("omniglot", "val", root=tmp_path / "nothing", allow_embedded=True)
+    te = load_dataset("omniglot", "test", root=tmp_path / "nothing", allow_embedded=True)
     assert tr.source == "embedded" and tr.images.shape[1:] == (20, 1, 28, 28)
     assert va.num_classes == omniglot_mod.EMBEDDED_VAL_CLASSES
     assert not (_names(tr) & _names(va)) and not (_names(tr) & _names(te))
@@ -475,6 +496,14 @@ def test_miniimagenet_zip_matches_folder(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="imaml_ext.data"):
         tiny = load_miniimagenet("test", root=tmp_path / "t", cache_dir=tmp_path / "c")
     assert "STAND-IN" in caplog.text and torch.equal(tiny.images, folder.images)
+    # the real split files without their images beside the stand-in: an error that says the
+    # images are missing, not the stand-in in their place
+    bare = tmp_path / "t" / "miniimagenet"
+    bare.mkdir()
+    for split, text in mini_files()[0].items():
+        (bare / f"{split}.csv").write_text(text)
+    with pytest.raises(DatasetNotFoundError, match="missing"):
+        load_miniimagenet("test", root=tmp_path / "t", cache_dir=tmp_path / "c")
 
 
 def test_miniimagenet_pickle(tmp_path):
@@ -747,7 +776,8 @@ def test_sampler_cuda_matches_cpu(num_workers):
 
 
 def test_sampler_on_embedded_omniglot_20_way(tmp_path):
-    ds = load_dataset("omniglot", "test", root=tmp_path / "nothing")
+    ds = load_dataset("omniglot", "test", root=tmp_path / "nothing",
+                      allow_embedded=True)
     b = TaskSampler(ds, ways=20, shots=5, queries=15, meta_batch=2).batch(0)
     assert b.x_support.shape == (2, 100, 1, 28, 28) and b.x_query.shape == (2, 300, 1, 28, 28)
     assert int(b.y_query.max()) == 19

@@ -117,6 +117,37 @@ def test_corrupt_deflated_member_names_zip_and_member(tmp_path):
     assert f"{z}:{bad}" in str(e.value)
 
 
+def _patch_central_entry(z: Path, name: str, offset: int, value) -> None:
+    """Rewrites the 2-byte field at `offset` of member `name`'s central-directory entry with
+    value(old)."""
+    raw = bytearray(z.read_bytes())
+    pos = 0
+    while (pos := raw.find(b"PK\x01\x02", pos)) >= 0:
+        n = int.from_bytes(raw[pos + 28:pos + 30], "little")
+        if raw[pos + 46:pos + 46 + n].decode() == name:
+            old = int.from_bytes(raw[pos + offset:pos + offset + 2], "little")
+            raw[pos + offset:pos + offset + 2] = value(old).to_bytes(2, "little")
+            z.write_bytes(bytes(raw))
+            return
+        pos += 4
+    raise AssertionError(f"{name} not in {z}")
+
+
+@pytest.mark.parametrize("kind", ["deflate64", "encrypted"])
+def test_member_zipfile_cannot_read_names_zip_member_and_fix(tmp_path, kind):
+    # Deflate64 (what Windows and 7-Zip write for large files) raised NotImplementedError, an
+    # encrypted member RuntimeError: both were tracebacks from inside zipfile
+    z, members = omniglot_zip(tmp_path, compression=zipfile.ZIP_DEFLATED)
+    bad = sorted(members)[-1]
+    if kind == "deflate64":
+        _patch_central_entry(z, bad, 10, lambda old: 9)   # compression method 9
+    else:
+        _patch_central_entry(z, bad, 8, lambda old: old | 1)  # flag bit 0: encrypted
+    with pytest.raises(DatasetFormatError, match="re-zip it with standard deflate") as e:
+        load_omniglot("test", root=tmp_path, cache_dir=tmp_path / "c")
+    assert f"{z}:{bad}" in str(e.value)
+
+
 @pytest.mark.parametrize("content", [b"", b"<!DOCTYPE html><html><body>404 Not Found</body></html>",
                                      b"PK\x03\x04" + b"\0" * 40],
                          ids=["empty", "html-error-page", "bare-header"])
@@ -320,3 +351,15 @@ def test_cache_writer_killed_mid_write_leaves_no_half_cache(tmp_path):
     t0 = time.perf_counter()
     again = load_omniglot("test", root=tmp_path, cache_dir=cdir)
     assert torch.equal(again.images, ds.images) and time.perf_counter() - t0 < 30
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="needs sched_getaffinity")
+def test_decode_workers_follow_the_cpu_affinity(monkeypatch):
+    # os.cpu_count() counts the node's CPUs, not the share a scheduler (or taskset) gives the
+    # process: 8 ranks on a 16-CPU node each started 16 decoders
+    monkeypatch.delenv("IMAML_DECODE_WORKERS", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2})
+    assert common.default_decode_workers() == 3
+    monkeypatch.setenv("IMAML_DECODE_WORKERS", "5")
+    assert common.default_decode_workers() == 5

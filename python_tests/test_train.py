@@ -659,3 +659,28 @@ def test_a_half_set_torchrun_environment_is_a_usage_error(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "1")
     info, device = tr.init_distributed("cpu")
     assert (info.rank, info.world, device) == (0, 1, "cpu")
+
+
+def test_damaged_validation_data_is_an_error_a_missing_split_a_warning(tmp_path, monkeypatch,
+                                                                       caplog):
+    # every ValueError (DatasetFormatError among them) disabled validation with a warning, so a
+    # corrupt val.csv or image trained on without validation
+    from imaml_ext.data import DatasetFormatError, DatasetNotFoundError
+    cfg = tiny_config(tmp_path, val_every=2)
+
+    def broken(cfg, split):
+        if split == "val":
+            raise DatasetFormatError("val.csv line 3: no label")
+        return synthetic_dataset()
+    monkeypatch.setattr(tr, "load_split", broken)
+    with pytest.raises(DatasetFormatError, match="val.csv line 3"):
+        tr.Trainer(cfg, algorithm=QueryGradient(), dist_info=tr.DistInfo())
+
+    def missing(cfg, split):
+        if split == "val":
+            raise DatasetNotFoundError("no val split here")
+        return synthetic_dataset()
+    monkeypatch.setattr(tr, "load_split", missing)
+    with caplog.at_level(logging.WARNING, logger="imaml_ext.train"):
+        t = tr.Trainer(cfg, algorithm=QueryGradient(), dist_info=tr.DistInfo())
+    assert t.val_sampler is None and "validation disabled" in caplog.text

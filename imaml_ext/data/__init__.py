@@ -2,7 +2,7 @@
 
 Public entry points:
     load_dataset(name, split, root=None, protocol="background", seed=0, val_classes=None,
-                 allow_embedded=True, **kwargs) -> FewShotDataset
+                 allow_embedded=None, **kwargs) -> FewShotDataset
     TaskSampler(dataset, ways, shots, queries, meta_batch, seed=0, rotate=None, device="cpu",
                 num_workers=0) with .batch(step) -> TaskBatch and .iter_batches(start, num)
 
@@ -31,7 +31,8 @@ __all__ = [
 
 
 def load_dataset(name: str, split: str = "train", root=None, protocol: str = "background",
-                 seed: int = 0, val_classes: int | None = None, allow_embedded: bool = True,
+                 seed: int = 0, val_classes: int | None = None,
+                 allow_embedded: bool | None = None,
                  **kwargs) -> FewShotDataset:
     """One split of a few-shot data set.
 
@@ -43,7 +44,9 @@ def load_dataset(name: str, split: str = "train", root=None, protocol: str = "ba
             (1,200 / 423, drawn with ``seed``).
         seed: Omniglot only: the one seed of the class split and of the val draw.
         val_classes: Omniglot only: training characters held out as val (default 100).
-        allow_embedded: Omniglot only: fall back to the shipped subset when none is found.
+        allow_embedded: Omniglot only: fall back to the shipped subset when none is found
+            (default None: only when no data root was named, neither ``root`` nor
+            ``$IMAML_DATA``).
         **kwargs: passed on (``cache_dir``, ``download``, ``image_size``, ``decode_workers``).
     """
     key = name.lower().replace("-", "").replace("_", "")

@@ -328,6 +328,12 @@ def _decode_chunk(args: tuple[str, bool, Sequence[str], DecodeSpec]) -> np.ndarr
                     raise DatasetFormatError(
                         f"{where}: cannot read member ({exc}); the zip is probably truncated or "
                         f"corrupt") from None
+                except (NotImplementedError, RuntimeError) as exc:
+                    # Deflate64 (Windows' and 7-Zip's large-file method), an encrypted member
+                    raise DatasetFormatError(
+                        f"{where}: cannot read member ({exc}); the zip uses a compression "
+                        f"method or encryption Python's zipfile does not read: re-zip it with "
+                        f"standard deflate and no password (or extract it to a folder)") from None
                 arr = _decode_one(data, spec, where)
                 if out is None:
                     out = np.empty((len(names),) + arr.shape, np.uint8)
@@ -342,6 +348,9 @@ def _decode_chunk(args: tuple[str, bool, Sequence[str], DecodeSpec]) -> np.ndarr
                 data = path.read_bytes()
             except FileNotFoundError:
                 raise DatasetNotFoundError(f"{path}: image file missing") from None
+            except OSError as exc:  # unreadable (permissions, I/O error)
+                raise DatasetFormatError(f"{path}: cannot read the image file "
+                                         f"({exc.strerror or exc})") from None
             arr = _decode_one(data, spec, str(path))
             if out is None:
                 out = np.empty((len(names),) + arr.shape, np.uint8)
@@ -350,11 +359,16 @@ def _decode_chunk(args: tuple[str, bool, Sequence[str], DecodeSpec]) -> np.ndarr
 
 
 def default_decode_workers() -> int:
-    """``$IMAML_DECODE_WORKERS`` if set, else the number of CPUs (at most 16)."""
+    """``$IMAML_DECODE_WORKERS`` if set, else the number of CPUs this process may run on (its
+    affinity mask, e.g. a scheduler's or taskset's share of the node; at most 16)."""
     env = os.environ.get("IMAML_DECODE_WORKERS")
     if env:
         return max(1, int(env))
-    return max(1, min(16, os.cpu_count() or 1))
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not on Linux
+        cpus = os.cpu_count() or 1
+    return max(1, min(16, cpus))
 
 
 def decode_images(container: Path, is_zip: bool, names: Sequence[str], spec: DecodeSpec,

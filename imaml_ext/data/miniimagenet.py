@@ -9,11 +9,11 @@ Accepted layouts, looked for in the data root and in its sub-folders ``miniimage
   2. the usual folder: ``images/*.jpg`` plus ``train.csv``, ``val.csv``, ``test.csv`` (header
      ``filename,label``);
   3. the same layout inside ``mini-imagenet.zip`` / ``miniimagenet.zip`` (top folder optional);
-  4. the stand-in ``tiny-mini-imagenet.zip`` (or its extracted folder ``tiny-mini-imagenet/``):
-     100 Tiny-ImageNet classes, 100 64x64 photos each; used with a warning, since its accuracies
-     are not comparable with Mini-ImageNet's;
-  5. split files without their images (e.g. the bare Ravi & Larochelle csvs): an error naming
-     the first missing image.
+  4. split files without their images (e.g. the bare Ravi & Larochelle csvs): an error naming
+     the first missing image (not the stand-in in their place);
+  5. the stand-in ``tiny-mini-imagenet.zip`` (or its extracted folder ``tiny-mini-imagenet/``,
+     found with 2): 100 Tiny-ImageNet classes, 100 64x64 photos each; used with a warning, since
+     its accuracies are not comparable with Mini-ImageNet's.
 
 Images are converted to RGB (some photos are grayscale), resized to 84x84 with LANCZOS when they
 are not already that size, decoded once and cached as uint8 (see :mod:`imaml_ext.data.common`).
@@ -94,18 +94,24 @@ def find_miniimagenet(root, split: str) -> MiniImageNetSource:
     for d in dirs + [root / STANDIN]:
         if (d / f"{split}.csv").is_file() and (d / "images").is_dir():
             return MiniImageNetSource("folder", d, standin=d.name == STANDIN)
-    zips = [(root / z, False) for z in _ZIPS] + [(root / f"{STANDIN}.zip", True)]
-    for z, standin in zips:
+    def from_zip(z: Path, standin: bool) -> MiniImageNetSource:
+        prefix = _zip_prefix(z, split)
+        if prefix is None:
+            raise DatasetFormatError(
+                f"{z}: no {split}.csv inside; expected the Mini-ImageNet layout "
+                f"[top/]images/*.jpg plus [top/]train.csv, val.csv, test.csv")
+        return MiniImageNetSource("zip", z, prefix, standin or prefix.rstrip("/") == STANDIN)
+
+    for z in (root / z for z in _ZIPS):
         if z.is_file():
-            prefix = _zip_prefix(z, split)
-            if prefix is None:
-                raise DatasetFormatError(
-                    f"{z}: no {split}.csv inside; expected the Mini-ImageNet layout "
-                    f"[top/]images/*.jpg plus [top/]train.csv, val.csv, test.csv")
-            return MiniImageNetSource("zip", z, prefix, standin or prefix.rstrip("/") == STANDIN)
+            return from_zip(z, False)
+    # Real split files whose images/ folder is missing: an error that says so (checking the
+    # folder), not the stand-in zip beside them in its place
     for d in dirs:
         if (d / f"{split}.csv").is_file():
             return MiniImageNetSource("folder", d)
+    if (root / f"{STANDIN}.zip").is_file():
+        return from_zip(root / f"{STANDIN}.zip", True)
     looked = ", ".join(str(d) for d in dirs)
     raise DatasetNotFoundError(
         f"Mini-ImageNet split {split!r} not found under the data root {root}. Looked in {looked} "
@@ -193,6 +199,11 @@ def _decode_split(src: MiniImageNetSource, split: str, image_size: int,
                 raise DatasetFormatError(
                     f"{where}: cannot read the split file ({exc}); the zip is probably truncated "
                     f"or corrupt, or the csv is not UTF-8") from None
+            except (NotImplementedError, RuntimeError) as exc:  # Deflate64, encryption
+                raise DatasetFormatError(
+                    f"{where}: cannot read the split file ({exc}); the zip uses a compression "
+                    f"method or encryption Python's zipfile does not read: re-zip it with "
+                    f"standard deflate and no password") from None
             rows = parse_split_csv(text, where)
         finally:
             zf.close()

@@ -22,8 +22,8 @@ Splits (all seeded by ONE ``seed``, so train, val and test are disjoint by const
 Nothing is downloaded unless asked: if no Omniglot is found, ``download=True`` (or
 :func:`download_omniglot`) fetches the two zips from the brendenlake/omniglot repository (short
 timeout); otherwise, or if that fails too, the small subset shipped in ``imaml_ext/data/embedded``
-is used (``allow_embedded=True``, with a warning), else :class:`DatasetNotFoundError` says what to
-put where. The trainer and the CLI never download (a mistyped data root must not fill up with a
+is used (with a warning; by default only when no data root was named: a named one that holds no
+Omniglot is an error), else :class:`DatasetNotFoundError` says what to put where. The trainer and the CLI never download (a mistyped data root must not fill up with a
 fresh copy).
 """
 from __future__ import annotations
@@ -163,6 +163,12 @@ def list_omniglot_set(src: OmniglotSource) -> tuple[list[str], list[list[str]]]:
     keys = sorted(classes)
     for k in keys:
         if not classes[k]:
+            cdir = src.path / k[0] / k[1]
+            if cdir.is_dir() and any((cdir / e).is_dir() and not _hidden(e)
+                                     for e in os.listdir(cdir)):
+                # images_background/images_background/Latin/character01/*.png
+                raise _layout_error(str(cdir), "a character folder that holds folders, not "
+                                    "images: extracted one level too deep?", src.set_name)
             raise DatasetFormatError(
                 f"{src.path}: character folder {src.set_name}/{k[0]}/{k[1]} is empty; expected "
                 f"its drawings (20 .png files) - the data set is incomplete: get it again")
@@ -284,12 +290,14 @@ def _root_origin(root) -> str:
 
 
 def resolve_omniglot(root=None, needed=SETS, download: bool = False,
-                     allow_embedded: bool = True) -> dict[str, OmniglotSource] | str:
+                     allow_embedded: bool | None = None) -> dict[str, OmniglotSource] | str:
     """Finds Omniglot: the sources of the ``needed`` sets, or ``"embedded"``.
 
     Order: the data root's layouts; a download into ``<root>/omniglot/`` when nothing is found
     and ``download=True`` (off by default); the shipped subset when no Omniglot set at all is
-    found (``allow_embedded=True``, logged as a warning).
+    found and ``allow_embedded`` (logged as a warning). ``allow_embedded=None`` (the default):
+    only when no data root was named (neither ``root`` nor ``$IMAML_DATA``), so that a mistyped
+    root is an error, not a silent switch to the 200-character subset.
 
     Raises:
         DatasetNotFoundError: with the files to put where.
@@ -311,6 +319,8 @@ def resolve_omniglot(root=None, needed=SETS, download: bool = False,
             if not missing:
                 return found
     message = _not_found_message(data_root, _root_origin(root), missing, reason)
+    if allow_embedded is None:
+        allow_embedded = root is None and not os.environ.get("IMAML_DATA")
     if allow_embedded and not found:
         logger.warning("imaml_ext: %s\nUSING THE SMALL OMNIGLOT SUBSET SHIPPED WITH THE PACKAGE "
                        "(%s) instead; its accuracies are not comparable with published ones.",
@@ -355,7 +365,7 @@ def split_class_indices(class_names: list[str], protocol: str, seed: int,
 
 
 def load_omniglot(split: str = "train", root=None, protocol: str = "background", seed: int = 0,
-                  val_classes: int | None = None, allow_embedded: bool = True,
+                  val_classes: int | None = None, allow_embedded: bool | None = None,
                   download: bool = False, cache_dir=None, image_size: int = IMAGE_SIZE,
                   decode_workers: int | None = None) -> FewShotDataset:
     """One split of Omniglot as a :class:`FewShotDataset` of uint8 (C, 20, 1, 28, 28) images.
@@ -368,7 +378,8 @@ def load_omniglot(split: str = "train", root=None, protocol: str = "background",
         seed: the one seed of the class split and of the validation draw.
         val_classes: training characters moved to the val split (default 100; 20 for the
             embedded subset; 0 for none).
-        allow_embedded: fall back to the shipped subset when no Omniglot is found.
+        allow_embedded: fall back to the shipped subset when no Omniglot is found (default
+            None: only when no data root was named, neither ``root`` nor ``$IMAML_DATA``).
         download: fetch the official zips into ``<root>/omniglot/`` when no Omniglot is found
             (default False: nothing goes over the network unless asked).
         cache_dir: where the decoded cache goes (default: beside the data, else ``IMAML_CACHE``).
