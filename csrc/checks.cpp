@@ -2,8 +2,11 @@
 // what was expected and what came, so Python users see the same text from CPU and CUDA.
 #include "ops.h"
 
+#include <ATen/MemoryOverlap.h>
+
 #include <cmath>
 #include <initializer_list>
+#include <iterator>
 #include <utility>
 #include <string>
 #include <vector>
@@ -85,6 +88,24 @@ void check_cg_state(const char* op, const at::Tensor& x, const at::Tensor& r, co
                          {"rs", rs}, {"status", status}, {"iters", iters}}) {
     TORCH_CHECK_VALUE(t.is_contiguous(), op, ": ", name, " is written in place and must be contiguous");
   }
+  // ... and through restrict pointers: no two may share memory (Ap is read after x and r are
+  // written), except p and Ap, both only read while the other is written (an operator may
+  // return its input: linalg.cg passes A(p) on uncopied)
+  const std::pair<const char*, const at::Tensor*> bufs[] = {
+      {"x", &x}, {"r", &r}, {"p", &p}, {"Ap", &Ap}, {"rs", &rs}, {"bnorm2", &bnorm2}};
+  for (size_t i = 0; i < std::size(bufs); ++i) {
+    for (size_t j = i + 1; j < std::size(bufs); ++j) {
+      const at::Tensor &a = *bufs[i].second, &b = *bufs[j].second;
+      if (bufs[i].second == &p && bufs[j].second == &Ap) continue;
+      const auto st = at::get_overlap_status(a, b);
+      // TooHard: a strided view; shared storage is then taken as overlap
+      const bool shared = st == at::MemOverlapStatus::Full || st == at::MemOverlapStatus::Partial ||
+                          (st == at::MemOverlapStatus::TooHard && a.has_storage() &&
+                           b.has_storage() && a.storage().is_alias_of(b.storage()));
+      TORCH_CHECK_VALUE(!shared, op, ": ", bufs[i].first, " and ", bufs[j].first,
+                        " must be separate buffers (they share memory)");
+    }
+  }
   check_tolerances(op, rtol, atol);
 }
 
@@ -93,10 +114,13 @@ void check_affine(const char* op, double shift, double scale) {
                     ": shift and scale must be finite, got ", shift, " and ", scale);
 }
 
-void check_cg_begin(const char* op, const at::Tensor& b, double rtol, double atol) {
+void check_cg_begin(const char* op, const at::Tensor& b, double rtol, double atol, bool rescale) {
   check_float(op, "b", b);
   TORCH_CHECK_VALUE(b.dim() == 2, op, ": b must be (B, P), got ", b.sizes());
   check_tolerances(op, rtol, atol);
+  // the tolerance would be compared with the residual of b / s, not of b
+  TORCH_CHECK_VALUE(!(rescale && atol > 0), op, ": rescale needs atol = 0 (atol is absolute in ",
+                    "b's units, the rescaled residual is not), got atol ", atol);
 }
 
 void check_cg_end(const char* op, const at::Tensor& x, const at::Tensor& rs,

@@ -20,7 +20,7 @@ void check_cg_state(const char* op, const at::Tensor& x, const at::Tensor& r, co
 void check_affine(const char* op, double shift, double scale);
 
 // cg_begin: b (B, P) float32/float64; tolerances finite and >= 0.
-void check_cg_begin(const char* op, const at::Tensor& b, double rtol, double atol);
+void check_cg_begin(const char* op, const at::Tensor& b, double rtol, double atol, bool rescale);
 
 // cg_end: x (B, P) float; rs, scale (B,) like x; status, iters (B,) int32 on x's device; fallback
 // absent or like x.

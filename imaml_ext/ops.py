@@ -114,7 +114,30 @@ def check_step(op, x, r, p, Ap, rs, bnorm2, status, iters, rtol, atol):
         if not t.is_contiguous():
             _fail(op, f"{name} is written in place and must be contiguous (the compiled op's "
                       f"words), got strides {t.stride()}")
+    # ... and through restrict pointers in the kernels: no two may share memory, except p and
+    # Ap (both only read while the other is written: an operator may return its input)
+    bufs = (("x", x), ("r", r), ("p", p), ("Ap", Ap), ("rs", rs), ("bnorm2", bnorm2))
+    for i, (na, a) in enumerate(bufs):
+        for nb, b in bufs[i + 1:]:
+            if (na, nb) != ("p", "Ap") and _share_memory(a, b):
+                _fail(op, f"{na} and {nb} must be separate buffers (they share memory)")
     _check_tols(op, rtol, atol)
+
+
+def _share_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two tensors' element ranges overlap in one storage (ranges from their first to
+    their last element, so a conservative answer for strided views)."""
+    if a.numel() == 0 or b.numel() == 0 or a.device != b.device or a.device.type == "meta":
+        return False
+    if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
+        return False
+
+    def span(t):
+        last = sum((n - 1) * st for n, st in zip(t.shape, t.stride()) if n > 0)
+        lo = t.data_ptr() + min(0, last) * t.element_size()
+        return lo, t.data_ptr() + (max(0, last) + 1) * t.element_size()
+    (a0, a1), (b0, b1) = span(a), span(b)
+    return a0 < b1 and b0 < a1
 
 
 # ---- the ops --------------------------------------------------------------------------------
@@ -154,6 +177,9 @@ def cg_begin(b, rtol: float, atol: float, rescale: bool = True, *, use_ext: bool
     if b.dim() != 2:
         _fail("cg_begin", f"b must be (B, P), got {tuple(b.shape)}")
     _check_tols("cg_begin", rtol, atol)
+    if rescale and atol > 0:
+        _fail("cg_begin", f"rescale needs atol = 0 (atol is absolute in b's units, the "
+                          f"rescaled residual is not), got atol {atol}")
     return reference.cg_begin(b, rtol, atol, rescale)
 
 

@@ -173,6 +173,10 @@ def test_cpp_checks_name_the_argument():
     with pytest.raises(RuntimeError, match="idx has dtype"):
         torch.ops.imaml_ext.bn_relu_pool_backward(out, h, w, b, mean, invstd, hsel,
                                                   idx.to(torch.float64))
+    # an entry past 3 silently dropped its position's gradient
+    with pytest.raises(RuntimeError, match=r"bn_relu_pool_backward: idx must be in 0..3"):
+        torch.ops.imaml_ext.bn_relu_pool_backward(out, h, w, b, mean, invstd, hsel,
+                                                  idx.index_fill(0, torch.tensor([1]), 7))
 
 
 def test_opcheck():

@@ -122,6 +122,11 @@ def test_opcheck(device):
     ("x", lambda s: s["x"].t().contiguous().t(), r"x is written in place and must be contiguous"),
     ("status", lambda s: s["status"][:1].expand(3),
      r"status is written in place and must be contiguous"),
+    # restrict pointers in the kernels: a buffer passed twice ran, with a meaningless result
+    ("r", lambda s: s["x"], r"x and r must be separate buffers \(they share memory\)"),
+    ("Ap", lambda s: s["r"], r"r and Ap must be separate buffers"),
+    ("bnorm2", lambda s: s["rs"], r"rs and bnorm2 must be separate buffers"),
+    ("Ap", lambda s: s["x"][:1].expand(3, 5), r"x and Ap must be separate buffers"),
 ])
 def test_bad_arguments_name_the_argument(use_ext, field, bad, match):
     s = make_state(3, 5, torch.float64, "cpu")
@@ -138,6 +143,17 @@ def test_negative_tolerance_rejected(use_ext):
     with pytest.raises(ValueError, match="rtol must be finite and >= 0"):
         ops.cg_step_(s["x"], s["r"], s["p"], s["p"].clone(), s["rs"], s["bnorm2"], s["status"],
                      s["iters"], -1.0, 0.0, use_ext=use_ext)
+
+
+@pytest.mark.parametrize("use_ext", [pytest.param(True, marks=needs_ext), False])
+def test_cg_begin_refuses_rescale_with_an_absolute_tolerance(use_ext):
+    # the rescaled residual was compared with the unscaled atol: b = 1e-200 with atol 1e-150
+    # came out "running", not converged
+    b = torch.full((1, 4), 1e-200, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"cg_begin: rescale needs atol = 0"):
+        ops.cg_begin(b, 1e-6, 1e-150, True, use_ext=use_ext)
+    status = ops.cg_begin(b, 1e-6, 1e-150, False, use_ext=use_ext)[5]
+    assert status.tolist() == [1]  # converged: ||b|| = 2e-200 <= atol
 
 
 # ---- the affine step and a step-by-step solve's set-up and finish (cg_begin, cg_end) ----------

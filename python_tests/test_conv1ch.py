@@ -281,6 +281,15 @@ def test_cpp_checks_name_the_argument():
         torch.ops.imaml_ext.conv1ch_select(x, cw, cb, idx + 4, s, p)
     with pytest.raises(RuntimeError, match="grad_u must be"):
         torch.ops.imaml_ext.conv1ch_select_weight_grad(g[:1], x, idx, [3, 3], s, p)
+    # an entry past 3 read beyond the window's four patches (AddressSanitizer: heap overflow in
+    # the channel tail) or dropped its gradient (the vector path): both backward ops check
+    bad = idx.clone()
+    bad[0, 0, 0, 0] = 200
+    with pytest.raises(RuntimeError, match=r"conv1ch_bn_relu_pool_backward: idx must be in 0..3"):
+        torch.ops.imaml_ext.conv1ch_bn_relu_pool_backward(g, x, cw, bw, bb, mean, invstd, hsel,
+                                                          bad, mom, s, p)
+    with pytest.raises(RuntimeError, match=r"conv1ch_select_weight_grad: idx must be in 0..3"):
+        torch.ops.imaml_ext.conv1ch_select_weight_grad(g, x, bad, [3, 3], s, p)
 
 
 def test_opcheck():

@@ -334,6 +334,20 @@ void check_block_input(const char* op, const at::Tensor& h, const at::Tensor& we
               ": h must have a sample and be at least 2x2 for 2x2 max-pooling, got shape ", h.sizes());
 }
 
+// idx's values: the position in a 2x2 window, 0..3 (the kernels index the window's patches or
+// pixels with it; a larger value read past them or dropped the gradient). One pass over bytes.
+void check_window_idx(const char* op, const at::Tensor& idx) {
+  const uint8_t* p = idx.const_data_ptr<uint8_t>();
+  const int64_t n = idx.numel();
+  std::atomic<bool> bad{false};
+  at::parallel_for(0, n, 1 << 16, [&](int64_t lo, int64_t hi) {
+    uint8_t m = 0;
+    for (int64_t i = lo; i < hi; ++i) m = std::max(m, p[i]);
+    if (m > 3) bad = true;
+  });
+  TORCH_CHECK(!bad.load(), op, ": idx must be in 0..3 (the position in a 2x2 window)");
+}
+
 // The checks of a block backward's pooled-size inputs and saved statistics.
 void check_saved_block(const char* op, const std::vector<int64_t>& pooled, at::ScalarType dtype,
                        const at::Tensor& grad_out, const at::Tensor& hsel, const at::Tensor& idx,
@@ -348,6 +362,7 @@ void check_saved_block(const char* op, const std::vector<int64_t>& pooled, at::S
     TORCH_CHECK(t.scalar_type() == (t.is_same(idx) ? at::kByte : dtype), op, ": ", name,
                 " has dtype ", t.scalar_type());
   }
+  check_window_idx(op, idx);
   const int64_t C = pooled[1];
   for (auto [name, t] : {std::pair<const char*, const at::Tensor&>{"mean", mean},
                          std::pair<const char*, const at::Tensor&>{"invstd", invstd}}) {
@@ -1315,6 +1330,7 @@ std::tuple<at::Tensor, at::Tensor> conv1ch_select_weight_grad_cpu(
   const Geometry g = check_geometry(op, x, grad_u.size(1), kernel_size, stride, padding);
   check_selection(op, "grad_u", grad_u, g, x.scalar_type());
   check_selection(op, "idx", idx, g, at::kByte);
+  check_window_idx(op, idx);
   const int64_t GC = g.G * g.C, T_ = g.kh * g.kw;
   at::Tensor grad_w = at::empty({GC, 1, g.kh, g.kw}, x.options());
   at::Tensor grad_b = at::empty({GC}, x.options());

@@ -64,7 +64,7 @@ void cg_step_cpu(at::Tensor x, at::Tensor r, at::Tensor p, const at::Tensor& Ap_
 
 // cg_begin (csrc/module.cpp): the state of B solves from x0 = 0, each system by itself.
 BeginResult cg_begin_cpu(const at::Tensor& b_in, double rtol, double atol, bool rescale) {
-  check_cg_begin("cg_begin", b_in, rtol, atol);
+  check_cg_begin("cg_begin", b_in, rtol, atol, rescale);
   const auto b = b_in.contiguous();
   const int64_t B = b.size(0), P = b.size(1);
   auto out = empty_cg_begin(b);

@@ -277,7 +277,7 @@ __global__ void cg_begin_status_kernel(scalar_t* __restrict__ rs, scalar_t* __re
 }
 
 BeginResult cg_begin_cuda(const at::Tensor& b_in, double rtol, double atol, bool rescale) {
-  check_cg_begin("cg_begin", b_in, rtol, atol);
+  check_cg_begin("cg_begin", b_in, rtol, atol, rescale);
   c10::cuda::OptionalCUDAGuard guard(b_in.device());
   const auto b = b_in.contiguous();
   const int64_t B = b.size(0), P = b.size(1);
