@@ -62,9 +62,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--shots", type=int)
     g.add_argument("--queries", type=int, help="query images per class (default 15)")
     g.add_argument("--protocol", choices=PROTOCOLS,
-                   help="Omniglot split: background (964/659 characters) or paper (1200/423); "
-                   "--val-classes of the training characters are held out for validation (so "
-                   "864 or 1,100 meta-train by default)")
+                   help="Omniglot split: paper (default: 1200/423 characters drawn with the "
+                   "seed, as MAML and the iMAML paper) or background (964/659: the background "
+                   "set, tested on the evaluation set's unseen alphabets); --val-classes of the "
+                   "training characters are held out for validation (so 1,100 or 864 "
+                   "meta-train by default)")
     g.add_argument("--val-classes", type=int, help="training classes held out for validation "
                    "(Omniglot: 100; 0 meta-trains on all of them, with --val-every 0)")
     g.add_argument("--data-root", help="data root (default $IMAML_DATA, else "

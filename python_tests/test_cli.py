@@ -45,7 +45,12 @@ def assert_clean_error(code, err, *needles):
 def test_ways_larger_than_classes(capsys, omniglot_root, tmp_path):
     code, _, err = run_cli(capsys, "train", "--data-root", str(omniglot_root), "--val-classes",
                            "2", "--ways", "9", "--out", str(tmp_path / "r"), "--quiet")
-    assert_clean_error(code, err, "ways=9 exceeds the 5 classes")
+    # the paper's split (the default) of the fixture's 12 characters: 9 train, 2 of them val
+    assert_clean_error(code, err, "ways=9 exceeds the 7 classes of omniglot/train")
+    code, _, err = run_cli(capsys, "train", "--data-root", str(omniglot_root), "--val-classes",
+                           "2", "--ways", "9", "--protocol", "background", "--out",
+                           str(tmp_path / "r"), "--quiet")
+    assert_clean_error(code, err, "ways=9 exceeds the 5 classes")  # 7 background less 2
 
 
 def test_shots_plus_queries_larger_than_images(capsys, omniglot_root, tmp_path):

@@ -22,10 +22,20 @@ from data_fixtures import (MINI_CLASSES, MINI_PER_CLASS, OMNIGLOT_DRAWINGS, OMNI
                            REAL_DATA, make_mini_folder, make_mini_pickles, make_mini_zip,
                            make_omniglot_folders, make_omniglot_zips, mini_files, omniglot_members,
                            write_tree, write_zip)
+import functools
+
 from imaml_ext.data import (DatasetError, DatasetFormatError, DatasetNotFoundError, FewShotDataset,
                             SplitOptionError,
-                            MINIIMAGENET_MEAN, MINIIMAGENET_STD, TaskSampler, load_dataset,
-                            load_miniimagenet, load_omniglot, resolve_data_root)
+                            MINIIMAGENET_MEAN, MINIIMAGENET_STD, TaskSampler, resolve_data_root)
+from imaml_ext.data import load_dataset as _load_dataset
+from imaml_ext.data import load_miniimagenet
+from imaml_ext.data import load_omniglot as _load_omniglot
+
+# These tests are about reading the files (layouts, faults, caches, the fixture's counts): they
+# use the background protocol, which reads one zip per split, unless they say otherwise (the
+# library's default is the paper's, tested in test_default_protocol_is_the_papers).
+load_omniglot = functools.partial(_load_omniglot, protocol="background")
+load_dataset = functools.partial(_load_dataset, protocol="background")
 from imaml_ext.data import common
 from imaml_ext.data import omniglot as omniglot_mod
 from imaml_ext.types import TaskBatch
@@ -850,3 +860,22 @@ def test_real_split_files_name_the_first_missing_image():
         assert f"{split}.csv:2 names the image {d / 'images' / first}" in msg
         total = {"train": 38400, "val": 9600, "test": 12000}[split]
         assert f"{total} of the {total} images" in msg
+
+
+def test_default_protocol_is_the_papers(tmp_path):
+    # DESIGN: the paper's protocol as the default (MAML's 1,200 / 423 split, on which Table 2
+    # was measured); before 2026-11-29 the library and the trainer defaulted to "background"
+    root = make_omniglot_zips(tmp_path)
+    got = {s: _load_omniglot(s, root=root, val_classes=2, cache_dir=tmp_path / "c")
+           for s in ("train", "test")}
+    want = {s: _load_omniglot(s, root=root, val_classes=2, protocol="paper",
+                              cache_dir=tmp_path / "c") for s in ("train", "test")}
+    for s in got:
+        assert got[s].class_names == want[s].class_names
+    assert any(n.startswith("images_background/") for n in got["test"].class_names)
+    assert _load_dataset("omniglot", "test", root=root, val_classes=2,
+                         cache_dir=tmp_path / "c").class_names == want["test"].class_names
+    from imaml_ext.config import TrainConfig, resolve
+    assert resolve(TrainConfig(dataset="omniglot", ways=5, shots=1)).protocol == "paper"
+    # Mini-ImageNet has one split: recorded as "background", as its checkpoints always held
+    assert resolve(TrainConfig(dataset="miniimagenet", ways=5, shots=1)).protocol == "background"

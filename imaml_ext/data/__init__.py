@@ -1,7 +1,7 @@
 """Few-shot data: Omniglot, Mini-ImageNet, and N-way K-shot task sampling.
 
 Public entry points:
-    load_dataset(name, split, root=None, protocol="background", seed=0, val_classes=None,
+    load_dataset(name, split, root=None, protocol=None, seed=0, val_classes=None,
                  allow_embedded=None, **kwargs) -> FewShotDataset
     TaskSampler(dataset, ways, shots, queries, meta_batch, seed=0, rotate=None, device="cpu",
                 num_workers=0) with .batch(step) -> TaskBatch and .iter_batches(start, num)
@@ -30,7 +30,7 @@ __all__ = [
 ]
 
 
-def load_dataset(name: str, split: str = "train", root=None, protocol: str = "background",
+def load_dataset(name: str, split: str = "train", root=None, protocol: str | None = None,
                  seed: int = 0, val_classes: int | None = None,
                  allow_embedded: bool | None = None,
                  **kwargs) -> FewShotDataset:
@@ -40,8 +40,8 @@ def load_dataset(name: str, split: str = "train", root=None, protocol: str = "ba
         name: ``"omniglot"`` or ``"miniimagenet"`` (``"mini-imagenet"`` accepted).
         split: ``"train"``, ``"val"`` or ``"test"``.
         root: data root; else ``$IMAML_DATA``; else ``~/.cache/imaml_ext/data``.
-        protocol: Omniglot only: ``"background"`` (964 / 659 characters) or ``"paper"``
-            (1,200 / 423, drawn with ``seed``).
+        protocol: Omniglot only: ``"paper"`` (the default: 1,200 / 423 characters drawn with
+            ``seed``, the iMAML paper's) or ``"background"`` (964 / 659).
         seed: Omniglot only: the one seed of the class split and of the val draw.
         val_classes: Omniglot only: training characters held out as val (default 100).
         allow_embedded: Omniglot only: fall back to the shipped subset when none is found
@@ -51,10 +51,10 @@ def load_dataset(name: str, split: str = "train", root=None, protocol: str = "ba
     """
     key = name.lower().replace("-", "").replace("_", "")
     if key == "omniglot":
-        return load_omniglot(split, root=root, protocol=protocol, seed=seed,
+        return load_omniglot(split, root=root, protocol=protocol or "paper", seed=seed,
                              val_classes=val_classes, allow_embedded=allow_embedded, **kwargs)
     if key == "miniimagenet":
-        if protocol != "background":
+        if protocol not in (None, "background"):  # "background": what runs have recorded
             raise ValueError(f"protocol={protocol!r} applies to omniglot only")
         return load_miniimagenet(split, root=root, val_classes=val_classes, **kwargs)
     raise ValueError(f"unknown data set {name!r}; expected one of {DATASETS}")

@@ -14,17 +14,19 @@ paper = 0: MAML's reference code inverts, so the ink is 1.0 once scaled to [0, 1
 cached as a uint8 tensor (see :mod:`imaml_ext.data.common` for where and when it is rebuilt).
 
 Splits (all seeded by ONE ``seed``, so train, val and test are disjoint by construction):
-  * ``protocol="background"`` (default): test = the evaluation set's 659 characters; train = the
-    background set's 964 characters less ``val_classes`` (default 100) drawn from them for val.
-  * ``protocol="paper"``: all 1,623 characters pooled and permuted with ``seed``; the first 1,200
-    are the training pool (val = its first ``val_classes``, train = the rest), the other 423 test.
+  * ``protocol="paper"`` (default; MAML's and the iMAML paper's): all 1,623 characters pooled
+    and permuted with ``seed``; the first 1,200 are the training pool (val = its first
+    ``val_classes``, train = the rest), the other 423 test.
+  * ``protocol="background"``: test = the evaluation set's 659 characters (unseen alphabets);
+    train = the background set's 964 characters less ``val_classes`` (default 100) drawn from
+    them for val.
 
 Nothing is downloaded unless asked: if no Omniglot is found, ``download=True`` (or
 :func:`download_omniglot`) fetches the two zips from the brendenlake/omniglot repository (short
 timeout); otherwise, or if that fails too, the small subset shipped in ``imaml_ext/data/embedded``
 is used (with a warning; by default only when no data root was named: a named one that holds no
-Omniglot is an error), else :class:`DatasetNotFoundError` says what to put where. The trainer and the CLI never download (a mistyped data root must not fill up with a
-fresh copy).
+Omniglot is an error), else :class:`DatasetNotFoundError` says what to put where. The trainer
+and the CLI never download (a mistyped data root must not fill up with a fresh copy).
 """
 from __future__ import annotations
 
@@ -364,7 +366,7 @@ def split_class_indices(class_names: list[str], protocol: str, seed: int,
             "test": sorted(test)}
 
 
-def load_omniglot(split: str = "train", root=None, protocol: str = "background", seed: int = 0,
+def load_omniglot(split: str = "train", root=None, protocol: str = "paper", seed: int = 0,
                   val_classes: int | None = None, allow_embedded: bool | None = None,
                   download: bool = False, cache_dir=None, image_size: int = IMAGE_SIZE,
                   decode_workers: int | None = None) -> FewShotDataset:
@@ -373,8 +375,8 @@ def load_omniglot(split: str = "train", root=None, protocol: str = "background",
     Args:
         split: ``"train"``, ``"val"`` or ``"test"``.
         root: data root (else ``IMAML_DATA``, else ``~/.cache/imaml_ext/data``).
-        protocol: ``"background"`` (964 / 659 characters) or ``"paper"`` (1,200 / 423 drawn with
-            ``seed``); see the module docstring.
+        protocol: ``"paper"`` (the default: 1,200 / 423 characters drawn with ``seed``) or
+            ``"background"`` (964 / 659); see the module docstring.
         seed: the one seed of the class split and of the validation draw.
         val_classes: training characters moved to the val split (default 100; 20 for the
             embedded subset; 0 for none).
