@@ -199,20 +199,37 @@ def scipy_cg(Xn, bn, n, device):
     return torch.from_numpy(np.stack(out)).to(device), iters
 
 
+def counted(fn):
+    """fn, and a list whose item counts its calls: the peers report no iteration count, and both
+    TorchOpt's solve_cg and linear_operator's linear_cg apply the operator once to set up
+    (r0 = b - A x0), then once an iteration (as in bench_kernels.counted), so calls - 1 is the
+    iterations run; the 2e-5 error bar alone cannot tell a stop after 12-19 iterations."""
+    calls = [0]
+
+    def wrapped(*args):
+        calls[0] += 1
+        return fn(*args)
+    return wrapped, calls
+
+
 def torchopt_cg(X, b, n):
     from torchopt.linear_solve import solve_cg
     solve = solve_cg(maxiter=ITERS, rtol=0.0, atol=0.0)
-    return torch.stack([solve(lambda v, Xi=Xi: v + Xi.T @ (Xi @ v) / n, bi)
-                        for Xi, bi in zip(X, b)])
+    out, iters = [], []
+    for Xi, bi in zip(X, b):
+        mv, calls = counted(lambda v, Xi=Xi: v + Xi.T @ (Xi @ v) / n)
+        out.append(solve(mv, bi))
+        iters.append(calls[0] - 1)
+    return torch.stack(out), iters
 
 
 def linear_operator_cg(X, b, n):
     from linear_operator.utils import linear_cg
     Xt = X.transpose(1, 2)
-    x = linear_cg(lambda V: V + torch.bmm(Xt, torch.bmm(X, V)) / n, b.unsqueeze(-1),
-                  max_iter=ITERS, tolerance=0.0, eps=0.0, stop_updating_after=0.0,
-                  max_tridiag_iter=0)
-    return x.squeeze(-1)
+    mv, calls = counted(lambda V: V + torch.bmm(Xt, torch.bmm(X, V)) / n)
+    x = linear_cg(mv, b.unsqueeze(-1), max_iter=ITERS, tolerance=0.0, eps=0.0,
+                  stop_updating_after=0.0, max_tridiag_iter=0)
+    return x.squeeze(-1), [calls[0] - 1] * X.shape[0]
 
 
 def check(row, name, out, truth) -> bool:
@@ -446,7 +463,11 @@ def main(argv=None):
         print("\n(a --quick / --sizes run: no JSON written; --out PATH writes one)")
     ran = [r["speedup_vs_fastest_other"] for r in rows if r["fastest_other"] is not None]
     if ran:
-        print(f"smallest speedup over the fastest other: {min(ran):.2f}x (target >= 2x)")
+        targets = [r for r in rows if (r["B"], r["n"], r["d"]) in SIZES
+                   and r["fastest_other"] is not None]
+        note = ("(issue 5's target at its three sizes: >= 2x)" if len(targets) == len(SIZES)
+                else "(not the target's three sizes: no verdict)")
+        print(f"smallest speedup over the fastest other: {min(ran):.2f}x {note}")
 
 
 if __name__ == "__main__":

@@ -138,12 +138,23 @@ def target_lines(folder: str):
             k = max(r.get("cg_steps") or 0, 1)
             pr = ph.get("cg_phase_ratio")
             one = pr and pr.get("one_hvp_median_s")
-            if pr:  # the solve and its products alone, at the same point, in the same rounds
+            short = [i for i in pr.get("solve_iterations_max_per_round", []) if i < k] \
+                if pr else []
+            on_gpu = str((data.get("environment") or {}).get("device", "")).startswith("cuda") \
+                or (data.get("args") or {}).get("device") == "cuda"
+            if pr and short and not on_gpu:
+                # a CPU solve stops once every task has: fewer products than the ratio prices
+                yield (f"TARGET CG phase <= {CG_PHASE_RATIO}x {k} HVPs ({head}): not judged, "
+                       f"the solve ran fewer than {k} iterations in {len(short)} round(s) "
+                       f"[{name}]")
+            elif pr:  # the solve and its products alone, at the same point, in the same rounds
                 ratio = pr["median"]
+                note = (f"; in {len(short)} round(s) every task stopped before {k} iterations "
+                        f"(a GPU solve still makes its {k} masked products)") if short else ""
                 yield (f"TARGET CG phase <= {CG_PHASE_RATIO}x {k} HVPs ({head}): "
                        f"{_verdict(ratio <= CG_PHASE_RATIO)}, {ratio:.2f}x (median of "
-                       f"{len(pr['per_round'])} rounds, {pr['min']:.2f}-{pr['max']:.2f}x) "
-                       f"[{name}]")
+                       f"{len(pr['per_round'])} rounds, {pr['min']:.2f}-{pr['max']:.2f}x)"
+                       f"{note} [{name}]")
             elif ph.get("cg_with_hvps"):
                 # An older suite divided the phase (at the adapted parameters) by one product
                 # timed elsewhere (hvp_cost, at the initial parameters): not a like-for-like ratio.

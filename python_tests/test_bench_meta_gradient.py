@@ -30,6 +30,10 @@ def test_cuda_graph_rows_and_summary_lines(monkeypatch, capsys):
     assert any("iMAML-GD with cuda_graph=True" in ln and "FAILED" not in ln for ln in lines)
     assert any("iMAML-GD with cuda_graph='step'" in ln and "FAILED" not in ln for ln in lines)
     assert len(calls) == 3  # the two contenders' captures and the phase's
+    # each variant's meta-gradient is checked against the default's on the timed tasks
+    vc = out["variant_check"]
+    assert set(vc) == {bench.GRAPHED, bench.STEP_GRAPHED}
+    assert all(c["ok"] and c["rel_diff_vs_imaml_gd"] < 1e-5 for c in vc.values()), vc
     assert "error: --cuda-graph" not in capsys.readouterr().err
 
 
@@ -73,3 +77,17 @@ def test_cg_phase_without_cg_steps():
                                repeats=1)
     assert "cg_phase_ratio" not in ph and "hvps_alone" not in ph
     assert ph["cg_with_hvps"]["repeats"] == 1
+
+
+def test_a_failed_correctness_check_takes_no_timings(monkeypatch):
+    bench = load_benchmark("bench_meta_gradient")
+    monkeypatch.setattr(bench, "correctness", lambda *a, **k: {"passed": False})
+    timed = []
+    monkeypatch.setattr(bench, "time_once", lambda *a, **k: timed.append(1) or 0.0)
+    args = bench.build_parser().parse_args(
+        ["--settings", "5w1s", "--rounds", "1", "--hvp-repeats", "1", "--methods", "imaml-gd"])
+    ways, shots, queries, *_ = bench.SETTINGS["5w1s"]
+    import pytest
+    with pytest.raises(SystemExit, match="does not match the peers'"):
+        bench.run_setting("5w1s", (ways, shots, queries, 2, 2, 1, 1), args, torch.device("cpu"))
+    assert not timed

@@ -252,6 +252,40 @@ def test_cuda_kernels_just_under_the_default_shared_memory_limit(case, dtype, mo
 
 @needs_ext
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("fused", ["1", "0"], ids=["one_launch", "multi_launch"])
+def test_cuda_structured_solvers_make_no_host_sync(fused, monkeypatch):
+    # The whole-loop solvers the least-squares bandwidth target times (one launch, or the fixed
+    # sequence of launches for data too large for one block): no host synchronisation anywhere
+    # in a solve (the suite's zero-host-sync verdict reads this test with the others)
+    monkeypatch.setenv("IMAML_CG_FUSED", fused)
+    X, b = lstsq_problem(3, 40, 300, torch.float32, "cuda", seed=1)
+    A = random_spd(3, 64, device="cuda", dtype=torch.float32)
+    bd = torch.randn(3, 64, device="cuda")
+    g = torch.Generator().manual_seed(2)
+    F = torch.randn(3, 30, 16, generator=g).cuda()
+    W = (torch.randn(3, 5, 16, generator=g) * 0.25).cuda()
+    bias = torch.randn(3, 5, generator=g).cuda()
+    bh = torch.randn(3, 5 * 17, generator=g).cuda()
+
+    def solves():
+        return (ops.cg_solve_lstsq(X, b, torch.zeros_like(b), 1.0, 1.0 / 40, 20, 1e-6, 0.0,
+                                   use_ext=True),
+                ops.cg_solve_dense(A, bd, torch.zeros_like(bd), 20, 1e-6, 0.0, use_ext=True),
+                ops.cg_solve_softmax_head(F, W, bias, bh, torch.zeros_like(bh), 1.0, 1.0, 20,
+                                          1e-6, 0.0, use_ext=True))
+    want = solves()  # warm-up (lazy initialisation, the kernels' attribute queries)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        got = solves()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    for a, w in zip(got, want):  # the same solves (float atomics' order aside)
+        assert ((a[0] - w[0]).norm() <= 1e-3 * w[0].norm()).item()
+
+
+@needs_ext
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 @pytest.mark.parametrize("name", ["IMAML_CUDA_XTXV", "IMAML_CUDA_CG_STEP", "IMAML_CG_FUSED"])
 def test_cuda_lstsq_path_switch_with_an_unknown_value_is_refused(name, monkeypatch):
     monkeypatch.setenv("IMAML_CG_FUSED", "0")  # the multi-launch loop, where all are read

@@ -129,3 +129,25 @@ def test_sync_target_reads_every_sync_debug_test():
     assert len(found) >= 5, found
     missed = [n for n in found if not any(w in n for w in words)]
     assert not missed, missed
+
+
+def test_cg_phase_with_a_solve_cut_short(tmp_path):
+    """The ratio prices cg_steps products; a CPU solve whose tasks all stopped earlier made fewer
+    and would be flattered: not judged there. A GPU solve makes its masked products anyway:
+    judged, with a note."""
+    import json
+    mod = load_benchmark("gpu_summary")
+    m = json.loads((ROOT / "benchmarks" / "results" / "meta_gradient_cuda_h100.json").read_text())
+    for r in m["settings"]:
+        k = r["cg_steps"]
+        r["imaml_gd_phases"]["cg_phase_ratio"] = {
+            "per_round": [1.0, 1.02], "median": 1.01, "min": 1.0, "max": 1.02,
+            "one_hvp_median_s": 1e-3, "solve_iterations_max_per_round": [k, k - 2]}
+    (tmp_path / "meta_gradient_cuda.json").write_text(json.dumps(m))
+    lines = [x for x in mod.target_lines(str(tmp_path)) if x.startswith("TARGET CG phase")]
+    assert len(lines) == 2 and all(": MET, 1.01x" in x and "every task stopped before" in x
+                                   for x in lines), lines
+    m["environment"]["device"] = m["args"]["device"] = "cpu"
+    (tmp_path / "meta_gradient_cuda.json").write_text(json.dumps(m))
+    lines = [x for x in mod.target_lines(str(tmp_path)) if x.startswith("TARGET CG phase")]
+    assert len(lines) == 2 and all("not judged, the solve ran fewer than" in x for x in lines)
