@@ -177,15 +177,16 @@ def check_trained_classes(state: dict[str, Any], dataset, what: str) -> None:
 
 def make_sampler(cfg: TrainConfig, dataset, meta_batch: int, seed: int | None = None,
                  num_workers: int | None = None, device: str | None = None,
-                 per_task_seed: bool = False):
-    """per_task_seed: evaluation's draw, the same tasks whatever meta_batch (TaskSampler)."""
+                 per_task_seed: bool = False, shard: tuple[int, int] = (0, 1)):
+    """per_task_seed: evaluation's draw, the same tasks whatever meta_batch; shard: this
+    process's tasks of each batch (TaskSampler)."""
     from imaml_ext.data import TaskSampler
     try:
         return TaskSampler(dataset, cfg.ways, cfg.shots, cfg.queries, meta_batch,
                            seed=cfg.seed if seed is None else seed,
                            device=device or cfg.device,
                            num_workers=cfg.num_workers if num_workers is None else num_workers,
-                           per_task_seed=per_task_seed)
+                           per_task_seed=per_task_seed, shard=shard)
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
 
@@ -638,7 +639,9 @@ class Trainer:
         self.train_data = train_data if train_data is not None else load_split(cfg, "train")
         if self.state is not None:
             check_trained_classes(self.state, self.train_data, "resume")
-        self.sampler = make_sampler(cfg, self.train_data, cfg.meta_batch)
+        # under torchrun each rank draws every batch and keeps its share of the tasks
+        self.sampler = make_sampler(cfg, self.train_data, cfg.meta_batch,
+                                    shard=(self.info.rank, self.info.world))
         self.val_sampler = None
         if cfg.val_every:
             # every rank validates its share of the tasks (see validate)
@@ -682,12 +685,15 @@ class Trainer:
     # ----------------------------------------------------------------------------------------
 
     def meta_step(self, batch: TaskBatch, stop_flags: tuple[float, ...] = (0.0, 0.0, 0.0)):
-        """One meta-step on ``batch`` (the full meta-batch; sharded here under torch.distributed).
+        """One meta-step on ``batch``: this rank's share of the meta-batch (what the trainer's
+        sampler draws), or the whole meta-batch, cut here under torch.distributed.
 
         Returns (metrics of this rank's tasks, ok flag (0-d bool), finite-task count, the stop
         flags (SIGINT, SIGTERM, --max-time) summed over ranks, or None with one process).
         """
-        local = batch.shard(self.info.rank, self.info.world) if self.info.active else batch
+        # the sampler's batches are this rank's share already; a whole batch is cut here
+        whole = self.info.active and batch.num_tasks == self.cfg.meta_batch
+        local = batch.shard(self.info.rank, self.info.world) if whole else batch
         local = local.to(self.device, self.dtype)
         grads, metrics = self.algorithm.meta_gradient(self.model, self.params, local)
         task_ok = metrics["task_ok"]

@@ -691,6 +691,28 @@ def test_per_task_seeds_draw_the_same_tasks_whatever_the_meta_batch():
     assert not torch.equal(plain.batch(0).x_support, c.x_support)
 
 
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_sampler_shards_are_the_whole_batchs_tasks(num_workers):
+    # multi-process training: each rank keeps its share of every batch, cut before the batch is
+    # made float and moved (each GPU held and converted the whole meta-batch)
+    ds = _toy()
+    whole = TaskSampler(ds, 3, 2, 2, meta_batch=6, seed=4)
+    parts = [TaskSampler(ds, 3, 2, 2, meta_batch=6, seed=4, shard=(r, 3),
+                         num_workers=num_workers) for r in range(3)]
+    try:
+        for step in (0, 5):
+            want = whole.batch(step)
+            got = [next(p.iter_batches(step, 1)) for p in parts]
+            for f in range(4):
+                assert torch.equal(torch.cat([g[f] for g in got]), want[f])
+    finally:
+        for p in parts:
+            p.close()
+    with pytest.raises(ValueError, match=r"shard must be \(rank, world\) .* dividing "
+                                         r"meta_batch=6, got \(0, 4\)"):
+        TaskSampler(ds, 3, 2, 2, meta_batch=6, shard=(0, 4))
+
+
 def test_sampler_prefetching_workers_give_the_same_batches():
     ds = _toy()
     s = TaskSampler(ds, 3, 2, 2, meta_batch=2, seed=4, num_workers=2)

@@ -152,6 +152,10 @@ class TaskSampler:
         per_task_seed: draw task i (= step * meta_batch + j) from (seed, i) alone, so that the
             tasks do not depend on meta_batch (evaluation); by default a batch is drawn at once
             from (seed, step) (training: one generator per meta-step).
+        shard: (rank, world): every batch is drawn whole (the same task stream whatever the
+            world) and this process gets tasks [rank * M / world, (rank + 1) * M / world) of it,
+            cut before they are moved to ``device`` and made float (multi-process training:
+            each GPU holds and converts its share only). M must split evenly.
 
     Images come out float32: Omniglot in [0, 1] (ink 1), Mini-ImageNet normalised per channel
     (see ``dataset.mean`` / ``dataset.std``). Labels are int64, class-contiguous (module doc).
@@ -160,11 +164,17 @@ class TaskSampler:
     def __init__(self, dataset: FewShotDataset, ways: int, shots: int, queries: int,
                  meta_batch: int, seed: int = 0, rotate: bool | None = None,
                  device: str | torch.device = "cpu", num_workers: int = 0,
-                 images_on_device: bool | None = None, per_task_seed: bool = False):
+                 images_on_device: bool | None = None, per_task_seed: bool = False,
+                 shard: tuple[int, int] = (0, 1)):
         for arg, v in (("ways", ways), ("shots", shots), ("queries", queries),
                        ("meta_batch", meta_batch)):
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v <= 0:
                 raise ValueError(f"TaskSampler: {arg} must be a positive int, got {v!r}")
+        rank, world = shard
+        if not (isinstance(world, int) and isinstance(rank, int) and 0 <= rank < world
+                and meta_batch % world == 0):
+            raise ValueError(f"TaskSampler: shard must be (rank, world) with 0 <= rank < world "
+                             f"and world dividing meta_batch={meta_batch}, got {shard!r}")
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or \
                 not 0 <= seed < 2 ** 64:
             raise ValueError(f"TaskSampler: seed must be an int in [0, 2**64), got {seed!r}")
@@ -196,8 +206,10 @@ class TaskSampler:
         self._drawer = _TaskDrawer(images, self.ways, self.shots, self.queries,
                                    self.meta_batch, self.seed, rotate, per_task=per_task_seed)
         n, k, q = self.ways, self.shots, self.queries
-        self._y_support = torch.arange(n).repeat_interleave(k).expand(meta_batch, -1).contiguous()
-        self._y_query = torch.arange(n).repeat_interleave(q).expand(meta_batch, -1).contiguous()
+        per = meta_batch // world
+        self._rows = slice(rank * per, (rank + 1) * per) if world > 1 else None
+        self._y_support = torch.arange(n).repeat_interleave(k).expand(per, -1).contiguous()
+        self._y_query = torch.arange(n).repeat_interleave(q).expand(per, -1).contiguous()
         self._loader = None
         self._steps = None
 
@@ -207,7 +219,10 @@ class TaskSampler:
                 f"seed={self.seed}, rotate={self.rotate}, device={self.device})")
 
     def _finish(self, raw: tuple[torch.Tensor, torch.Tensor]) -> TaskBatch:
-        """uint8 support / query -> a float TaskBatch on the device (converted there)."""
+        """uint8 support / query -> a float TaskBatch on the device (converted there), this
+        shard's tasks only."""
+        if self._rows is not None:
+            raw = tuple(x[self._rows] for x in raw)
         xs, xq = (self.dataset.to_float(x.to(self.device, non_blocking=True)) for x in raw)
         return TaskBatch(xs, self._y_support.to(self.device, non_blocking=True), xq,
                          self._y_query.to(self.device, non_blocking=True))
