@@ -366,3 +366,28 @@ def test_decode_workers_follow_the_cpu_affinity(monkeypatch):
     assert common.default_decode_workers() == 3
     monkeypatch.setenv("IMAML_DECODE_WORKERS", "5")
     assert common.default_decode_workers() == 5
+
+
+@pytest.mark.parametrize("layout", ["folder", "zip"])
+def test_miniimagenet_split_files_sharing_a_class_are_refused(tmp_path, layout):
+    # a hand-made val.csv that reuses a training class was accepted: its tasks scored classes
+    # meta-training had seen
+    csvs, images = mini_files()
+    leak = MINI_CLASSES["train"][0]
+    csvs["val"] += "\n".join(line for line in csvs["train"].splitlines()[1:]
+                             if line.endswith("," + leak)) + "\n"
+    if layout == "folder":
+        d = tmp_path / "miniimagenet"
+        (d / "images").mkdir(parents=True)
+        for fn, data in images.items():
+            (d / "images" / fn).write_bytes(data)
+        for split, text in csvs.items():
+            (d / f"{split}.csv").write_text(text)
+    else:
+        members = {f"mini-imagenet/{s}.csv": t.encode() for s, t in csvs.items()}
+        members.update({f"mini-imagenet/images/{fn}": b for fn, b in images.items()})
+        write_zip(tmp_path / "mini-imagenet.zip", members)
+    for split in ("train", "val"):
+        with pytest.raises(DatasetFormatError, match=rf"share 1 class\(es\) \({leak}\)"):
+            load_miniimagenet(split, root=tmp_path, cache_dir=tmp_path / "c")
+    assert load_miniimagenet("test", root=tmp_path, cache_dir=tmp_path / "c").num_classes == 3

@@ -15,11 +15,13 @@ Accepted layouts, looked for in the data root and in its sub-folders ``miniimage
      found with 2): 100 Tiny-ImageNet classes, 100 64x64 photos each; used with a warning, since
      its accuracies are not comparable with Mini-ImageNet's.
 
-Images are converted to RGB (some photos are grayscale), resized to 84x84 with LANCZOS when they
-are not already that size, decoded once and cached as uint8 (see :mod:`imaml_ext.data.common`).
-As floats they are normalised per channel with :data:`MINIIMAGENET_MEAN` / :data:`MINIIMAGENET_STD`
-(the statistics of Mini-ImageNet's training images, as used by common few-shot code; the same
-constants for every split and for the stand-in, so no test statistics leak in).
+Split files of one source that share a class are refused (tasks would test on classes that
+meta-training saw). Images are converted to RGB (some photos are grayscale), resized to 84x84
+with LANCZOS when they are not already that size, decoded once and cached as uint8 (see
+:mod:`imaml_ext.data.common`). As floats they are normalised per channel with
+:data:`MINIIMAGENET_MEAN` / :data:`MINIIMAGENET_STD` (the statistics of Mini-ImageNet's training
+images, as used by common few-shot code; the same constants for every split and for the
+stand-in, so no test statistics leak in).
 """
 from __future__ import annotations
 
@@ -35,9 +37,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .common import (DatasetFormatError, DatasetNotFoundError, DecodeSpec, FewShotDataset,
-                     SplitOptionError, cached_decode, check_split, decode_images, open_zip,
-                     resolve_data_root, source_key, stack_classes)
+from .common import (SPLITS, DatasetFormatError, DatasetNotFoundError, DecodeSpec,
+                     FewShotDataset, SplitOptionError, cached_decode, check_split, decode_images,
+                     open_zip, resolve_data_root, source_key, stack_classes)
 
 logger = logging.getLogger("imaml_ext.data")
 
@@ -143,6 +145,56 @@ def parse_split_csv(text: str, where: str) -> list[tuple[str, str, int]]:
     if not out:
         raise DatasetFormatError(f"{where}: no rows after the header; expected one row per image")
     return out
+
+
+def _split_texts(src: MiniImageNetSource) -> dict[str, tuple[str, str]]:
+    """{split: (where, csv text)} of the split files a folder or zip source holds."""
+    out = {}
+    if src.kind == "folder":
+        for s in SPLITS:
+            path = src.path / f"{s}.csv"
+            if path.is_file():
+                try:
+                    out[s] = (str(path), path.read_text(encoding="utf-8"))
+                except (OSError, UnicodeDecodeError):
+                    continue  # reading that split reports it
+    elif src.kind == "zip":
+        zf = open_zip(src.path)
+        try:
+            names = set(zf.namelist())
+            for s in SPLITS:
+                member = f"{src.prefix}{s}.csv"
+                if member in names:
+                    try:
+                        out[s] = (f"{src.path}:{member}", zf.read(member).decode("utf-8"))
+                    except (zipfile.BadZipFile, OSError, EOFError, zlib.error, UnicodeDecodeError,
+                            NotImplementedError, RuntimeError):
+                        continue
+        finally:
+            zf.close()
+    return out
+
+
+def check_disjoint_splits(src: MiniImageNetSource, split: str) -> None:
+    """DatasetFormatError when ``split``'s classes appear in another split file of the same
+    source (hand-made split files; Ravi & Larochelle's are disjoint): tasks would test on
+    classes meta-training saw."""
+    texts = _split_texts(src)
+    if split not in texts:
+        return
+    mine = {label for _, label, _ in parse_split_csv(texts[split][1], texts[split][0])}
+    for other, (where, text) in texts.items():
+        if other == split:
+            continue
+        try:
+            shared = mine & {label for _, label, _ in parse_split_csv(text, where)}
+        except DatasetFormatError:
+            continue  # reading that split reports it
+        if shared:
+            raise DatasetFormatError(
+                f"{texts[split][0]} and {where} share {len(shared)} class(es) "
+                f"({', '.join(sorted(shared)[:5])}): the {split} and {other} splits must be "
+                f"disjoint (Ravi & Larochelle's split files are)")
 
 
 def _group(rows: list[tuple[str, str, int]]) -> tuple[list[str], list[list[str]]]:
@@ -282,6 +334,7 @@ def load_miniimagenet(split: str = "train", root=None, cache_dir=None,
     if src.kind == "pickle":
         data = _load_pickle(src.path, image_size)
     else:
+        check_disjoint_splits(src, split)
         if src.kind == "folder":
             _, files = _check_folder(src, split)  # names the first missing image, if any
             cache_src = src.path / f"{split}.csv"
