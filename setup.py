@@ -1,7 +1,12 @@
 """Build of imaml_ext: the C++ CPU kernels always, the CUDA kernels when they can be built.
 
+Build against the torch you will run with: `pip install --no-build-isolation .` (or -e .).
+pip's default build isolation would compile against the newest torch it can fetch, and the
+extension then refuses to load with yours: such a build stops here (IMAML_ALLOW_ISOLATED=1 lets
+it go on).
+
 Environment:
-  USE_CUDA=0               CPU kernels only.
+  USE_CUDA=0               CPU kernels only (also false / no / off).
   FORCE_CUDA=1             build the CUDA kernels even when no GPU is visible (CI does).
   CUDA_HOME                the toolkit; by default the one the `nvcc` on PATH really belongs to
                            (a wrapper script in /usr/local/bin is followed to its target).
@@ -22,7 +27,7 @@ import sys
 import sysconfig
 from pathlib import Path
 
-from setuptools import find_packages, setup
+from setuptools import find_namespace_packages, setup
 
 ROOT = Path(__file__).resolve().parent
 
@@ -65,6 +70,26 @@ def _flag(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() in {"1", "true", "yes", "on"}
 
 
+def _off(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in {"0", "false", "no", "off"}
+
+
+def check_not_isolated() -> None:
+    """Stops a build whose torch is the temporary one of pip's (or `python -m build`'s) build
+    isolation: the extension would belong to that torch, not to the one it will run with."""
+    where = str(Path(torch.__file__).resolve())
+    if ("pip-build-env-" in where or f"{os.sep}build-env-" in where) \
+            and not _flag("IMAML_ALLOW_ISOLATED"):
+        sys.exit(f"imaml_ext: this build would compile against torch {torch.__version__} from "
+                 f"pip's temporary build environment ({where}), not the torch installed where "
+                 f"it will run, and the extension would then refuse to load. Install torch "
+                 f"first, then build without isolation: pip install --no-build-isolation . "
+                 f"(IMAML_ALLOW_ISOLATED=1 builds anyway)")
+
+
+check_not_isolated()
+
+
 def read_sources() -> tuple[list[str], list[str]]:
     """csrc/sources.txt: the one list of sources (CMakeLists.txt reads it too)."""
     cpu, cuda = [], []
@@ -81,20 +106,51 @@ def read_sources() -> tuple[list[str], list[str]]:
 
 
 def want_cuda() -> bool:
-    if os.environ.get("USE_CUDA", "").strip() == "0":
+    if _off("USE_CUDA"):
+        return False
+    if torch.version.cuda is None:  # a CPU-only torch has no CUDA headers or libraries
+        if _flag("FORCE_CUDA"):
+            sys.exit(f"FORCE_CUDA=1 but torch {torch.__version__} is a CPU-only build: install a "
+                     f"CUDA build of torch, or build the CPU kernels alone (USE_CUDA=0)")
         return False
     if _cuda_home is None:
         if _flag("FORCE_CUDA"):
             sys.exit("FORCE_CUDA=1 but no CUDA toolkit was found: set CUDA_HOME (e.g. /usr/local/cuda)")
+        if torch.cuda.is_available():
+            print("WARNING: a GPU is visible but no CUDA toolkit (nvcc) was found: building the "
+                  "CPU kernels only; CUDA tensors will use the PyTorch reference ops (set "
+                  "CUDA_HOME to build the CUDA kernels)", file=sys.stderr)
         return False
     return torch.cuda.is_available() or _flag("FORCE_CUDA")
 
 
+# Headers torch's CUDA headers include that a toolkit may not hold (they ship in the nvidia-*
+# wheels torch depends on).
+LIBRARY_HEADERS = ("cusparse.h", "cublas_v2.h", "cublasLt.h", "cusolverDn.h")
+
+
 def nvidia_wheel_includes() -> list[str]:
-    """torch's CUDA headers include cuBLAS/cuSPARSE headers that ship in the nvidia-* wheels."""
+    """The include folders that hold LIBRARY_HEADERS when the toolkit lacks them: the nvidia-*
+    wheels' (nvidia/cu<major>/include for CUDA 13's, nvidia/<library>/include before), and only
+    those (no cuDNN, NCCL, ... folders); exits naming what is missing when neither has them
+    (nvcc failed deep into the build, after every CPU file, before)."""
+    toolkit = Path(_cuda_home or "/usr/local/cuda") / "include"
     site = Path(torch.__file__).resolve().parent.parent
-    dirs = sorted(str(p) for p in site.glob("nvidia/cu*/include") if p.is_dir())  # CUDA 13 wheels
-    dirs += sorted(str(p) for p in site.glob("nvidia/*/include") if p.is_dir())   # older layout
+    major = (torch.version.cuda or "").split(".")[0]
+    candidates = [site / "nvidia" / f"cu{major}" / "include"] + \
+        sorted(p for p in site.glob("nvidia/*/include") if p.is_dir())
+    dirs = []
+    for header in LIBRARY_HEADERS:
+        if (toolkit / header).exists():
+            continue
+        where = next((p for p in candidates if (p / header).exists()), None)
+        if where is None:
+            sys.exit(f"imaml_ext: {header} (which torch's CUDA headers include) is neither in the "
+                     f"toolkit's {toolkit} nor in the nvidia wheels under {site / 'nvidia'}: "
+                     f"install the CUDA {major} cuBLAS / cuSPARSE development headers (the "
+                     f"nvidia-cublas / nvidia-cusparse wheels torch lists), or build the CPU "
+                     f"kernels alone (USE_CUDA=0)")
+        dirs.append(str(where))
     return list(dict.fromkeys(dirs))
 
 
@@ -169,8 +225,10 @@ def make_extension():
     # INTRA_OP_PARALLEL under _OPENMP); without it every CPU kernel runs on one thread. Linking
     # with -fopenmp records libgomp.so.1, the soname torch's own bundled libgomp carries, so the
     # process keeps one OpenMP runtime.
-    cxx = opt + ["-fno-math-errno", "-fopenmp"]
-    link = ["-fopenmp"] + shared_libstdcxx()
+    # (Apple's clang has no -fopenmp: there the kernels run on one thread)
+    omp = [] if sys.platform == "darwin" else ["-fopenmp"]
+    cxx = opt + ["-fno-math-errno"] + omp
+    link = omp + shared_libstdcxx()
     macros = [("IMAML_TORCH_VERSION", f'"{torch.__version__}"')]
     if not with_cuda:
         return CppExtension(
@@ -208,7 +266,10 @@ class Build(BuildExtension):
                        for ext in self.extensions])
         meta = {"torch_version": torch.__version__, "cuda": WITH_CUDA, "cuda_archs": ARCHS,
                 "cxx_runtime": "private" if private else "shared"}
-        for target in {ROOT / "imaml_ext", Path(self.build_lib) / "imaml_ext"}:
+        # beside the extension it describes (the source tree for -e, the build folder for a
+        # wheel): one in a source tree without its _C would claim a build that is not there
+        for ext in self.extensions:
+            target = Path(self.get_ext_fullpath(ext.name)).parent
             if target.is_dir():
                 (target / "_build_meta.json").write_text(json.dumps(meta) + "\n")
 
@@ -216,7 +277,8 @@ class Build(BuildExtension):
 EXT, WITH_CUDA, ARCHS = make_extension()
 
 setup(
-    packages=find_packages(include=["imaml_ext", "imaml_ext.*"]),
+    packages=find_namespace_packages(include=["imaml_ext", "imaml_ext.*"],
+                                     exclude=["*__pycache__*"]),
     package_data={"imaml_ext": ["_build_meta.json"],
                   "imaml_ext.data": ["embedded/*.npz", "embedded/LICENSE", "embedded/README.md"]},
     ext_modules=[EXT],

@@ -7,6 +7,7 @@
 """
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import os
@@ -16,14 +17,20 @@ import torch
 
 log = logging.getLogger("imaml_ext")
 
-REBUILD = "pip install --no-build-isolation -e .  (or: make build)"
+REBUILD = ("pip install --no-build-isolation . in the source tree (-e . for a checkout; "
+           "or: make build)")
 
 _C = None
 _reason = ""
 
 
 def _built_torch_version() -> str | None:
-    meta = Path(__file__).with_name("_build_meta.json")
+    """The torch the extension beside this file was built against (None without one: a
+    _build_meta.json left in a source tree whose _C was installed elsewhere says nothing)."""
+    here = Path(__file__).parent
+    if not any(here.glob("_C*")):
+        return None
+    meta = here / "_build_meta.json"
     try:
         return json.loads(meta.read_text())["torch_version"]
     except (OSError, ValueError, KeyError):
@@ -41,7 +48,9 @@ def _load():
             f"imaml_ext's compiled extension was built against torch {built}, but torch "
             f"{torch.__version__} is installed; rebuild it with: {REBUILD}")
     try:
-        from imaml_ext import _C as mod  # noqa: PLC0415
+        # (importlib, not `from imaml_ext import _C`: a missing _C then reads "No module named
+        # 'imaml_ext._C'", not a message about a circular import)
+        mod = importlib.import_module("imaml_ext._C")
     except ImportError as exc:
         if "undefined symbol" in str(exc) and built != torch.__version__:
             raise ImportError(

@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -51,7 +52,7 @@ def test_other_torch_version_is_refused():
     proc = run_py("import torch; torch.__version__ = '0.0.1'; import imaml_ext")
     assert proc.returncode != 0
     assert "ImportError" in proc.stderr
-    assert "0.0.1" in proc.stderr and "pip install --no-build-isolation -e ." in proc.stderr
+    assert "0.0.1" in proc.stderr and "pip install --no-build-isolation ." in proc.stderr
 
 
 def test_missing_extension_warns_once_and_falls_back():
@@ -141,3 +142,74 @@ def test_build_refuses_a_private_cxx_runtime(tmp_path):
         assert ns["check_cxx_runtime"](tmp_path / "static.so") is True
     finally:
         del os.environ["IMAML_PRIVATE_CXX_RUNTIME"]
+
+
+class _FakeTorch:
+    """What setup.py's checks read of torch."""
+
+    def __init__(self, file, version="2.14.1+cu130", cuda="13.0"):
+        self.__file__ = file
+        self.__version__ = version
+        self.version = type("v", (), {"cuda": cuda})()
+        self.cuda = type("c", (), {"is_available": staticmethod(lambda: False)})()
+
+
+def test_setup_stops_a_build_against_pip_isolations_torch(tmp_path, monkeypatch):
+    # pip's default build isolation compiled against the newest torch it could fetch; the
+    # installed package then refused to import with the user's torch
+    ns = setup_functions("_flag", "check_not_isolated")
+    ns["torch"] = _FakeTorch("/tmp/pip-build-env-abc123/overlay/lib/python3.11/site-packages/"
+                             "torch/__init__.py")
+    monkeypatch.delenv("IMAML_ALLOW_ISOLATED", raising=False)
+    with pytest.raises(SystemExit, match="pip install --no-build-isolation"):
+        ns["check_not_isolated"]()
+    monkeypatch.setenv("IMAML_ALLOW_ISOLATED", "1")
+    ns["check_not_isolated"]()
+    monkeypatch.delenv("IMAML_ALLOW_ISOLATED")
+    ns["torch"] = _FakeTorch(str(tmp_path / "venv/lib/site-packages/torch/__init__.py"))
+    ns["check_not_isolated"]()  # an ordinary environment
+
+
+def test_setup_cuda_requests_that_cannot_be_met_say_why(tmp_path, monkeypatch):
+    ns = setup_functions("_flag", "_off", "want_cuda", "LIBRARY_HEADERS",
+                         "nvidia_wheel_includes")
+    ns["_cuda_home"] = str(tmp_path / "cuda")
+    ns["torch"] = _FakeTorch(str(tmp_path / "site/torch/__init__.py"), "2.13.0+cpu", None)
+    monkeypatch.setenv("FORCE_CUDA", "1")
+    # a CPU-only torch: was torch's "CUDA_HOME environment variable is not set" with it set
+    with pytest.raises(SystemExit, match=r"torch 2.13.0\+cpu is a CPU-only build"):
+        ns["want_cuda"]()
+    monkeypatch.setenv("USE_CUDA", "off")
+    assert ns["want_cuda"]() is False
+    monkeypatch.delenv("USE_CUDA")
+    # the library headers torch's CUDA headers include: found in the wheels, or a clear stop
+    # (nvcc failed on cusparse.h after every CPU file before)
+    ns["torch"] = _FakeTorch(str(tmp_path / "site/torch/__init__.py"))
+    (tmp_path / "cuda/include").mkdir(parents=True)
+    with pytest.raises(SystemExit, match=r"cusparse.h \(which torch's CUDA headers include\)"):
+        ns["nvidia_wheel_includes"]()
+    inc = tmp_path / "site/nvidia/cu13/include"
+    inc.mkdir(parents=True)
+    for h in ns["LIBRARY_HEADERS"]:
+        (inc / h).write_text("")
+    (tmp_path / "site/nvidia/cudnn/include").mkdir(parents=True)
+    assert ns["nvidia_wheel_includes"]() == [str(inc)]  # that one only, not cuDNN's
+    for h in ns["LIBRARY_HEADERS"]:
+        (tmp_path / "cuda/include" / h).write_text("")
+    assert ns["nvidia_wheel_includes"]() == []  # the toolkit has them
+
+
+def test_a_build_record_without_its_extension_is_ignored(tmp_path):
+    # a non-editable install wrote _build_meta.json into the source tree too, where no _C is:
+    # importing from that tree with another torch then failed instead of falling back
+    import ast
+    import json
+    src = Path(imaml_ext._ext.__file__)
+    fn = next(n for n in ast.parse(src.read_text()).body
+              if getattr(n, "name", None) == "_built_torch_version")
+    (tmp_path / "_build_meta.json").write_text('{"torch_version": "0.0.1"}')
+    ns = {"Path": Path, "json": json, "__file__": str(tmp_path / "_ext.py")}
+    exec(compile(ast.Module([fn], []), str(src), "exec"), ns)
+    assert ns["_built_torch_version"]() is None  # no _C beside it
+    (tmp_path / "_C.cpython-311-x86_64-linux-gnu.so").write_bytes(b"")
+    assert ns["_built_torch_version"]() == "0.0.1"
