@@ -311,12 +311,11 @@ def _first_last(model: nn.Module | None):
 
 
 def _first_layer(model: nn.Module | None) -> nn.Module | None:
-    """The model's first leaf module that holds parameters (None without a model)."""
-    if model is None:
-        return None
-    return next((m for m in model.modules()
-                 if not any(True for _ in m.children()) and any(True for _ in m.parameters())),
-                None)
+    """The first layer data meets where that is certain: an nn.Sequential's first module (a
+    module's registration order need not be its call order); else None."""
+    if isinstance(model, nn.Sequential) and len(model):
+        return model[0]
+    return None
 
 
 def check_tasks(tasks, params: Mapping[str, torch.Tensor], loss,
@@ -349,10 +348,7 @@ def check_tasks(tasks, params: Mapping[str, torch.Tensor], loss,
         if x.shape[1] == 0:
             raise ValueError(f"tasks.{xn} holds no samples (shape {tuple(x.shape)}): every task "
                              f"needs at least one support and one query sample")
-        if conv is not None and x.dim() != 5:
-            raise ValueError(f"tasks.{xn} must be images (M, N, C, H, W) for a model with a "
-                             f"convolution, got shape {tuple(x.shape)}")
-        if isinstance(first, nn.Linear) and x.shape[-1] != first.in_features:
+        if isinstance(first, nn.Linear) and x.dim() == 3 and x.shape[-1] != first.in_features:
             raise ValueError(f"tasks.{xn} has {x.shape[-1]} features per sample (shape "
                              f"{tuple(x.shape)}), the model's first layer takes "
                              f"{first.in_features}")
