@@ -87,8 +87,6 @@ def check_not_isolated() -> None:
                  f"(IMAML_ALLOW_ISOLATED=1 builds anyway)")
 
 
-check_not_isolated()
-
 
 def read_sources() -> tuple[list[str], list[str]]:
     """csrc/sources.txt: the one list of sources (CMakeLists.txt reads it too)."""
@@ -261,6 +259,7 @@ class Build(BuildExtension):
         self.build_temp = str(ROOT / "build" / f"temp-{tag}")
 
     def run(self):
+        check_not_isolated()  # here, not at import: an sdist compiles nothing
         super().run()
         private = any([check_cxx_runtime(Path(self.get_ext_fullpath(ext.name)))
                        for ext in self.extensions])
