@@ -19,10 +19,11 @@ skips the meta-optimizer step entirely (``bad_steps``; Adam's moments and step c
 to ``--log-every`` - 1 steps, which changed nothing since a bad step takes no optimizer step).
 
 Multi-process: ``torchrun --nproc_per_node=N -m imaml_ext.train ...``. Every rank draws the same
-meta-batch and keeps its shard (``TaskBatch.shard(rank, world)``); the per-rank meta-gradients,
-weighted by their numbers of finite tasks, are summed with one all-reduce (gloo on CPU, NCCL on
-CUDA) and divided by the total, which equals the one-process average. Only rank 0 writes logs,
-checkpoints and the config dump; validation runs on rank 0.
+meta-batch and keeps its share of the tasks (``TaskSampler(shard=(rank, world))``, cut before
+they are moved to the device); the per-rank meta-gradients, weighted by their numbers of finite
+tasks, are summed with one all-reduce (gloo on CPU, NCCL on CUDA) and divided by the total, which
+equals the one-process average. Only rank 0 writes logs, checkpoints and the config dump;
+validation is shared out over the ranks (:meth:`Trainer.validate`).
 
 Signals: SIGINT / SIGTERM finish the current meta-step, write a checkpoint and leave
 (:class:`Interrupted`, exit code 128 + signal on the command line); an interrupted run loses at

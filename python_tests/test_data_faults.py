@@ -391,3 +391,16 @@ def test_miniimagenet_split_files_sharing_a_class_are_refused(tmp_path, layout):
         with pytest.raises(DatasetFormatError, match=rf"share 1 class\(es\) \({leak}\)"):
             load_miniimagenet(split, root=tmp_path, cache_dir=tmp_path / "c")
     assert load_miniimagenet("test", root=tmp_path, cache_dir=tmp_path / "c").num_classes == 3
+
+
+def test_miniimagenet_zip_without_a_split_file_is_a_missing_split(tmp_path):
+    # as a folder without val.csv: DatasetNotFoundError, which the trainer takes for "no
+    # validation split" (a DatasetFormatError stopped training since damaged validation data
+    # became an error)
+    csvs, images = mini_files()
+    members = {f"mini-imagenet/{s}.csv": t.encode() for s, t in csvs.items() if s != "val"}
+    members.update({f"mini-imagenet/images/{fn}": b for fn, b in images.items()})
+    write_zip(tmp_path / "mini-imagenet.zip", members)
+    assert load_miniimagenet("train", root=tmp_path, cache_dir=tmp_path / "c").num_classes == 4
+    with pytest.raises(DatasetNotFoundError, match=r"no val.csv inside"):
+        load_miniimagenet("val", root=tmp_path, cache_dir=tmp_path / "c")

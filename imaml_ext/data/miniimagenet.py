@@ -98,8 +98,8 @@ def find_miniimagenet(root, split: str) -> MiniImageNetSource:
             return MiniImageNetSource("folder", d, standin=d.name == STANDIN)
     def from_zip(z: Path, standin: bool) -> MiniImageNetSource:
         prefix = _zip_prefix(z, split)
-        if prefix is None:
-            raise DatasetFormatError(
+        if prefix is None:  # not there, as a folder without it: the trainer then skips val
+            raise DatasetNotFoundError(
                 f"{z}: no {split}.csv inside; expected the Mini-ImageNet layout "
                 f"[top/]images/*.jpg plus [top/]train.csv, val.csv, test.csv")
         return MiniImageNetSource("zip", z, prefix, standin or prefix.rstrip("/") == STANDIN)

@@ -232,7 +232,8 @@ class TaskSampler:
 
         Returns:
             TaskBatch with x_support (M, N*K, C, H, W) float32, y_support (M, N*K) int64,
-            x_query (M, N*Q, C, H, W), y_query (M, N*Q).
+            x_query (M, N*Q, C, H, W), y_query (M, N*Q); with ``shard=(rank, world)``, M / world
+            tasks (this process's share).
         """
         return self._finish(self._drawer.draw(step))
 
