@@ -257,6 +257,21 @@ def test_hessian_free_line_search_failure_takes_the_safeguarded_gradient_step():
     assert bool((r.metrics["head_grad_ratio"] < 1).all())
 
 
+def test_hessian_free_at_the_minimum_counts_no_line_search_failures():
+    # Converged heads: G's changes are below its rounding, the Armijo test failed on rounding
+    # alone, counted failures and took the fallback gradient step; they are stationary now, and
+    # the Newton steps go on to |grad G| at rounding level.
+    # (seed 4: three failures in two tasks before)
+    torch.manual_seed(4)
+    M, n, f, c = 4, 10, 6, 5
+    F_ = torch.randn(M, n, f, dtype=DT)
+    y = torch.arange(n).remainder(c).expand(M, n).contiguous()
+    W0, b0 = torch.randn(M, c, f, dtype=DT) * 0.1, torch.zeros(M, c, dtype=DT)
+    r = head_hessian_free(F_, y, W0, b0, lam=LAM, steps=12, cg_steps=30)
+    assert r.metrics["hf_ls_failures"].tolist() == [0] * M
+    assert bool((r.metrics["head_grad_ratio"] < 1e-14).all()), r.metrics["head_grad_ratio"]
+
+
 def test_head_grad_ratio_reports_how_far_from_the_minimiser():
     torch.manual_seed(7)
     M, n, f, c = 4, 10, 6, 5
