@@ -186,6 +186,23 @@ def test_cache_beside_data_reused_and_rebuilt_on_change(tmp_path, monkeypatch):
     assert len(calls) == 2
 
 
+def test_cache_key_of_files_is_their_real_paths(tmp_path):
+    # each folder is resolved once now (38,400 image paths); a key must stay that of the real
+    # file, whether it is reached through a linked folder or is a link itself
+    from imaml_ext.data.common import source_key
+    real = tmp_path / "real"
+    real.mkdir()
+    (real / "a.jpg").write_bytes(b"a")
+    (real / "b.jpg").write_bytes(b"bb")
+    (tmp_path / "via").symlink_to(real, target_is_directory=True)
+    (tmp_path / "link.jpg").symlink_to(real / "b.jpg")
+    want = source_key([real / "a.jpg", real / "b.jpg"])
+    assert source_key([tmp_path / "via" / "a.jpg", tmp_path / "link.jpg"]) == want
+    (tmp_path / "link.jpg").unlink()
+    (tmp_path / "link.jpg").symlink_to(real / "a.jpg")  # re-pointed: another key
+    assert source_key([tmp_path / "via" / "a.jpg", tmp_path / "link.jpg"]) != want
+
+
 def test_cache_key_sees_changes_behind_symlinked_folders(tmp_path):
     # the key walked folders without following links while the loaders read through them: an
     # edit inside a linked alphabet kept serving the old pixels from the cache

@@ -151,8 +151,17 @@ def source_key(paths: Iterable[Path], extra: str = "") -> str:
     """
     h = hashlib.sha1()
     h.update(f"format={CACHE_FORMAT};{extra}".encode())
+    parents: dict[str, Path] = {}  # each folder resolved once (38,400 images in one folder:
+    # resolving every path walked its components again, 1.7 s of a 2.3 s cache hit)
     for path in paths:
-        path = Path(path).resolve()
+        path = Path(path)
+        if os.path.islink(path):
+            path = path.resolve()
+        else:
+            parent = str(path.parent)
+            if parent not in parents:
+                parents[parent] = path.parent.resolve()
+            path = parents[parent] / path.name
         if path.is_dir():
             # Through symlinked folders too, as the loaders read them (a set assembled from
             # links, say to leave alphabets out): otherwise an edit behind a link kept the old
