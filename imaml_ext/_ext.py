@@ -93,6 +93,20 @@ def build_info() -> dict:
     return {"extension": True, **_C.build_info()}
 
 
+_warned_no_cuda = False
+
+
+def _warn_no_cuda_kernels() -> None:
+    """Once per process: CUDA tensors met a build without CUDA kernels (USE_CUDA=0, or no
+    toolkit at build time), so every op runs its PyTorch twin there, silently slower."""
+    global _warned_no_cuda
+    if not _warned_no_cuda:
+        _warned_no_cuda = True
+        log.warning("imaml_ext: the compiled extension has no CUDA kernels (built without a CUDA "
+                    "toolkit, or with USE_CUDA=0): ops on CUDA tensors run their PyTorch twins. "
+                    "Rebuild with the toolkit present: %s", REBUILD)
+
+
 def use_ext_for(use_ext: bool | None, *tensors: torch.Tensor) -> bool:
     """Resolves a public function's `use_ext` argument.
 
@@ -107,6 +121,8 @@ def use_ext_for(use_ext: bool | None, *tensors: torch.Tensor) -> bool:
     device_ok = all(t.device.type == "cpu" or (t.device.type == "cuda" and build_info()["cuda"])
                     for t in tensors)
     if use_ext is None:
+        if _C is not None and not device_ok and any(t.device.type == "cuda" for t in tensors):
+            _warn_no_cuda_kernels()
         return _C is not None and device_ok
     if _C is None:
         raise RuntimeError(f"use_ext=True but the compiled extension is not loaded: {_reason}")

@@ -213,3 +213,21 @@ def test_a_build_record_without_its_extension_is_ignored(tmp_path):
     assert ns["_built_torch_version"]() is None  # no _C beside it
     (tmp_path / "_C.cpython-311-x86_64-linux-gnu.so").write_bytes(b"")
     assert ns["_built_torch_version"]() == "0.0.1"
+
+
+def test_cuda_tensors_on_a_build_without_cuda_kernels_warn_once(monkeypatch, caplog):
+    # they ran the PyTorch twins silently (a GPU machine whose build found no toolkit)
+    import logging
+    from imaml_ext import _ext
+
+    class FakeCuda:
+        device = torch.device("cuda")
+    if _ext._C is None:
+        pytest.skip("compiled extension not built")
+    monkeypatch.setattr(_ext, "build_info", lambda: {"cuda": False})
+    monkeypatch.setattr(_ext, "_warned_no_cuda", False)
+    with caplog.at_level(logging.WARNING, logger="imaml_ext"):
+        assert _ext.use_ext_for(None, FakeCuda()) is False
+        assert _ext.use_ext_for(None, FakeCuda()) is False
+        assert _ext.use_ext_for(None, torch.zeros(1, device="meta")) is False
+    assert caplog.text.count("has no CUDA kernels") == 1
