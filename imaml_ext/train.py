@@ -687,15 +687,12 @@ class Trainer:
 
     def meta_step(self, batch: TaskBatch, stop_flags: tuple[float, ...] = (0.0, 0.0, 0.0)):
         """One meta-step on ``batch``: this rank's share of the meta-batch (what the trainer's
-        sampler draws), or the whole meta-batch, cut here under torch.distributed.
+        sampler draws: TaskSampler(shard=(rank, world))).
 
         Returns (metrics of this rank's tasks, ok flag (0-d bool), finite-task count, the stop
         flags (SIGINT, SIGTERM, --max-time) summed over ranks, or None with one process).
         """
-        # the sampler's batches are this rank's share already; a whole batch is cut here
-        whole = self.info.active and batch.num_tasks == self.cfg.meta_batch
-        local = batch.shard(self.info.rank, self.info.world) if whole else batch
-        local = local.to(self.device, self.dtype)
+        local = batch.to(self.device, self.dtype)
         grads, metrics = self.algorithm.meta_gradient(self.model, self.params, local)
         task_ok = metrics["task_ok"]
         extra = (torch.tensor(list(stop_flags), device=self.device, dtype=self.dtype)

@@ -315,6 +315,25 @@ def _pool_init() -> None:
     _worker_zips = {}
 
 
+def read_member(zf: zipfile.ZipFile, name: str, where: str) -> bytes:
+    """``zf.read(name)``; a missing member is DatasetNotFoundError, one that cannot be read
+    DatasetFormatError naming ``where`` and why: damage (truncated, bad CRC) or a method
+    zipfile does not read (Deflate64, which Windows and 7-Zip write for large files;
+    encryption), which were tracebacks from inside zipfile."""
+    try:
+        return zf.read(name)
+    except KeyError:
+        raise DatasetNotFoundError(f"{where}: member missing from the zip") from None
+    except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as exc:
+        raise DatasetFormatError(f"{where}: cannot read member ({exc}); the zip is probably "
+                                 f"truncated or corrupt") from None
+    except (NotImplementedError, RuntimeError) as exc:
+        raise DatasetFormatError(
+            f"{where}: cannot read member ({exc}); the zip uses a compression method or "
+            f"encryption Python's zipfile does not read: re-zip it with standard deflate and no "
+            f"password (or extract it to a folder)") from None
+
+
 def _decode_chunk(args: tuple[str, bool, Sequence[str], DecodeSpec]) -> np.ndarray:
     """Decodes a list of members of one zip (``is_zip``) or of files under one folder."""
     container, is_zip, names, spec = args
@@ -329,20 +348,7 @@ def _decode_chunk(args: tuple[str, bool, Sequence[str], DecodeSpec]) -> np.ndarr
         try:
             for i, name in enumerate(names):
                 where = f"{container}:{name}"
-                try:
-                    data = zf.read(name)
-                except KeyError:
-                    raise DatasetNotFoundError(f"{where}: member missing from the zip") from None
-                except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as exc:
-                    raise DatasetFormatError(
-                        f"{where}: cannot read member ({exc}); the zip is probably truncated or "
-                        f"corrupt") from None
-                except (NotImplementedError, RuntimeError) as exc:
-                    # Deflate64 (Windows' and 7-Zip's large-file method), an encrypted member
-                    raise DatasetFormatError(
-                        f"{where}: cannot read member ({exc}); the zip uses a compression "
-                        f"method or encryption Python's zipfile does not read: re-zip it with "
-                        f"standard deflate and no password (or extract it to a folder)") from None
+                data = read_member(zf, name, where)
                 arr = _decode_one(data, spec, where)
                 if out is None:
                     out = np.empty((len(names),) + arr.shape, np.uint8)

@@ -31,15 +31,13 @@ import io
 import logging
 import pickle
 import time
-import zipfile
-import zlib
 from pathlib import Path
 
 import numpy as np
 
 from .common import (SPLITS, DatasetFormatError, DatasetNotFoundError, DecodeSpec,
                      FewShotDataset, SplitOptionError, cached_decode, check_split, decode_images,
-                     open_zip, resolve_data_root, source_key, stack_classes)
+                     open_zip, read_member, resolve_data_root, source_key, stack_classes)
 
 logger = logging.getLogger("imaml_ext.data")
 
@@ -165,11 +163,11 @@ def _split_texts(src: MiniImageNetSource) -> dict[str, tuple[str, str]]:
             for s in SPLITS:
                 member = f"{src.prefix}{s}.csv"
                 if member in names:
+                    where = f"{src.path}:{member}"
                     try:
-                        out[s] = (f"{src.path}:{member}", zf.read(member).decode("utf-8"))
-                    except (zipfile.BadZipFile, OSError, EOFError, zlib.error, UnicodeDecodeError,
-                            NotImplementedError, RuntimeError):
-                        continue
+                        out[s] = (where, read_member(zf, member, where).decode("utf-8"))
+                    except (DatasetFormatError, UnicodeDecodeError):
+                        continue  # reading that split reports it
         finally:
             zf.close()
     return out
@@ -246,16 +244,9 @@ def _decode_split(src: MiniImageNetSource, split: str, image_size: int,
             names = set(zf.namelist())
             where = f"{src.path}:{src.prefix}{split}.csv"
             try:
-                text = zf.read(f"{src.prefix}{split}.csv").decode("utf-8")
-            except (zipfile.BadZipFile, OSError, EOFError, zlib.error, UnicodeDecodeError) as exc:
-                raise DatasetFormatError(
-                    f"{where}: cannot read the split file ({exc}); the zip is probably truncated "
-                    f"or corrupt, or the csv is not UTF-8") from None
-            except (NotImplementedError, RuntimeError) as exc:  # Deflate64, encryption
-                raise DatasetFormatError(
-                    f"{where}: cannot read the split file ({exc}); the zip uses a compression "
-                    f"method or encryption Python's zipfile does not read: re-zip it with "
-                    f"standard deflate and no password") from None
+                text = read_member(zf, f"{src.prefix}{split}.csv", where).decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise DatasetFormatError(f"{where}: the split file is not UTF-8 ({exc})") from None
             rows = parse_split_csv(text, where)
         finally:
             zf.close()
