@@ -275,6 +275,22 @@ class DecodeSpec:
     mode: str
     invert: bool = False
 
+    def __post_init__(self):
+        if self.mode not in _MODE_CHANNELS:
+            raise ValueError(f"DecodeSpec: mode must be one of {sorted(_MODE_CHANNELS)}, got "
+                             f"{self.mode!r}")
+
+    def shape(self, channels_first: bool = False) -> tuple[int, ...]:
+        """One decoded image's shape: (C, size, size) if ``channels_first``, else (size, size)
+        for mode L and (size, size, 3) for RGB, as Pillow lays it out."""
+        s, c = self.size, _MODE_CHANNELS[self.mode]
+        if channels_first:
+            return (c, s, s)
+        return (s, s) if c == 1 else (s, s, c)
+
+
+_MODE_CHANNELS = {"L": 1, "RGB": 3}
+
 
 def open_zip(path: Path) -> zipfile.ZipFile:
     """Opens a zip, turning a truncated or corrupt file into a :class:`DatasetFormatError`."""
@@ -334,10 +350,19 @@ def read_member(zf: zipfile.ZipFile, name: str, where: str) -> bytes:
             f"password (or extract it to a folder)") from None
 
 
-def _decode_chunk(args: tuple[str, bool, Sequence[str], DecodeSpec]) -> np.ndarray:
-    """Decodes a list of members of one zip (``is_zip``) or of files under one folder."""
-    container, is_zip, names, spec = args
-    out = None
+def _decode_chunk(args: tuple[str, bool, Sequence[str], DecodeSpec, bool],
+                  out: np.ndarray | None = None) -> np.ndarray:
+    """Decodes a list of members of one zip (``is_zip``) or of files under one folder into
+    ``out`` (allocated if None) in the layout of ``spec.shape(channels_first)``."""
+    container, is_zip, names, spec, channels_first = args
+    if out is None:
+        out = np.empty((len(names),) + spec.shape(channels_first), np.uint8)
+    rgb_first = channels_first and spec.mode != "L"
+
+    def put(i: int, arr: np.ndarray) -> None:
+        # L images broadcast from (S, S) into (1, S, S); RGB goes (S, S, 3) -> (3, S, S).
+        out[i] = arr.transpose(2, 0, 1) if rgb_first else arr
+
     if is_zip:
         if _worker_zips is not None:
             zf = _worker_zips.get(container)
@@ -348,11 +373,7 @@ def _decode_chunk(args: tuple[str, bool, Sequence[str], DecodeSpec]) -> np.ndarr
         try:
             for i, name in enumerate(names):
                 where = f"{container}:{name}"
-                data = read_member(zf, name, where)
-                arr = _decode_one(data, spec, where)
-                if out is None:
-                    out = np.empty((len(names),) + arr.shape, np.uint8)
-                out[i] = arr
+                put(i, _decode_one(read_member(zf, name, where), spec, where))
         finally:
             if _worker_zips is None:
                 zf.close()
@@ -366,10 +387,7 @@ def _decode_chunk(args: tuple[str, bool, Sequence[str], DecodeSpec]) -> np.ndarr
             except OSError as exc:  # unreadable (permissions, I/O error)
                 raise DatasetFormatError(f"{path}: cannot read the image file "
                                          f"({exc.strerror or exc})") from None
-            arr = _decode_one(data, spec, str(path))
-            if out is None:
-                out = np.empty((len(names),) + arr.shape, np.uint8)
-            out[i] = arr
+            put(i, _decode_one(data, spec, str(path)))
     return out
 
 
@@ -387,26 +405,49 @@ def default_decode_workers() -> int:
 
 
 def decode_images(container: Path, is_zip: bool, names: Sequence[str], spec: DecodeSpec,
-                  workers: int | None = None) -> np.ndarray:
+                  workers: int | None = None, channels_first: bool = False) -> np.ndarray:
     """Decodes ``names`` (zip members or paths relative to the folder ``container``).
 
     Returns:
-        uint8 array (len(names), size, size) for mode L, (len(names), size, size, 3) for RGB, in
-        the order of ``names``. Uses a process pool of ``workers`` (default:
-        :func:`default_decode_workers`) when there are many images.
+        uint8 array (len(names), *spec.shape(channels_first)) in the order of ``names``: (n, S,
+        S) for mode L and (n, S, S, 3) for RGB, or (n, C, S, S) with ``channels_first``. Uses a
+        process pool of ``workers`` (default: :func:`default_decode_workers`) when there are
+        many images. Each image is written once into the one output array (the pool's chunks as
+        they arrive), so the peak is the output plus a few chunks, not twice the data.
     """
     names = list(names)
     if not names:
         raise ValueError("decode_images: no images to decode")
     workers = default_decode_workers() if workers is None else max(1, int(workers))
+    out = np.empty((len(names),) + spec.shape(channels_first), np.uint8)
     if workers == 1 or len(names) < _POOL_MIN_IMAGES:
-        return _decode_chunk((str(container), is_zip, names, spec))
+        return _decode_chunk((str(container), is_zip, names, spec, channels_first), out)
     nchunks = workers * 8
     step = -(-len(names) // nchunks)
-    chunks = [(str(container), is_zip, names[i:i + step], spec) for i in range(0, len(names), step)]
+    starts = range(0, len(names), step)
+    chunks = [(str(container), is_zip, names[i:i + step], spec, channels_first) for i in starts]
     with multiprocessing.get_context().Pool(workers, initializer=_pool_init) as pool:
-        parts = pool.map(_decode_chunk, chunks, chunksize=1)
-    return np.concatenate(parts, axis=0)
+        for start, part in zip(starts, pool.imap(_decode_chunk, chunks)):
+            out[start:start + len(part)] = part
+    return out
+
+
+def classes_from_flat(arr: np.ndarray, counts: Sequence[int], class_names: Sequence[str],
+                      what: str) -> torch.Tensor:
+    """Images (sum(counts), C, H, W) stored class after class -> (classes, per_class, C, H, W).
+
+    A view of ``arr`` (no copy) when every class has the same count; otherwise
+    :func:`stack_classes`' copy, truncated to the smallest class.
+    """
+    if sum(counts) != len(arr):
+        raise ValueError(f"classes_from_flat: counts sum to {sum(counts)}, got {len(arr)} images")
+    if counts and min(counts) == max(counts) > 0 and arr.flags.c_contiguous:
+        return torch.from_numpy(arr).view(len(counts), counts[0], *arr.shape[1:])
+    per_class, start = [], 0
+    for n in counts:
+        per_class.append(arr[start:start + n])
+        start += n
+    return stack_classes(per_class, class_names, what)
 
 
 # --------------------------------------------------------------------------------------------

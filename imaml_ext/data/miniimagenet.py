@@ -36,8 +36,9 @@ from pathlib import Path
 import numpy as np
 
 from .common import (SPLITS, DatasetFormatError, DatasetNotFoundError, DecodeSpec,
-                     FewShotDataset, SplitOptionError, cached_decode, check_split, decode_images,
-                     open_zip, read_member, resolve_data_root, source_key, stack_classes)
+                     FewShotDataset, SplitOptionError, cached_decode, check_split,
+                     classes_from_flat, decode_images, open_zip, read_member, resolve_data_root,
+                     source_key, stack_classes)
 
 logger = logging.getLogger("imaml_ext.data")
 
@@ -232,10 +233,13 @@ def _check_folder(src: MiniImageNetSource, split: str) -> tuple[list, list[Path]
 
 
 def _decode_split(src: MiniImageNetSource, split: str, image_size: int,
-                  workers: int | None) -> dict:
+                  workers: int | None, rows: list | None = None) -> dict:
+    """Decodes one split; ``rows``: a folder source's csv rows, already checked by
+    :func:`_check_folder` (read and checked here if None)."""
     spec = DecodeSpec(image_size, "RGB")
     if src.kind == "folder":
-        rows, _ = _check_folder(src, split)
+        if rows is None:
+            rows, _ = _check_folder(src, split)
         container, is_zip, where = src.path / "images", False, str(src.path / f"{split}.csv")
         members = lambda fn: fn  # noqa: E731
     else:
@@ -260,15 +264,11 @@ def _decode_split(src: MiniImageNetSource, split: str, image_size: int,
     labels, files = _group(rows)
     flat = [members(f) for fs in files for f in fs]
     t0 = time.perf_counter()
-    arr = decode_images(container, is_zip, flat, spec, workers)
+    arr = decode_images(container, is_zip, flat, spec, workers, channels_first=True)
     logger.info("imaml_ext: decoded %d Mini-ImageNet images (%s, %s) in %.1f s", len(flat),
                 src.path, split, time.perf_counter() - t0)
-    arr = arr.transpose(0, 3, 1, 2)  # (n, 3, S, S)
-    per_class, start = [], 0
-    for fs in files:
-        per_class.append(arr[start:start + len(fs)])
-        start += len(fs)
-    return {"images": stack_classes(per_class, labels, where), "class_names": labels}
+    return {"images": classes_from_flat(arr, [len(fs) for fs in files], labels, where),
+            "class_names": labels}
 
 
 def _load_pickle(path: Path, image_size: int) -> dict:
@@ -326,8 +326,9 @@ def load_miniimagenet(split: str = "train", root=None, cache_dir=None,
         data = _load_pickle(src.path, image_size)
     else:
         check_disjoint_splits(src, split)
+        rows = None
         if src.kind == "folder":
-            _, files = _check_folder(src, split)  # names the first missing image, if any
+            rows, files = _check_folder(src, split)  # names the first missing image, if any
             cache_src = src.path / f"{split}.csv"
             key_paths = [cache_src] + files  # the csv and every image it names
         else:
@@ -336,7 +337,7 @@ def load_miniimagenet(split: str = "train", root=None, cache_dir=None,
                                           f"size={image_size};rgb;lanczos")
         tag = "tiny-miniimagenet" if src.standin else "miniimagenet"
         data = cached_decode(cache_src, f"{tag}-{split}-{image_size}px", key,
-                             lambda: _decode_split(src, split, image_size, decode_workers),
+                             lambda: _decode_split(src, split, image_size, decode_workers, rows),
                              cache_dir)
     return FewShotDataset(images=data["images"], class_names=list(data["class_names"]),
                           name="miniimagenet", split=split, mean=MINIIMAGENET_MEAN,

@@ -44,8 +44,8 @@ import torch
 from imaml_ext._atomic import atomic_write
 
 from .common import (DatasetFormatError, DatasetNotFoundError, DecodeSpec, SplitOptionError,
-                     FewShotDataset, cached_decode, check_split, decode_images, is_writable_dir,
-                     open_zip, resolve_data_root, source_key, stack_classes)
+                     FewShotDataset, cached_decode, check_split, classes_from_flat,
+                     decode_images, is_writable_dir, open_zip, resolve_data_root, source_key)
 
 logger = logging.getLogger("imaml_ext.data")
 
@@ -196,14 +196,10 @@ def decode_omniglot_set(src: OmniglotSource, image_size: int = IMAGE_SIZE,
     flat = [m for ms in members for m in ms]
     t0 = time.perf_counter()
     arr = decode_images(src.path, src.is_zip, flat, DecodeSpec(image_size, "L", invert=True),
-                        workers)
+                        workers, channels_first=True)
     logger.info("imaml_ext: decoded %d Omniglot images of %s in %.1f s", len(flat), src.path,
                 time.perf_counter() - t0)
-    per_class, start = [], 0
-    for ms in members:
-        per_class.append(arr[start:start + len(ms), None])
-        start += len(ms)
-    images = stack_classes(per_class, class_names, str(src.path))
+    images = classes_from_flat(arr, [len(ms) for ms in members], class_names, str(src.path))
     return {"images": images, "class_names": class_names}
 
 
