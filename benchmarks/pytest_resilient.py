@@ -78,6 +78,10 @@ class _Terminated(Exception):
 
 
 def _on_sigterm(signum, frame):
+    # `timeout` signals its child and then its whole process group: this process gets SIGTERM
+    # twice, and a second one after the first was handled killed it before it wrote the junit
+    # file or its messages (seen on a loaded machine). Ignore the rest.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     raise _Terminated(signum)
 
 
@@ -100,13 +104,22 @@ def main(argv=None) -> int:
         crashes, ended = [], None
         previous = signal.signal(signal.SIGTERM, _on_sigterm)
         try:
-            ended = _loop(pytest_args, env, log, skip, crashes, args.max_crashes)
-        except _Terminated:
-            pass
+            try:
+                ended = _loop(pytest_args, env, log, skip, crashes, args.max_crashes)
+                # from here on a SIGTERM (a late one, or the second of a pair) must not cut
+                # the junit file or the verdict short: what remains takes milliseconds
+                signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            except _Terminated:  # the handler ignores further ones
+                pass
+            started, done, _ = read_log(log)
+            write_junit(junit, started, done)
+            return _report(junit, started, done, crashes, ended)
         finally:
             signal.signal(signal.SIGTERM, previous)
-        started, done, _ = read_log(log)
-        write_junit(junit, started, done)
+
+
+def _report(junit: Path, started: list, done: dict, crashes: list, ended) -> int:
+    """Prints the summary line (and why the run stopped) and returns the exit code."""
     outcomes = [done.get(n, ("crashed",))[0] for n in started]
     bad = sum(o in ("failed", "error", "crashed") for o in outcomes)
     print(f"pytest_resilient: {len(started)} tests: {outcomes.count('passed')} passed, "

@@ -101,6 +101,43 @@ def test_a_timeout_still_writes_the_junit_file(tmp_path):
     assert "stopped by SIGTERM" in proc.stderr
 
 
+def test_a_second_sigterm_does_not_cut_the_junit_file_short(tmp_path):
+    # `timeout` signals its child, then its process group: the runner gets SIGTERM twice, and a
+    # second one after the first was handled killed it while it wrote the junit file (seen once
+    # on a loaded machine: no summary, no "stopped by SIGTERM"). The write is slowed here so that
+    # the second signal lands in it.
+    import signal
+    import time
+    (tmp_path / "test_demo.py").write_text(HANGS.replace(
+        "def test_b_hangs(): time.sleep(300)",
+        "def test_b_hangs():\n    open('started', 'w').close()\n    time.sleep(300)"))
+    junit = tmp_path / "out" / "junit.xml"
+    code = ("import sys, time; sys.path.insert(0, {here!r}); import pytest_resilient as r\n"
+            "w = r.write_junit\n"
+            "def slow(*a):\n    print('writing', flush=True); time.sleep(3); w(*a)\n"
+            "r.write_junit = slow\n"
+            "sys.exit(r.main(sys.argv[1:]))\n").format(here=str(RUNNER.parent))
+    proc = subprocess.Popen([sys.executable, "-c", code, "--junitxml", str(junit), "--", "-q",
+                             "-p", "no:cacheprovider", "test_demo.py"], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not (tmp_path / "started").exists():
+            time.sleep(0.1)
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(1.5)  # inside the slowed write
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert "writing" in out, (out, err)
+    assert proc.returncode == 124, (out, err[-2000:])
+    cases = {c.get("name"): [e.tag for e in c] for c in ET.parse(junit).iter("testcase")}
+    assert cases == {"test_a": [], "test_b_hangs": ["error"]}
+    assert "stopped by SIGTERM" in err
+
+
 def test_named_tests_run_last(tmp_path):
     import os
     (tmp_path / "test_demo.py").write_text("def test_bulk_x(): pass\ndef test_a(): pass\n"
