@@ -13,6 +13,8 @@ Environment:
   TORCH_CUDA_ARCH_LIST     defaults to the visible GPUs' archs, or 9.0 (H100/H200) when none.
   MAX_JOBS                 parallel compile jobs (torch's ninja build honours it).
   IMAML_DEBUG=1            -O0 -g, for sanitizers and debuggers.
+  IMAML_NO_EXT=1           no compiled extension at all (no compiler needed): a pure-Python
+                           package whose ops run their PyTorch reference twins.
 """
 from __future__ import annotations
 
@@ -273,13 +275,20 @@ class Build(BuildExtension):
                 (target / "_build_meta.json").write_text(json.dumps(meta) + "\n")
 
 
-EXT, WITH_CUDA, ARCHS = make_extension()
+if _flag("IMAML_NO_EXT"):
+    # For a machine without a C++ compiler: a pure-Python wheel whose ops all run their
+    # PyTorch twins (imaml_ext.build_info()["extension"] is False; the import says so once).
+    print("IMAML_NO_EXT=1: building no compiled extension; every op runs its pure-PyTorch "
+          "reference twin (correct, slower)", file=sys.stderr)
+    EXT, WITH_CUDA, ARCHS = None, False, ""
+else:
+    EXT, WITH_CUDA, ARCHS = make_extension()
 
 setup(
     packages=find_namespace_packages(include=["imaml_ext", "imaml_ext.*"],
                                      exclude=["*__pycache__*"]),
     package_data={"imaml_ext": ["_build_meta.json"],
                   "imaml_ext.data": ["embedded/*.npz", "embedded/LICENSE", "embedded/README.md"]},
-    ext_modules=[EXT],
+    ext_modules=[EXT] if EXT is not None else [],
     cmdclass={"build_ext": Build.with_options(use_ninja=True)},
 )

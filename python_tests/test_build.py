@@ -231,3 +231,46 @@ def test_cuda_tensors_on_a_build_without_cuda_kernels_warn_once(monkeypatch, cap
         assert _ext.use_ext_for(None, FakeCuda()) is False
         assert _ext.use_ext_for(None, torch.zeros(1, device="meta")) is False
     assert caplog.text.count("has no CUDA kernels") == 1
+
+
+@pytest.mark.slow
+def test_no_ext_build_is_a_pure_python_wheel_that_runs(tmp_path):
+    """IMAML_NO_EXT=1, for a machine without a compiler: a py3-none-any wheel without _C, whose
+    import falls back to the reference ops and solves."""
+    root = Path(__file__).resolve().parents[1]
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("setup.py", "pyproject.toml", "README.md", "LICENSE", "MANIFEST.in"):
+        shutil.copy(root / name, src / name)
+    shutil.copytree(root / "imaml_ext", src / "imaml_ext",
+                    ignore=shutil.ignore_patterns("__pycache__", "_C*", "_build_meta.json"))
+    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-build-isolation",
+                        "--no-deps", str(src), "-w", str(tmp_path / "whl")], capture_output=True,
+                       text=True, env={**os.environ, "IMAML_NO_EXT": "1"}, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    (wheel,) = (tmp_path / "whl").iterdir()
+    assert wheel.name.endswith("-py3-none-any.whl"), wheel.name
+    import zipfile
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "imaml_ext/linalg/__init__.py" in names or "imaml_ext/linalg.py" in names, names
+    assert not [n for n in names if n.startswith("imaml_ext/_C")], names
+    site = tmp_path / "site"
+    r = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target",
+                        str(site), str(wheel)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    # -I -S: the checkout's editable install (a .pth hook) must not supply its _C; torch comes
+    # by path
+    paths = [str(site)] + [p for p in sys.path if p.endswith("-packages")]
+    code = ("import sys; sys.path[:0] = %r\n"
+            "import torch, imaml_ext\n"
+            "assert imaml_ext.__file__.startswith(%r), imaml_ext.__file__\n"
+            "info = imaml_ext.build_info(); assert info['extension'] is False, info\n"
+            "A = 2 * torch.eye(4, dtype=torch.float64).expand(3, 4, 4)\n"
+            "r = imaml_ext.cg(lambda v: torch.einsum('bij,bj->bi', A, v), torch.ones(3, 4, "
+            "dtype=torch.float64))\n"
+            "assert torch.allclose(r.x, torch.full((3, 4), 0.5, dtype=torch.float64))\n"
+            "print('ok')\n") % (paths, str(site))
+    r = subprocess.run([sys.executable, "-I", "-S", "-c", code], capture_output=True, text=True,
+                       timeout=300, cwd=tmp_path)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-3000:]
+    assert "using the pure-PyTorch reference ops" in r.stderr
