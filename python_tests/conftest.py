@@ -10,7 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
+import imaml_ext
+
 CUDA = torch.cuda.is_available()
+# what times or counts the compiled ops themselves (a pure install, IMAML_NO_EXT=1, has none)
+needs_ext = pytest.mark.skipif(not imaml_ext.extension_available(),
+                               reason="compiled extension not built")
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not CUDA, reason="no CUDA device"))]
 DTYPES = [torch.float32, torch.float64]

@@ -10,7 +10,7 @@ import json
 import pytest
 import torch
 
-from conftest import load_benchmark
+from conftest import load_benchmark, needs_ext
 from imaml_ext import reference
 
 
@@ -79,6 +79,7 @@ def test_bad_sizes_rejected(bench):
         bench.main(["--sizes", "2,3"])
 
 
+@needs_ext
 def test_partial_runs_write_only_where_asked(bench, tmp_path, monkeypatch):
     # a --sizes (or --quick) run must not replace the committed benchmarks/results/cg_cpu.json
     monkeypatch.chdir(tmp_path)

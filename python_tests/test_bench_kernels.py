@@ -10,7 +10,7 @@ import importlib.util
 import pytest
 import torch
 
-from conftest import load_benchmark
+from conftest import load_benchmark, needs_ext
 from imaml_ext import ops, reference
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -29,6 +29,7 @@ def lstsq_case(B=2, n=40, d=30):
     return X, b, 1.0 / n
 
 
+@needs_ext
 def test_a_cg_contender_cut_short_is_not_timed(bench):
     X, b, scale = lstsq_case()
     z = torch.zeros_like(b)
@@ -63,6 +64,7 @@ def test_single_pass_ops_keep_their_bar(bench):
     assert set(row["times_s"]) == {"off by 1e-4"} and "off by 1e-2" in row["skipped"]
 
 
+@needs_ext
 def test_cg_section_records_bar_and_counts(bench, monkeypatch, capsys):
     monkeypatch.setattr(bench, "QUICK_DENSE", [(2, 24)])
     monkeypatch.setattr(bench, "QUICK_LSTSQ", [(2, 40, 30)])

@@ -5,11 +5,12 @@ import json
 
 import pytest
 
-from conftest import load_benchmark
+from conftest import load_benchmark, needs_ext
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
+@needs_ext
 def test_hvp_op_count_probe(tmp_path, capsys):
     probe = load_benchmark("probes/hvp_op_count")
     out = tmp_path / "ops.json"
