@@ -107,6 +107,58 @@ def _warn_no_cuda_kernels() -> None:
                     "Rebuild with the toolkit present: %s", REBUILD)
 
 
+def archs_run_on(archs: str, capability: tuple[int, int]) -> bool | None:
+    """Whether kernels compiled for ``archs`` (TORCH_CUDA_ARCH_LIST's syntax, as recorded in
+    build_info()["cuda_archs"]: "9.0", "8.0;8.6+PTX", "9.0a") run on a GPU of compute
+    ``capability`` (major, minor). None when it cannot tell (an empty list, or an arch given by
+    name such as "Hopper").
+
+    A cubin for X.Y runs on X.Z for Z >= Y (X.Ya only on X.Y itself, X.Yf on X.Z, Z >= Y); PTX
+    for X.Y is compiled by the driver for any GPU of capability >= X.Y.
+    """
+    import re
+    tokens = [t for t in re.split(r"[;,\s]+", archs.strip()) if t]
+    if not tokens:
+        return None
+    major, minor = capability
+    for token in tokens:
+        ptx = token.upper().endswith("+PTX")
+        m = re.fullmatch(r"(\d+)\.(\d+)([af]?)", token[:-4] if ptx else token)
+        if m is None:
+            return None
+        x, y, suffix = int(m.group(1)), int(m.group(2)), m.group(3)
+        if x == major and (y == minor if suffix == "a" else y <= minor):
+            return True
+        if ptx and (x, y) <= (major, minor):
+            return True
+    return False
+
+
+_cuda_ok: dict[int, bool] = {}
+
+
+def _cuda_kernels_run_on(device: torch.device) -> bool:
+    """Whether this build's CUDA kernels can run on ``device`` (cached per GPU). A build for
+    other archs (e.g. 9.0, the default when no GPU is visible at build time, on an A100) logs
+    one warning per GPU and its ops run their PyTorch twins there, instead of failing with
+    "no kernel image is available" at the first launch."""
+    if not build_info()["cuda"]:
+        return False
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    ok = _cuda_ok.get(index)
+    if ok is None:
+        archs = build_info()["cuda_archs"]
+        cap = torch.cuda.get_device_capability(index)
+        ok = _cuda_ok[index] = archs_run_on(archs, cap) is not False
+        if not ok:
+            log.warning("imaml_ext: the CUDA kernels were built for %s, which %s (compute "
+                        "capability %d.%d) cannot run: ops on it run their PyTorch twins. "
+                        "Rebuild for it: TORCH_CUDA_ARCH_LIST=%d.%d %s", archs,
+                        torch.cuda.get_device_name(index), cap[0], cap[1], cap[0], cap[1],
+                        REBUILD)
+    return ok
+
+
 def use_ext_for(use_ext: bool | None, *tensors: torch.Tensor) -> bool:
     """Resolves a public function's `use_ext` argument.
 
@@ -118,15 +170,30 @@ def use_ext_for(use_ext: bool | None, *tensors: torch.Tensor) -> bool:
         raise ValueError(f"use_ext must be None, True or False, got {use_ext!r}")
     if use_ext is False:
         return False
-    device_ok = all(t.device.type == "cpu" or (t.device.type == "cuda" and build_info()["cuda"])
-                    for t in tensors)
-    if use_ext is None:
-        if _C is not None and not device_ok and any(t.device.type == "cuda" for t in tensors):
-            _warn_no_cuda_kernels()
-        return _C is not None and device_ok
     if _C is None:
-        raise RuntimeError(f"use_ext=True but the compiled extension is not loaded: {_reason}")
-    if not device_ok:
-        raise RuntimeError("use_ext=True but the extension was built without CUDA kernels; "
-                           f"rebuild on a machine with CUDA: {REBUILD}")
+        if use_ext:
+            raise RuntimeError(f"use_ext=True but the compiled extension is not loaded: {_reason}")
+        return False
+    cuda = [t.device for t in tensors if t.device.type == "cuda"]
+    if cuda and not build_info()["cuda"]:
+        if use_ext:
+            raise RuntimeError("use_ext=True but the extension was built without CUDA kernels; "
+                               f"rebuild on a machine with CUDA: {REBUILD}")
+        _warn_no_cuda_kernels()
+        return False
+    bad = next((d for d in cuda if not _cuda_kernels_run_on(d)), None)
+    if bad is not None:
+        if use_ext:
+            cap = torch.cuda.get_device_capability(bad)
+            raise RuntimeError(f"use_ext=True but the CUDA kernels were built for "
+                               f"{build_info()['cuda_archs']}, which {bad} (compute capability "
+                               f"{cap[0]}.{cap[1]}) cannot run; rebuild with "
+                               f"TORCH_CUDA_ARCH_LIST={cap[0]}.{cap[1]}: {REBUILD}")
+        return False
+    other = next((t.device for t in tensors if t.device.type not in ("cpu", "cuda")), None)
+    if other is not None:
+        if use_ext:
+            raise RuntimeError(f"use_ext=True but the compiled ops have no kernels for "
+                               f"{other.type} tensors")
+        return False
     return True

@@ -233,6 +233,47 @@ def test_cuda_tensors_on_a_build_without_cuda_kernels_warn_once(monkeypatch, cap
     assert caplog.text.count("has no CUDA kernels") == 1
 
 
+@pytest.mark.parametrize("archs,cap,want", [
+    ("9.0", (9, 0), True), ("9.0", (8, 0), False), ("9.0", (10, 0), False),
+    ("8.0", (8, 6), True), ("8.6", (8, 0), False), ("8.0;9.0", (9, 0), True),
+    ("9.0+PTX", (10, 0), True), ("9.0+PTX", (8, 9), False), ("9.0a", (9, 0), True),
+    ("9.0a", (9, 1), False), ("10.0f", (10, 3), True), ("7.5 8.0", (8, 0), True),
+    ("", (9, 0), None), ("Hopper", (9, 0), None)])
+def test_archs_run_on(archs, cap, want):
+    from imaml_ext import _ext
+    assert _ext.archs_run_on(archs, cap) is want
+
+
+def test_cuda_kernels_for_other_archs_fall_back_with_one_warning(monkeypatch, caplog):
+    # the default build without a visible GPU is for 9.0 only: on an A100 every launch failed
+    # with "no kernel image is available"; now its ops run the twins, said once per GPU
+    import logging
+    from imaml_ext import _ext
+
+    class FakeCuda:
+        device = torch.device("cuda", 0)
+    if _ext._C is None:
+        pytest.skip("compiled extension not built")
+    cap = {"cap": (8, 0)}
+    monkeypatch.setattr(_ext, "build_info", lambda: {"cuda": True, "cuda_archs": "9.0"})
+    monkeypatch.setattr(_ext, "_cuda_ok", {})
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i=None: cap["cap"])
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=None: "Fake A100")
+    with caplog.at_level(logging.WARNING, logger="imaml_ext"):
+        assert _ext.use_ext_for(None, FakeCuda()) is False
+        assert _ext.use_ext_for(None, torch.zeros(1), FakeCuda()) is False
+        with pytest.raises(RuntimeError, match=r"built for 9.0, which .*capability 8.0"):
+            _ext.use_ext_for(True, FakeCuda())
+    assert caplog.text.count("cannot run") == 1
+    assert "Fake A100" in caplog.text and "TORCH_CUDA_ARCH_LIST=8.0" in caplog.text
+    monkeypatch.setattr(_ext, "_cuda_ok", {})
+    cap["cap"] = (9, 0)
+    assert _ext.use_ext_for(None, FakeCuda()) is True
+    assert _ext.use_ext_for(None, torch.zeros(1)) is True
+    with pytest.raises(RuntimeError, match="no kernels for meta"):
+        _ext.use_ext_for(True, torch.zeros(1, device="meta"))
+
+
 @pytest.mark.slow
 def test_no_ext_build_is_a_pure_python_wheel_that_runs(tmp_path):
     """IMAML_NO_EXT=1, for a machine without a compiler: a py3-none-any wheel without _C, whose
