@@ -13,8 +13,15 @@ RUNNING, CONVERGED, NEGATIVE_CURVATURE, NONFINITE = 0, 1, 2, 3
 
 
 def cg_tol2(bnorm2: torch.Tensor, rtol: float, atol: float) -> torch.Tensor:
-    """max(rtol * ||b||, atol)^2 per system."""
-    return torch.clamp(bnorm2 * (rtol * rtol), min=atol * atol)
+    """max(rtol * ||b||, atol)^2 per system, rounded as the kernels round it (csrc/cg_math.h):
+    rtol and atol cast to bnorm2's dtype and squared there, and a NaN rtol^2 ||b||^2 gives
+    atol^2. (In float32, float(rtol^2) and float(rtol)^2 can differ by an ulp, and a residual on
+    the threshold then got another status here than in the kernels.)"""
+    def square(v: float) -> float:  # a CPU scalar: no device round trip
+        t = torch.tensor(v, dtype=bnorm2.dtype)
+        return (t * t).item()
+    t1, t2 = bnorm2 * square(rtol), square(atol)
+    return torch.where(t1 > t2, t1, t2)
 
 
 def cg_initial_status(rs: torch.Tensor, tol2: torch.Tensor) -> torch.Tensor:

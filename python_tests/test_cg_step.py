@@ -316,3 +316,26 @@ def test_begin_end_and_affine_bad_arguments(use_ext):
             ops.cg_end(*args, use_ext=use_ext)
     with pytest.raises(ValueError, match=r"cg_end: fallback must be .3, 5. like x"):
         ops.cg_end(*end, s["x"][:, :2], use_ext=use_ext)
+
+
+@needs_ext
+def test_threshold_status_rounds_as_the_kernels(device):
+    # float32: float(atol)^2 and float(atol^2) differ by an ulp for about half of all atol; the
+    # reference (and the CUDA multi-launch set-up) used the latter, the kernels the former, so
+    # a residual exactly on the threshold was converged in one and running in the other
+    import numpy as np
+    atols = [a for a in np.random.default_rng(0).uniform(1e-3, 1.0, 400).tolist()
+             if np.float32(np.float32(a) * np.float32(a)) != np.float32(a * a)][:40]
+    assert len(atols) >= 20
+    for atol in atols:
+        b = torch.tensor([[float(np.float32(atol))]], device=device)  # ||b||^2 = float(atol)^2
+        st = [ops.cg_begin(b, 0.0, atol, False, use_ext=u)[5].item() for u in (True, False)]
+        assert st[0] == st[1], (atol, st)
+        A, x0 = torch.ones(1, 1, 1, device=device), torch.zeros_like(b)
+        st = [ops.cg_solve_dense(A, b, x0, 3, 0.0, atol, use_ext=u)[3].item()
+              for u in (True, False)]
+        assert st[0] == st[1], (atol, st)
+        X = torch.ones(1, 1, 1, device=device)
+        st = [ops.cg_solve_lstsq(X, b, x0, 0.0, 1.0, 3, 0.0, atol, use_ext=u)[3].item()
+              for u in (True, False)]
+        assert st[0] == st[1], (atol, st)

@@ -73,7 +73,15 @@ SolveResult solve_cuda(const Apply& apply, const at::Tensor& b_in, const at::Ten
   auto p = r.clone();
   auto rs = (r * r).sum(-1).contiguous();
   auto bnorm2 = (b * b).sum(-1).contiguous();
-  auto tol2 = at::clamp_min(bnorm2 * (rtol * rtol), atol * atol);
+  // cg_tol2's rounding (rtol and atol cast to the solve's type, then squared; a NaN first term
+  // gives atol^2), not clamp_min's: a residual on the threshold gets the kernels' status
+  const bool single = b.scalar_type() == at::kFloat;
+  const double rt2 = single ? static_cast<double>(static_cast<float>(rtol) * static_cast<float>(rtol))
+                            : rtol * rtol;
+  const double at2 = single ? static_cast<double>(static_cast<float>(atol) * static_cast<float>(atol))
+                            : atol * atol;
+  auto t1 = bnorm2 * rt2;
+  auto tol2 = at::where(t1 > at2, t1, at::full_like(t1, at2));
   auto finite = at::isfinite(rs) & at::isfinite(tol2);
   auto status = at::where(finite, at::where(rs <= tol2, int64_t(kConverged), int64_t(kRunning)),
                           int64_t(kNonFinite))
