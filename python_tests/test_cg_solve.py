@@ -489,3 +489,51 @@ def test_cuda_float_atomics_honour_deterministic_mode():
             ops.lstsq_apply(X, v, 0.0, 1.0, use_ext=True)
     finally:
         torch.use_deterministic_algorithms(was, warn_only=warn_only)
+
+
+@needs_ext
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("fused", ["1", "0"], ids=["one_launch", "multi_launch"])
+def test_cuda_more_systems_than_one_grid_holds(fused, monkeypatch):
+    # The chunked kernels put the systems on gridDim.y (at most 65535): every op refused more
+    # on CUDA, where the CPU takes any count; they now run in runs of 65535, equal to the twins
+    monkeypatch.setenv("IMAML_CG_FUSED", fused)
+    import imaml_ext
+    B, dt, dev = 65535 + 9, torch.float64, "cuda"
+    g = torch.Generator(device=dev).manual_seed(0)
+    b = torch.randn(B, 3, generator=g, device=dev, dtype=dt)
+    diag = 1 + torch.rand(B, 3, generator=g, device=dev, dtype=dt)
+    A = torch.diag_embed(diag)
+    X = torch.randn(B, 4, 3, generator=g, device=dev, dtype=dt)
+    F = torch.randn(B, 5, 3, generator=g, device=dev, dtype=dt)
+    W = torch.randn(B, 2, 3, generator=g, device=dev, dtype=dt)
+    bias = torch.randn(B, 2, generator=g, device=dev, dtype=dt)
+    x0 = torch.zeros_like(b)
+    bh = torch.randn(B, 8, generator=g, device=dev, dtype=dt)
+
+    def same(got, want, what):
+        for i, (u, v) in enumerate(zip(got, want)):
+            if u.is_floating_point():
+                torch.testing.assert_close(u, v, rtol=1e-10, atol=1e-12, msg=f"{what}[{i}]")
+            else:
+                assert torch.equal(u, v), f"{what}[{i}]"
+
+    both = lambda f: [f(u) for u in (True, False)]  # noqa: E731
+    ext, ref = both(lambda u: ops.cg_begin(b, 1e-8, 0.0, True, use_ext=u))
+    same(ext, ref, "cg_begin")
+    states = [[t.clone() for t in ext[:7]] for _ in range(2)]
+    for u, (x, r, p, rs, bn, st, it) in zip((True, False), states):
+        ops.cg_step_(x, r, p, diag * p, rs, bn, st, it, 1e-8, 0.0, use_ext=u)
+    same(states[0], states[1], "cg_step")
+    same(*both(lambda u: ops.cg_end(states[0][0], states[0][3], states[0][5], states[0][6],
+                                    ext[7], use_ext=u)), "cg_end")
+    same(*both(lambda u: ops.cg_solve_dense(A, b, x0, 5, 1e-10, 0.0, use_ext=u)), "dense")
+    same(*both(lambda u: ops.cg_solve_lstsq(X, b, x0, 0.5, 1.0, 5, 1e-10, 0.0, use_ext=u)),
+         "lstsq")
+    same(*both(lambda u: (ops.lstsq_apply(X, b, 0.5, 1.0, use_ext=u),)), "lstsq_apply")
+    same(*both(lambda u: ops.softmax_head_hvp(F, W, bias, W, bias, 0.5, 1.0, use_ext=u)),
+         "softmax_head_hvp")
+    same(*both(lambda u: ops.cg_solve_softmax_head(F, W, bias, bh, torch.zeros_like(bh), 0.5, 1.0,
+                                                    5, 1e-10, 0.0, use_ext=u)), "softmax_head")
+    res = imaml_ext.cg(lambda v: diag * v, b, max_iter=5, rtol=1e-12, batched=True)
+    torch.testing.assert_close(res.x, b / diag, rtol=1e-9, atol=1e-12)

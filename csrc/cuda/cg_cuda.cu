@@ -173,7 +173,14 @@ void cuda::launch_cg_step(const at::Tensor& x, const at::Tensor& r, const at::Te
                     double shift, double scale) {
   const int64_t B = x.size(0), P = x.size(1);
   if (B == 0 || P == 0) return;
-  TORCH_CHECK_VALUE(B <= 65535, "cg_step: at most 65535 systems per call on CUDA, got ", B);
+  if (B > kMaxSystemsPerRun) {  // row views of the same buffers, one run at a time
+    for_system_runs(B, [&](int64_t s, int64_t n) {
+      launch_cg_step(x.narrow(0, s, n), r.narrow(0, s, n), p.narrow(0, s, n), Ap.narrow(0, s, n),
+                     rs.narrow(0, s, n), bnorm2.narrow(0, s, n), status.narrow(0, s, n),
+                     iters.narrow(0, s, n), rtol, atol, shift, scale);
+    });
+    return;
+  }
   const Chunking ch = make_chunking(P);
   const dim3 grid(ch.chunks, B);
   auto stream = at::cuda::getCurrentCUDAStream();
@@ -278,10 +285,13 @@ __global__ void cg_begin_status_kernel(scalar_t* __restrict__ rs, scalar_t* __re
 
 BeginResult cg_begin_cuda(const at::Tensor& b_in, double rtol, double atol, bool rescale) {
   check_cg_begin("cg_begin", b_in, rtol, atol, rescale);
+  if (b_in.size(0) > cuda::kMaxSystemsPerRun)
+    return cuda::cat_system_runs<BeginResult>(b_in.size(0), [&](int64_t s, int64_t n) {
+      return cg_begin_cuda(b_in.narrow(0, s, n), rtol, atol, rescale);
+    });
   c10::cuda::OptionalCUDAGuard guard(b_in.device());
   const auto b = b_in.contiguous();
   const int64_t B = b.size(0), P = b.size(1);
-  TORCH_CHECK_VALUE(B <= 65535, "cg_begin: at most 65535 systems per call on CUDA, got ", B);
   auto out = empty_cg_begin(b);
   // (named references, not a structured binding: the kernels' lambdas capture them)
   at::Tensor &x = std::get<0>(out), &r = std::get<1>(out), &p = std::get<2>(out);
@@ -339,9 +349,16 @@ std::tuple<at::Tensor, at::Tensor> cg_end_cuda(const at::Tensor& x_in, const at:
   const EndArgs args = prepare_cg_end(x_in, rs_in, status_in, iters_in, scale_in, fallback_in);
   const at::Tensor &x = args.x, &rs = args.rs, &status = args.status, &iters = args.iters;
   const at::Tensor &sc = args.scale, &fallback = args.fallback;
+  if (x.size(0) > cuda::kMaxSystemsPerRun)
+    return cuda::cat_system_runs<std::tuple<at::Tensor, at::Tensor>>(
+        x.size(0), [&](int64_t s, int64_t n) {
+          return cg_end_cuda(x.narrow(0, s, n), rs.narrow(0, s, n), status.narrow(0, s, n),
+                             iters.narrow(0, s, n), sc.narrow(0, s, n),
+                             fallback.defined() ? std::optional<at::Tensor>(fallback.narrow(0, s, n))
+                                                : std::nullopt);
+        });
   c10::cuda::OptionalCUDAGuard guard(x_in.device());
   const int64_t B = x.size(0), P = x.size(1);
-  TORCH_CHECK_VALUE(B <= 65535, "cg_end: at most 65535 systems per call on CUDA, got ", B);
   auto out = at::empty_like(x);
   auto rnorm = at::empty_like(rs);
   if (B == 0) return {out, rnorm};
@@ -943,7 +960,11 @@ SolveResult cg_solve_dense_cuda(const at::Tensor& A, const at::Tensor& b, const 
   TORCH_CHECK_VALUE(A.scalar_type() == b.scalar_type() && A.device() == b.device(),
               "cg_solve_dense: A must have b's dtype and device (", b.scalar_type(), ", ",
               b.device(), "), got ", A.scalar_type(), ", ", A.device());
-  TORCH_CHECK_VALUE(b.size(0) <= 65535, "cg_solve_dense: at most 65535 systems on CUDA, got ", b.size(0));
+  if (b.size(0) > cuda::kMaxSystemsPerRun)
+    return cuda::cat_system_runs<SolveResult>(b.size(0), [&](int64_t s, int64_t n) {
+      return cg_solve_dense_cuda(A.narrow(0, s, n), b.narrow(0, s, n), x0.narrow(0, s, n),
+                                 max_iter, rtol, atol);
+    });
   c10::cuda::OptionalCUDAGuard guard(b.device());
   SolveResult out;
   if (cuda::fused_cg_dense(A, b, x0, max_iter, rtol, atol, &out)) return out;
@@ -955,7 +976,11 @@ SolveResult cg_solve_lstsq_cuda(const at::Tensor& X, const at::Tensor& b, const 
                                 double atol) {
   check_solve_args("cg_solve_lstsq", b, x0, max_iter, rtol, atol);
   check_lstsq_operator("cg_solve_lstsq", X, b, "b", shift, scale);
-  TORCH_CHECK_VALUE(b.size(0) <= 65535, "cg_solve_lstsq: at most 65535 systems on CUDA, got ", b.size(0));
+  if (b.size(0) > cuda::kMaxSystemsPerRun)
+    return cuda::cat_system_runs<SolveResult>(b.size(0), [&](int64_t s, int64_t n) {
+      return cg_solve_lstsq_cuda(X.narrow(0, s, n), b.narrow(0, s, n), x0.narrow(0, s, n), shift,
+                                 scale, max_iter, rtol, atol);
+    });
   c10::cuda::OptionalCUDAGuard guard(b.device());
   SolveResult out;
   if (cuda::fused_cg_lstsq(X, b, x0, shift, scale, max_iter, rtol, atol, &out)) return out;
@@ -964,7 +989,11 @@ SolveResult cg_solve_lstsq_cuda(const at::Tensor& X, const at::Tensor& b, const 
 
 at::Tensor lstsq_apply_cuda(const at::Tensor& X, const at::Tensor& v, double shift, double scale) {
   check_lstsq_operator("lstsq_apply", X, v, "v", shift, scale);
-  TORCH_CHECK_VALUE(v.size(0) <= 65535, "lstsq_apply: at most 65535 systems on CUDA, got ", v.size(0));
+  if (v.size(0) > cuda::kMaxSystemsPerRun)
+    return std::get<0>(cuda::cat_system_runs<std::tuple<at::Tensor>>(
+        v.size(0), [&](int64_t s, int64_t n) {
+          return std::make_tuple(lstsq_apply_cuda(X.narrow(0, s, n), v.narrow(0, s, n), shift, scale));
+        }));
   c10::cuda::OptionalCUDAGuard guard(v.device());
   auto vc = v.contiguous();
   auto out = at::empty_like(vc);

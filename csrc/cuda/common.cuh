@@ -1,9 +1,15 @@
 // Block sizes, warp/block reductions and launch helpers shared by the CUDA kernels.
 #pragma once
 
+#include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+
+#include <algorithm>
+#include <array>
+#include <tuple>
+#include <vector>
 
 namespace imaml_ext {
 namespace cuda {
@@ -62,6 +68,39 @@ __device__ __forceinline__ T block_max(T v) {
   }
   __syncthreads();
   return total;
+}
+
+// The chunked kernels put the systems on gridDim.y, which stops at 65535. An op given more
+// systems runs them in consecutive runs of at most that many (row views; every run's launches
+// queued on the same stream, so no host synchronisation), as the CPU kernels take any count.
+constexpr int64_t kMaxSystemsPerRun = 65535;
+
+// Calls f(start, count) for each run of systems in [0, B).
+template <typename F>
+void for_system_runs(int64_t B, F&& f) {
+  for (int64_t start = 0; start < B; start += kMaxSystemsPerRun)
+    f(start, std::min(kMaxSystemsPerRun, B - start));
+}
+
+// For an op returning a tuple of per-system tensors (systems on dim 0): f(start, count) returns
+// the run's tuple; the runs' tensors are concatenated in order.
+template <typename Tuple, typename F>
+Tuple cat_system_runs(int64_t B, F&& f) {
+  constexpr size_t N = std::tuple_size<Tuple>::value;
+  std::array<std::vector<at::Tensor>, N> parts;
+  for_system_runs(B, [&](int64_t start, int64_t count) {
+    Tuple r = f(start, count);
+    std::apply([&](auto&... t) {
+      size_t i = 0;
+      ((parts[i++].push_back(t)), ...);
+    }, r);
+  });
+  Tuple out;
+  std::apply([&](auto&... t) {
+    size_t i = 0;
+    ((t = at::cat(parts[i++])), ...);
+  }, out);
+  return out;
 }
 
 inline int chunks_for(int64_t P) {

@@ -377,8 +377,13 @@ std::tuple<at::Tensor, at::Tensor> softmax_head_hvp_cuda(const at::Tensor& F_in,
                                                          double scale) {
   check_softmax_head("softmax_head_hvp", F_in, W_in, bias_in, shift, scale);
   check_softmax_head_direction("softmax_head_hvp", W_in, bias_in, V_in, vb_in);
-  TORCH_CHECK_VALUE(F_in.size(0) <= 65535, "softmax_head_hvp: at most 65535 systems on CUDA, got ",
-                    F_in.size(0));
+  if (F_in.size(0) > cuda::kMaxSystemsPerRun)
+    return cuda::cat_system_runs<std::tuple<at::Tensor, at::Tensor>>(
+        F_in.size(0), [&](int64_t s, int64_t n) {
+          return softmax_head_hvp_cuda(F_in.narrow(0, s, n), W_in.narrow(0, s, n),
+                                       bias_in.narrow(0, s, n), V_in.narrow(0, s, n),
+                                       vb_in.narrow(0, s, n), shift, scale);
+        });
   c10::cuda::OptionalCUDAGuard guard(F_in.device());
   const auto F = F_in.contiguous(), W = W_in.contiguous(), bias = bias_in.contiguous();
   const auto V = V_in.contiguous(), vb = vb_in.contiguous();
@@ -419,8 +424,12 @@ SolveResult cg_solve_softmax_head_cuda(const at::Tensor& F_in, const at::Tensor&
   check_solve_args(op, b_in, x0, max_iter, rtol, atol);
   check_softmax_head(op, F_in, W_in, bias_in, shift, scale);
   check_softmax_head_flat(op, "b", W_in, b_in);
-  TORCH_CHECK_VALUE(b_in.size(0) <= 65535, op, ": at most 65535 systems on CUDA, got ",
-                    b_in.size(0));
+  if (b_in.size(0) > cuda::kMaxSystemsPerRun)
+    return cuda::cat_system_runs<SolveResult>(b_in.size(0), [&](int64_t s, int64_t n) {
+      return cg_solve_softmax_head_cuda(F_in.narrow(0, s, n), W_in.narrow(0, s, n),
+                                        bias_in.narrow(0, s, n), b_in.narrow(0, s, n),
+                                        x0.narrow(0, s, n), shift, scale, max_iter, rtol, atol);
+    });
   c10::cuda::OptionalCUDAGuard guard(b_in.device());
   const auto F = F_in.contiguous(), W = W_in.contiguous(), bias = bias_in.contiguous();
   const int64_t B = F.size(0), n = F.size(1), f = F.size(2), c = W.size(1);
