@@ -584,6 +584,32 @@ def test_miniimagenet_pickle(tmp_path):
         assert torch.equal(ds.images[c], want)
 
 
+def test_miniimagenet_pickle_peak_and_unequal_classes(tmp_path, caplog):
+    # each class is copied once, into the result: the pickle's array plus the result at the
+    # peak (per-class copies were stacked into a third copy)
+    import tracemalloc
+    d = make_mini_pickles(tmp_path)
+    tracemalloc.start()
+    try:
+        ds = load_miniimagenet("train", root=tmp_path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 2.5 * ds.images.numel(), peak / ds.images.numel()
+    assert ds.images.is_contiguous()
+    path = d / "mini-imagenet-cache-train.pkl"
+    with open(path, "rb") as f:
+        raw = pickle.load(f)
+    first = sorted(raw["class_dict"])[0]
+    raw["class_dict"][first] = raw["class_dict"][first][:-2]
+    with open(path, "wb") as f:
+        pickle.dump(raw, f)
+    with caplog.at_level(logging.WARNING, logger="imaml_ext.data"):
+        short = load_miniimagenet("train", root=tmp_path)
+    assert f"class {first!r} has {MINI_PER_CLASS - 2}" in caplog.text
+    assert torch.equal(short.images, ds.images[:, :MINI_PER_CLASS - 2])
+
+
 def test_miniimagenet_bad_pickle(tmp_path):
     d = tmp_path / "miniimagenet"
     d.mkdir()

@@ -460,7 +460,13 @@ def stack_classes(per_class: Sequence[np.ndarray], class_names: Sequence[str], w
     Classes with more images than the smallest are truncated to its count (with a warning naming
     the smallest), since tasks need a rectangular array.
     """
-    counts = [len(a) for a in per_class]
+    m = per_class_count([len(a) for a in per_class], class_names, what)
+    return torch.from_numpy(np.stack([a[:m] for a in per_class]))
+
+
+def per_class_count(counts: Sequence[int], class_names: Sequence[str], what: str) -> int:
+    """The images per class a rectangular array keeps: the smallest count (with a warning
+    naming that class when they differ); a class without images is an error."""
     m = min(counts)
     if m == 0:
         raise DatasetFormatError(f"{what}: class {class_names[counts.index(0)]!r} has no images; "
@@ -469,7 +475,7 @@ def stack_classes(per_class: Sequence[np.ndarray], class_names: Sequence[str], w
         logger.warning("imaml_ext: %s: classes have between %d and %d images (class %r has %d); "
                        "using the first %d of each", what, m, max(counts),
                        class_names[counts.index(m)], m, m)
-    return torch.from_numpy(np.stack([a[:m] for a in per_class]))
+    return m
 
 
 @dataclasses.dataclass

@@ -34,11 +34,12 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from .common import (SPLITS, DatasetFormatError, DatasetNotFoundError, DecodeSpec,
                      FewShotDataset, SplitOptionError, cached_decode, check_split,
-                     classes_from_flat, decode_images, open_zip, read_member, resolve_data_root,
-                     source_key, stack_classes)
+                     classes_from_flat, decode_images, open_zip, per_class_count, read_member,
+                     resolve_data_root, source_key)
 
 logger = logging.getLogger("imaml_ext.data")
 
@@ -287,14 +288,20 @@ def _load_pickle(path: Path, image_size: int) -> dict:
         raise DatasetFormatError(f"{path}: expected image_data uint8 (N, {image_size}, "
                                  f"{image_size}, 3), got {x.dtype} {x.shape}")
     labels = sorted(data["class_dict"])
-    per_class = []
+    idxs = []
     for lab in labels:
-        idx = np.asarray(data["class_dict"][lab], dtype=np.int64)
+        idx = np.asarray(data["class_dict"][lab], dtype=np.int64).reshape(-1)
         if idx.size and (idx.min() < 0 or idx.max() >= len(x)):
             raise DatasetFormatError(f"{path}: class {lab!r} indexes rows outside image_data "
                                      f"(0..{len(x) - 1})")
-        per_class.append(x[idx].transpose(0, 3, 1, 2))
-    return {"images": stack_classes(per_class, labels, str(path)), "class_names": labels}
+        idxs.append(idx)
+    m = per_class_count([len(i) for i in idxs], labels, str(path))
+    # each class copied once, straight into the result (channels first): the pickle's array and
+    # the result at the peak, not a third copy for np.stack's inputs
+    out = np.empty((len(labels), m, 3, image_size, image_size), np.uint8)
+    for k, idx in enumerate(idxs):
+        out[k] = x[idx[:m]].transpose(0, 3, 1, 2)
+    return {"images": torch.from_numpy(out), "class_names": labels}
 
 
 def load_miniimagenet(split: str = "train", root=None, cache_dir=None,
