@@ -598,8 +598,10 @@ def pooled_bn_backward(gy, y, xhat, h, idx, mean, rw, kb, kg, pool, *,
 
     Args:
         gy, y, xhat: (N, C, Ho, Wo); h: (N, C, H, W); idx: (N, C, Ho, Wo) int64 arg-max of the
-            pooling (flat positions per plane); mean, rw, kb, kg: (C,); pool: (kernel_size,
-            stride, padding, dilation, ceil_mode) of that pooling.
+            pooling (flat positions per plane; the forward's own: the CPU kernel raises on an
+            index outside the plane, the CUDA kernel skips it, since checking would take a
+            host read); mean, rw, kb, kg: (C,); pool: (kernel_size, stride, padding, dilation,
+            ceil_mode) of that pooling.
     Returns:
         gh (N, C, H, W) in h's layout, gw and gb (C,), gu like gy.
     """
