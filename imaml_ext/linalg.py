@@ -220,7 +220,8 @@ def cg(A: Callable | torch.Tensor | LstsqOperator, b, x0=None, *, max_iter: int 
     Args:
         A: a callable v -> A v over b's pytree structure (with batched=True it gets and returns
             leaves with the leading batch dimension), or a ShiftedOperator around one; or a dense
-            tensor (P, P), or (B, P, P) with batched=True; or an LstsqOperator. A must be symmetric; CG needs it positive definite
+            tensor (P, P), or (B, P, P) with batched=True (a sparse one, COO or CSR, runs as the
+            callable v -> A v; batched, COO); or an LstsqOperator. A must be symmetric; CG needs it positive definite
             and flags each system where it is not.
         b: right-hand side, a tensor or a pytree of tensors (float32/float64, one device).
         x0: initial guess with b's structure; zeros by default.
@@ -252,6 +253,27 @@ def cg(A: Callable | torch.Tensor | LstsqOperator, b, x0=None, *, max_iter: int 
     """
     return _cg(A, b, x0, max_iter=max_iter, rtol=rtol, atol=atol, batched=batched,
                use_ext=use_ext, cuda_graph=cuda_graph)
+
+
+def _sparse_operator(A: torch.Tensor, b, batched: bool, B: int, P: int) -> Callable:
+    """A sparse matrix (COO or CSR, (P, P); COO (B, P, P) with batched=True) as the callable
+    v -> A v, for b a single tensor ((P,), or (B, P) with batched=True)."""
+    want = f"({B}, {P}, {P})" if batched else f"({P}, {P})"
+    if not isinstance(b, torch.Tensor) or b.dim() != (2 if batched else 1):
+        got = f"a tensor {tuple(b.shape)}" if isinstance(b, torch.Tensor) else type(b).__name__
+        _fail(f"a sparse A takes b as one tensor of shape {'(B, P)' if batched else '(P,)'}, "
+              f"got {got}")
+    if tuple(A.shape) != ((B, P, P) if batched else (P, P)):
+        _fail(f"A must be {want} for b with {B} system(s) of {P} unknowns, got {tuple(A.shape)}")
+    if A.dtype != b.dtype or A.device != b.device:
+        _fail(f"A must have b's dtype and device ({b.dtype}, {b.device}), got ({A.dtype}, "
+              f"{A.device})")
+    if not batched:
+        return lambda v: A @ v
+    if A.layout != torch.sparse_coo:
+        _fail(f"a batched sparse A must be COO (torch.bmm has no {A.layout} kernel): pass "
+              f"A.to_sparse(), got {A.layout}")
+    return lambda v: torch.bmm(A, v.unsqueeze(-1)).squeeze(-1)
 
 
 def _cg(A, b, x0=None, *, max_iter: int | None = None, rtol: float = 1e-5, atol: float = 0.0,
@@ -297,6 +319,8 @@ def _cg(A, b, x0=None, *, max_iter: int | None = None, rtol: float = 1e-5, atol:
             xflat = torch.where((bflat == 0).all(dim=1, keepdim=True), 0.0, xflat)
     reference_only = _needs_reference(bflat, xflat)
     ext = False if reference_only else use_ext_for(use_ext, bflat)
+    if isinstance(A, torch.Tensor) and A.layout != torch.strided:
+        A = _sparse_operator(A, b, batched, B, P)
     structured = isinstance(A, (SoftmaxHeadOperator, LstsqOperator, torch.Tensor))
     if not structured and not callable(A):
         _fail(f"A must be a callable, a tensor or an LstsqOperator, got {type(A).__name__}")
@@ -586,42 +610,56 @@ def not_converged(res: CGResult, stopped: int, rtol: float, atol: float) -> str:
 _SOLVE_CG_KEYS = ("max_iter", "rtol", "atol", "batched", "use_ext", "cuda_graph")
 
 
+def _solve_cg_keywords(kwargs: dict, where: str) -> dict:
+    """solve_cg's keywords with TorchOpt's maxiter renamed max_iter; unknown ones (TorchOpt's
+    preconditioner M among them) are a ValueError naming ``where``."""
+    kwargs = dict(kwargs)
+    if "maxiter" in kwargs:
+        if "max_iter" in kwargs:
+            raise ValueError(f"{where}: give maxiter or max_iter, not both")
+        kwargs["max_iter"] = kwargs.pop("maxiter")
+    unknown = sorted(set(kwargs) - set(_SOLVE_CG_KEYS) - {"ridge", "init", "check"})
+    if unknown:
+        raise ValueError(f"{where}: unknown keyword(s) {unknown}; it takes maxiter, ridge, "
+                         f"init, check and {', '.join(_SOLVE_CG_KEYS)}"
+                         + (" (no preconditioner M)" if "M" in unknown else ""))
+    return kwargs
+
+
 def solve_cg(**kwargs) -> Callable:
     """torchopt-style factory: `solve_cg(max_iter=...)(matvec, b)` returns x.
 
-    A one-line switch from `torchopt.linear_solve.solve_cg(maxiter=...)`, with its keywords:
-    `maxiter` (= max_iter), `ridge` (solve (matvec + ridge I) x = b, applied inside the fused
-    step) and `init` (the start, = x0), given to the factory or to the solve; and cg's own
-    (max_iter, rtol, atol, batched, use_ext, cuda_graph). Any other keyword is a ValueError
-    here, not at the first solve (torchopt's preconditioner M is not supported). It returns x
-    alone, so a system that met negative curvature (matvec not positive definite: x is the
+    A one-line switch from `torchopt.linear_solve.solve_cg(maxiter=...)`, with its keywords and
+    its solve's signature, `solve(matvec, b, ridge=None, init=None, **kwargs)`: `maxiter` (=
+    max_iter), `ridge` (solve (matvec + ridge I) x = b, applied inside the fused step) and
+    `init` (the start; `x0` is taken as its alias), given to the factory or to the solve (the
+    solve's win); and cg's own (max_iter, rtol, atol, batched, use_ext, cuda_graph). Any other
+    keyword is a ValueError at once (torchopt's preconditioner M is not supported). It returns
+    x alone, so a system that met negative curvature (matvec not positive definite: x is the
     iterate before it) or NaN/Inf warns (RuntimeWarning), and so does one that stopped at
     max_iter short of the tolerance (x is then CG's approximation after max_iter iterations:
     raise max_iter, or pass check=False where a truncated solve is meant); check=None (default)
     looks on the CPU only, where it is free, check=True on a GPU too (one host read per solve),
     check=False never.
     """
-    if "maxiter" in kwargs:
-        if "max_iter" in kwargs:
-            raise ValueError("solve_cg: give maxiter or max_iter, not both")
-        kwargs["max_iter"] = kwargs.pop("maxiter")
-    check = check_flag(kwargs.pop("check", None))
-    ridge0, init0 = kwargs.pop("ridge", None), kwargs.pop("init", None)
-    unknown = sorted(set(kwargs) - set(_SOLVE_CG_KEYS))
-    if unknown:
-        raise ValueError(f"solve_cg: unknown keyword(s) {unknown}; it takes maxiter, ridge, "
-                         f"init, check and {', '.join(_SOLVE_CG_KEYS)}")
+    defaults = _solve_cg_keywords(kwargs, "solve_cg")
+    check_flag(defaults.get("check"))
 
-    def solve(matvec, b, x0=None, *, ridge=None, init=None):
-        ridge = ridge0 if ridge is None else ridge
-        if init is not None and x0 is not None:
-            raise ValueError("solve_cg: give the start as x0 or init, not both")
-        x0 = init if init is not None else (x0 if x0 is not None else init0)
+    def solve(matvec, b, ridge=None, init=None, **solve_kwargs):
+        if "x0" in solve_kwargs:
+            if init is not None:
+                raise ValueError("solve_cg: give the start as init or x0, not both")
+            init = solve_kwargs.pop("x0")
+        kw = {**defaults, **_solve_cg_keywords(solve_kwargs, "solve_cg's solve")}
+        check = check_flag(kw.pop("check", None))
+        ridge_kw, init_kw = kw.pop("ridge", None), kw.pop("init", None)
+        ridge = ridge_kw if ridge is None else ridge
+        x0 = init_kw if init is None else init
         if ridge is not None:
             if not finite_number(ridge):
                 raise ValueError(f"solve_cg: ridge must be a finite number, got {ridge!r}")
             matvec = ShiftedOperator(matvec, float(ridge), 1.0)
-        res = cg(matvec, b, x0, **kwargs)
+        res = cg(matvec, b, x0, **kw)
         counts = breakdown_counts(res, check)
         if counts is not None and any(counts[:3]):
             neg, bad, stopped, total = counts
@@ -629,7 +667,7 @@ def solve_cg(**kwargs) -> Callable:
                 f"negative curvature in {neg} (matvec is not positive definite there; x is the "
                 f"iterate before it)" if neg else "",
                 f"non-finite values in {bad}" if bad else "",
-                not_converged(res, stopped, kwargs.get("rtol", 1e-5), kwargs.get("atol", 0.0))
+                not_converged(res, stopped, kw.get("rtol", 1e-5), kw.get("atol", 0.0))
                 if stopped else "") if m)
             warnings.warn(f"solve_cg: of {total} system(s), {what}", RuntimeWarning,
                           stacklevel=2)

@@ -120,6 +120,35 @@ def test_torchopt_style_drop_in():
     torch.testing.assert_close(x, torch.linalg.solve(A, b))
 
 
+def test_torchopt_style_solve_signature():
+    # TorchOpt's solve is (matvec, b, ridge=None, init=None, **kwargs), its kwargs going to the
+    # CG: maxiter / rtol at the solve were a TypeError, and a positional ridge was taken as x0
+    import torchopt
+    A = random_spd(1, 6)[0]
+    b = torch.randn(6, dtype=torch.float64)
+    mv = lambda v: A @ v  # noqa: E731
+    I6 = torch.eye(6, dtype=torch.float64)
+    for ours, theirs in ((solve_cg(), torchopt.linear_solve.solve_cg()),):
+        for args, kw in (((), {"maxiter": 50, "rtol": 1e-12}), ((0.5,), {"maxiter": 50}),
+                         ((0.5, torch.ones(6, dtype=torch.float64)), {"rtol": 1e-12})):
+            torch.testing.assert_close(ours(mv, b, *args, **kw), theirs(mv, b, *args, **kw))
+    ridge = solve_cg(maxiter=50, rtol=1e-12)(mv, b, 0.5)
+    torch.testing.assert_close(ridge, torch.linalg.solve(A + 0.5 * I6, b))
+    # the solve's keywords win over the factory's; x0 is init's alias
+    short = solve_cg(maxiter=50, check=False)(mv, b, maxiter=1)
+    torch.testing.assert_close(short, imaml_ext.cg(mv, b, max_iter=1).x)
+    start = torch.linalg.solve(A, b)
+    assert int(imaml_ext.cg(mv, b, start).iterations) <= 1
+    torch.testing.assert_close(solve_cg(maxiter=1, check=False)(mv, b, x0=start), start)
+    with pytest.raises(ValueError, match="init or x0, not both"):
+        solve_cg()(mv, b, None, start, x0=start)
+    with pytest.raises(ValueError, match=r"solve_cg's solve: unknown keyword\(s\) \['M'\].*no "
+                                         r"preconditioner"):
+        solve_cg()(mv, b, M=mv)
+    with pytest.raises(ValueError, match="ridge must be a finite number"):
+        solve_cg()(mv, b, start)  # a tensor where TorchOpt puts ridge
+
+
 def test_torchopt_style_drop_in_warns_on_a_breakdown(recwarn):
     """It returns x alone, so negative curvature and NaN (which cg() reports in its status) warn;
     check=False keeps it quiet, a sound solve warns nothing."""
@@ -608,7 +637,32 @@ def test_solve_cg_takes_torchopts_keywords():
         solve_cg(M=lambda v: v)
     with pytest.raises(ValueError, match="maxiter or max_iter, not both"):
         solve_cg(maxiter=3, max_iter=4)
-    with pytest.raises(ValueError, match="x0 or init, not both"):
-        solve_cg()(mv, b, xs, init=xs)
+    with pytest.raises(ValueError, match="init or x0, not both"):
+        solve_cg()(mv, b, init=xs, x0=xs)
     with pytest.raises(ValueError, match="ridge must be a finite number"):
         solve_cg(ridge=float("nan"))(mv, b)
+
+
+def test_sparse_matrices_run_as_their_products():
+    # a torch sparse A reached the dense solver's op: "Could not run 'imaml_ext::cg_solve_dense'
+    # with arguments from the 'SparseCPU' backend" (COO), "Sparse CSR tensors do not have
+    # strides" (CSR)
+    import warnings as _w
+    A = random_spd(2, 6)
+    b = torch.randn(2, 6, dtype=torch.float64)
+    want = torch.linalg.solve(A, b)
+    with _w.catch_warnings():
+        _w.simplefilter("ignore")  # CSR's "beta" notice
+        for layout in (torch.Tensor.to_sparse, torch.Tensor.to_sparse_csr):
+            x = imaml_ext.cg(layout(A[0]), b[0], rtol=1e-12).x
+            torch.testing.assert_close(x, want[0])
+        res = imaml_ext.cg(A.to_sparse(), b, batched=True, rtol=1e-12)
+        torch.testing.assert_close(res.x, want)
+        assert res.converged.all()
+        with pytest.raises(ValueError, match="batched sparse A must be COO"):
+            imaml_ext.cg(A.to_sparse_csr(), b, batched=True)
+    with pytest.raises(ValueError, match=r"sparse A takes b as one tensor of shape \(P,\), got "
+                                         r"dict"):
+        imaml_ext.cg(A[0].to_sparse(), {"w": b[0]})
+    with pytest.raises(ValueError, match=r"A must be \(6, 6\)"):
+        imaml_ext.cg(A.to_sparse(), b[0])
