@@ -22,7 +22,7 @@ from __future__ import annotations
 import warnings
 import weakref
 from dataclasses import dataclass
-from typing import Callable, Mapping
+from typing import Callable, Mapping, MutableMapping
 
 import torch
 from torch.utils import _pytree as pytree
@@ -447,6 +447,19 @@ def _report_breakdown(res: CGResult, grads, cfg) -> None:
             return
 
 
+def _nan_where_nonfinite(u_leaves, status):
+    """The adjoint with NaN in the systems whose solve met NaN/Inf (status 3). CG stops such a
+    system at its last finite iterate (zero when b itself, here the cotangent, is not finite), so
+    a NaN cotangent gave a zero gradient, where autograd through the solver gives NaN and
+    GradScaler's or anomaly mode's check relies on seeing it. On the device: no host read."""
+    bad = status == reference.NONFINITE
+    out = []
+    for t in u_leaves:
+        mask = bad.reshape(bad.shape + (1,) * (t.dim() - bad.dim()))
+        out.append(torch.where(mask, torch.full_like(t, float("nan")), t))
+    return out
+
+
 def _adjoint_grads(cfg, need, z_leaves, a_leaves, v):
     """The backward's work from the saved solution and argument leaves and the cotangents v:
     (a gradient or None per argument leaf, the adjoint solve's CGResult)."""
@@ -462,7 +475,12 @@ def _adjoint_grads(cfg, need, z_leaves, a_leaves, v):
                 [t.shape for t in z]:
             raise ValueError("implicit_root: optimality_fn must return a residual with the "
                              "solution's structure and shapes")
+        odd = [(f.dtype, t.dtype) for f, t in zip(F_leaves, z) if f.dtype != t.dtype]
+        if odd:  # the adjoint would be solved in the residual's precision, silently
+            raise ValueError(f"implicit_root: optimality_fn must return a residual in the "
+                             f"solution's dtype, got {odd[0][0]} for a {odd[0][1]} solution")
         u, res = _solve_adjoint(cfg, F_leaves, z, v)
+        u = _nan_where_nonfinite(u, res.status)
         a_req = [t for t, r in zip(a, need) if r]
         ga = torch.autograd.grad(F_leaves, a_req, grad_outputs=u, allow_unused=True)
     out, it = [], iter(ga)
@@ -606,6 +624,35 @@ def _solve_adjoint(cfg, F_leaves, z, v):
     return u, res
 
 
+def _check_root_options(solver: str = "cg", max_iter: int | None = None, rtol: float = 1e-8,
+                        atol: float = 0.0, batched: bool = False, use_ext: bool | None = None,
+                        diagnostics: dict | None = None, cuda_graph: bool = False,
+                        check: bool | None = None) -> None:
+    """implicit_root's settings (the backward's solve among them), checked at the call or at
+    custom_root's decoration rather than at the first backward."""
+    if solver not in ("cg", "normal_cg"):
+        raise ValueError(f"solver must be 'cg' or 'normal_cg', got {solver!r}")
+    if not isinstance(cuda_graph, bool):
+        raise ValueError(f"cuda_graph must be True or False, got {cuda_graph!r}")
+    check_flag(check)
+    if cuda_graph and max_iter is None:
+        raise ValueError("cuda_graph=True records a fixed number of CG iterations: give max_iter "
+                         "(an int >= 1), got None")
+    if max_iter is not None and (isinstance(max_iter, bool) or not isinstance(max_iter, int)
+                                 or max_iter < 1):
+        raise ValueError(f"max_iter must be None or an int >= 1, got {max_iter!r}")
+    for name, v in (("rtol", rtol), ("atol", atol)):
+        if not (finite_number(v) and v >= 0):
+            raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
+    if not isinstance(batched, bool):
+        raise ValueError(f"batched must be True or False, got {batched!r}")
+    if use_ext is not None and not isinstance(use_ext, bool):
+        raise ValueError(f"use_ext must be None, True or False, got {use_ext!r}")
+    if diagnostics is not None and not isinstance(diagnostics, MutableMapping):
+        raise ValueError(f"diagnostics must be None or a dict (it receives 'cg'), got "
+                         f"{type(diagnostics).__name__}")
+
+
 def implicit_root(optimality_fn: Callable, solution, *args, solver: str = "cg",
                   max_iter: int | None = None, rtol: float = 1e-8, atol: float = 0.0,
                   batched: bool = False, use_ext: bool | None = None,
@@ -653,30 +700,14 @@ def implicit_root(optimality_fn: Callable, solution, *args, solver: str = "cg",
         with create_graph=True warns that the gradient it gives carries no graph).
 
     Raises:
-        ValueError for a bad solver, max_iter, rtol, atol, batched, use_ext, check or
-        cuda_graph, or a solution the backward's CG cannot take (leaves of mixed dtypes or
+        ValueError for a bad solver, max_iter, rtol, atol, batched, use_ext, check,
+        diagnostics or cuda_graph, or a solution the backward's CG cannot take (leaves of mixed dtypes or
         devices, not float32/float64, or with batched=True without a common leading batch
         size), at the call (not at the first backward).
     """
-    if solver not in ("cg", "normal_cg"):
-        raise ValueError(f"solver must be 'cg' or 'normal_cg', got {solver!r}")
-    if not isinstance(cuda_graph, bool):
-        raise ValueError(f"cuda_graph must be True or False, got {cuda_graph!r}")
-    check_flag(check)
-    if cuda_graph and max_iter is None:
-        raise ValueError("cuda_graph=True records a fixed number of CG iterations: give max_iter "
-                         "(an int >= 1), got None")
-    # The backward's solve settings, checked here rather than at the first backward.
-    if max_iter is not None and (isinstance(max_iter, bool) or not isinstance(max_iter, int)
-                                 or max_iter < 1):
-        raise ValueError(f"max_iter must be None or an int >= 1, got {max_iter!r}")
-    for name, v in (("rtol", rtol), ("atol", atol)):
-        if not (finite_number(v) and v >= 0):
-            raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
-    if not isinstance(batched, bool):
-        raise ValueError(f"batched must be True or False, got {batched!r}")
-    if use_ext is not None and not isinstance(use_ext, bool):
-        raise ValueError(f"use_ext must be None, True or False, got {use_ext!r}")
+    _check_root_options(solver=solver, max_iter=max_iter, rtol=rtol, atol=atol, batched=batched,
+                        use_ext=use_ext, diagnostics=diagnostics, cuda_graph=cuda_graph,
+                        check=check)
     sol_leaves, sol_spec = pytree.tree_flatten(solution)
     if not sol_leaves or not all(isinstance(t, torch.Tensor) and t.is_floating_point()
                                  for t in sol_leaves):
@@ -705,10 +736,36 @@ def custom_root(optimality_fn: Callable, **solve_kwargs) -> Callable:
         def ridge(alpha):
             return torch.linalg.solve(X.T @ X / n + alpha * I, X.T @ y / n)
 
-    The solver runs under torch.no_grad; keyword arguments go to `implicit_root`.
+    The solver runs under torch.no_grad; keyword arguments go to `implicit_root` (checked here:
+    an unknown one is a TypeError, a bad value a ValueError). The decorated function may be
+    called with keyword arguments where the solver names them: they are passed to
+    optimality_fn by position, in the solver's order.
     """
+    import inspect
+    try:
+        inspect.signature(implicit_root).bind(optimality_fn, None, **solve_kwargs)
+    except TypeError as exc:
+        raise TypeError(f"custom_root: {exc} (its keywords go to implicit_root)") from None
+    _check_root_options(**solve_kwargs)
+
     def deco(solver: Callable) -> Callable:
-        def wrapped(*args):
+        try:
+            sig = inspect.signature(solver)
+        except (TypeError, ValueError):  # a builtin without one: positional calls only
+            sig = None
+
+        def wrapped(*args, **kwargs):
+            if kwargs:
+                if sig is None:
+                    raise TypeError(f"custom_root: {getattr(solver, '__name__', 'the solver')} "
+                                    f"has no signature to place keyword arguments by: pass "
+                                    f"them positionally")
+                bound = sig.bind(*args, **kwargs)
+                if bound.kwargs:
+                    raise TypeError(f"custom_root: {sorted(bound.kwargs)} cannot be passed to "
+                                    f"optimality_fn by position (keyword-only, or after a "
+                                    f"skipped parameter): pass them positionally")
+                args = bound.args
             with torch.no_grad():
                 z = solver(*args)
             return implicit_root(optimality_fn, z, *args, **solve_kwargs)

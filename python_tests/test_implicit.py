@@ -346,6 +346,64 @@ def test_implicit_root_reports_a_broken_down_backward(recwarn):
         implicit_root(good, w_star, lam, check="yes")
 
 
+def test_a_nan_cotangent_gives_a_nan_gradient(recwarn):
+    # CG returns its start (zero) for a NaN right-hand side, flagged: the backward handed back
+    # a zero gradient where autograd through the solver gives NaN (GradScaler's skip and anomaly
+    # mode look for it), under a warning that said "not finite"; now NaN in those systems only
+    a = torch.tensor(2.0, dtype=DT, requires_grad=True)
+    z = implicit_root(lambda z, a: a * z - 1, torch.full((3,), 0.5, dtype=DT), a, check=False)
+    (z * torch.tensor([float("nan"), 1.0, 1.0], dtype=DT)).sum().backward()
+    assert torch.isnan(a.grad)
+    la = torch.tensor([2.0, 3.0, 4.0], dtype=DT, requires_grad=True)
+    sol = (1 / la.detach())[:, None].expand(3, 2).clone()
+    zb = implicit_root(lambda z, a: a[:, None] * z - 1, sol, la, batched=True)
+    with pytest.warns(RuntimeWarning, match=r"non-finite values in the backward's CG in 1 of 3"):
+        (zb * torch.tensor([[1.0, 1.0], [float("nan"), 1.0], [1.0, 1.0]], dtype=DT)).sum() \
+            .backward()
+    assert torch.isnan(la.grad[1]) and torch.isfinite(la.grad[[0, 2]]).all()
+    torch.testing.assert_close(la.grad[[0, 2]], -2 / la.detach()[[0, 2]] ** 2)
+
+
+def test_root_options_are_checked_early_and_keywords_reach_the_solver():
+    # diagnostics=[] failed in the backward (a TypeError from indexing it), custom_root's
+    # keywords only at the first call, a keyword argument to the decorated solver was a
+    # TypeError from its wrapper, and a float32 residual for a float64 solution passed silently
+    X, y, _, _ = ridge_problem(d=3)
+    n, d = X.shape
+    I = torch.eye(d, dtype=DT)
+
+    def F(w, lam, scale=1.0):
+        return scale * (X.T @ (X @ w - y) / n + lam * w)
+
+    lam = torch.tensor(0.5, dtype=DT, requires_grad=True)
+    w = torch.linalg.solve(X.T @ X / n + 0.5 * I, X.T @ y / n)
+    with pytest.raises(ValueError, match="diagnostics must be None or a dict"):
+        implicit_root(F, w, lam, diagnostics=[])
+    with pytest.raises(ValueError, match="solver must be 'cg' or 'normal_cg'"):
+        custom_root(F, solver="x")
+    with pytest.raises(TypeError, match="custom_root: .*foo"):
+        custom_root(F, foo=1)
+
+    @custom_root(F, rtol=1e-12)
+    def ridge(lam, scale=1.0):
+        return torch.linalg.solve(X.T @ X / n + lam * I, X.T @ y / n)
+
+    (g_pos,) = torch.autograd.grad(ridge(lam, 2.0).sum(), lam)
+    (g_kw,) = torch.autograd.grad(ridge(lam=lam, scale=2.0).sum(), lam)
+    torch.testing.assert_close(g_kw, g_pos)
+
+    @custom_root(F)
+    def kwonly(lam, *, scale=1.0):
+        return w
+
+    with pytest.raises(TypeError, match=r"\['scale'\] cannot be passed to optimality_fn"):
+        kwonly(lam, scale=2.0)
+    z = implicit_root(lambda w, lam: F(w, lam).float(), w, lam)
+    with pytest.raises(ValueError, match="residual in the solution's dtype, got torch.float32 "
+                                         "for a torch.float64 solution"):
+        z.sum().backward()
+
+
 def test_implicit_root_reports_a_backward_that_did_not_converge():
     """A backward CG that runs out of iterations short of rtol gives an approximate gradient:
     on the CPU it warns with the residual and the way out (here 2 iterations on a 6-dimensional
