@@ -202,10 +202,11 @@ def _unflatten(flat: torch.Tensor, spec, shapes, batched: bool):
 
 def _needs_reference(*tensors) -> bool:
     """torch.func transforms and autograd through the solve need the functional twin."""
+    compiling = torch.compiler.is_compiling()  # dynamo cannot trace the functorch query
     for t in tensors:
         if t is None:
             continue
-        if torch._C._functorch.is_functorch_wrapped_tensor(t):
+        if not compiling and torch._C._functorch.is_functorch_wrapped_tensor(t):
             return True
         if torch.is_grad_enabled() and t.requires_grad:
             return True

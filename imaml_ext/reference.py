@@ -17,9 +17,9 @@ def cg_tol2(bnorm2: torch.Tensor, rtol: float, atol: float) -> torch.Tensor:
     rtol and atol cast to bnorm2's dtype and squared there, and a NaN rtol^2 ||b||^2 gives
     atol^2. (In float32, float(rtol^2) and float(rtol)^2 can differ by an ulp, and a residual on
     the threshold then got another status here than in the kernels.)"""
-    def square(v: float) -> float:  # a CPU scalar: no device round trip
-        t = torch.tensor(v, dtype=bnorm2.dtype)
-        return (t * t).item()
+    def square(v: float) -> torch.Tensor:  # on the device: no host read, no graph break
+        t = torch.full((), v, dtype=bnorm2.dtype, device=bnorm2.device)
+        return t * t
     t1, t2 = bnorm2 * square(rtol), square(atol)
     return torch.where(t1 > t2, t1, t2)
 
@@ -146,7 +146,9 @@ def _solve(matvec, b, x0, max_iter: int, rtol: float, atol: float):
 
 
 def _in_transform(t: torch.Tensor) -> bool:
-    return torch._C._functorch.is_functorch_wrapped_tensor(t)
+    """Inside a torch.func transform or a torch.compile trace, where the CPU loop's host reads
+    (free in eager mode) would fail or break the graph: every iteration runs, masked."""
+    return torch.compiler.is_compiling() or torch._C._functorch.is_functorch_wrapped_tensor(t)
 
 
 def cg_solve_dense(A, b, x0, max_iter: int, rtol: float, atol: float):

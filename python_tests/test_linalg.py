@@ -666,3 +666,28 @@ def test_sparse_matrices_run_as_their_products():
         imaml_ext.cg(A[0].to_sparse(), {"w": b[0]})
     with pytest.raises(ValueError, match=r"A must be \(6, 6\)"):
         imaml_ext.cg(A.to_sparse(), b[0])
+
+
+@pytest.mark.parametrize("use_ext", [False, pytest.param(None, marks=needs_ext)])
+@pytest.mark.parametrize("kind", ["callable", "dense"])
+def test_cg_compiles_into_one_graph(kind, use_ext):
+    # torch.compile broke the solve into six graphs: the functorch query (_needs_reference), the
+    # CPU loop's early exits and the alias check's storage addresses are not traceable; they are
+    # skipped while tracing (every iteration then runs, masked, as on a GPU)
+    import torch._dynamo as dynamo
+    A = random_spd(1, 6)[0]
+    op = (lambda v: A @ v) if kind == "callable" else A
+
+    def f(b):
+        return imaml_ext.cg(op, b, max_iter=8, rtol=1e-12, use_ext=use_ext).x
+
+    b = torch.randn(6, dtype=torch.float64)
+    dynamo.reset()
+    try:
+        explained = dynamo.explain(f)(b)
+        assert explained.graph_break_count == 0, [r.reason.splitlines()[0]
+                                                 for r in explained.break_reasons]
+        dynamo.reset()
+        torch.testing.assert_close(torch.compile(f, backend="eager")(b), f(b))
+    finally:
+        dynamo.reset()
