@@ -116,8 +116,16 @@ def load_checkpoint_file(path: str | Path, map_location="cpu") -> dict[str, Any]
             raise CheckpointError(
                 f"checkpoint {path} holds Python objects beyond tensors and plain data, which "
                 f"imaml_ext never writes; refused (loading it would run its code)") from exc
+        with open(path, "rb") as f:
+            head = f.read(2)
+        if head and head != b"PK" and head[:1] != b"\x80":  # neither torch.save's zip nor a pickle
+            raise CheckpointError(
+                f"{path} is not a checkpoint (not a file torch.save writes): give a run folder or "
+                f"one of its {CKPT_DIR}/ckpt_<step>.pt files") from None
+        # (the first line: torch's own advice to reload with weights_only=False does not apply)
+        first = (str(exc).strip().splitlines() or [""])[0]
         raise CheckpointError(f"checkpoint {path} is corrupt or truncated ({type(exc).__name__}: "
-                              f"{exc}); delete it or resume from an older one") from exc
+                              f"{first}); delete it or resume from an older one") from exc
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         got = state.get("format") if isinstance(state, dict) else type(state).__name__
         raise CheckpointError(f"{path} is not an imaml_ext checkpoint (format {got!r}, expected "
@@ -211,8 +219,11 @@ def check_compatible(state: dict[str, Any], config: dict[str, Any],
                              f"{'nothing' if k not in params else got}, the model needs "
                              f"{want.get(k, 'no such parameter')}")
     if diffs:
-        raise ConfigMismatchError(f"checkpoint {state.get('path', '?')} was written by another "
-                                  f"model or algorithm: " + "; ".join(diffs))
+        raise ConfigMismatchError(
+            f"checkpoint {state.get('path', '?')} was written with other settings than these "
+            f"(they fix the run: its model, algorithm and task stream): " + "; ".join(diffs)
+            + ". Resume without those options (the run keeps its own), or start a new run "
+              "with another --out")
 
 
 __all__ = ["CheckpointError", "ConfigMismatchError", "FORMAT", "atomic_torch_save",

@@ -146,6 +146,10 @@ def _config_from_args(ns: argparse.Namespace) -> tuple[TrainConfig, str | None]:
     if given.get("cuda_graph") == "off":
         given["cuda_graph"] = False
     resume = getattr(ns, "resume", None)
+    if given.get("protocol") is not None and (given.get("dataset") or "omniglot") != "omniglot":
+        # (the config records Mini-ImageNet's one split as "background", so it cannot tell)
+        raise UsageError(f"--protocol applies to omniglot only, got --protocol "
+                         f"{given['protocol']} with --dataset {given['dataset']}")
     if resume is None:
         return TrainConfig(**given), None
     from imaml_ext import checkpoint as ck
@@ -169,8 +173,8 @@ def _train(ns: argparse.Namespace) -> int:
         solve = (f", CG {c.cg_steps}, hvp {c.hvp}" if c.algo.startswith("imaml")
                  else "")
         print(f"imaml: {c.algo} on {c.dataset} {c.ways}-way {c.shots}-shot ({c.queries} queries), "
-              f"meta-batch {c.meta_batch}, steps {trainer.step}->{c.steps}, lam {c.lam}, inner "
-              f"{inner}{solve}"
+              f"meta-batch {c.meta_batch}, steps {trainer.step}->{c.steps}, "
+              + (f"lam {c.lam}, " if c.algo.startswith("imaml") else "") + f"inner {inner}{solve}"
               + (", head-only adaptation" if c.adapt == "head" else "")
               + f"; run dir {trainer.run_dir}"
               + (f"; {trainer.info.world} processes" if trainer.info.active else ""),
@@ -264,6 +268,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nimaml: {exc}; resume from the last checkpoint with: imaml train --resume "
               f"<run dir>", file=sys.stderr)
         return 128 + exc.signum
+    except KeyboardInterrupt:  # Ctrl-C in imaml eval (training handles its own signals)
+        print("\nimaml: interrupted", file=sys.stderr)
+        return 130
     finally:
         _shutdown_distributed()
 

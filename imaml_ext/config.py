@@ -262,8 +262,9 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
         if ignored:
             raise UsageError(f"{', '.join(ignored)}: "
                              f"{'these options set' if len(ignored) > 1 else 'this option sets'} "
-                             f"the proximal inner objective or the implicit meta-gradient of "
-                             f"imaml-gd / imaml-hf, which --algo {out.algo} does not use")
+                             f"the proximal inner objective, the implicit meta-gradient or "
+                             f"iMAML-HF's Newton-CG inner solver, which --algo {out.algo} does "
+                             f"not use")
     elif out.algo == "imaml-hf" and out.inner_lr != d["inner_lr"]:
         raise UsageError(f"--inner-lr sets the GD inner loop's step size; --algo imaml-hf runs "
                          f"Newton-CG with a line search and takes none, got --inner-lr "

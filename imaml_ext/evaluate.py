@@ -39,8 +39,10 @@ class EvalResult:
         return asdict(self)
 
     def summary(self, what: str = "") -> str:
-        s = (f"accuracy {100 * self.accuracy:.2f}% +- {100 * self.ci95:.2f}% (95% CI, "
-             f"{self.num_tasks} {self.split} tasks{', ' + what if what else ''})")
+        ci = (f" +- {100 * self.ci95:.2f}% (95% CI, " if self.num_tasks > 1
+              else " (one task: no interval, ")  # a spread of one task is not 0
+        s = (f"accuracy {100 * self.accuracy:.2f}%{ci}{self.num_tasks} {self.split} "
+             f"task{'s' if self.num_tasks != 1 else ''}{', ' + what if what else ''})")
         if self.nonfinite_tasks:
             s += f"; {self.nonfinite_tasks} tasks gave non-finite losses"
         return s

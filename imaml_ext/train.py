@@ -118,6 +118,9 @@ def usable_device(device: str) -> torch.device:
         if dev.index is not None and dev.index >= n:
             raise UsageError(f"--device {device}: only {n} CUDA device(s) are visible "
                              f"(cuda:0 to cuda:{n - 1})")
+    elif dev.type != "cpu":
+        # mps, xpu, ...: the kernels and the trainer are written and tested for cpu and cuda
+        raise UsageError(f"--device {device}: imaml trains on cpu or cuda, got {dev.type}")
     return dev
 
 
@@ -435,8 +438,8 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
 class _Progress:
     """tqdm when installed and not quiet; else one plain line per logged step."""
 
-    def __init__(self, total: int, initial: int, quiet: bool, desc: str):
-        self.quiet, self.bar = quiet, None
+    def __init__(self, total: int, initial: int, quiet: bool, desc: str, cg: bool = True):
+        self.quiet, self.bar, self.cg = quiet, None, cg
         if quiet or not sys.stderr.isatty():
             return  # plain lines in logs and pipes
         try:
@@ -462,7 +465,7 @@ class _Progress:
                 print(text, file=sys.stderr, flush=True)  # stdout holds the JSON summary
             return
         post = {"loss": f"{row['meta_loss']:.3f}", "acc": f"{100 * row['query_acc']:.1f}%"}
-        if row.get("cg_iterations", 0) > 0:  # algorithms without CG report 0 iterations
+        if self.cg:  # (a CG that broke down at once runs 0 iterations: shown all the same)
             post["cg_res"] = f"{row['cg_residual']:.2e}"
             if row.get("cg_negative_curvature", 0) > 0:
                 post["neg_curv"] = f"{100 * row['cg_negative_curvature']:.0f}%"
@@ -555,8 +558,45 @@ def _versions() -> dict[str, Any]:
 
 
 def default_run_dir(algo: str) -> Path:
+    """runs/<date-time>-<algo>, with -2, -3, ... when a run started in the same second."""
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    return Path("runs") / f"{stamp}-{algo}"
+    path, k = Path("runs") / f"{stamp}-{algo}", 1
+    while path.exists():
+        k += 1
+        path = Path("runs") / f"{stamp}-{algo}-{k}"
+    return path
+
+
+def run_dir_of_checkpoint(path: str | Path) -> Path:
+    """The run directory a checkpoint file belongs to (<run>/checkpoints/ckpt_N.pt)."""
+    p = Path(path)
+    return p.parent.parent if p.parent.name == ck.CKPT_DIR else p.parent
+
+
+# What marks a folder as a run's (a new run there would mix its files into the old one's).
+RUN_MARKERS = ("config.json", ck.CKPT_DIR, "metrics.csv", "metrics.jsonl")
+
+
+def check_run_dir(run_dir: Path, resumed_from: str | Path | None) -> None:
+    """A UsageError unless ``run_dir`` can take this run: a folder (or creatable), writable, and
+    holding no other run unless this one resumes from it (a new run there overwrote the
+    config, appended its steps to the old metrics and left the old checkpoints beside its
+    own: `latest` then pointed at whichever was written last)."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UsageError(f"--out {run_dir}: is a file; give a folder for the run")
+    own = resumed_from is not None and \
+        run_dir_of_checkpoint(resumed_from).resolve() == run_dir.resolve()
+    if not own and run_dir.is_dir():
+        found = [m for m in RUN_MARKERS if (run_dir / m).exists()]
+        if found:
+            raise UsageError(f"--out {run_dir} already holds a run ({', '.join(found)}): "
+                             f"continue it with --resume {run_dir}, or give another --out")
+    anc = run_dir
+    while not anc.exists() and anc != anc.parent:
+        anc = anc.parent
+    if not anc.is_dir() or not os.access(anc, os.W_OK | os.X_OK):
+        raise UsageError(f"--out {run_dir}: cannot create or write the run folder there "
+                         f"({anc} is not a writable folder)")
 
 
 # --------------------------------------------------------------------------------------------
@@ -593,11 +633,13 @@ class Trainer:
         if self.state is not None:
             # Where the run lives: --out if given, else the checkpoint's run directory.
             if cfg.out is None:
-                p = Path(self.state["path"])
-                cfg = cfg.replace(out=str(p.parent.parent if p.parent.name == ck.CKPT_DIR
-                                          else p.parent))
+                cfg = cfg.replace(out=str(run_dir_of_checkpoint(self.state["path"])))
+            if cfg.steps < int(self.state["step"]):
+                raise UsageError(f"--steps {cfg.steps}: the run is already at step "
+                                 f"{int(self.state['step'])}; give a larger --steps to go on")
         if cfg.out is None:
             cfg = cfg.replace(out=str(default_run_dir(cfg.algo)))
+        check_run_dir(Path(cfg.out), self.state["path"] if self.state else None)
         if self.info.active and cfg.meta_batch % self.info.world:
             raise UsageError(f"--meta-batch {cfg.meta_batch} does not split evenly over "
                              f"{self.info.world} processes")
@@ -661,7 +703,11 @@ class Trainer:
         self.algorithm = algorithm if algorithm is not None else build_algorithm(cfg)
         self.log: MetricsLog | None = None
         if self.info.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
+            try:
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise UsageError(f"--out {self.run_dir}: cannot create the run folder "
+                                 f"({exc.strerror or exc})") from None
             self.log = MetricsLog(self.run_dir, cfg.log_format, truncate_at=log_pos,
                                   purge_step=self.step + 1 if self.state else None)
             cfg.save(self.run_dir / "config.json", extra={
@@ -779,7 +825,8 @@ class Trainer:
         t_start = time.perf_counter()
         t_window, steps_window, last_val = t_start, 0, None
         progress = _Progress(cfg.steps, self.step, cfg.quiet or not self.info.is_main,
-                             f"{cfg.algo} {cfg.dataset} {cfg.ways}w{cfg.shots}s")
+                             f"{cfg.algo} {cfg.dataset} {cfg.ways}w{cfg.shots}s",
+                             cg=cfg.algo.startswith("imaml"))
         try:
             # Under torchrun a scheduler's signal comes twice (to every process, and forwarded
             # by torchrun's agent): a repeat within a few seconds is the same stop.
@@ -820,8 +867,9 @@ class Trainer:
                         stopping = True
                     ckpt_now = (cfg.ckpt_every and self.step % cfg.ckpt_every == 0) or last \
                         or stopping
-                    # a checkpoint step logs too: its window goes into the counters it saves
-                    if self.step % cfg.log_every == 0 or ckpt_now:
+
+                    def log_window():
+                        nonlocal t_window, steps_window
                         row = self._log_row(window, bad, steps_window,
                                             time.perf_counter() - t_window, t_start)
                         window.zero_()
@@ -830,6 +878,10 @@ class Trainer:
                             progress.show(row)
                             if on_log:
                                 on_log(row)
+
+                    # a checkpoint step logs too: its window goes into the counters it saves
+                    if self.step % cfg.log_every == 0 or ckpt_now:
+                        log_window()
                     if cfg.val_every and (self.step % cfg.val_every == 0 or last) \
                             and self.val_sampler is not None:
                         val = self.validate()  # every rank takes part
@@ -839,6 +891,16 @@ class Trainer:
                             progress.show(last_val)
                             if on_log:
                                 on_log(last_val)
+                        if not stopping:
+                            # validation can take minutes: a signal (or --max-time) that came
+                            # during it stops the run here, not after one more meta-step
+                            s_int, s_term, s_time = self._stop_flags(sig, t_start, step_s)
+                            if s_int or s_term or s_time:
+                                stopping = True
+                                if not ckpt_now:
+                                    ckpt_now = True
+                                    if steps_window:
+                                        log_window()
                     if ckpt_now:
                         self.checkpoint()
                     if stopping:
@@ -854,6 +916,18 @@ class Trainer:
             progress.close()
             self.sampler.close()
         return self._summary(t_start, last_val)
+
+    def _stop_flags(self, sig, t_start: float, step_s: float) -> tuple[bool, bool, bool]:
+        """(SIGINT, SIGTERM, --max-time) as of now, agreed over the ranks (an all-reduce) under
+        torchrun: between steps, e.g. after a validation."""
+        flags = [float(sig["signum"] == signal.SIGINT), float(sig["signum"] == signal.SIGTERM),
+                 float(bool(self.cfg.max_time)
+                       and time.perf_counter() - t_start + step_s > self.cfg.max_time)]
+        if self.info.active:
+            t = torch.tensor(flags, device=self.device, dtype=torch.float64)
+            dist.all_reduce(t)
+            flags = t.tolist()
+        return flags[0] > 0, flags[1] > 0, flags[2] > 0
 
     def _log_row(self, window, bad, steps_window, dt, t_start) -> dict[str, Any] | None:
         nm = len(METRIC_KEYS)

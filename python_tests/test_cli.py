@@ -345,3 +345,46 @@ def test_progress_goes_to_stderr_and_stdout_holds_the_summary(capsys, tmp_path):
     make_trainer(tmp_path, steps=2, quiet=False).run()  # stderr is no tty here: plain lines
     out, err = capsys.readouterr()
     assert "step 1:" in err and "step 1:" not in out
+
+
+def test_out_that_holds_another_run_or_cannot_be_a_folder(capsys, omniglot_root, tmp_path):
+    # a second run with the same --out overwrote the first one's config, appended to its
+    # metrics and left its checkpoints beside the new ones; a bad --out was a traceback
+    base = ["train", "--data-root", str(omniglot_root), "--val-classes", "2", "--ways", "3",
+            "--algo", "fomaml", "--inner-steps", "1", "--meta-batch", "1", "--queries", "1",
+            "--val-every", "0", "--quiet"]
+    run = tmp_path / "run"
+    code, _, err = run_cli(capsys, *base, "--steps", "2", "--out", str(run))
+    assert code == 0, err
+    code, _, err = run_cli(capsys, *base, "--steps", "3", "--out", str(run))
+    assert_clean_error(code, err, f"--out {run} already holds a run", f"--resume {run}")
+    code, _, err = run_cli(capsys, "train", "--resume", str(run), "--steps", "3")
+    assert code == 0, err  # its own folder: resumed in place
+    code, _, err = run_cli(capsys, "train", "--resume", str(run), "--steps", "2")
+    assert_clean_error(code, err, "--steps 2: the run is already at step 3")
+    (tmp_path / "afile").write_text("x")
+    for out in (tmp_path / "afile", tmp_path / "afile" / "run"):
+        code, _, err = run_cli(capsys, *base, "--steps", "1", "--out", str(out))
+        assert_clean_error(code, err, f"--out {out}")
+    code, _, err = run_cli(capsys, *base, "--steps", "1", "--device", "mps")
+    assert_clean_error(code, err, "--device mps: imaml trains on cpu or cuda")
+    code, _, err = run_cli(capsys, "train", "--dataset", "miniimagenet", "--protocol",
+                           "background", "--out", str(tmp_path / "m"))
+    assert_clean_error(code, err, "--protocol applies to omniglot only")
+    # a file that is not a checkpoint is named as such (it was "corrupt or truncated": delete it)
+    code, _, err = run_cli(capsys, "eval", "--checkpoint", str(run / "config.json"))
+    assert_clean_error(code, err, "is not a checkpoint")
+
+
+def test_eval_of_one_task_gives_no_interval_and_ctrl_c_is_one_line(capsys, monkeypatch):
+    from imaml_ext.evaluate import EvalResult
+    one = EvalResult(accuracy=0.8, ci95=0.0, loss=0.5, num_tasks=1, nonfinite_tasks=0,
+                     split="test", seconds=1.0)
+    assert "80.00% (one task: no interval, 1 test task)" in one.summary()
+    assert "+- " not in one.summary()
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr("imaml_ext.evaluate.evaluate_checkpoint", interrupted)
+    code, _, err = run_cli(capsys, "eval", "--checkpoint", "whatever")
+    assert code == 130 and "Traceback" not in err and "imaml: interrupted" in err

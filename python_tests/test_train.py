@@ -684,3 +684,34 @@ def test_damaged_validation_data_is_an_error_a_missing_split_a_warning(tmp_path,
     with caplog.at_level(logging.WARNING, logger="imaml_ext.train"):
         t = tr.Trainer(cfg, algorithm=QueryGradient(), dist_info=tr.DistInfo())
     assert t.val_sampler is None and "validation disabled" in caplog.text
+
+
+def test_a_signal_during_validation_stops_after_it_not_a_step_later(tmp_path):
+    # validation can take minutes; the stop flags were read only at the next meta-step, so a
+    # Ctrl-C during it ran one more step (and its wait) before the checkpoint
+    t = make_trainer(tmp_path, steps=6, val_every=2, ckpt_every=0, log_every=5)
+    validate = t.validate
+
+    def validate_then_signal():
+        out = validate()
+        os.kill(os.getpid(), signal.SIGINT)
+        return out
+    t.validate = validate_then_signal
+    with pytest.raises(tr.Interrupted) as info:
+        t.run()
+    assert info.value.step == 2 and info.value.path.name == "ckpt_00000002.pt"
+    rows = tr.read_metrics(tmp_path / "run")
+    # the window in flight (steps 1-2, log_every 5) was logged before the checkpoint
+    assert [(r["kind"], r["step"]) for r in rows] == [("val", 2), ("train", 2)]
+
+
+def test_progress_shows_cg_columns_for_imaml_even_at_zero_iterations(capsys):
+    # CG that broke down at once runs 0 iterations: the line dropped cg_res and neg_curv
+    # exactly then (0 iterations stood for "an algorithm without CG")
+    row = {"kind": "train", "step": 1, "meta_loss": 1.0, "query_acc": 0.5, "cg_residual": 21.5,
+           "cg_iterations": 0.0, "cg_negative_curvature": 1.0, "tasks_per_s": 2.0}
+    tr._Progress(10, 0, False, "x", cg=True).show(row)
+    tr._Progress(10, 0, False, "x", cg=False).show(row)
+    first, second = capsys.readouterr().err.splitlines()
+    assert "cg_res 2.15e+01" in first and "neg_curv 100%" in first
+    assert "cg_res" not in second
