@@ -222,8 +222,8 @@ def cg(A: Callable | torch.Tensor | LstsqOperator, b, x0=None, *, max_iter: int 
         A: a callable v -> A v over b's pytree structure (with batched=True it gets and returns
             leaves with the leading batch dimension), or a ShiftedOperator around one; or a dense
             tensor (P, P), or (B, P, P) with batched=True (a sparse one, COO or CSR, runs as the
-            callable v -> A v; batched, COO); or an LstsqOperator. A must be symmetric; CG needs it positive definite
-            and flags each system where it is not.
+            callable v -> A v; batched, COO); or an LstsqOperator. A must be symmetric; CG
+            needs it positive definite and flags each system where it is not.
         b: right-hand side, a tensor or a pytree of tensors (float32/float64, one device).
         x0: initial guess with b's structure; zeros by default.
         max_iter: iterations per system (>= 1); default 10 * P as in scipy.sparse.linalg.cg.

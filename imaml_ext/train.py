@@ -134,6 +134,11 @@ def build_algorithm(cfg: TrainConfig):
     return make_algorithm(cfg.algo, **cfg.algorithm_kwargs())
 
 
+# what a user can change when the validation split is what does not fit
+_VAL_HINT = {"val": "; that is the validation split: --val-every 0 trains without validation"
+                    " (Omniglot: --val-classes sets its size)"}
+
+
 def load_split(cfg: TrainConfig, split: str):
     from imaml_ext.data import SplitOptionError, load_dataset
     kw = {"protocol": cfg.protocol, "seed": cfg.seed} if cfg.dataset == "omniglot" else {}
@@ -146,7 +151,8 @@ def load_split(cfg: TrainConfig, split: str):
         return load_dataset(cfg.dataset, split, root=cfg.data_root, val_classes=cfg.val_classes,
                             **kw)
     except SplitOptionError as exc:  # a user's flag: named as one, not a traceback
-        raise UsageError(f"--{exc.option.replace('_', '-')}: {exc}") from None
+        raise UsageError(f"--{exc.option.replace('_', '-')}: {exc}"
+                         + _VAL_HINT.get(split, "")) from None
 
 
 def check_trained_classes(state: dict[str, Any], dataset, what: str) -> None:
@@ -192,7 +198,8 @@ def make_sampler(cfg: TrainConfig, dataset, meta_batch: int, seed: int | None = 
                            num_workers=cfg.num_workers if num_workers is None else num_workers,
                            per_task_seed=per_task_seed, shard=shard)
     except ValueError as exc:
-        raise UsageError(str(exc)) from exc
+        raise UsageError(str(exc) + _VAL_HINT.get(getattr(dataset, "split", ""), "")) from exc
+
 
 
 class MetaOptimizer:
@@ -710,11 +717,16 @@ class Trainer:
                                  f"({exc.strerror or exc})") from None
             self.log = MetricsLog(self.run_dir, cfg.log_format, truncate_at=log_pos,
                                   purge_step=self.step + 1 if self.state else None)
+            session = {"argv": sys.argv, "world_size": self.info.world,
+                       "resumed_from": self.state["path"] if self.state else None,
+                       "start_step": self.step}
             cfg.save(self.run_dir / "config.json", extra={
-                "versions": _versions(), "argv": sys.argv, "world_size": self.info.world,
-                "resumed_from": self.state["path"] if self.state else None,
-                "start_step": self.step, "train_data": self.train_data.source,
+                "versions": _versions(), **session, "train_data": self.train_data.source,
                 "train_classes": self.train_data.num_classes})
+            # config.json is this session's; every session's command line stays here
+            with open(self.run_dir / "sessions.jsonl", "a", encoding="utf-8") as f:
+                f.write(json.dumps({"time": _dt.datetime.now().isoformat(timespec="seconds"),
+                                    **session}) + "\n")
         # the newest checkpoint on disk: the one resumed from until this run writes its own
         self.last_checkpoint: Path | None = Path(self.state["path"]) if self.state else None
         self._warned_curvature = False

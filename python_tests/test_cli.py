@@ -388,3 +388,12 @@ def test_eval_of_one_task_gives_no_interval_and_ctrl_c_is_one_line(capsys, monke
     monkeypatch.setattr("imaml_ext.evaluate.evaluate_checkpoint", interrupted)
     code, _, err = run_cli(capsys, "eval", "--checkpoint", "whatever")
     assert code == 130 and "Traceback" not in err and "imaml: interrupted" in err
+
+
+def test_a_validation_split_that_does_not_fit_says_what_to_change(capsys, omniglot_root, tmp_path):
+    # "ways=3 exceeds the 2 classes of omniglot/val" named neither --val-every nor --val-classes
+    code, _, err = run_cli(capsys, "train", "--data-root", str(omniglot_root), "--val-classes",
+                           "2", "--ways", "3", "--queries", "1", "--algo", "fomaml",
+                           "--val-every", "1", "--out", str(tmp_path / "r"), "--quiet")
+    assert_clean_error(code, err, "exceeds the 2 classes of omniglot/val",
+                       "--val-every 0 trains without validation")

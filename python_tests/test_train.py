@@ -282,6 +282,11 @@ def test_sigint_finishes_step_writes_checkpoint_and_resumes_exactly(tmp_path):
         assert torch.equal(v, r.params[k]), k
     rows = tr.read_metrics(tmp_path / "b" / "run")
     assert [row["step"] for row in rows] == [1, 2, 3, 4, 5]
+    # config.json is the last session's; sessions.jsonl keeps each one's start and command
+    sessions = [json.loads(ln) for ln in
+                (tmp_path / "b" / "run" / "sessions.jsonl").read_text().splitlines()]
+    assert [(x["start_step"], x["resumed_from"] is None) for x in sessions] == [(0, True),
+                                                                                 (3, False)]
     # elapsed_s goes on from the checkpoint's after the resume (it restarted at 0)
     elapsed = [row["elapsed_s"] for row in rows]
     assert elapsed[2] >= 0.3 and elapsed == sorted(elapsed), elapsed

@@ -304,6 +304,9 @@ def _load_pickle(path: Path, image_size: int) -> dict:
     return {"images": torch.from_numpy(out), "class_names": labels}
 
 
+_warned_standin: set[str] = set()
+
+
 def load_miniimagenet(split: str = "train", root=None, cache_dir=None,
                       image_size: int = IMAGE_SIZE, decode_workers: int | None = None,
                       val_classes: int | None = None) -> FewShotDataset:
@@ -322,10 +325,11 @@ def load_miniimagenet(split: str = "train", root=None, cache_dir=None,
     """
     check_split(split)
     if val_classes is not None:
-        raise SplitOptionError("val_classes", "val_classes must be None for miniimagenet: its "
-                               "val split is val.csv")
+        raise SplitOptionError("val_classes", f"val_classes applies to omniglot only "
+                               f"(Mini-ImageNet's val split is its val.csv), got {val_classes}")
     src = find_miniimagenet(resolve_data_root(root), split)
-    if src.standin:
+    if src.standin and str(src.path) not in _warned_standin:  # once per process, not per split
+        _warned_standin.add(str(src.path))
         logger.warning("imaml_ext: using the Mini-ImageNet STAND-IN %s (100 Tiny-ImageNet classes, "
                        "64x64 photos upsampled to 84x84); accuracies are not comparable with "
                        "published Mini-ImageNet numbers", src.path)
