@@ -120,18 +120,34 @@ def test_torchopt_style_drop_in():
     torch.testing.assert_close(x, torch.linalg.solve(A, b))
 
 
+SOLVE_CALLS = (((), {"maxiter": 50, "rtol": 1e-12}), ((0.5,), {"maxiter": 50}),
+               ((0.5, torch.ones(6, dtype=torch.float64)), {"rtol": 1e-12}))
+
+
+def test_solve_cg_calls_match_torchopts():
+    # the same calls, ours and TorchOpt's (a peer, installed for the benchmarks: not in CI)
+    torchopt = pytest.importorskip("torchopt")
+    A = random_spd(1, 6)[0]
+    b = torch.randn(6, dtype=torch.float64)
+    mv = lambda v: A @ v  # noqa: E731
+    ours, theirs = solve_cg(), torchopt.linear_solve.solve_cg()
+    for args, kw in SOLVE_CALLS:
+        torch.testing.assert_close(ours(mv, b, *args, **kw), theirs(mv, b, *args, **kw))
+
+
 def test_torchopt_style_solve_signature():
     # TorchOpt's solve is (matvec, b, ridge=None, init=None, **kwargs), its kwargs going to the
     # CG: maxiter / rtol at the solve were a TypeError, and a positional ridge was taken as x0
-    import torchopt
     A = random_spd(1, 6)[0]
     b = torch.randn(6, dtype=torch.float64)
     mv = lambda v: A @ v  # noqa: E731
     I6 = torch.eye(6, dtype=torch.float64)
-    for ours, theirs in ((solve_cg(), torchopt.linear_solve.solve_cg()),):
-        for args, kw in (((), {"maxiter": 50, "rtol": 1e-12}), ((0.5,), {"maxiter": 50}),
-                         ((0.5, torch.ones(6, dtype=torch.float64)), {"rtol": 1e-12})):
-            torch.testing.assert_close(ours(mv, b, *args, **kw), theirs(mv, b, *args, **kw))
+    for args, kw in SOLVE_CALLS:  # what each call means: ridge, then the start
+        ridge = args[0] if args else 0.0
+        start = args[1] if len(args) > 1 else None
+        want = imaml_ext.cg(lambda v: A @ v + ridge * v, b, start, max_iter=kw.get("maxiter", 60),
+                            rtol=kw.get("rtol", 1e-5)).x
+        torch.testing.assert_close(solve_cg()(mv, b, *args, **kw), want)
     ridge = solve_cg(maxiter=50, rtol=1e-12)(mv, b, 0.5)
     torch.testing.assert_close(ridge, torch.linalg.solve(A + 0.5 * I6, b))
     # the solve's keywords win over the factory's; x0 is init's alias
