@@ -118,7 +118,9 @@ def load_checkpoint_file(path: str | Path, map_location="cpu") -> dict[str, Any]
                 f"imaml_ext never writes; refused (loading it would run its code)") from exc
         with open(path, "rb") as f:
             head = f.read(2)
-        if head and head != b"PK" and head[:1] != b"\x80":  # neither torch.save's zip nor a pickle
+        # neither torch.save's zip nor a pickle, and not named as a checkpoint (one whose first
+        # bytes a crash damaged is reported as corrupt below)
+        if head and head != b"PK" and head[:1] != b"\x80" and not _NAME.match(path.name):
             raise CheckpointError(
                 f"{path} is not a checkpoint (not a file torch.save writes): give a run folder or "
                 f"one of its {CKPT_DIR}/ckpt_<step>.pt files") from None

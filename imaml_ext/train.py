@@ -584,26 +584,32 @@ def run_dir_of_checkpoint(path: str | Path) -> Path:
 RUN_MARKERS = ("config.json", ck.CKPT_DIR, "metrics.csv", "metrics.jsonl")
 
 
-def check_run_dir(run_dir: Path, resumed_from: str | Path | None) -> None:
+def check_run_dir(run_dir: Path, resumed_from: str | Path | None) -> bool:
     """A UsageError unless ``run_dir`` can take this run: a folder (or creatable), writable, and
-    holding no other run unless this one resumes from it (a new run there overwrote the
-    config, appended its steps to the old metrics and left the old checkpoints beside its
-    own: `latest` then pointed at whichever was written last)."""
+    holding no other run with a checkpoint unless this one resumes from it (a new run there
+    overwrote the config, appended its steps to the old metrics and left the old checkpoints
+    beside its own: `latest` then pointed at whichever was written last).
+
+    Returns True when the folder holds a run that wrote no checkpoint (it stopped at its first
+    steps: an error, a kill): nothing to resume there, so this run replaces its files."""
     if run_dir.exists() and not run_dir.is_dir():
         raise UsageError(f"--out {run_dir}: is a file; give a folder for the run")
     own = resumed_from is not None and \
         run_dir_of_checkpoint(resumed_from).resolve() == run_dir.resolve()
+    stale = False
     if not own and run_dir.is_dir():
         found = [m for m in RUN_MARKERS if (run_dir / m).exists()]
-        if found:
+        if found and ck.list_checkpoints(run_dir):
             raise UsageError(f"--out {run_dir} already holds a run ({', '.join(found)}): "
                              f"continue it with --resume {run_dir}, or give another --out")
+        stale = bool(found)
     anc = run_dir
     while not anc.exists() and anc != anc.parent:
         anc = anc.parent
     if not anc.is_dir() or not os.access(anc, os.W_OK | os.X_OK):
         raise UsageError(f"--out {run_dir}: cannot create or write the run folder there "
                          f"({anc} is not a writable folder)")
+    return stale
 
 
 # --------------------------------------------------------------------------------------------
@@ -646,7 +652,9 @@ class Trainer:
                                  f"{int(self.state['step'])}; give a larger --steps to go on")
         if cfg.out is None:
             cfg = cfg.replace(out=str(default_run_dir(cfg.algo)))
-        check_run_dir(Path(cfg.out), self.state["path"] if self.state else None)
+        # (rank 0's: it alone writes there, and another rank could see rank 0's new files)
+        self._stale_run = self.info.is_main and check_run_dir(
+            Path(cfg.out), self.state["path"] if self.state else None)
         if self.info.active and cfg.meta_batch % self.info.world:
             raise UsageError(f"--meta-batch {cfg.meta_batch} does not split evenly over "
                              f"{self.info.world} processes")
@@ -715,8 +723,15 @@ class Trainer:
             except OSError as exc:
                 raise UsageError(f"--out {self.run_dir}: cannot create the run folder "
                                  f"({exc.strerror or exc})") from None
+            if self._stale_run:
+                log.warning("imaml_ext: %s holds a run that wrote no checkpoint (it stopped "
+                            "before its first); this run starts its metrics afresh there",
+                            self.run_dir)
+                for name in ("metrics.csv", "metrics.jsonl"):
+                    (self.run_dir / name).unlink(missing_ok=True)
             self.log = MetricsLog(self.run_dir, cfg.log_format, truncate_at=log_pos,
-                                  purge_step=self.step + 1 if self.state else None)
+                                  purge_step=self.step + 1 if self.state
+                                  else 1 if self._stale_run else None)
             session = {"argv": sys.argv, "world_size": self.info.world,
                        "resumed_from": self.state["path"] if self.state else None,
                        "start_step": self.step}
@@ -903,9 +918,10 @@ class Trainer:
                             progress.show(last_val)
                             if on_log:
                                 on_log(last_val)
-                        if not stopping:
+                        if not stopping and not last:
                             # validation can take minutes: a signal (or --max-time) that came
-                            # during it stops the run here, not after one more meta-step
+                            # during it stops the run here, not after one more meta-step (after
+                            # the last step's, the run is complete and ends as such)
                             s_int, s_term, s_time = self._stop_flags(sig, t_start, step_s)
                             if s_int or s_term or s_time:
                                 stopping = True

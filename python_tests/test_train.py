@@ -691,10 +691,8 @@ def test_damaged_validation_data_is_an_error_a_missing_split_a_warning(tmp_path,
     assert t.val_sampler is None and "validation disabled" in caplog.text
 
 
-def test_a_signal_during_validation_stops_after_it_not_a_step_later(tmp_path):
-    # validation can take minutes; the stop flags were read only at the next meta-step, so a
-    # Ctrl-C during it ran one more step (and its wait) before the checkpoint
-    t = make_trainer(tmp_path, steps=6, val_every=2, ckpt_every=0, log_every=5)
+def signal_after_validation(t: tr.Trainer) -> tr.Trainer:
+    """t, whose every validation ends with a SIGINT to this process."""
     validate = t.validate
 
     def validate_then_signal():
@@ -702,6 +700,14 @@ def test_a_signal_during_validation_stops_after_it_not_a_step_later(tmp_path):
         os.kill(os.getpid(), signal.SIGINT)
         return out
     t.validate = validate_then_signal
+    return t
+
+
+def test_a_signal_during_validation_stops_after_it_not_a_step_later(tmp_path):
+    # validation can take minutes; the stop flags were read only at the next meta-step, so a
+    # Ctrl-C during it ran one more step (and its wait) before the checkpoint
+    t = signal_after_validation(make_trainer(tmp_path, steps=6, val_every=2, ckpt_every=0,
+                                             log_every=5))
     with pytest.raises(tr.Interrupted) as info:
         t.run()
     assert info.value.step == 2 and info.value.path.name == "ckpt_00000002.pt"
@@ -720,3 +726,28 @@ def test_progress_shows_cg_columns_for_imaml_even_at_zero_iterations(capsys):
     first, second = capsys.readouterr().err.splitlines()
     assert "cg_res 2.15e+01" in first and "neg_curv 100%" in first
     assert "cg_res" not in second
+
+
+def test_a_signal_during_the_last_validation_leaves_a_complete_run(tmp_path):
+    # after the last step's validation the run is complete: it ended as interrupted (exit 130,
+    # "resume with", no summary) when a signal came during that validation
+    t = signal_after_validation(make_trainer(tmp_path, steps=2, val_every=2, ckpt_every=0))
+    summary = t.run()
+    assert summary["step"] == 2 and not summary.get("interrupted")
+    assert not summary.get("time_limited")
+
+
+def test_a_folder_whose_run_wrote_no_checkpoint_is_taken_over(tmp_path, caplog):
+    # a run killed before its first checkpoint leaves config.json and metrics: nothing to
+    # resume (--resume finds no checkpoint), so a new run takes the folder over, afresh
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text("{}")
+    (run / "metrics.csv").write_text("kind,step\ntrain,1\ntrain,2\ntrain,3\n")
+    with caplog.at_level(logging.WARNING, logger="imaml_ext"):
+        t = make_trainer(tmp_path, steps=2)
+    assert "wrote no checkpoint" in caplog.text
+    t.run()
+    assert [r["step"] for r in tr.read_metrics(run)] == [1, 2]
+    with pytest.raises(tr.UsageError, match="already holds a run"):  # now it has checkpoints
+        make_trainer(tmp_path, steps=2)
