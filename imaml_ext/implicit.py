@@ -456,7 +456,7 @@ def _nan_where_nonfinite(u_leaves, status):
     out = []
     for t in u_leaves:
         mask = bad.reshape(bad.shape + (1,) * (t.dim() - bad.dim()))
-        out.append(torch.where(mask, torch.full_like(t, float("nan")), t))
+        out.append(t.masked_fill(mask, float("nan")))
     return out
 
 

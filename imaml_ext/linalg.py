@@ -202,7 +202,9 @@ def _unflatten(flat: torch.Tensor, spec, shapes, batched: bool):
 
 def _needs_reference(*tensors) -> bool:
     """torch.func transforms and autograd through the solve need the functional twin."""
-    compiling = torch.compiler.is_compiling()  # dynamo cannot trace the functorch query
+    compiling = torch.compiler.is_compiling()  # dynamo cannot trace the functorch query...
+    if compiling and torch._C._functorch.maybe_current_level() is not None:
+        return True  # ... but this one: inside a vmap/grad being compiled
     for t in tensors:
         if t is None:
             continue
@@ -345,12 +347,15 @@ def _cg(A, b, x0=None, *, max_iter: int | None = None, rtol: float = 1e-5, atol:
             if fallback is not None:
                 res = _with_fallback(res, fallback, spec, shapes, batched)
             return res
-        if default_iters and bflat.device.type != "cpu":
-            warnings.warn(f"imaml_ext.cg: a callable operator on {bflat.device.type} runs "
-                          f"exactly max_iter iterations (stopped systems are masked, the loop "
-                          f"never reads back to the host); the default max_iter = 10 P = "
-                          f"{max_iter} products whatever the convergence: pass max_iter",
-                          RuntimeWarning, stacklevel=3)
+        compiling = torch.compiler.is_compiling()
+        if default_iters and (bflat.device.type != "cpu" or compiling):
+            where = ("under torch.compile (the loop is unrolled into the graph)" if compiling
+                     else f"on {bflat.device.type}")
+            warnings.warn(f"imaml_ext.cg: a callable operator {where} runs exactly max_iter "
+                          f"iterations (stopped systems are masked, the loop never reads back "
+                          f"to the host); the default max_iter = 10 P = {max_iter} products "
+                          f"whatever the convergence: pass max_iter", RuntimeWarning,
+                          stacklevel=3)
         x, iters, rnorm, status = _cg_callable(A, bflat, xflat, spec, shapes, batched, max_iter,
                                                rtol, atol, ext, reference_only, fallback)
     else:

@@ -127,7 +127,8 @@ def check_step(op, x, r, p, Ap, rs, bnorm2, status, iters, rtol, atol):
 def _share_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Whether two tensors' element ranges overlap in one storage (ranges from their first to
     their last element, so a conservative answer for strided views). Not asked while
-    torch.compile traces (fake tensors have no addresses; the compiled op checks its own)."""
+    torch.compile traces: fake tensors have no addresses (the compiled op checks its own;
+    the reference route, use_ext=False, then goes unchecked, writing through copy_)."""
     if torch.compiler.is_compiling():
         return False
     if a.numel() == 0 or b.numel() == 0 or a.device != b.device or a.device.type == "meta":

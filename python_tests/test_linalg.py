@@ -707,3 +707,21 @@ def test_cg_compiles_into_one_graph(kind, use_ext):
         torch.testing.assert_close(torch.compile(f, backend="eager")(b), f(b))
     finally:
         dynamo.reset()
+
+
+def test_compiled_vmap_over_cg_and_the_default_max_iter_warning():
+    # skipping the functorch query while compiling sent a vmapped solve to the compiled op
+    # ("Batching rule not implemented for imaml_ext::cg_step"); and under compile the default
+    # max_iter (10 P) is unrolled into the graph: warned, as on a GPU
+    import torch._dynamo as dynamo
+    A = random_spd(1, 5)[0]
+    bs = torch.randn(3, 5, dtype=torch.float64)
+    f = torch.func.vmap(lambda b: imaml_ext.cg(lambda v: A @ v, b, max_iter=12, rtol=1e-12).x)
+    dynamo.reset()
+    try:
+        torch.testing.assert_close(torch.compile(f, backend="eager")(bs), f(bs))
+        dynamo.reset()
+        with pytest.warns(RuntimeWarning, match="under torch.compile .* pass max_iter"):
+            torch.compile(lambda b: imaml_ext.cg(lambda v: A @ v, b).x, backend="eager")(bs[0])
+    finally:
+        dynamo.reset()
