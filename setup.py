@@ -213,6 +213,19 @@ def check_cxx_runtime(so: Path) -> bool:
     return True
 
 
+def visible_arch_list() -> str:
+    """The arch list torch.utils.cpp_extension compiles for when TORCH_CUDA_ARCH_LIST is unset:
+    the visible GPUs' capabilities, each capped at the newest this torch has kernels for, and
+    PTX of the highest (so that newer GPUs can JIT it)."""
+    newest = max(((int(a[3:]) // 10, int(a[3:]) % 10) for a in torch.cuda.get_arch_list()
+                  if a.startswith("sm_") and a[3:].isdigit()), default=None)
+    caps = set()
+    for i in range(torch.cuda.device_count()):
+        cap = tuple(torch.cuda.get_device_capability(i))
+        caps.add(min(cap, newest) if newest else cap)
+    return ";".join("%d.%d" % c for c in sorted(caps)) + "+PTX"
+
+
 def make_extension():
     cpu_sources, cuda_sources = read_sources()
     with_cuda = want_cuda()
@@ -239,8 +252,9 @@ def make_extension():
         os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0"
     archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "")
     if not archs:
-        archs = ";".join(sorted({"%d.%d" % torch.cuda.get_device_capability(i)
-                                 for i in range(torch.cuda.device_count())}))
+        # set, so that what is compiled and what build_info records (which decides at run time
+        # whether a GPU can run the kernels) are one list
+        archs = os.environ["TORCH_CUDA_ARCH_LIST"] = visible_arch_list()
     macros += [("IMAML_WITH_CUDA", None), ("IMAML_CUDA_ARCHS", f'"{archs}"')]
     nvcc = opt + ["-lineinfo", "--expt-relaxed-constexpr"]
     return CUDAExtension(

@@ -114,7 +114,8 @@ def archs_run_on(archs: str, capability: tuple[int, int]) -> bool | None:
     name such as "Hopper").
 
     A cubin for X.Y runs on X.Z for Z >= Y (X.Ya only on X.Y itself, X.Yf on X.Z, Z >= Y); PTX
-    for X.Y is compiled by the driver for any GPU of capability >= X.Y.
+    for X.Y is compiled by the driver for any GPU of capability >= X.Y (not arch-specific PTX,
+    X.Ya or X.Yf).
     """
     import re
     tokens = [t for t in re.split(r"[;,\s]+", archs.strip()) if t]
@@ -129,7 +130,7 @@ def archs_run_on(archs: str, capability: tuple[int, int]) -> bool | None:
         x, y, suffix = int(m.group(1)), int(m.group(2)), m.group(3)
         if x == major and (y == minor if suffix == "a" else y <= minor):
             return True
-        if ptx and (x, y) <= (major, minor):
+        if ptx and not suffix and (x, y) <= (major, minor):  # X.Ya / X.Yf PTX: not forward
             return True
     return False
 

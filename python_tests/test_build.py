@@ -238,10 +238,27 @@ def test_cuda_tensors_on_a_build_without_cuda_kernels_warn_once(monkeypatch, cap
     ("8.0", (8, 6), True), ("8.6", (8, 0), False), ("8.0;9.0", (9, 0), True),
     ("9.0+PTX", (10, 0), True), ("9.0+PTX", (8, 9), False), ("9.0a", (9, 0), True),
     ("9.0a", (9, 1), False), ("10.0f", (10, 3), True), ("7.5 8.0", (8, 0), True),
-    ("", (9, 0), None), ("Hopper", (9, 0), None)])
+    ("", (9, 0), None), ("Hopper", (9, 0), None), ("9.0a+PTX", (10, 0), False),
+    ("8.0;9.0+PTX", (12, 0), True)])
 def test_archs_run_on(archs, cap, want):
     from imaml_ext import _ext
     assert _ext.archs_run_on(archs, cap) is want
+
+
+def test_the_recorded_arch_list_is_what_torch_compiles(monkeypatch):
+    # with TORCH_CUDA_ARCH_LIST unset and GPUs visible, torch compiles their capabilities capped
+    # at its newest arch, with PTX of the highest; the build recorded the bare capabilities, so
+    # a build on an H100 would have sent a B200 (10.0, which can JIT that PTX) to the twins
+    ns = setup_functions("visible_arch_list")
+    ns["torch"] = torch
+    caps = [(9, 0), (8, 0), (9, 0), (12, 1)]
+    monkeypatch.setattr(torch.cuda, "get_arch_list", lambda: ["sm_80", "sm_90", "sm_100",
+                                                              "sm_90a", "compute_90"])
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: len(caps))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i: caps[i])
+    assert ns["visible_arch_list"]() == "8.0;9.0;10.0+PTX"
+    from imaml_ext import _ext
+    assert _ext.archs_run_on("9.0+PTX", (10, 0)) and not _ext.archs_run_on("9.0", (10, 0))
 
 
 def test_cuda_kernels_for_other_archs_fall_back_with_one_warning(monkeypatch, caplog):
