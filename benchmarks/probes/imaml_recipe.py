@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 
 import torch
 import torch.nn.functional as F
@@ -76,7 +77,8 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     torch.set_num_threads(max(torch.get_num_threads(), 1))
     cfg = TrainConfig(dataset="omniglot", ways=5, shots=1, algo="imaml-gd",
-                      meta_batch=args.tasks, val_every=0, out="/tmp/imaml_recipe_probe",
+                      meta_batch=args.tasks, val_every=0,
+                      out=tempfile.mkdtemp(prefix="imaml-recipe-probe-"),
                       dtype="float64", quiet=True)
     tr = Trainer(cfg)
     t = tr.sampler.batch(5).to("cpu", torch.float64)
