@@ -179,7 +179,11 @@ def _train(ns: argparse.Namespace) -> int:
               + f"; run dir {trainer.run_dir}"
               + (f"; {trainer.info.world} processes" if trainer.info.active else ""),
               file=sys.stderr, flush=True)
-    summary = trainer.run()
+    try:
+        summary = trainer.run()
+    except tr.ForcedStop as exc:  # for main's message: where to resume from
+        exc.run_dir = trainer.run_dir
+        raise
     if trainer.info.is_main:
         if not trainer.cfg.quiet:
             if summary.get("time_limited"):
@@ -266,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
         return 128 + exc.signum
     except ForcedStop as exc:  # a second signal: no traceback, the signal's exit code
         print(f"\nimaml: {exc}; resume from the last checkpoint with: imaml train --resume "
-              f"<run dir>", file=sys.stderr)
+              f"{getattr(exc, 'run_dir', None) or '<run dir>'}", file=sys.stderr)
         return 128 + exc.signum
     except KeyboardInterrupt:  # Ctrl-C in imaml eval (training handles its own signals)
         print("\nimaml: interrupted", file=sys.stderr)

@@ -201,7 +201,6 @@ def make_sampler(cfg: TrainConfig, dataset, meta_batch: int, seed: int | None = 
         raise UsageError(str(exc) + _VAL_HINT.get(getattr(dataset, "split", ""), "")) from exc
 
 
-
 class MetaOptimizer:
     """Adam (or SGD) over a dict of tensors whose step can be skipped by a device-side flag.
 
@@ -744,7 +743,8 @@ class Trainer:
                                     **session}) + "\n")
         # the newest checkpoint on disk: the one resumed from until this run writes its own
         self.last_checkpoint: Path | None = Path(self.state["path"]) if self.state else None
-        self._warned_curvature = False
+        # once per run, not per session: a resumed run remembers it in its counters
+        self._warned_curvature = bool(self.counters.get("warned_negative_curvature", 0))
 
     def _load_val(self):
         """The validation split, or None (a warning) where the data set has none; damaged
@@ -1009,6 +1009,7 @@ class Trainer:
         if self._warned_curvature or not frac > NEGATIVE_CURVATURE_WARN:
             return
         self._warned_curvature = True
+        self.counters["warned_negative_curvature"] = 1
         c = self.cfg
         if c.algo == "imaml-hf":
             advice = ("For iMAML-HF the Gauss-Newton product avoids it: --hvp ggn is positive "

@@ -319,6 +319,20 @@ def test_a_second_signal_exits_with_its_code_and_no_traceback(capsys, monkeypatc
     assert "SIGTERM received twice: quit at once" in err and "--resume" in err
 
 
+def test_a_second_signal_names_the_run_to_resume(capsys, monkeypatch, omniglot_root, tmp_path):
+    # it said "--resume <run dir>"
+    import signal as _signal
+
+    def forced(self, on_log=None):
+        raise tr.ForcedStop(_signal.SIGINT)
+    monkeypatch.setattr(tr.Trainer, "run", forced)
+    out = tmp_path / "r"
+    code, _, err = run_cli(capsys, "train", "--data-root", str(omniglot_root), "--val-classes",
+                           "2", "--ways", "3", "--queries", "1", "--algo", "fomaml",
+                           "--val-every", "0", "--out", str(out), "--quiet")
+    assert code == 128 + _signal.SIGINT and f"imaml train --resume {out}" in err
+
+
 def test_quiet_is_not_carried_over_by_a_resume(tmp_path):
     # --quiet was saved with the run and, a store_true with no negation, could not be undone
     make_trainer(tmp_path, steps=2, ckpt_every=2).run()  # tiny_config: quiet=True

@@ -183,6 +183,13 @@ def test_negative_curvature_is_logged_and_warned_once(tmp_path, caplog, from_cal
         # Once, at the first window over the threshold, naming the authors' recipe.
         assert len(warned) == 1 and "window ending at step 3" in warned[0].getMessage()
         assert "--cg-damping 1 --cg-lam 12" in warned[0].getMessage()
+        # once per run: a resumed run remembers it (it came again in every session)
+        caplog.clear()
+        r = make_trainer(tmp_path, algorithm=CurvedQueryGradient(from_call), steps=9,
+                         ckpt_every=0, resume=tmp_path / "run")
+        with caplog.at_level(logging.WARNING, logger="imaml_ext.train"):
+            r.run()
+        assert not [x for x in caplog.records if "negative curvature" in x.getMessage()]
     else:
         assert not warned
 
