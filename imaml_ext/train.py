@@ -444,8 +444,9 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
 class _Progress:
     """tqdm when installed and not quiet; else one plain line per logged step."""
 
-    def __init__(self, total: int, initial: int, quiet: bool, desc: str, cg: bool = True):
-        self.quiet, self.bar, self.cg = quiet, None, cg
+    def __init__(self, total: int, initial: int, quiet: bool, desc: str, cg: bool = True,
+                 val_tasks: int = 2):
+        self.quiet, self.bar, self.cg, self.val_tasks = quiet, None, cg, val_tasks
         if quiet or not sys.stderr.isatty():
             return  # plain lines in logs and pipes
         try:
@@ -463,8 +464,9 @@ class _Progress:
         if self.quiet:
             return
         if row["kind"] == "val":
-            text = (f"step {row['step']}: val acc {100 * row['val_acc']:.2f}% +- "
-                    f"{100 * row['val_ci95']:.2f}%")
+            text = (f"step {row['step']}: val acc {100 * row['val_acc']:.2f}% "
+                    + (f"+- {100 * row['val_ci95']:.2f}%" if self.val_tasks > 1
+                       else "(one task: no interval)"))
             if self.bar is not None:
                 self.bar.write(text, file=sys.stderr)
             else:
@@ -853,7 +855,7 @@ class Trainer:
         t_window, steps_window, last_val = t_start, 0, None
         progress = _Progress(cfg.steps, self.step, cfg.quiet or not self.info.is_main,
                              f"{cfg.algo} {cfg.dataset} {cfg.ways}w{cfg.shots}s",
-                             cg=cfg.algo.startswith("imaml"))
+                             cg=cfg.algo.startswith("imaml"), val_tasks=cfg.val_tasks)
         try:
             # Under torchrun a scheduler's signal comes twice (to every process, and forwarded
             # by torchrun's agent): a repeat within a few seconds is the same stop.
@@ -943,6 +945,8 @@ class Trainer:
         finally:
             progress.close()
             self.sampler.close()
+        if self.last_checkpoint is None:  # --steps 0, a new run: its initialisation, for eval
+            self.checkpoint()
         return self._summary(t_start, last_val)
 
     def _stop_flags(self, sig, t_start: float, step_s: float) -> tuple[bool, bool, bool]:

@@ -11,6 +11,7 @@ import logging
 import os
 import signal
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -758,3 +759,16 @@ def test_a_folder_whose_run_wrote_no_checkpoint_is_taken_over(tmp_path, caplog):
     assert [r["step"] for r in tr.read_metrics(run)] == [1, 2]
     with pytest.raises(tr.UsageError, match="already holds a run"):  # now it has checkpoints
         make_trainer(tmp_path, steps=2)
+
+
+def test_steps_0_writes_the_initialisation_and_one_val_task_shows_no_interval(tmp_path, capsys):
+    # --steps 0 on a new run wrote no checkpoint ("checkpoint None"): nothing for imaml eval to
+    # score the initialisation with; a validation of one task showed "+- 0.00%"
+    t = make_trainer(tmp_path, steps=0)
+    summary = t.run()
+    assert summary["checkpoint"] and Path(summary["checkpoint"]).name == "ckpt_00000000.pt"
+    for k, v in tr.ck.load_latest(tmp_path / "run")["params"].items():
+        assert torch.equal(v, t.params[k]), k
+    tr._Progress(2, 0, False, "x", val_tasks=1).show(
+        {"kind": "val", "step": 1, "val_acc": 0.5, "val_ci95": 0.0})
+    assert "val acc 50.00% (one task: no interval)" in capsys.readouterr().err
