@@ -89,7 +89,6 @@ def check_not_isolated() -> None:
                  f"(IMAML_ALLOW_ISOLATED=1 builds anyway)")
 
 
-
 def read_sources() -> tuple[list[str], list[str]]:
     """csrc/sources.txt: the one list of sources (CMakeLists.txt reads it too)."""
     cpu, cuda = [], []

@@ -11,6 +11,7 @@ import importlib
 import json
 import logging
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -117,7 +118,6 @@ def archs_run_on(archs: str, capability: tuple[int, int]) -> bool | None:
     for X.Y is compiled by the driver for any GPU of capability >= X.Y (not arch-specific PTX,
     X.Ya or X.Yf).
     """
-    import re
     tokens = [t for t in re.split(r"[;,\s]+", archs.strip()) if t]
     if not tokens:
         return None

@@ -624,10 +624,8 @@ def _solve_adjoint(cfg, F_leaves, z, v):
     return u, res
 
 
-def _check_root_options(solver: str = "cg", max_iter: int | None = None, rtol: float = 1e-8,
-                        atol: float = 0.0, batched: bool = False, use_ext: bool | None = None,
-                        diagnostics: dict | None = None, cuda_graph: bool = False,
-                        check: bool | None = None) -> None:
+def _check_root_options(*, solver, max_iter, rtol, atol, batched, use_ext, diagnostics,
+                        cuda_graph, check) -> None:
     """implicit_root's settings (the backward's solve among them), checked at the call or at
     custom_root's decoration rather than at the first backward."""
     if solver not in ("cg", "normal_cg"):
@@ -701,9 +699,9 @@ def implicit_root(optimality_fn: Callable, solution, *args, solver: str = "cg",
 
     Raises:
         ValueError for a bad solver, max_iter, rtol, atol, batched, use_ext, check,
-        diagnostics or cuda_graph, or a solution the backward's CG cannot take (leaves of mixed dtypes or
-        devices, not float32/float64, or with batched=True without a common leading batch
-        size), at the call (not at the first backward).
+        diagnostics or cuda_graph, or a solution the backward's CG cannot take (leaves of mixed
+        dtypes or devices, not float32/float64, or with batched=True without a common leading
+        batch size), at the call (not at the first backward).
     """
     _check_root_options(solver=solver, max_iter=max_iter, rtol=rtol, atol=atol, batched=batched,
                         use_ext=use_ext, diagnostics=diagnostics, cuda_graph=cuda_graph,
@@ -743,10 +741,12 @@ def custom_root(optimality_fn: Callable, **solve_kwargs) -> Callable:
     """
     import inspect
     try:
-        inspect.signature(implicit_root).bind(optimality_fn, None, **solve_kwargs)
+        bound = inspect.signature(implicit_root).bind(optimality_fn, None, **solve_kwargs)
     except TypeError as exc:
         raise TypeError(f"custom_root: {exc} (its keywords go to implicit_root)") from None
-    _check_root_options(**solve_kwargs)
+    bound.apply_defaults()  # implicit_root's own defaults for what is not given
+    _check_root_options(**{k: v for k, v in bound.arguments.items()
+                           if k not in ("optimality_fn", "solution", "args")})
 
     def deco(solver: Callable) -> Callable:
         try:
