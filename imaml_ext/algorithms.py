@@ -56,7 +56,7 @@ from imaml_ext.config import HEAD_ALGORITHMS, unused_fields
 from imaml_ext.head_only import (ADAPT, HEAD_HVP, HeadModel, head_adapt, head_evaluate, head_gd,
                                  head_hessian_free, head_meta_gradient)
 from imaml_ext.hvp import (BACKENDS, HVP_KINDS, LOSSES, ParamSpec, Params, TaskLoss,
-                          check_no_dropout, make_hvp)
+                          check_no_dropout, grad_of_params, make_hvp)
 from imaml_ext.linalg import finite_number
 from imaml_ext.implicit import (CapturedFunction, CapturedMetaGradient, implicit_meta_gradient,
                                 implicit_meta_gradient_lstsq)
@@ -110,7 +110,10 @@ def options_for(name: str, **kwargs) -> dict:
     several algorithms from one set of options: make_algorithm(name, **options_for(name, **kw))."""
     if name not in ALGORITHMS:
         raise ValueError(f"name must be one of {ALGORITHMS}, got {name!r}")
-    return {k: v for k, v in kwargs.items() if k not in unused_options(name)}
+    drop = unused_options(name)
+    if name not in HEAD_ALGORITHMS and not kwargs.get("regularized"):
+        drop += ("lam",)  # plain GD on L_train: no proximal term
+    return {k: v for k, v in kwargs.items() if k not in drop}
 
 
 def make_algorithm(name: str, *, loss: str | Callable = "cross_entropy", lam: float = 2.0,
@@ -245,6 +248,8 @@ def make_algorithm(name: str, *, loss: str | Callable = "cross_entropy", lam: fl
                          "other than 'lstsq' (whose whole solve is one op already) and "
                          f"compile_hvp=False, got name={name!r}, adapt={adapt!r}, hvp={hvp!r}, "
                          f"compile_hvp={compile_hvp!r}")
+    if regularized is not None and not isinstance(regularized, bool):
+        raise ValueError(f"regularized must be None, True or False, got {regularized!r}")
     if regularized is None:
         regularized = name.startswith("imaml")
     elif not regularized and name.startswith("imaml"):
@@ -259,15 +264,28 @@ def make_algorithm(name: str, *, loss: str | Callable = "cross_entropy", lam: fl
                                 ("cg_lam", cg_lam), ("hf_cg_steps", hf_cg_steps),
                                 ("cg_rtol", cg_rtol), ("inner_lr", inner_lr))
               if k in unused_options(name) and v != _DEFAULTS[k]}
+    if not regularized and lam != _DEFAULTS["lam"]:
+        unused["lam"] = lam  # a plain GD inner loop on L_train has no proximal term
     if unused:
         # as the CLI: an option the algorithm would ignore is refused, not silently dropped
-        what = {"imaml-gd": "the Newton-CG inner solver of imaml-hf",
+        what = "lam is the strength of the proximal term, which only regularized=True adds" \
+            if list(unused) == ["lam"] else None
+        what = what or {"imaml-gd": "the Newton-CG inner solver of imaml-hf",
                 "imaml-hf": "the GD inner loop's step size; imaml-hf line-searches its Newton "
                             "steps"}.get(name, "the implicit meta-gradient of imaml-gd / imaml-hf")
         raise ValueError(
             f"{name} does not use {', '.join(f'{k}={v!r}' for k, v in unused.items())} ({what}): "
             "leave them at their defaults, or pass options_for(name, **kwargs), which keeps the "
             "options an algorithm takes")
+    if regularized and name != "imaml-hf" and adapt == "all" and inner_steps > 0 \
+            and inner_lr * lam >= 2:
+        # the proximal term alone scales phi - theta by (1 - inner_lr lam) per step (the paper's
+        # loop) or in the final step (the authors'): |1 - inner_lr lam| >= 1, no contraction
+        raise ValueError(f"inner_lr * lam must be < 2 for a GD inner loop with the proximal "
+                         f"term, got inner_lr={inner_lr!r} * lam={lam!r} = {inner_lr * lam:g}: "
+                         f"each {'step' if proximal == 'paper' else 'final proximal step'} "
+                         f"would scale phi - theta by 1 - inner_lr lam = {1 - inner_lr * lam:g} "
+                         f"(the inner loop diverges or overshoots theta); lower inner_lr or lam")
     cfg = AlgorithmConfig(name=name, loss=loss, lam=float(lam), inner_steps=inner_steps,
                           inner_lr=float(inner_lr), cg_steps=cg_steps,
                           cg_damping=float(cg_damping),
@@ -348,6 +366,13 @@ def check_tasks(tasks, params: Mapping[str, torch.Tensor], loss,
         if x.shape[1] == 0:
             raise ValueError(f"tasks.{xn} holds no samples (shape {tuple(x.shape)}): every task "
                              f"needs at least one support and one query sample")
+        if isinstance(first, nn.Linear) and x.dim() == 2:
+            raise ValueError(f"tasks.{xn} must be (M, N, features) for the model's first layer "
+                             f"nn.Linear({first.in_features}, ...), got {tuple(x.shape)} (one "
+                             f"feature per sample: add the last axis, x.unsqueeze(-1))")
+        if loss == "cross_entropy" and y.dim() != 2:
+            raise ValueError(f"tasks.{yn} must be (M, N) class labels for cross_entropy, got "
+                             f"{tuple(y.shape)}")
         if isinstance(first, nn.Linear) and x.dim() == 3 and x.shape[-1] != first.in_features:
             raise ValueError(f"tasks.{xn} has {x.shape[-1]} features per sample (shape "
                              f"{tuple(x.shape)}), the model's first layer takes "
@@ -460,6 +485,8 @@ class MetaAlgorithm:
             # another algorithm: its own defaults for the settings whose default depends on it
             for k in ("inner_steps", "regularized"):
                 d.pop(k)
+            if changes["name"] not in HEAD_ALGORITHMS and not changes.get("regularized"):
+                d.pop("lam")  # a plain baseline has no proximal term
         d.update(changes)
         name = d.pop("name")
         return make_algorithm(name, **d)
@@ -521,6 +548,13 @@ class MetaAlgorithm:
     def meta_gradient(self, model: nn.Module, params: Mapping[str, torch.Tensor], tasks):
         """(grads dict like params, metrics dict of tensors); see the module docstring."""
         params = check_params(model, params)
+        dtype = next(iter(params.values())).dtype if params else None
+        if self.name in HEAD_ALGORITHMS and dtype not in (torch.float32, torch.float64, None):
+            # the implicit solve's kernels (CG, the fused HVPs) take these two; said here, not
+            # after the inner loop has run, by an op naming its internal arguments
+            raise ValueError(f"params: {self.name} needs float32 or float64 parameters (its "
+                             f"CG and HVP kernels), got {dtype}; maml / fomaml / reptile run "
+                             f"in other floating dtypes")
         t = check_tasks(tasks, params, self.config.loss, model)
         t, bad_labels = mask_bad_labels(t, model, self.config.loss)
         spec = ParamSpec.of(params, batched=False)
@@ -737,7 +771,7 @@ class MAML(MetaAlgorithm):
             inner = self._inner(tl, theta_b, t.x_support, t.y_support, create_graph=True)
             out = tl.outputs(inner.params, t.x_query, mode="hvp")
             lq = tl.per_task(out, t.y_query)
-            gs = torch.autograd.grad(lq.sum(), [theta_b[k] for k in spec.names])
+            gs = grad_of_params(lq.sum(), {k: theta_b[k] for k in spec.names})
         metrics = {"inner_loss": inner.loss, "inner_loss_before": inner.metrics["loss_first"],
                    "query_loss": lq.detach()}
         acc = tl.accuracy(out.detach(), t.y_query)

@@ -163,7 +163,7 @@ class TrainConfig:
               "hf_cg_steps": self.hf_cg_steps, "hvp": self.hvp, "proximal": self.proximal,
               "adapt": self.adapt, "use_ext": self.use_ext, "compile_hvp": self.compile_hvp,
               "cuda_graph": self.cuda_graph}
-        for name in unused_fields(self.algo):
+        for name in run_unused_fields(self.algo):
             kw.pop(name, None)
         return kw
 
@@ -272,6 +272,12 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
     elif out.algo != "imaml-hf" and out.hf_cg_steps != _FIELD_DEFAULTS["hf_cg_steps"]:
         raise UsageError(f"--hf-cg-steps sets iMAML-HF's Newton-CG inner solver; --algo "
                          f"{out.algo} runs gradient descent, got --hf-cg-steps {out.hf_cg_steps}")
+    if out.algo == "imaml-gd" and out.adapt == "all" and out.inner_lr * out.lam >= 2:
+        # make_algorithm's rule: the proximal term alone scales phi - theta by 1 - inner_lr lam
+        raise UsageError(f"--inner-lr {out.inner_lr} x --lam {out.lam} = "
+                         f"{out.inner_lr * out.lam:g}: the GD inner loop needs inner_lr * lam "
+                         f"< 2 (the proximal term scales phi - theta by 1 - inner_lr lam = "
+                         f"{1 - out.inner_lr * out.lam:g} per step: it diverges or overshoots)")
     if out.adapt == "head" and out.algo not in HEAD_ALGORITHMS:
         raise UsageError(f"--adapt head is implemented for {' and '.join(HEAD_ALGORITHMS)}, not "
                          f"{out.algo}")

@@ -68,7 +68,7 @@ from torch import nn
 
 from imaml_ext import reference
 from imaml_ext.ops import check_softmax_head
-from imaml_ext.hvp import Params, TaskLoss
+from imaml_ext.hvp import Params, TaskLoss, _param_slots, functional_forward
 from imaml_ext.implicit import _check_matrix_args, _no_solve
 from imaml_ext.inner import PROXIMAL, NewtonLog, _check, batched_theta, check_newton_args
 from imaml_ext.linalg import CGResult, _cg
@@ -107,7 +107,9 @@ def split_head(model: nn.Module) -> HeadSplit:
     if type(model) is ConvNet:
         body, head, body_prefix, head_prefix = model.body, model.head, "body.", "head."
     elif type(model) is nn.Sequential and len(model) > 1:
-        children = list(model.named_children())
+        # _modules, not named_children(): that skips a module met before, so a layer used
+        # twice (nn.Sequential(lin, act, lin2, act, head)) would be left out of the body
+        children = list(model._modules.items())
         head_name, head = children[-1]
         body = nn.Sequential(OrderedDict(children[:-1]))
         body_prefix, head_prefix = "", f"{head_name}."
@@ -550,16 +552,15 @@ def unrolled_meta_gradient(model: nn.Module, params: Mapping[str, torch.Tensor],
     for (1 - lr lam)^steps <= tol. Use float64 for a tight check. support_path=False detaches
     the support features (the query path alone), to show what the implicit body term adds.
     """
-    from torch.func import functional_call  # noqa: PLC0415
-
     s = split_head(model)
+    slots = _param_slots(s.body)
     n = len(s.body_prefix)
     out = []
     for i in range(tasks.x_support.shape[0]):
         th = {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
         body = {k[n:]: th[k] for k in s.body_names}
-        Fs = functional_call(s.body, body, (tasks.x_support[i],)).flatten(1)
-        Fq = functional_call(s.body, body, (tasks.x_query[i],)).flatten(1)
+        Fs = functional_forward(s.body, body, tasks.x_support[i], slots).flatten(1)
+        Fq = functional_forward(s.body, body, tasks.x_query[i], slots).flatten(1)
         step = lr if lr is not None else \
             1.0 / (lam + 0.5 * float((Fs.detach() ** 2).sum(1).max()) + 0.5)
         K = steps if steps is not None else \

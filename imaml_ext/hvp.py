@@ -207,7 +207,13 @@ def expand_params(params: Mapping[str, torch.Tensor], M: int) -> Params:
 def _per_sample(loss: str | Callable, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Per-sample losses, shape y.shape[:sample dims] (one value per sample)."""
     if callable(loss):
-        return loss(out, y)
+        per = loss(out, y)
+        if not isinstance(per, torch.Tensor) or per.dim() < 2 or per.shape[:2] != y.shape[:2]:
+            got = tuple(per.shape) if isinstance(per, torch.Tensor) else type(per).__name__
+            raise ValueError(f"loss: a callable loss(outputs, targets) must return per-sample "
+                             f"losses of shape {tuple(y.shape[:2])} (tasks, samples; "
+                             f"reduction='none'), got {got}")
+        return per
     if loss == "cross_entropy":
         K = out.shape[-1]
         return F.cross_entropy(out.reshape(-1, K), y.reshape(-1), reduction="none").view(y.shape)
@@ -220,6 +226,52 @@ def _per_sample(loss: str | Callable, out: torch.Tensor, y: torch.Tensor) -> tor
                          f"may also be matched by targets without its last axis)")
     sq = (out - y) ** 2
     return 0.5 * sq if loss == "half_mse" else sq
+
+
+def _param_slots(model: nn.Module) -> dict[str, str] | None:
+    """Where functional_call must put each parameter when a module or a tensor is reached under
+    several names, else None (the plain call is right).
+
+    torch.func.functional_call (torch 2.14) goes wrong on such models: with a module at two
+    paths (nn.Sequential(lin, act, lin)) and tie_weights=True it runs the model with stale
+    weights and leaves the module holding the substituted tensors (its own Parameters lost);
+    with tie_weights=False a tensor shared by two modules (b.weight = a.weight) is substituted
+    in one of them only. Called with tie_weights=False and every (module, attribute) slot named
+    once, each module counted once, it is right in both cases. Returns slot name -> the
+    named_parameters() name of the tensor in it."""
+    canon = {id(t): k for k, t in model.named_parameters()}
+    if len(list(model.named_parameters(remove_duplicate=False))) == len(canon):
+        return None  # every tensor under one name
+    slots = {}
+    for mname, m in model.named_modules():  # each module once
+        for pname, t in m._parameters.items():
+            if t is not None:
+                slots[f"{mname}.{pname}" if mname else pname] = canon[id(t)]
+    return slots
+
+
+def functional_forward(model: nn.Module, params: Mapping[str, torch.Tensor], x: torch.Tensor,
+                       slots: dict[str, str] | None = None) -> torch.Tensor:
+    """model(x) with `params` (named_parameters() names) in place of its parameters: torch.func's
+    functional_call, made right for modules and tensors reached under several names (slots:
+    _param_slots(model), computed once by the caller)."""
+    if slots is None:
+        return functional_call(model, params, (x,))
+    return functional_call(model, {k: params[c] for k, c in slots.items()}, (x,),
+                           tie_weights=False)
+
+
+def grad_of_params(total: torch.Tensor, params: Mapping[str, torch.Tensor], **kwargs):
+    """torch.autograd.grad(total, params' values, **kwargs), with a ValueError naming the
+    parameters the loss does not depend on (a parameter the model's forward never reads), where
+    autograd would raise its generic "appears to not have been used in the graph"."""
+    gs = torch.autograd.grad(total, list(params.values()), allow_unused=True, **kwargs)
+    unused = [k for k, g in zip(params, gs) if g is None]
+    if unused:
+        raise ValueError(f"params: the loss does not depend on {unused} (the model's forward "
+                         f"never uses them), so they have no meta-gradient; remove them from "
+                         f"the model or use them in its forward")
+    return gs
 
 
 def check_no_dropout(model: nn.Module) -> None:
@@ -249,17 +301,30 @@ def _plan(model: nn.Module) -> list[tuple[str, nn.Module]] | None:
         ConvNet = None  # noqa: N806
     if ConvNet is not None and type(model) is ConvNet:
         body = _plan_seq(model.body, "body.")
-        return None if body is None else body + [("head.", model.head)]
-    if type(model) in (nn.Sequential,):
-        return _plan_seq(model, "")
-    if type(model) is nn.Linear:
-        return [("", model)]
-    return None
+        plan = None if body is None else body + [("head.", model.head)]
+    elif type(model) in (nn.Sequential,):
+        plan = _plan_seq(model, "")
+    elif type(model) is nn.Linear:
+        plan = [("", model)]
+    else:
+        return None
+    if plan is not None:
+        # A parameter reached under a second name (one module twice in the Sequential, or two
+        # modules holding one tensor: tied weights) is not in named_parameters(), which lists
+        # each tensor once; the folded forward would look it up by that name. vmap's
+        # functional_call ties such names itself.
+        names = {k for k, _ in model.named_parameters()}
+        for pre, m in plan:
+            if any(pre + k not in names for k, _ in m.named_parameters()):
+                return None
+    return plan
 
 
 def _plan_seq(seq: nn.Sequential, prefix: str):
     out = []
-    for name, m in seq.named_children():
+    # _modules, not named_children(): that skips a module met before, so a layer used twice
+    # (nn.Sequential(lin, act, lin2, act)) would run once
+    for name, m in seq._modules.items():
         if type(m) is nn.Sequential:
             sub = _plan_seq(m, f"{prefix}{name}.")
             if sub is None:
@@ -706,6 +771,7 @@ class TaskLoss:
         self._conv = plan is not None and any(isinstance(m, nn.Conv2d) for _, m in plan)
         self.backend = "folded" if plan is not None else "vmap"
         self.param_shapes = {k: v.shape for k, v in model.named_parameters()}
+        self._slots = _param_slots(model)
         self.channels_last = channels_last
         self.fuse_bn_pool = True if fuse_bn_pool is None else bool(fuse_bn_pool)
         self.task_chunk = task_chunk
@@ -722,7 +788,7 @@ class TaskLoss:
         return self.loss == "cross_entropy"
 
     def _single_outputs(self, params, x):
-        return functional_call(self.model, params, (x,))
+        return functional_forward(self.model, params, x, self._slots)
 
     def _folds(self, x_b: torch.Tensor) -> bool:
         return self._plan is not None and (x_b.dim() == 5 or (x_b.dim() == 3 and not self._conv))
@@ -825,7 +891,7 @@ class TaskLoss:
 
     def single(self, params: Mapping[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor):
         """The loss of one task (unbatched params, x (N, ...), y (N,)): a 0-d tensor."""
-        out = functional_call(self.model, dict(params), (x,))
+        out = functional_forward(self.model, dict(params), x, self._slots)
         return _per_sample(self.loss, out.unsqueeze(0), y.unsqueeze(0)).mean()
 
     def accuracy(self, out: torch.Tensor, y_b: torch.Tensor) -> torch.Tensor | None:
@@ -858,7 +924,7 @@ class TaskLoss:
         with torch.enable_grad():
             p = {k: v.detach().requires_grad_(True) for k, v in params_b.items()}
             total, (losses, out) = f(p)
-            gs = torch.autograd.grad(total, list(p.values()))
+            gs = grad_of_params(total, p)
         return dict(zip(p, gs)), losses.detach(), out.detach()
 
 
@@ -1047,8 +1113,8 @@ class BatchedHVP:
             p, out = self._ggn_build()[:2]  # the products' forward: no second one
             with torch.enable_grad():
                 losses = self.task_loss.per_task(out, self.y)
-                g = torch.autograd.grad(losses.sum(), [p[k] for k in self.spec.names],
-                                        retain_graph=True)
+                g = grad_of_params(losses.sum(), {k: p[k] for k in self.spec.names},
+                                   retain_graph=True)
             return losses.detach(), dict(zip(self.spec.names, g))
         g, losses, _ = self.task_loss.grad(self.params, self.x, self.y)
         return losses, g
@@ -1082,8 +1148,8 @@ class BatchedHVP:
             with torch.enable_grad():
                 p = {k: t.detach().requires_grad_(True) for k, t in self.params.items()}
                 losses = self.task_loss(p, self.x, self.y, mode="hvp")
-                g = torch.autograd.grad(losses.sum(), [p[k] for k in self.spec.names],
-                                        create_graph=True)
+                g = grad_of_params(losses.sum(), {k: p[k] for k in self.spec.names},
+                                   create_graph=True)
             self._db = (p, losses, g)
 
     def _double_backward(self, v):

@@ -123,7 +123,8 @@ def authors_style_imaml(model, params, tasks, K, lr, lam, cg_steps, damping=0.0,
 @pytest.mark.parametrize("regularized", [False, True])
 def test_maml_equals_unrolled_autograd(regularized):
     model, params, tasks = conv_setup()
-    algo = make_algorithm("maml", inner_steps=3, inner_lr=0.1, lam=0.7, regularized=regularized)
+    algo = make_algorithm("maml", inner_steps=3, inner_lr=0.1, regularized=regularized,
+                          **({"lam": 0.7} if regularized else {}))
     g, m = algo.meta_gradient(model, params, tasks)
     close(g, unrolled_maml(model, params, tasks, 3, 0.1, 0.7 if regularized else 0.0))
     assert m["task_ok"].all() and (m["cg_status"] == NO_CG).all()
@@ -152,7 +153,7 @@ def test_reptile_direction_equals_definition():
     assert "query_acc" in m and m["query_loss"].shape == (3,)
 
 
-@pytest.mark.parametrize("lam,variant", [(20.0, dict()), (2.0, dict(cg_damping=1.0, cg_lam=12.0))])
+@pytest.mark.parametrize("lam,variant", [(19.0, dict()), (2.0, dict(cg_damping=1.0, cg_lam=12.0))])
 def test_imaml_gd_equals_authors_style_loop(lam, variant):
     # lam large enough that (I + H/lam) is positive definite on this tiny random net
     model, params, tasks = conv_setup()
@@ -170,7 +171,7 @@ def test_inner_loss_metric_is_the_same_whichever_product_provides_it():
     """The double-backward and Gauss-Newton products' graphs supply L_train at phi (the GD loop
     then skips its final forward); forward-over-reverse has none and GD evaluates it."""
     model, params, tasks = conv_setup()
-    got = {hvp: make_algorithm("imaml-gd", inner_steps=2, inner_lr=0.1, lam=20.0, cg_steps=2,
+    got = {hvp: make_algorithm("imaml-gd", inner_steps=2, inner_lr=0.1, lam=19.0, cg_steps=2,
                                hvp=hvp).meta_gradient(model, params, tasks)[1]["inner_loss"]
            for hvp in ("forward_over_reverse", "exact", "ggn")}
     torch.testing.assert_close(got["exact"], got["forward_over_reverse"])
@@ -477,7 +478,17 @@ def test_options_the_algorithm_would_ignore_are_refused(name):
         with pytest.raises(ValueError, match=f"{name} does not use {k}={v!r}"):
             make_algorithm(name, **{k: v})
     make_algorithm(name, **options_for(name, **ignored))  # the helper keeps what applies
-    assert set(options_for(name, lam=1.0, **ignored)) == {"lam"}
+    # lam is the proximal term's: a baseline takes it only with regularized=True
+    assert set(options_for(name, lam=1.0, **ignored)) == \
+        ({"lam"} if name.startswith("imaml") else set())
+    if not name.startswith("imaml"):
+        with pytest.raises(ValueError, match=f"{name} does not use lam=1.0 .lam is the strength "
+                                             f"of the proximal term, which only "
+                                             f"regularized=True adds"):
+            make_algorithm(name, lam=1.0)
+        kw = options_for(name, lam=1.0, regularized=True, **ignored)
+        assert set(kw) == {"lam", "regularized"}
+        assert make_algorithm(name, **kw).config.lam == 1.0
     if name != "imaml-hf":
         assert set(options_for("imaml-hf", lam=1.0, **ignored)) == {"lam", *ignored}
     with pytest.raises(ValueError, match="name must be one of"):
@@ -596,3 +607,80 @@ def test_dropout_in_training_mode_is_refused(name):
     net.train()  # the same model again, after the cached TaskLoss was made
     with pytest.raises(ValueError, match="in training mode"):
         algo.meta_gradient(net, params, tasks)
+
+
+@pytest.mark.parametrize("name", ["imaml-gd", "imaml-hf", "maml", "fomaml", "reptile"])
+def test_a_parameter_the_forward_never_uses_is_named(name):
+    """autograd's own error ("appears to not have been used in the graph", or a freed graph on
+    the retry) says nothing of which parameter: the ValueError names it."""
+    class Partial(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 2)
+            self.unused = nn.Parameter(torch.randn(2))
+
+        def forward(self, x):
+            return self.lin(x)
+
+    torch.manual_seed(0)
+    model = Partial().double()
+    params = {k: v.detach().clone() for k, v in model.named_parameters()}
+    x = torch.randn(2, 4, 3, dtype=torch.float64)
+    y = torch.randint(0, 2, (2, 4))
+    with pytest.raises(ValueError, match=r"params: the loss does not depend on \['unused'\]"):
+        make_algorithm(name, inner_steps=2).meta_gradient(model, params, TaskBatch(x, y, x, y))
+
+
+def test_regularized_must_be_a_bool_and_inner_lr_lam_below_two():
+    """regularized="no" was stored as True; a GD inner loop with inner_lr * lam >= 2 diverged
+    (losses 1e25, every task reported ok) where the proximal term alone scales phi - theta by
+    1 - inner_lr lam each step."""
+    for bad in ("no", 1, 0.0):
+        with pytest.raises(ValueError, match=f"regularized must be None, True or False, got "
+                                             f"{bad!r}"):
+            make_algorithm("maml", regularized=bad)
+    for name, kw in (("imaml-gd", {"lam": 100.0}), ("imaml-gd", {"lam": 20.0}),
+                     ("imaml-gd", {"lam": 2.0, "inner_lr": 3.0, "proximal": "authors"}),
+                     ("reptile", {"lam": 30.0, "regularized": True})):
+        with pytest.raises(ValueError, match=r"inner_lr \* lam must be < 2"):
+            make_algorithm(name, **kw)
+    make_algorithm("imaml-gd", lam=19.0)  # 1.9: contracts
+    make_algorithm("imaml-hf", lam=100.0)  # Newton-CG with a line search: no GD step
+    make_algorithm("imaml-gd", lam=100.0, adapt="head")  # safeguarded steps
+    make_algorithm("imaml-gd", lam=100.0, inner_steps=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_imaml_names_a_half_precision_params_dtype_up_front(dtype):
+    """The inner loop ran, then an op refused "phi['0.weight']" or "cg: b leaf 0"."""
+    model = nn.Linear(3, 2).to(dtype)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    x = torch.randn(2, 4, 3, dtype=dtype)
+    y = torch.randint(0, 2, (2, 4))
+    for name in ("imaml-gd", "imaml-hf"):
+        with pytest.raises(ValueError, match=f"params: {name} needs float32 or float64 "
+                                             f"parameters .* got {dtype}"):
+            make_algorithm(name, inner_steps=1).meta_gradient(model, params,
+                                                               TaskBatch(x, y, x, y))
+
+
+def test_task_and_loss_shapes_the_review_found_are_named():
+    """Each raised a raw PyTorch error from deep inside (a bmm's sizes, a reshape of a scalar,
+    a broadcast in the accuracy)."""
+    model = nn.Sequential(nn.Linear(1, 3)).to(DT)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    y = torch.randint(0, 3, (2, 4))
+    x2 = torch.randn(2, 4, dtype=DT)
+    algo = make_algorithm("maml", inner_steps=1)
+    with pytest.raises(ValueError, match=r"tasks.x_support must be \(M, N, features\) .* got "
+                                         r"\(2, 4\) .*x.unsqueeze\(-1\)"):
+        algo.meta_gradient(model, params, TaskBatch(x2, y, x2, y))
+    x = x2.unsqueeze(-1)
+    with pytest.raises(ValueError, match=r"tasks.y_support must be \(M, N\) class labels for "
+                                         r"cross_entropy, got \(2, 4, 1\)"):
+        algo.meta_gradient(model, params, TaskBatch(x, y.unsqueeze(-1), x, y.unsqueeze(-1)))
+    scalar = make_algorithm("maml", inner_steps=1,
+                            loss=lambda out, t: F.cross_entropy(out.reshape(-1, 3), t.reshape(-1)))
+    with pytest.raises(ValueError, match=r"loss: a callable loss\(outputs, targets\) must return "
+                                         r"per-sample losses of shape \(2, 4\) .* got \(\)"):
+        scalar.meta_gradient(model, params, TaskBatch(x, y, x, y))

@@ -87,6 +87,12 @@ def test_bad_values_and_unknown_options(capsys, tmp_path):
                            "--out", str(tmp_path / "r"))
     assert_clean_error(code, err, "--proximal authors", "is for --algo imaml-gd",
                        "got --algo imaml-hf")
+    # a GD inner loop whose proximal term alone cannot contract (make_algorithm's rule, before
+    # it raised a traceback from inside the trainer)
+    code, _, err = run_cli(capsys, "train", "--algo", "imaml-gd", "--lam", "100", "--out",
+                           str(tmp_path / "r"))
+    assert_clean_error(code, err, "--inner-lr 0.1 x --lam 100.0 = 10",
+                       "needs inner_lr * lam < 2")
     with pytest.raises(SystemExit) as info:
         cli.main(["train", "--algo", "sgd"])
     assert info.value.code == 2
@@ -324,13 +330,45 @@ def test_a_second_signal_names_the_run_to_resume(capsys, monkeypatch, omniglot_r
     import signal as _signal
 
     def forced(self, on_log=None):
+        if self.cfg.steps == 2:
+            self.checkpoint()
         raise tr.ForcedStop(_signal.SIGINT)
     monkeypatch.setattr(tr.Trainer, "run", forced)
+    args = ["train", "--data-root", str(omniglot_root), "--val-classes", "2", "--ways", "3",
+            "--queries", "1", "--algo", "fomaml", "--val-every", "0", "--quiet"]
+    out = tmp_path / "r"
+    code, _, err = run_cli(capsys, *args, "--steps", "2", "--out", str(out))
+    assert code == 128 + _signal.SIGINT and f"imaml train --resume {out}" in err
+    # before its first checkpoint: "--resume" would fail ("no checkpoint found")
+    out = tmp_path / "r0"
+    code, _, err = run_cli(capsys, *args, "--steps", "3", "--out", str(out))
+    assert code == 128 + _signal.SIGINT and "--resume" not in err
+    assert f"the run wrote no checkpoint yet ({out}): start it again" in err
+
+
+def test_a_full_disk_outside_the_checkpoint_write_is_one_line(capsys, monkeypatch,
+                                                               omniglot_root, tmp_path):
+    """The metrics log's flush (or config.json, sessions.jsonl) meeting a full disk gave a
+    traceback; the checkpoint write alone had the one-line error naming the last good one."""
+    import errno as _errno
+    real = tr.MetricsLog.write
+    calls = []
+
+    def write(self, row):
+        calls.append(row)
+        if len(calls) == 3:
+            raise OSError(_errno.ENOSPC, "No space left on device", str(self.path))
+        return real(self, row)
+    monkeypatch.setattr(tr.MetricsLog, "write", write)
     out = tmp_path / "r"
     code, _, err = run_cli(capsys, "train", "--data-root", str(omniglot_root), "--val-classes",
                            "2", "--ways", "3", "--queries", "1", "--algo", "fomaml",
-                           "--val-every", "0", "--out", str(out), "--quiet")
-    assert code == 128 + _signal.SIGINT and f"imaml train --resume {out}" in err
+                           "--meta-batch", "2", "--inner-steps", "1", "--val-every", "0",
+                           "--log-every", "1", "--ckpt-every", "1", "--steps", "5",
+                           "--out", str(out), "--quiet")
+    assert_clean_error(code, err, f"No space left on device writing {out / 'metrics.csv'}",
+                       "the last good checkpoint is", "ckpt_00000002.pt",
+                       f"resume with imaml train --resume {out}")
 
 
 def test_quiet_is_not_carried_over_by_a_resume(tmp_path):

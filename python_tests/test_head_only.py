@@ -351,6 +351,34 @@ def test_adapt_and_evaluate_match_the_model_forward(name):
     assert bool((m["inner_loss"] < m["inner_loss_before"]).all())
 
 
+def test_body_keeps_a_layer_used_twice():
+    """A module object at two places in the Sequential (one nn.Tanh shared by both hidden
+    layers) is part of the body at both: the features are the model's own body applied per task,
+    and adapt/evaluate reproduce the model's forward."""
+    import copy
+    torch.manual_seed(0)
+    act = nn.Tanh()
+    model = nn.Sequential(nn.Linear(6, 5), act, nn.Linear(5, 4), act, nn.Linear(4, 3)).to(DT)
+    params = {k: v.detach().clone() for k, v in model.named_parameters()}
+    tasks = TaskBatch(torch.randn(2, 6, 6, dtype=DT), torch.randint(0, 3, (2, 6)),
+                      torch.randn(2, 9, 6, dtype=DT), torch.randint(0, 3, (2, 9)))
+    split = split_head(model)
+    assert len(split.body) == 4
+    body = nn.Sequential(*list(model)[:-1])  # iterating a Sequential visits every slot
+    torch.testing.assert_close(split.body(tasks.x_query[0]), body(tasks.x_query[0]))
+    algo = make_algorithm("imaml-gd", adapt="head", lam=LAM, inner_steps=3)
+    phi = algo.adapt(model, params, tasks.x_support, tasks.y_support)
+    loss, _ = algo.evaluate(model, params, tasks)
+    for i in range(2):
+        twin = copy.deepcopy(model)
+        with torch.no_grad():
+            for k, v in twin.named_parameters():
+                v.copy_(phi[k][i])
+        torch.testing.assert_close(loss[i], F.cross_entropy(twin(tasks.x_query[i]),
+                                                            tasks.y_query[i]),
+                                   rtol=1e-12, atol=0)
+
+
 # ---- configuration, command line, trainer -------------------------------------------------------
 
 def test_bad_arguments_name_the_argument():

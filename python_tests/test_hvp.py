@@ -188,6 +188,58 @@ def test_unsupported_model_falls_back_to_vmap():
         TaskLoss(model, backend="folded")
 
 
+def _shared_models():
+    """Models that reach a module or a tensor under two names, each with what it is."""
+    act = nn.ReLU()
+    lin = nn.Linear(4, 4)
+    a, b = nn.Linear(4, 4), nn.Linear(4, 3)
+    b.weight = nn.Parameter(torch.randn(3, 4))
+    tied_a, tied_b = nn.Linear(4, 4), nn.Linear(4, 4)
+    tied_b.weight = tied_a.weight
+    return {
+        "activation twice": nn.Sequential(nn.Linear(4, 5), act, nn.Linear(5, 5), act,
+                                          nn.Linear(5, 3)),
+        "linear twice": nn.Sequential(lin, nn.Tanh(), lin, nn.Tanh(), nn.Linear(4, 3)),
+        "tied weights": nn.Sequential(tied_a, nn.Tanh(), tied_b, nn.Tanh(), nn.Linear(4, 3)),
+    }
+
+
+@pytest.mark.parametrize("case", ["activation twice", "linear twice", "tied weights"])
+def test_modules_and_tensors_reached_twice(case):
+    """Each use of a shared layer runs (named_children() lists it once), tied tensors stay tied,
+    and the model keeps its own Parameters (torch.func.functional_call loses them on a module
+    at two paths): outputs and gradients against the real model, one task at a time."""
+    import copy
+    torch.manual_seed(0)
+    model = _shared_models()[case].to(DT)
+    own = {k: (v, v.detach().clone()) for k, v in model.named_parameters()}
+    M, n = 3, 6
+    params_b = {k: v.detach() + 0.1 * torch.randn(M, *v.shape, dtype=DT)
+                for k, v in model.named_parameters()}
+    x = torch.randn(M, n, 4, dtype=DT)
+    y = torch.randint(0, 3, (M, n))
+    tl = TaskLoss(model)
+    out = tl.outputs(params_b, x)
+    g, losses, _ = tl.grad(params_b, x, y)
+    for i in range(M):
+        twin = copy.deepcopy(model)  # keeps the sharing
+        with torch.no_grad():
+            for k, v in twin.named_parameters():
+                v.copy_(params_b[k][i])
+        torch.testing.assert_close(out[i], twin(x[i]))
+        loss = F.cross_entropy(twin(x[i]), y[i])
+        torch.testing.assert_close(losses[i], loss)
+        named = dict(twin.named_parameters())
+        gi = torch.autograd.grad(loss, list(named.values()))
+        for k, gk in zip(named, gi):
+            torch.testing.assert_close(g[k][i], gk, msg=k)
+    for k, (param, value) in own.items():
+        now = dict(model.named_parameters())[k]
+        assert now is param and type(now) is nn.Parameter, k
+        assert torch.equal(now, value), k
+    torch.testing.assert_close(model(x[0]), copy.deepcopy(model)(x[0]))
+
+
 def test_batched_grad_equals_per_task_loop():
     model, params_b, x, y = conv_setup()
     g, losses, out = TaskLoss(model).grad(params_b, x, y)
