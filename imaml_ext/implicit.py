@@ -19,6 +19,7 @@
 """
 from __future__ import annotations
 
+import functools
 import warnings
 import weakref
 from dataclasses import dataclass
@@ -30,7 +31,7 @@ from torch.utils import _pytree as pytree
 from imaml_ext import reference
 from imaml_ext.hvp import HVP_KINDS, BatchedHVP, ParamSpec, Params, TaskLoss, make_hvp
 from imaml_ext.linalg import (CGResult, LstsqOperator, ShiftedOperator, _capture_graph, _cg,
-                              breakdown_counts, cg, check_flag, check_leaves, finite_number,
+                              breakdown_counts, check_flag, check_leaves, finite_number,
                               not_converged)
 
 
@@ -422,9 +423,11 @@ def _report_breakdown(res: CGResult, grads, cfg) -> None:
         return
     neg, bad, stopped, total = counts
     if stopped:
+        hint = ("; CG needs dF/dz symmetric positive definite: if it is not, "
+                "solver='normal_cg'" if solver == "cg" else "")
         warnings.warn(f"implicit_root: the backward's CG did not converge in {stopped} of "
                       f"{total} system(s), so their gradients are approximate: "
-                      f"{not_converged(res, stopped, cfg['rtol'], cfg['atol'])}",
+                      f"{not_converged(res, stopped, cfg['rtol'], cfg['atol'])}{hint}",
                       RuntimeWarning, stacklevel=3)
     if neg:
         fix = ("solver='normal_cg' takes any invertible dF/dz" if solver == "cg" else
@@ -609,7 +612,7 @@ def _solve_adjoint(cfg, F_leaves, z, v):
         def A(u):
             with torch.enable_grad():
                 return tuple(t.detach() for t in fill(JT(pytree.tree_leaves(u)), z))
-        res = cg(A, vt, **kw)
+        res = _cg(A, vt, **kw)  # detached operands: nothing for cg's autograd route to record
         u = list(res.x)
     else:
         with torch.enable_grad():
@@ -619,7 +622,7 @@ def _solve_adjoint(cfg, F_leaves, z, v):
             with torch.enable_grad():
                 jt = fill(JT(pytree.tree_leaves(w)), z)
                 return tuple(t.detach() for t in fill(J([t.detach() for t in jt]), F_leaves))
-        res = cg(A, Jv, **kw)  # J J^T u = J v  <=>  J^T u = v for invertible J
+        res = _cg(A, Jv, **kw)  # J J^T u = J v  <=>  J^T u = v for invertible J
         u = list(res.x)
     return u, res
 
@@ -722,9 +725,84 @@ def implicit_root(optimality_fn: Callable, solution, *args, solver: str = "cg",
            "solver": solver, "max_iter": max_iter, "rtol": rtol, "atol": atol,
            "batched": batched, "use_ext": use_ext, "diagnostics": diagnostics,
            "cuda_graph": cuda_graph, "check": check}
+    if torch.is_grad_enabled():
+        _warn_closure_grads(optimality_fn, solution, args,
+                            [arg_leaves[i] for i in tensor_idx])
     out = _RootFn.apply(cfg, *[t.detach() for t in sol_leaves],
                         *[arg_leaves[i] for i in tensor_idx])
     return pytree.tree_unflatten(list(out), sol_spec)
+
+
+def _closure_tensors(fn) -> list:
+    """Tensors optimality_fn reads other than through its arguments, as far as they can be seen:
+    its closure cells (and one level of lists, tuples, dicts and modules in them), the module-level
+    tensors and modules it names, a functools.partial's bound arguments, a bound method's
+    module."""
+    found, seen = [], set()
+
+    def visit(x, depth=0):
+        if id(x) in seen:
+            return
+        seen.add(id(x))
+        if isinstance(x, torch.Tensor):
+            found.append(x)
+        elif isinstance(x, torch.nn.Module):
+            found.extend(x.parameters())
+        elif depth < 1 and isinstance(x, (list, tuple)):
+            for y in x:
+                visit(y, depth + 1)
+        elif depth < 1 and isinstance(x, dict):
+            for y in x.values():
+                visit(y, depth + 1)
+        elif callable(x) and depth < 1:
+            visit_fn(x, depth + 1)
+
+    def visit_fn(f, depth):
+        if isinstance(f, functools.partial):
+            for y in (*f.args, *f.keywords.values()):
+                visit(y, depth)
+            visit_fn(f.func, depth)
+            return
+        if getattr(f, "__self__", None) is not None:
+            visit(f.__self__, depth)
+        for c in getattr(f, "__closure__", None) or ():
+            try:
+                visit(c.cell_contents, depth)
+            except ValueError:  # an empty cell
+                pass
+        code, glob = getattr(f, "__code__", None), getattr(f, "__globals__", None)
+        if code is not None and glob is not None:  # module-level names the function reads
+            for name in code.co_names:
+                x = glob.get(name)
+                if isinstance(x, (torch.Tensor, torch.nn.Module)):
+                    visit(x, depth)
+    visit_fn(fn, 0)
+    return found
+
+
+def _warn_closure_grads(fn, solution, args, arg_tensors) -> None:
+    """A RuntimeWarning when optimality_fn depends on a tensor that requires grad other than
+    through its arguments: implicit_root gives gradients to args only, so that tensor would
+    silently get none through the root. Candidates come from _closure_tensors; one F(z*, args),
+    recorded, then says which of them it really depends on (only when there are candidates)."""
+    given = {id(t) for t in arg_tensors}
+    hidden = [t for t in _closure_tensors(fn) if t.requires_grad and id(t) not in given]
+    if not hidden:
+        return
+    z = pytree.tree_map(lambda t: t.detach(), solution)
+    with torch.enable_grad():
+        out = [t for t in pytree.tree_leaves(fn(z, *args))
+               if isinstance(t, torch.Tensor) and t.requires_grad]
+        if not out:
+            return
+        used = torch.autograd.grad([t.sum() for t in out], hidden, allow_unused=True)
+    hidden = [t for t, g in zip(hidden, used) if g is not None]
+    if hidden:
+        shapes = ", ".join(str(tuple(t.shape)) for t in hidden[:5])
+        warnings.warn(f"implicit_root: optimality_fn depends on {len(hidden)} tensor(s) that "
+                      f"require grad from outside its arguments (shapes {shapes}): they get no "
+                      f"gradient through the root; pass them in args", RuntimeWarning,
+                      stacklevel=3)
 
 
 def custom_root(optimality_fn: Callable, **solve_kwargs) -> Callable:

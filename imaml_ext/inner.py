@@ -25,8 +25,8 @@ from typing import Mapping
 import torch
 
 from imaml_ext import reference
-from imaml_ext.hvp import ParamSpec, Params, TaskLoss, expand_params, make_hvp
-from imaml_ext.linalg import ShiftedOperator, cg
+from imaml_ext.hvp import ParamSpec, Params, TaskLoss, expand_params, grad_of_params, make_hvp
+from imaml_ext.linalg import ShiftedOperator, _cg
 
 PROXIMAL = ("paper", "authors")
 
@@ -112,7 +112,7 @@ def gd(task_loss: TaskLoss, theta_b: Mapping[str, torch.Tensor], x: torch.Tensor
                 losses = task_loss(phi, x, y, mode="hvp")
                 if loss_first is None:
                     loss_first = losses.detach()
-                gs = torch.autograd.grad(losses.sum(), [phi[k] for k in names], create_graph=True)
+                gs = grad_of_params(losses.sum(), {k: phi[k] for k in names}, create_graph=True)
                 phi = {k: _step(phi[k], g, theta[k], lr, lam_in_steps) for k, g in zip(names, gs)}
             if proximal == "authors" and lam > 0:
                 phi = {k: phi[k] - (lr * lam) * (phi[k] - theta[k]) for k in names}
@@ -212,7 +212,8 @@ class NewtonLog:
         """(d, grad G . d): CG with `cg_steps` iterations on A d = -g from d = 0 (A a callable or
         a structured operator on (M, P) buffers); where CG gives no descent direction (no step
         taken, slope >= 0 or not finite) d = -g."""
-        res = cg(A, -g, max_iter=cg_steps, rtol=cg_rtol, batched=True, use_ext=use_ext)
+        # _cg: the Newton direction is not differentiated (cg would attach its derivative)
+        res = _cg(A, -g, max_iter=cg_steps, rtol=cg_rtol, batched=True, use_ext=use_ext)
         d = res.x
         self.negcurv += (res.status == reference.NEGATIVE_CURVATURE).to(torch.int32)
         self.cg_iters += res.iterations

@@ -32,7 +32,7 @@ from torch.utils import _pytree as pytree
 
 from imaml_ext import ops, reference
 from imaml_ext._ext import use_ext_for
-from imaml_ext.structured import SoftmaxHeadOperator
+from imaml_ext.structured import SoftmaxHeadOperator, as_number, check_coefficient
 
 
 class CGError(RuntimeError):
@@ -96,8 +96,15 @@ class LstsqOperator:
     """
 
     X: torch.Tensor
-    shift: float = 1.0
-    scale: float = 1.0
+    shift: float | torch.Tensor = 1.0
+    scale: float | torch.Tensor = 1.0
+
+    def __post_init__(self):
+        if not isinstance(self.X, torch.Tensor):
+            raise ValueError(f"LstsqOperator: X must be a tensor (B, n, d) or (n, d), got "
+                             f"{type(self.X).__name__}")
+        for name in ("shift", "scale"):
+            check_coefficient("LstsqOperator", name, getattr(self, name))
 
     def __call__(self, v: torch.Tensor) -> torch.Tensor:
         X = self.X if self.X.dim() == 3 else self.X.unsqueeze(0)
@@ -222,7 +229,9 @@ def cg(A: Callable | torch.Tensor | LstsqOperator, b, x0=None, *, max_iter: int 
 
     Args:
         A: a callable v -> A v over b's pytree structure (with batched=True it gets and returns
-            leaves with the leading batch dimension), or a ShiftedOperator around one; or a dense
+            leaves with the leading batch dimension; v is the solve's own direction buffer,
+            overwritten at the next step: clone it to keep it), or a ShiftedOperator around
+            one; or a dense
             tensor (P, P), or (B, P, P) with batched=True (a sparse one, COO or CSR, runs as the
             callable v -> A v; batched, COO); or an LstsqOperator. A must be symmetric; CG
             needs it positive definite and flags each system where it is not.
@@ -239,8 +248,11 @@ def cg(A: Callable | torch.Tensor | LstsqOperator, b, x0=None, *, max_iter: int 
             below about 1e-19 can read as converged at x = 0: use atol = 0, or scale b, there.
         batched: the leading dimension of every leaf of b indexes independent systems.
         use_ext: None picks the compiled kernels when available; False forces the reference.
-            Inside torch.func transforms, or with autograd recording through b, x0 or the
-            operator's output (tensors a callable A reads), the functional reference is used.
+            Under autograd (b or a tensor A reads requires grad) the solve runs detached and x
+            carries the implicit derivative of A^{-1} b (first order; one more product A x,
+            recorded, and one adjoint solve per backward with the same settings; x0 gets no
+            gradient). Inside torch.func transforms and torch.compile the functional reference
+            runs and is differentiated through its iterations.
         cuda_graph: for a callable A on a CUDA device, capture the whole loop (the products and
             the fused iteration ops) as one CUDA graph and replay it; needs max_iter (the graph
             holds exactly that many iterations). To reuse one capture across many right-hand
@@ -254,8 +266,156 @@ def cg(A: Callable | torch.Tensor | LstsqOperator, b, x0=None, *, max_iter: int 
         ValueError naming the argument for wrong shapes, dtypes, devices, batch sizes, max_iter,
         tolerances.
     """
-    return _cg(A, b, x0, max_iter=max_iter, rtol=rtol, atol=atol, batched=batched,
-               use_ext=use_ext, cuda_graph=cuda_graph)
+    kw = dict(max_iter=max_iter, rtol=rtol, atol=atol, batched=batched, use_ext=use_ext,
+              cuda_graph=cuda_graph)
+    if torch.is_grad_enabled() and not _traced():
+        return _cg_implicit(A, b, x0, **kw)
+    return _cg(A, b, x0, **kw)
+
+
+def _traced() -> bool:
+    """Inside a torch.func transform or torch.compile: the solve is differentiated (and vmapped)
+    through its iterations, by the functional twins of the ops."""
+    return torch.compiler.is_compiling() or torch._C._functorch.maybe_current_level() is not None
+
+
+def _detached(tree):
+    return None if tree is None else pytree.tree_map(
+        lambda t: t.detach() if isinstance(t, torch.Tensor) else t, tree)
+
+
+def _operator_tensors(A) -> list | None:
+    """The tensors a dense or structured operator reads; None for a callable (what it reads is
+    known only from its output)."""
+    if isinstance(A, torch.Tensor):
+        return [A]
+    if isinstance(A, LstsqOperator):
+        return [t for t in (A.X, A.shift, A.scale) if isinstance(t, torch.Tensor)]
+    if isinstance(A, SoftmaxHeadOperator):
+        return [t for t in (A.F, A.W, A.bias, A.shift, A.scale) if isinstance(t, torch.Tensor)]
+    return None
+
+
+def _apply_flat(A, z: torch.Tensor, b, batched: bool) -> torch.Tensor:
+    """A z for the flat (B, P) z of a solve of A x = b, as a flat (B, P) tensor (autograd
+    records through A's tensors)."""
+    bflat, spec, shapes = _flatten(b, batched, "b", copy=False)
+    if isinstance(A, torch.Tensor) and A.layout != torch.strided:
+        A = _sparse_operator(A, b, batched, *bflat.shape)
+    if isinstance(A, torch.Tensor):
+        return torch.matmul(A, z.unsqueeze(-1)).squeeze(-1)
+    if isinstance(A, LstsqOperator):
+        X = A.X if A.X.dim() == 3 else A.X.unsqueeze(0)
+        return reference.lstsq_apply(X, z, A.shift, A.scale)
+    if isinstance(A, SoftmaxHeadOperator):
+        return A(z)
+    out, _, _ = _flatten(A(_unflatten(z, spec, shapes, batched)), batched, "A(v)", copy=False)
+    return out
+
+
+class _AdjointSolve(torch.autograd.Function):
+    """The implicit derivative of a solve: forward zeros (x = z + this, z the solution), backward
+    g -> A^{-1} g (A symmetric) by `solve`. Applied to r = b - A z, recorded by autograd with z
+    held fixed, it gives dx = A^{-1} (db - dA z), the derivative of A^{-1} b in b and in every
+    tensor A reads."""
+
+    @staticmethod
+    def forward(ctx, r, solve):
+        ctx.solve = solve
+        return torch.zeros_like(r)
+
+    @staticmethod
+    def backward(ctx, g):
+        return ctx.solve(g), None
+
+
+def _cg_implicit(A, b, x0, *, max_iter, rtol, atol, batched, use_ext, cuda_graph) -> CGResult:
+    """cg under autograd: the solve runs on detached tensors (the compiled kernels, no graph of
+    its iterations), then x = z + S(b - A z) attaches the implicit derivative of A^{-1} b (one
+    more product A z, recorded; the backward one adjoint solve with the same settings)."""
+    kw = dict(max_iter=max_iter, rtol=rtol, atol=atol, batched=batched, use_ext=use_ext)
+    tensors = _operator_tensors(A)
+    probe = {}
+    solve_op = A
+    if tensors is None and callable(A) and not cuda_graph:
+        # A callable: whether autograd records through what it reads shows in its output only.
+        # Its first product runs with grad enabled (recording nothing unless it does), the rest
+        # under no_grad; the extra product A z below is then made only when it is needed.
+        def probed(v, op=A.op if isinstance(A, ShiftedOperator) else A):
+            if "grad" in probe:
+                return op(v)
+            with torch.enable_grad():
+                out = op(v)
+            probe["grad"] = any(t.requires_grad for t in pytree.tree_leaves(out)
+                                if isinstance(t, torch.Tensor))
+            return _detached(out)
+        solve_op = ShiftedOperator(probed, A.shift, A.scale) \
+            if isinstance(A, ShiftedOperator) else probed
+    with torch.no_grad():
+        res = _cg(solve_op, _detached(b), _detached(x0), cuda_graph=cuda_graph, **kw)
+    b_grad = any(t.requires_grad for t in pytree.tree_leaves(b) if isinstance(t, torch.Tensor))
+    if not b_grad and (not any(t.requires_grad for t in tensors) if tensors is not None
+                       else probe.get("grad") is False):
+        return res  # nothing recorded reaches x: no extra product
+    bflat, spec, shapes = _flatten(b, batched, "b", copy=False)
+    z, _, _ = _flatten(res.x, batched, "x", copy=False)
+    r = bflat - _apply_flat(A, z, b, batched)
+    if not r.requires_grad:
+        return res
+    if cuda_graph:
+        kw["max_iter"] = max_iter  # the adjoint solve runs eagerly (a graph per backward: none)
+
+    def solve(g: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled():
+            warnings.warn("imaml_ext.cg: a backward with create_graph=True gets cg's first-order "
+                          "implicit derivative, carrying no graph; for higher derivatives run "
+                          "the solve inside torch.func transforms (differentiated through its "
+                          "iterations)", RuntimeWarning, stacklevel=2)
+        with torch.no_grad():
+            adj = _cg(_detached_operator(A), _unflatten(g, spec, shapes, batched), **kw)
+        u, _, _ = _flatten(adj.x, batched, "x")
+        st = adj.status.reshape(-1, 1)
+        u = u.masked_fill(st == reference.NONFINITE, float("nan"))  # on the device: no read
+        _report_adjoint(adj, rtol, atol)
+        return u
+
+    x = z + _AdjointSolve.apply(r, solve)
+    return CGResult(_unflatten(x, spec, shapes, batched), res.iterations, res.residual_norm,
+                    res.status)
+
+
+def _detached_operator(A):
+    """A with its own tensors detached (a callable keeps its own: the adjoint solve runs under
+    no_grad, which records nothing through them)."""
+    if isinstance(A, torch.Tensor):
+        return A.detach()
+    if isinstance(A, LstsqOperator):
+        return LstsqOperator(A.X.detach(), *_detached((A.shift, A.scale)))
+    if isinstance(A, SoftmaxHeadOperator):
+        return SoftmaxHeadOperator(A.F.detach(), A.W.detach(), A.bias.detach(),
+                                   *_detached((A.shift, A.scale)))
+    return A
+
+
+def _report_adjoint(adj: CGResult, rtol: float, atol: float) -> None:
+    """A RuntimeWarning when the backward's solve broke down or stopped short (on the CPU; on a
+    GPU the read would synchronise every backward: non-finite systems still get NaN)."""
+    counts = breakdown_counts(adj, None)
+    if counts is None:
+        return
+    neg, bad, stopped, total = counts
+    if stopped:
+        warnings.warn(f"imaml_ext.cg: the backward's adjoint solve did not converge in "
+                      f"{stopped} of {total} system(s), so their gradients are approximate: "
+                      f"{not_converged(adj, stopped, rtol, atol)}", RuntimeWarning, stacklevel=3)
+    if neg:
+        warnings.warn(f"imaml_ext.cg: the backward's adjoint solve met negative curvature in "
+                      f"{neg} of {total} system(s): A is not positive definite there; their "
+                      f"gradients come from the iterate before it", RuntimeWarning, stacklevel=3)
+    if bad:
+        warnings.warn(f"imaml_ext.cg: non-finite values in the backward's adjoint solve in {bad} "
+                      f"of {total} system(s) (NaN or Inf in the cotangent or A): their gradients "
+                      f"are NaN", RuntimeWarning, stacklevel=3)
 
 
 def _sparse_operator(A: torch.Tensor, b, batched: bool, B: int, P: int) -> Callable:
@@ -307,8 +467,10 @@ def _cg(A, b, x0=None, *, max_iter: int | None = None, rtol: float = 1e-5, atol:
         xflat = None  # zeros
     else:
         xflat, xspec, xshapes = _flatten(x0, batched, "x0", copy=False)
-        if xspec != spec or xshapes != shapes:
-            _fail(f"x0 must have b's structure and shapes {shapes}, got {xshapes}")
+        if xspec != spec:
+            _fail(f"x0 must have b's structure {spec}, got {xspec}")
+        if xshapes != shapes:
+            _fail(f"x0 must have b's shapes {shapes}, got {xshapes}")
         if xflat.shape[0] != B:
             _fail(f"x0 must have b's {B} system(s) along the batch dimension, got "
                   f"{xflat.shape[0]}")
@@ -333,6 +495,9 @@ def _cg(A, b, x0=None, *, max_iter: int | None = None, rtol: float = 1e-5, atol:
         return CGResult(_unflatten(x, spec, shapes, batched), empty, bflat.new_zeros(0),
                         empty.clone())
 
+    if structured and cuda_graph:
+        _fail(f"cuda_graph=True captures a callable operator's loop; a "
+              f"{type(A).__name__} A runs its whole solve as one op already (no graph to make)")
     if not structured:
         if cuda_graph:
             if default_iters:  # 10 P unrolled iterations would make a graph as large as P allows
@@ -376,6 +541,12 @@ def _cg(A, b, x0=None, *, max_iter: int | None = None, rtol: float = 1e-5, atol:
         if scale is not None:
             x = x * scale.unsqueeze(1)
             rnorm = rnorm * scale
+            # A solution beyond the dtype's range (the scaled solve was finite, its unscaling
+            # is not: float32 b = 3e38 with A = I / 2) is flagged, not returned as converged.
+            # On the device. (A callable's solve unscales inside cg_end, which does not flag
+            # it: its x is Inf there, the status as the scaled solve left it.)
+            status = torch.where(torch.isfinite(x).all(dim=1), status,
+                                 torch.full_like(status, reference.NONFINITE))
         if fallback is not None:
             x = reference.first_order_fallback(x, fallback, status, iters)
     xs = _unflatten(x, spec, shapes, batched)
@@ -405,11 +576,12 @@ def _solve_structured(A, bflat, xflat, B, P, batched, max_iter, rtol, atol, ext,
         if X.dtype != bflat.dtype or X.device != bflat.device:
             _fail(f"A.X must have b's dtype and device ({bflat.dtype}, {bflat.device}), got "
                   f"({X.dtype}, {X.device})")
-        if reference_only or _needs_reference(X):
+        coeffs = [t for t in (A.shift, A.scale) if isinstance(t, torch.Tensor)]
+        if reference_only or _needs_reference(X, *coeffs):
             return reference.cg_solve_lstsq(X, bflat, xflat, A.shift, A.scale, max_iter, rtol,
                                             atol)
-        return ops.cg_solve_lstsq(X, bflat, xflat, float(A.shift), float(A.scale), max_iter,
-                                  rtol, atol, use_ext=ext)
+        return ops.cg_solve_lstsq(X, bflat, xflat, as_number(A.shift), as_number(A.scale),
+                                  max_iter, rtol, atol, use_ext=ext)
     Ab = A if batched else A.unsqueeze(0)
     if Ab.shape != (B, P, P):
         want = f"({B}, {P}, {P})" if batched else f"({P}, {P})"
@@ -591,10 +763,13 @@ def breakdown_counts(res: CGResult, check: bool | None) -> tuple[int, int, int, 
     """(systems that met negative curvature, systems with non-finite values, systems that
     stopped at max_iter short of the tolerance, all systems) of a solve, for a caller that warns
     about them; None when `check` says not to look: False, or None on a device other than the
-    CPU (the read would synchronise with the host)."""
+    CPU (the read would synchronise with the host); None too inside torch.func transforms and
+    torch.compile, where the statuses have no values to read."""
     st = res.status
     if check is False or (check is None and st.device.type != "cpu"):
         return None
+    if reference._in_transform(st):
+        return None  # a vmapped / traced status has no values to read
     neg, nonfinite, running = torch.stack([(st == reference.NEGATIVE_CURVATURE).sum(),
                                            (st == reference.NONFINITE).sum(),
                                            (st == reference.RUNNING).sum()]).tolist()  # 1 read

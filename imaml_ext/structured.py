@@ -23,6 +23,25 @@ def _fail(msg: str):
     raise ValueError(f"cg: {msg}")
 
 
+def check_coefficient(owner: str, name: str, v) -> None:
+    """ValueError unless v is a finite real number or a 0-d floating tensor (one that may
+    require grad: cg differentiates through it)."""
+    if isinstance(v, torch.Tensor):
+        if v.dim() != 0 or not v.is_floating_point():
+            raise ValueError(f"{owner}: {name} must be a finite number or a 0-d floating tensor, "
+                             f"got a {v.dtype} tensor of shape {tuple(v.shape)}")
+        return
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not v == v or \
+            v in (float("inf"), float("-inf")):
+        raise ValueError(f"{owner}: {name} must be a finite number or a 0-d floating tensor, "
+                         f"got {v!r}")
+
+
+def as_number(v) -> float:
+    """A coefficient (number or 0-d tensor) as a Python float for the compiled ops."""
+    return float(v.detach()) if isinstance(v, torch.Tensor) else float(v)
+
+
 @dataclass(frozen=True)
 class SoftmaxHeadOperator:
     """v -> shift * v + scale * H v, H the softmax head's cross-entropy Hessian at (W, bias).
@@ -42,8 +61,12 @@ class SoftmaxHeadOperator:
     F: torch.Tensor
     W: torch.Tensor
     bias: torch.Tensor
-    shift: float = 1.0
-    scale: float = 1.0
+    shift: float | torch.Tensor = 1.0
+    scale: float | torch.Tensor = 1.0
+
+    def __post_init__(self):
+        for name in ("shift", "scale"):
+            check_coefficient("SoftmaxHeadOperator", name, getattr(self, name))
 
     def batched(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(F (B, n, f), W (B, c, f), bias (B, c)), adding the batch dimension of one system."""
@@ -106,9 +129,11 @@ class SoftmaxHeadOperator:
         """
         self.check(b.shape[0], b.shape[1], b.dtype, b.device)
         F, W, bias = self.batched()
-        if reference_only or any(t.requires_grad and torch.is_grad_enabled() for t in (F, W, bias)) \
-                or any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in (F, W, bias)):
+        ts = (F, W, bias) + tuple(t for t in (self.shift, self.scale) if isinstance(t, torch.Tensor))
+        if reference_only or any(t.requires_grad and torch.is_grad_enabled() for t in ts) \
+                or any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in ts):
             return reference.cg_solve_softmax_head(F, W, bias, b, x0, self.shift, self.scale,
                                                    max_iter, rtol, atol)
-        return ops.cg_solve_softmax_head(F, W, bias, b, x0, float(self.shift), float(self.scale),
-                                         max_iter, rtol, atol, use_ext=use_ext)
+        return ops.cg_solve_softmax_head(F, W, bias, b, x0, as_number(self.shift),
+                                         as_number(self.scale), max_iter, rtol, atol,
+                                         use_ext=use_ext)

@@ -768,7 +768,7 @@ def _cg_case(kind, g):
         "batch_mismatch": (ident, (b, torch.ones(3, 2, dtype=torch.float64)), dict(batched=True),
                            "must have the batch size 2"),
         "x0_structure": (A, b, dict(batched=True, x0=(b,)), "x0 must have b's structure"),
-        "x0_shape": (A, b, dict(batched=True, x0=b[:, :3]), "x0 must have b's structure"),
+        "x0_shape": (A, b, dict(batched=True, x0=b[:, :3]), "x0 must have b's shapes"),
         "x0_dtype": (A, b, dict(batched=True, x0=b.float()), "x0 must have b's dtype"),
         "A_shape": (A[:, :3, :3], b, dict(batched=True), "A must be"),
         "A_unbatched_shape": (A, b[0], {}, "A must be"),
