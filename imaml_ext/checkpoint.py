@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -147,6 +148,8 @@ def find_checkpoint(path: str | Path) -> Path:
         return p
     if not p.exists():
         raise CheckpointError(f"--resume/--checkpoint {p} does not exist")
+    # absolute (symlinks kept), so that "." inside checkpoints/ has the folder's name
+    p = Path(os.path.abspath(p))
     ckdir = p / CKPT_DIR if (p / CKPT_DIR).is_dir() else p
     latest = ckdir / LATEST
     if latest.is_file():
@@ -174,8 +177,14 @@ def load_latest(path: str | Path, map_location="cpu") -> dict[str, Any]:
     first = find_checkpoint(p)
     if p.is_file():
         return load_checkpoint_file(first, map_location)
+    first = Path(os.path.abspath(first))
     run = first.parent.parent if first.parent.name == CKPT_DIR else first.parent
-    candidates = [first] + [q for _, q in reversed(list_checkpoints(run)) if q != first]
+    # then the older ones, newest first: a checkpoint of a later step than the one `latest`
+    # names belongs to a continuation abandoned by a resume from an older one
+    m = _NAME.match(first.name)
+    below = int(m.group(1)) if m else None
+    candidates = [first] + [q for s, q in reversed(list_checkpoints(run))
+                            if q != first and (below is None or s < below)]
     errors = []
     for c in candidates:
         try:

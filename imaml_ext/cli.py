@@ -18,6 +18,7 @@ written first).
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
@@ -162,9 +163,44 @@ def _config_from_args(ns: argparse.Namespace) -> tuple[TrainConfig, str | None]:
     return TrainConfig.from_dict({**saved, **given}), state["path"]
 
 
+# A write that failed for want of room or of a working disk: a one-line error naming the last
+# good checkpoint, as the checkpoint write's own failure is (other OSErrors keep their traceback).
+_DISK_ERRNOS = {errno.ENOSPC, errno.EIO, errno.EROFS, errno.EFBIG} | (
+    {errno.EDQUOT} if hasattr(errno, "EDQUOT") else set())
+
+
+def _disk_error(exc: OSError, run_dir, last) -> "CheckpointError":
+    from imaml_ext.checkpoint import CheckpointError
+    what = f"writing {exc.filename}" if exc.filename else "writing the run's files"
+    return CheckpointError(f"{exc.strerror or exc} {what}; the last good checkpoint is "
+                           f"{last or 'none (this run wrote none yet)'}: free space and "
+                           + (f"resume with imaml train --resume {run_dir}" if last
+                              else "start the run again"))
+
+
+def _last_checkpoint(run_dir) -> str | None:
+    from imaml_ext import checkpoint as ck
+    try:
+        return str(ck.find_checkpoint(run_dir)) if run_dir else None
+    except ck.CheckpointError:
+        return None
+
+
 def _train(ns: argparse.Namespace) -> int:
     from imaml_ext import train as tr
     cfg, resume = _config_from_args(ns)
+    try:
+        return _train_run(tr, cfg, resume)
+    except OSError as exc:
+        if exc.errno not in _DISK_ERRNOS:
+            raise
+        run_dir = getattr(exc, "run_dir", None) or cfg.out
+        if run_dir is None and resume is not None:
+            run_dir = resume if Path(resume).is_dir() else tr.run_dir_of_checkpoint(resume)
+        raise _disk_error(exc, run_dir, _last_checkpoint(run_dir)) from exc
+
+
+def _train_run(tr, cfg, resume) -> int:
     trainer = tr.Trainer(cfg, resume=resume)
     if trainer.info.is_main and not trainer.cfg.quiet:
         c = trainer.cfg
@@ -181,7 +217,7 @@ def _train(ns: argparse.Namespace) -> int:
               file=sys.stderr, flush=True)
     try:
         summary = trainer.run()
-    except tr.ForcedStop as exc:  # for main's message: where to resume from
+    except (tr.ForcedStop, OSError) as exc:  # for main's message: where to resume from
         exc.run_dir = trainer.run_dir
         raise
     if trainer.info.is_main:
@@ -269,8 +305,13 @@ def main(argv: list[str] | None = None) -> int:
                   f"{Path(exc.path).parent.parent if exc.path else '<run dir>'}", file=sys.stderr)
         return 128 + exc.signum
     except ForcedStop as exc:  # a second signal: no traceback, the signal's exit code
-        print(f"\nimaml: {exc}; resume from the last checkpoint with: imaml train --resume "
-              f"{getattr(exc, 'run_dir', None) or '<run dir>'}", file=sys.stderr)
+        run_dir = getattr(exc, "run_dir", None)
+        if run_dir is not None and _last_checkpoint(run_dir) is None:
+            print(f"\nimaml: {exc}; the run wrote no checkpoint yet ({run_dir}): start it "
+                  f"again", file=sys.stderr)
+        else:
+            print(f"\nimaml: {exc}; resume from the last checkpoint with: imaml train "
+                  f"--resume {run_dir or '<run dir>'}", file=sys.stderr)
         return 128 + exc.signum
     except KeyboardInterrupt:  # Ctrl-C in imaml eval (training handles its own signals)
         print("\nimaml: interrupted", file=sys.stderr)

@@ -76,7 +76,8 @@ def evaluate_tasks(algorithm, model: torch.nn.Module, params: dict[str, torch.Te
                    num_tasks: int, dtype: torch.dtype | None = None, split: str = "test",
                    start_step: int = 0, progress_every_s: float | None = None,
                    shard: tuple[int, int] = (0, 1),
-                   gather: Callable[[torch.Tensor], torch.Tensor] | None = None) -> EvalResult:
+                   gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                   should_stop: Callable[[], bool] | None = None) -> EvalResult | None:
     """Adapts to and scores ``num_tasks`` tasks drawn by ``sampler`` (its meta-batch at a time).
 
     Batches ``start_step, start_step + 1, ...`` of the sampler are used, so a given sampler seed
@@ -90,6 +91,11 @@ def evaluate_tasks(algorithm, model: torch.nn.Module, params: dict[str, torch.Te
     ``gather`` (required then) maps this process's (K, 2) tensor of per-task (loss, accuracy),
     K = the same count on every process, to the (world, K, 2) stack of every process's; the
     result is every process's, equal to the one-process evaluation of the same tasks.
+
+    should_stop: asked after every meta-batch; once it says True the evaluation is abandoned and
+    None returned (the trainer's validation when a stop signal comes: a validation can take
+    minutes, longer than a scheduler or torchrun waits after its SIGTERM). Over several
+    processes every one returns None when any stopped (its flag travels with the gather).
     """
     if num_tasks <= 0:
         raise ValueError(f"num_tasks must be > 0, got {num_tasks}")
@@ -106,6 +112,7 @@ def evaluate_tasks(algorithm, model: torch.nn.Module, params: dict[str, torch.Te
     accs, losses = [], []
     t0 = time.perf_counter()
     t_shown = t0
+    stopped = False
     for batch in sampler.iter_batches(start_step + rank, mine, stride=world):
         batch = batch.to(dtype=dtype) if dtype is not None else batch
         # No torch.no_grad(): adaptation differentiates the inner loss (the algorithm manages
@@ -116,14 +123,25 @@ def evaluate_tasks(algorithm, model: torch.nn.Module, params: dict[str, torch.Te
         if progress_every_s is not None:  # this process's share
             t_shown = _progress_line(split, accs, min(num_tasks, mine * m), t0, t_shown,
                                      progress_every_s)
+        if should_stop is not None and should_stop():
+            stopped = True
+            break
     if world > 1:
-        local = torch.full((per_rank * m, 2), float("nan"), dtype=torch.float64)
+        # the last row carries this process's stop flag
+        local = torch.full((per_rank * m + 1, 2), float("nan"), dtype=torch.float64)
         if accs:
-            local[:mine * m] = torch.stack([torch.cat(losses), torch.cat(accs)], 1)
-        every = gather(local).cpu().reshape(world, per_rank, m, 2)
+            done = torch.stack([torch.cat(losses), torch.cat(accs)], 1)
+            local[:done.shape[0]] = done
+        local[-1] = float(stopped)
+        every = gather(local).cpu()
+        if bool((every[:, -1, 0] > 0).any()):
+            return None
+        every = every[:, :-1].reshape(world, per_rank, m, 2)
         # batch k * world + r is process r's k-th: the stack's (k, r) order is the batches'
         ordered = every.transpose(0, 1).reshape(-1, 2)
         losses, accs = [ordered[:, 0]], [ordered[:, 1]]
+    elif stopped:
+        return None
     acc = torch.cat(accs)[:num_tasks]
     loss = torch.cat(losses)[:num_tasks]
     finite = torch.isfinite(loss) & torch.isfinite(acc)

@@ -492,11 +492,15 @@ class _Progress:
             self.bar.close()
 
 
+# The signals that stop a run as SIGTERM does (a terminal's or ssh session's hang-up too).
+_TERMINATE = (signal.SIGTERM,) + ((signal.SIGHUP,) if hasattr(signal, "SIGHUP") else ())
+
+
 @contextlib.contextmanager
 def _signal_flag(enabled: bool, repeat_s: float = 0.0):
-    """Installs SIGINT/SIGTERM handlers that record the signal; restores the old ones after. A
-    second signal quits at once (ForcedStop), except the same one again within ``repeat_s``
-    seconds of the first, which is taken for the same stop."""
+    """Installs SIGINT / SIGTERM / SIGHUP handlers that record the signal; restores the old ones
+    after. A second signal quits at once (ForcedStop), except the same one again within
+    ``repeat_s`` seconds of the first, which is taken for the same stop."""
     box = {"signum": 0, "at": 0.0}
     if not enabled or not _in_main_thread():
         yield box
@@ -512,7 +516,8 @@ def _signal_flag(enabled: bool, repeat_s: float = 0.0):
         print(f"\nimaml: {signal.Signals(signum).name} received; finishing this meta-step and "
               f"writing a checkpoint (send it again to quit at once)", file=sys.stderr, flush=True)
 
-    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    # SIGHUP too: a closed terminal or ssh session sends it, and torchrun forwards it
+    old = {s: signal.signal(s, handler) for s in (signal.SIGINT,) + _TERMINATE}
     try:
         yield box
     finally:
@@ -577,8 +582,55 @@ def default_run_dir(algo: str) -> Path:
 
 def run_dir_of_checkpoint(path: str | Path) -> Path:
     """The run directory a checkpoint file belongs to (<run>/checkpoints/ckpt_N.pt)."""
-    p = Path(path)
+    p = Path(os.path.abspath(path))  # a bare "ckpt.pt" inside checkpoints/ has parent "."
     return p.parent.parent if p.parent.name == ck.CKPT_DIR else p.parent
+
+
+# The run folders this process holds the lock of: path -> [open lock file, holders].
+_LOCKS: dict[str, list] = {}
+
+
+def lock_run_dir(run_dir: Path) -> str | None:
+    """An exclusive lock on ``run_dir/.lock`` (flock, which the OS drops when the process ends,
+    kill -9 included) for a training process, so that a second one, an accidental relaunch or a
+    requeued job while the first still runs, is refused instead of interleaving the metrics and
+    overwriting each other's checkpoints. Reentrant within one process. Returns the key for
+    ``unlock_run_dir``; None where flock does not exist (no lock taken)."""
+    try:
+        import fcntl  # noqa: PLC0415 (POSIX only)
+    except ImportError:  # pragma: no cover - Windows
+        return None
+    key = os.path.abspath(run_dir)
+    if key in _LOCKS:
+        _LOCKS[key][1] += 1
+        return key
+    os.makedirs(key, exist_ok=True)
+    f = open(os.path.join(key, ".lock"), "a+", encoding="utf-8")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        pid = f.read().strip()
+        f.close()
+        raise UsageError(f"{run_dir} is in use by another training process (pid {pid or '?'}, "
+                         f"per its .lock file): two runs writing one folder interleave its "
+                         f"metrics and overwrite each other's checkpoints; let it finish or "
+                         f"stop it first") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    _LOCKS[key] = [f, 1]
+    return key
+
+
+def unlock_run_dir(key: str | None) -> None:
+    """Releases one hold of lock_run_dir's lock (the lock itself with the last)."""
+    if key is None or key not in _LOCKS:
+        return
+    _LOCKS[key][1] -= 1
+    if _LOCKS[key][1] == 0:
+        _LOCKS.pop(key)[0].close()  # closing the file releases the flock
 
 
 # What marks a folder as a run's (a new run there would mix its files into the old one's).
@@ -656,6 +708,8 @@ class Trainer:
         # (rank 0's: it alone writes there, and another rank could see rank 0's new files)
         self._stale_run = self.info.is_main and check_run_dir(
             Path(cfg.out), self.state["path"] if self.state else None)
+        # rank 0, which writes there, holds the folder until run() ends
+        self._lock = lock_run_dir(Path(cfg.out)) if self.info.is_main else None
         if self.info.active and cfg.meta_batch % self.info.world:
             raise UsageError(f"--meta-batch {cfg.meta_batch} does not split evenly over "
                              f"{self.info.world} processes")
@@ -808,11 +862,14 @@ class Trainer:
         self.last_checkpoint = path
         return path
 
-    def validate(self) -> dict[str, Any] | None:
+    def validate(self, should_stop: Callable[[], bool] | None = None) -> dict[str, Any] | None:
         """Scores ``val_tasks`` validation tasks (the same ones at every validation). Under
         torchrun each rank adapts every world-th meta-batch of them and the per-task results are
         gathered (no rank waits on another's whole evaluation, as the collective's timeout would
-        otherwise bound it); the figures equal a one-process validation's."""
+        otherwise bound it); the figures equal a one-process validation's. None when there is
+        no validation split, or when should_stop() said True after some meta-batch (a stop
+        signal: the run checkpoints at once rather than after minutes of validation, which a
+        scheduler's or torchrun's grace period, 30 s by default, does not wait for)."""
         if self.val_sampler is None:
             return None
         shard, gather = (0, 1), None
@@ -827,17 +884,27 @@ class Trainer:
         res = evaluate_tasks(self.algorithm, self.model, self.params, self.val_sampler,
                              self.cfg.val_tasks, dtype=self.dtype, split="val",
                              progress_every_s=None if self.cfg.quiet or not self.info.is_main
-                             else 30.0, shard=shard, gather=gather)
+                             else 30.0, shard=shard, gather=gather, should_stop=should_stop)
+        if res is None:
+            return None
         return {"kind": "val", "step": self.step, "val_loss": res.loss, "val_acc": res.accuracy,
                 "val_ci95": res.ci95}
 
     def run(self, on_log: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
-        """Trains from the current step to ``cfg.steps``; returns a summary dict.
+        """Trains from the current step to ``cfg.steps``; returns a summary dict. The run
+        folder's lock (lock_run_dir, taken when the Trainer was made) is released at the end.
 
         Raises:
-            Interrupted: after SIGINT/SIGTERM (a checkpoint was written first).
+            Interrupted: after SIGINT/SIGTERM/SIGHUP (a checkpoint was written first).
             TrainingDivergedError: after ``max_bad_steps`` consecutive bad meta-steps.
         """
+        try:
+            return self._run(on_log)
+        finally:
+            unlock_run_dir(self._lock)
+            self._lock = None
+
+    def _run(self, on_log) -> dict[str, Any]:
         cfg, dev = self.cfg, self.device
         nm = len(METRIC_KEYS)
         # Window sums on the device: per metric (sum over finite tasks, count), then tasks,
@@ -872,7 +939,7 @@ class Trainer:
                     # steady step times; the first step always runs).
                     timed_out = bool(cfg.max_time) and now - t_start + 2 * step_s > cfg.max_time
                     want = (float(sig["signum"] == signal.SIGINT),
-                            float(sig["signum"] == signal.SIGTERM), float(timed_out))
+                            float(sig["signum"] in _TERMINATE), float(timed_out))
                     metrics, ok, _, stop = self.meta_step(batch, want)
                     self.step += 1
                     steps_window += 1
@@ -890,7 +957,7 @@ class Trainer:
                         s_int, s_term, s_time = (v > 0 for v in stop.tolist())
                     else:
                         s_int, s_term, s_time = (sig["signum"] == signal.SIGINT,
-                                                 sig["signum"] == signal.SIGTERM, timed_out)
+                                                 sig["signum"] in _TERMINATE, timed_out)
                     stopping = s_int or s_term or s_time
                     if self.stop_after is not None and self.step >= self.stop_after:
                         stopping = True
@@ -911,10 +978,13 @@ class Trainer:
                     # a checkpoint step logs too: its window goes into the counters it saves
                     if self.step % cfg.log_every == 0 or ckpt_now:
                         log_window()
+                    # (not after a stop signal: the run checkpoints and leaves; s_int / s_term
+                    # are the ranks' agreed flags, so all skip it or none does)
                     if cfg.val_every and (self.step % cfg.val_every == 0 or last) \
-                            and self.val_sampler is not None:
-                        val = self.validate()  # every rank takes part
-                        if self.info.is_main:
+                            and self.val_sampler is not None and not (s_int or s_term):
+                        # every rank takes part; a stop signal abandons it (no row)
+                        val = self.validate(should_stop=lambda: bool(sig["signum"]))
+                        if self.info.is_main and val is not None:
                             last_val = val
                             self.log.write(last_val)
                             progress.show(last_val)
@@ -952,7 +1022,7 @@ class Trainer:
     def _stop_flags(self, sig, t_start: float, step_s: float) -> tuple[bool, bool, bool]:
         """(SIGINT, SIGTERM, --max-time) as of now, agreed over the ranks (an all-reduce) under
         torchrun: between steps, e.g. after a validation."""
-        flags = [float(sig["signum"] == signal.SIGINT), float(sig["signum"] == signal.SIGTERM),
+        flags = [float(sig["signum"] == signal.SIGINT), float(sig["signum"] in _TERMINATE),
                  float(bool(self.cfg.max_time)
                        and time.perf_counter() - t_start + step_s > self.cfg.max_time)]
         if self.info.active:

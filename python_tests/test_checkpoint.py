@@ -121,6 +121,33 @@ def test_rotation_after_resuming_from_an_older_step_keeps_the_new_file(tmp_path)
     assert [s for s, _ in ck.list_checkpoints(tmp_path)] == [210, 220, 230, 300]
 
 
+def test_a_damaged_newest_falls_back_below_it_not_to_an_abandoned_continuation(tmp_path):
+    """Steps 20, 25, 30 written, the run resumed from 20 and continued to 27 (latest names it,
+    30 is the abandoned continuation's): 27 damaged, the fallback took 30, a gap in the log
+    (28-30 missing) and the other branch's parameters. It takes 25."""
+    for s in (20, 25, 30):
+        ck.save_checkpoint(tmp_path, _state(s), keep=5)
+    newest = ck.save_checkpoint(tmp_path, _state(27), keep=5)
+    newest.write_bytes(newest.read_bytes()[:100])
+    assert ck.load_latest(tmp_path)["step"] == 25
+
+
+def test_relative_paths_inside_the_checkpoints_folder(tmp_path, monkeypatch):
+    """`--resume ckpt_N.pt` (or `.`) from inside checkpoints/: the run folder was taken to be
+    checkpoints/ itself (Path("ckpt.pt").parent is "."), so the resumed run nested a second run
+    there."""
+    for s in (1, 2):
+        ck.save_checkpoint(tmp_path, _state(s))
+    monkeypatch.chdir(tmp_path / "checkpoints")
+    assert tr.run_dir_of_checkpoint(ck.ckpt_name(2)) == tmp_path
+    assert tr.run_dir_of_checkpoint(os.path.join("..", "checkpoints", ck.ckpt_name(2))) == \
+        tmp_path
+    assert ck.find_checkpoint(".").resolve() == (tmp_path / "checkpoints" / ck.ckpt_name(2))
+    assert ck.load_latest(".")["step"] == 2
+    monkeypatch.chdir(tmp_path)
+    assert tr.run_dir_of_checkpoint(os.path.join("checkpoints", ck.ckpt_name(2))) == tmp_path
+
+
 def test_an_unreadable_latest_pointer_falls_back_to_the_highest_step(tmp_path):
     for s in (1, 2):
         ck.save_checkpoint(tmp_path, _state(s))
@@ -214,3 +241,34 @@ def test_a_checkpoint_written_with_torchs_version_object_still_loads(tmp_path):
     torch.save({"format": ck.FORMAT, **_state(1), "versions": {"torch": torch.__version__}},
                path)
     assert ck.load_checkpoint_file(path)["versions"]["torch"] == str(torch.__version__)
+
+
+def test_a_second_process_training_in_the_same_folder_is_refused(tmp_path):
+    """Two processes in one run folder (a relaunch while the first runs, orphaned ranks after
+    torchrun's agent was killed) interleaved metrics.csv and overwrote each other's checkpoints:
+    the folder is locked (flock on .lock, dropped by the OS when its holder ends)."""
+    import subprocess
+    import sys
+    import textwrap
+    pytest.importorskip("fcntl")
+    make_trainer(tmp_path, steps=2, ckpt_every=2).run()  # lock released at the end of run()
+    run = tmp_path / "run"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(f"""
+            import sys, time
+            from pathlib import Path
+            from imaml_ext import train
+            train.lock_run_dir(Path({str(run)!r}))
+            print("locked", flush=True)
+            time.sleep(60)
+        """)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(tr.UsageError, match=rf"in use by another training process \(pid "
+                                                rf"{holder.pid}, per its .lock file\)"):
+            make_trainer(tmp_path, steps=4, resume=str(run))
+    finally:
+        holder.kill()
+        holder.wait()
+    t = make_trainer(tmp_path, steps=4, resume=str(run))  # the holder gone: free again
+    assert t.run()["step"] == 4

@@ -318,23 +318,28 @@ def test_ctrl_c_with_prefetching_workers_still_checkpoints(tmp_path, capfd):
     assert capfd.readouterr().err.count("SIGINT received") == 1  # the trainer's, not the worker's
 
 
-def test_sigterm_to_the_workers_too_still_checkpoints(tmp_path):
+@pytest.mark.parametrize("signame", ["SIGTERM", "SIGHUP"])
+def test_sigterm_to_the_workers_too_still_checkpoints(tmp_path, signame):
     """A scheduler's time limit (Slurm signals every process of the job), `timeout` (the whole
     group) or torchrun (each rank's group) sends SIGTERM to the DataLoader workers as well as the
     trainer. A worker killed by it made torch's SIGCHLD handler raise in the trainer mid-step:
-    no checkpoint, a traceback."""
+    no checkpoint, a traceback. SIGHUP (a closed terminal or ssh session; torchrun forwards it)
+    killed the run without a checkpoint: it stops as SIGTERM does."""
+    if not hasattr(signal, signame):
+        pytest.skip(f"no {signame} here")
+    signum = getattr(signal, signame)
     t = make_trainer(tmp_path, steps=6, ckpt_every=0, num_workers=1)
 
     def on_log(row):
         if row["step"] == 2:
             (worker,) = t.sampler._loader._iterator._workers
-            os.kill(worker.pid, signal.SIGTERM)
+            os.kill(worker.pid, signum)
             worker.join(10)  # gone before the trainer goes on
-            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signum)
 
     with pytest.raises(tr.Interrupted) as info:
         t.run(on_log=on_log)
-    assert info.value.signum == signal.SIGTERM and info.value.step == 3
+    assert info.value.signum == signum and info.value.step == 3
     assert torch.load(info.value.path, weights_only=False)["step"] == 3
 
 
@@ -703,8 +708,8 @@ def signal_after_validation(t: tr.Trainer) -> tr.Trainer:
     """t, whose every validation ends with a SIGINT to this process."""
     validate = t.validate
 
-    def validate_then_signal():
-        out = validate()
+    def validate_then_signal(**kw):
+        out = validate(**kw)
         os.kill(os.getpid(), signal.SIGINT)
         return out
     t.validate = validate_then_signal
@@ -722,6 +727,29 @@ def test_a_signal_during_validation_stops_after_it_not_a_step_later(tmp_path):
     rows = tr.read_metrics(tmp_path / "run")
     # the window in flight (steps 1-2, log_every 5) was logged before the checkpoint
     assert [(r["kind"], r["step"]) for r in rows] == [("val", 2), ("train", 2)]
+
+
+def test_a_signal_in_the_middle_of_a_validation_abandons_it(tmp_path):
+    """A validation of thousands of tasks takes minutes, and torchrun (or a scheduler) kills a
+    process 30 s after its SIGTERM: the trainer finished the validation first and lost the
+    checkpoint. It now stops after the validation's current meta-batch: checkpoint, no row."""
+    t = make_trainer(tmp_path, steps=6, val_every=2, val_tasks=8, ckpt_every=0, log_every=5)
+    assert t.val_sampler.meta_batch == 2  # four meta-batches of validation
+    evaluate = t.algorithm.evaluate
+    calls = []
+
+    def evaluate_and_signal(*a, **kw):
+        calls.append(1)
+        if len(calls) == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return evaluate(*a, **kw)
+    t.algorithm.evaluate = evaluate_and_signal
+    with pytest.raises(tr.Interrupted) as info:
+        t.run()
+    assert len(calls) == 1  # abandoned after its first meta-batch
+    assert info.value.step == 2 and info.value.path.name == "ckpt_00000002.pt"
+    rows = tr.read_metrics(tmp_path / "run")
+    assert [(r["kind"], r["step"]) for r in rows] == [("train", 2)]
 
 
 def test_progress_shows_cg_columns_for_imaml_even_at_zero_iterations(capsys):
