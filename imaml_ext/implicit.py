@@ -726,8 +726,7 @@ def implicit_root(optimality_fn: Callable, solution, *args, solver: str = "cg",
            "batched": batched, "use_ext": use_ext, "diagnostics": diagnostics,
            "cuda_graph": cuda_graph, "check": check}
     if torch.is_grad_enabled():
-        _warn_closure_grads(optimality_fn, solution, args,
-                            [arg_leaves[i] for i in tensor_idx])
+        _warn_closure_grads(optimality_fn, solution, args, [arg_leaves[i] for i in tensor_idx])
     out = _RootFn.apply(cfg, *[t.detach() for t in sol_leaves],
                         *[arg_leaves[i] for i in tensor_idx])
     return pytree.tree_unflatten(list(out), sol_spec)
@@ -783,19 +782,23 @@ def _closure_tensors(fn) -> list:
 def _warn_closure_grads(fn, solution, args, arg_tensors) -> None:
     """A RuntimeWarning when optimality_fn depends on a tensor that requires grad other than
     through its arguments: implicit_root gives gradients to args only, so that tensor would
-    silently get none through the root. Candidates come from _closure_tensors; one F(z*, args),
-    recorded, then says which of them it really depends on (only when there are candidates)."""
+    silently get none through the root. Candidates come from _closure_tensors (none, the usual
+    case: nothing is run); with some, one F(z*, args) is evaluated as the backward evaluates it
+    (z* requiring grad, for an F that differentiates in z) to see which it really depends on. An
+    F that fails there is left to fail, or not, in the backward."""
     given = {id(t) for t in arg_tensors}
     hidden = [t for t in _closure_tensors(fn) if t.requires_grad and id(t) not in given]
     if not hidden:
         return
-    z = pytree.tree_map(lambda t: t.detach(), solution)
-    with torch.enable_grad():
-        out = [t for t in pytree.tree_leaves(fn(z, *args))
-               if isinstance(t, torch.Tensor) and t.requires_grad]
-        if not out:
-            return
-        used = torch.autograd.grad([t.sum() for t in out], hidden, allow_unused=True)
+    try:
+        z = pytree.tree_map(lambda t: t.detach().requires_grad_(True), solution)
+        with torch.enable_grad():
+            out = [t for t in pytree.tree_leaves(fn(z, *args))
+                   if isinstance(t, torch.Tensor) and t.requires_grad]
+            used = torch.autograd.grad([t.sum() for t in out], hidden, allow_unused=True) \
+                if out else [None] * len(hidden)
+    except Exception:  # noqa: BLE001 - a check only: the backward reports F's own errors
+        return
     hidden = [t for t, g in zip(hidden, used) if g is not None]
     if hidden:
         shapes = ", ".join(str(tuple(t.shape)) for t in hidden[:5])

@@ -104,7 +104,8 @@ class LstsqOperator:
             raise ValueError(f"LstsqOperator: X must be a tensor (B, n, d) or (n, d), got "
                              f"{type(self.X).__name__}")
         for name in ("shift", "scale"):
-            check_coefficient("LstsqOperator", name, getattr(self, name))
+            object.__setattr__(self, name, check_coefficient("LstsqOperator", name,
+                                                             getattr(self, name)))
 
     def __call__(self, v: torch.Tensor) -> torch.Tensor:
         X = self.X if self.X.dim() == 3 else self.X.unsqueeze(0)
@@ -332,38 +333,52 @@ class _AdjointSolve(torch.autograd.Function):
 def _cg_implicit(A, b, x0, *, max_iter, rtol, atol, batched, use_ext, cuda_graph) -> CGResult:
     """cg under autograd: the solve runs on detached tensors (the compiled kernels, no graph of
     its iterations), then x = z + S(b - A z) attaches the implicit derivative of A^{-1} b (one
-    more product A z, recorded; the backward one adjoint solve with the same settings)."""
-    kw = dict(max_iter=max_iter, rtol=rtol, atol=atol, batched=batched, use_ext=use_ext)
+    more product A z, recorded, where A reads something that requires grad; the backward one
+    adjoint solve)."""
+    kw = dict(max_iter=max_iter, batched=batched, use_ext=use_ext)
     tensors = _operator_tensors(A)
-    probe = {}
-    solve_op = A
-    if tensors is None and callable(A) and not cuda_graph:
-        # A callable: whether autograd records through what it reads shows in its output only.
-        # Its first product runs with grad enabled (recording nothing unless it does), the rest
-        # under no_grad; the extra product A z below is then made only when it is needed.
-        def probed(v, op=A.op if isinstance(A, ShiftedOperator) else A):
-            if "grad" in probe:
-                return op(v)
-            with torch.enable_grad():
-                out = op(v)
-            probe["grad"] = any(t.requires_grad for t in pytree.tree_leaves(out)
-                                if isinstance(t, torch.Tensor))
+    probe = {"grad": False}
+
+    def detaching(op):
+        # Each product under the caller's grad mode (an operator may build a graph of its own,
+        # e.g. a hand-written HVP calling autograd.grad(..., create_graph=True)), its output
+        # detached: nothing of the iterations is recorded. Whether autograd records through
+        # what a callable reads shows in its outputs only: any product that did says so.
+        def run(v):
+            out = op(v)
+            if any(isinstance(t, torch.Tensor) and t.requires_grad
+                   for t in pytree.tree_leaves(out)):
+                probe["grad"] = True
             return _detached(out)
-        solve_op = ShiftedOperator(probed, A.shift, A.scale) \
-            if isinstance(A, ShiftedOperator) else probed
-    with torch.no_grad():
-        res = _cg(solve_op, _detached(b), _detached(x0), cuda_graph=cuda_graph, **kw)
+        return run
+
+    def plain(op):  # the callable with every product detached (the adjoint's too)
+        if isinstance(op, ShiftedOperator):
+            return ShiftedOperator(detaching(op.op), op.shift, op.scale)
+        return detaching(op)
+
+    if tensors is None and callable(A):
+        res = _cg(plain(A), _detached(b), _detached(x0), rtol=rtol, atol=atol,
+                  cuda_graph=cuda_graph, **kw)
+        op_grad = probe["grad"]  # no product at all: b = 0, x = 0, no dependence on A
+    else:
+        with torch.no_grad():
+            res = _cg(A, _detached(b), _detached(x0), rtol=rtol, atol=atol,
+                      cuda_graph=cuda_graph, **kw)
+        op_grad = tensors is not None and any(t.requires_grad for t in tensors)
     b_grad = any(t.requires_grad for t in pytree.tree_leaves(b) if isinstance(t, torch.Tensor))
-    if not b_grad and (not any(t.requires_grad for t in tensors) if tensors is not None
-                       else probe.get("grad") is False):
+    if not (b_grad or op_grad):
         return res  # nothing recorded reaches x: no extra product
     bflat, spec, shapes = _flatten(b, batched, "b", copy=False)
     z, _, _ = _flatten(res.x, batched, "x", copy=False)
-    r = bflat - _apply_flat(A, z, b, batched)
+    # r = b - A z recorded; with only b to differentiate, b - b (A z is constant): no product
+    r = bflat - (_apply_flat(A, z, b, batched) if op_grad else bflat.detach())
     if not r.requires_grad:
         return res
-    if cuda_graph:
-        kw["max_iter"] = max_iter  # the adjoint solve runs eagerly (a graph per backward: none)
+    # The adjoint's right-hand side is the cotangent, on any scale: atol (in b's units) would
+    # call a small one converged at u = 0, a zero gradient. Relative only (rtol 0: 1e-5).
+    rtol_adj = rtol if rtol > 0 else 1e-5
+    adjoint_op = plain(A) if tensors is None and callable(A) else _detached_operator(A)
 
     def solve(g: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled():
@@ -371,12 +386,13 @@ def _cg_implicit(A, b, x0, *, max_iter, rtol, atol, batched, use_ext, cuda_graph
                           "implicit derivative, carrying no graph; for higher derivatives run "
                           "the solve inside torch.func transforms (differentiated through its "
                           "iterations)", RuntimeWarning, stacklevel=2)
-        with torch.no_grad():
-            adj = _cg(_detached_operator(A), _unflatten(g, spec, shapes, batched), **kw)
+        with torch.enable_grad():  # an operator that builds its own graph needs grad mode
+            adj = _cg(adjoint_op, _unflatten(g.detach(), spec, shapes, batched),
+                      rtol=rtol_adj, atol=0.0, **kw)
         u, _, _ = _flatten(adj.x, batched, "x")
         st = adj.status.reshape(-1, 1)
         u = u.masked_fill(st == reference.NONFINITE, float("nan"))  # on the device: no read
-        _report_adjoint(adj, rtol, atol)
+        _report_adjoint(adj, rtol_adj, 0.0)
         return u
 
     x = z + _AdjointSolve.apply(r, solve)
@@ -385,8 +401,7 @@ def _cg_implicit(A, b, x0, *, max_iter, rtol, atol, batched, use_ext, cuda_graph
 
 
 def _detached_operator(A):
-    """A with its own tensors detached (a callable keeps its own: the adjoint solve runs under
-    no_grad, which records nothing through them)."""
+    """A dense or structured A with its own tensors detached."""
     if isinstance(A, torch.Tensor):
         return A.detach()
     if isinstance(A, LstsqOperator):
@@ -585,8 +600,13 @@ def _solve_structured(A, bflat, xflat, B, P, batched, max_iter, rtol, atol, ext,
     Ab = A if batched else A.unsqueeze(0)
     if Ab.shape != (B, P, P):
         want = f"({B}, {P}, {P})" if batched else f"({P}, {P})"
+        n = A.shape[-1] if A.dim() >= 2 else 0
+        hint = (f" (b's {P} = {P // n} x {n} entries are one system here; several right-hand "
+                f"sides of one A are rows of b with batched=True: b (k, {n}), A expanded to "
+                f"(k, {n}, {n}))" if not batched and A.dim() == 2 and n and P % n == 0
+                and P > n else "")
         _fail(f"A must be {want} for b with {B} system(s) of {P} unknowns, got "
-              f"{tuple(A.shape)}")
+              f"{tuple(A.shape)}{hint}")
     if A.dtype != bflat.dtype or A.device != bflat.device:
         _fail(f"A must have b's dtype and device ({bflat.dtype}, {bflat.device}), got "
               f"({A.dtype}, {A.device})")

@@ -12,6 +12,8 @@ then bias]: exactly what `cg` makes of the right-hand side `(g_W, g_bias)` when 
 """
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -23,18 +25,19 @@ def _fail(msg: str):
     raise ValueError(f"cg: {msg}")
 
 
-def check_coefficient(owner: str, name: str, v) -> None:
-    """ValueError unless v is a finite real number or a 0-d floating tensor (one that may
-    require grad: cg differentiates through it)."""
+def check_coefficient(owner: str, name: str, v):
+    """v as a Python float (any finite real number, NumPy's too) or as the 0-d floating tensor
+    it is (one that may require grad: cg differentiates through it; on a GPU the compiled
+    solvers read it to the host once per solve); ValueError otherwise."""
     if isinstance(v, torch.Tensor):
         if v.dim() != 0 or not v.is_floating_point():
             raise ValueError(f"{owner}: {name} must be a finite number or a 0-d floating tensor, "
                              f"got a {v.dtype} tensor of shape {tuple(v.shape)}")
-        return
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not v == v or \
-            v in (float("inf"), float("-inf")):
+        return v
+    if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
         raise ValueError(f"{owner}: {name} must be a finite number or a 0-d floating tensor, "
                          f"got {v!r}")
+    return float(v)  # a NumPy scalar times a tensor would go through NumPy
 
 
 def as_number(v) -> float:
@@ -66,7 +69,8 @@ class SoftmaxHeadOperator:
 
     def __post_init__(self):
         for name in ("shift", "scale"):
-            check_coefficient("SoftmaxHeadOperator", name, getattr(self, name))
+            object.__setattr__(self, name, check_coefficient("SoftmaxHeadOperator", name,
+                                                             getattr(self, name)))
 
     def batched(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(F (B, n, f), W (B, c, f), bias (B, c)), adding the batch dimension of one system."""

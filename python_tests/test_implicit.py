@@ -495,7 +495,9 @@ def test_implicit_root_warns_that_create_graph_gives_first_order_gradients():
 
 def test_a_closure_tensor_that_requires_grad_is_warned_about():
     """Only args get gradients: a tensor optimality_fn reads from its closure got none,
-    silently (d val / d lam 0.4 where it is 0.27 in the review's ridge case)."""
+    silently (d val / d lam 0.4 where it is 0.27 in the review's ridge case): the call warns
+    when F depends on one. The check calls F as the backward does, z requiring grad: an F that
+    differentiates in z, with a module in its closure, failed in the first version."""
     import functools
     import warnings
     dt = torch.float64
@@ -507,14 +509,28 @@ def test_a_closure_tensor_that_requires_grad_is_warned_about():
 
     def ridge(w, lam):
         return X.T @ (X @ w - y) / 30 + lam * w
+
+    def grad_of(w_root):
+        return torch.autograd.grad((w_root ** 2).sum(), lam, allow_unused=True)
+
     closure = (lambda w: ridge(w, lam))  # noqa: E731
     for fn in (closure, functools.partial(ridge, lam=lam)):
-        with pytest.warns(RuntimeWarning, match=r"depends on 1 tensor\(s\) that require grad from "
-                                                r"outside its arguments"):
+        with pytest.warns(RuntimeWarning, match=r"depends on 1 tensor\(s\) that require grad "
+                                                r"from outside its arguments"):
             implicit_root(fn, w_star)
+    model = torch.nn.Linear(4, 1).double()
+
+    def by_autograd(w, a):  # F as the gradient of an objective in w: needs w to require grad
+        obj = 0.5 * ((X @ w - y) ** 2).mean() + 0.5 * a * (w @ w) + 0 * model.weight.sum()
+        return torch.autograd.grad(obj, w, create_graph=True)[0]
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        implicit_root(ridge, w_star, lam)  # passed as an argument: no warning
+        torch.autograd.grad((implicit_root(ridge, w_star, lam) ** 2).sum(), lam)  # an arg
         with torch.no_grad():
-            implicit_root(closure, w_star)  # nothing recorded: no warning
-        implicit_root(lambda w: ridge(w, lam.detach()), w_star)
+            implicit_root(closure, w_star)  # nothing recorded: nothing to say
+        torch.autograd.grad((implicit_root(lambda w: ridge(w, lam.detach()) + 0 * lam.detach(),
+                                           w_star, ) ** 2).sum() + lam, lam)
+        a = torch.tensor(0.2, dtype=dt, requires_grad=True)
+        (ga,) = torch.autograd.grad((implicit_root(by_autograd, w_star, a) ** 2).sum(), a)
+    (want,) = torch.autograd.grad((implicit_root(ridge, w_star, a) ** 2).sum(), a)
+    torch.testing.assert_close(ga, want)

@@ -897,3 +897,43 @@ def test_cuda_graph_is_refused_for_an_operator_solved_in_one_op():
     with pytest.raises(ValueError, match="an? LstsqOperator A runs its whole solve"):
         imaml_ext.cg(LstsqOperator(torch.ones(2, 4, 3)), torch.ones(2, 3), batched=True,
                      max_iter=3, cuda_graph=True)
+
+
+def test_several_right_hand_sides_in_one_b_get_a_hint():
+    """b (P, k) with A (P, P) read "A must be (Pk, Pk)" and nothing about batched=True."""
+    with pytest.raises(ValueError, match=r"A must be \(6, 6\) .* got \(3, 3\) \(b's 6 = 2 x 3 "
+                                         r"entries are one system here; several right-hand "
+                                         r"sides of one A are rows of b with batched=True"):
+        imaml_ext.cg(torch.eye(3), torch.ones(3, 2))
+
+
+def test_an_operator_building_its_own_graph_and_a_small_cotangent():
+    """Review of the implicit route: (1) a hand-written HVP, autograd.grad(..., create_graph=True)
+    inside the operator, failed from its second product on (they ran under no_grad); (2) the
+    adjoint took the forward's atol, so a cotangent below it counted as converged at u = 0: a
+    silent zero gradient."""
+    g = torch.Generator().manual_seed(5)
+    M = _spd(5, 8) * 5
+    theta = torch.randn(5, generator=g, dtype=torch.float64, requires_grad=True)
+
+    def loss(t):
+        return 0.5 * t @ M @ t + (t ** 4).sum()
+
+    def hvp(v):
+        gr = torch.autograd.grad(loss(theta), theta, create_graph=True)[0]
+        return torch.autograd.grad(gr, theta, v, create_graph=True)[0]
+    b = torch.randn(5, generator=g, dtype=torch.float64, requires_grad=True)
+    x = imaml_ext.cg(hvp, b, max_iter=30, rtol=1e-12).x
+    got = torch.autograd.grad(x.sum(), [b, theta])
+    want = torch.autograd.grad(torch.linalg.solve(torch.func.hessian(loss)(theta), b).sum(),
+                               [b, theta])
+    for a, w in zip(got, want):
+        torch.testing.assert_close(a, w, rtol=1e-9, atol=1e-12)
+
+    bb = torch.randn(5, generator=g, dtype=torch.float64, requires_grad=True)
+    for A in (M, lambda v: M @ v):
+        x = imaml_ext.cg(A, bb, rtol=1e-8, atol=1e-6).x
+        (gb,) = torch.autograd.grad((1e-7 * x).sum(), bb)
+        torch.testing.assert_close(gb, 1e-7 * torch.linalg.solve(M, torch.ones(5,
+                                                                              dtype=torch.float64)),
+                                   rtol=1e-7, atol=0)
