@@ -555,6 +555,9 @@ class MetaAlgorithm:
             raise ValueError(f"params: {self.name} needs float32 or float64 parameters (its "
                              f"CG and HVP kernels), got {dtype}; maml / fomaml / reptile run "
                              f"in other floating dtypes")
+        if dtype is not None and self.config.lam > torch.finfo(dtype).max:
+            raise ValueError(f"lam={self.config.lam!r} is beyond {dtype}'s range (max "
+                             f"{torch.finfo(dtype).max:.3g}), the dtype of params")
         t = check_tasks(tasks, params, self.config.loss, model)
         t, bad_labels = mask_bad_labels(t, model, self.config.loss)
         spec = ParamSpec.of(params, batched=False)

@@ -18,6 +18,7 @@ previous checkpoints intact and never a half-written file under a checkpoint nam
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 import os
@@ -88,7 +89,8 @@ def save_checkpoint(run_dir: str | Path, state: dict[str, Any], keep: int = 3) -
     d.mkdir(parents=True, exist_ok=True)
     step = int(state["step"])
     path = d / ckpt_name(step)
-    atomic_torch_save({"format": FORMAT, **state}, path)
+    integrity = {"sha256": tensor_digest([state.get("params", {}), state.get("optimizer", {})])}
+    atomic_torch_save({"format": FORMAT, **state, "integrity": integrity}, path)
     atomic_write_bytes(d / LATEST, (path.name + "\n").encode())
     # a writer killed at another step left its temp file (as large as a checkpoint) there
     sweep_stale_temps(path, names=r"ckpt_\d{8,}\.pt")
@@ -99,6 +101,26 @@ def save_checkpoint(run_dir: str | Path, state: dict[str, Any], keep: int = 3) -
         except OSError as exc:
             log.warning("imaml_ext: could not delete old checkpoint %s: %s", old, exc)
     return path
+
+
+def tensor_digest(tree) -> str:
+    """SHA-256 of the tensors in a (nested) dict/list of tensors and plain data, in a fixed
+    order: their dtypes, shapes and bytes (each moved to the CPU, contiguous)."""
+    h = hashlib.sha256()
+
+    def visit(x, key: str) -> None:
+        if isinstance(x, torch.Tensor):
+            t = x.detach().cpu().contiguous()
+            h.update(f"{key}:{t.dtype}:{tuple(t.shape)}:".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        elif isinstance(x, dict):
+            for k in sorted(x, key=str):
+                visit(x[k], f"{key}/{k}")
+        elif isinstance(x, (list, tuple)):
+            for i, y in enumerate(x):
+                visit(y, f"{key}/{i}")
+    visit(tree, "")
+    return h.hexdigest()
 
 
 def load_checkpoint_file(path: str | Path, map_location="cpu") -> dict[str, Any]:
@@ -136,6 +158,12 @@ def load_checkpoint_file(path: str | Path, map_location="cpu") -> dict[str, Any]
     missing = [k for k in ("params", "optimizer", "step", "config") if k not in state]
     if missing:
         raise CheckpointError(f"checkpoint {path} lacks {missing}; it is corrupt")
+    want = state.get("integrity", {}).get("sha256")
+    if want is not None and tensor_digest([state["params"], state["optimizer"]]) != want:
+        # damage inside a tensor's bytes unpickles fine (a flipped weight read 7652)
+        raise CheckpointError(f"checkpoint {path} is damaged: its parameters or optimizer state "
+                              f"do not match the checksum written with them; delete it or "
+                              f"resume from an older one")
     state["path"] = str(path)
     return state
 

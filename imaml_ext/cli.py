@@ -165,7 +165,7 @@ def _config_from_args(ns: argparse.Namespace) -> tuple[TrainConfig, str | None]:
 
 # A write that failed for want of room or of a working disk: a one-line error naming the last
 # good checkpoint, as the checkpoint write's own failure is (other OSErrors keep their traceback).
-_DISK_ERRNOS = {errno.ENOSPC, errno.EIO, errno.EROFS, errno.EFBIG} | (
+_DISK_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EFBIG} | (
     {errno.EDQUOT} if hasattr(errno, "EDQUOT") else set())
 
 
@@ -191,13 +191,51 @@ def _train(ns: argparse.Namespace) -> int:
     cfg, resume = _config_from_args(ns)
     try:
         return _train_run(tr, cfg, resume)
-    except OSError as exc:
-        if exc.errno not in _DISK_ERRNOS:
-            raise
+    except (OSError, RuntimeError) as exc:
+        peer = _peer_lost(exc)
         run_dir = getattr(exc, "run_dir", None) or cfg.out
         if run_dir is None and resume is not None:
             run_dir = resume if Path(resume).is_dir() else tr.run_dir_of_checkpoint(resume)
-        raise _disk_error(exc, run_dir, _last_checkpoint(run_dir)) from exc
+        # EIO too, where it is a file of the run's (a hung-up terminal's EIO is not the disk's)
+        disk = isinstance(exc, OSError) and (exc.errno in _DISK_ERRNOS or (
+            exc.errno == errno.EIO and exc.filename and run_dir
+            and os.path.abspath(exc.filename).startswith(os.path.abspath(run_dir) + os.sep)))
+        if not peer and not disk:
+            raise
+        last = _last_checkpoint(run_dir)
+        if not peer:
+            raise _disk_error(exc, run_dir, last) from exc
+        raise PeerLost(f"another process of this torchrun job is gone ({_first_line(exc)}); "
+                       f"the last good checkpoint is {last or 'none (the run wrote none yet)'}"
+                       + (f": continue with the same torchrun command with --resume {run_dir}"
+                          if last else "")) from exc
+
+
+class PeerLost(RuntimeError):
+    """A collective failed because another rank of the job died (its own error is in its log)."""
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:200] if text else type(exc).__name__
+
+
+def _peer_lost(exc: BaseException) -> bool:
+    """Whether exc is a collective's failure after another rank died (gloo: the connection
+    reset or closed by the peer; NCCL: a DistBackendError), in a job of several processes."""
+    try:
+        import torch.distributed as dist  # noqa: PLC0415
+        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return False
+    except Exception:  # noqa: BLE001
+        return False
+    backend_error = getattr(dist, "DistBackendError", ())
+    if backend_error and isinstance(exc, backend_error):
+        return True
+    msg = str(exc)
+    return isinstance(exc, (RuntimeError, OSError)) and any(
+        k in msg for k in ("Connection reset by peer", "Connection closed by peer",
+                           "Broken pipe"))
 
 
 def _train_run(tr, cfg, resume) -> int:
@@ -217,7 +255,7 @@ def _train_run(tr, cfg, resume) -> int:
               file=sys.stderr, flush=True)
     try:
         summary = trainer.run()
-    except (tr.ForcedStop, OSError) as exc:  # for main's message: where to resume from
+    except (tr.ForcedStop, OSError, RuntimeError) as exc:  # main's message: where to resume
         exc.run_dir = trainer.run_dir
         raise
     if trainer.info.is_main:
@@ -294,15 +332,18 @@ def main(argv: list[str] | None = None) -> int:
         msg = str(exc) if isinstance(exc, DatasetError) else " ".join(str(exc).split())
         print(f"imaml: error: {msg}", file=sys.stderr)
         return 2
-    except TrainingDivergedError as exc:
+    except (TrainingDivergedError, PeerLost) as exc:
         if debug:
             raise
         print(f"imaml: error: {exc}", file=sys.stderr)
         return 1
     except Interrupted as exc:
         if os.environ.get("RANK", "0") in ("", "0"):  # under torchrun: rank 0 wrote it
-            print(f"imaml: {exc}; continue with: imaml train --resume "
-                  f"{Path(exc.path).parent.parent if exc.path else '<run dir>'}", file=sys.stderr)
+            run = Path(exc.path).parent.parent if exc.path else "<run dir>"
+            how = (f"the same torchrun command with --resume {run}"
+                   if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1
+                   else f"imaml train --resume {run}")
+            print(f"imaml: {exc}; continue with: {how}", file=sys.stderr)
         return 128 + exc.signum
     except ForcedStop as exc:  # a second signal: no traceback, the signal's exit code
         run_dir = getattr(exc, "run_dir", None)

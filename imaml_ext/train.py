@@ -497,10 +497,11 @@ _TERMINATE = (signal.SIGTERM,) + ((signal.SIGHUP,) if hasattr(signal, "SIGHUP") 
 
 
 @contextlib.contextmanager
-def _signal_flag(enabled: bool, repeat_s: float = 0.0):
+def _signal_flag(enabled: bool, repeat_s: float = 0.0, announce: bool = True):
     """Installs SIGINT / SIGTERM / SIGHUP handlers that record the signal; restores the old ones
     after. A second signal quits at once (ForcedStop), except the same one again within
-    ``repeat_s`` seconds of the first, which is taken for the same stop."""
+    ``repeat_s`` seconds of the first, which is taken for the same stop. announce: print the
+    stop notice (rank 0 only under torchrun, whose every rank gets the forwarded signal)."""
     box = {"signum": 0, "at": 0.0}
     if not enabled or not _in_main_thread():
         yield box
@@ -513,11 +514,20 @@ def _signal_flag(enabled: bool, repeat_s: float = 0.0):
             # A second signal while the checkpoint is written: leave now.
             raise ForcedStop(signum)
         box["signum"], box["at"] = signum, time.monotonic()
-        print(f"\nimaml: {signal.Signals(signum).name} received; finishing this meta-step and "
-              f"writing a checkpoint (send it again to quit at once)", file=sys.stderr, flush=True)
+        if not announce:  # another rank's line says it (torchrun forwards to every rank)
+            return
+        try:
+            print(f"\nimaml: {signal.Signals(signum).name} received; finishing this meta-step "
+                  f"and writing a checkpoint (send it again to quit at once)", file=sys.stderr,
+                  flush=True)
+        except OSError:  # a hung-up terminal (EIO): the stop goes on without the notice
+            pass
 
-    # SIGHUP too: a closed terminal or ssh session sends it, and torchrun forwards it
-    old = {s: signal.signal(s, handler) for s in (signal.SIGINT,) + _TERMINATE}
+    # SIGHUP too: a closed terminal or ssh session sends it, and torchrun forwards it; unless
+    # it is ignored (nohup), which stays so
+    stops = [s for s in (signal.SIGINT,) + _TERMINATE
+             if s in (signal.SIGINT, signal.SIGTERM) or signal.getsignal(s) is not signal.SIG_IGN]
+    old = {s: signal.signal(s, handler) for s in stops}
     try:
         yield box
     finally:
@@ -608,7 +618,7 @@ def lock_run_dir(run_dir: Path) -> str | None:
     f = open(os.path.join(key, ".lock"), "a+", encoding="utf-8")
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    except BlockingIOError:  # held: EWOULDBLOCK
         f.seek(0)
         pid = f.read().strip()
         f.close()
@@ -616,6 +626,11 @@ def lock_run_dir(run_dir: Path) -> str | None:
                          f"per its .lock file): two runs writing one folder interleave its "
                          f"metrics and overwrite each other's checkpoints; let it finish or "
                          f"stop it first") from None
+    except OSError as exc:  # a file system without flock (NFS, Lustre: ENOLCK, EOPNOTSUPP)
+        f.close()
+        log.warning("imaml_ext: could not lock %s (%s); training without the folder lock",
+                    run_dir, exc.strerror or exc)
+        return None
     f.seek(0)
     f.truncate()
     f.write(f"{os.getpid()}\n")
@@ -708,8 +723,7 @@ class Trainer:
         # (rank 0's: it alone writes there, and another rank could see rank 0's new files)
         self._stale_run = self.info.is_main and check_run_dir(
             Path(cfg.out), self.state["path"] if self.state else None)
-        # rank 0, which writes there, holds the folder until run() ends
-        self._lock = lock_run_dir(Path(cfg.out)) if self.info.is_main else None
+        self._lock = None
         if self.info.active and cfg.meta_batch % self.info.world:
             raise UsageError(f"--meta-batch {cfg.meta_batch} does not split evenly over "
                              f"{self.info.world} processes")
@@ -778,29 +792,52 @@ class Trainer:
             except OSError as exc:
                 raise UsageError(f"--out {self.run_dir}: cannot create the run folder "
                                  f"({exc.strerror or exc})") from None
-            if self._stale_run:
-                log.warning("imaml_ext: %s holds a run that wrote no checkpoint (it stopped "
-                            "before its first); this run starts its metrics afresh there",
-                            self.run_dir)
-                for name in ("metrics.csv", "metrics.jsonl"):
-                    (self.run_dir / name).unlink(missing_ok=True)
-            self.log = MetricsLog(self.run_dir, cfg.log_format, truncate_at=log_pos,
-                                  purge_step=self.step + 1 if self.state
-                                  else 1 if self._stale_run else None)
-            session = {"argv": sys.argv, "world_size": self.info.world,
-                       "resumed_from": self.state["path"] if self.state else None,
-                       "start_step": self.step}
-            cfg.save(self.run_dir / "config.json", extra={
-                "versions": _versions(), **session, "train_data": self.train_data.source,
-                "train_classes": self.train_data.num_classes})
-            # config.json is this session's; every session's command line stays here
-            with open(self.run_dir / "sessions.jsonl", "a", encoding="utf-8") as f:
-                f.write(json.dumps({"time": _dt.datetime.now().isoformat(timespec="seconds"),
-                                    **session}) + "\n")
+            # rank 0, which writes there, holds the folder from its first write until run()
+            # ends (or close())
+            self._lock = lock_run_dir(self.run_dir)
+            try:
+                self._claim_run_dir(cfg, log_pos)
+            except BaseException:
+                self.close()
+                raise
         # the newest checkpoint on disk: the one resumed from until this run writes its own
         self.last_checkpoint: Path | None = Path(self.state["path"]) if self.state else None
         # once per run, not per session: a resumed run remembers it in its counters
         self._warned_curvature = bool(self.counters.get("warned_negative_curvature", 0))
+
+    def _claim_run_dir(self, cfg: TrainConfig, log_pos) -> None:
+        """Rank 0's first writes in the run folder, under its lock: the metrics log (truncated
+        to a resumed checkpoint's position), config.json, sessions.jsonl."""
+        if self._stale_run:
+            log.warning("imaml_ext: %s holds a run that wrote no checkpoint (it stopped "
+                        "before its first); this run starts its metrics afresh there",
+                        self.run_dir)
+            for name in ("metrics.csv", "metrics.jsonl"):
+                (self.run_dir / name).unlink(missing_ok=True)
+        self.log = MetricsLog(self.run_dir, cfg.log_format, truncate_at=log_pos,
+                              purge_step=self.step + 1 if self.state
+                              else 1 if self._stale_run else None)
+        session = {"argv": sys.argv, "world_size": self.info.world,
+                   "resumed_from": self.state["path"] if self.state else None,
+                   "start_step": self.step}
+        cfg.save(self.run_dir / "config.json", extra={
+            "versions": _versions(), **session, "train_data": self.train_data.source,
+            "train_classes": self.train_data.num_classes})
+        # config.json is this session's; every session's command line stays here
+        with open(self.run_dir / "sessions.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps({"time": _dt.datetime.now().isoformat(timespec="seconds"),
+                                **session}) + "\n")
+
+    def close(self) -> None:
+        """Releases the run folder's lock (run() does at its end; for a Trainer made and not
+        run). Idempotent."""
+        unlock_run_dir(self._lock)
+        self._lock = None
+
+    def __del__(self):
+        if getattr(self, "_lock", None) is not None:
+            unlock_run_dir(self._lock)
+            self._lock = None
 
     def _load_val(self):
         """The validation split, or None (a warning) where the data set has none; damaged
@@ -901,8 +938,7 @@ class Trainer:
         try:
             return self._run(on_log)
         finally:
-            unlock_run_dir(self._lock)
-            self._lock = None
+            self.close()
 
     def _run(self, on_log) -> dict[str, Any]:
         cfg, dev = self.cfg, self.device
@@ -926,7 +962,8 @@ class Trainer:
         try:
             # Under torchrun a scheduler's signal comes twice (to every process, and forwarded
             # by torchrun's agent): a repeat within a few seconds is the same stop.
-            with _signal_flag(True, repeat_s=3.0 if self.info.active else 0.0) as sig:
+            with _signal_flag(True, repeat_s=3.0 if self.info.active else 0.0,
+                              announce=self.info.is_main) as sig:
                 batches = _batches(self.sampler, self.step, max(cfg.steps - self.step, 0), sig)
                 t_prev = None
                 for batch in batches:
@@ -982,8 +1019,10 @@ class Trainer:
                     # are the ranks' agreed flags, so all skip it or none does)
                     if cfg.val_every and (self.step % cfg.val_every == 0 or last) \
                             and self.val_sampler is not None and not (s_int or s_term):
-                        # every rank takes part; a stop signal abandons it (no row)
-                        val = self.validate(should_stop=lambda: bool(sig["signum"]))
+                        # every rank takes part; a stop signal abandons it (no row), except
+                        # the last step's, which completes the run
+                        val = self.validate(should_stop=None if last
+                                            else (lambda: bool(sig["signum"])))
                         if self.info.is_main and val is not None:
                             last_val = val
                             self.log.write(last_val)

@@ -684,3 +684,17 @@ def test_task_and_loss_shapes_the_review_found_are_named():
     with pytest.raises(ValueError, match=r"loss: a callable loss\(outputs, targets\) must return "
                                          r"per-sample losses of shape \(2, 4\) .* got \(\)"):
         scalar.meta_gradient(model, params, TaskBatch(x, y, x, y))
+
+
+def test_a_lam_beyond_the_params_dtype_is_named():
+    """imaml-hf raised "value cannot be converted to type float without overflow" from inside
+    its Newton step; imaml-gd flagged every task non-finite."""
+    model = nn.Linear(3, 2)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    x = torch.randn(2, 4, 3)
+    y = torch.randint(0, 2, (2, 4))
+    for name in ("imaml-gd", "imaml-hf"):
+        algo = make_algorithm(name, **options_for(name, lam=1e300, inner_lr=1e-301),
+                              inner_steps=1)
+        with pytest.raises(ValueError, match=r"lam=1e\+300 is beyond torch.float32's range"):
+            algo.meta_gradient(model, params, TaskBatch(x, y, x, y))

@@ -188,6 +188,8 @@ def test_params_that_do_not_fit_the_model_are_refused(tmp_path, damage):
     else:  # a consistent 20-way head and signature under a 3-way config
         state["params"]["head.weight"] = torch.zeros(20, state["params"]["head.weight"].shape[1])
         state["model"]["shapes"]["head.weight"] = list(state["params"]["head.weight"].shape)
+    # a file written that way (not damaged after writing): its checksum matches what it holds
+    state["integrity"] = {"sha256": ck.tensor_digest([state["params"], state["optimizer"]])}
     torch.save(state, path)
     with pytest.raises(ck.ConfigMismatchError, match=r"head\.(bias|weight)"):
         make_trainer(tmp_path, resume=str(tmp_path / "run"), steps=4)
@@ -272,3 +274,61 @@ def test_a_second_process_training_in_the_same_folder_is_refused(tmp_path):
         holder.wait()
     t = make_trainer(tmp_path, steps=4, resume=str(run))  # the holder gone: free again
     assert t.run()["step"] == 4
+
+
+def test_bytes_damaged_inside_a_tensor_are_caught_by_the_checksum(tmp_path, caplog):
+    """64 flipped bytes inside a weight unpickled fine: eval scored the damaged model (a weight
+    read 7652). The parameters and optimizer state carry a SHA-256 written with them."""
+    state = _state(1)
+    state["optimizer"] = {"m": torch.zeros(3), "t": torch.tensor(4)}
+    ck.save_checkpoint(tmp_path, state)
+    state = _state(2)
+    state["params"]["w"] = torch.full((4096,), 2.0)
+    newest = ck.save_checkpoint(tmp_path, state)
+    data = bytearray(newest.read_bytes())
+    at = data.find(torch.full((4096,), 2.0).numpy().tobytes()[:64])
+    assert at > 0
+    data[at + 100:at + 164] = bytes(b ^ 0xFF for b in data[at + 100:at + 164])
+    newest.write_bytes(bytes(data))
+    with pytest.raises(ck.CheckpointError, match="ckpt_00000002.pt is damaged: its parameters "
+                                                 "or optimizer state do not match the checksum"):
+        ck.load_checkpoint_file(newest)
+    assert ck.load_latest(tmp_path)["step"] == 1  # the older one, intact
+    assert "is damaged" in caplog.text
+
+
+def test_the_lock_on_file_systems_without_flock_and_trainers_never_run(tmp_path, monkeypatch,
+                                                                     caplog):
+    """From the review of the lock: ENOLCK (NFS, Lustre) read as "in use by another process"
+    (training impossible there), and a Trainer made but never run held the lock until exit."""
+    import errno
+    import logging
+    fcntl = pytest.importorskip("fcntl")
+    t = make_trainer(tmp_path, steps=2)
+    assert tr._LOCKS and t._lock in tr._LOCKS
+    t.close()
+    t.close()  # idempotent
+    assert not tr._LOCKS
+
+    def no_flock(f, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    with caplog.at_level(logging.WARNING, logger="imaml_ext.train"):
+        assert tr.lock_run_dir(tmp_path / "nfs") is None
+    assert "training without the folder lock" in caplog.text and "No locks available" in caplog.text
+    assert make_trainer(tmp_path / "x", steps=2).run()["step"] == 2
+
+
+def test_sighup_stays_ignored_under_nohup():
+    """nohup sets SIGHUP to SIG_IGN; the trainer replaced it, so logging out stopped the run."""
+    import signal
+    if not hasattr(signal, "SIGHUP"):
+        pytest.skip("no SIGHUP here")
+    before = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        with tr._signal_flag(True):
+            assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+            assert signal.getsignal(signal.SIGTERM) is not signal.SIG_IGN
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGHUP, before)

@@ -449,3 +449,57 @@ def test_a_validation_split_that_does_not_fit_says_what_to_change(capsys, omnigl
                            "--val-every", "1", "--out", str(tmp_path / "r"), "--quiet")
     assert_clean_error(code, err, "exceeds the 2 classes of omniglot/val",
                        "--val-every 0 trains without validation")
+
+
+def test_under_torchrun_the_resume_hint_names_the_launcher(capsys, monkeypatch, tmp_path):
+    """`imaml train --resume DIR` restarted a torchrun job as one process."""
+    import signal as _signal
+
+    def stopped(ns):
+        raise tr.Interrupted(_signal.SIGTERM, 7, tmp_path / "run" / "checkpoints" / "c.pt")
+    monkeypatch.setattr(cli, "_train", stopped)
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    code, _, err = run_cli(capsys, "train")
+    assert code == 128 + _signal.SIGTERM
+    assert f"continue with: the same torchrun command with --resume {tmp_path / 'run'}" in err
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    code, _, err = run_cli(capsys, "train")
+    assert f"continue with: imaml train --resume {tmp_path / 'run'}" in err
+
+
+def test_only_the_announcing_rank_prints_the_stop_notice(capfd):
+    """torchrun forwards a signal to every rank: each printed the notice (and the lines of two
+    ranks merged)."""
+    import os as _os
+    import signal as _signal
+    for announce in (False, True):
+        with tr._signal_flag(True, announce=announce) as sig:
+            _os.kill(_os.getpid(), _signal.SIGTERM)
+        assert sig["signum"] == _signal.SIGTERM
+        assert ("SIGTERM received" in capfd.readouterr().err) == announce
+
+
+def test_a_lost_rank_is_one_line_naming_the_last_checkpoint(capsys, monkeypatch, tmp_path):
+    """kill -9 of one rank: the others died in a gloo collective with some 30 lines of
+    traceback and nothing on where to go on from."""
+    import torch.distributed as dist
+    from imaml_ext import checkpoint as ck
+    run = tmp_path / "run"
+    ck.save_checkpoint(run, {"step": 3, "params": {}, "config": {}})
+
+    def lost(tr_, cfg, resume):
+        raise RuntimeError("[../gloo/transport/tcp/pair.cc:534] Read error [10.0.0.1]: "
+                           "Connection reset by peer\nmore lines")
+    monkeypatch.setattr(cli, "_train_run", lost)
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
+    monkeypatch.setattr(dist, "destroy_process_group", lambda *a, **k: None)
+    code, _, err = run_cli(capsys, "train", "--out", str(run))
+    assert code == 1 and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert "another process of this torchrun job is gone ([../gloo" in err
+    assert f"the last good checkpoint is {run / 'checkpoints' / 'ckpt_00000003.pt'}" in err
+    assert f"the same torchrun command with --resume {run}" in err
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 1)  # one process: as it was
+    with pytest.raises(RuntimeError, match="Connection reset by peer"):
+        cli.main(["train", "--out", str(run)])

@@ -104,7 +104,8 @@ def _ignore_stop_signals(worker_id: int) -> None:  # noqa: ARG001 (DataLoader's 
     shutdown. A batch lost with the workers is drawn in the trainer (train._batches)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _leave_quietly)
-    if hasattr(signal, "SIGHUP"):  # a hang-up reaches the whole group too: as SIGTERM
+    # a hang-up reaches the whole group too: as SIGTERM (unless ignored, as under nohup)
+    if hasattr(signal, "SIGHUP") and signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:
         signal.signal(signal.SIGHUP, _leave_quietly)
 
 
