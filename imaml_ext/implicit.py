@@ -709,6 +709,12 @@ def implicit_root(optimality_fn: Callable, solution, *args, solver: str = "cg",
     _check_root_options(solver=solver, max_iter=max_iter, rtol=rtol, atol=atol, batched=batched,
                         use_ext=use_ext, diagnostics=diagnostics, cuda_graph=cuda_graph,
                         check=check)
+    if not torch.compiler.is_compiling() and \
+            torch._C._functorch.maybe_current_level() is not None:
+        # (autograd.Function without setup_context: torch's own error names no way out)
+        raise ValueError("implicit_root cannot run inside torch.func transforms (vmap, grad, "
+                         "jacrev, ...): call it outside them, with batched=True for a batch of "
+                         "roots, and differentiate with torch.autograd")
     sol_leaves, sol_spec = pytree.tree_flatten(solution)
     if not sol_leaves or not all(isinstance(t, torch.Tensor) and t.is_floating_point()
                                  for t in sol_leaves):

@@ -376,8 +376,13 @@ def _cg_implicit(A, b, x0, *, max_iter, rtol, atol, batched, use_ext, cuda_graph
     if not r.requires_grad:
         return res
     # The adjoint's right-hand side is the cotangent, on any scale: atol (in b's units) would
-    # call a small one converged at u = 0, a zero gradient. Relative only (rtol 0: 1e-5).
-    rtol_adj = rtol if rtol > 0 else 1e-5
+    # call a small one converged at u = 0, a zero gradient. Relative only: the forward's rtol,
+    # or for an absolute-only forward (rtol 0) the relative accuracy atol / ||b|| it asked of
+    # the largest system (one host read, in that configuration only).
+    rtol_adj = rtol
+    if rtol == 0 and atol > 0:
+        bmax = float(bflat.detach().norm(dim=1).max()) if bflat.numel() else 0.0
+        rtol_adj = atol / bmax if bmax > 0 else 1e-5
     adjoint_op = plain(A) if tensors is None and callable(A) else _detached_operator(A)
 
     def solve(g: torch.Tensor) -> torch.Tensor:

@@ -534,3 +534,18 @@ def test_a_closure_tensor_that_requires_grad_is_warned_about():
         (ga,) = torch.autograd.grad((implicit_root(by_autograd, w_star, a) ** 2).sum(), a)
     (want,) = torch.autograd.grad((implicit_root(ridge, w_star, a) ** 2).sum(), a)
     torch.testing.assert_close(ga, want)
+
+
+def test_inside_torch_func_transforms_is_a_clear_error():
+    """torch's own message was "must override the setup_context staticmethod"."""
+    dt = torch.float64
+    A = torch.eye(3, dtype=dt) * 2
+
+    def solve(c):
+        z = torch.linalg.solve(A, c.detach())
+        return implicit_root(lambda z, c: A @ z - c, z, c).sum()
+    c = torch.ones(3, dtype=dt)
+    with pytest.raises(ValueError, match="implicit_root cannot run inside torch.func transforms"):
+        torch.func.grad(solve)(c)
+    with pytest.raises(ValueError, match="implicit_root cannot run inside torch.func transforms"):
+        torch.func.vmap(solve)(c.expand(2, 3))
