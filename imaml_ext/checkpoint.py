@@ -110,9 +110,10 @@ def tensor_digest(tree) -> str:
 
     def visit(x, key: str) -> None:
         if isinstance(x, torch.Tensor):
-            t = x.detach().cpu().contiguous()
+            t = x.detach().cpu().resolve_conj().resolve_neg().contiguous()
             h.update(f"{key}:{t.dtype}:{tuple(t.shape)}:".encode())
-            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+            if t.numel():
+                h.update(t.reshape(-1).view(torch.uint8).numpy())  # the buffer, not a copy
         elif isinstance(x, dict):
             for k in sorted(x, key=str):
                 visit(x[k], f"{key}/{k}")

@@ -165,7 +165,7 @@ def _config_from_args(ns: argparse.Namespace) -> tuple[TrainConfig, str | None]:
 
 # A write that failed for want of room or of a working disk: a one-line error naming the last
 # good checkpoint, as the checkpoint write's own failure is (other OSErrors keep their traceback).
-_DISK_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EFBIG} | (
+_DISK_ERRNOS = {errno.ENOSPC, errno.EIO, errno.EROFS, errno.EFBIG} | (
     {errno.EDQUOT} if hasattr(errno, "EDQUOT") else set())
 
 
@@ -196,16 +196,16 @@ def _train(ns: argparse.Namespace) -> int:
         run_dir = getattr(exc, "run_dir", None) or cfg.out
         if run_dir is None and resume is not None:
             run_dir = resume if Path(resume).is_dir() else tr.run_dir_of_checkpoint(resume)
-        # EIO too, where it is a file of the run's (a hung-up terminal's EIO is not the disk's)
-        disk = isinstance(exc, OSError) and (exc.errno in _DISK_ERRNOS or (
-            exc.errno == errno.EIO and exc.filename and run_dir
-            and os.path.abspath(exc.filename).startswith(os.path.abspath(run_dir) + os.sep)))
+        # (a hung-up terminal's EIO cannot come here: the trainer points the standard streams
+        # at /dev/null on SIGHUP)
+        disk = isinstance(exc, OSError) and exc.errno in _DISK_ERRNOS
         if not peer and not disk:
             raise
         last = _last_checkpoint(run_dir)
         if not peer:
             raise _disk_error(exc, run_dir, last) from exc
-        raise PeerLost(f"another process of this torchrun job is gone ({_first_line(exc)}); "
+        raise PeerLost(f"a collective operation failed ({_first_line(exc)}): another process "
+                       f"of this torchrun job is likely gone (its own log says why); "
                        f"the last good checkpoint is {last or 'none (the run wrote none yet)'}"
                        + (f": continue with the same torchrun command with --resume {run_dir}"
                           if last else "")) from exc
@@ -232,10 +232,11 @@ def _peer_lost(exc: BaseException) -> bool:
     backend_error = getattr(dist, "DistBackendError", ())
     if backend_error and isinstance(exc, backend_error):
         return True
+    # gloo's transport errors are RuntimeErrors; an OSError (a closed stdout pipe, "| head")
+    # is this process's own
     msg = str(exc)
-    return isinstance(exc, (RuntimeError, OSError)) and any(
-        k in msg for k in ("Connection reset by peer", "Connection closed by peer",
-                           "Broken pipe"))
+    return isinstance(exc, RuntimeError) and any(
+        k in msg for k in ("Connection reset by peer", "Connection closed by peer"))
 
 
 def _train_run(tr, cfg, resume) -> int:

@@ -492,6 +492,23 @@ class _Progress:
             self.bar.close()
 
 
+def _detach_terminal() -> None:
+    """After a hang-up the terminal is gone and every write to it fails (EIO), the progress
+    bar's and the stop notice's among them, before the checkpoint: the standard streams that
+    were on a terminal are pointed at /dev/null (as nohup would have), the stop goes on."""
+    try:
+        null = os.open(os.devnull, os.O_WRONLY)
+    except OSError:
+        return
+    for fd in (1, 2):
+        try:
+            if os.isatty(fd):
+                os.dup2(null, fd)
+        except OSError:
+            pass
+    os.close(null)
+
+
 # The signals that stop a run as SIGTERM does (a terminal's or ssh session's hang-up too).
 _TERMINATE = (signal.SIGTERM,) + ((signal.SIGHUP,) if hasattr(signal, "SIGHUP") else ())
 
@@ -514,6 +531,8 @@ def _signal_flag(enabled: bool, repeat_s: float = 0.0, announce: bool = True):
             # A second signal while the checkpoint is written: leave now.
             raise ForcedStop(signum)
         box["signum"], box["at"] = signum, time.monotonic()
+        if signum == getattr(signal, "SIGHUP", None):
+            _detach_terminal()
         if not announce:  # another rank's line says it (torchrun forwards to every rank)
             return
         try:
@@ -798,6 +817,8 @@ class Trainer:
             try:
                 self._claim_run_dir(cfg, log_pos)
             except BaseException:
+                if self.log is not None:
+                    self.log.close()
                 self.close()
                 raise
         # the newest checkpoint on disk: the one resumed from until this run writes its own
@@ -807,7 +828,10 @@ class Trainer:
 
     def _claim_run_dir(self, cfg: TrainConfig, log_pos) -> None:
         """Rank 0's first writes in the run folder, under its lock: the metrics log (truncated
-        to a resumed checkpoint's position), config.json, sessions.jsonl."""
+        to a resumed checkpoint's position), config.json, sessions.jsonl. The folder is checked
+        again first: another process may have written a run there between the first check and
+        the lock (set-up can take minutes)."""
+        self._stale_run = check_run_dir(self.run_dir, self.state["path"] if self.state else None)
         if self._stale_run:
             log.warning("imaml_ext: %s holds a run that wrote no checkpoint (it stopped "
                         "before its first); this run starts its metrics afresh there",
@@ -1042,7 +1066,7 @@ class Trainer:
                                         log_window()
                     if ckpt_now:
                         self.checkpoint()
-                    if stopping:
+                    if stopping and not last:  # after the last step the run is complete
                         # this rank's signal, else another rank's (the same exit code everywhere)
                         signum = sig["signum"] if sig["signum"] and (s_int or s_term) else (
                             signal.SIGTERM if s_term else signal.SIGINT if s_int else 0)

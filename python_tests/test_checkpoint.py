@@ -332,3 +332,35 @@ def test_sighup_stays_ignored_under_nohup():
         assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
     finally:
         signal.signal(signal.SIGHUP, before)
+
+
+def test_the_folder_is_checked_again_under_the_lock(tmp_path, monkeypatch):
+    """Set-up (data, checkpoint, algorithm) can take minutes between the folder's check and the
+    lock: a run another process wrote there meanwhile was then overwritten."""
+    real = tr.lock_run_dir
+
+    def lock_after_another_run(run_dir):
+        ck.save_checkpoint(run_dir, _state(5))  # the other process, finished meanwhile
+        return real(run_dir)
+    monkeypatch.setattr(tr, "lock_run_dir", lock_after_another_run)
+    with pytest.raises(tr.UsageError, match="holds"):
+        make_trainer(tmp_path, steps=2)
+    assert not tr._LOCKS  # released on the way out
+
+
+def test_a_hang_up_points_the_terminal_streams_at_dev_null(monkeypatch):
+    """After SIGHUP every write to the gone terminal fails (EIO): the progress line before the
+    checkpoint took the stop down with it."""
+    import signal
+    if not hasattr(signal, "SIGHUP"):
+        pytest.skip("no SIGHUP here")
+    duped = []
+    monkeypatch.setattr(os, "isatty", lambda fd: fd == 2)
+    monkeypatch.setattr(os, "dup2", lambda a, b: duped.append(b))
+    with tr._signal_flag(True, announce=False) as sig:
+        os.kill(os.getpid(), signal.SIGHUP)
+    assert sig["signum"] == signal.SIGHUP and duped == [2]
+    duped.clear()
+    with tr._signal_flag(True, announce=False):
+        os.kill(os.getpid(), signal.SIGTERM)
+    assert duped == []  # only a hang-up

@@ -497,9 +497,16 @@ def test_a_lost_rank_is_one_line_naming_the_last_checkpoint(capsys, monkeypatch,
     monkeypatch.setattr(dist, "destroy_process_group", lambda *a, **k: None)
     code, _, err = run_cli(capsys, "train", "--out", str(run))
     assert code == 1 and "Traceback" not in err and len(err.strip().splitlines()) == 1
-    assert "another process of this torchrun job is gone ([../gloo" in err
+    assert "a collective operation failed ([../gloo" in err
+    assert "another process of this torchrun job is likely gone" in err
     assert f"the last good checkpoint is {run / 'checkpoints' / 'ckpt_00000003.pt'}" in err
     assert f"the same torchrun command with --resume {run}" in err
+    def own_pipe(tr_, cfg, resume):  # this rank's own stdout closed ("| head"): not a peer
+        raise BrokenPipeError(32, "Broken pipe")
+    monkeypatch.setattr(cli, "_train_run", own_pipe)
+    with pytest.raises(BrokenPipeError):
+        cli.main(["train", "--out", str(run)])
+    monkeypatch.setattr(cli, "_train_run", lost)
     monkeypatch.setattr(dist, "get_world_size", lambda group=None: 1)  # one process: as it was
     with pytest.raises(RuntimeError, match="Connection reset by peer"):
         cli.main(["train", "--out", str(run)])

@@ -773,6 +773,22 @@ def test_a_signal_during_the_last_validation_leaves_a_complete_run(tmp_path):
     assert not summary.get("time_limited")
 
 
+def test_a_signal_during_the_last_step_leaves_a_complete_run(tmp_path):
+    """The last step done and checkpointed, a signal that came during it raised Interrupted
+    ("continue with --resume", which then had no step to run)."""
+    t = make_trainer(tmp_path, steps=2, val_every=0, ckpt_every=0)
+    step = t.meta_step
+
+    def step_and_signal(*a, **kw):
+        if t.step == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return step(*a, **kw)
+    t.meta_step = step_and_signal
+    summary = t.run()
+    assert summary["step"] == 2 and not summary.get("interrupted")
+    assert torch.load(summary["checkpoint"], weights_only=False)["step"] == 2
+
+
 def test_a_folder_whose_run_wrote_no_checkpoint_is_taken_over(tmp_path, caplog):
     # a run killed before its first checkpoint leaves config.json and metrics: nothing to
     # resume (--resume finds no checkpoint), so a new run takes the folder over, afresh
