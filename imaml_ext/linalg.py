@@ -251,8 +251,8 @@ def cg(A: Callable | torch.Tensor | LstsqOperator, b, x0=None, *, max_iter: int 
         use_ext: None picks the compiled kernels when available; False forces the reference.
             Under autograd (b or a tensor A reads requires grad) the solve runs detached and x
             carries the implicit derivative of A^{-1} b (first order; one more product A x,
-            recorded, and one adjoint solve per backward with the same settings; x0 gets no
-            gradient). Inside torch.func transforms and torch.compile the functional reference
+            recorded, where A reads a tensor that requires grad, and one adjoint solve per
+            backward with the same max_iter and rtol, no atol; x0 gets no gradient). Inside torch.func transforms and torch.compile the functional reference
             runs and is differentiated through its iterations.
         cuda_graph: for a callable A on a CUDA device, capture the whole loop (the products and
             the fused iteration ops) as one CUDA graph and replay it; needs max_iter (the graph
