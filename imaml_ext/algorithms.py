@@ -57,7 +57,7 @@ from imaml_ext.head_only import (ADAPT, HEAD_HVP, HeadModel, head_adapt, head_ev
                                  head_hessian_free, head_meta_gradient)
 from imaml_ext.hvp import (BACKENDS, HVP_KINDS, LOSSES, ParamSpec, Params, TaskLoss,
                           check_no_dropout, grad_of_params, make_hvp)
-from imaml_ext.linalg import finite_number
+from imaml_ext.linalg import finite_number, integer
 from imaml_ext.implicit import (CapturedFunction, CapturedMetaGradient, implicit_meta_gradient,
                                 implicit_meta_gradient_lstsq)
 from imaml_ext.inner import PROXIMAL, batched_theta, gd, hessian_free, train_loss
@@ -190,14 +190,15 @@ def make_algorithm(name: str, *, loss: str | Callable = "cross_entropy", lam: fl
         raise ValueError(f"lam must be a finite number > 0, got {lam!r}")
     if inner_steps is None:
         inner_steps = _DEFAULT_STEPS.get(name, _GD_DEFAULT_STEPS)
-    if isinstance(inner_steps, bool) or not isinstance(inner_steps, int) or inner_steps < 0:
+    if not integer(inner_steps) or inner_steps < 0:
         raise ValueError(f"inner_steps must be an int >= 0, got {inner_steps!r}")
     if not (finite_number(inner_lr) and inner_lr > 0):
         raise ValueError(f"inner_lr must be a finite number > 0, got {inner_lr!r}")
-    if isinstance(cg_steps, bool) or not isinstance(cg_steps, int) or cg_steps < 0:
+    if not integer(cg_steps) or cg_steps < 0:
         raise ValueError(f"cg_steps must be an int >= 0, got {cg_steps!r}")
-    if isinstance(hf_cg_steps, bool) or not isinstance(hf_cg_steps, int) or hf_cg_steps < 1:
+    if not integer(hf_cg_steps) or hf_cg_steps < 1:
         raise ValueError(f"hf_cg_steps must be an int >= 1, got {hf_cg_steps!r}")
+    inner_steps, cg_steps, hf_cg_steps = int(inner_steps), int(cg_steps), int(hf_cg_steps)
     if not (finite_number(cg_damping) and cg_damping >= 0):
         raise ValueError(f"cg_damping must be a finite number >= 0, got {cg_damping!r}")
     if cg_lam is not None and not (finite_number(cg_lam) and cg_lam > 0):

@@ -31,7 +31,7 @@ from torch.utils import _pytree as pytree
 from imaml_ext import reference
 from imaml_ext.hvp import HVP_KINDS, BatchedHVP, ParamSpec, Params, TaskLoss, make_hvp
 from imaml_ext.linalg import (CGResult, LstsqOperator, ShiftedOperator, _capture_graph, _cg,
-                              breakdown_counts, check_flag, check_leaves, finite_number,
+                              breakdown_counts, check_flag, check_leaves, finite_number, integer,
                               not_converged)
 
 
@@ -59,7 +59,7 @@ def _check_matrix_args(lam, cg_steps, damping, cg_lam, rtol=0.0, atol=0.0):
             raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
     if not (finite_number(lam) and lam > 0):
         raise ValueError(f"lam must be a finite number > 0, got {lam!r}")
-    if isinstance(cg_steps, bool) or not isinstance(cg_steps, int) or cg_steps < 0:
+    if not integer(cg_steps) or cg_steps < 0:
         raise ValueError(f"cg_steps must be an int >= 0, got {cg_steps!r}")
     if not (finite_number(damping) and damping >= 0):
         raise ValueError(f"damping must be a finite number >= 0, got {damping!r}")
@@ -639,8 +639,7 @@ def _check_root_options(*, solver, max_iter, rtol, atol, batched, use_ext, diagn
     if cuda_graph and max_iter is None:
         raise ValueError("cuda_graph=True records a fixed number of CG iterations: give max_iter "
                          "(an int >= 1), got None")
-    if max_iter is not None and (isinstance(max_iter, bool) or not isinstance(max_iter, int)
-                                 or max_iter < 1):
+    if max_iter is not None and (not integer(max_iter) or max_iter < 1):
         raise ValueError(f"max_iter must be None or an int >= 1, got {max_iter!r}")
     for name, v in (("rtol", rtol), ("atol", atol)):
         if not (finite_number(v) and v >= 0):

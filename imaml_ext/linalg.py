@@ -22,6 +22,7 @@ flagged `nonfinite`; one that meets p^T A p <= 0 keeps its last good iterate and
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 from dataclasses import dataclass
 from functools import partial
@@ -141,6 +142,11 @@ class ShiftedOperator:
         return pytree.tree_map(lambda o, x: self.scale * o + self.shift * x, out, v)
 
 
+def integer(v) -> bool:
+    """An integer, Python's or NumPy's (bool excluded); callers take int(v) after the check."""
+    return not isinstance(v, bool) and isinstance(v, numbers.Integral)
+
+
 def finite_number(v) -> bool:
     """A finite real Python number (bool excluded: True is not a tolerance or a strength)."""
     return not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
@@ -252,8 +258,9 @@ def cg(A: Callable | torch.Tensor | LstsqOperator, b, x0=None, *, max_iter: int 
             Under autograd (b or a tensor A reads requires grad) the solve runs detached and x
             carries the implicit derivative of A^{-1} b (first order; one more product A x,
             recorded, where A reads a tensor that requires grad, and one adjoint solve per
-            backward with the same max_iter and rtol, no atol; x0 gets no gradient). Inside torch.func transforms and torch.compile the functional reference
-            runs and is differentiated through its iterations.
+            backward with the same max_iter and rtol, no atol; x0 gets no gradient). Inside
+            torch.func transforms and torch.compile the functional reference runs and is
+            differentiated through its iterations.
         cuda_graph: for a callable A on a CUDA device, capture the whole loop (the products and
             the fused iteration ops) as one CUDA graph and replay it; needs max_iter (the graph
             holds exactly that many iterations). To reuse one capture across many right-hand
@@ -481,8 +488,9 @@ def _cg(A, b, x0=None, *, max_iter: int | None = None, rtol: float = 1e-5, atol:
     default_iters = max_iter is None
     if max_iter is None:
         max_iter = max(10 * P, 1)
-    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
+    if not integer(max_iter) or max_iter < 1:
         _fail(f"max_iter must be an int >= 1, got {max_iter!r}")
+    max_iter = int(max_iter)
     if x0 is None:
         xflat = None  # zeros
     else:
@@ -718,8 +726,9 @@ class CapturedCG:
         bflat, self._spec, self._shapes = _flatten(b, batched, "b")
         if bflat.device.type != "cuda":
             _fail(f"CapturedCG needs CUDA tensors, got {bflat.device}")
-        if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
+        if not integer(max_iter) or max_iter < 1:
             _fail(f"max_iter must be an int >= 1, got {max_iter!r}")
+        max_iter = int(max_iter)
         self._batched = batched
         self._b = bflat.clone()
         self._zero_start = x0 is None

@@ -133,7 +133,8 @@ class SoftmaxHeadOperator:
         """
         self.check(b.shape[0], b.shape[1], b.dtype, b.device)
         F, W, bias = self.batched()
-        ts = (F, W, bias) + tuple(t for t in (self.shift, self.scale) if isinstance(t, torch.Tensor))
+        ts = (F, W, bias) + tuple(t for t in (self.shift, self.scale)
+                                  if isinstance(t, torch.Tensor))
         if reference_only or any(t.requires_grad and torch.is_grad_enabled() for t in ts) \
                 or any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in ts):
             return reference.cg_solve_softmax_head(F, W, bias, b, x0, self.shift, self.scale,

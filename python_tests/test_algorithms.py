@@ -698,3 +698,17 @@ def test_a_lam_beyond_the_params_dtype_is_named():
                               inner_steps=1)
         with pytest.raises(ValueError, match=r"lam=1e\+300 is beyond torch.float32's range"):
             algo.meta_gradient(model, params, TaskBatch(x, y, x, y))
+
+
+def test_numpy_integers_are_taken_for_counts():
+    """np.int64(3) for inner_steps was refused while np.float64 for lam was taken (a sweep over
+    np.arange values hits it)."""
+    import numpy as np
+    algo = make_algorithm("imaml-gd", inner_steps=np.int64(3), cg_steps=np.int32(4))
+    assert (algo.config.inner_steps, algo.config.cg_steps) == (3, 4)
+    assert type(algo.config.inner_steps) is int
+    res = imaml_ext.cg(torch.eye(3, dtype=DT), torch.ones(3, dtype=DT), max_iter=np.int64(5))
+    assert bool(res.converged)
+    with pytest.raises(ValueError, match="inner_steps must be an int >= 0, got np.True_|"
+                                         "inner_steps must be an int >= 0, got True"):
+        make_algorithm("imaml-gd", inner_steps=np.bool_(True))

@@ -726,7 +726,7 @@ def test_compiled_vmap_over_cg_and_the_default_max_iter_warning():
         dynamo.reset()
 
 
-# ---- autograd: the implicit derivative of A^{-1} b ------------------------------------------------
+# ---- autograd: the implicit derivative of A^{-1} b -----------------------------------------------
 
 def _spd(P, seed):
     g = torch.Generator().manual_seed(seed)
