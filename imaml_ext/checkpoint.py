@@ -206,7 +206,6 @@ def load_latest(path: str | Path, map_location="cpu") -> dict[str, Any]:
     first = find_checkpoint(p)
     if p.is_file():
         return load_checkpoint_file(first, map_location)
-    first = Path(os.path.abspath(first))
     run = first.parent.parent if first.parent.name == CKPT_DIR else first.parent
     # then the older ones, newest first: a checkpoint of a later step than the one `latest`
     # names belongs to a continuation abandoned by a resume from an older one

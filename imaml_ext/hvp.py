@@ -308,16 +308,11 @@ def _plan(model: nn.Module) -> list[tuple[str, nn.Module]] | None:
         plan = [("", model)]
     else:
         return None
-    if plan is not None:
-        # A parameter reached under a second name (one module twice in the Sequential, or two
-        # modules holding one tensor: tied weights) is not in named_parameters(), which lists
-        # each tensor once; the folded forward would look it up by that name. vmap's
-        # functional_call ties such names itself.
-        names = {k for k, _ in model.named_parameters()}
-        for pre, m in plan:
-            if any(pre + k not in names for k, _ in m.named_parameters()):
-                return None
-    return plan
+    # A parameter reached under a second name (one module twice in the Sequential, or two
+    # modules holding one tensor: tied weights) is not in named_parameters(), which lists each
+    # tensor once; the folded forward would look it up by that name. The vmap route places
+    # such names itself (functional_forward).
+    return None if plan is None or _param_slots(model) is not None else plan
 
 
 def _plan_seq(seq: nn.Sequential, prefix: str):

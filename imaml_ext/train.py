@@ -859,9 +859,8 @@ class Trainer:
         self._lock = None
 
     def __del__(self):
-        if getattr(self, "_lock", None) is not None:
-            unlock_run_dir(self._lock)
-            self._lock = None
+        if getattr(self, "_lock", None) is not None:  # (a constructor that failed early: none)
+            self.close()
 
     def _load_val(self):
         """The validation split, or None (a warning) where the data set has none; damaged
